@@ -1,0 +1,33 @@
+# embtier: `make test` builds everything into .venv and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.embtier-installed
+NATIVE := $(wildcard native/include/*.h native/src/*.c native/src/*.h) native/build_ffi.py
+
+.PHONY: build test bench clean
+
+$(PY):
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "embtier needs Python >= 3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Installs the package (editable) with its test extra; cffi compiles the kernels into embtierd/_native.
+$(STAMP): $(PY) pyproject.toml setup.py $(NATIVE)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+build: $(STAMP)
+
+# pytest exits 5 when it collects no test: report it instead of failing the build.
+test: build
+	@$(PY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+# Benchmarks are not part of the tests; torch is only needed here (the CPU build on this disk).
+bench: build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) tests/bench/bench_kernels.py
+
+clean:
+	rm -rf build *.egg-info daemon/_native.* $(VENV)

@@ -1,0 +1,1 @@
+"""embtier client package."""

@@ -1,0 +1,206 @@
+"""Configuration: one TOML document with an embedded default.
+
+The daemon starts with no file at all (DEFAULT_TOML); a file and explicit
+overrides are merged over it key by key, then validated into frozen
+dataclasses.  Sizes accept bytes (4294967296), human sizes ("512M", "4G",
+"1.5T") or a share of the memory available at start ("25%", or a float in
+(0, 1]) measured with psutil.  Every key is documented in README.md.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .errors import ConfigError
+
+DEFAULT_TOML = """
+state_dir = ".state"
+
+[tiers.dram]
+capacity = "25%"
+huge_pages = true
+
+[tiers.cxl]
+capacity = "10%"
+node = "auto"
+huge_pages = true
+
+[tiers.scm]
+capacity = "16G"
+path = ""
+read_align_bytes = 0
+
+[kernels]
+threads = 1
+prefetch_distance = 16
+heat_sample_shift = 0
+scm_queue_depth = 64
+"""
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_PERCENT_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*%\s*$")
+
+
+def parse_size(value: Any, field: str, available_bytes: int | None = None) -> int:
+    """Bytes for a size value; percentages and fractions are of available memory."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{field}: expected a size, got {value!r}")
+    fraction = None
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, float):
+        fraction = value
+    elif isinstance(value, str) and (m := _PERCENT_RE.match(value)):
+        fraction = float(m.group(1)) / 100
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    else:
+        raise ConfigError(f"{field}: cannot read {value!r} as a size (examples: 4096, \"512M\", \"4G\", \"25%\")")
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"{field}: a share of available memory must be in (0, 1], got {value!r}")
+        avail = psutil.virtual_memory().available if available_bytes is None else available_bytes
+        size = int(avail * fraction)
+    if size < 0:
+        raise ConfigError(f"{field}: a size cannot be negative, got {value!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class MemoryTierConfig:
+    """A DRAM or CXL tier: anonymous memory bound to NUMA nodes."""
+
+    capacity_bytes: int
+    huge_pages: bool
+    node: int | None = None  # CXL only: the CPU-less node; None = auto-detect
+
+
+@dataclass(frozen=True)
+class ScmTierConfig:
+    """The SCM tier: one O_DIRECT file."""
+
+    capacity_bytes: int
+    path: Path
+    read_align_bytes: int  # 0 = probe (512 where the device allows it, else 4096)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Knobs of the native lookup kernels."""
+
+    threads: int
+    prefetch_distance: int
+    heat_sample_shift: int
+    scm_queue_depth: int
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: Path
+    dram: MemoryTierConfig
+    cxl: MemoryTierConfig
+    scm: ScmTierConfig
+    kernels: KernelConfig
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Recursive merge of two TOML tables; override wins key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _section(doc: dict, name: str, allowed: set[str]) -> dict:
+    section = doc.get(name, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{name}: expected a table, got {section!r}")
+    unknown = set(section) - allowed
+    if unknown:
+        raise ConfigError(f"{name}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(allowed))}")
+    return section
+
+
+def _int(section: dict, key: str, field: str, lo: int, hi: int) -> int:
+    value = section[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{field}: expected an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _bool(section: dict, key: str, field: str) -> bool:
+    value = section[key]
+    if not isinstance(value, bool):
+        raise ConfigError(f"{field}: expected true or false, got {value!r}")
+    return value
+
+
+def _node(value: Any, field: str) -> int | None:
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{field}: expected \"auto\" or a NUMA node id, got {value!r}")
+    return value
+
+
+def build(doc: dict, available_bytes: int | None = None) -> Config:
+    """Validates a merged TOML document into a Config."""
+    unknown = set(doc) - {"state_dir", "tiers", "kernels"}
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
+    tiers = _section(doc, "tiers", {"dram", "cxl", "scm"})
+    dram = _section(tiers, "dram", {"capacity", "huge_pages"})
+    cxl = _section(tiers, "cxl", {"capacity", "huge_pages", "node"})
+    scm = _section(tiers, "scm", {"capacity", "path", "read_align_bytes"})
+    kern = _section(doc, "kernels", {"threads", "prefetch_distance", "heat_sample_shift", "scm_queue_depth"})
+    state_dir = Path(str(doc["state_dir"])).expanduser()
+    align = _int(scm, "read_align_bytes", "tiers.scm.read_align_bytes", 0, 4096)
+    if align not in (0, 512, 1024, 2048, 4096):
+        raise ConfigError(f"tiers.scm.read_align_bytes: expected 0 (probe), 512, 1024, 2048 or 4096, got {align}")
+    return Config(
+        state_dir=state_dir,
+        dram=MemoryTierConfig(
+            capacity_bytes=parse_size(dram["capacity"], "tiers.dram.capacity", available_bytes),
+            huge_pages=_bool(dram, "huge_pages", "tiers.dram.huge_pages"),
+        ),
+        cxl=MemoryTierConfig(
+            capacity_bytes=parse_size(cxl["capacity"], "tiers.cxl.capacity", available_bytes),
+            huge_pages=_bool(cxl, "huge_pages", "tiers.cxl.huge_pages"),
+            node=_node(cxl["node"], "tiers.cxl.node"),
+        ),
+        scm=ScmTierConfig(
+            capacity_bytes=parse_size(scm["capacity"], "tiers.scm.capacity", available_bytes),
+            path=Path(str(scm["path"])) if scm["path"] else state_dir / "scm.dat",
+            read_align_bytes=align,
+        ),
+        kernels=KernelConfig(
+            threads=_int(kern, "threads", "kernels.threads", 1, 256),
+            prefetch_distance=_int(kern, "prefetch_distance", "kernels.prefetch_distance", 0, 256),
+            heat_sample_shift=_int(kern, "heat_sample_shift", "kernels.heat_sample_shift", 0, 16),
+            scm_queue_depth=_int(kern, "scm_queue_depth", "kernels.scm_queue_depth", 1, 256),
+        ),
+    )
+
+
+def load(path: str | Path | None = None, overrides: dict | None = None,
+         available_bytes: int | None = None) -> Config:
+    """The embedded default, merged with the file at path (if any), then overrides."""
+    doc = tomllib.loads(DEFAULT_TOML)
+    if path is not None:
+        try:
+            doc = merge(doc, tomllib.loads(Path(path).read_text()))
+        except OSError as e:
+            raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {e}") from e
+    return build(merge(doc, overrides or {}), available_bytes)

@@ -1,0 +1,54 @@
+"""The embtier error tree.
+
+Every failure a caller can cause or see is one of these; each class names
+the gRPC status code it maps to, so the service layer maps errors in one
+table and messages stay free of transport details.
+"""
+
+
+class EmbtierError(Exception):
+    """Base of all embtier errors."""
+
+    status = "INTERNAL"
+
+
+class InvalidArgumentError(EmbtierError):
+    """Bad shape, dtype, mode, out-of-range id, lengths that do not add up."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class NotFoundError(EmbtierError):
+    """Unknown (or dropped) table."""
+
+    status = "NOT_FOUND"
+
+
+class AlreadyExistsError(EmbtierError):
+    """A table of that name exists."""
+
+    status = "ALREADY_EXISTS"
+
+
+class TierFullError(EmbtierError):
+    """No tier has room for what was asked."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class FailedPreconditionError(EmbtierError):
+    """The operation is valid but the store is not in a state to run it."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class StorageError(EmbtierError):
+    """An SCM read or write failed at the operating-system level."""
+
+    status = "INTERNAL"
+
+
+class ConfigError(EmbtierError):
+    """A configuration value is missing, malformed or inconsistent."""
+
+    status = "INVALID_ARGUMENT"

@@ -1,0 +1,177 @@
+"""The one module that calls the C kernels.
+
+Each function checks dtypes, contiguity and lengths before the call, and
+turns a negative return code into an EmbtierError whose message names the
+field and the offending value.  The C side checks bounds again, so nothing
+that reaches it can crash the process.  The cffi calls release the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ._native import ffi, lib
+from .errors import EmbtierError, InvalidArgumentError, NotFoundError, StorageError
+from .topology import nodemask_words
+
+DTYPES = {"float32": lib.ET_DTYPE_F32, "float16": lib.ET_DTYPE_F16, "int8": lib.ET_DTYPE_I8}
+POOL_MODES = {"sum": lib.ET_POOL_SUM, "mean": lib.ET_POOL_MEAN, "max": lib.ET_POOL_MAX}
+TIER_DRAM, TIER_CXL, TIER_SCM = lib.ET_TIER_DRAM, lib.ET_TIER_CXL, lib.ET_TIER_SCM
+TIER_SHIFT = lib.ET_LOC_TIER_SHIFT
+ISA_NAMES = {lib.ET_ISA_GENERIC: "generic", lib.ET_ISA_AVX2: "avx2", lib.ET_ISA_AVX512: "avx512"}
+
+
+def row_stride(dim: int, dtype: str) -> int:
+    """Bytes one stored row takes."""
+    return int(lib.et_row_stride(dim, DTYPES[dtype]))
+
+
+def scm_chunk_bytes(stride: int, rows: int) -> int:
+    """Bytes of SCM file a run of rows takes (rows never straddle a 4 KiB block)."""
+    return int(lib.et_scm_chunk_bytes(stride, rows))
+
+
+def require(arr: object, field: str, dtype: np.dtype, ndim: int) -> np.ndarray:
+    """arr itself if it is a C-contiguous ndarray of dtype and ndim, else InvalidArgumentError."""
+    if not isinstance(arr, np.ndarray):
+        raise InvalidArgumentError(f"{field} must be a numpy array, got {type(arr).__name__}")
+    if arr.dtype != dtype:
+        raise InvalidArgumentError(f"{field} must have dtype {np.dtype(dtype).name}, got {arr.dtype.name}")
+    if arr.ndim != ndim:
+        raise InvalidArgumentError(f"{field} must have {ndim} dimension(s), got shape {arr.shape}")
+    if not arr.flags.c_contiguous:
+        raise InvalidArgumentError(f"{field} must be C-contiguous (got strides {arr.strides}); "
+                                   "pass np.ascontiguousarray(...)")
+    return arr
+
+
+def _ptr(ctype: str, arr: np.ndarray | None):
+    return ffi.NULL if arr is None else ffi.from_buffer(ctype, arr, require_writable=False)
+
+
+def _wptr(ctype: str, arr: np.ndarray):
+    return ffi.from_buffer(ctype, arr, require_writable=True)
+
+
+class NativeTable:
+    """A C table handle over a placement map and heat counters owned here."""
+
+    def __init__(self, name: str, num_rows: int, dim: int, dtype: str, chunk_shift: int, max_chunks: int):
+        self.name = name
+        self.num_rows = num_rows
+        self.max_chunks = max_chunks
+        self.loc = np.zeros(num_rows, dtype=np.uint32)
+        self.heat = np.zeros(num_rows, dtype=np.uint8)
+        handle = lib.et_table_new(num_rows, dim, DTYPES[dtype], chunk_shift, max_chunks,
+                                  _wptr("uint32_t *", self.loc), _wptr("uint8_t *", self.heat))
+        if handle == ffi.NULL:
+            raise InvalidArgumentError(
+                f"table {name!r}: cannot build a table of num_rows={num_rows}, dim={dim}, dtype={dtype}")
+        self._h = ffi.gc(handle, lib.et_table_free)
+
+    def set_chunk(self, tier: int, chunk: int, address: int) -> None:
+        self._check(lib.et_table_set_chunk(self._h, tier, chunk, ffi.cast("void *", address)), None, "chunk")
+
+    def set_scm(self, fd: int, align_bytes: int) -> None:
+        self._check(lib.et_table_set_scm(self._h, fd, align_bytes), None, "scm")
+
+    def set_scm_chunk(self, chunk: int, file_offset: int) -> None:
+        self._check(lib.et_table_set_scm_chunk(self._h, chunk, file_offset), None, "scm chunk")
+
+    def configure(self, prefetch_distance: int, heat_sample_shift: int) -> None:
+        lib.et_table_set_prefetch(self._h, prefetch_distance)
+        lib.et_table_set_heat_sampling(self._h, heat_sample_shift)
+
+    def mark_dropped(self) -> None:
+        lib.et_table_mark_dropped(self._h)
+
+    def gather(self, ids: np.ndarray, out: np.ndarray) -> None:
+        err = ffi.new("int64_t *")
+        rc = lib.et_gather(self._h, _ptr("int64_t *", ids), ids.size, _wptr("float *", out), err)
+        self._check(rc, ids, "ids", err[0])
+
+    def pool(self, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, mode: int,
+             out: np.ndarray) -> None:
+        err = ffi.new("int64_t *")
+        rc = lib.et_pool(self._h, _ptr("int64_t *", ids), ids.size, _ptr("int32_t *", lengths), lengths.size,
+                         _ptr("float *", weights), mode, _wptr("float *", out), err)
+        self._check(rc, ids, "ids", err[0], lengths)
+
+    def write_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        err = ffi.new("int64_t *")
+        rc = lib.et_write_rows(self._h, _ptr("int64_t *", ids), ids.size, _ptr("uint8_t *", rows), err)
+        self._check(rc, ids, "ids", err[0])
+
+    def read_rows(self, ids: np.ndarray, out: np.ndarray) -> None:
+        err = ffi.new("int64_t *")
+        rc = lib.et_read_rows(self._h, _ptr("int64_t *", ids), ids.size, _wptr("uint8_t *", out), err)
+        self._check(rc, ids, "ids", err[0])
+
+    def _check(self, rc: int, ids: np.ndarray | None, field: str, pos: int = 0,
+               lengths: np.ndarray | None = None) -> None:
+        if rc == lib.ET_OK:
+            return
+        where = f"table {self.name!r}"
+        if rc == lib.ET_E_ID_RANGE:
+            raise InvalidArgumentError(
+                f"{field}[{pos}] = {int(ids[pos])} is out of range [0, {self.num_rows}) for {where}")
+        if rc == lib.ET_E_LENGTHS and pos >= 0:
+            raise InvalidArgumentError(f"lengths[{pos}] = {int(lengths[pos])} is negative")
+        if rc == lib.ET_E_LENGTHS:
+            raise InvalidArgumentError(
+                f"lengths sum to {int(lengths.sum(dtype=np.int64))} but {ids.size} ids were given")
+        if rc == lib.ET_E_DROPPED:
+            raise NotFoundError(f"{where} was dropped")
+        if rc == lib.ET_E_IO:
+            raise StorageError(f"{where}: SCM I/O failed: {_strerror(pos)}")
+        if rc == lib.ET_E_LOCATION:
+            raise EmbtierError(f"{where}: {field}[{pos}] has a home with no storage (placement map corrupt)")
+        if rc == lib.ET_E_NOMEM:
+            raise EmbtierError(f"{where}: out of memory in a native {field} call")
+        raise InvalidArgumentError(f"{where}: native call rejected its arguments ({field}, code {rc})")
+
+
+def _strerror(errno_value: int) -> str:
+    return f"{os.strerror(errno_value)} (errno {errno_value})"
+
+
+def mem_map(nbytes: int, nodes: list[int] | None, huge: bool) -> tuple[int, int, int]:
+    """(address, mbind errno, madvise errno) of a fresh 2 MiB-aligned anonymous mapping."""
+    err, bind_err, huge_err = ffi.new("int *"), ffi.new("int *"), ffi.new("int *")
+    words, maxnode = nodemask_words(nodes or [])
+    mask = ffi.new("unsigned long[]", words) if words else ffi.NULL
+    addr = lib.et_mem_map(nbytes, mask, maxnode, int(huge), err, bind_err, huge_err)
+    if addr == ffi.NULL:
+        raise MemoryError(f"cannot map {nbytes} bytes: {_strerror(err[0])}")
+    return int(ffi.cast("uintptr_t", addr)), bind_err[0], huge_err[0]
+
+
+def mem_unmap(address: int, nbytes: int) -> None:
+    lib.et_mem_unmap(ffi.cast("void *", address), nbytes)
+
+
+def set_kernel_threads(n: int) -> None:
+    if lib.et_set_kernel_threads(n) != lib.ET_OK:
+        raise InvalidArgumentError(f"kernels.threads = {n}: cannot start that many kernel threads")
+
+
+def set_scm_queue_depth(depth: int) -> None:
+    if lib.et_set_scm_queue_depth(depth) != lib.ET_OK:
+        raise InvalidArgumentError(f"kernels.scm_queue_depth = {depth} is outside [1, 256]")
+
+
+def isa() -> str:
+    return ISA_NAMES[lib.et_isa()]
+
+
+def force_isa(name: str) -> None:
+    """Runs the kernels with a lower instruction set (tests of every path on one host)."""
+    code = {v: k for k, v in ISA_NAMES.items()}[name]
+    if lib.et_force_isa(code) != lib.ET_OK:
+        raise InvalidArgumentError(f"instruction set {name!r} is not available on this CPU")
+
+
+def scm_async() -> bool:
+    return bool(lib.et_scm_async())

@@ -1,0 +1,337 @@
+"""The in-process store: tables of embedding rows across DRAM, CXL and SCM.
+
+A table is a placement map (per row: tier and slot, 4 bytes) plus a heat
+counter per row (1 byte), over chunks of 2^k rows allocated from the tiers.
+New tables fill the fastest tier first.  Lookups and writes go straight to
+the native kernels; this module validates arguments, encodes rows and keeps
+the book of which extents belong to whom.
+
+Writers of one table are serialised here (ADD reads, adds and writes back
+under the same lock); readers run concurrently with each other and see
+every row whole, because the native write path holds the table's write lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import codec, native
+from .config import Config
+from .errors import AlreadyExistsError, InvalidArgumentError, NotFoundError, TierFullError
+from .extents import Extent
+from .native import NativeTable, require
+from .tiers import Tiers, open_tiers
+from .topology import Topology, discover
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 1 << 30          # slots per tier are 30 bits in the placement map
+MAX_DIM = 16384
+CHUNK_TARGET_BYTES = 2 << 20
+INIT_BATCH_ROWS = 1 << 16   # uniform init draws one generator stream per batch: values depend on seed only
+NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+INITIALIZERS = ("zeros", "uniform")
+WRITE_MODES = ("assign", "add")
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    name: str
+    num_rows: int
+    dim: int
+    dtype: str
+    rows_by_tier: dict[str, int]
+    bytes_by_tier: dict[str, int]
+    emulated_by_tier: dict[str, bool]
+    metadata_bytes: int
+    version: int
+
+    @property
+    def metadata_bytes_per_row(self) -> float:
+        return self.metadata_bytes / self.num_rows
+
+
+@dataclass
+class Table:
+    name: str
+    num_rows: int
+    dim: int
+    dtype: str
+    stride: int
+    chunk_shift: int
+    native: NativeTable
+    extents: dict[int, list[Extent]] = field(default_factory=dict)  # tier id -> one extent per chunk
+    rows_by_tier: list[int] = field(default_factory=lambda: [0, 0, 0])
+    version: int = 0
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def chunk_shift_for(stride: int, num_rows: int) -> int:
+    """log2 of rows per chunk: about CHUNK_TARGET_BYTES a chunk, never more rows than the table has."""
+    by_bytes = max(0, int(math.log2(max(1, CHUNK_TARGET_BYTES // stride))))
+    by_rows = max(0, math.ceil(math.log2(num_rows))) if num_rows > 1 else 0
+    return min(by_bytes, by_rows)
+
+
+class Store:
+    """Tables over a set of tiers; every method is safe to call from many threads."""
+
+    def __init__(self, config: Config, topology: Topology | None = None):
+        self.config = config
+        self.topology = topology or discover()
+        self.tiers: Tiers = open_tiers(config, self.topology)
+        native.set_kernel_threads(config.kernels.threads)
+        native.set_scm_queue_depth(config.kernels.scm_queue_depth)
+        self._tables: dict[str, Table] = {}
+        self._lock = threading.Lock()
+        log.info("kernels: %s, %d thread(s), SCM reads %s", native.isa(), config.kernels.threads,
+                 "batched with Linux AIO" if native.scm_async() else "by pread (AIO refused)")
+
+    # ---- tables ------------------------------------------------------------
+
+    def create_table(self, name: str, num_rows: int, dim: int, dtype: str = "float32",
+                     initializer: str = "zeros", seed: int = 0, init_scale: float = 0.0) -> TableInfo:
+        """A new table, its rows placed fastest tier first and initialised.
+
+        uniform draws from [-init_scale, init_scale) (0 means 1/sqrt(num_rows), DLRM's choice),
+        reproducibly from seed."""
+        self._check_new_table(name, num_rows, dim, dtype, initializer, init_scale)
+        stride = native.row_stride(dim, dtype)
+        shift = chunk_shift_for(stride, num_rows)
+        max_chunks = -(-num_rows >> shift)
+        table = Table(name, num_rows, dim, dtype, stride, shift,
+                      NativeTable(name, num_rows, dim, dtype, shift, max_chunks))
+        table.native.configure(self.config.kernels.prefetch_distance, self.config.kernels.heat_sample_shift)
+        with self._lock:
+            if name in self._tables:
+                raise AlreadyExistsError(f"table {name!r} already exists")
+            self._place(table)
+            self._tables[name] = table
+        try:
+            self._initialize(table, initializer, seed, init_scale or 1.0 / math.sqrt(num_rows))
+        except BaseException:
+            self.drop_table(name)
+            raise
+        log.info("created table %s: %d x %d %s, rows per tier %s", name, num_rows, dim, dtype,
+                 dict(zip(("dram", "cxl", "scm"), table.rows_by_tier)))
+        return self._info(table)
+
+    def drop_table(self, name: str) -> None:
+        with self._lock:
+            table = self._tables.pop(name, None)
+            if table is None:
+                raise NotFoundError(f"table {name!r} does not exist")
+            table.native.mark_dropped()  # waits for calls in flight; later calls fail cleanly
+            self._release(table)
+
+    def describe(self, name: str) -> TableInfo:
+        return self._info(self._get(name))
+
+    def tables(self) -> list[TableInfo]:
+        with self._lock:
+            tables = sorted(self._tables.values(), key=lambda t: t.name)
+        return [self._info(t) for t in tables]
+
+    def tier_infos(self):
+        return [tier.info() for tier in self.tiers]
+
+    def close(self) -> None:
+        with self._lock:
+            for table in self._tables.values():
+                table.native.mark_dropped()
+                self._release(table)
+            self._tables.clear()
+            self.tiers.close()
+
+    # ---- rows --------------------------------------------------------------
+
+    def lookup(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """[len(ids), dim] float32 rows."""
+        table = self._get(name)
+        ids = require(ids, "ids", np.int64, 1)
+        out = np.empty((ids.size, table.dim), dtype=np.float32)
+        table.native.gather(ids, out)
+        return out
+
+    def lookup_pooled(self, name: str, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None = None,
+                      mode: str = "sum") -> np.ndarray:
+        """[len(lengths), dim] float32: bag b pools the next lengths[b] rows of ids (sum, mean or max
+        of weight * row; empty bags are zeros)."""
+        table = self._get(name)
+        ids = require(ids, "ids", np.int64, 1)
+        lengths = require(lengths, "lengths", np.int32, 1)
+        if weights is not None:
+            weights = require(weights, "weights", np.float32, 1)
+            if weights.size != ids.size:
+                raise InvalidArgumentError(f"weights has {weights.size} entries but ids has {ids.size}")
+        if mode not in native.POOL_MODES:
+            raise InvalidArgumentError(f"mode must be one of {', '.join(native.POOL_MODES)}; got {mode!r}")
+        out = np.empty((lengths.size, table.dim), dtype=np.float32)
+        table.native.pool(ids, lengths, weights, native.POOL_MODES[mode], out)
+        return out
+
+    def write_rows(self, name: str, ids: np.ndarray, values: np.ndarray, mode: str = "assign",
+                   scale: float = 1.0) -> int:
+        """Stores values[i] at row ids[i] (assign: a later duplicate wins) or adds scale * values[i]
+        (add: duplicates accumulate).  Returns the table's new version."""
+        table = self._get(name)
+        ids = require(ids, "ids", np.int64, 1)
+        values = require(values, "values", np.float32, 2)
+        if values.shape != (ids.size, table.dim):
+            raise InvalidArgumentError(
+                f"values has shape {values.shape}; expected ({ids.size}, {table.dim}) for {ids.size} ids")
+        if mode not in WRITE_MODES:
+            raise InvalidArgumentError(f"mode must be one of {', '.join(WRITE_MODES)}; got {mode!r}")
+        if not math.isfinite(scale):
+            raise InvalidArgumentError(f"scale must be finite, got {scale}")
+        with table.write_lock:
+            if mode == "add":
+                ids, values = self._added_rows(table, ids, values, scale)
+            table.native.write_rows(ids, codec.encode(values, table.dtype, table.stride))
+            table.version += 1
+            return table.version
+
+    def read_encoded(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """[len(ids), stride] uint8: the rows exactly as stored."""
+        table = self._get(name)
+        ids = require(ids, "ids", np.int64, 1)
+        out = np.empty((ids.size, table.stride), dtype=np.uint8)
+        table.native.read_rows(ids, out)
+        return out
+
+    def heat(self, name: str) -> np.ndarray:
+        """The table's live access counters (read-only view)."""
+        view = self._get(name).native.heat.view()
+        view.flags.writeable = False
+        return view
+
+    def placement(self, name: str) -> np.ndarray:
+        """Home tier of every row (0 dram, 1 cxl, 2 scm)."""
+        return (self._get(name).native.loc >> native.TIER_SHIFT).astype(np.uint8)
+
+    # ---- internals ---------------------------------------------------------
+
+    def _get(self, name: str) -> Table:
+        table = self._tables.get(name)
+        if table is None:
+            raise NotFoundError(f"table {name!r} does not exist")
+        return table
+
+    @staticmethod
+    def _check_new_table(name, num_rows, dim, dtype, initializer, init_scale) -> None:
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise InvalidArgumentError(f"name must be 1-128 characters of [A-Za-z0-9_.-], got {name!r}")
+        if not isinstance(num_rows, int) or not 1 <= num_rows <= MAX_ROWS:
+            raise InvalidArgumentError(f"num_rows must be in [1, {MAX_ROWS}], got {num_rows!r}")
+        if not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
+            raise InvalidArgumentError(f"dim must be in [1, {MAX_DIM}], got {dim!r}")
+        if dtype not in native.DTYPES:
+            raise InvalidArgumentError(f"dtype must be one of {', '.join(native.DTYPES)}; got {dtype!r}")
+        if initializer not in INITIALIZERS:
+            raise InvalidArgumentError(f"initializer must be one of {', '.join(INITIALIZERS)}; got {initializer!r}")
+        if not math.isfinite(init_scale) or init_scale < 0:
+            raise InvalidArgumentError(f"init_scale must be finite and >= 0, got {init_scale}")
+
+    def _tier_bytes(self, tier_id: int, stride: int, rows: int) -> int:
+        return native.scm_chunk_bytes(stride, rows) if tier_id == native.TIER_SCM else rows * stride
+
+    def _rows_fitting(self, tier_id: int, stride: int, nbytes: int) -> int:
+        if tier_id != native.TIER_SCM:
+            return nbytes // stride
+        per_block = 4096 // stride
+        if per_block:
+            return (nbytes // 4096) * per_block
+        return nbytes // native.scm_chunk_bytes(stride, 1)
+
+    def _place(self, table: Table) -> None:
+        """Homes for every row, DRAM first, then CXL, then SCM; all or nothing."""
+        first = 0
+        for tier in self.tiers:
+            if first < table.num_rows:
+                first += self._fill(table, tier, first, table.num_rows - first)
+        if first < table.num_rows:
+            self._release(table)
+            need = table.num_rows * table.stride
+            free = ", ".join(f"{t.name} {t.largest_free()}" for t in self.tiers)
+            raise TierFullError(f"table {table.name!r} needs about {need} bytes and the tiers are full "
+                                f"(largest free extent in bytes: {free})")
+
+    def _fill(self, table: Table, tier, first: int, want: int) -> int:
+        """Places rows [first, first + want) in tier, chunk by chunk, as far as it has room."""
+        chunk_rows = 1 << table.chunk_shift
+        tid = tier.tier_id
+        placed = 0
+        extents = table.extents.setdefault(tid, [])
+        while placed < want:
+            rows = min(chunk_rows, want - placed)
+            extent = tier.allocate(self._tier_bytes(tid, table.stride, rows))
+            if extent is None:
+                rows = min(rows, self._rows_fitting(tid, table.stride, tier.largest_free()))
+                extent = tier.allocate(self._tier_bytes(tid, table.stride, rows)) if rows else None
+            if extent is None:
+                break
+            chunk = len(extents)
+            extents.append(extent)
+            if tid == native.TIER_SCM:
+                table.native.set_scm(tier.fd, tier.read_align_bytes)
+                table.native.set_scm_chunk(chunk, extent.offset)
+            else:
+                table.native.set_chunk(tid, chunk, tier.address(extent))
+            slots = np.arange(chunk * chunk_rows, chunk * chunk_rows + rows, dtype=np.uint32)
+            table.native.loc[first + placed: first + placed + rows] = (tid << native.TIER_SHIFT) | slots
+            table.rows_by_tier[tid] += rows
+            placed += rows
+            if rows < chunk_rows:
+                break
+        return placed
+
+    def _release(self, table: Table) -> None:
+        for tier in self.tiers:
+            for extent in table.extents.pop(tier.tier_id, []):
+                tier.release(extent)
+        table.rows_by_tier = [0, 0, 0]
+
+    def _initialize(self, table: Table, initializer: str, seed: int, scale: float) -> None:
+        for start in range(0, table.num_rows, INIT_BATCH_ROWS):
+            n = min(INIT_BATCH_ROWS, table.num_rows - start)
+            if initializer == "zeros":
+                values = np.zeros((n, table.dim), dtype=np.float32)
+            else:
+                rng = np.random.default_rng([seed, start // INIT_BATCH_ROWS])
+                values = rng.random((n, table.dim), dtype=np.float32)
+                values *= np.float32(2 * scale)
+                values -= np.float32(scale)
+            ids = np.arange(start, start + n, dtype=np.int64)
+            table.native.write_rows(ids, codec.encode(values, table.dtype, table.stride))
+
+    def _added_rows(self, table: Table, ids: np.ndarray, values: np.ndarray, scale: float):
+        """(unique ids, current rows + scale * the sum of their values)."""
+        bad = np.flatnonzero((ids < 0) | (ids >= table.num_rows))
+        if bad.size:
+            raise InvalidArgumentError(f"ids[{bad[0]}] = {ids[bad[0]]} is out of range [0, {table.num_rows}) "
+                                       f"for table {table.name!r}")
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if ids.size else np.array([], int)
+        unique = np.ascontiguousarray(sorted_ids[starts])
+        delta = np.add.reduceat(values[order], starts, axis=0) if ids.size else values
+        current = np.empty((unique.size, table.dim), dtype=np.float32)
+        table.native.gather(unique, current)
+        current += np.float32(scale) * delta
+        return unique, current
+
+    def _info(self, table: Table) -> TableInfo:
+        names = [t.name for t in self.tiers]
+        bytes_by = {t.name: sum(e.length for e in table.extents.get(t.tier_id, [])) for t in self.tiers}
+        metadata = table.native.loc.nbytes + table.native.heat.nbytes + 4 * 8 * table.native.max_chunks
+        return TableInfo(
+            name=table.name, num_rows=table.num_rows, dim=table.dim, dtype=table.dtype,
+            rows_by_tier=dict(zip(names, table.rows_by_tier)), bytes_by_tier=bytes_by,
+            emulated_by_tier={t.name: t.emulated for t in self.tiers},
+            metadata_bytes=metadata, version=table.version)

@@ -1,0 +1,100 @@
+/* embtier native kernels: the declarations cffi reads (cdef) and the C
+ * sources include.  Plain declarations and integer #defines only: cffi's
+ * parser takes no other preprocessor lines, so the sources include
+ * <stdint.h> before this file.
+ *
+ * Arrays are contiguous little-endian buffers: ids int64, lengths int32,
+ * weights and outputs float32, rows in their storage encoding.
+ * Every function returns ET_OK (0) or a negative ET_E_* code; where a
+ * position is meaningful it is stored in *err_pos.
+ */
+
+#define ET_OK 0
+#define ET_E_ID_RANGE -1   /* an id < 0 or >= num_rows; *err_pos = its position */
+#define ET_E_LENGTHS -2    /* a negative length (*err_pos = bag) or a sum != n (*err_pos = -1) */
+#define ET_E_IO -3         /* SCM read or write failed; *err_pos = errno */
+#define ET_E_NOMEM -4      /* allocation failed */
+#define ET_E_ARG -5        /* bad argument: dtype, mode, dim, tier or chunk index */
+#define ET_E_DROPPED -6    /* the table was dropped */
+#define ET_E_LOCATION -7   /* the placement map names a slot without storage; *err_pos = position */
+
+#define ET_DTYPE_F32 0
+#define ET_DTYPE_F16 1
+#define ET_DTYPE_I8 2     /* uint8 row-wise quantized: value = q * scale + bias; scale, bias float32 at the row's end */
+
+#define ET_TIER_DRAM 0
+#define ET_TIER_CXL 1
+#define ET_TIER_SCM 2
+#define ET_NUM_TIERS 3
+#define ET_LOC_TIER_SHIFT 30  /* a placement entry is (tier << 30) | slot */
+#define ET_LOC_SLOT_MASK 1073741823
+
+#define ET_POOL_SUM 0
+#define ET_POOL_MEAN 1
+#define ET_POOL_MAX 2
+
+#define ET_ISA_GENERIC 0
+#define ET_ISA_AVX2 1
+#define ET_ISA_AVX512 2
+
+typedef struct et_table et_table;
+
+/* ---- memory tiers ---------------------------------------------------- */
+/* Anonymous mapping of `bytes`, 2 MiB aligned.  If nodemask is not NULL the
+ * range is bound (mbind MPOL_BIND) to those nodes; huge != 0 asks for
+ * transparent huge pages.  On failure returns NULL and sets *err to errno;
+ * a failed mbind or madvise leaves the mapping usable and reports its errno
+ * in *bind_err / *huge_err (0 when it worked). */
+void *et_mem_map(uint64_t bytes, const unsigned long *nodemask, uint64_t maxnode,
+                 int huge, int *err, int *bind_err, int *huge_err);
+int et_mem_unmap(void *addr, uint64_t bytes);
+
+/* ---- tables ------------------------------------------------------------ */
+/* Bytes one row takes in storage (4-byte aligned; int8 rows carry scale and bias). */
+int32_t et_row_stride(int32_t dim, int32_t dtype);
+
+/* A table over caller-owned arrays: loc[num_rows] (placement map) and
+ * heat[num_rows] (saturating access counters).  Slots of tier t live in
+ * chunks of 2^chunk_shift rows, at most max_chunks per tier. */
+et_table *et_table_new(int64_t num_rows, int32_t dim, int32_t dtype, int32_t chunk_shift,
+                       int64_t max_chunks, uint32_t *loc, uint8_t *heat);
+void et_table_free(et_table *t);
+/* Memory chunk (DRAM / CXL): rows of slots [chunk << shift, ...) start at base. */
+int et_table_set_chunk(et_table *t, int32_t tier, int64_t chunk, void *base);
+/* SCM: the O_DIRECT file descriptor, the read alignment (512 or 4096) and
+ * the byte offset of each chunk (chunks start on a 4 KiB boundary). */
+int et_table_set_scm(et_table *t, int fd, int32_t align_bytes);
+int et_table_set_scm_chunk(et_table *t, int64_t chunk, uint64_t file_offset);
+/* Bytes of SCM file space a chunk of n rows needs (rows never straddle a 4 KiB block). */
+uint64_t et_scm_chunk_bytes(int32_t stride, int64_t rows);
+/* After this every call on the table returns ET_E_DROPPED; waits for calls in flight. */
+void et_table_mark_dropped(et_table *t);
+/* Count only 1 in 2^shift accesses in heat (0 = every access). */
+void et_table_set_heat_sampling(et_table *t, int32_t shift);
+/* Rows ahead to prefetch in the lookup loops (0 = off). */
+void et_table_set_prefetch(et_table *t, int32_t distance);
+
+/* ---- kernels ------------------------------------------------------------ */
+/* out[n][dim] float32 = rows of ids. */
+int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t *err_pos);
+/* out[bags][dim] float32 = pooled rows; lengths[bags] sum to n; weights NULL or [n].
+ * mode ET_POOL_*: sum (of w*x), mean (sum / length), max (of w*x).  Empty bags are zeros. */
+int et_pool(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
+            const float *weights, int32_t mode, float *out, int64_t *err_pos);
+/* Stores n already-encoded rows (stride bytes each) at the homes of ids; a
+ * later duplicate id wins.  Readers never see a half-written row. */
+int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t *err_pos);
+/* Copies the encoded rows of ids into rows[n][stride]. */
+int et_read_rows(et_table *t, const int64_t *ids, int64_t n, uint8_t *rows, int64_t *err_pos);
+
+/* ---- process-wide ------------------------------------------------------- */
+/* Worker threads that split the bags of one call (1 = the caller alone). */
+int et_set_kernel_threads(int32_t n);
+int32_t et_kernel_threads(void);
+/* The instruction set the kernels run with, and forcing a lower one (tests). */
+int32_t et_isa(void);
+int et_force_isa(int32_t isa);
+/* How SCM reads are issued: 1 = Linux AIO batches, 0 = pread fallback. */
+int32_t et_scm_async(void);
+/* Queue depth of batched SCM reads. */
+int et_set_scm_queue_depth(int32_t depth);

@@ -1,0 +1,77 @@
+/* Internal structures of the embtier kernels: the table handle, the SCM
+ * staging of one request, and the thread pool interface. */
+#ifndef ET_INTERNAL_H
+#define ET_INTERNAL_H
+
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "embtier.h"
+
+#define ET_SCM_BLOCK 4096
+
+struct et_table {
+    int64_t num_rows;
+    int32_t dim;
+    int32_t dtype;
+    int32_t stride;        /* bytes per stored row */
+    int32_t chunk_shift;   /* slots per chunk = 1 << chunk_shift */
+    int64_t max_chunks;    /* per tier */
+    uint32_t *loc;         /* caller-owned placement map, num_rows entries */
+    uint8_t *heat;         /* caller-owned access counters, num_rows entries */
+    uint8_t **mem_base;    /* [ET_TIER_SCM * max_chunks]: chunk bases of DRAM then CXL */
+    uint64_t *scm_off;     /* [max_chunks]: file offset of each SCM chunk, UINT64_MAX if none */
+    int scm_fd;
+    int32_t scm_align;
+    int32_t heat_mask;     /* count an access when ((position + salt) & heat_mask) == 0 */
+    int32_t prefetch;
+    atomic_int dropped;
+    pthread_rwlock_t lock; /* readers: lookups; writer: row writes, drop */
+};
+
+/* Rows per 4 KiB SCM block (0 when a row spans several blocks). */
+static inline int64_t et_scm_rows_per_block(int32_t stride) {
+    return stride <= ET_SCM_BLOCK ? ET_SCM_BLOCK / stride : 0;
+}
+
+/* Byte offset in the SCM file of a slot, or UINT64_MAX when its chunk has no file space. */
+static inline uint64_t et_scm_offset(const et_table *t, uint32_t slot) {
+    uint64_t base = t->scm_off[slot >> t->chunk_shift];
+    if (base == UINT64_MAX) return UINT64_MAX;
+    uint64_t in_chunk = slot & ((1u << t->chunk_shift) - 1);
+    int64_t rpb = et_scm_rows_per_block(t->stride);
+    if (rpb > 0)
+        return base + (in_chunk / rpb) * ET_SCM_BLOCK + (in_chunk % rpb) * (uint64_t)t->stride;
+    uint64_t blocks_per_row = ((uint64_t)t->stride + ET_SCM_BLOCK - 1) / ET_SCM_BLOCK;
+    return base + in_chunk * blocks_per_row * ET_SCM_BLOCK;
+}
+
+/* Memory address of a DRAM / CXL slot, or NULL when its chunk has no storage. */
+static inline uint8_t *et_mem_row(const et_table *t, uint32_t tier, uint32_t slot) {
+    uint8_t *base = t->mem_base[tier * t->max_chunks + (slot >> t->chunk_shift)];
+    if (!base) return NULL;
+    return base + (uint64_t)(slot & ((1u << t->chunk_shift) - 1)) * t->stride;
+}
+
+/* The SCM rows of one request, read into an aligned staging buffer.
+ * pos[i] is the i-th request position (ascending) whose row lives on SCM,
+ * row[i] points at its bytes inside the staging buffer. */
+typedef struct {
+    int64_t count;
+    int64_t *pos;
+    const uint8_t **row;
+    uint8_t *staging;
+} et_scm_batch;
+
+int et_scm_fetch(et_table *t, const int64_t *ids, int64_t n, et_scm_batch *batch, int64_t *err_pos);
+void et_scm_batch_free(et_scm_batch *batch);
+int et_scm_write(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t *err_pos);
+
+/* Runs fn(arg, part, parts) for part in [0, parts) on the pool and the
+ * calling thread; returns when all parts have finished. */
+void et_pool_run(void (*fn)(void *arg, int part, int parts), void *arg, int parts);
+
+#endif

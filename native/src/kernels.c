@@ -1,0 +1,415 @@
+/* Gather and pool kernels over a tiered table, and row writes.
+ *
+ * Instruction sets: the loop in kernel_loop.h is compiled three times, for
+ * AVX-512 (F/BW/VL: masked tails, 16 floats a step), for AVX2 + F16C + FMA,
+ * and for plain C, and one of them is chosen once per process from CPUID.
+ * A runtime choice rather than target_clones because the fp16 and int8
+ * paths are written with F16C / AVX-512 intrinsics that a default clone
+ * could not contain, and because tests can force each lower path
+ * (et_force_isa) and check all three on one machine.
+ *
+ * Every call validates ids and lengths before it touches a row, takes the
+ * table's read lock (writes take the write lock, so no reader sees a row
+ * half-written), reads the request's SCM rows in one batch, then splits
+ * the bags across the kernel thread pool. */
+#include "et_internal.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ET_ALWAYS_INLINE static inline __attribute__((always_inline))
+#define ET_MAX_PARTS 64
+#define ET_MIN_ROWS_PER_PART 8192
+
+enum { ET_OP_STORE, ET_OP_ADD, ET_OP_MAX };
+
+typedef struct {
+    et_table *t;
+    const int64_t *ids;
+    int64_t n;
+    const int32_t *lengths;
+    const float *weights;
+    float *out;
+    int32_t mode;
+    int32_t gather;
+    uint32_t salt;
+    const et_scm_batch *scm;
+    int64_t bag_start[ET_MAX_PARTS + 1];
+    int64_t pos_start[ET_MAX_PARTS + 1];
+    int err[ET_MAX_PARTS];
+    int64_t err_pos[ET_MAX_PARTS];
+} et_call;
+
+static atomic_uint call_salt;
+
+/* ---- helpers shared by every instruction set ---------------------------- */
+
+/* Index of the first SCM position >= p in the batch. */
+static int64_t et_scm_cursor(const et_scm_batch *scm, int64_t p) {
+    int64_t lo = 0, hi = scm->count;
+    while (lo < hi) {
+        int64_t mid = (lo + hi) / 2;
+        if (scm->pos[mid] < p) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* Bytes of the row at request position p: in memory, or from the SCM batch. */
+ET_ALWAYS_INLINE const uint8_t *et_row_at(const et_call *c, int64_t p, int64_t *scm_i) {
+    uint32_t l = c->t->loc[c->ids[p]];
+    uint32_t tier = l >> ET_LOC_TIER_SHIFT;
+    if (tier < ET_TIER_SCM) return et_mem_row(c->t, tier, l & ET_LOC_SLOT_MASK);
+    int64_t i = *scm_i;
+    if (i >= c->scm->count || c->scm->pos[i] != p) return NULL;
+    *scm_i = i + 1;
+    return c->scm->row[i];
+}
+
+/* Prefetch the row pf positions ahead and the placement entry 2 * pf ahead,
+ * so that the row's address is known by the time it is prefetched. */
+ET_ALWAYS_INLINE void et_prefetch(const et_call *c, int64_t p, int pf) {
+    int64_t q = p + pf;
+    if (q >= c->n) return;
+    const et_table *t = c->t;
+    uint32_t l = t->loc[c->ids[q]];
+    uint32_t tier = l >> ET_LOC_TIER_SHIFT;
+    if (tier < ET_TIER_SCM) {
+        const uint8_t *r = et_mem_row(t, tier, l & ET_LOC_SLOT_MASK);
+        if (r) {
+            const uint8_t *end = r + t->stride;
+            for (const uint8_t *a = (const uint8_t *)((uintptr_t)r & ~(uintptr_t)63); a < end; a += 64)
+                __builtin_prefetch(a, 0, 3);
+        }
+    }
+    q += pf;
+    if (q < c->n) __builtin_prefetch(&t->loc[c->ids[q]], 0, 3);
+}
+
+/* A saturating access counter; concurrent bumps may be lost, which only
+ * makes the count approximate. */
+ET_ALWAYS_INLINE void et_count(const et_table *t, int64_t id) {
+    uint8_t h = t->heat[id];
+    if (h != 255) t->heat[id] = (uint8_t)(h + 1);
+}
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
+    if (exp == 0 && mant == 0) {
+        bits = sign;
+    } else if (exp == 0) { /* subnormal: normalise */
+        exp = 127 - 15 + 1;
+        while (!(mant & 0x400u)) {
+            mant <<= 1;
+            exp--;
+        }
+        bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Scale and bias of an int8 row, already multiplied by the weight. */
+ET_ALWAYS_INLINE void et_i8_params(const uint8_t *row, int dim, float w, float *ws, float *wb) {
+    const float *sb = (const float *)(row + ((dim + 3) & ~3));
+    *ws = w * sb[0];
+    *wb = w * sb[1];
+}
+
+ET_ALWAYS_INLINE float et_apply(float acc, float x, int op) {
+    return op == ET_OP_STORE ? x : op == ET_OP_ADD ? acc + x : fmaxf(acc, x);
+}
+
+/* ---- plain C ------------------------------------------------------------ */
+#define ET_ISA(name) name##_generic
+
+ET_ALWAYS_INLINE void rowop_generic(float *restrict acc, const uint8_t *restrict row, float w, int dim,
+                                    int dtype, int op) {
+    float ws = 0, wb = 0;
+    if (dtype == ET_DTYPE_I8) et_i8_params(row, dim, w, &ws, &wb);
+    for (int j = 0; j < dim; j++) {
+        float x = dtype == ET_DTYPE_F32   ? w * ((const float *)row)[j]
+                  : dtype == ET_DTYPE_F16 ? w * half_to_float(((const uint16_t *)row)[j])
+                                          : ws * (float)row[j] + wb;
+        acc[j] = et_apply(acc[j], x, op);
+    }
+}
+#include "kernel_loop.h"
+#undef ET_ISA
+
+/* ---- AVX2 + F16C + FMA -------------------------------------------------- */
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c,fma")
+#define ET_ISA(name) name##_avx2
+
+ET_ALWAYS_INLINE __m256 load8_avx2(const uint8_t *row, int j, int dtype, __m256 vw, __m256 vs, __m256 vb) {
+    if (dtype == ET_DTYPE_F32) return _mm256_mul_ps(vw, _mm256_loadu_ps((const float *)row + j));
+    if (dtype == ET_DTYPE_F16)
+        return _mm256_mul_ps(vw, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + j))));
+    __m128i q = _mm_loadl_epi64((const __m128i *)(row + j));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)), vs, vb);
+}
+
+ET_ALWAYS_INLINE void rowop_avx2(float *restrict acc, const uint8_t *restrict row, float w, int dim, int dtype,
+                                 int op) {
+    float ws = 0, wb = 0;
+    if (dtype == ET_DTYPE_I8) et_i8_params(row, dim, w, &ws, &wb);
+    const __m256 vw = _mm256_set1_ps(w), vs = _mm256_set1_ps(ws), vb = _mm256_set1_ps(wb);
+    int j = 0;
+    for (; j + 8 <= dim; j += 8) {
+        __m256 x = load8_avx2(row, j, dtype, vw, vs, vb);
+        if (op == ET_OP_ADD) x = _mm256_add_ps(_mm256_loadu_ps(acc + j), x);
+        if (op == ET_OP_MAX) x = _mm256_max_ps(_mm256_loadu_ps(acc + j), x);
+        _mm256_storeu_ps(acc + j, x);
+    }
+    for (; j < dim; j++) {
+        float x = dtype == ET_DTYPE_F32   ? w * ((const float *)row)[j]
+                  : dtype == ET_DTYPE_F16 ? w * _cvtsh_ss(((const uint16_t *)row)[j])
+                                          : ws * (float)row[j] + wb;
+        acc[j] = et_apply(acc[j], x, op);
+    }
+}
+#include "kernel_loop.h"
+#undef ET_ISA
+#pragma GCC pop_options
+
+/* ---- AVX-512 F/BW/VL ---------------------------------------------------- */
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,f16c,fma")
+#define ET_ISA(name) name##_avx512
+
+ET_ALWAYS_INLINE __m512 load16_avx512(const uint8_t *row, int j, __mmask16 m, int dtype, __m512 vw, __m512 vs,
+                                      __m512 vb) {
+    if (dtype == ET_DTYPE_F32) return _mm512_mul_ps(vw, _mm512_maskz_loadu_ps(m, (const float *)row + j));
+    if (dtype == ET_DTYPE_F16)
+        return _mm512_mul_ps(vw, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)row + j)));
+    __m128i q = _mm_maskz_loadu_epi8(m, row + j);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)), vs, vb);
+}
+
+ET_ALWAYS_INLINE void step_avx512(float *acc, const uint8_t *row, int j, __mmask16 m, int dtype, int op,
+                                  __m512 vw, __m512 vs, __m512 vb) {
+    __m512 x = load16_avx512(row, j, m, dtype, vw, vs, vb);
+    if (op == ET_OP_ADD) x = _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc + j), x);
+    if (op == ET_OP_MAX) x = _mm512_max_ps(_mm512_maskz_loadu_ps(m, acc + j), x);
+    _mm512_mask_storeu_ps(acc + j, m, x);
+}
+
+ET_ALWAYS_INLINE void rowop_avx512(float *restrict acc, const uint8_t *restrict row, float w, int dim, int dtype,
+                                   int op) {
+    float ws = 0, wb = 0;
+    if (dtype == ET_DTYPE_I8) et_i8_params(row, dim, w, &ws, &wb);
+    const __m512 vw = _mm512_set1_ps(w), vs = _mm512_set1_ps(ws), vb = _mm512_set1_ps(wb);
+    int j = 0;
+    for (; j + 16 <= dim; j += 16) step_avx512(acc, row, j, (__mmask16)0xffff, dtype, op, vw, vs, vb);
+    if (j < dim) step_avx512(acc, row, j, (__mmask16)((1u << (dim - j)) - 1), dtype, op, vw, vs, vb);
+}
+#include "kernel_loop.h"
+#undef ET_ISA
+#pragma GCC pop_options
+
+/* ---- dispatch ----------------------------------------------------------- */
+
+static int detect_isa(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma"))
+        return ET_ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma"))
+        return ET_ISA_AVX2;
+    return ET_ISA_GENERIC;
+}
+
+static atomic_int active_isa = -1;
+
+int32_t et_isa(void) {
+    int isa = atomic_load(&active_isa);
+    if (isa < 0) {
+        isa = detect_isa();
+        atomic_store(&active_isa, isa);
+    }
+    return isa;
+}
+
+int et_force_isa(int32_t isa) {
+    if (isa < ET_ISA_GENERIC || isa > detect_isa()) return ET_E_ARG;
+    atomic_store(&active_isa, isa);
+    return ET_OK;
+}
+
+static void run_part(void *arg, int part, int parts) {
+    (void)parts;
+    et_call *c = arg;
+    switch (et_isa()) {
+    case ET_ISA_AVX512: part_avx512(c, part); break;
+    case ET_ISA_AVX2: part_avx2(c, part); break;
+    default: part_generic(c, part); break;
+    }
+}
+
+/* ---- validation and partitioning ---------------------------------------- */
+
+static int check_ids(const int64_t *ids, int64_t n, int64_t num_rows, int64_t *err_pos) {
+    for (int64_t s = 0; s < n; s += 4096) {
+        int64_t e = s + 4096 < n ? s + 4096 : n;
+        int bad = 0;
+        for (int64_t p = s; p < e; p++) bad |= (uint64_t)ids[p] >= (uint64_t)num_rows;
+        if (!bad) continue;
+        for (int64_t p = s; p < e; p++)
+            if ((uint64_t)ids[p] >= (uint64_t)num_rows) {
+                *err_pos = p;
+                return ET_E_ID_RANGE;
+            }
+    }
+    return ET_OK;
+}
+
+static int plan_parts(int64_t n) {
+    int64_t parts = n / ET_MIN_ROWS_PER_PART;
+    int64_t threads = et_kernel_threads();
+    if (parts > threads) parts = threads;
+    if (parts > ET_MAX_PARTS) parts = ET_MAX_PARTS;
+    return parts < 1 ? 1 : (int)parts;
+}
+
+/* Checks the lengths and cuts the bags into parts of about n / parts ids each. */
+static int split_bags(et_call *c, int64_t bags, int parts, int64_t *err_pos) {
+    int64_t total = 0;
+    int part = 1;
+    c->bag_start[0] = 0;
+    c->pos_start[0] = 0;
+    for (int64_t b = 0; b < bags; b++) {
+        int32_t len = c->gather ? 1 : c->lengths[b];
+        if (len < 0) {
+            *err_pos = b;
+            return ET_E_LENGTHS;
+        }
+        if (part < parts && total >= c->n * part / parts) {
+            c->bag_start[part] = b;
+            c->pos_start[part] = total;
+            part++;
+        }
+        total += len;
+    }
+    if (total != c->n) {
+        *err_pos = -1;
+        return ET_E_LENGTHS;
+    }
+    for (; part <= parts; part++) {
+        c->bag_start[part] = bags;
+        c->pos_start[part] = total;
+    }
+    return ET_OK;
+}
+
+static int run_lookup(et_call *c, int64_t bags, int64_t *err_pos) {
+    et_table *t = c->t;
+    if (bags < 0 || c->n < 0 || (c->n > 0 && !c->ids) || (bags > 0 && !c->out)) return ET_E_ARG;
+    int rc = check_ids(c->ids, c->n, t->num_rows, err_pos);
+    if (rc) return rc;
+    int parts = plan_parts(c->n);
+    rc = split_bags(c, bags, parts, err_pos);
+    if (rc) return rc;
+
+    pthread_rwlock_rdlock(&t->lock);
+    if (atomic_load(&t->dropped)) {
+        pthread_rwlock_unlock(&t->lock);
+        return ET_E_DROPPED;
+    }
+    et_scm_batch scm;
+    rc = et_scm_fetch(t, c->ids, c->n, &scm, err_pos);
+    if (rc == ET_OK) {
+        c->scm = &scm;
+        c->salt = atomic_fetch_add(&call_salt, 0x9e3779b9u);
+        for (int i = 0; i < parts; i++) c->err[i] = ET_OK;
+        et_pool_run(run_part, c, parts);
+        et_scm_batch_free(&scm);
+        for (int i = 0; i < parts && rc == ET_OK; i++)
+            if (c->err[i]) {
+                rc = c->err[i];
+                *err_pos = c->err_pos[i];
+            }
+    }
+    pthread_rwlock_unlock(&t->lock);
+    return rc;
+}
+
+int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t *err_pos) {
+    et_call c = {.t = t, .ids = ids, .n = n, .out = out, .mode = ET_POOL_SUM, .gather = 1};
+    return run_lookup(&c, n, err_pos);
+}
+
+int et_pool(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
+            const float *weights, int32_t mode, float *out, int64_t *err_pos) {
+    if (mode < ET_POOL_SUM || mode > ET_POOL_MAX || (bags > 0 && !lengths)) return ET_E_ARG;
+    et_call c = {.t = t, .ids = ids, .n = n, .lengths = lengths, .weights = weights, .out = out, .mode = mode};
+    return run_lookup(&c, bags, err_pos);
+}
+
+/* ---- raw row access ----------------------------------------------------- */
+
+/* Checks that every memory-resident row of ids has storage. */
+static int check_homes(const et_table *t, const int64_t *ids, int64_t n, int64_t *err_pos) {
+    for (int64_t p = 0; p < n; p++) {
+        uint32_t l = t->loc[ids[p]];
+        uint32_t tier = l >> ET_LOC_TIER_SHIFT;
+        if (tier < ET_TIER_SCM ? !et_mem_row(t, tier, l & ET_LOC_SLOT_MASK)
+                               : et_scm_offset(t, l & ET_LOC_SLOT_MASK) == UINT64_MAX) {
+            *err_pos = p;
+            return ET_E_LOCATION;
+        }
+    }
+    return ET_OK;
+}
+
+int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t *err_pos) {
+    if (n < 0 || (n > 0 && (!ids || !rows))) return ET_E_ARG;
+    int rc = check_ids(ids, n, t->num_rows, err_pos);
+    if (rc) return rc;
+    pthread_rwlock_wrlock(&t->lock);
+    rc = atomic_load(&t->dropped) ? ET_E_DROPPED : check_homes(t, ids, n, err_pos);
+    /* SCM first: it is the only part that can fail, so a failed write
+     * leaves the memory tiers untouched. */
+    if (rc == ET_OK) rc = et_scm_write(t, ids, n, rows, err_pos);
+    if (rc == ET_OK)
+        for (int64_t p = 0; p < n; p++) {
+            uint32_t l = t->loc[ids[p]];
+            uint32_t tier = l >> ET_LOC_TIER_SHIFT;
+            if (tier < ET_TIER_SCM)
+                memcpy(et_mem_row(t, tier, l & ET_LOC_SLOT_MASK), rows + (uint64_t)p * t->stride,
+                       (size_t)t->stride);
+        }
+    pthread_rwlock_unlock(&t->lock);
+    return rc;
+}
+
+int et_read_rows(et_table *t, const int64_t *ids, int64_t n, uint8_t *rows, int64_t *err_pos) {
+    if (n < 0 || (n > 0 && (!ids || !rows))) return ET_E_ARG;
+    int rc = check_ids(ids, n, t->num_rows, err_pos);
+    if (rc) return rc;
+    pthread_rwlock_rdlock(&t->lock);
+    rc = atomic_load(&t->dropped) ? ET_E_DROPPED : check_homes(t, ids, n, err_pos);
+    et_scm_batch scm = {0};
+    if (rc == ET_OK) rc = et_scm_fetch(t, ids, n, &scm, err_pos);
+    if (rc == ET_OK) {
+        int64_t scm_i = 0;
+        for (int64_t p = 0; p < n; p++) {
+            uint32_t l = t->loc[ids[p]];
+            uint32_t tier = l >> ET_LOC_TIER_SHIFT;
+            const uint8_t *src =
+                tier < ET_TIER_SCM ? et_mem_row(t, tier, l & ET_LOC_SLOT_MASK) : scm.row[scm_i++];
+            memcpy(rows + (uint64_t)p * t->stride, src, (size_t)t->stride);
+        }
+        et_scm_batch_free(&scm);
+    }
+    pthread_rwlock_unlock(&t->lock);
+    return rc;
+}

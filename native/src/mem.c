@@ -1,0 +1,45 @@
+/* Anonymous memory for the DRAM and CXL tiers: 2 MiB aligned mappings,
+ * bound to NUMA nodes with mbind and marked for transparent huge pages. */
+#include "et_internal.h"
+
+#include <errno.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ET_HUGE_PAGE (2ull << 20)
+#define ET_MPOL_BIND 2
+
+void *et_mem_map(uint64_t bytes, const unsigned long *nodemask, uint64_t maxnode,
+                 int huge, int *err, int *bind_err, int *huge_err) {
+    *err = 0;
+    *bind_err = 0;
+    *huge_err = 0;
+    if (bytes == 0) {
+        *err = EINVAL;
+        return NULL;
+    }
+    uint64_t len = (bytes + ET_HUGE_PAGE - 1) & ~(ET_HUGE_PAGE - 1);
+    /* Over-map by one huge page and trim, so the range starts 2 MiB aligned. */
+    uint8_t *raw = mmap(NULL, len + ET_HUGE_PAGE, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (raw == MAP_FAILED) {
+        *err = errno;
+        return NULL;
+    }
+    uint8_t *start = (uint8_t *)(((uintptr_t)raw + ET_HUGE_PAGE - 1) & ~(uintptr_t)(ET_HUGE_PAGE - 1));
+    if (start > raw) munmap(raw, start - raw);
+    uint8_t *end = start + len;
+    uint8_t *raw_end = raw + len + ET_HUGE_PAGE;
+    if (raw_end > end) munmap(end, raw_end - end);
+
+    if (nodemask && syscall(SYS_mbind, start, len, ET_MPOL_BIND, nodemask, maxnode, 0) != 0)
+        *bind_err = errno;
+    if (huge && madvise(start, len, MADV_HUGEPAGE) != 0) *huge_err = errno;
+    return start;
+}
+
+int et_mem_unmap(void *addr, uint64_t bytes) {
+    uint64_t len = (bytes + ET_HUGE_PAGE - 1) & ~(ET_HUGE_PAGE - 1);
+    return munmap(addr, len) == 0 ? ET_OK : ET_E_ARG;
+}

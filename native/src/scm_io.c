@@ -1,0 +1,300 @@
+/* SCM tier I/O: rows of one request that live only on the O_DIRECT file are
+ * read in one batch, each distinct row once, with up to queue_depth reads in
+ * flight through Linux native AIO (io_submit / io_getevents, raw syscalls).
+ *
+ * Why AIO rather than a pread thread pool or io_uring: on this kind of host
+ * a queue depth of 32 gives 88-91K IOPS with either AIO or io_uring against
+ * 18K for one synchronous pread and 43K for four threads; AIO with O_DIRECT
+ * is fully asynchronous on ext4/xfs and needs three syscalls and no ring
+ * management, so it reaches the device's IOPS with the least code.  Where
+ * io_setup is refused (seccomp, aio-max-nr) the reads fall back to pread.
+ *
+ * Writes are rare (online updates of cold rows): rows are sorted by file
+ * offset and grouped into runs of contiguous 4 KiB blocks (up to 1 MiB); each
+ * run is read, patched and written back with O_DIRECT. */
+#include "et_internal.h"
+
+#include <errno.h>
+#include <linux/aio_abi.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ET_AIO_MAX_DEPTH 256
+#define ET_RUN_BYTES (1u << 20)
+
+static atomic_int scm_queue_depth = 64;
+static atomic_int aio_state; /* 0 untested, 1 works, -1 refused */
+static __thread aio_context_t thread_ctx;
+static __thread int thread_ctx_ready;
+
+int et_set_scm_queue_depth(int32_t depth) {
+    if (depth < 1 || depth > ET_AIO_MAX_DEPTH) return ET_E_ARG;
+    atomic_store(&scm_queue_depth, depth);
+    return ET_OK;
+}
+
+/* This thread's AIO context, created on first use; 0 when AIO is refused. */
+static aio_context_t aio_context(void) {
+    if (thread_ctx_ready) return thread_ctx;
+    if (atomic_load(&aio_state) < 0) return 0;
+    aio_context_t ctx = 0;
+    if (syscall(SYS_io_setup, ET_AIO_MAX_DEPTH, &ctx) != 0) {
+        atomic_store(&aio_state, -1);
+        return 0;
+    }
+    atomic_store(&aio_state, 1);
+    thread_ctx = ctx;
+    thread_ctx_ready = 1;
+    return ctx;
+}
+
+int32_t et_scm_async(void) { return aio_context() != 0; }
+
+typedef struct {
+    uint64_t off;  /* aligned file offset */
+    uint32_t len;  /* aligned length */
+    uint8_t *buf;  /* aligned destination */
+} scm_read;
+
+static int check_read(long res, uint32_t len, int64_t *err_pos) {
+    if (res == (long)len) return ET_OK;
+    *err_pos = res < 0 ? -res : EIO;
+    return ET_E_IO;
+}
+
+static int pread_all(int fd, const scm_read *rd, int64_t count, int64_t *err_pos) {
+    for (int64_t i = 0; i < count; i++) {
+        ssize_t got;
+        do got = pread(fd, rd[i].buf, rd[i].len, (off_t)rd[i].off);
+        while (got < 0 && errno == EINTR);
+        if (check_read(got < 0 ? -errno : got, rd[i].len, err_pos)) return ET_E_IO;
+    }
+    return ET_OK;
+}
+
+/* Keeps up to scm_queue_depth reads in flight until all are done.  On an
+ * error it still reaps every submitted read before returning, so no read can
+ * land in a buffer the caller frees. */
+static int aio_read_all(aio_context_t ctx, int fd, const scm_read *rd, int64_t count, int64_t *err_pos) {
+    int depth = atomic_load(&scm_queue_depth);
+    struct iocb cbs[ET_AIO_MAX_DEPTH];
+    struct iocb *ready[ET_AIO_MAX_DEPTH];
+    struct io_event events[ET_AIO_MAX_DEPTH];
+    int free_slots[ET_AIO_MAX_DEPTH];
+    int nfree = depth;
+    for (int i = 0; i < depth; i++) free_slots[i] = i;
+    int64_t next = 0, inflight = 0;
+    int rc = ET_OK;
+    while (inflight > 0 || (rc == ET_OK && next < count)) {
+        int nready = 0;
+        while (rc == ET_OK && nfree > 0 && next < count) {
+            int s = free_slots[--nfree];
+            memset(&cbs[s], 0, sizeof cbs[s]);
+            cbs[s].aio_fildes = (uint32_t)fd;
+            cbs[s].aio_lio_opcode = IOCB_CMD_PREAD;
+            cbs[s].aio_buf = (uint64_t)(uintptr_t)rd[next].buf;
+            cbs[s].aio_nbytes = rd[next].len;
+            cbs[s].aio_offset = (int64_t)rd[next].off;
+            cbs[s].aio_data = (uint64_t)s | ((uint64_t)rd[next].len << 32);
+            ready[nready++] = &cbs[s];
+            next++;
+        }
+        int submitted = 0;
+        while (submitted < nready) {
+            long got = syscall(SYS_io_submit, ctx, nready - submitted, ready + submitted);
+            if (got > 0) {
+                submitted += (int)got;
+                inflight += got;
+                continue;
+            }
+            if (got < 0 && (errno == EAGAIN || errno == EINTR) && inflight > 0) break;
+            if (got < 0 && errno == EINTR) continue;
+            rc = ET_E_IO;
+            *err_pos = got < 0 ? errno : EIO;
+            break;
+        }
+        /* Reads prepared but not submitted go back to the free list and are retried. */
+        for (int i = submitted; i < nready; i++) {
+            free_slots[nfree++] = (int)(ready[i]->aio_data & 0xffffffffu);
+            next--;
+        }
+        if (inflight == 0) continue;
+        long got = syscall(SYS_io_getevents, ctx, 1, inflight, events, NULL);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            /* EFAULT / EINVAL: the context itself is broken; nothing left to reap. */
+            *err_pos = errno;
+            return ET_E_IO;
+        }
+        for (long i = 0; i < got; i++) {
+            uint32_t len = (uint32_t)(events[i].data >> 32);
+            free_slots[nfree++] = (int)(events[i].data & 0xffffffffu);
+            inflight--;
+            if (rc == ET_OK) rc = check_read(events[i].res, len, err_pos);
+        }
+    }
+    return rc;
+}
+
+typedef struct {
+    uint64_t off;  /* row offset in the file */
+    int64_t idx;   /* index into the batch's positions */
+} scm_entry;
+
+static int cmp_entry(const void *a, const void *b) {
+    const scm_entry *x = a, *y = b;
+    if (x->off != y->off) return x->off < y->off ? -1 : 1;
+    return (x->idx > y->idx) - (x->idx < y->idx);
+}
+
+static uint32_t span_capacity(const et_table *t) {
+    uint32_t a = (uint32_t)t->scm_align;
+    uint32_t rounded = ((uint32_t)t->stride + a - 1) & ~(a - 1);
+    if (t->stride > ET_SCM_BLOCK) return rounded;
+    return rounded + a < ET_SCM_BLOCK ? rounded + a : ET_SCM_BLOCK;
+}
+
+void et_scm_batch_free(et_scm_batch *batch) {
+    free(batch->pos);
+    free(batch->row);
+    free(batch->staging);
+    memset(batch, 0, sizeof *batch);
+}
+
+int et_scm_fetch(et_table *t, const int64_t *ids, int64_t n, et_scm_batch *batch, int64_t *err_pos) {
+    memset(batch, 0, sizeof *batch);
+    if (t->scm_fd < 0) return ET_OK;
+    int64_t count = 0;
+    for (int64_t p = 0; p < n; p++) count += (t->loc[ids[p]] >> ET_LOC_TIER_SHIFT) == ET_TIER_SCM;
+    if (count == 0) return ET_OK;
+
+    scm_entry *entries = malloc((size_t)count * sizeof *entries);
+    batch->pos = malloc((size_t)count * sizeof *batch->pos);
+    batch->row = malloc((size_t)count * sizeof *batch->row);
+    if (!entries || !batch->pos || !batch->row) {
+        free(entries);
+        et_scm_batch_free(batch);
+        return ET_E_NOMEM;
+    }
+    batch->count = count;
+    int64_t k = 0;
+    for (int64_t p = 0; p < n; p++) {
+        uint32_t l = t->loc[ids[p]];
+        if ((l >> ET_LOC_TIER_SHIFT) != ET_TIER_SCM) continue;
+        uint64_t off = et_scm_offset(t, l & ET_LOC_SLOT_MASK);
+        if (off == UINT64_MAX) {
+            *err_pos = p;
+            free(entries);
+            et_scm_batch_free(batch);
+            return ET_E_LOCATION;
+        }
+        batch->pos[k] = p;
+        entries[k].off = off;
+        entries[k].idx = k;
+        k++;
+    }
+    qsort(entries, (size_t)count, sizeof *entries, cmp_entry);
+
+    int64_t unique = 0;
+    for (int64_t i = 0; i < count; i++) unique += i == 0 || entries[i].off != entries[i - 1].off;
+    uint32_t cap = span_capacity(t);
+    scm_read *reads = malloc((size_t)unique * sizeof *reads);
+    void *staging = NULL;
+    if (!reads || posix_memalign(&staging, ET_SCM_BLOCK, (size_t)unique * cap)) {
+        free(reads);
+        free(entries);
+        et_scm_batch_free(batch);
+        return ET_E_NOMEM;
+    }
+    batch->staging = staging;
+    uint64_t amask = (uint64_t)t->scm_align - 1;
+    int64_t r = -1;
+    for (int64_t i = 0; i < count; i++) {
+        uint64_t off = entries[i].off;
+        if (i == 0 || off != entries[i - 1].off) {
+            r++;
+            reads[r].off = off & ~amask;
+            reads[r].len = (uint32_t)(((off + t->stride + amask) & ~amask) - reads[r].off);
+            reads[r].buf = batch->staging + (uint64_t)r * cap;
+        }
+        batch->row[entries[i].idx] = reads[r].buf + (off - reads[r].off);
+    }
+    aio_context_t ctx = aio_context();
+    int rc = ctx ? aio_read_all(ctx, t->scm_fd, reads, unique, err_pos)
+                 : pread_all(t->scm_fd, reads, unique, err_pos);
+    free(reads);
+    free(entries);
+    if (rc != ET_OK) et_scm_batch_free(batch);
+    return rc;
+}
+
+static int pio_full(int write, int fd, uint8_t *buf, uint64_t len, uint64_t off, int64_t *err_pos) {
+    uint64_t done = 0;
+    while (done < len) {
+        ssize_t got = write ? pwrite(fd, buf + done, len - done, (off_t)(off + done))
+                            : pread(fd, buf + done, len - done, (off_t)(off + done));
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) {
+            *err_pos = got < 0 ? errno : EIO;
+            return ET_E_IO;
+        }
+        done += (uint64_t)got;
+    }
+    return ET_OK;
+}
+
+int et_scm_write(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t *err_pos) {
+    int64_t count = 0;
+    for (int64_t p = 0; p < n; p++) count += (t->loc[ids[p]] >> ET_LOC_TIER_SHIFT) == ET_TIER_SCM;
+    if (count == 0) return ET_OK;
+    scm_entry *entries = malloc((size_t)count * sizeof *entries);
+    uint64_t row_blocks = et_scm_chunk_bytes(t->stride, 1);
+    uint64_t buf_bytes = row_blocks > ET_RUN_BYTES ? row_blocks : ET_RUN_BYTES;
+    void *buf = NULL;
+    if (!entries || posix_memalign(&buf, ET_SCM_BLOCK, buf_bytes)) {
+        free(entries);
+        return ET_E_NOMEM;
+    }
+    int64_t k = 0;
+    for (int64_t p = 0; p < n; p++) {
+        uint32_t l = t->loc[ids[p]];
+        if ((l >> ET_LOC_TIER_SHIFT) != ET_TIER_SCM) continue;
+        entries[k].off = et_scm_offset(t, l & ET_LOC_SLOT_MASK);
+        entries[k].idx = p;
+        if (entries[k].off == UINT64_MAX) {
+            *err_pos = p;
+            free(entries);
+            free(buf);
+            return ET_E_LOCATION;
+        }
+        k++;
+    }
+    /* Sorted by offset, then by position: a later duplicate is applied last. */
+    qsort(entries, (size_t)count, sizeof *entries, cmp_entry);
+    const uint64_t bmask = ET_SCM_BLOCK - 1;
+    int rc = ET_OK;
+    for (int64_t i = 0; i < count && rc == ET_OK;) {
+        uint64_t run_start = entries[i].off & ~bmask;
+        uint64_t run_end = (entries[i].off + t->stride + bmask) & ~bmask;
+        int64_t j = i + 1;
+        while (j < count) {
+            uint64_t s = entries[j].off & ~bmask;
+            uint64_t e = (entries[j].off + t->stride + bmask) & ~bmask;
+            if (s > run_end || (e > run_end ? e : run_end) - run_start > buf_bytes) break;
+            if (e > run_end) run_end = e;
+            j++;
+        }
+        uint64_t len = run_end - run_start;
+        rc = pio_full(0, t->scm_fd, buf, len, run_start, err_pos);
+        for (int64_t m = i; m < j && rc == ET_OK; m++)
+            memcpy((uint8_t *)buf + (entries[m].off - run_start), rows + (uint64_t)entries[m].idx * t->stride,
+                   (size_t)t->stride);
+        if (rc == ET_OK) rc = pio_full(1, t->scm_fd, buf, len, run_start, err_pos);
+        i = j;
+    }
+    free(entries);
+    free(buf);
+    return rc;
+}
