@@ -121,13 +121,16 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def _section(doc: dict, name: str, allowed: set[str]) -> dict:
-    section = doc.get(name, {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"{name}: expected a table, got {section!r}")
+def _section(doc: dict, path: str, allowed: set[str]) -> dict:
+    """The table at dotted path in doc, checked for unknown keys."""
+    section = doc
+    for key in path.split("."):
+        section = section.get(key, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: expected a table, got {section!r}")
     unknown = set(section) - allowed
     if unknown:
-        raise ConfigError(f"{name}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(allowed))}")
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(allowed))}")
     return section
 
 
@@ -158,10 +161,10 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
     unknown = set(doc) - {"state_dir", "tiers", "kernels"}
     if unknown:
         raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
-    tiers = _section(doc, "tiers", {"dram", "cxl", "scm"})
-    dram = _section(tiers, "dram", {"capacity", "huge_pages"})
-    cxl = _section(tiers, "cxl", {"capacity", "huge_pages", "node"})
-    scm = _section(tiers, "scm", {"capacity", "path", "read_align_bytes"})
+    _section(doc, "tiers", {"dram", "cxl", "scm"})
+    dram = _section(doc, "tiers.dram", {"capacity", "huge_pages"})
+    cxl = _section(doc, "tiers.cxl", {"capacity", "huge_pages", "node"})
+    scm = _section(doc, "tiers.scm", {"capacity", "path", "read_align_bytes"})
     kern = _section(doc, "kernels", {"threads", "prefetch_distance", "heat_sample_shift", "scm_queue_depth"})
     state_dir = Path(str(doc["state_dir"])).expanduser()
     align = _int(scm, "read_align_bytes", "tiers.scm.read_align_bytes", 0, 4096)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from embtierd import config, native
 from embtierd.store import Store
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from embtierd import codec, native
 from embtierd.store import Store
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from .conftest import make_config
 
