@@ -62,8 +62,8 @@ class NativeTable:
         self.name = name
         self.num_rows = num_rows
         self.max_chunks = max_chunks
-        self.loc = np.zeros(num_rows, dtype=np.uint32)
-        self.heat = np.zeros(num_rows, dtype=np.uint8)
+        self.loc = huge_array(num_rows, np.uint32)
+        self.heat = huge_array(num_rows, np.uint8)
         handle = lib.et_table_new(num_rows, dim, DTYPES[dtype], chunk_shift, max_chunks,
                                   _wptr("uint32_t *", self.loc), _wptr("uint8_t *", self.heat))
         if handle == ffi.NULL:
@@ -150,6 +150,19 @@ def mem_map(nbytes: int, nodes: list[int] | None, huge: bool) -> tuple[int, int,
 
 def mem_unmap(address: int, nbytes: int) -> None:
     lib.et_mem_unmap(ffi.cast("void *", address), nbytes)
+
+
+def huge_array(size: int, dtype: type) -> np.ndarray:
+    """A zeroed array in its own mapping with transparent huge pages requested.
+
+    For the per-row metadata the lookup kernels read at random: on 4 KiB pages
+    every access to a large placement map is a TLB miss (numpy's allocator
+    does not ask for huge pages).  The mapping is unmapped when the array dies.
+    """
+    nbytes = max(1, size * np.dtype(dtype).itemsize)
+    address, _, _ = mem_map(nbytes, None, True)
+    owner = ffi.gc(ffi.cast("void *", address), lambda p: lib.et_mem_unmap(p, nbytes))
+    return np.frombuffer(ffi.buffer(owner, nbytes), dtype=dtype, count=size)
 
 
 def set_kernel_threads(n: int) -> None:

@@ -56,18 +56,11 @@ static inline uint8_t *et_mem_row(const et_table *t, uint32_t tier, uint32_t slo
     return base + (uint64_t)(slot & ((1u << t->chunk_shift) - 1)) * t->stride;
 }
 
-/* The SCM rows of one request, read into an aligned staging buffer.
- * pos[i] is the i-th request position (ascending) whose row lives on SCM,
- * row[i] points at its bytes inside the staging buffer. */
-typedef struct {
-    int64_t count;
-    int64_t *pos;
-    const uint8_t **row;
-    uint8_t *staging;
-} et_scm_batch;
-
-int et_scm_fetch(et_table *t, const int64_t *ids, int64_t n, et_scm_batch *batch, int64_t *err_pos);
-void et_scm_batch_free(et_scm_batch *batch);
+/* Reads the SCM rows at request positions pos[0..count) (ascending) in one
+ * batch, each distinct row once, into an aligned staging buffer that the
+ * caller frees; rows[pos[i]] is set to the row's bytes inside it. */
+int et_scm_fetch(et_table *t, const int64_t *ids, const int64_t *pos, int64_t count, const uint8_t **rows,
+                 void **staging, int64_t *err_pos);
 int et_scm_write(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t *err_pos);
 
 /* Runs fn(arg, part, parts) for part in [0, parts) on the pool and the

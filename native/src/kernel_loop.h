@@ -7,10 +7,19 @@ ET_ALWAYS_INLINE void ET_ISA(loop)(et_call *c, int part, const int dtype, const 
     const et_table *t = c->t;
     const int dim = t->dim;
     const int pf = t->prefetch;
-    const uint32_t heat_mask = (uint32_t)t->heat_mask;
     const int op_rest = mode == ET_POOL_MAX ? ET_OP_MAX : ET_OP_ADD;
+    const int fused = c->phase & ET_PHASE_FUSED;
     int64_t p = c->pos_start[part];
-    int64_t scm_i = et_scm_cursor(c->scm, p);
+    const int64_t end = c->pos_start[part + 1];
+    if (fused) {
+        for (int64_t q = p; q < end && q < p + 2 * pf; q++) __builtin_prefetch(&t->loc[c->ids[q]], 0, 3);
+        for (int64_t q = p; q < end && q < p + pf; q++)
+            if (!et_resolve_ahead(c, q, end, pf)) {
+                c->err[part] = ET_E_LOCATION;
+                c->err_pos[part] = q;
+                return;
+            }
+    }
     for (int64_t b = c->bag_start[part]; b < c->bag_start[part + 1]; b++) {
         float *acc = c->out + b * (int64_t)dim;
         const int64_t len = gather ? 1 : c->lengths[b];
@@ -19,19 +28,21 @@ ET_ALWAYS_INLINE void ET_ISA(loop)(et_call *c, int part, const int dtype, const 
             continue;
         }
         for (int64_t j = 0; j < len; j++, p++) {
-            if (pf) et_prefetch(c, p, pf);
-            const uint8_t *row = et_row_at(c, p, &scm_i);
-            if (!row) {
-                c->err[part] = ET_E_LOCATION;
-                c->err_pos[part] = p;
-                return;
+            if (fused) {
+                if (!et_resolve_ahead(c, p + pf, end, pf)) {
+                    c->err[part] = ET_E_LOCATION;
+                    c->err_pos[part] = p + pf;
+                    return;
+                }
+            } else if (pf) {
+                et_prefetch(c, p, pf);
             }
+            const uint8_t *row = c->rows[p];
             const float w = c->weights ? c->weights[p] : 1.0f;
             if (j == 0)
                 ET_ISA(rowop)(acc, row, w, dim, dtype, ET_OP_STORE);
             else
                 ET_ISA(rowop)(acc, row, w, dim, dtype, op_rest);
-            if ((((uint32_t)p + c->salt) & heat_mask) == 0) et_count(t, c->ids[p]);
         }
         if (!gather && mode == ET_POOL_MEAN) {
             const float inv = 1.0f / (float)len;

@@ -22,8 +22,13 @@
 #define ET_ALWAYS_INLINE static inline __attribute__((always_inline))
 #define ET_MAX_PARTS 64
 #define ET_MIN_ROWS_PER_PART 8192
+#define ET_RESOLVE_AHEAD 32
+#ifndef ET_ROW_LOCALITY
+#define ET_ROW_LOCALITY 2
+#endif
 
 enum { ET_OP_STORE, ET_OP_ADD, ET_OP_MAX };
+enum { ET_PHASE_RESOLVE = 1, ET_PHASE_POOL = 2, ET_PHASE_FUSED = 4 };
 
 typedef struct {
     et_table *t;
@@ -35,7 +40,10 @@ typedef struct {
     int32_t mode;
     int32_t gather;
     uint32_t salt;
-    const et_scm_batch *scm;
+    int phase;             /* ET_PHASE_*: what run_part does */
+    int count_heat;        /* lookups count accesses; raw reads do not */
+    const uint8_t **rows;  /* [n]: bytes of the row at each position, set by the resolve phase */
+    int64_t scm_rows[ET_MAX_PARTS]; /* per part: positions left for the SCM batch (rows[p] == NULL) */
     int64_t bag_start[ET_MAX_PARTS + 1];
     int64_t pos_start[ET_MAX_PARTS + 1];
     int err[ET_MAX_PARTS];
@@ -46,53 +54,87 @@ static atomic_uint call_salt;
 
 /* ---- helpers shared by every instruction set ---------------------------- */
 
-/* Index of the first SCM position >= p in the batch. */
-static int64_t et_scm_cursor(const et_scm_batch *scm, int64_t p) {
-    int64_t lo = 0, hi = scm->count;
-    while (lo < hi) {
-        int64_t mid = (lo + hi) / 2;
-        if (scm->pos[mid] < p) lo = mid + 1;
-        else hi = mid;
-    }
-    return lo;
-}
-
-/* Bytes of the row at request position p: in memory, or from the SCM batch. */
-ET_ALWAYS_INLINE const uint8_t *et_row_at(const et_call *c, int64_t p, int64_t *scm_i) {
-    uint32_t l = c->t->loc[c->ids[p]];
-    uint32_t tier = l >> ET_LOC_TIER_SHIFT;
-    if (tier < ET_TIER_SCM) return et_mem_row(c->t, tier, l & ET_LOC_SLOT_MASK);
-    int64_t i = *scm_i;
-    if (i >= c->scm->count || c->scm->pos[i] != p) return NULL;
-    *scm_i = i + 1;
-    return c->scm->row[i];
-}
-
-/* Prefetch the row pf positions ahead and the placement entry 2 * pf ahead,
- * so that the row's address is known by the time it is prefetched. */
-ET_ALWAYS_INLINE void et_prefetch(const et_call *c, int64_t p, int pf) {
-    int64_t q = p + pf;
-    if (q >= c->n) return;
-    const et_table *t = c->t;
-    uint32_t l = t->loc[c->ids[q]];
-    uint32_t tier = l >> ET_LOC_TIER_SHIFT;
-    if (tier < ET_TIER_SCM) {
-        const uint8_t *r = et_mem_row(t, tier, l & ET_LOC_SLOT_MASK);
-        if (r) {
-            const uint8_t *end = r + t->stride;
-            for (const uint8_t *a = (const uint8_t *)((uintptr_t)r & ~(uintptr_t)63); a < end; a += 64)
-                __builtin_prefetch(a, 0, 3);
-        }
-    }
-    q += pf;
-    if (q < c->n) __builtin_prefetch(&t->loc[c->ids[q]], 0, 3);
-}
-
 /* A saturating access counter; concurrent bumps may be lost, which only
  * makes the count approximate. */
 ET_ALWAYS_INLINE void et_count(const et_table *t, int64_t id) {
     uint8_t h = t->heat[id];
     if (h != 255) t->heat[id] = (uint8_t)(h + 1);
+}
+
+/* Resolves positions [p0, p1) to row addresses: memory rows directly, SCM
+ * rows left NULL for the batch read.  The placement entries of one request
+ * are independent loads, prefetched ET_RESOLVE_AHEAD positions ahead, so
+ * this pass runs at memory-level parallelism instead of putting one more
+ * dependent miss in front of every row.  Accesses are counted in a second,
+ * strided pass over the sampled positions only. */
+static int resolve_range(et_call *c, int part, int64_t p0, int64_t p1) {
+    const et_table *t = c->t;
+    const int64_t *restrict ids = c->ids;
+    const uint32_t *restrict loc = t->loc;
+    const uint8_t **restrict rows = c->rows;
+    int64_t scm = 0;
+    for (int64_t p = p0; p < p1; p++) {
+        if (p + ET_RESOLVE_AHEAD < p1) __builtin_prefetch(&loc[ids[p + ET_RESOLVE_AHEAD]], 0, 3);
+        const uint32_t l = loc[ids[p]];
+        const uint32_t tier = l >> ET_LOC_TIER_SHIFT;
+        const uint8_t *row = NULL;
+        if (tier < ET_TIER_SCM) {
+            row = et_mem_row(t, tier, l & ET_LOC_SLOT_MASK);
+            if (!row) {
+                c->err_pos[part] = p;
+                return ET_E_LOCATION;
+            }
+        } else {
+            scm++;
+        }
+        rows[p] = row;
+    }
+    c->scm_rows[part] = scm;
+    return ET_OK;
+}
+
+/* Counts the sampled accesses of positions [p0, p1): a strided pass over
+ * 1 in 2^heat_sample_shift positions, with the counters prefetched for writing. */
+static void count_range(const et_call *c, int64_t p0, int64_t p1) {
+    const et_table *t = c->t;
+    const int64_t *restrict ids = c->ids;
+    const uint32_t step = (uint32_t)t->heat_mask + 1;
+    int64_t first = p0 + (int64_t)((step - (((uint32_t)p0 + c->salt) & (step - 1))) & (step - 1));
+    for (int64_t p = first; p < p1; p += step) {
+        if (p + ET_RESOLVE_AHEAD * step < p1) __builtin_prefetch(&t->heat[ids[p + ET_RESOLVE_AHEAD * step]], 1, 3);
+        et_count(t, ids[p]);
+    }
+}
+
+/* Prefetches every cache line of a row (into L2: a row a few positions
+ * ahead needs no L1 fill buffer yet, so more rows can be in flight). */
+ET_ALWAYS_INLINE void et_prefetch_row(const uint8_t *r, int32_t stride) {
+    const uint8_t *end = r + stride;
+    for (const uint8_t *a = (const uint8_t *)((uintptr_t)r & ~(uintptr_t)63); a < end; a += 64)
+        __builtin_prefetch(a, 0, ET_ROW_LOCALITY);
+}
+
+/* Prefetches the row pf positions ahead, already resolved. */
+ET_ALWAYS_INLINE void et_prefetch(const et_call *c, int64_t p, int pf) {
+    int64_t q = p + pf;
+    if (q < c->n && c->rows[q]) et_prefetch_row(c->rows[q], c->t->stride);
+}
+
+/* Fused resolve for tables without SCM rows: resolves position q of a part
+ * ending at end and prefetches its row, while the placement entry pf
+ * positions further on is prefetched; the row misses and placement misses
+ * of the part then overlap.  Returns 0 when q's home has no storage. */
+ET_ALWAYS_INLINE int et_resolve_ahead(et_call *c, int64_t q, int64_t end, int pf) {
+    if (q >= end) return 1;
+    const et_table *t = c->t;
+    if (q + pf < end) __builtin_prefetch(&t->loc[c->ids[q + pf]], 0, 3);
+    const uint32_t l = t->loc[c->ids[q]];
+    const uint32_t tier = l >> ET_LOC_TIER_SHIFT;
+    const uint8_t *r = tier < ET_TIER_SCM ? et_mem_row(t, tier, l & ET_LOC_SLOT_MASK) : NULL;
+    c->rows[q] = r;
+    if (!r) return 0;
+    et_prefetch_row(r, t->stride);
+    return 1;
 }
 
 static float half_to_float(uint16_t h) {
@@ -248,6 +290,12 @@ int et_force_isa(int32_t isa) {
 static void run_part(void *arg, int part, int parts) {
     (void)parts;
     et_call *c = arg;
+    if (c->count_heat && (c->phase & (ET_PHASE_RESOLVE | ET_PHASE_FUSED)))
+        count_range(c, c->pos_start[part], c->pos_start[part + 1]);
+    if (c->phase & ET_PHASE_RESOLVE) {
+        c->err[part] = resolve_range(c, part, c->pos_start[part], c->pos_start[part + 1]);
+        if (c->err[part] || !(c->phase & ET_PHASE_POOL)) return;
+    }
     switch (et_isa()) {
     case ET_ISA_AVX512: part_avx512(c, part); break;
     case ET_ISA_AVX2: part_avx2(c, part); break;
@@ -310,6 +358,33 @@ static int split_bags(et_call *c, int64_t bags, int parts, int64_t *err_pos) {
     return ET_OK;
 }
 
+/* First error of any part, lowest part first. */
+static int part_error(const et_call *c, int parts, int64_t *err_pos) {
+    for (int i = 0; i < parts; i++)
+        if (c->err[i]) {
+            *err_pos = c->err_pos[i];
+            return c->err[i];
+        }
+    return ET_OK;
+}
+
+/* Resolves every position, then reads the request's SCM rows in one batch. */
+static int resolve_all(et_call *c, int parts, void **staging, int64_t *err_pos) {
+    c->phase = ET_PHASE_RESOLVE;
+    et_pool_run(run_part, c, parts);
+    int rc = part_error(c, parts, err_pos);
+    int64_t count = 0;
+    for (int i = 0; i < parts; i++) count += c->scm_rows[i];
+    if (rc || count == 0) return rc;
+    int64_t *pos = malloc((size_t)count * sizeof *pos);
+    if (!pos) return ET_E_NOMEM;
+    for (int64_t p = 0, k = 0; p < c->n; p++)
+        if (!c->rows[p]) pos[k++] = p;
+    rc = et_scm_fetch(c->t, c->ids, pos, count, c->rows, staging, err_pos);
+    free(pos);
+    return rc;
+}
+
 static int run_lookup(et_call *c, int64_t bags, int64_t *err_pos) {
     et_table *t = c->t;
     if (bags < 0 || c->n < 0 || (c->n > 0 && !c->ids) || (bags > 0 && !c->out)) return ET_E_ARG;
@@ -318,27 +393,32 @@ static int run_lookup(et_call *c, int64_t bags, int64_t *err_pos) {
     int parts = plan_parts(c->n);
     rc = split_bags(c, bags, parts, err_pos);
     if (rc) return rc;
+    c->rows = malloc((size_t)(c->n > 0 ? c->n : 1) * sizeof *c->rows);
+    if (!c->rows) return ET_E_NOMEM;
+    c->salt = atomic_fetch_add(&call_salt, 0x9e3779b9u);
+    c->count_heat = 1;
+    for (int i = 0; i < parts; i++) c->err[i] = ET_OK;
 
     pthread_rwlock_rdlock(&t->lock);
+    void *staging = NULL;
     if (atomic_load(&t->dropped)) {
-        pthread_rwlock_unlock(&t->lock);
-        return ET_E_DROPPED;
-    }
-    et_scm_batch scm;
-    rc = et_scm_fetch(t, c->ids, c->n, &scm, err_pos);
-    if (rc == ET_OK) {
-        c->scm = &scm;
-        c->salt = atomic_fetch_add(&call_salt, 0x9e3779b9u);
-        for (int i = 0; i < parts; i++) c->err[i] = ET_OK;
+        rc = ET_E_DROPPED;
+    } else if (t->scm_fd < 0) {
+        /* No SCM rows possible: each part resolves and pools its own range in one pass. */
+        c->phase = ET_PHASE_FUSED;
         et_pool_run(run_part, c, parts);
-        et_scm_batch_free(&scm);
-        for (int i = 0; i < parts && rc == ET_OK; i++)
-            if (c->err[i]) {
-                rc = c->err[i];
-                *err_pos = c->err_pos[i];
-            }
+        rc = part_error(c, parts, err_pos);
+    } else {
+        rc = resolve_all(c, parts, &staging, err_pos);
+        if (rc == ET_OK) {
+            c->phase = ET_PHASE_POOL;
+            et_pool_run(run_part, c, parts);
+            rc = part_error(c, parts, err_pos);
+        }
     }
     pthread_rwlock_unlock(&t->lock);
+    free(staging);
+    free(c->rows);
     return rc;
 }
 
@@ -395,21 +475,16 @@ int et_read_rows(et_table *t, const int64_t *ids, int64_t n, uint8_t *rows, int6
     if (n < 0 || (n > 0 && (!ids || !rows))) return ET_E_ARG;
     int rc = check_ids(ids, n, t->num_rows, err_pos);
     if (rc) return rc;
+    et_call c = {.t = t, .ids = ids, .n = n, .pos_start = {0, n}};
+    c.rows = malloc((size_t)(n > 0 ? n : 1) * sizeof *c.rows);
+    if (!c.rows) return ET_E_NOMEM;
     pthread_rwlock_rdlock(&t->lock);
-    rc = atomic_load(&t->dropped) ? ET_E_DROPPED : check_homes(t, ids, n, err_pos);
-    et_scm_batch scm = {0};
-    if (rc == ET_OK) rc = et_scm_fetch(t, ids, n, &scm, err_pos);
-    if (rc == ET_OK) {
-        int64_t scm_i = 0;
-        for (int64_t p = 0; p < n; p++) {
-            uint32_t l = t->loc[ids[p]];
-            uint32_t tier = l >> ET_LOC_TIER_SHIFT;
-            const uint8_t *src =
-                tier < ET_TIER_SCM ? et_mem_row(t, tier, l & ET_LOC_SLOT_MASK) : scm.row[scm_i++];
-            memcpy(rows + (uint64_t)p * t->stride, src, (size_t)t->stride);
-        }
-        et_scm_batch_free(&scm);
-    }
+    void *staging = NULL;
+    rc = atomic_load(&t->dropped) ? ET_E_DROPPED : resolve_all(&c, 1, &staging, err_pos);
+    if (rc == ET_OK)
+        for (int64_t p = 0; p < n; p++) memcpy(rows + (uint64_t)p * t->stride, c.rows[p], (size_t)t->stride);
     pthread_rwlock_unlock(&t->lock);
+    free(staging);
+    free(c.rows);
     return rc;
 }

@@ -140,7 +140,7 @@ static int aio_read_all(aio_context_t ctx, int fd, const scm_read *rd, int64_t c
 
 typedef struct {
     uint64_t off;  /* row offset in the file */
-    int64_t idx;   /* index into the batch's positions */
+    int64_t idx;   /* request position */
 } scm_entry;
 
 static int cmp_entry(const void *a, const void *b) {
@@ -156,44 +156,22 @@ static uint32_t span_capacity(const et_table *t) {
     return rounded + a < ET_SCM_BLOCK ? rounded + a : ET_SCM_BLOCK;
 }
 
-void et_scm_batch_free(et_scm_batch *batch) {
-    free(batch->pos);
-    free(batch->row);
-    free(batch->staging);
-    memset(batch, 0, sizeof *batch);
-}
-
-int et_scm_fetch(et_table *t, const int64_t *ids, int64_t n, et_scm_batch *batch, int64_t *err_pos) {
-    memset(batch, 0, sizeof *batch);
-    if (t->scm_fd < 0) return ET_OK;
-    int64_t count = 0;
-    for (int64_t p = 0; p < n; p++) count += (t->loc[ids[p]] >> ET_LOC_TIER_SHIFT) == ET_TIER_SCM;
+int et_scm_fetch(et_table *t, const int64_t *ids, const int64_t *pos, int64_t count, const uint8_t **rows,
+                 void **staging, int64_t *err_pos) {
+    *staging = NULL;
     if (count == 0) return ET_OK;
-
     scm_entry *entries = malloc((size_t)count * sizeof *entries);
-    batch->pos = malloc((size_t)count * sizeof *batch->pos);
-    batch->row = malloc((size_t)count * sizeof *batch->row);
-    if (!entries || !batch->pos || !batch->row) {
-        free(entries);
-        et_scm_batch_free(batch);
-        return ET_E_NOMEM;
-    }
-    batch->count = count;
-    int64_t k = 0;
-    for (int64_t p = 0; p < n; p++) {
-        uint32_t l = t->loc[ids[p]];
-        if ((l >> ET_LOC_TIER_SHIFT) != ET_TIER_SCM) continue;
-        uint64_t off = et_scm_offset(t, l & ET_LOC_SLOT_MASK);
+    if (!entries) return ET_E_NOMEM;
+    for (int64_t k = 0; k < count; k++) {
+        uint32_t l = t->loc[ids[pos[k]]];
+        uint64_t off = (l >> ET_LOC_TIER_SHIFT) == ET_TIER_SCM ? et_scm_offset(t, l & ET_LOC_SLOT_MASK) : UINT64_MAX;
         if (off == UINT64_MAX) {
-            *err_pos = p;
+            *err_pos = pos[k];
             free(entries);
-            et_scm_batch_free(batch);
             return ET_E_LOCATION;
         }
-        batch->pos[k] = p;
         entries[k].off = off;
-        entries[k].idx = k;
-        k++;
+        entries[k].idx = pos[k];
     }
     qsort(entries, (size_t)count, sizeof *entries, cmp_entry);
 
@@ -201,14 +179,12 @@ int et_scm_fetch(et_table *t, const int64_t *ids, int64_t n, et_scm_batch *batch
     for (int64_t i = 0; i < count; i++) unique += i == 0 || entries[i].off != entries[i - 1].off;
     uint32_t cap = span_capacity(t);
     scm_read *reads = malloc((size_t)unique * sizeof *reads);
-    void *staging = NULL;
-    if (!reads || posix_memalign(&staging, ET_SCM_BLOCK, (size_t)unique * cap)) {
+    if (!reads || posix_memalign(staging, ET_SCM_BLOCK, (size_t)unique * cap)) {
         free(reads);
         free(entries);
-        et_scm_batch_free(batch);
+        *staging = NULL;
         return ET_E_NOMEM;
     }
-    batch->staging = staging;
     uint64_t amask = (uint64_t)t->scm_align - 1;
     int64_t r = -1;
     for (int64_t i = 0; i < count; i++) {
@@ -217,16 +193,15 @@ int et_scm_fetch(et_table *t, const int64_t *ids, int64_t n, et_scm_batch *batch
             r++;
             reads[r].off = off & ~amask;
             reads[r].len = (uint32_t)(((off + t->stride + amask) & ~amask) - reads[r].off);
-            reads[r].buf = batch->staging + (uint64_t)r * cap;
+            reads[r].buf = (uint8_t *)*staging + (uint64_t)r * cap;
         }
-        batch->row[entries[i].idx] = reads[r].buf + (off - reads[r].off);
+        rows[entries[i].idx] = reads[r].buf + (off - reads[r].off);
     }
     aio_context_t ctx = aio_context();
     int rc = ctx ? aio_read_all(ctx, t->scm_fd, reads, unique, err_pos)
                  : pread_all(t->scm_fd, reads, unique, err_pos);
     free(reads);
     free(entries);
-    if (rc != ET_OK) et_scm_batch_free(batch);
     return rc;
 }
 
