@@ -1,17 +1,101 @@
-/* The gather / pool loop, compiled once per instruction set: kernels.c
- * defines ET_ISA(name) and ET_ISA(rowop) before each #include of this file.
- * dtype, mode and gather are compile-time constants at every call site, so
- * each combination becomes its own straight-line loop. */
+/* The gather / pool loop, compiled once per instruction set.  kernels.c
+ * defines, before each #include of this file:
+ *   ET_ISA(name)  the name suffixed with the instruction set
+ *   ET_VEC, ET_W  the vector type and the floats it holds (1 for plain C)
+ *   ET_MAXV       how many accumulators stay in registers (8: the block switch below)
+ *   ET_ISA(vset), vadd, vmax, vstore, vload (w * row[j .. j + ET_W)), sload (w * row[j])
+ * Each bag is pooled in blocks of up to ET_MAXV vectors held in registers,
+ * so a row costs one load and one add per vector; dtype, mode and the block
+ * width are compile-time constants at every call, so each combination
+ * becomes its own straight-line loop. */
+
+/* Pools positions [p, p + len) into out[d0, d0 + nv * ET_W).  The first
+ * block of a bag also resolves and prefetches the rows pf positions ahead. */
+ET_ALWAYS_INLINE int ET_ISA(block)(et_call *c, int64_t p, int64_t len, int64_t end, float *out, int d0,
+                                  const int nv, const int dtype, const int op, int ahead) {
+    const int pf = c->t->prefetch;
+    const int fused = c->phase & ET_PHASE_FUSED;
+    ET_VEC acc[ET_MAXV];
+    const ET_VEC init = ET_ISA(vset)(op == ET_OP_MAX ? -INFINITY : 0.0f);
+    for (int k = 0; k < nv; k++) acc[k] = init;
+    for (int64_t j = p; j < p + len; j++) {
+        if (ahead && fused) {
+            if (!et_resolve_ahead(c, j + pf, end, pf)) return (int)(j + pf - p) + 1;
+        } else if (ahead && pf) {
+            et_prefetch(c, j, pf);
+        }
+        const uint8_t *row = c->rows[j];
+        const float w = c->weights ? c->weights[j] : 1.0f;
+        float ws = 0, wb = 0;
+        if (dtype == ET_DTYPE_I8) et_i8_params(row, c->t->dim, w, &ws, &wb);
+        const ET_VEC vw = ET_ISA(vset)(w), vs = ET_ISA(vset)(ws), vb = ET_ISA(vset)(wb);
+        for (int k = 0; k < nv; k++) {
+            ET_VEC x = ET_ISA(vload)(row, d0 + k * ET_W, dtype, vw, vs, vb);
+            acc[k] = op == ET_OP_MAX ? ET_ISA(vmax)(acc[k], x) : ET_ISA(vadd)(acc[k], x);
+        }
+    }
+    for (int k = 0; k < nv; k++) ET_ISA(vstore)(out + d0 + k * ET_W, acc[k]);
+    return 0;
+}
+
+/* Elements [d0, dim) that do not fill a vector, one float at a time. */
+ET_ALWAYS_INLINE void ET_ISA(tail)(const et_call *c, int64_t p, int64_t len, float *out, int d0, const int dtype,
+                                  const int op) {
+    const int dim = c->t->dim;
+    for (int d = d0; d < dim; d++) out[d] = op == ET_OP_MAX ? -INFINITY : 0.0f;
+    for (int64_t j = p; j < p + len; j++) {
+        const uint8_t *row = c->rows[j];
+        const float w = c->weights ? c->weights[j] : 1.0f;
+        float ws = 0, wb = 0;
+        if (dtype == ET_DTYPE_I8) et_i8_params(row, dim, w, &ws, &wb);
+        for (int d = d0; d < dim; d++) {
+            float x = ET_ISA(sload)(row, d, dtype, w, ws, wb);
+            out[d] = op == ET_OP_MAX ? fmaxf(out[d], x) : out[d] + x;
+        }
+    }
+}
+
+/* One bag; returns 0, or 1 + the offset from p of a position with no storage. */
+ET_ALWAYS_INLINE int ET_ISA(bag)(et_call *c, int64_t p, int64_t len, int64_t end, float *out, const int dtype,
+                                const int op) {
+    const int dim = c->t->dim;
+    int d0 = 0, ahead = 1, bad = 0;
+    for (int left = dim / ET_W; left > 0 && !bad; ahead = 0) {
+        const int nv = left < ET_MAXV ? left : ET_MAXV;
+        switch (nv) {
+#define ET_BLOCK(N)                                                                      \
+    case N:                                                                              \
+        bad = ET_ISA(block)(c, p, len, end, out, d0, N, dtype, op, ahead);                    \
+        break;
+            ET_BLOCK(1) ET_BLOCK(2) ET_BLOCK(3) ET_BLOCK(4) ET_BLOCK(5) ET_BLOCK(6) ET_BLOCK(7)
+            default: bad = ET_ISA(block)(c, p, len, end, out, d0, ET_MAXV, dtype, op, ahead); break;
+#undef ET_BLOCK
+        }
+        d0 += nv * ET_W;
+        left -= nv;
+    }
+    if (bad) return bad;
+    if (ahead) { /* dim < ET_W: the tail is the only pass, so it resolves ahead itself */
+        for (int64_t j = p; j < p + len; j++)
+            if (c->phase & ET_PHASE_FUSED) {
+                if (!et_resolve_ahead(c, j + c->t->prefetch, end, c->t->prefetch))
+                    return (int)(j + c->t->prefetch - p) + 1;
+            } else if (c->t->prefetch) {
+                et_prefetch(c, j, c->t->prefetch);
+            }
+    }
+    if (d0 < dim) ET_ISA(tail)(c, p, len, out, d0, dtype, op);
+    return 0;
+}
 
 ET_ALWAYS_INLINE void ET_ISA(loop)(et_call *c, int part, const int dtype, const int mode, const int gather) {
     const et_table *t = c->t;
     const int dim = t->dim;
     const int pf = t->prefetch;
-    const int op_rest = mode == ET_POOL_MAX ? ET_OP_MAX : ET_OP_ADD;
-    const int fused = c->phase & ET_PHASE_FUSED;
+    const int op = mode == ET_POOL_MAX ? ET_OP_MAX : ET_OP_ADD;
     int64_t p = c->pos_start[part];
     const int64_t end = c->pos_start[part + 1];
-    if (fused) {
+    if (c->phase & ET_PHASE_FUSED) {
         for (int64_t q = p; q < end && q < p + 2 * pf; q++) __builtin_prefetch(&t->loc[c->ids[q]], 0, 3);
         for (int64_t q = p; q < end && q < p + pf; q++)
             if (!et_resolve_ahead(c, q, end, pf)) {
@@ -21,33 +105,23 @@ ET_ALWAYS_INLINE void ET_ISA(loop)(et_call *c, int part, const int dtype, const 
             }
     }
     for (int64_t b = c->bag_start[part]; b < c->bag_start[part + 1]; b++) {
-        float *acc = c->out + b * (int64_t)dim;
+        float *out = c->out + b * (int64_t)dim;
         const int64_t len = gather ? 1 : c->lengths[b];
         if (len == 0) {
-            memset(acc, 0, (size_t)dim * sizeof(float));
+            memset(out, 0, (size_t)dim * sizeof(float));
             continue;
         }
-        for (int64_t j = 0; j < len; j++, p++) {
-            if (fused) {
-                if (!et_resolve_ahead(c, p + pf, end, pf)) {
-                    c->err[part] = ET_E_LOCATION;
-                    c->err_pos[part] = p + pf;
-                    return;
-                }
-            } else if (pf) {
-                et_prefetch(c, p, pf);
-            }
-            const uint8_t *row = c->rows[p];
-            const float w = c->weights ? c->weights[p] : 1.0f;
-            if (j == 0)
-                ET_ISA(rowop)(acc, row, w, dim, dtype, ET_OP_STORE);
-            else
-                ET_ISA(rowop)(acc, row, w, dim, dtype, op_rest);
+        int bad = ET_ISA(bag)(c, p, len, end, out, dtype, op);
+        if (bad) {
+            c->err[part] = ET_E_LOCATION;
+            c->err_pos[part] = p + bad - 1;
+            return;
         }
         if (!gather && mode == ET_POOL_MEAN) {
             const float inv = 1.0f / (float)len;
-            for (int d = 0; d < dim; d++) acc[d] *= inv;
+            for (int d = 0; d < dim; d++) out[d] *= inv;
         }
+        p += len;
     }
 }
 

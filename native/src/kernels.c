@@ -27,7 +27,7 @@
 #define ET_ROW_LOCALITY 2
 #endif
 
-enum { ET_OP_STORE, ET_OP_ADD, ET_OP_MAX };
+enum { ET_OP_ADD, ET_OP_MAX };
 enum { ET_PHASE_RESOLVE = 1, ET_PHASE_POOL = 2, ET_PHASE_FUSED = 4 };
 
 typedef struct {
@@ -166,96 +166,90 @@ ET_ALWAYS_INLINE void et_i8_params(const uint8_t *row, int dim, float w, float *
     *wb = w * sb[1];
 }
 
-ET_ALWAYS_INLINE float et_apply(float acc, float x, int op) {
-    return op == ET_OP_STORE ? x : op == ET_OP_ADD ? acc + x : fmaxf(acc, x);
-}
-
 /* ---- plain C ------------------------------------------------------------ */
 #define ET_ISA(name) name##_generic
+#define ET_VEC float
+#define ET_W 1
+#define ET_MAXV 8
 
-ET_ALWAYS_INLINE void rowop_generic(float *restrict acc, const uint8_t *restrict row, float w, int dim,
-                                    int dtype, int op) {
-    float ws = 0, wb = 0;
-    if (dtype == ET_DTYPE_I8) et_i8_params(row, dim, w, &ws, &wb);
-    for (int j = 0; j < dim; j++) {
-        float x = dtype == ET_DTYPE_F32   ? w * ((const float *)row)[j]
-                  : dtype == ET_DTYPE_F16 ? w * half_to_float(((const uint16_t *)row)[j])
-                                          : ws * (float)row[j] + wb;
-        acc[j] = et_apply(acc[j], x, op);
-    }
+ET_ALWAYS_INLINE float sload_generic(const uint8_t *row, int j, int dtype, float w, float ws, float wb) {
+    return dtype == ET_DTYPE_F32   ? w * ((const float *)row)[j]
+           : dtype == ET_DTYPE_F16 ? w * half_to_float(((const uint16_t *)row)[j])
+                                   : ws * (float)row[j] + wb;
+}
+ET_ALWAYS_INLINE float vset_generic(float x) { return x; }
+ET_ALWAYS_INLINE float vadd_generic(float a, float b) { return a + b; }
+ET_ALWAYS_INLINE float vmax_generic(float a, float b) { return fmaxf(a, b); }
+ET_ALWAYS_INLINE void vstore_generic(float *out, float v) { *out = v; }
+ET_ALWAYS_INLINE float vload_generic(const uint8_t *row, int j, int dtype, float w, float ws, float wb) {
+    return sload_generic(row, j, dtype, w, ws, wb);
 }
 #include "kernel_loop.h"
 #undef ET_ISA
+#undef ET_VEC
+#undef ET_W
+#undef ET_MAXV
 
 /* ---- AVX2 + F16C + FMA -------------------------------------------------- */
 #pragma GCC push_options
 #pragma GCC target("avx2,f16c,fma")
 #define ET_ISA(name) name##_avx2
+#define ET_VEC __m256
+#define ET_W 8
+#define ET_MAXV 8
 
-ET_ALWAYS_INLINE __m256 load8_avx2(const uint8_t *row, int j, int dtype, __m256 vw, __m256 vs, __m256 vb) {
+ET_ALWAYS_INLINE float sload_avx2(const uint8_t *row, int j, int dtype, float w, float ws, float wb) {
+    return dtype == ET_DTYPE_F32   ? w * ((const float *)row)[j]
+           : dtype == ET_DTYPE_F16 ? w * _cvtsh_ss(((const uint16_t *)row)[j])
+                                   : ws * (float)row[j] + wb;
+}
+ET_ALWAYS_INLINE __m256 vset_avx2(float x) { return _mm256_set1_ps(x); }
+ET_ALWAYS_INLINE __m256 vadd_avx2(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+ET_ALWAYS_INLINE __m256 vmax_avx2(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
+ET_ALWAYS_INLINE void vstore_avx2(float *out, __m256 v) { _mm256_storeu_ps(out, v); }
+ET_ALWAYS_INLINE __m256 vload_avx2(const uint8_t *row, int j, int dtype, __m256 vw, __m256 vs, __m256 vb) {
     if (dtype == ET_DTYPE_F32) return _mm256_mul_ps(vw, _mm256_loadu_ps((const float *)row + j));
     if (dtype == ET_DTYPE_F16)
         return _mm256_mul_ps(vw, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + j))));
     __m128i q = _mm_loadl_epi64((const __m128i *)(row + j));
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)), vs, vb);
 }
-
-ET_ALWAYS_INLINE void rowop_avx2(float *restrict acc, const uint8_t *restrict row, float w, int dim, int dtype,
-                                 int op) {
-    float ws = 0, wb = 0;
-    if (dtype == ET_DTYPE_I8) et_i8_params(row, dim, w, &ws, &wb);
-    const __m256 vw = _mm256_set1_ps(w), vs = _mm256_set1_ps(ws), vb = _mm256_set1_ps(wb);
-    int j = 0;
-    for (; j + 8 <= dim; j += 8) {
-        __m256 x = load8_avx2(row, j, dtype, vw, vs, vb);
-        if (op == ET_OP_ADD) x = _mm256_add_ps(_mm256_loadu_ps(acc + j), x);
-        if (op == ET_OP_MAX) x = _mm256_max_ps(_mm256_loadu_ps(acc + j), x);
-        _mm256_storeu_ps(acc + j, x);
-    }
-    for (; j < dim; j++) {
-        float x = dtype == ET_DTYPE_F32   ? w * ((const float *)row)[j]
-                  : dtype == ET_DTYPE_F16 ? w * _cvtsh_ss(((const uint16_t *)row)[j])
-                                          : ws * (float)row[j] + wb;
-        acc[j] = et_apply(acc[j], x, op);
-    }
-}
 #include "kernel_loop.h"
 #undef ET_ISA
+#undef ET_VEC
+#undef ET_W
+#undef ET_MAXV
 #pragma GCC pop_options
 
 /* ---- AVX-512 F/BW/VL ---------------------------------------------------- */
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,f16c,fma")
 #define ET_ISA(name) name##_avx512
+#define ET_VEC __m512
+#define ET_W 16
+#define ET_MAXV 8
 
-ET_ALWAYS_INLINE __m512 load16_avx512(const uint8_t *row, int j, __mmask16 m, int dtype, __m512 vw, __m512 vs,
-                                      __m512 vb) {
-    if (dtype == ET_DTYPE_F32) return _mm512_mul_ps(vw, _mm512_maskz_loadu_ps(m, (const float *)row + j));
+ET_ALWAYS_INLINE float sload_avx512(const uint8_t *row, int j, int dtype, float w, float ws, float wb) {
+    return dtype == ET_DTYPE_F32   ? w * ((const float *)row)[j]
+           : dtype == ET_DTYPE_F16 ? w * _cvtsh_ss(((const uint16_t *)row)[j])
+                                   : ws * (float)row[j] + wb;
+}
+ET_ALWAYS_INLINE __m512 vset_avx512(float x) { return _mm512_set1_ps(x); }
+ET_ALWAYS_INLINE __m512 vadd_avx512(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+ET_ALWAYS_INLINE __m512 vmax_avx512(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+ET_ALWAYS_INLINE void vstore_avx512(float *out, __m512 v) { _mm512_storeu_ps(out, v); }
+ET_ALWAYS_INLINE __m512 vload_avx512(const uint8_t *row, int j, int dtype, __m512 vw, __m512 vs, __m512 vb) {
+    if (dtype == ET_DTYPE_F32) return _mm512_mul_ps(vw, _mm512_loadu_ps((const float *)row + j));
     if (dtype == ET_DTYPE_F16)
-        return _mm512_mul_ps(vw, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)row + j)));
-    __m128i q = _mm_maskz_loadu_epi8(m, row + j);
+        return _mm512_mul_ps(vw, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + j))));
+    __m128i q = _mm_loadu_si128((const __m128i *)(row + j));
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)), vs, vb);
-}
-
-ET_ALWAYS_INLINE void step_avx512(float *acc, const uint8_t *row, int j, __mmask16 m, int dtype, int op,
-                                  __m512 vw, __m512 vs, __m512 vb) {
-    __m512 x = load16_avx512(row, j, m, dtype, vw, vs, vb);
-    if (op == ET_OP_ADD) x = _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc + j), x);
-    if (op == ET_OP_MAX) x = _mm512_max_ps(_mm512_maskz_loadu_ps(m, acc + j), x);
-    _mm512_mask_storeu_ps(acc + j, m, x);
-}
-
-ET_ALWAYS_INLINE void rowop_avx512(float *restrict acc, const uint8_t *restrict row, float w, int dim, int dtype,
-                                   int op) {
-    float ws = 0, wb = 0;
-    if (dtype == ET_DTYPE_I8) et_i8_params(row, dim, w, &ws, &wb);
-    const __m512 vw = _mm512_set1_ps(w), vs = _mm512_set1_ps(ws), vb = _mm512_set1_ps(wb);
-    int j = 0;
-    for (; j + 16 <= dim; j += 16) step_avx512(acc, row, j, (__mmask16)0xffff, dtype, op, vw, vs, vb);
-    if (j < dim) step_avx512(acc, row, j, (__mmask16)((1u << (dim - j)) - 1), dtype, op, vw, vs, vb);
 }
 #include "kernel_loop.h"
 #undef ET_ISA
+#undef ET_VEC
+#undef ET_W
+#undef ET_MAXV
 #pragma GCC pop_options
 
 /* ---- dispatch ----------------------------------------------------------- */
