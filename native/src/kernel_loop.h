@@ -13,18 +13,13 @@
  * block of a bag also resolves and prefetches the rows pf positions ahead. */
 ET_ALWAYS_INLINE int ET_ISA(block)(et_call *c, int64_t p, int64_t len, int64_t end, float *out, int d0,
                                   const int nv, const int dtype, const int op, int ahead) {
-    const int pf = c->t->prefetch;
-    const int fused = c->phase & ET_PHASE_FUSED;
+    const et_ahead a = et_ahead_of(c);
     ET_VEC acc[ET_MAXV];
     const ET_VEC init = ET_ISA(vset)(op == ET_OP_MAX ? -INFINITY : 0.0f);
     for (int k = 0; k < nv; k++) acc[k] = init;
     for (int64_t j = p; j < p + len; j++) {
-        if (ahead && fused) {
-            if (!et_resolve_ahead(c, j + pf, end, pf)) return (int)(j + pf - p) + 1;
-        } else if (ahead && pf) {
-            et_prefetch(c, j, pf);
-        }
-        const uint8_t *row = c->rows[j];
+        if (ahead && !et_ahead_at(&a, j + a.pf, end)) return (int)(j + a.pf - p) + 1;
+        const uint8_t *row = a.rows[j];
         const float w = c->weights ? c->weights[j] : 1.0f;
         float ws = 0, wb = 0;
         if (dtype == ET_DTYPE_I8) et_i8_params(row, c->t->dim, w, &ws, &wb);
@@ -75,14 +70,10 @@ ET_ALWAYS_INLINE int ET_ISA(bag)(et_call *c, int64_t p, int64_t len, int64_t end
         left -= nv;
     }
     if (bad) return bad;
-    if (ahead) { /* dim < ET_W: the tail is the only pass, so it resolves ahead itself */
+    if (ahead) { /* dim < ET_W: the tail is the only pass, so it gets the rows ahead itself */
+        const et_ahead a = et_ahead_of(c);
         for (int64_t j = p; j < p + len; j++)
-            if (c->phase & ET_PHASE_FUSED) {
-                if (!et_resolve_ahead(c, j + c->t->prefetch, end, c->t->prefetch))
-                    return (int)(j + c->t->prefetch - p) + 1;
-            } else if (c->t->prefetch) {
-                et_prefetch(c, j, c->t->prefetch);
-            }
+            if (!et_ahead_at(&a, j + a.pf, end)) return (int)(j + a.pf - p) + 1;
     }
     if (d0 < dim) ET_ISA(tail)(c, p, len, out, d0, dtype, op);
     return 0;
@@ -96,9 +87,10 @@ ET_ALWAYS_INLINE void ET_ISA(loop)(et_call *c, int part, const int dtype, const 
     int64_t p = c->pos_start[part];
     const int64_t end = c->pos_start[part + 1];
     if (c->phase & ET_PHASE_FUSED) {
+        const et_ahead a = et_ahead_of(c);
         for (int64_t q = p; q < end && q < p + 2 * pf; q++) __builtin_prefetch(&t->loc[c->ids[q]], 0, 3);
         for (int64_t q = p; q < end && q < p + pf; q++)
-            if (!et_resolve_ahead(c, q, end, pf)) {
+            if (!et_ahead_at(&a, q, end)) {
                 c->err[part] = ET_E_LOCATION;
                 c->err_pos[part] = q;
                 return;

@@ -106,34 +106,57 @@ static void count_range(const et_call *c, int64_t p0, int64_t p1) {
     }
 }
 
-/* Prefetches every cache line of a row (into L2: a row a few positions
- * ahead needs no L1 fill buffer yet, so more rows can be in flight). */
-ET_ALWAYS_INLINE void et_prefetch_row(const uint8_t *r, int32_t stride) {
-    const uint8_t *end = r + stride;
-    for (const uint8_t *a = (const uint8_t *)((uintptr_t)r & ~(uintptr_t)63); a < end; a += 64)
-        __builtin_prefetch(a, 0, ET_ROW_LOCALITY);
-}
+/* What the row loop needs to resolve and prefetch positions ahead, copied
+ * out of the call and table so that the compiler keeps it in registers
+ * (stores to rows[] could otherwise alias every field and force reloads). */
+typedef struct {
+    const int64_t *ids;
+    const uint32_t *loc;
+    const uint8_t **rows;
+    uint8_t *const *mem_base;
+    int64_t max_chunks;
+    uint32_t chunk_shift;
+    uint32_t stride;
+    uint32_t lines;  /* cache lines a row can touch */
+    int pf;
+    int fused;
+} et_ahead;
 
-/* Prefetches the row pf positions ahead, already resolved. */
-ET_ALWAYS_INLINE void et_prefetch(const et_call *c, int64_t p, int pf) {
-    int64_t q = p + pf;
-    if (q < c->n && c->rows[q]) et_prefetch_row(c->rows[q], c->t->stride);
-}
-
-/* Fused resolve for tables without SCM rows: resolves position q of a part
- * ending at end and prefetches its row, while the placement entry pf
- * positions further on is prefetched; the row misses and placement misses
- * of the part then overlap.  Returns 0 when q's home has no storage. */
-ET_ALWAYS_INLINE int et_resolve_ahead(et_call *c, int64_t q, int64_t end, int pf) {
-    if (q >= end) return 1;
+static et_ahead et_ahead_of(const et_call *c) {
     const et_table *t = c->t;
-    if (q + pf < end) __builtin_prefetch(&t->loc[c->ids[q + pf]], 0, 3);
-    const uint32_t l = t->loc[c->ids[q]];
+    et_ahead a = {c->ids, t->loc, c->rows, t->mem_base, t->max_chunks, (uint32_t)t->chunk_shift,
+                  (uint32_t)t->stride, ((uint32_t)t->stride + 63) / 64 + (t->stride % 64 != 0), t->prefetch,
+                  (c->phase & ET_PHASE_FUSED) != 0};
+    return a;
+}
+
+/* Prefetches the cache lines of a row (into L2: a row a few positions ahead
+ * needs no L1 fill buffer yet, so more rows can be in flight). */
+ET_ALWAYS_INLINE void et_prefetch_row(const et_ahead *a, const uint8_t *r) {
+    const uint8_t *line = (const uint8_t *)((uintptr_t)r & ~(uintptr_t)63);
+    for (uint32_t i = 0; i < a->lines; i++) __builtin_prefetch(line + 64 * i, 0, ET_ROW_LOCALITY);
+}
+
+/* Gets position q (< end) ready: for tables without SCM rows (fused) it
+ * resolves q's placement entry, stores the row address and prefetches the
+ * row, while the entry pf positions further on is prefetched, so that row
+ * misses and placement misses overlap; otherwise q was resolved before and
+ * only its row is prefetched.  Returns 0 when q's home has no storage. */
+ET_ALWAYS_INLINE int et_ahead_at(const et_ahead *a, int64_t q, int64_t end) {
+    if (q >= end) return 1;
+    if (!a->fused) {
+        if (a->rows[q]) et_prefetch_row(a, a->rows[q]);
+        return 1;
+    }
+    if (q + a->pf < end) __builtin_prefetch(&a->loc[a->ids[q + a->pf]], 0, 3);
+    const uint32_t l = a->loc[a->ids[q]];
     const uint32_t tier = l >> ET_LOC_TIER_SHIFT;
-    const uint8_t *r = tier < ET_TIER_SCM ? et_mem_row(t, tier, l & ET_LOC_SLOT_MASK) : NULL;
-    c->rows[q] = r;
-    if (!r) return 0;
-    et_prefetch_row(r, t->stride);
+    const uint32_t slot = l & ET_LOC_SLOT_MASK;
+    const uint8_t *base = tier < ET_TIER_SCM ? a->mem_base[tier * a->max_chunks + (slot >> a->chunk_shift)] : NULL;
+    if (!base) return 0;
+    const uint8_t *r = base + (uint64_t)(slot & ((1u << a->chunk_shift) - 1)) * a->stride;
+    a->rows[q] = r;
+    et_prefetch_row(a, r);
     return 1;
 }
 
