@@ -113,8 +113,7 @@ typedef struct {
     const int64_t *ids;
     const uint32_t *loc;
     const uint8_t **rows;
-    uint8_t *const *mem_base;
-    int64_t max_chunks;
+    uint8_t *const *chunks[ET_TIER_SCM]; /* chunk bases of DRAM and CXL */
     uint32_t chunk_shift;
     uint32_t stride;
     uint32_t lines;  /* cache lines a row can touch */
@@ -124,7 +123,7 @@ typedef struct {
 
 static et_ahead et_ahead_of(const et_call *c) {
     const et_table *t = c->t;
-    et_ahead a = {c->ids, t->loc, c->rows, t->mem_base, t->max_chunks, (uint32_t)t->chunk_shift,
+    et_ahead a = {c->ids, t->loc, c->rows, {t->mem_base, t->mem_base + t->max_chunks}, (uint32_t)t->chunk_shift,
                   (uint32_t)t->stride, ((uint32_t)t->stride + 63) / 64 + (t->stride % 64 != 0), t->prefetch,
                   (c->phase & ET_PHASE_FUSED) != 0};
     return a;
@@ -134,7 +133,21 @@ static et_ahead et_ahead_of(const et_call *c) {
  * needs no L1 fill buffer yet, so more rows can be in flight). */
 ET_ALWAYS_INLINE void et_prefetch_row(const et_ahead *a, const uint8_t *r) {
     const uint8_t *line = (const uint8_t *)((uintptr_t)r & ~(uintptr_t)63);
-    for (uint32_t i = 0; i < a->lines; i++) __builtin_prefetch(line + 64 * i, 0, ET_ROW_LOCALITY);
+#define ET_PF(i) __builtin_prefetch(line + 64 * (i), 0, ET_ROW_LOCALITY)
+    switch (a->lines) { /* unrolled for rows of up to 512 bytes */
+    default:
+        for (uint32_t i = 8; i < a->lines; i++) ET_PF(i);
+        /* fall through */
+    case 8: ET_PF(7); /* fall through */
+    case 7: ET_PF(6); /* fall through */
+    case 6: ET_PF(5); /* fall through */
+    case 5: ET_PF(4); /* fall through */
+    case 4: ET_PF(3); /* fall through */
+    case 3: ET_PF(2); /* fall through */
+    case 2: ET_PF(1); /* fall through */
+    case 1: ET_PF(0);
+    }
+#undef ET_PF
 }
 
 /* Gets position q (< end) ready: for tables without SCM rows (fused) it
@@ -152,7 +165,7 @@ ET_ALWAYS_INLINE int et_ahead_at(const et_ahead *a, int64_t q, int64_t end) {
     const uint32_t l = a->loc[a->ids[q]];
     const uint32_t tier = l >> ET_LOC_TIER_SHIFT;
     const uint32_t slot = l & ET_LOC_SLOT_MASK;
-    const uint8_t *base = tier < ET_TIER_SCM ? a->mem_base[tier * a->max_chunks + (slot >> a->chunk_shift)] : NULL;
+    const uint8_t *base = tier < ET_TIER_SCM ? a->chunks[tier][slot >> a->chunk_shift] : NULL;
     if (!base) return 0;
     const uint8_t *r = base + (uint64_t)(slot & ((1u << a->chunk_shift) - 1)) * a->stride;
     a->rows[q] = r;
@@ -325,9 +338,10 @@ static void run_part(void *arg, int part, int parts) {
 static int check_ids(const int64_t *ids, int64_t n, int64_t num_rows, int64_t *err_pos) {
     for (int64_t s = 0; s < n; s += 4096) {
         int64_t e = s + 4096 < n ? s + 4096 : n;
-        int bad = 0;
-        for (int64_t p = s; p < e; p++) bad |= (uint64_t)ids[p] >= (uint64_t)num_rows;
-        if (!bad) continue;
+        /* An id is bad when it or num_rows - 1 - id has the top bit set: an OR that vectorises. */
+        uint64_t signs = 0;
+        for (int64_t p = s; p < e; p++) signs |= (uint64_t)ids[p] | ((uint64_t)num_rows - 1 - (uint64_t)ids[p]);
+        if (!(signs >> 63)) continue;
         for (int64_t p = s; p < e; p++)
             if ((uint64_t)ids[p] >= (uint64_t)num_rows) {
                 *err_pos = p;
