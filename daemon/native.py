@@ -19,7 +19,6 @@ from .topology import nodemask_words
 DTYPES = {"float32": lib.ET_DTYPE_F32, "float16": lib.ET_DTYPE_F16, "int8": lib.ET_DTYPE_I8}
 POOL_MODES = {"sum": lib.ET_POOL_SUM, "mean": lib.ET_POOL_MEAN, "max": lib.ET_POOL_MAX}
 TIER_DRAM, TIER_CXL, TIER_SCM = lib.ET_TIER_DRAM, lib.ET_TIER_CXL, lib.ET_TIER_SCM
-TIER_SHIFT = lib.ET_LOC_TIER_SHIFT
 ISA_NAMES = {lib.ET_ISA_GENERIC: "generic", lib.ET_ISA_AVX2: "avx2", lib.ET_ISA_AVX512: "avx512"}
 
 
@@ -70,6 +69,7 @@ class NativeTable:
             raise InvalidArgumentError(
                 f"table {name!r}: cannot build a table of num_rows={num_rows}, dim={dim}, dtype={dtype}")
         self._h = ffi.gc(handle, lib.et_table_free)
+        self.tier_shift = int(lib.et_table_tier_shift(handle))  # placement entry = (tier << tier_shift) | slot
 
     def set_chunk(self, tier: int, chunk: int, address: int) -> None:
         self._check(lib.et_table_set_chunk(self._h, tier, chunk, ffi.cast("void *", address)), None, "chunk")

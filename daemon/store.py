@@ -213,7 +213,8 @@ class Store:
 
     def placement(self, name: str) -> np.ndarray:
         """Home tier of every row (0 dram, 1 cxl, 2 scm)."""
-        return (self._get(name).native.loc >> native.TIER_SHIFT).astype(np.uint8)
+        table = self._get(name).native
+        return (table.loc >> table.tier_shift).astype(np.uint8)
 
     # ---- internals ---------------------------------------------------------
 
@@ -284,7 +285,7 @@ class Store:
             else:
                 table.native.set_chunk(tid, chunk, tier.address(extent))
             slots = np.arange(chunk * chunk_rows, chunk * chunk_rows + rows, dtype=np.uint32)
-            table.native.loc[first + placed: first + placed + rows] = (tid << native.TIER_SHIFT) | slots
+            table.native.loc[first + placed: first + placed + rows] = (tid << table.native.tier_shift) | slots
             table.rows_by_tier[tid] += rows
             placed += rows
             if rows < chunk_rows:
@@ -329,7 +330,9 @@ class Store:
     def _info(self, table: Table) -> TableInfo:
         names = [t.name for t in self.tiers]
         bytes_by = {t.name: sum(e.length for e in table.extents.get(t.tier_id, [])) for t in self.tiers}
-        metadata = table.native.loc.nbytes + table.native.heat.nbytes + 4 * 8 * table.native.max_chunks
+        nt = table.native
+        chunk_table_entries = 3 << (nt.tier_shift - table.chunk_shift)
+        metadata = nt.loc.nbytes + nt.heat.nbytes + 8 * (chunk_table_entries + nt.max_chunks)
         return TableInfo(
             name=table.name, num_rows=table.num_rows, dim=table.dim, dtype=table.dtype,
             rows_by_tier=dict(zip(names, table.rows_by_tier)), bytes_by_tier=bytes_by,

@@ -26,8 +26,6 @@
 #define ET_TIER_CXL 1
 #define ET_TIER_SCM 2
 #define ET_NUM_TIERS 3
-#define ET_LOC_TIER_SHIFT 30  /* a placement entry is (tier << 30) | slot */
-#define ET_LOC_SLOT_MASK 1073741823
 
 #define ET_POOL_SUM 0
 #define ET_POOL_MEAN 1
@@ -55,10 +53,14 @@ int32_t et_row_stride(int32_t dim, int32_t dtype);
 
 /* A table over caller-owned arrays: loc[num_rows] (placement map) and
  * heat[num_rows] (saturating access counters).  Slots of tier t live in
- * chunks of 2^chunk_shift rows, at most max_chunks per tier. */
+ * chunks of 2^chunk_shift rows, at most max_chunks per tier.  A placement
+ * entry is (tier << tier_shift) | slot with tier_shift = chunk_shift +
+ * ceil(log2(max_chunks)), so that entry >> chunk_shift indexes the table of
+ * chunk addresses directly; tier_shift must stay <= 30. */
 et_table *et_table_new(int64_t num_rows, int32_t dim, int32_t dtype, int32_t chunk_shift,
                        int64_t max_chunks, uint32_t *loc, uint8_t *heat);
 void et_table_free(et_table *t);
+int32_t et_table_tier_shift(et_table *t);
 /* Memory chunk (DRAM / CXL): rows of slots [chunk << shift, ...) start at base. */
 int et_table_set_chunk(et_table *t, int32_t tier, int64_t chunk, void *base);
 /* SCM: the O_DIRECT file descriptor, the read alignment (512 or 4096) and

@@ -19,10 +19,14 @@ struct et_table {
     int32_t dtype;
     int32_t stride;        /* bytes per stored row */
     int32_t chunk_shift;   /* slots per chunk = 1 << chunk_shift */
+    int32_t tier_shift;    /* placement entry = (tier << tier_shift) | slot */
+    uint32_t chunk_mask;   /* (1 << chunk_shift) - 1 */
+    uint32_t slot_mask;    /* (1 << tier_shift) - 1 */
     int64_t max_chunks;    /* per tier */
     uint32_t *loc;         /* caller-owned placement map, num_rows entries */
     uint8_t *heat;         /* caller-owned access counters, num_rows entries */
-    uint8_t **mem_base;    /* [ET_TIER_SCM * max_chunks]: chunk bases of DRAM then CXL */
+    uint8_t **mem_base;    /* [ET_NUM_TIERS << (tier_shift - chunk_shift)], indexed by entry >> chunk_shift:
+                              chunk bases of DRAM, then CXL; NULL for SCM and unallocated chunks */
     uint64_t *scm_off;     /* [max_chunks]: file offset of each SCM chunk, UINT64_MAX if none */
     int scm_fd;
     int32_t scm_align;
@@ -37,6 +41,15 @@ static inline int64_t et_scm_rows_per_block(int32_t stride) {
     return stride <= ET_SCM_BLOCK ? ET_SCM_BLOCK / stride : 0;
 }
 
+static inline uint32_t et_loc_tier(const et_table *t, uint32_t l) { return l >> t->tier_shift; }
+static inline uint32_t et_loc_slot(const et_table *t, uint32_t l) { return l & t->slot_mask; }
+
+/* Memory address of the row at placement entry l; NULL for SCM rows and chunks without storage. */
+static inline uint8_t *et_loc_row(const et_table *t, uint32_t l) {
+    uint8_t *base = t->mem_base[l >> t->chunk_shift];
+    return base ? base + (uint64_t)(l & t->chunk_mask) * t->stride : NULL;
+}
+
 /* Byte offset in the SCM file of a slot, or UINT64_MAX when its chunk has no file space. */
 static inline uint64_t et_scm_offset(const et_table *t, uint32_t slot) {
     uint64_t base = t->scm_off[slot >> t->chunk_shift];
@@ -47,13 +60,6 @@ static inline uint64_t et_scm_offset(const et_table *t, uint32_t slot) {
         return base + (in_chunk / rpb) * ET_SCM_BLOCK + (in_chunk % rpb) * (uint64_t)t->stride;
     uint64_t blocks_per_row = ((uint64_t)t->stride + ET_SCM_BLOCK - 1) / ET_SCM_BLOCK;
     return base + in_chunk * blocks_per_row * ET_SCM_BLOCK;
-}
-
-/* Memory address of a DRAM / CXL slot, or NULL when its chunk has no storage. */
-static inline uint8_t *et_mem_row(const et_table *t, uint32_t tier, uint32_t slot) {
-    uint8_t *base = t->mem_base[tier * t->max_chunks + (slot >> t->chunk_shift)];
-    if (!base) return NULL;
-    return base + (uint64_t)(slot & ((1u << t->chunk_shift) - 1)) * t->stride;
 }
 
 /* Reads the SCM rows at request positions pos[0..count) (ascending) in one

@@ -76,16 +76,13 @@ static int resolve_range(et_call *c, int part, int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; p++) {
         if (p + ET_RESOLVE_AHEAD < p1) __builtin_prefetch(&loc[ids[p + ET_RESOLVE_AHEAD]], 0, 3);
         const uint32_t l = loc[ids[p]];
-        const uint32_t tier = l >> ET_LOC_TIER_SHIFT;
-        const uint8_t *row = NULL;
-        if (tier < ET_TIER_SCM) {
-            row = et_mem_row(t, tier, l & ET_LOC_SLOT_MASK);
-            if (!row) {
-                c->err_pos[part] = p;
-                return ET_E_LOCATION;
-            }
-        } else {
+        const uint8_t *row = et_loc_row(t, l);
+        if (row) {
+        } else if (et_loc_tier(t, l) == ET_TIER_SCM) {
             scm++;
+        } else {
+            c->err_pos[part] = p;
+            return ET_E_LOCATION;
         }
         rows[p] = row;
     }
@@ -113,8 +110,9 @@ typedef struct {
     const int64_t *ids;
     const uint32_t *loc;
     const uint8_t **rows;
-    uint8_t *const *chunks[ET_TIER_SCM]; /* chunk bases of DRAM and CXL */
+    uint8_t *const *mem_base;
     uint32_t chunk_shift;
+    uint32_t chunk_mask;
     uint32_t stride;
     uint32_t lines;  /* cache lines a row can touch */
     int pf;
@@ -123,7 +121,7 @@ typedef struct {
 
 static et_ahead et_ahead_of(const et_call *c) {
     const et_table *t = c->t;
-    et_ahead a = {c->ids, t->loc, c->rows, {t->mem_base, t->mem_base + t->max_chunks}, (uint32_t)t->chunk_shift,
+    et_ahead a = {c->ids, t->loc, c->rows, t->mem_base, (uint32_t)t->chunk_shift, t->chunk_mask,
                   (uint32_t)t->stride, ((uint32_t)t->stride + 63) / 64 + (t->stride % 64 != 0), t->prefetch,
                   (c->phase & ET_PHASE_FUSED) != 0};
     return a;
@@ -163,11 +161,9 @@ ET_ALWAYS_INLINE int et_ahead_at(const et_ahead *a, int64_t q, int64_t end) {
     }
     if (q + a->pf < end) __builtin_prefetch(&a->loc[a->ids[q + a->pf]], 0, 3);
     const uint32_t l = a->loc[a->ids[q]];
-    const uint32_t tier = l >> ET_LOC_TIER_SHIFT;
-    const uint32_t slot = l & ET_LOC_SLOT_MASK;
-    const uint8_t *base = tier < ET_TIER_SCM ? a->chunks[tier][slot >> a->chunk_shift] : NULL;
+    const uint8_t *base = a->mem_base[l >> a->chunk_shift];
     if (!base) return 0;
-    const uint8_t *r = base + (uint64_t)(slot & ((1u << a->chunk_shift) - 1)) * a->stride;
+    const uint8_t *r = base + (uint64_t)(l & a->chunk_mask) * a->stride;
     a->rows[q] = r;
     et_prefetch_row(a, r);
     return 1;
@@ -471,9 +467,8 @@ int et_pool(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, 
 static int check_homes(const et_table *t, const int64_t *ids, int64_t n, int64_t *err_pos) {
     for (int64_t p = 0; p < n; p++) {
         uint32_t l = t->loc[ids[p]];
-        uint32_t tier = l >> ET_LOC_TIER_SHIFT;
-        if (tier < ET_TIER_SCM ? !et_mem_row(t, tier, l & ET_LOC_SLOT_MASK)
-                               : et_scm_offset(t, l & ET_LOC_SLOT_MASK) == UINT64_MAX) {
+        if (et_loc_tier(t, l) == ET_TIER_SCM ? et_scm_offset(t, et_loc_slot(t, l)) == UINT64_MAX
+                                             : !et_loc_row(t, l)) {
             *err_pos = p;
             return ET_E_LOCATION;
         }
@@ -493,9 +488,8 @@ int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *row
     if (rc == ET_OK)
         for (int64_t p = 0; p < n; p++) {
             uint32_t l = t->loc[ids[p]];
-            uint32_t tier = l >> ET_LOC_TIER_SHIFT;
-            if (tier < ET_TIER_SCM)
-                memcpy(et_mem_row(t, tier, l & ET_LOC_SLOT_MASK), rows + (uint64_t)p * t->stride,
+            if (et_loc_tier(t, l) != ET_TIER_SCM)
+                memcpy(et_loc_row(t, l), rows + (uint64_t)p * t->stride,
                        (size_t)t->stride);
         }
     pthread_rwlock_unlock(&t->lock);

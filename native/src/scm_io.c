@@ -164,7 +164,7 @@ int et_scm_fetch(et_table *t, const int64_t *ids, const int64_t *pos, int64_t co
     if (!entries) return ET_E_NOMEM;
     for (int64_t k = 0; k < count; k++) {
         uint32_t l = t->loc[ids[pos[k]]];
-        uint64_t off = (l >> ET_LOC_TIER_SHIFT) == ET_TIER_SCM ? et_scm_offset(t, l & ET_LOC_SLOT_MASK) : UINT64_MAX;
+        uint64_t off = et_loc_tier(t, l) == ET_TIER_SCM ? et_scm_offset(t, et_loc_slot(t, l)) : UINT64_MAX;
         if (off == UINT64_MAX) {
             *err_pos = pos[k];
             free(entries);
@@ -222,7 +222,7 @@ static int pio_full(int write, int fd, uint8_t *buf, uint64_t len, uint64_t off,
 
 int et_scm_write(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t *err_pos) {
     int64_t count = 0;
-    for (int64_t p = 0; p < n; p++) count += (t->loc[ids[p]] >> ET_LOC_TIER_SHIFT) == ET_TIER_SCM;
+    for (int64_t p = 0; p < n; p++) count += et_loc_tier(t, t->loc[ids[p]]) == ET_TIER_SCM;
     if (count == 0) return ET_OK;
     scm_entry *entries = malloc((size_t)count * sizeof *entries);
     uint64_t row_blocks = et_scm_chunk_bytes(t->stride, 1);
@@ -235,8 +235,8 @@ int et_scm_write(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows
     int64_t k = 0;
     for (int64_t p = 0; p < n; p++) {
         uint32_t l = t->loc[ids[p]];
-        if ((l >> ET_LOC_TIER_SHIFT) != ET_TIER_SCM) continue;
-        entries[k].off = et_scm_offset(t, l & ET_LOC_SLOT_MASK);
+        if (et_loc_tier(t, l) != ET_TIER_SCM) continue;
+        entries[k].off = et_scm_offset(t, et_loc_slot(t, l));
         entries[k].idx = p;
         if (entries[k].off == UINT64_MAX) {
             *err_pos = p;

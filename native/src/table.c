@@ -16,9 +16,10 @@ int32_t et_row_stride(int32_t dim, int32_t dtype) {
 
 et_table *et_table_new(int64_t num_rows, int32_t dim, int32_t dtype, int32_t chunk_shift,
                        int64_t max_chunks, uint32_t *loc, uint8_t *heat) {
-    if (num_rows <= 0 || dim <= 0 || et_row_stride(dim, dtype) <= 0 || chunk_shift < 0 ||
-        chunk_shift > ET_LOC_TIER_SHIFT || max_chunks <= 0 ||
-        (max_chunks << chunk_shift) > (int64_t)ET_LOC_SLOT_MASK + 1 || !loc || !heat)
+    int32_t chunk_bits = 0;
+    while (max_chunks > 0 && ((int64_t)1 << chunk_bits) < max_chunks) chunk_bits++;
+    if (num_rows <= 0 || dim <= 0 || et_row_stride(dim, dtype) <= 0 || chunk_shift < 0 || max_chunks <= 0 ||
+        chunk_shift + chunk_bits > 30 || !loc || !heat)
         return NULL;
     et_table *t = calloc(1, sizeof *t);
     if (!t) return NULL;
@@ -27,13 +28,16 @@ et_table *et_table_new(int64_t num_rows, int32_t dim, int32_t dtype, int32_t chu
     t->dtype = dtype;
     t->stride = et_row_stride(dim, dtype);
     t->chunk_shift = chunk_shift;
+    t->tier_shift = chunk_shift + chunk_bits;
+    t->chunk_mask = (1u << chunk_shift) - 1;
+    t->slot_mask = (1u << t->tier_shift) - 1;
     t->max_chunks = max_chunks;
     t->loc = loc;
     t->heat = heat;
     t->scm_fd = -1;
     t->scm_align = 4096;
     t->prefetch = 16;
-    t->mem_base = calloc((size_t)(ET_TIER_SCM * max_chunks), sizeof *t->mem_base);
+    t->mem_base = calloc((size_t)ET_NUM_TIERS << chunk_bits, sizeof *t->mem_base);
     t->scm_off = malloc((size_t)max_chunks * sizeof *t->scm_off);
     pthread_rwlockattr_t attr;
     pthread_rwlockattr_init(&attr);
@@ -51,6 +55,8 @@ et_table *et_table_new(int64_t num_rows, int32_t dim, int32_t dtype, int32_t chu
     return t;
 }
 
+int32_t et_table_tier_shift(et_table *t) { return t->tier_shift; }
+
 void et_table_free(et_table *t) {
     if (!t) return;
     pthread_rwlock_destroy(&t->lock);
@@ -62,7 +68,7 @@ void et_table_free(et_table *t) {
 int et_table_set_chunk(et_table *t, int32_t tier, int64_t chunk, void *base) {
     if (tier < 0 || tier >= ET_TIER_SCM || chunk < 0 || chunk >= t->max_chunks) return ET_E_ARG;
     pthread_rwlock_wrlock(&t->lock);
-    t->mem_base[tier * t->max_chunks + chunk] = base;
+    t->mem_base[((int64_t)tier << (t->tier_shift - t->chunk_shift)) + chunk] = base;
     pthread_rwlock_unlock(&t->lock);
     return ET_OK;
 }
