@@ -14,15 +14,17 @@
 ET_ALWAYS_INLINE int ET_ISA(block)(et_call *c, int64_t p, int64_t len, int64_t end, float *out, int d0,
                                   const int nv, const int dtype, const int op, int ahead) {
     const et_ahead a = et_ahead_of(c);
+    const float *const weights = c->weights;  /* locals: stores to rows[] cannot make them stale */
+    const int dim = c->t->dim;
     ET_VEC acc[ET_MAXV];
     const ET_VEC init = ET_ISA(vset)(op == ET_OP_MAX ? -INFINITY : 0.0f);
     for (int k = 0; k < nv; k++) acc[k] = init;
     for (int64_t j = p; j < p + len; j++) {
         if (ahead && !et_ahead_at(&a, j + a.pf, end)) return (int)(j + a.pf - p) + 1;
         const uint8_t *row = a.rows[j];
-        const float w = c->weights ? c->weights[j] : 1.0f;
+        const float w = weights ? weights[j] : 1.0f;
         float ws = 0, wb = 0;
-        if (dtype == ET_DTYPE_I8) et_i8_params(row, c->t->dim, w, &ws, &wb);
+        if (dtype == ET_DTYPE_I8) et_i8_params(row, dim, w, &ws, &wb);
         const ET_VEC vw = ET_ISA(vset)(w), vs = ET_ISA(vset)(ws), vb = ET_ISA(vset)(wb);
         for (int k = 0; k < nv; k++) {
             ET_VEC x = ET_ISA(vload)(row, d0 + k * ET_W, dtype, vw, vs, vb);
@@ -88,7 +90,7 @@ ET_ALWAYS_INLINE void ET_ISA(loop)(et_call *c, int part, const int dtype, const 
     const int64_t end = c->pos_start[part + 1];
     if (c->phase & ET_PHASE_FUSED) {
         const et_ahead a = et_ahead_of(c);
-        for (int64_t q = p; q < end && q < p + 2 * pf; q++) __builtin_prefetch(&t->loc[c->ids[q]], 0, 3);
+        for (int64_t q = p; q < end && q < p + (ET_LOC_AHEAD + 1) * pf; q++) __builtin_prefetch(&t->loc[c->ids[q]], 0, 3);
         for (int64_t q = p; q < end && q < p + pf; q++)
             if (!et_ahead_at(&a, q, end)) {
                 c->err[part] = ET_E_LOCATION;

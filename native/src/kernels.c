@@ -23,6 +23,9 @@
 #define ET_MAX_PARTS 64
 #define ET_MIN_ROWS_PER_PART 8192
 #define ET_RESOLVE_AHEAD 32
+#ifndef ET_LOC_AHEAD
+#define ET_LOC_AHEAD 3 /* placement entries are prefetched this many prefetch distances before their row */
+#endif
 #ifndef ET_ROW_LOCALITY
 #define ET_ROW_LOCALITY 2
 #endif
@@ -159,7 +162,7 @@ ET_ALWAYS_INLINE int et_ahead_at(const et_ahead *a, int64_t q, int64_t end) {
         if (a->rows[q]) et_prefetch_row(a, a->rows[q]);
         return 1;
     }
-    if (q + a->pf < end) __builtin_prefetch(&a->loc[a->ids[q + a->pf]], 0, 3);
+    if (q + ET_LOC_AHEAD * a->pf < end) __builtin_prefetch(&a->loc[a->ids[q + ET_LOC_AHEAD * a->pf]], 0, 3);
     const uint32_t l = a->loc[a->ids[q]];
     const uint8_t *base = a->mem_base[l >> a->chunk_shift];
     if (!base) return 0;
