@@ -37,9 +37,9 @@ path = ""
 read_align_bytes = 0
 
 [kernels]
-threads = 1
+kernel_threads = 1
 prefetch_distance = 16
-heat_sample_shift = 0
+heat_sample_shift = 3
 scm_queue_depth = 64
 """
 
@@ -95,7 +95,7 @@ class ScmTierConfig:
 class KernelConfig:
     """Knobs of the native lookup kernels."""
 
-    threads: int
+    kernel_threads: int
     prefetch_distance: int
     heat_sample_shift: int
     scm_queue_depth: int
@@ -165,7 +165,7 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
     dram = _section(doc, "tiers.dram", {"capacity", "huge_pages"})
     cxl = _section(doc, "tiers.cxl", {"capacity", "huge_pages", "node"})
     scm = _section(doc, "tiers.scm", {"capacity", "path", "read_align_bytes"})
-    kern = _section(doc, "kernels", {"threads", "prefetch_distance", "heat_sample_shift", "scm_queue_depth"})
+    kern = _section(doc, "kernels", {"kernel_threads", "prefetch_distance", "heat_sample_shift", "scm_queue_depth"})
     state_dir = Path(str(doc["state_dir"])).expanduser()
     align = _int(scm, "read_align_bytes", "tiers.scm.read_align_bytes", 0, 4096)
     if align not in (0, 512, 1024, 2048, 4096):
@@ -187,7 +187,7 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
             read_align_bytes=align,
         ),
         kernels=KernelConfig(
-            threads=_int(kern, "threads", "kernels.threads", 1, 256),
+            kernel_threads=_int(kern, "kernel_threads", "kernels.kernel_threads", 1, 256),
             prefetch_distance=_int(kern, "prefetch_distance", "kernels.prefetch_distance", 0, 256),
             heat_sample_shift=_int(kern, "heat_sample_shift", "kernels.heat_sample_shift", 0, 16),
             scm_queue_depth=_int(kern, "scm_queue_depth", "kernels.scm_queue_depth", 1, 256),

@@ -86,11 +86,11 @@ class Store:
         self.config = config
         self.topology = topology or discover()
         self.tiers: Tiers = open_tiers(config, self.topology)
-        native.set_kernel_threads(config.kernels.threads)
+        native.set_kernel_threads(config.kernels.kernel_threads)
         native.set_scm_queue_depth(config.kernels.scm_queue_depth)
         self._tables: dict[str, Table] = {}
         self._lock = threading.Lock()
-        log.info("kernels: %s, %d thread(s), SCM reads %s", native.isa(), config.kernels.threads,
+        log.info("kernels: %s, %d thread(s), SCM reads %s", native.isa(), config.kernels.kernel_threads,
                  "batched with Linux AIO" if native.scm_async() else "by pread (AIO refused)")
 
     # ---- tables ------------------------------------------------------------

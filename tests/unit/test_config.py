@@ -31,21 +31,21 @@ def test_embedded_default_loads():
     cfg = config.load(available_bytes=8 * GiB)
     assert cfg.dram.capacity_bytes == 2 * GiB and cfg.cxl.capacity_bytes == 8 * GiB // 10
     assert cfg.scm.capacity_bytes == 16 * GiB and cfg.scm.path == cfg.state_dir / "scm.dat"
-    assert cfg.cxl.node is None and cfg.kernels.threads == 1
+    assert cfg.cxl.node is None and cfg.kernels.kernel_threads == 1 and cfg.kernels.heat_sample_shift == 3
 
 
 def test_file_then_overrides(tmp_path):
     path = tmp_path / "embtierd.toml"
-    path.write_text('state_dir = "/var/lib/x"\n[tiers.cxl]\nnode = 2\ncapacity = "1G"\n[kernels]\nthreads = 2\n')
-    cfg = config.load(path, overrides={"kernels": {"threads": 4}}, available_bytes=GiB)
+    path.write_text('state_dir = "/var/lib/x"\n[tiers.cxl]\nnode = 2\ncapacity = "1G"\n[kernels]\nkernel_threads = 2\n')
+    cfg = config.load(path, overrides={"kernels": {"kernel_threads": 4}}, available_bytes=GiB)
     assert str(cfg.state_dir) == "/var/lib/x" and cfg.cxl.node == 2 and cfg.cxl.capacity_bytes == GiB
-    assert cfg.kernels.threads == 4 and cfg.dram.huge_pages is True
+    assert cfg.kernels.kernel_threads == 4 and cfg.dram.huge_pages is True
 
 
 @pytest.mark.parametrize("doc, message", [
     ({"tiers": {"dram": {"capacty": "1G"}}}, r"tiers.dram: unknown key\(s\) capacty"),
     ({"bogus": 1}, r"unknown top-level key\(s\): bogus"),
-    ({"kernels": {"threads": 0}}, r"kernels.threads: expected an integer in \[1, 256\], got 0"),
+    ({"kernels": {"kernel_threads": 0}}, r"kernels.kernel_threads: expected an integer in \[1, 256\], got 0"),
     ({"kernels": {"prefetch_distance": "far"}}, "kernels.prefetch_distance"),
     ({"tiers": {"cxl": {"node": -1}}}, 'tiers.cxl.node: expected "auto" or a NUMA node id'),
     ({"tiers": {"dram": {"huge_pages": "yes"}}}, "tiers.dram.huge_pages: expected true or false"),

@@ -135,7 +135,7 @@ def test_scm_rows_are_on_disk(store_factory):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_multithreaded_pool(store_factory, dtype):
-    store = store_factory(dram="4M", cxl="1M", scm="64M", threads=3)
+    store = store_factory(dram="4M", cxl="1M", scm="64M", kernel_threads=3)
     store.create_table("big", 50_000, 16, dtype, initializer="uniform", seed=11)
     ref = store.lookup("big", np.arange(50_000, dtype=np.int64))
     rng = np.random.default_rng(2)
@@ -148,7 +148,7 @@ def test_multithreaded_pool(store_factory, dtype):
 
 
 def test_access_counting(store_factory):
-    store = store_factory(dram="1M")
+    store = store_factory(dram="1M", heat_sample_shift=0)
     store.create_table("h", 100, 8)
     ids = np.array([3, 3, 3, 7, 99] + [5] * 300, dtype=np.int64)
     store.lookup_pooled("h", ids, np.array([ids.size], dtype=np.int32))
@@ -157,3 +157,29 @@ def test_access_counting(store_factory):
     assert heat[3] == 3 and heat[7] == 2 and heat[99] == 1
     assert heat[5] == 255  # saturates
     assert heat.sum() == 3 + 2 + 1 + 255
+
+
+def test_sampled_access_counting(store_factory):
+    store = store_factory(dram="1M", heat_sample_shift=3)
+    store.create_table("h", 10_000, 8)
+    ids = np.arange(8000, dtype=np.int64)
+    store.lookup_pooled("h", ids, np.full(80, 100, dtype=np.int32))
+    heat = store.heat("h")
+    assert 999 <= int(heat.sum()) <= 1001  # one access in eight, at a random phase
+    assert heat.max() == 1
+
+
+@pytest.mark.parametrize("dram", ["1M", "4K"])  # all rows in memory (fused resolve) / some on SCM (two passes)
+def test_corrupt_placement_is_an_error_not_a_crash(store_factory, dram):
+    from embtierd.errors import EmbtierError
+
+    store = store_factory(dram=dram, cxl="0", scm="4M")
+    store.create_table("c", 1000, 8)
+    table = store._tables["c"].native
+    table.loc[7] = (native.TIER_CXL << table.tier_shift) | 3  # a CXL slot with no storage
+    ids = np.array([1, 7, 2], dtype=np.int64)
+    for call in (lambda: store.lookup("c", ids),
+                 lambda: store.lookup_pooled("c", ids, np.array([3], dtype=np.int32))):
+        with pytest.raises(EmbtierError, match=r"ids\[1\] has a home with no storage"):
+            call()
+    np.testing.assert_array_equal(store.lookup("c", np.array([1, 2], dtype=np.int64)), 0)
