@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from .extents import Extent
+from .extents import Extent, ExtentAllocator
 
 
 @dataclass(frozen=True)
@@ -33,3 +33,22 @@ class Tier(Protocol):
     def info(self) -> TierInfo: ...
     def describe(self) -> str: ...
     def close(self) -> None: ...
+
+
+class ArenaTier:
+    """What every tier shares: the extents of its arena, handed out first-fit."""
+
+    _alloc: ExtentAllocator
+
+    def allocate(self, nbytes: int) -> Extent | None:
+        return self._alloc.allocate(nbytes)
+
+    def release(self, extent: Extent) -> None:
+        self._alloc.release(extent)
+
+    def largest_free(self) -> int:
+        return self._alloc.largest_free()
+
+    @property
+    def used_bytes(self) -> int:
+        return self._alloc.used

@@ -14,14 +14,14 @@ import logging
 from . import native
 from .extents import Extent, ExtentAllocator
 from .native import TIER_CXL, TIER_DRAM
-from .tier_base import TierInfo
+from .tier_base import ArenaTier, TierInfo
 
 log = logging.getLogger(__name__)
 
 ROW_ALIGN = 64
 
 
-class MemoryTier:
+class MemoryTier(ArenaTier):
     def __init__(self, name: str, capacity_bytes: int, nodes: list[int], huge_pages: bool, emulated: bool):
         self.name = name
         self.tier_id = TIER_DRAM if name == "dram" else TIER_CXL
@@ -42,21 +42,8 @@ class MemoryTier:
                 log.warning("tier %s: transparent huge pages refused (%s)", name,
                             errno.errorcode.get(huge_err, str(huge_err)))
 
-    def allocate(self, nbytes: int) -> Extent | None:
-        return self._alloc.allocate(nbytes)
-
-    def release(self, extent: Extent) -> None:
-        self._alloc.release(extent)
-
-    def largest_free(self) -> int:
-        return self._alloc.largest_free()
-
     def address(self, extent: Extent) -> int:
         return self.base + extent.offset
-
-    @property
-    def used_bytes(self) -> int:
-        return self._alloc.used
 
     def info(self) -> TierInfo:
         return TierInfo(self.name, self.capacity_bytes, self.used_bytes,

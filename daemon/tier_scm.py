@@ -16,9 +16,9 @@ import shutil
 from pathlib import Path
 
 from .errors import StorageError
-from .extents import Extent, ExtentAllocator
+from .extents import ExtentAllocator
 from .native import TIER_SCM
-from .tier_base import TierInfo
+from .tier_base import ArenaTier, TierInfo
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def probe_read_align(fd: int) -> int:
         buf.close()
 
 
-class ScmTier:
+class ScmTier(ArenaTier):
     name = "scm"
     tier_id = TIER_SCM
     emulated = False
@@ -63,19 +63,6 @@ class ScmTier:
             log.warning("tier scm: capacity %d bytes exceeds the %d bytes free on %s", self.capacity_bytes,
                         free, self.path.parent)
         self._alloc = ExtentAllocator(self.capacity_bytes, BLOCK)
-
-    def allocate(self, nbytes: int) -> Extent | None:
-        return self._alloc.allocate(nbytes)
-
-    def release(self, extent: Extent) -> None:
-        self._alloc.release(extent)
-
-    def largest_free(self) -> int:
-        return self._alloc.largest_free()
-
-    @property
-    def used_bytes(self) -> int:
-        return self._alloc.used
 
     def info(self) -> TierInfo:
         return TierInfo(self.name, self.capacity_bytes, self.used_bytes, -1, False, str(self.path))
