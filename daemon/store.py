@@ -89,7 +89,8 @@ class Store:
         native.set_kernel_threads(config.kernels.kernel_threads)
         native.set_scm_queue_depth(config.kernels.scm_queue_depth)
         self._tables: dict[str, Table] = {}
-        self._lock = threading.Lock()
+        self._creating: set[str] = set()  # names reserved while their rows are initialised
+        self._lock = threading.Lock()  # guards the two above and the tiers' extent allocators
         log.info("kernels: %s, %d thread(s), SCM reads %s", native.isa(), config.kernels.kernel_threads,
                  "batched with Linux AIO" if native.scm_async() else "by pread (AIO refused)")
 
@@ -109,15 +110,21 @@ class Store:
                       NativeTable(name, num_rows, dim, dtype, shift, max_chunks))
         table.native.configure(self.config.kernels.prefetch_distance, self.config.kernels.heat_sample_shift)
         with self._lock:
-            if name in self._tables:
+            if name in self._tables or name in self._creating:
                 raise AlreadyExistsError(f"table {name!r} already exists")
             self._place(table)
-            self._tables[name] = table
+            self._creating.add(name)
+        # Initialised before it is published: reused extents hold a dropped table's rows.
         try:
             self._initialize(table, initializer, seed, init_scale or 1.0 / math.sqrt(num_rows))
         except BaseException:
-            self.drop_table(name)
+            with self._lock:
+                self._creating.discard(name)
+                self._release(table)
             raise
+        with self._lock:
+            self._creating.discard(name)
+            self._tables[name] = table
         log.info("created table %s: %d x %d %s, rows per tier %s", name, num_rows, dim, dtype,
                  dict(zip(("dram", "cxl", "scm"), table.rows_by_tier)))
         return self._info(table)
