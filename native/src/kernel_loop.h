@@ -20,7 +20,10 @@ ET_ALWAYS_INLINE int ET_ISA(block)(et_call *c, int64_t p, int64_t len, int64_t e
     const ET_VEC init = ET_ISA(vset)(op == ET_OP_MAX ? -INFINITY : 0.0f);
     for (int k = 0; k < nv; k++) acc[k] = init;
     for (int64_t j = p; j < p + len; j++) {
-        if (ahead && !et_ahead_at(&a, j + a.pf, end)) return (int)(j + a.pf - p) + 1;
+        if (ahead) {
+            const int64_t bad = et_ahead_at(&a, j, end);
+            if (bad >= 0) return (int)(bad - p) + 1;
+        }
         const uint8_t *row = a.rows[j];
         const float w = weights ? weights[j] : 1.0f;
         float ws = 0, wb = 0;
@@ -74,8 +77,10 @@ ET_ALWAYS_INLINE int ET_ISA(bag)(et_call *c, int64_t p, int64_t len, int64_t end
     if (bad) return bad;
     if (ahead) { /* dim < ET_W: the tail is the only pass, so it gets the rows ahead itself */
         const et_ahead a = et_ahead_of(c);
-        for (int64_t j = p; j < p + len; j++)
-            if (!et_ahead_at(&a, j + a.pf, end)) return (int)(j + a.pf - p) + 1;
+        for (int64_t j = p; j < p + len; j++) {
+            const int64_t bad = et_ahead_at(&a, j, end);
+            if (bad >= 0) return (int)(bad - p) + 1;
+        }
     }
     if (d0 < dim) ET_ISA(tail)(c, p, len, out, d0, dtype, op);
     return 0;
@@ -90,9 +95,9 @@ ET_ALWAYS_INLINE void ET_ISA(loop)(et_call *c, int part, const int dtype, const 
     const int64_t end = c->pos_start[part + 1];
     if (c->phase & ET_PHASE_FUSED) {
         const et_ahead a = et_ahead_of(c);
-        for (int64_t q = p; q < end && q < p + (ET_LOC_AHEAD + 1) * pf; q++) __builtin_prefetch(&t->loc[c->ids[q]], 0, 3);
-        for (int64_t q = p; q < end && q < p + pf; q++)
-            if (!et_ahead_at(&a, q, end)) {
+        for (int64_t q = p; q < end && q < p + 3 * pf; q++) __builtin_prefetch(&t->loc[c->ids[q]], 0, 3);
+        for (int64_t q = p; q < end && q < p + 2 * pf; q++)
+            if (!et_resolve_one(&a, q)) {
                 c->err[part] = ET_E_LOCATION;
                 c->err_pos[part] = q;
                 return;
