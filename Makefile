@@ -13,7 +13,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 # Installs the package (editable) with its test extra; cffi compiles the kernels into embtierd/_native.
-$(STAMP): $(PY) pyproject.toml setup.py $(NATIVE)
+$(STAMP): $(PY) pyproject.toml setup.py $(NATIVE) $(wildcard proto/embtier/v1/*.proto)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

@@ -22,6 +22,14 @@ from .errors import ConfigError
 DEFAULT_TOML = """
 state_dir = ".state"
 
+[server]
+listen = []
+metrics_listen = "127.0.0.1:9464"
+max_message_bytes = "256M"
+max_ids_per_request = 4194304
+grace_seconds = 10.0
+worker_threads = 8
+
 [tiers.dram]
 capacity = "25%"
 huge_pages = true
@@ -102,8 +110,21 @@ class KernelConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC front: listeners (empty = the default socket and 127.0.0.1:50051) and limits."""
+
+    listen: tuple[str, ...]
+    metrics_listen: str
+    max_message_bytes: int
+    max_ids_per_request: int
+    grace_seconds: float
+    worker_threads: int
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path
+    server: ServerConfig
     dram: MemoryTierConfig
     cxl: MemoryTierConfig
     scm: ScmTierConfig
@@ -156,9 +177,29 @@ def _node(value: Any, field: str) -> int | None:
     return value
 
 
+def _server(section: dict) -> ServerConfig:
+    listen = section["listen"]
+    if isinstance(listen, str):
+        listen = [listen]
+    if not isinstance(listen, list) or not all(isinstance(a, str) and a for a in listen):
+        raise ConfigError(f"server.listen: expected a list of addresses (\"unix:///path\", \"host:port\"), "
+                          f"got {listen!r}")
+    grace = section["grace_seconds"]
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
+        raise ConfigError(f"server.grace_seconds: expected a number >= 0, got {grace!r}")
+    return ServerConfig(
+        listen=tuple(listen),
+        metrics_listen=str(section["metrics_listen"]),
+        max_message_bytes=parse_size(section["max_message_bytes"], "server.max_message_bytes"),
+        max_ids_per_request=_int(section, "max_ids_per_request", "server.max_ids_per_request", 1, 1 << 31),
+        grace_seconds=float(grace),
+        worker_threads=_int(section, "worker_threads", "server.worker_threads", 1, 1024),
+    )
+
+
 def build(doc: dict, available_bytes: int | None = None) -> Config:
     """Validates a merged TOML document into a Config."""
-    unknown = set(doc) - {"state_dir", "tiers", "kernels"}
+    unknown = set(doc) - {"state_dir", "server", "tiers", "kernels"}
     if unknown:
         raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
     _section(doc, "tiers", {"dram", "cxl", "scm"})
@@ -166,12 +207,15 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
     cxl = _section(doc, "tiers.cxl", {"capacity", "huge_pages", "node"})
     scm = _section(doc, "tiers.scm", {"capacity", "path", "read_align_bytes"})
     kern = _section(doc, "kernels", {"kernel_threads", "prefetch_distance", "heat_sample_shift", "scm_queue_depth"})
+    server = _section(doc, "server", {"listen", "metrics_listen", "max_message_bytes", "max_ids_per_request",
+                                      "grace_seconds", "worker_threads"})
     state_dir = Path(str(doc["state_dir"])).expanduser()
     align = _int(scm, "read_align_bytes", "tiers.scm.read_align_bytes", 0, 4096)
     if align not in (0, 512, 1024, 2048, 4096):
         raise ConfigError(f"tiers.scm.read_align_bytes: expected 0 (probe), 512, 1024, 2048 or 4096, got {align}")
     return Config(
         state_dir=state_dir,
+        server=_server(server),
         dram=MemoryTierConfig(
             capacity_bytes=parse_size(dram["capacity"], "tiers.dram.capacity", available_bytes),
             huge_pages=_bool(dram, "huge_pages", "tiers.dram.huge_pages"),

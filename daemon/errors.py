@@ -36,6 +36,24 @@ class TierFullError(EmbtierError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class RequestTooLargeError(EmbtierError):
+    """A request over the configured limits (ids per request, message size)."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceededError(EmbtierError):
+    """The caller's deadline passed before the work started."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
+class UnavailableError(EmbtierError):
+    """The daemon is shutting down."""
+
+    status = "UNAVAILABLE"
+
+
 class FailedPreconditionError(EmbtierError):
     """The operation is valid but the store is not in a state to run it."""
 

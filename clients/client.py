@@ -1,0 +1,172 @@
+"""The embtier client: numpy in, numpy out, over gRPC.
+
+Arrays go on the wire as raw little-endian bytes (no per-element Python
+work); failures raise EmbtierClientError carrying the status code and the
+daemon's message.  Calls that are safe to repeat are retried on UNAVAILABLE
+with exponential backoff (a daemon restarting, a socket not there yet);
+WriteRows with add=True is not, since a retry could apply the update twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Self
+
+import grpc
+import numpy as np
+
+from .v1 import embtier_pb2 as pb
+from .v1 import embtier_pb2_grpc as pb_grpc
+
+DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "int8": pb.INT8}
+DTYPE_NAMES = {code: name for name, code in DTYPES.items()}
+WIRE = {"float32": (pb.FLOAT32, np.dtype("<f4")), "float16": (pb.FLOAT16, np.dtype("<f2"))}
+POOL_MODES = {"sum": pb.SUM, "mean": pb.MEAN, "max": pb.MAX}
+INITIALIZERS = {"zeros": pb.ZEROS, "uniform": pb.UNIFORM}
+MAX_MESSAGE_BYTES = 256 << 20
+
+
+class EmbtierClientError(Exception):
+    """A failed call: code is the grpc.StatusCode, message the daemon's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, method: str):
+        super().__init__(f"{method}: {code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.method = method
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """PEM file paths: ca verifies the daemon; cert and key identify this client (mutual TLS)."""
+
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            return open(path, "rb").read() if path else None
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    name: str
+    num_rows: int
+    dim: int
+    dtype: str
+    rows_by_tier: dict[str, int]
+    bytes_by_tier: dict[str, int]
+    version: int
+    metadata_bytes: int
+    emulated_by_tier: dict[str, bool]
+
+
+@dataclass(frozen=True)
+class TierInfo:
+    name: str
+    capacity_bytes: int
+    used_bytes: int
+    numa_node: int
+    emulated: bool
+    path: str
+
+
+def _table_info(m: pb.TableInfo) -> TableInfo:
+    return TableInfo(m.name, m.num_rows, m.dim, DTYPE_NAMES.get(m.dtype, str(m.dtype)), dict(m.rows_by_tier),
+                     dict(m.bytes_by_tier), m.version, m.metadata_bytes, dict(m.emulated_by_tier))
+
+
+def _bytes(arr, dtype: str) -> bytes:
+    """arr as contiguous little-endian bytes of dtype (a copy only when it is not already that)."""
+    return np.ascontiguousarray(arr, dtype=np.dtype(dtype)).tobytes()
+
+
+class Client:
+    """A connection to one embtierd: `Client("unix:///run/embtier/embtierd.sock")` or `Client("host:50051")`."""
+
+    def __init__(self, target: str, timeout: float | None = 30.0, tls: TlsOptions | None = None,
+                 retries: int = 4, backoff_seconds: float = 0.1):
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        self.channel = (grpc.secure_channel(target, tls.credentials(), options) if tls
+                        else grpc.insecure_channel(target, options))
+        self.stub = pb_grpc.EmbeddingStoreStub(self.channel)
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff_seconds = backoff_seconds
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: str, request, idempotent: bool = True):
+        attempts = self.retries + 1 if idempotent else 1
+        for attempt in range(attempts):
+            try:
+                return getattr(self.stub, method)(request, timeout=self.timeout)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
+                    time.sleep(self.backoff_seconds * 2**attempt)
+                    continue
+                raise EmbtierClientError(e.code(), e.details() or "", method) from None
+        raise AssertionError("unreachable")
+
+    # ---- tables ------------------------------------------------------------
+
+    def create_table(self, name: str, num_rows: int, dim: int, dtype: str = "float32",
+                     initializer: str = "zeros", seed: int = 0, init_scale: float = 0.0) -> TableInfo:
+        request = pb.CreateTableRequest(name=name, num_rows=num_rows, dim=dim, dtype=DTYPES[dtype],
+                                        initializer=INITIALIZERS[initializer], seed=seed, init_scale=init_scale)
+        return _table_info(self._call("CreateTable", request, idempotent=False))
+
+    def drop_table(self, name: str) -> None:
+        self._call("DropTable", pb.DropTableRequest(name=name), idempotent=False)
+
+    def tables(self) -> list[TableInfo]:
+        return [_table_info(t) for t in self._call("ListTables", pb.ListTablesRequest()).tables]
+
+    def describe(self, name: str) -> TableInfo:
+        return _table_info(self._call("DescribeTable", pb.DescribeTableRequest(name=name)))
+
+    def tiers(self) -> list[TierInfo]:
+        return [TierInfo(t.name, t.capacity_bytes, t.used_bytes, t.numa_node, t.emulated, t.path)
+                for t in self._call("GetTiers", pb.GetTiersRequest()).tiers]
+
+    # ---- rows --------------------------------------------------------------
+
+    def write_rows(self, table: str, ids, values, add: bool = False, scale: float = 1.0) -> int:
+        """Assigns values[i] to row ids[i], or adds scale * values[i] with add=True; returns the table version."""
+        request = pb.WriteRowsRequest(table=table, ids=_bytes(ids, "<i8"), values=_bytes(values, "<f4"),
+                                      mode=pb.ADD if add else pb.ASSIGN, scale=scale)
+        return self._call("WriteRows", request, idempotent=not add).version
+
+    def lookup(self, table: str, ids, wire_dtype: str = "float32") -> np.ndarray:
+        """[len(ids), dim] float32 rows (sent as float16 on the wire when asked)."""
+        code, dt = WIRE[wire_dtype]
+        reply = self._call("Lookup", pb.LookupRequest(table=table, ids=_bytes(ids, "<i8"), wire_dtype=code))
+        return np.frombuffer(reply.values, dtype=dt).reshape(reply.count, reply.dim).astype(np.float32, copy=False)
+
+    def lookup_pooled(self, features: Mapping[str, tuple], mode: str = "sum",
+                      wire_dtype: str = "float32") -> dict[str, np.ndarray]:
+        """{table: (ids, lengths[, weights])} -> {table: [bags, dim] float32}, pooled by the daemon."""
+        code, dt = WIRE[wire_dtype]
+        bags = []
+        for table, arrays in features.items():
+            ids, lengths, *rest = arrays
+            weights = _bytes(rest[0], "<f4") if rest and rest[0] is not None else b""
+            bags.append(pb.FeatureBags(table=table, ids=_bytes(ids, "<i8"), lengths=_bytes(lengths, "<i4"),
+                                       weights=weights))
+        reply = self._call("LookupPooled", pb.LookupPooledRequest(features=bags, mode=POOL_MODES[mode],
+                                                                  wire_dtype=code))
+        return {r.table: np.frombuffer(r.values, dtype=dt).reshape(r.num_bags, r.dim).astype(np.float32, copy=False)
+                for r in reply.results}

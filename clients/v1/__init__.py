@@ -1,0 +1,1 @@
+"""The embtier.v1 wire contract: stubs generated from proto/embtier/v1 at build time."""

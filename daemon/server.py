@@ -1,0 +1,137 @@
+"""The daemon process: store + gRPC server + health + reflection + metrics
+endpoint, systemd notification, and an orderly shutdown.
+
+Shutdown (SIGTERM / SIGINT): STOPPING=1 to systemd, health NOT_SERVING and
+new calls answered UNAVAILABLE for a short drain window (so clients stop
+sending before the listener closes), then the server stops accepting and
+finishes calls in flight within the grace period, then the store closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from embtier.v1 import embtier_pb2, embtier_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .config import Config
+from .interceptor_drain import DrainInterceptor
+from .interceptor_errors import ErrorInterceptor
+from .service import EmbeddingStoreServicer
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = embtier_pb2.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name
+DEFAULT_TCP = "127.0.0.1:50051"
+DRAIN_SECONDS = 0.5
+
+
+def default_socket(state_dir: Path) -> Path:
+    """/run/embtier as root, else $XDG_RUNTIME_DIR/embtier, else the state directory."""
+    if os.geteuid() == 0:
+        return Path("/run/embtier/embtierd.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "embtier" / "embtierd.sock" if runtime else state_dir / "embtierd.sock"
+
+
+def listen_addresses(config: Config) -> list[str]:
+    return list(config.server.listen) or [f"unix://{default_socket(config.state_dir)}", DEFAULT_TCP]
+
+
+def sd_notify(message: str) -> None:
+    """Sends message to systemd when it started us with Type=notify (NOTIFY_SOCKET set)."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return
+    address = "\0" + target[1:] if target.startswith("@") else target
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(message.encode(), address)
+        except OSError as e:
+            log.warning("cannot notify systemd at %s: %s", target, e)
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.store = Store(config)
+        self.draining = threading.Event()
+        limit = config.server.max_message_bytes
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.server.worker_threads, thread_name_prefix="rpc"),
+            interceptors=[DrainInterceptor(self.draining), ErrorInterceptor()],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        embtier_pb2_grpc.add_EmbeddingStoreServicer_to_server(
+            EmbeddingStoreServicer(self.store, config.server), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        self.addresses = listen_addresses(config)
+        self._stop = threading.Event()
+
+    def _bind(self) -> None:
+        for address in self.addresses:
+            if address.startswith("unix://"):
+                path = Path(address[len("unix://"):])
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.unlink(missing_ok=True)  # a stale socket from a previous run
+            if self.server.add_insecure_port(address) == 0 and not address.startswith("unix://"):
+                raise OSError(f"cannot listen on {address}")
+
+    def _start_metrics(self) -> None:
+        address = self.config.server.metrics_listen
+        if not address:
+            return
+        from prometheus_client import start_http_server
+
+        host, _, port = address.rpartition(":")
+        start_http_server(int(port), addr=host or "127.0.0.1")
+        log.info("metrics on http://%s/metrics", address)
+
+    def _watchdog(self) -> None:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if usec <= 0:
+            return
+
+        def ping():
+            while not self._stop.wait(usec / 2e6):
+                sd_notify("WATCHDOG=1")
+
+        threading.Thread(target=ping, name="watchdog", daemon=True).start()
+
+    def serve(self) -> int:
+        self._bind()
+        self.server.start()
+        self._start_metrics()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s", SERVICE_NAME, ", ".join(self.addresses))
+        sd_notify("READY=1")
+        self._watchdog()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self._stop.set())
+        self._stop.wait()
+        self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        log.info("shutting down: finishing calls in flight (grace %.1f s)", self.config.server.grace_seconds)
+        sd_notify("STOPPING=1")
+        self.health.enter_graceful_shutdown()
+        self.draining.set()
+        time.sleep(min(DRAIN_SECONDS, self.config.server.grace_seconds))
+        self.server.stop(self.config.server.grace_seconds).wait()
+        self.store.close()
+        log.info("stopped")

@@ -1,0 +1,119 @@
+"""The EmbeddingStore servicer: translates wire messages to store calls.
+
+Arrays arrive and leave as raw little-endian bytes and become numpy views
+without copies; nothing here loops over elements.  Errors are raised as
+EmbtierError and mapped to status codes by interceptor_errors; limits and
+deadlines are checked before any work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from embtier.v1 import embtier_pb2 as pb
+from embtier.v1 import embtier_pb2_grpc as pb_grpc
+
+from .config import ServerConfig
+from .errors import DeadlineExceededError, InvalidArgumentError, RequestTooLargeError
+from .store import Store, TableInfo
+
+DTYPE_NAMES = {pb.FLOAT32: "float32", pb.FLOAT16: "float16", pb.INT8: "int8"}
+DTYPE_CODES = {name: code for code, name in DTYPE_NAMES.items()}
+WIRE_DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2")}
+INITIALIZERS = {pb.ZEROS: "zeros", pb.UNIFORM: "uniform"}
+POOL_MODES = {pb.SUM: "sum", pb.MEAN: "mean", pb.MAX: "max"}
+WRITE_MODES = {pb.ASSIGN: "assign", pb.ADD: "add"}
+
+
+def enum_value(mapping: dict, value: int, field: str):
+    try:
+        return mapping[value]
+    except KeyError:
+        raise InvalidArgumentError(f"{field} = {value} is not one of {sorted(mapping)}") from None
+
+
+def array(buf: bytes, dtype: str, field: str) -> np.ndarray:
+    """A read-only view of buf as a 1-D little-endian array."""
+    dt = np.dtype(dtype)
+    if len(buf) % dt.itemsize:
+        raise InvalidArgumentError(f"{field} has {len(buf)} bytes, not a whole number of {dt.name} values")
+    return np.frombuffer(buf, dtype=dt)
+
+
+def table_info(info: TableInfo) -> pb.TableInfo:
+    return pb.TableInfo(name=info.name, num_rows=info.num_rows, dim=info.dim, dtype=DTYPE_CODES[info.dtype],
+                        rows_by_tier=info.rows_by_tier, bytes_by_tier=info.bytes_by_tier, version=info.version,
+                        metadata_bytes=info.metadata_bytes, emulated_by_tier=info.emulated_by_tier)
+
+
+def wire(values: np.ndarray, wire_dtype: int) -> bytes:
+    dt = enum_value(WIRE_DTYPES, wire_dtype, "wire_dtype")
+    return (values if values.dtype == dt else values.astype(dt)).tobytes()
+
+
+class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
+    def __init__(self, store: Store, limits: ServerConfig):
+        self.store = store
+        self.max_ids = limits.max_ids_per_request
+
+    def _admit(self, context, n_ids: int) -> None:
+        if n_ids > self.max_ids:
+            raise RequestTooLargeError(f"request has {n_ids} ids; the limit is {self.max_ids} "
+                                       "(server.max_ids_per_request)")
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceededError("the request's deadline passed before it was served")
+
+    def CreateTable(self, request, context):
+        self._admit(context, 0)
+        info = self.store.create_table(
+            request.name, request.num_rows, request.dim, enum_value(DTYPE_NAMES, request.dtype, "dtype"),
+            enum_value(INITIALIZERS, request.initializer, "initializer"), request.seed, request.init_scale)
+        return table_info(info)
+
+    def DropTable(self, request, context):
+        self.store.drop_table(request.name)
+        return pb.DropTableResponse()
+
+    def ListTables(self, request, context):
+        return pb.ListTablesResponse(tables=[table_info(t) for t in self.store.tables()])
+
+    def DescribeTable(self, request, context):
+        return table_info(self.store.describe(request.name))
+
+    def GetTiers(self, request, context):
+        return pb.GetTiersResponse(tiers=[
+            pb.TierInfo(name=t.name, capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes,
+                        numa_node=t.numa_node, emulated=t.emulated, path=t.path)
+            for t in self.store.tier_infos()])
+
+    def WriteRows(self, request, context):
+        ids = array(request.ids, "<i8", "ids")
+        self._admit(context, ids.size)
+        dim = self.store.describe(request.table).dim
+        values = array(request.values, "<f4", "values")
+        if values.size != ids.size * dim:
+            raise InvalidArgumentError(f"values has {values.size} floats; expected {ids.size} ids x dim {dim} = "
+                                       f"{ids.size * dim} for table {request.table!r}")
+        version = self.store.write_rows(request.table, ids, values.reshape(ids.size, dim),
+                                        enum_value(WRITE_MODES, request.mode, "mode"), request.scale or 1.0)
+        return pb.WriteRowsResponse(rows_written=ids.size, version=version)
+
+    def Lookup(self, request, context):
+        ids = array(request.ids, "<i8", "ids")
+        self._admit(context, ids.size)
+        rows = self.store.lookup(request.table, ids)
+        return pb.LookupResponse(values=wire(rows, request.wire_dtype), dim=rows.shape[1], count=ids.size)
+
+    def LookupPooled(self, request, context):
+        features = [(f.table, array(f.ids, "<i8", f"features[{i}].ids"),
+                     array(f.lengths, "<i4", f"features[{i}].lengths"),
+                     array(f.weights, "<f4", f"features[{i}].weights") if f.weights else None)
+                    for i, f in enumerate(request.features)]
+        self._admit(context, sum(ids.size for _, ids, _, _ in features))
+        mode = enum_value(POOL_MODES, request.mode, "mode")
+        results = []
+        for table, ids, lengths, weights in features:
+            pooled = self.store.lookup_pooled(table, ids, lengths, weights, mode)
+            results.append(pb.PooledResult(table=table, dim=pooled.shape[1], num_bags=pooled.shape[0],
+                                           values=wire(pooled, request.wire_dtype)))
+        return pb.LookupPooledResponse(results=results)

@@ -1,0 +1,88 @@
+"""A real embtierd process per test module, on a Unix socket and a loopback
+TCP port in a temporary state directory, stopped with SIGTERM afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class DaemonProcess:
+    proc: subprocess.Popen
+    socket_path: Path
+    tcp: str
+    metrics: str
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+
+def wait_serving(target: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"embtierd exited with {proc.returncode} before serving")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.1)
+    raise TimeoutError(f"embtierd did not serve on {target} within {timeout} s")
+
+
+def start_daemon(state_dir: Path, *extra: str) -> DaemonProcess:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    sock = state_dir / "embtierd.sock"
+    tcp = f"127.0.0.1:{free_port()}"
+    metrics = f"127.0.0.1:{free_port()}"
+    log_path = state_dir / "embtierd.log"
+    args = [sys.executable, "-m", "embtierd", "--state-dir", str(state_dir), "--listen", f"unix://{sock}",
+            "--listen", tcp, "--metrics-listen", metrics, "--dram-bytes", "2M", "--cxl-bytes", "2M",
+            "--scm-bytes", "256M", *extra]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    daemon = DaemonProcess(proc, sock, tcp, metrics, log_path)
+    try:
+        wait_serving(daemon.target, proc)
+    except (RuntimeError, TimeoutError) as e:
+        daemon.stop()
+        raise RuntimeError(f"{e}; its log:\n{daemon.log()}") from None
+    return daemon
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = start_daemon(tmp_path_factory.mktemp("embtierd"))
+    yield d
+    assert d.stop() == 0, d.log()

@@ -1,0 +1,220 @@
+"""The daemon end to end: a real embtierd process, real gRPC over a Unix
+socket and TCP, results against numpy, every bad input's status code."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from embtier import Client, EmbtierClientError
+from embtier.v1 import embtier_pb2 as pb
+from embtier.v1 import embtier_pb2_grpc as pb_grpc
+
+from .conftest import start_daemon
+
+
+@pytest.fixture(scope="module")
+def client(daemon):
+    with Client(daemon.target) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def stub(daemon):
+    with grpc.insecure_channel(daemon.target) as channel:
+        yield pb_grpc.EmbeddingStoreStub(channel)
+
+
+def pool_reference(rows, ids, lengths, weights, mode):
+    out = np.zeros((len(lengths), rows.shape[1]))
+    start = 0
+    for b, n in enumerate(lengths):
+        picked = rows[ids[start:start + n]].astype(np.float64)
+        if weights is not None:
+            picked *= weights[start:start + n, None]
+        if n:
+            out[b] = picked.max(0) if mode == "max" else picked.sum(0) / (n if mode == "mean" else 1)
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_rows_and_pooling_match_numpy(client, dtype):
+    name = f"t_{dtype}"
+    info = client.create_table(name, 150_000, 24, dtype=dtype)  # larger than DRAM + CXL: all three tiers
+    assert all(info.rows_by_tier[t] > 0 for t in ("dram", "cxl", "scm"))
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((150_000, 24), dtype=np.float32)
+    version = client.write_rows(name, np.arange(150_000), values)
+    stored = client.lookup(name, np.arange(150_000))
+    tol = {"float32": 0, "float16": 2e-3, "int8": 0.02}[dtype]
+    np.testing.assert_allclose(stored, values, atol=tol * 4, rtol=tol)
+    ids = rng.integers(0, 150_000, 3000)
+    lengths = rng.integers(0, 20, 300).astype(np.int32)
+    lengths[-1] += 3000 - lengths.sum()
+    weights = rng.uniform(0, 1, 3000).astype(np.float32)
+    for mode in ("sum", "mean", "max"):
+        got = client.lookup_pooled({name: (ids, lengths, weights)}, mode=mode)[name]
+        np.testing.assert_allclose(got, pool_reference(stored, ids, lengths, weights, mode), rtol=1e-5, atol=1e-4)
+    half = client.lookup(name, ids[:100], wire_dtype="float16")
+    np.testing.assert_allclose(half, stored[ids[:100]], rtol=1e-3, atol=1e-3)
+    assert client.describe(name).version == version
+    client.drop_table(name)  # gives DRAM and CXL back to the next dtype
+
+
+def test_several_tables_in_one_call(client):
+    a = client.create_table("multi_a", 1000, 8, initializer="uniform", seed=1)
+    b = client.create_table("multi_b", 500, 16, initializer="uniform", seed=2)
+    rows_a, rows_b = client.lookup("multi_a", np.arange(1000)), client.lookup("multi_b", np.arange(500))
+    ids_a, len_a = np.array([1, 2, 3, 999]), np.array([3, 1], np.int32)
+    ids_b, len_b = np.array([7, 7, 400]), np.array([0, 3], np.int32)
+    got = client.lookup_pooled({"multi_a": (ids_a, len_a), "multi_b": (ids_b, len_b)})
+    assert list(got) == ["multi_a", "multi_b"] and a.dim == 8 and b.dim == 16
+    np.testing.assert_allclose(got["multi_a"], pool_reference(rows_a, ids_a, len_a, None, "sum"), rtol=1e-6)
+    np.testing.assert_allclose(got["multi_b"], pool_reference(rows_b, ids_b, len_b, None, "sum"), rtol=1e-6)
+
+
+def test_table_lifecycle_and_tiers(client):
+    client.create_table("life", 100, 4)
+    assert "life" in [t.name for t in client.tables()]
+    client.write_rows("life", [1, 2], np.ones((2, 4)), add=True, scale=2.0)
+    np.testing.assert_array_equal(client.lookup("life", [1, 2, 3]), [[2] * 4, [2] * 4, [0] * 4])
+    client.drop_table("life")
+    assert "life" not in [t.name for t in client.tables()]
+    tiers = {t.name: t for t in client.tiers()}
+    assert tiers["cxl"].emulated and tiers["dram"].capacity_bytes == 2 << 20 and tiers["scm"].path.endswith(".dat")
+
+
+def ids(*v):
+    return np.array(v, dtype=np.int64).tobytes()
+
+
+BAD_REQUESTS = [
+    ("Lookup", pb.LookupRequest(table="nope", ids=ids(1)), grpc.StatusCode.NOT_FOUND, "table 'nope' does not exist"),
+    ("Lookup", pb.LookupRequest(table="bad", ids=ids(0, 100)), grpc.StatusCode.INVALID_ARGUMENT,
+     r"ids\[1\] = 100 is out of range \[0, 100\)"),
+    ("Lookup", pb.LookupRequest(table="bad", ids=ids(-3)), grpc.StatusCode.INVALID_ARGUMENT, r"ids\[0\] = -3"),
+    ("Lookup", pb.LookupRequest(table="bad", ids=b"\x01\x02\x03"), grpc.StatusCode.INVALID_ARGUMENT,
+     "ids has 3 bytes, not a whole number of int64"),
+    ("Lookup", pb.LookupRequest(table="bad", ids=ids(1), wire_dtype=pb.INT8), grpc.StatusCode.INVALID_ARGUMENT,
+     "wire_dtype = 2"),
+    ("LookupPooled", pb.LookupPooledRequest(features=[pb.FeatureBags(
+        table="bad", ids=ids(1, 2), lengths=np.array([3], np.int32).tobytes())]),
+     grpc.StatusCode.INVALID_ARGUMENT, "lengths sum to 3 but 2 ids"),
+    ("LookupPooled", pb.LookupPooledRequest(features=[pb.FeatureBags(
+        table="bad", ids=ids(1, 2), lengths=np.array([2], np.int32).tobytes(), weights=b"\0" * 4)]),
+     grpc.StatusCode.INVALID_ARGUMENT, "weights has 1 entries but ids has 2"),
+    ("LookupPooled", pb.LookupPooledRequest(mode=9, features=[pb.FeatureBags(
+        table="bad", ids=ids(1), lengths=np.array([1], np.int32).tobytes())]),
+     grpc.StatusCode.INVALID_ARGUMENT, "mode = 9"),
+    ("WriteRows", pb.WriteRowsRequest(table="bad", ids=ids(1, 2), values=b"\0" * 12), grpc.StatusCode.INVALID_ARGUMENT,
+     r"values has 3 floats; expected 2 ids x dim 4 = 8"),
+    ("WriteRows", pb.WriteRowsRequest(table="bad", ids=ids(100), values=b"\0" * 16), grpc.StatusCode.INVALID_ARGUMENT,
+     r"ids\[0\] = 100 is out of range"),
+    ("CreateTable", pb.CreateTableRequest(name="bad", num_rows=10, dim=4), grpc.StatusCode.ALREADY_EXISTS,
+     "table 'bad' already exists"),
+    ("CreateTable", pb.CreateTableRequest(name="zero", num_rows=0, dim=4), grpc.StatusCode.INVALID_ARGUMENT,
+     "num_rows must be in"),
+    ("CreateTable", pb.CreateTableRequest(name="dt", num_rows=10, dim=4, dtype=5), grpc.StatusCode.INVALID_ARGUMENT,
+     "dtype = 5"),
+    ("CreateTable", pb.CreateTableRequest(name="huge", num_rows=1 << 29, dim=64),
+     grpc.StatusCode.RESOURCE_EXHAUSTED, "table 'huge' needs about"),
+    ("DropTable", pb.DropTableRequest(name="nope"), grpc.StatusCode.NOT_FOUND, "does not exist"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_table(client):
+    client.create_table("bad", 100, 4, initializer="uniform", seed=9)
+    return client.lookup("bad", np.arange(100))
+
+
+@pytest.mark.parametrize("method, request_, code, message", BAD_REQUESTS,
+                         ids=[f"{m}-{c.name}-{i}" for i, (m, _, c, _) in enumerate(BAD_REQUESTS)])
+def test_bad_input_gets_its_status_and_the_daemon_serves_on(client, stub, bad_table, method, request_, code,
+                                                            message):
+    with pytest.raises(grpc.RpcError) as err:
+        getattr(stub, method)(request_, timeout=30)
+    assert err.value.code() == code, err.value.details()
+    assert err.value.details() and __import__("re").search(message, err.value.details()), err.value.details()
+    np.testing.assert_array_equal(client.lookup("bad", np.arange(100)), bad_table)  # nothing written, still up
+
+
+def test_client_error_carries_code(client):
+    with pytest.raises(EmbtierClientError) as err:
+        client.describe("missing")
+    assert err.value.code == grpc.StatusCode.NOT_FOUND and "does not exist" in err.value.message
+
+
+def test_tcp_listener(daemon):
+    with Client(daemon.tcp) as c:
+        assert {t.name for t in c.tiers()} == {"dram", "cxl", "scm"}
+
+
+def test_concurrent_clients_see_no_wrong_results(daemon, client):
+    client.create_table("shared", 8 * 1000, 16)
+    errors = []
+
+    def worker(k: int):
+        with Client(daemon.target) as c:
+            own = np.arange(k * 1000, (k + 1) * 1000)
+            rng = np.random.default_rng(k)
+            for step in range(15):
+                values = np.full((1000, 16), k * 100 + step, dtype=np.float32)
+                c.write_rows("shared", own, values)
+                got = c.lookup("shared", own)
+                if not np.array_equal(got, values):
+                    errors.append(f"client {k} step {step}: read back other values")
+                picks = rng.integers(0, 8000, 256)
+                pooled = c.lookup_pooled({"shared": (picks, np.full(16, 16, np.int32))})["shared"]
+                rows = pooled.reshape(16, 16)
+                if not np.all(np.isfinite(rows)):
+                    errors.append(f"client {k}: non-finite pooled values")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    final = client.lookup("shared", np.arange(8000))
+    np.testing.assert_array_equal(final[:, 0], np.repeat(np.arange(8) * 100 + 14, 1000))
+
+
+def test_sigterm_under_load_finishes_calls_and_exits_zero(tmp_path):
+    d = start_daemon(tmp_path / "s")
+    results = {"ok": 0, "unavailable": 0, "other": []}
+    lock = threading.Lock()
+    with Client(d.target, retries=0) as c:
+        c.create_table("load", 20_000, 32, initializer="uniform", seed=3)
+        stop = threading.Event()
+
+        def load():
+            rng = np.random.default_rng()
+            while not stop.is_set():
+                try:
+                    c.lookup_pooled({"load": (rng.integers(0, 20_000, 4096), np.full(128, 32, np.int32))})
+                    key = "ok"
+                except EmbtierClientError as e:
+                    key = "unavailable" if e.code == grpc.StatusCode.UNAVAILABLE else None
+                    if key is None:
+                        with lock:
+                            results["other"].append(str(e))
+                        return
+                    stop.set()
+                with lock:
+                    results[key] += 1
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        threading.Event().wait(1.0)
+        code = d.stop()
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert code == 0, d.log()
+    assert results["other"] == [] and results["ok"] > 0
+    assert "stopped" in d.log()
