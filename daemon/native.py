@@ -54,6 +54,10 @@ def _wptr(ctype: str, arr: np.ndarray):
     return ffi.from_buffer(ctype, arr, require_writable=True)
 
 
+def _wptr_or_null(ctype: str, arr: np.ndarray | None):
+    return ffi.NULL if arr is None else _wptr(ctype, arr)
+
+
 class NativeTable:
     """A C table handle over a placement map and heat counters owned here."""
 
@@ -87,16 +91,19 @@ class NativeTable:
     def mark_dropped(self) -> None:
         lib.et_table_mark_dropped(self._h)
 
-    def gather(self, ids: np.ndarray, out: np.ndarray) -> None:
+    def gather(self, ids: np.ndarray, out: np.ndarray, tier_rows: np.ndarray | None = None) -> None:
+        """out = rows of ids; tier_rows (int64 [3], optional) receives the rows served per tier."""
         err = ffi.new("int64_t *")
-        rc = lib.et_gather(self._h, _ptr("int64_t *", ids), ids.size, _wptr("float *", out), err)
+        rc = lib.et_gather(self._h, _ptr("int64_t *", ids), ids.size, _wptr("float *", out),
+                           _wptr_or_null("int64_t *", tier_rows), err)
         self._check(rc, ids, "ids", err[0])
 
     def pool(self, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, mode: int,
-             out: np.ndarray) -> None:
+             out: np.ndarray, tier_rows: np.ndarray | None = None) -> None:
         err = ffi.new("int64_t *")
         rc = lib.et_pool(self._h, _ptr("int64_t *", ids), ids.size, _ptr("int32_t *", lengths), lengths.size,
-                         _ptr("float *", weights), mode, _wptr("float *", out), err)
+                         _ptr("float *", weights), mode, _wptr("float *", out),
+                         _wptr_or_null("int64_t *", tier_rows), err)
         self._check(rc, ids, "ids", err[0], lengths)
 
     def write_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:

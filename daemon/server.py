@@ -26,6 +26,8 @@ from grpc_reflection.v1alpha import reflection
 from .config import Config
 from .interceptor_drain import DrainInterceptor
 from .interceptor_errors import ErrorInterceptor
+from .interceptor_metrics import MetricsInterceptor
+from .metrics import Metrics
 from .service import EmbeddingStoreServicer
 from .store import Store
 
@@ -66,13 +68,14 @@ class Daemon:
         self.config = config
         self.store = Store(config)
         self.draining = threading.Event()
+        self.metrics = Metrics(self.store)
         limit = config.server.max_message_bytes
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.worker_threads, thread_name_prefix="rpc"),
-            interceptors=[DrainInterceptor(self.draining), ErrorInterceptor()],
+            interceptors=[MetricsInterceptor(self.metrics), DrainInterceptor(self.draining), ErrorInterceptor()],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
         embtier_pb2_grpc.add_EmbeddingStoreServicer_to_server(
-            EmbeddingStoreServicer(self.store, config.server), self.server)
+            EmbeddingStoreServicer(self.store, config.server, self.metrics), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -97,7 +100,7 @@ class Daemon:
         from prometheus_client import start_http_server
 
         host, _, port = address.rpartition(":")
-        start_http_server(int(port), addr=host or "127.0.0.1")
+        start_http_server(int(port), addr=host or "127.0.0.1", registry=self.metrics.registry)
         log.info("metrics on http://%s/metrics", address)
 
     def _watchdog(self) -> None:

@@ -14,6 +14,7 @@ from embtier.v1 import embtier_pb2_grpc as pb_grpc
 
 from .config import ServerConfig
 from .errors import DeadlineExceededError, InvalidArgumentError, RequestTooLargeError
+from .metrics import Metrics
 from .store import Store, TableInfo
 
 DTYPE_NAMES = {pb.FLOAT32: "float32", pb.FLOAT16: "float16", pb.INT8: "int8"}
@@ -51,9 +52,10 @@ def wire(values: np.ndarray, wire_dtype: int) -> bytes:
 
 
 class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
-    def __init__(self, store: Store, limits: ServerConfig):
+    def __init__(self, store: Store, limits: ServerConfig, metrics: Metrics):
         self.store = store
         self.max_ids = limits.max_ids_per_request
+        self.metrics = metrics
 
     def _admit(self, context, n_ids: int) -> None:
         if n_ids > self.max_ids:
@@ -89,7 +91,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
     def WriteRows(self, request, context):
         ids = array(request.ids, "<i8", "ids")
         self._admit(context, ids.size)
-        dim = self.store.describe(request.table).dim
+        dim = self.store.geometry(request.table)[0]
         values = array(request.values, "<f4", "values")
         if values.size != ids.size * dim:
             raise InvalidArgumentError(f"values has {values.size} floats; expected {ids.size} ids x dim {dim} = "
@@ -101,8 +103,11 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
     def Lookup(self, request, context):
         ids = array(request.ids, "<i8", "ids")
         self._admit(context, ids.size)
-        rows = self.store.lookup(request.table, ids)
-        return pb.LookupResponse(values=wire(rows, request.wire_dtype), dim=rows.shape[1], count=ids.size)
+        tier_rows = np.zeros(3, dtype=np.int64)
+        rows = self.store.lookup(request.table, ids, tier_rows)
+        values = wire(rows, request.wire_dtype)
+        self.metrics.served("Lookup", request.table, tier_rows, self.store.geometry(request.table)[2], len(values))
+        return pb.LookupResponse(values=values, dim=rows.shape[1], count=ids.size)
 
     def LookupPooled(self, request, context):
         features = [(f.table, array(f.ids, "<i8", f"features[{i}].ids"),
@@ -112,8 +117,11 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         self._admit(context, sum(ids.size for _, ids, _, _ in features))
         mode = enum_value(POOL_MODES, request.mode, "mode")
         results = []
+        tier_rows = np.zeros(3, dtype=np.int64)
         for table, ids, lengths, weights in features:
-            pooled = self.store.lookup_pooled(table, ids, lengths, weights, mode)
+            pooled = self.store.lookup_pooled(table, ids, lengths, weights, mode, tier_rows)
+            values = wire(pooled, request.wire_dtype)
+            self.metrics.served("LookupPooled", table, tier_rows, self.store.geometry(table)[2], len(values))
             results.append(pb.PooledResult(table=table, dim=pooled.shape[1], num_bags=pooled.shape[0],
-                                           values=wire(pooled, request.wire_dtype)))
+                                           values=values))
         return pb.LookupPooledResponse(results=results)

@@ -72,6 +72,13 @@ class Table:
     write_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def _tier_counter(tier_rows: np.ndarray | None) -> np.ndarray | None:
+    if tier_rows is not None and (tier_rows.dtype != np.int64 or tier_rows.shape != (3,)):
+        raise InvalidArgumentError(f"tier_rows must be an int64 array of shape (3,), got {tier_rows.dtype} "
+                                   f"{tier_rows.shape}")
+    return tier_rows
+
+
 def chunk_shift_for(stride: int, num_rows: int) -> int:
     """log2 of rows per chunk: about CHUNK_TARGET_BYTES a chunk, never more rows than the table has."""
     by_bytes = max(0, int(math.log2(max(1, CHUNK_TARGET_BYTES // stride))))
@@ -137,6 +144,11 @@ class Store:
             table.native.mark_dropped()  # waits for calls in flight; later calls fail cleanly
             self._release(table)
 
+    def geometry(self, name: str) -> tuple[int, str, int]:
+        """(dim, dtype, bytes per stored row) of a table, without the cost of describe()."""
+        table = self._get(name)
+        return table.dim, table.dtype, table.stride
+
     def describe(self, name: str) -> TableInfo:
         return self._info(self._get(name))
 
@@ -158,18 +170,19 @@ class Store:
 
     # ---- rows --------------------------------------------------------------
 
-    def lookup(self, name: str, ids: np.ndarray) -> np.ndarray:
-        """[len(ids), dim] float32 rows."""
+    def lookup(self, name: str, ids: np.ndarray, tier_rows: np.ndarray | None = None) -> np.ndarray:
+        """[len(ids), dim] float32 rows.  tier_rows (int64 [3]: dram, cxl, scm), when given,
+        receives how many rows each tier served."""
         table = self._get(name)
         ids = require(ids, "ids", np.int64, 1)
         out = np.empty((ids.size, table.dim), dtype=np.float32)
-        table.native.gather(ids, out)
+        table.native.gather(ids, out, _tier_counter(tier_rows))
         return out
 
     def lookup_pooled(self, name: str, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None = None,
-                      mode: str = "sum") -> np.ndarray:
+                      mode: str = "sum", tier_rows: np.ndarray | None = None) -> np.ndarray:
         """[len(lengths), dim] float32: bag b pools the next lengths[b] rows of ids (sum, mean or max
-        of weight * row; empty bags are zeros)."""
+        of weight * row; empty bags are zeros).  tier_rows as for lookup."""
         table = self._get(name)
         ids = require(ids, "ids", np.int64, 1)
         lengths = require(lengths, "lengths", np.int32, 1)
@@ -180,7 +193,7 @@ class Store:
         if mode not in native.POOL_MODES:
             raise InvalidArgumentError(f"mode must be one of {', '.join(native.POOL_MODES)}; got {mode!r}")
         out = np.empty((lengths.size, table.dim), dtype=np.float32)
-        table.native.pool(ids, lengths, weights, native.POOL_MODES[mode], out)
+        table.native.pool(ids, lengths, weights, native.POOL_MODES[mode], out, _tier_counter(tier_rows))
         return out
 
     def write_rows(self, name: str, ids: np.ndarray, values: np.ndarray, mode: str = "assign",

@@ -77,12 +77,13 @@ void et_table_set_heat_sampling(et_table *t, int32_t shift);
 void et_table_set_prefetch(et_table *t, int32_t distance);
 
 /* ---- kernels ------------------------------------------------------------ */
-/* out[n][dim] float32 = rows of ids. */
-int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t *err_pos);
+/* out[n][dim] float32 = rows of ids.  tier_rows (NULL, or [ET_NUM_TIERS]) receives
+ * how many of the rows were served from each tier. */
+int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t *tier_rows, int64_t *err_pos);
 /* out[bags][dim] float32 = pooled rows; lengths[bags] sum to n; weights NULL or [n].
  * mode ET_POOL_*: sum (of w*x), mean (sum / length), max (of w*x).  Empty bags are zeros. */
 int et_pool(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
-            const float *weights, int32_t mode, float *out, int64_t *err_pos);
+            const float *weights, int32_t mode, float *out, int64_t *tier_rows, int64_t *err_pos);
 /* Stores n already-encoded rows (stride bytes each) at the homes of ids; a
  * later duplicate id wins.  Readers never see a half-written row. */
 int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t *err_pos);

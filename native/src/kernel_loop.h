@@ -11,9 +11,9 @@
 
 /* Pools positions [p, p + len) into out[d0, d0 + nv * ET_W).  The first
  * block of a bag also resolves and prefetches the rows pf positions ahead. */
-ET_ALWAYS_INLINE int ET_ISA(block)(et_call *c, int64_t p, int64_t len, int64_t end, float *out, int d0,
+ET_ALWAYS_INLINE int ET_ISA(block)(et_call *c, int part, int64_t p, int64_t len, int64_t end, float *out, int d0,
                                   const int nv, const int dtype, const int op, int ahead) {
-    const et_ahead a = et_ahead_of(c);
+    const et_ahead a = et_ahead_of(c, part);
     const float *const weights = c->weights;  /* locals: stores to rows[] cannot make them stale */
     const int dim = c->t->dim;
     ET_VEC acc[ET_MAXV];
@@ -56,7 +56,7 @@ ET_ALWAYS_INLINE void ET_ISA(tail)(const et_call *c, int64_t p, int64_t len, flo
 }
 
 /* One bag; returns 0, or 1 + the offset from p of a position with no storage. */
-ET_ALWAYS_INLINE int ET_ISA(bag)(et_call *c, int64_t p, int64_t len, int64_t end, float *out, const int dtype,
+ET_ALWAYS_INLINE int ET_ISA(bag)(et_call *c, int part, int64_t p, int64_t len, int64_t end, float *out, const int dtype,
                                 const int op) {
     const int dim = c->t->dim;
     int d0 = 0, ahead = 1, bad = 0;
@@ -65,10 +65,10 @@ ET_ALWAYS_INLINE int ET_ISA(bag)(et_call *c, int64_t p, int64_t len, int64_t end
         switch (nv) {
 #define ET_BLOCK(N)                                                                      \
     case N:                                                                              \
-        bad = ET_ISA(block)(c, p, len, end, out, d0, N, dtype, op, ahead);                    \
+        bad = ET_ISA(block)(c, part, p, len, end, out, d0, N, dtype, op, ahead);                    \
         break;
             ET_BLOCK(1) ET_BLOCK(2) ET_BLOCK(3) ET_BLOCK(4) ET_BLOCK(5) ET_BLOCK(6) ET_BLOCK(7)
-            default: bad = ET_ISA(block)(c, p, len, end, out, d0, ET_MAXV, dtype, op, ahead); break;
+            default: bad = ET_ISA(block)(c, part, p, len, end, out, d0, ET_MAXV, dtype, op, ahead); break;
 #undef ET_BLOCK
         }
         d0 += nv * ET_W;
@@ -76,7 +76,7 @@ ET_ALWAYS_INLINE int ET_ISA(bag)(et_call *c, int64_t p, int64_t len, int64_t end
     }
     if (bad) return bad;
     if (ahead) { /* dim < ET_W: the tail is the only pass, so it gets the rows ahead itself */
-        const et_ahead a = et_ahead_of(c);
+        const et_ahead a = et_ahead_of(c, part);
         for (int64_t j = p; j < p + len; j++) {
             const int64_t bad = et_ahead_at(&a, j, end);
             if (bad >= 0) return (int)(bad - p) + 1;
@@ -94,7 +94,7 @@ ET_ALWAYS_INLINE void ET_ISA(loop)(et_call *c, int part, const int dtype, const 
     int64_t p = c->pos_start[part];
     const int64_t end = c->pos_start[part + 1];
     if (c->phase & ET_PHASE_FUSED) {
-        const et_ahead a = et_ahead_of(c);
+        const et_ahead a = et_ahead_of(c, part);
         for (int64_t q = p; q < end && q < p + 3 * pf; q++) __builtin_prefetch(&t->loc[c->ids[q]], 0, 3);
         for (int64_t q = p; q < end && q < p + 2 * pf; q++)
             if (!et_resolve_one(&a, q)) {
@@ -110,7 +110,7 @@ ET_ALWAYS_INLINE void ET_ISA(loop)(et_call *c, int part, const int dtype, const 
             memset(out, 0, (size_t)dim * sizeof(float));
             continue;
         }
-        int bad = ET_ISA(bag)(c, p, len, end, out, dtype, op);
+        int bad = ET_ISA(bag)(c, part, p, len, end, out, dtype, op);
         if (bad) {
             c->err[part] = ET_E_LOCATION;
             c->err_pos[part] = p + bad - 1;

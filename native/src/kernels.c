@@ -51,6 +51,7 @@ typedef struct {
     int count_heat;        /* lookups count accesses; raw reads do not */
     const uint8_t **rows;  /* [n]: bytes of the row at each position, set by the resolve phase */
     int64_t scm_rows[ET_MAX_PARTS]; /* per part: positions left for the SCM batch (rows[p] == NULL) */
+    int64_t tier_rows[ET_MAX_PARTS][ET_NUM_TIERS]; /* per part: rows served from each tier */
     int64_t bag_start[ET_MAX_PARTS + 1];
     int64_t pos_start[ET_MAX_PARTS + 1];
     int err[ET_MAX_PARTS];
@@ -84,6 +85,7 @@ static int resolve_range(et_call *c, int part, int64_t p0, int64_t p1) {
         if (p + ET_RESOLVE_AHEAD < p1) __builtin_prefetch(&loc[ids[p + ET_RESOLVE_AHEAD]], 0, 3);
         const uint32_t l = loc[ids[p]];
         const uint8_t *row = et_loc_row(t, l);
+        c->tier_rows[part][et_loc_tier(t, l) < ET_NUM_TIERS ? et_loc_tier(t, l) : 0]++;
         if (row) {
         } else if (et_loc_tier(t, l) == ET_TIER_SCM) {
             scm++;
@@ -117,18 +119,21 @@ typedef struct {
     const int64_t *ids;
     const uint32_t *loc;
     const uint8_t **rows;
+    int64_t *tier_rows;  /* this part's [ET_NUM_TIERS] */
     uint8_t *const *mem_base;
     uint32_t chunk_shift;
     uint32_t chunk_mask;
+    uint32_t tier_shift;
     uint32_t stride;
     uint32_t lines;  /* cache lines a row can touch */
     int pf;
     int fused;
 } et_ahead;
 
-static et_ahead et_ahead_of(const et_call *c) {
+static et_ahead et_ahead_of(et_call *c, int part) {
     const et_table *t = c->t;
-    et_ahead a = {c->ids, t->loc, c->rows, t->mem_base, (uint32_t)t->chunk_shift, t->chunk_mask,
+    et_ahead a = {c->ids, t->loc, c->rows, c->tier_rows[part], t->mem_base, (uint32_t)t->chunk_shift,
+                  t->chunk_mask, (uint32_t)t->tier_shift,
                   (uint32_t)t->stride, ((uint32_t)t->stride + 63) / 64 + (t->stride % 64 != 0), t->prefetch,
                   (c->phase & ET_PHASE_FUSED) != 0};
     return a;
@@ -161,6 +166,7 @@ ET_ALWAYS_INLINE int et_resolve_one(const et_ahead *a, int64_t q) {
     const uint32_t l = a->loc[a->ids[q]];
     const uint8_t *base = a->mem_base[l >> a->chunk_shift];
     if (!base) return 0;
+    a->tier_rows[l >> a->tier_shift]++;
     a->rows[q] = base + (uint64_t)(l & a->chunk_mask) * a->stride;
     return 1;
 }
@@ -462,16 +468,29 @@ static int run_lookup(et_call *c, int64_t bags, int64_t *err_pos) {
     return rc;
 }
 
-int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t *err_pos) {
+/* Sums the parts' tier counts into tier_rows (when asked for). */
+static void report_tiers(const et_call *c, int64_t *tier_rows) {
+    if (!tier_rows) return;
+    for (int k = 0; k < ET_NUM_TIERS; k++) {
+        tier_rows[k] = 0;
+        for (int i = 0; i < ET_MAX_PARTS; i++) tier_rows[k] += c->tier_rows[i][k];
+    }
+}
+
+int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t *tier_rows, int64_t *err_pos) {
     et_call c = {.t = t, .ids = ids, .n = n, .out = out, .mode = ET_POOL_SUM, .gather = 1};
-    return run_lookup(&c, n, err_pos);
+    int rc = run_lookup(&c, n, err_pos);
+    report_tiers(&c, tier_rows);
+    return rc;
 }
 
 int et_pool(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
-            const float *weights, int32_t mode, float *out, int64_t *err_pos) {
+            const float *weights, int32_t mode, float *out, int64_t *tier_rows, int64_t *err_pos) {
     if (mode < ET_POOL_SUM || mode > ET_POOL_MAX || (bags > 0 && !lengths)) return ET_E_ARG;
     et_call c = {.t = t, .ids = ids, .n = n, .lengths = lengths, .weights = weights, .out = out, .mode = mode};
-    return run_lookup(&c, bags, err_pos);
+    int rc = run_lookup(&c, bags, err_pos);
+    report_tiers(&c, tier_rows);
+    return rc;
 }
 
 /* ---- raw row access ----------------------------------------------------- */

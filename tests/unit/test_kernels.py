@@ -183,3 +183,17 @@ def test_corrupt_placement_is_an_error_not_a_crash(store_factory, dram):
         with pytest.raises(EmbtierError, match=r"ids\[1\] has a home with no storage"):
             call()
     np.testing.assert_array_equal(store.lookup("c", np.array([1, 2], dtype=np.int64)), 0)
+
+
+@pytest.mark.parametrize("dram", ["1M", "4K"])  # fused resolve / two passes with SCM rows
+def test_rows_served_per_tier(store_factory, dram):
+    store = store_factory(dram=dram, cxl="4K", scm="4M", kernel_threads=2)
+    store.create_table("c", 30_000, 8)
+    placement = store.placement("c")
+    ids = np.random.default_rng(4).integers(0, 30_000, 20_000)
+    want = np.bincount(placement[ids], minlength=3)
+    counts = np.zeros(3, dtype=np.int64)
+    store.lookup_pooled("c", ids, np.full(200, 100, dtype=np.int32), tier_rows=counts)
+    np.testing.assert_array_equal(counts, want)
+    store.lookup("c", ids[:50], tier_rows=counts)
+    np.testing.assert_array_equal(counts, np.bincount(placement[ids[:50]], minlength=3))

@@ -1,0 +1,83 @@
+"""Prometheus metrics of the daemon.
+
+Counters on the request path are bumped once per request (never per row);
+state owned by the store (tier capacity and use, rows per table and tier)
+and process figures (psutil) are read by a collector at scrape time.
+Names: `embtier_` prefix, base units, `_total` on counters, low-cardinality
+labels (method, code, table, tier).
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+
+from . import __version__, native
+
+TIERS = ("dram", "cxl", "scm")
+LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class StoreCollector:
+    """Tier and table state, read from the store when Prometheus scrapes."""
+
+    def __init__(self, store):
+        self.store = store
+        self.process = psutil.Process(os.getpid())
+
+    def collect(self):
+        capacity = GaugeMetricFamily("embtier_tier_capacity_bytes", "Capacity of each tier.", labels=["tier"])
+        used = GaugeMetricFamily("embtier_tier_used_bytes", "Bytes of each tier holding table rows.",
+                                 labels=["tier"])
+        emulated = GaugeMetricFamily("embtier_tier_emulated", "1 when the tier is emulated (CXL in DRAM).",
+                                     labels=["tier"])
+        for t in self.store.tier_infos():
+            capacity.add_metric([t.name], t.capacity_bytes)
+            used.add_metric([t.name], t.used_bytes)
+            emulated.add_metric([t.name], int(t.emulated))
+        rows = GaugeMetricFamily("embtier_table_rows", "Rows of each table whose home is each tier.",
+                                 labels=["table", "tier"])
+        metadata = GaugeMetricFamily("embtier_table_metadata_bytes", "Placement map, counters and chunk tables.",
+                                     labels=["table"])
+        for info in self.store.tables():
+            for tier, count in info.rows_by_tier.items():
+                rows.add_metric([info.name, tier], count)
+            metadata.add_metric([info.name], info.metadata_bytes)
+        rss = GaugeMetricFamily("embtier_process_resident_memory_bytes", "Resident memory of the daemon.")
+        rss.add_metric([], self.process.memory_info().rss)
+        available = GaugeMetricFamily("embtier_system_memory_available_bytes", "Memory available on the host.")
+        available.add_metric([], psutil.virtual_memory().available)
+        info = InfoMetricFamily("embtier_build", "Build of the daemon.")
+        info.add_metric([], {"version": __version__, "isa": native.isa(),
+                             "scm_io": "aio" if native.scm_async() else "pread"})
+        yield from (capacity, used, emulated, rows, metadata, rss, available, info)
+
+
+class Metrics:
+    def __init__(self, store, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("embtier_requests", "Requests by method and status code.", ["method", "code"],
+                                registry=r)
+        self.latency = Histogram("embtier_request_duration_seconds", "Time to serve a request, by method.",
+                                 ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.rows_served = Counter("embtier_rows_served", "Rows gathered for lookups, by table and tier.",
+                                   ["table", "tier"], registry=r)
+        self.gathered_bytes = Counter("embtier_gathered_bytes", "Row bytes gathered from the tiers, by method.",
+                                      ["method"], registry=r)
+        self.wire_bytes = Counter("embtier_wire_bytes", "Bytes of values returned on the wire, by method.",
+                                  ["method"], registry=r)
+        r.register(StoreCollector(store))
+
+    def served(self, method: str, table: str, tier_rows, row_bytes: int, wire_bytes: int) -> None:
+        """Counts one lookup: tier_rows[i] rows from tier i, row_bytes each; wire_bytes sent back."""
+        total = 0
+        for tier, count in zip(TIERS, tier_rows):
+            if count:
+                self.rows_served.labels(table, tier).inc(int(count))
+                total += int(count)
+        self.gathered_bytes.labels(method).inc(total * row_bytes)
+        self.wire_bytes.labels(method).inc(wire_bytes)
