@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.embtier-installed
 NATIVE := $(wildcard native/include/*.h native/src/*.c native/src/*.h) native/build_ffi.py
 
-.PHONY: build test bench clean
+.PHONY: build test demo bench clean
 
 $(PY):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "embtier needs Python >= 3.11")'
@@ -23,6 +23,10 @@ build: $(STAMP)
 test: build
 	@$(PY) -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+# The main job: the daemon on its embedded default configuration serving a demo workload (about a minute).
+demo: build
+	$(PY) -m embtier.demo --state-dir $(CURDIR)/.state/demo
 
 # Benchmarks are not part of the tests; torch is only needed here (the CPU build on this disk).
 bench: build
