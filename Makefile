@@ -32,6 +32,7 @@ demo: build
 bench: build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) tests/bench/bench_kernels.py
+	$(PY) -m tests.bench.bench_service
 
 clean:
 	rm -rf build *.egg-info daemon/_native.* $(VENV)
