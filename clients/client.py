@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Self
 
 import grpc
@@ -46,9 +47,13 @@ class TlsOptions:
     cert: str | None = None
     key: str | None = None
 
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("TlsOptions: a client certificate needs its key, and a key its certificate")
+
     def credentials(self) -> grpc.ChannelCredentials:
         def read(path: str | None) -> bytes | None:
-            return open(path, "rb").read() if path else None
+            return Path(path).read_bytes() if path else None
 
         return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 

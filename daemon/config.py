@@ -9,6 +9,8 @@ dataclasses.  Sizes accept bytes (4294967296), human sizes ("512M", "4G",
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -29,6 +31,13 @@ max_message_bytes = "256M"
 max_ids_per_request = 4194304
 grace_seconds = 10.0
 worker_threads = 8
+listen_interface = ""
+listen_port = 50051
+
+[server.tls]
+cert = ""
+key = ""
+client_ca = ""
 
 [tiers.dram]
 capacity = "25%"
@@ -110,8 +119,33 @@ class KernelConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS on the TCP listeners (Unix sockets stay plaintext): PEM paths, None = not set.
+
+    cert and key on: TLS; client_ca as well: mutual TLS (clients must present
+    a certificate signed by a CA in that bundle).
+    """
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+    @property
+    def mutual(self) -> bool:
+        return self.client_ca is not None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
-    """The gRPC front: listeners (empty = the default socket and 127.0.0.1:50051) and limits."""
+    """The gRPC front: listeners (empty = the default socket and 127.0.0.1:50051), TLS and limits.
+
+    listen_interface names a network interface whose addresses are listened
+    on at listen_port as well, resolved when the daemon starts.
+    """
 
     listen: tuple[str, ...]
     metrics_listen: str
@@ -119,6 +153,9 @@ class ServerConfig:
     max_ids_per_request: int
     grace_seconds: float
     worker_threads: int
+    listen_interface: str = ""
+    listen_port: int = 50051
+    tls: TlsConfig = TlsConfig()
 
 
 @dataclass(frozen=True)
@@ -177,7 +214,79 @@ def _node(value: Any, field: str) -> int | None:
     return value
 
 
-def _server(section: dict) -> ServerConfig:
+def _pem_path(section: dict, key: str, field: str) -> Path | None:
+    """A PEM file path, or None for ""; the file must exist and be readable now."""
+    value = section[key]
+    if not isinstance(value, str):
+        raise ConfigError(f"{field}: expected a path to a PEM file, got {value!r}")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        reason = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"{field}: {path} {reason}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{field}: {path} is not readable by this user")
+    return path
+
+
+def _tls(section: dict) -> TlsConfig:
+    cert = _pem_path(section, "cert", "server.tls.cert")
+    key = _pem_path(section, "key", "server.tls.key")
+    client_ca = _pem_path(section, "client_ca", "server.tls.client_ca")
+    if (cert is None) != (key is None):
+        given, missing = ("cert", "key") if key is None else ("key", "cert")
+        raise ConfigError(f"server.tls.{given} is set but server.tls.{missing} is not: "
+                          f"TLS needs both the certificate chain and its private key")
+    if client_ca is not None and cert is None:
+        raise ConfigError("server.tls.client_ca needs server.tls.cert and server.tls.key: "
+                          "mutual TLS is TLS with client certificates")
+    return TlsConfig(cert=cert, key=key, client_ca=client_ca)
+
+
+def interface_addresses(ifname: str) -> list[str]:
+    """The IPv4 then IPv6 addresses of network interface ifname, as strings ("127.0.0.1", "::1").
+
+    IPv6 link-local addresses (fe80::/10) are left out: they cannot be listened
+    on without a zone.  Raises ConfigError for an unknown interface (naming the
+    ones that exist) and for an interface without a usable address.
+    """
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute() as ipr:
+        try:
+            links = ipr.get_links(ifname=ifname)
+        except NetlinkError:  # older pyroute2 raises ENODEV, newer ones return nothing
+            links = ()
+        if not links:
+            names = sorted(str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links())
+            raise ConfigError(f"server.listen_interface: no network interface {ifname!r}; "
+                              f"interfaces: {', '.join(names) or '(none)'}")
+        records = ipr.get_addr(index=links[0]["index"])
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    for record in records:
+        # IFA_LOCAL is this end of a point-to-point link, where IFA_ADDRESS is the peer
+        text = record.get_attr("IFA_LOCAL") or record.get_attr("IFA_ADDRESS")
+        if not text:
+            continue
+        address = ipaddress.ip_address(text)
+        if address.version == 6 and address.is_link_local:
+            continue
+        if address not in found:
+            found.append(address)
+    if not found:
+        raise ConfigError(f"server.listen_interface: interface {ifname!r} has no IPv4 or (non link-local) "
+                          f"IPv6 address to listen on")
+    return [str(a) for a in sorted(found, key=lambda a: a.version)]
+
+
+def tcp_address(host: str, port: int) -> str:
+    """host:port for gRPC, with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _server(section: dict, tls: dict) -> ServerConfig:
     listen = section["listen"]
     if isinstance(listen, str):
         listen = [listen]
@@ -187,6 +296,11 @@ def _server(section: dict) -> ServerConfig:
     grace = section["grace_seconds"]
     if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
         raise ConfigError(f"server.grace_seconds: expected a number >= 0, got {grace!r}")
+    interface = section["listen_interface"]
+    if (not isinstance(interface, str) or len(interface) > 15  # IFNAMSIZ - 1
+            or any(c.isspace() or c == "/" for c in interface)):
+        raise ConfigError(f"server.listen_interface: expected a network interface name (\"eth0\") "
+                          f"or \"\", got {interface!r}")
     return ServerConfig(
         listen=tuple(listen),
         metrics_listen=str(section["metrics_listen"]),
@@ -194,6 +308,9 @@ def _server(section: dict) -> ServerConfig:
         max_ids_per_request=_int(section, "max_ids_per_request", "server.max_ids_per_request", 1, 1 << 31),
         grace_seconds=float(grace),
         worker_threads=_int(section, "worker_threads", "server.worker_threads", 1, 1024),
+        listen_interface=interface,
+        listen_port=_int(section, "listen_port", "server.listen_port", 1, 65535),
+        tls=_tls(tls),
     )
 
 
@@ -208,14 +325,16 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
     scm = _section(doc, "tiers.scm", {"capacity", "path", "read_align_bytes"})
     kern = _section(doc, "kernels", {"kernel_threads", "prefetch_distance", "heat_sample_shift", "scm_queue_depth"})
     server = _section(doc, "server", {"listen", "metrics_listen", "max_message_bytes", "max_ids_per_request",
-                                      "grace_seconds", "worker_threads"})
+                                      "grace_seconds", "worker_threads", "listen_interface", "listen_port",
+                                      "tls"})
+    tls = _section(doc, "server.tls", {"cert", "key", "client_ca"})
     state_dir = Path(str(doc["state_dir"])).expanduser()
     align = _int(scm, "read_align_bytes", "tiers.scm.read_align_bytes", 0, 4096)
     if align not in (0, 512, 1024, 2048, 4096):
         raise ConfigError(f"tiers.scm.read_align_bytes: expected 0 (probe), 512, 1024, 2048 or 4096, got {align}")
     return Config(
         state_dir=state_dir,
-        server=_server(server),
+        server=_server(server, tls),
         dram=MemoryTierConfig(
             capacity_bytes=parse_size(dram["capacity"], "tiers.dram.capacity", available_bytes),
             huge_pages=_bool(dram, "huge_pages", "tiers.dram.huge_pages"),

@@ -23,7 +23,8 @@ from embtier.v1 import embtier_pb2, embtier_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .config import Config
+from . import tls as tls_mod
+from .config import Config, interface_addresses, tcp_address
 from .interceptor_drain import DrainInterceptor
 from .interceptor_errors import ErrorInterceptor
 from .interceptor_metrics import MetricsInterceptor
@@ -47,7 +48,19 @@ def default_socket(state_dir: Path) -> Path:
 
 
 def listen_addresses(config: Config) -> list[str]:
-    return list(config.server.listen) or [f"unix://{default_socket(config.state_dir)}", DEFAULT_TCP]
+    """server.listen (or the defaults), then each address of server.listen_interface at server.listen_port."""
+    addresses = list(config.server.listen) or [f"unix://{default_socket(config.state_dir)}", DEFAULT_TCP]
+    if config.server.listen_interface:
+        for host in interface_addresses(config.server.listen_interface):
+            address = tcp_address(host, config.server.listen_port)
+            if address not in addresses:
+                addresses.append(address)
+    return addresses
+
+
+def is_unix(address: str) -> bool:
+    """Unix socket listeners stay plaintext (file permissions guard them); every other one is TCP."""
+    return address.startswith(("unix:", "unix-abstract:"))
 
 
 def sd_notify(message: str) -> None:
@@ -66,6 +79,11 @@ def sd_notify(message: str) -> None:
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
+        # listeners and TLS files first: a mistake there stops the daemon before the tiers are allocated
+        self.addresses = listen_addresses(config)
+        tls = config.server.tls
+        self.credentials = tls_mod.server_credentials(tls) if tls.enabled else None
+        self.security = "mTLS" if tls.mutual else "TLS" if tls.enabled else "plaintext"
         self.store = Store(config)
         self.draining = threading.Event()
         self.metrics = Metrics(self.store)
@@ -81,7 +99,6 @@ class Daemon:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        self.addresses = listen_addresses(config)
         self._stop = threading.Event()
 
     def _bind(self) -> None:
@@ -90,8 +107,15 @@ class Daemon:
                 path = Path(address[len("unix://"):])
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.unlink(missing_ok=True)  # a stale socket from a previous run
-            if self.server.add_insecure_port(address) == 0 and not address.startswith("unix://"):
+            security = "plaintext" if is_unix(address) or self.credentials is None else self.security
+            try:
+                port = (self.server.add_insecure_port(address) if security == "plaintext"
+                        else self.server.add_secure_port(address, self.credentials))
+            except RuntimeError as e:  # what grpc raises when the bind fails
+                raise OSError(f"cannot listen on {address}: {e}") from None
+            if port == 0 and not address.startswith("unix://"):
                 raise OSError(f"cannot listen on {address}")
+            log.info("listening on %s (%s)", address, security)
 
     def _start_metrics(self) -> None:
         address = self.config.server.metrics_listen

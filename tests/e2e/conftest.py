@@ -60,15 +60,22 @@ def wait_serving(target: str, proc: subprocess.Popen, timeout: float = 60) -> No
     raise TimeoutError(f"embtierd did not serve on {target} within {timeout} s")
 
 
-def start_daemon(state_dir: Path, *extra: str) -> DaemonProcess:
-    state_dir.mkdir(parents=True, exist_ok=True)
+def daemon_args(state_dir: Path, *extra: str, config: Path | None = None) -> tuple[list[str], Path, str, str]:
+    """(embtierd command line, socket path, TCP address, metrics address) for a daemon in state_dir."""
     sock = state_dir / "embtierd.sock"
     tcp = f"127.0.0.1:{free_port()}"
     metrics = f"127.0.0.1:{free_port()}"
-    log_path = state_dir / "embtierd.log"
     args = [sys.executable, "-m", "embtierd", "--state-dir", str(state_dir), "--listen", f"unix://{sock}",
             "--listen", tcp, "--metrics-listen", metrics, "--dram-bytes", "2M", "--cxl-bytes", "2M",
-            "--scm-bytes", "256M", *extra]
+            "--scm-bytes", "256M", *(["--config", str(config)] if config is not None else []), *extra]
+    return args, sock, tcp, metrics
+
+
+def start_daemon(state_dir: Path, *extra: str, config: Path | None = None) -> DaemonProcess:
+    """A serving embtierd; config is a TOML file under the flags (which win over it)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    args, sock, tcp, metrics = daemon_args(state_dir, *extra, config=config)
+    log_path = state_dir / "embtierd.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)

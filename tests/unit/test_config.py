@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from embtierd import config
 from embtierd.errors import ConfigError
@@ -63,3 +65,124 @@ def test_unreadable_file(tmp_path):
     bad.write_text("[tiers\n")
     with pytest.raises(ConfigError, match="is not valid TOML"):
         config.load(bad)
+
+
+# ---- [server.tls] ----------------------------------------------------------
+
+
+@pytest.fixture
+def pem_files(tmp_path):
+    """Placeholder cert, key and CA files: load checks presence and readability, not contents."""
+    paths = {name: tmp_path / f"{name}.pem" for name in ("cert", "key", "ca")}
+    for path in paths.values():
+        path.write_text("-----BEGIN PLACEHOLDER-----\n")
+    return paths
+
+
+def test_tls_off_by_default():
+    tls = config.load(available_bytes=GiB).server.tls
+    assert tls == config.TlsConfig() and not tls.enabled and not tls.mutual
+
+
+def test_tls_and_mutual_tls(pem_files):
+    pair = {"cert": str(pem_files["cert"]), "key": str(pem_files["key"])}
+    tls = config.load(overrides={"server": {"tls": pair}}, available_bytes=GiB).server.tls
+    assert tls.enabled and not tls.mutual and tls.cert == pem_files["cert"] and tls.client_ca is None
+    tls = config.load(overrides={"server": {"tls": {**pair, "client_ca": str(pem_files["ca"])}}},
+                      available_bytes=GiB).server.tls
+    assert tls.enabled and tls.mutual and tls.client_ca == pem_files["ca"]
+
+
+def test_tls_from_file(tmp_path, pem_files):
+    path = tmp_path / "embtierd.toml"
+    path.write_text(f'[server]\nlisten = ["0.0.0.0:50051"]\n[server.tls]\ncert = "{pem_files["cert"]}"\n'
+                    f'key = "{pem_files["key"]}"\nclient_ca = "{pem_files["ca"]}"\n')
+    cfg = config.load(path, available_bytes=GiB)
+    assert cfg.server.listen == ("0.0.0.0:50051",) and cfg.server.tls.mutual
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"cert": "cert"}, "server.tls.cert is set but server.tls.key is not"),
+    ({"key": "key"}, "server.tls.key is set but server.tls.cert is not"),
+    ({"client_ca": "ca"}, "server.tls.client_ca needs server.tls.cert and server.tls.key"),
+    ({"cert": "cert", "client_ca": "ca"}, "server.tls.cert is set but server.tls.key is not"),
+])
+def test_tls_incomplete(pem_files, given, message):
+    tls = {key: str(pem_files[name]) for key, name in given.items()}
+    with pytest.raises(ConfigError, match=message):
+        config.load(overrides={"server": {"tls": tls}}, available_bytes=GiB)
+
+
+@pytest.mark.parametrize("key", ["cert", "key", "client_ca"])
+def test_tls_missing_file_names_key_and_path(pem_files, tmp_path, key):
+    tls = {"cert": str(pem_files["cert"]), "key": str(pem_files["key"]), "client_ca": str(pem_files["ca"])}
+    tls[key] = str(tmp_path / "nowhere.pem")
+    with pytest.raises(ConfigError, match=f"server.tls.{key}: {tmp_path}/nowhere.pem does not exist"):
+        config.load(overrides={"server": {"tls": tls}}, available_bytes=GiB)
+
+
+def test_tls_directory_and_unreadable_file(pem_files, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=f"server.tls.cert: {tmp_path} is not a file"):
+        config.load(overrides={"server": {"tls": {"cert": str(tmp_path), "key": str(pem_files["key"])}}},
+                    available_bytes=GiB)
+    # a mode-0 file is readable by root, so unreadability is simulated
+    monkeypatch.setattr(config.os, "access", lambda path, mode: Path(path) != pem_files["key"])
+    pair = {"cert": str(pem_files["cert"]), "key": str(pem_files["key"])}
+    with pytest.raises(ConfigError, match=f"server.tls.key: {pem_files['key']} is not readable"):
+        config.load(overrides={"server": {"tls": pair}}, available_bytes=GiB)
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"server": {"tls": {"cert": 5}}}, "server.tls.cert: expected a path to a PEM file, got 5"),
+    ({"server": {"tls": {"certificate": "x"}}}, r"server.tls: unknown key\(s\) certificate"),
+    ({"server": {"tls": "on"}}, "server.tls: expected a table"),
+    ({"server": {"listen_port": 0}}, r"server.listen_port: expected an integer in \[1, 65535\], got 0"),
+    ({"server": {"listen_port": "50051"}}, "server.listen_port: expected an integer"),
+    ({"server": {"listen_interface": 1}}, "server.listen_interface: expected a network interface name"),
+    ({"server": {"listen_interface": "eth 0"}}, "server.listen_interface: expected a network interface name"),
+])
+def test_bad_server_values_name_the_key(doc, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(overrides=doc, available_bytes=GiB)
+
+
+# ---- server.listen_interface -----------------------------------------------
+
+
+def _lo_has_ipv6() -> bool:
+    try:
+        return any(line.split()[-1] == "lo" for line in Path("/proc/net/if_inet6").read_text().splitlines())
+    except OSError:
+        return False
+
+
+def test_listen_interface_defaults():
+    server = config.load(available_bytes=GiB).server
+    assert server.listen_interface == "" and server.listen_port == 50051
+
+
+def test_interface_addresses_of_loopback():
+    addresses = config.interface_addresses("lo")
+    assert addresses[0] == "127.0.0.1"  # IPv4 first
+    assert ("::1" in addresses) == _lo_has_ipv6()
+
+
+def test_unknown_interface_names_it_and_the_ones_that_exist():
+    with pytest.raises(ConfigError, match=r"no network interface 'nosuch0'; interfaces: .*\blo\b"):
+        config.interface_addresses("nosuch0")
+
+
+@pytest.mark.parametrize("host, expected", [("127.0.0.1", "127.0.0.1:50051"), ("::1", "[::1]:50051"),
+                                            ("fd00::2", "[fd00::2]:50051")])
+def test_tcp_address(host, expected):
+    assert config.tcp_address(host, 50051) == expected
+
+
+def test_listen_addresses_add_the_interface(tmp_path):
+    from embtierd.server import listen_addresses
+
+    cfg = config.load(overrides={"state_dir": str(tmp_path), "server": {
+        "listen": ["unix:///tmp/x.sock", "127.0.0.1:7000"], "listen_interface": "lo", "listen_port": 7000}},
+        available_bytes=GiB)
+    expected = ["unix:///tmp/x.sock", "127.0.0.1:7000"] + (["[::1]:7000"] if _lo_has_ipv6() else [])
+    assert listen_addresses(cfg) == expected  # 127.0.0.1:7000 is listed once
