@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .client import Client, EmbtierClientError, TableInfo
+from .client import Client, EmbtierClientError, TableInfo, TlsOptions
 from .loadgen import LoadGenerator, Workload
 
 
@@ -127,6 +127,9 @@ def parse_args(argv):
     p.add_argument("--target", default=os.environ.get("EMBTIER_TARGET") or default_target(),
                    help="daemon address: unix:///path or host:port (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    p.add_argument("--ca", help="PEM CA that signed the daemon's certificate (TLS over TCP)")
+    p.add_argument("--cert", help="PEM client certificate (mutual TLS)")
+    p.add_argument("--key", help="PEM key of --cert")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("tables", help="list tables")
     sub.add_parser("tiers", help="tiers, capacity and use")
@@ -171,7 +174,8 @@ COMMANDS = {"tables": cmd_tables, "describe": cmd_describe, "create": cmd_create
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        tls = TlsOptions(args.ca, args.cert, args.key) if args.ca else None
+        with Client(args.target, timeout=args.timeout, tls=tls) as client:
             COMMANDS[args.command](client, args)
     except EmbtierClientError as e:
         print(f"embtier: {e}", file=sys.stderr)

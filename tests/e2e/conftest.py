@@ -71,12 +71,13 @@ def daemon_args(state_dir: Path, *extra: str, config: Path | None = None) -> tup
     return args, sock, tcp, metrics
 
 
-def start_daemon(state_dir: Path, *extra: str, config: Path | None = None) -> DaemonProcess:
+def start_daemon(state_dir: Path, *extra: str, config: Path | None = None,
+                 env: dict[str, str] | None = None) -> DaemonProcess:
     """A serving embtierd; config is a TOML file under the flags (which win over it)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     args, sock, tcp, metrics = daemon_args(state_dir, *extra, config=config)
     log_path = state_dir / "embtierd.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     with open(log_path, "w") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     daemon = DaemonProcess(proc, sock, tcp, metrics, log_path)
