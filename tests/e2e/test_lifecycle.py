@@ -28,9 +28,9 @@ def test_systemd_notify_ready_and_stopping(tmp_path):
             messages.add(sock.recv(256).decode())
 
 
-def test_over_the_id_limit_is_refused_before_work(tmp_path):
+def test_over_the_limits_is_refused_before_work(tmp_path):
     cfg = tmp_path / "embtierd.toml"
-    cfg.write_text("[server]\nmax_ids_per_request = 1000\n")
+    cfg.write_text('[server]\nmax_ids_per_request = 1000\nmax_message_bytes = "64K"\n')
     d = start_daemon(tmp_path / "s", config=cfg)
     try:
         with Client(d.target) as c:
@@ -40,6 +40,9 @@ def test_over_the_id_limit_is_refused_before_work(tmp_path):
                 c.lookup_pooled({"lim": (np.zeros(1001, dtype=np.int64), np.array([1001], np.int32))})
             assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "1001 ids; the limit is 1000" in err.value.message
+            with pytest.raises(EmbtierClientError) as err:  # 80 KB in one message: over 64K before any parsing
+                c.write_rows("lim", np.arange(100), np.zeros((100, 200), np.float32))
+            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert c.describe("lim").num_rows == 100
     finally:
         assert d.stop() == 0
