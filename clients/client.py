@@ -86,6 +86,16 @@ def _table_info(m: pb.TableInfo) -> TableInfo:
                      dict(m.bytes_by_tier), m.version, m.metadata_bytes, dict(m.emulated_by_tier))
 
 
+def _ids(ids) -> tuple[bytes, int]:
+    """(bytes, IdType): int32 when every id fits in it (half the bytes), else int64 as given."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"ids must be integers, got {ids.dtype}")
+    if ids.size and 0 <= ids.min() and ids.max() < 2**31:
+        return _bytes(ids, "<i4"), pb.INT32
+    return _bytes(ids, "<i8"), pb.INT64
+
+
 def _bytes(arr, dtype: str) -> bytes:
     """arr as contiguous little-endian bytes of dtype (a copy only when it is not already that)."""
     return np.ascontiguousarray(arr, dtype=np.dtype(dtype)).tobytes()
@@ -151,14 +161,16 @@ class Client:
 
     def write_rows(self, table: str, ids, values, add: bool = False, scale: float = 1.0) -> int:
         """Assigns values[i] to row ids[i], or adds scale * values[i] with add=True; returns the table version."""
-        request = pb.WriteRowsRequest(table=table, ids=_bytes(ids, "<i8"), values=_bytes(values, "<f4"),
+        id_bytes, id_type = _ids(ids)
+        request = pb.WriteRowsRequest(table=table, ids=id_bytes, id_type=id_type, values=_bytes(values, "<f4"),
                                       mode=pb.ADD if add else pb.ASSIGN, scale=scale)
         return self._call("WriteRows", request, idempotent=not add).version
 
     def lookup(self, table: str, ids, wire_dtype: str = "float32") -> np.ndarray:
         """[len(ids), dim] float32 rows (sent as float16 on the wire when asked)."""
         code, dt = WIRE[wire_dtype]
-        reply = self._call("Lookup", pb.LookupRequest(table=table, ids=_bytes(ids, "<i8"), wire_dtype=code))
+        id_bytes, id_type = _ids(ids)
+        reply = self._call("Lookup", pb.LookupRequest(table=table, ids=id_bytes, id_type=id_type, wire_dtype=code))
         return np.frombuffer(reply.values, dtype=dt).reshape(reply.count, reply.dim).astype(np.float32, copy=False)
 
     def lookup_pooled(self, features: Mapping[str, tuple], mode: str = "sum",
@@ -169,7 +181,8 @@ class Client:
         for table, arrays in features.items():
             ids, lengths, *rest = arrays
             weights = _bytes(rest[0], "<f4") if rest and rest[0] is not None else b""
-            bags.append(pb.FeatureBags(table=table, ids=_bytes(ids, "<i8"), lengths=_bytes(lengths, "<i4"),
+            id_bytes, id_type = _ids(ids)
+            bags.append(pb.FeatureBags(table=table, ids=id_bytes, id_type=id_type, lengths=_bytes(lengths, "<i4"),
                                        weights=weights))
         reply = self._call("LookupPooled", pb.LookupPooledRequest(features=bags, mode=POOL_MODES[mode],
                                                                   wire_dtype=code))

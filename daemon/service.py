@@ -40,6 +40,15 @@ def array(buf: bytes, dtype: str, field: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=dt)
 
 
+ID_DTYPES = {pb.INT64: "<i8", pb.INT32: "<i4"}
+
+
+def id_array(buf: bytes, id_type: int, prefix: str = "") -> np.ndarray:
+    """The ids field of a message as int64: a view of int64 bytes, a widened copy of int32 ones."""
+    ids = array(buf, enum_value(ID_DTYPES, id_type, f"{prefix}id_type"), f"{prefix}ids")
+    return ids if ids.dtype == np.int64 else ids.astype(np.int64)
+
+
 def table_info(info: TableInfo) -> pb.TableInfo:
     return pb.TableInfo(name=info.name, num_rows=info.num_rows, dim=info.dim, dtype=DTYPE_CODES[info.dtype],
                         rows_by_tier=info.rows_by_tier, bytes_by_tier=info.bytes_by_tier, version=info.version,
@@ -89,7 +98,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             for t in self.store.tier_infos()])
 
     def WriteRows(self, request, context):
-        ids = array(request.ids, "<i8", "ids")
+        ids = id_array(request.ids, request.id_type)
         self._admit(context, ids.size)
         dim = self.store.geometry(request.table)[0]
         values = array(request.values, "<f4", "values")
@@ -101,7 +110,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         return pb.WriteRowsResponse(rows_written=ids.size, version=version)
 
     def Lookup(self, request, context):
-        ids = array(request.ids, "<i8", "ids")
+        ids = id_array(request.ids, request.id_type)
         self._admit(context, ids.size)
         tier_rows = np.zeros(3, dtype=np.int64)
         rows = self.store.lookup(request.table, ids, tier_rows)
@@ -110,7 +119,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         return pb.LookupResponse(values=values, dim=rows.shape[1], count=ids.size)
 
     def LookupPooled(self, request, context):
-        features = [(f.table, array(f.ids, "<i8", f"features[{i}].ids"),
+        features = [(f.table, id_array(f.ids, f.id_type, f"features[{i}]."),
                      array(f.lengths, "<i4", f"features[{i}].lengths"),
                      array(f.weights, "<f4", f"features[{i}].weights") if f.weights else None)
                     for i, f in enumerate(request.features)]

@@ -218,3 +218,21 @@ def test_sigterm_under_load_finishes_calls_and_exits_zero(tmp_path):
     assert code == 0, d.log()
     assert results["other"] == [] and results["ok"] > 0
     assert "stopped" in d.log()
+
+
+def test_int32_and_int64_ids_give_the_same_rows(client, stub):
+    client.create_table("idt", 1000, 8, initializer="uniform", seed=5)
+    ids = np.array([3, 999, 3, 0])
+    wide = stub.Lookup(pb.LookupRequest(table="idt", ids=ids.astype("<i8").tobytes()), timeout=30)
+    narrow = stub.Lookup(pb.LookupRequest(table="idt", ids=ids.astype("<i4").tobytes(), id_type=pb.INT32),
+                         timeout=30)
+    assert wide.values == narrow.values and narrow.count == 4
+    with pytest.raises(grpc.RpcError) as err:  # int32 bytes read as int64: 16 bytes = 2 ids, id 2**32*999+3 too big
+        stub.Lookup(pb.LookupRequest(table="idt", ids=ids.astype("<i4").tobytes()), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Lookup(pb.LookupRequest(table="idt", ids=b"\0" * 4, id_type=7), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "id_type = 7" in err.value.details()
+    np.testing.assert_array_equal(client.lookup("idt", ids), client.lookup("idt", ids.astype(np.int64) + 0))
+    with pytest.raises(EmbtierClientError, match=r"ids\[1\] = -1 is out of range"):
+        client.lookup("idt", np.array([1, -1]))  # negative ids go as int64, so the daemon names them
