@@ -62,12 +62,13 @@ def raw_then_pool(client: Client, features: dict) -> dict[str, np.ndarray]:
 
 
 def wire_bytes(features: dict, pooled: bool) -> tuple[int, int]:
-    """(request, response) bytes of array payload for one request."""
+    """(request, response) bytes of array payload for one request (the client sends ids as int32 when they fit)."""
+    id_bytes = sum(f[0].size * (4 if f[0].max() < 2**31 else 8) for f in features.values())
     ids = sum(f[0].size for f in features.values())
     bags = sum(f[1].size for f in features.values())
     if pooled:
-        return ids * 8 + bags * 4, bags * DIM * 4
-    return ids * 8, ids * DIM * 4
+        return id_bytes + bags * 4, bags * DIM * 4
+    return id_bytes, ids * DIM * 4
 
 
 def pct(values, q):
