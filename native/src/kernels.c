@@ -280,11 +280,7 @@ ET_ALWAYS_INLINE __m256 vload_avx2(const uint8_t *row, int j, int dtype, __m256 
 #define ET_W 16
 #define ET_MAXV 8
 
-ET_ALWAYS_INLINE float sload_avx512(const uint8_t *row, int j, int dtype, float w, float ws, float wb) {
-    return dtype == ET_DTYPE_F32   ? w * ((const float *)row)[j]
-           : dtype == ET_DTYPE_F16 ? w * _cvtsh_ss(((const uint16_t *)row)[j])
-                                   : ws * (float)row[j] + wb;
-}
+#define sload_avx512 sload_avx2 /* scalar tails: F16C is all they need, and AVX-512 hosts have it */
 ET_ALWAYS_INLINE __m512 vset_avx512(float x) { return _mm512_set1_ps(x); }
 ET_ALWAYS_INLINE __m512 vadd_avx512(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
 ET_ALWAYS_INLINE __m512 vmax_avx512(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
@@ -301,6 +297,7 @@ ET_ALWAYS_INLINE __m512 vload_avx512(const uint8_t *row, int j, int dtype, __m51
 #undef ET_VEC
 #undef ET_W
 #undef ET_MAXV
+#undef sload_avx512
 #pragma GCC pop_options
 
 /* ---- dispatch ----------------------------------------------------------- */
