@@ -111,6 +111,18 @@ class NativeTable:
         rc = lib.et_write_rows(self._h, _ptr("int64_t *", ids), ids.size, _ptr("uint8_t *", rows), err)
         self._check(rc, ids, "ids", err[0])
 
+    def write_slots(self, locs: np.ndarray, rows: np.ndarray) -> None:
+        """Stores encoded rows in slots no row points at yet (the mover's copy step)."""
+        err = ffi.new("int64_t *")
+        rc = lib.et_write_slots(self._h, _ptr("uint32_t *", locs), locs.size, _ptr("uint8_t *", rows), err)
+        self._check(rc, None, "slots", err[0])
+
+    def publish(self, ids: np.ndarray, locs: np.ndarray) -> None:
+        """Points ids at their new homes, atomically for lookups."""
+        err = ffi.new("int64_t *")
+        rc = lib.et_publish(self._h, _ptr("int64_t *", ids), _ptr("uint32_t *", locs), ids.size, err)
+        self._check(rc, ids, "ids", err[0])
+
     def read_rows(self, ids: np.ndarray, out: np.ndarray) -> None:
         err = ffi.new("int64_t *")
         rc = lib.et_read_rows(self._h, _ptr("int64_t *", ids), ids.size, _wptr("uint8_t *", out), err)

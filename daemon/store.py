@@ -24,8 +24,8 @@ import numpy as np
 from . import codec, native
 from .config import Config
 from .errors import AlreadyExistsError, InvalidArgumentError, NotFoundError, TierFullError
-from .extents import Extent
 from .native import NativeTable, require
+from .slots import SlotSpace
 from .tiers import Tiers, open_tiers
 from .topology import Topology, discover
 
@@ -66,7 +66,7 @@ class Table:
     stride: int
     chunk_shift: int
     native: NativeTable
-    extents: dict[int, list[Extent]] = field(default_factory=dict)  # tier id -> one extent per chunk
+    slots: dict[int, SlotSpace] = field(default_factory=dict)  # tier id -> the table's slots there
     rows_by_tier: list[int] = field(default_factory=lambda: [0, 0, 0])
     version: int = 0
     write_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -93,6 +93,7 @@ class Store:
         self.config = config
         self.topology = topology or discover()
         self.tiers: Tiers = open_tiers(config, self.topology)
+        self.tiers_by_id = {tier.tier_id: tier for tier in self.tiers}
         native.set_kernel_threads(config.kernels.kernel_threads)
         native.set_scm_queue_depth(config.kernels.scm_queue_depth)
         self._tables: dict[str, Table] = {}
@@ -217,6 +218,42 @@ class Store:
             table.version += 1
             return table.version
 
+    def move_rows(self, name: str, ids: np.ndarray, tier: str) -> int:
+        """Moves rows to a new home in tier (rows already there stay); returns how many moved,
+        fewer than asked when the tier has no room.  Lookups running meanwhile see each row
+        whole, in its old home or its new one; writes wait until the move is done."""
+        table = self._get(name)
+        ids = np.unique(require(ids, "ids", np.int64, 1))
+        tier_ids = {t.name: t.tier_id for t in self.tiers}
+        if tier not in tier_ids:
+            raise InvalidArgumentError(f"tier must be one of {', '.join(tier_ids)}; got {tier!r}")
+        if ids.size and (ids[0] < 0 or ids[-1] >= table.num_rows):
+            bad = ids[0] if ids[0] < 0 else ids[-1]
+            raise InvalidArgumentError(f"ids: {bad} is out of range [0, {table.num_rows}) for table {name!r}")
+        target, shift = tier_ids[tier], table.native.tier_shift
+        with table.write_lock:
+            ids = ids[(table.native.loc[ids] >> shift) != target]
+            with self._lock:
+                space = table.slots.setdefault(target, SlotSpace(self.tiers_by_id[target], table.native,
+                                                                 table.stride, table.chunk_shift))
+                slots = space.take(ids.size)
+            ids = np.ascontiguousarray(ids[:slots.size])
+            if not ids.size:
+                return 0
+            rows = np.empty((ids.size, table.stride), dtype=np.uint8)
+            table.native.read_rows(ids, rows)
+            new = ((target << shift) | slots).astype(np.uint32)
+            table.native.write_slots(new, rows)
+            old = table.native.loc[ids].copy()
+            table.native.publish(ids, new)  # from here on no lookup holds an old slot
+            with self._lock:
+                for tid, space in table.slots.items():
+                    leaving = old[(old >> shift) == tid]
+                    space.give_back(leaving & ((1 << shift) - 1))
+                    table.rows_by_tier[tid] -= leaving.size
+                table.rows_by_tier[target] += ids.size
+            return int(ids.size)
+
     def read_encoded(self, name: str, ids: np.ndarray) -> np.ndarray:
         """[len(ids), stride] uint8: the rows exactly as stored."""
         table = self._get(name)
@@ -259,17 +296,6 @@ class Store:
         if not math.isfinite(init_scale) or init_scale < 0:
             raise InvalidArgumentError(f"init_scale must be finite and >= 0, got {init_scale}")
 
-    def _tier_bytes(self, tier_id: int, stride: int, rows: int) -> int:
-        return native.scm_chunk_bytes(stride, rows) if tier_id == native.TIER_SCM else rows * stride
-
-    def _rows_fitting(self, tier_id: int, stride: int, nbytes: int) -> int:
-        if tier_id != native.TIER_SCM:
-            return nbytes // stride
-        per_block = 4096 // stride
-        if per_block:
-            return (nbytes // 4096) * per_block
-        return nbytes // native.scm_chunk_bytes(stride, 1)
-
     def _place(self, table: Table) -> None:
         """Homes for every row, DRAM first, then CXL, then SCM; all or nothing."""
         first = 0
@@ -284,38 +310,17 @@ class Store:
                                 f"(largest free extent in bytes: {free})")
 
     def _fill(self, table: Table, tier, first: int, want: int) -> int:
-        """Places rows [first, first + want) in tier, chunk by chunk, as far as it has room."""
-        chunk_rows = 1 << table.chunk_shift
-        tid = tier.tier_id
-        placed = 0
-        extents = table.extents.setdefault(tid, [])
-        while placed < want:
-            rows = min(chunk_rows, want - placed)
-            extent = tier.allocate(self._tier_bytes(tid, table.stride, rows))
-            if extent is None:
-                rows = min(rows, self._rows_fitting(tid, table.stride, tier.largest_free()))
-                extent = tier.allocate(self._tier_bytes(tid, table.stride, rows)) if rows else None
-            if extent is None:
-                break
-            chunk = len(extents)
-            extents.append(extent)
-            if tid == native.TIER_SCM:
-                table.native.set_scm(tier.fd, tier.read_align_bytes)
-                table.native.set_scm_chunk(chunk, extent.offset)
-            else:
-                table.native.set_chunk(tid, chunk, tier.address(extent))
-            slots = np.arange(chunk * chunk_rows, chunk * chunk_rows + rows, dtype=np.uint32)
-            table.native.loc[first + placed: first + placed + rows] = (tid << table.native.tier_shift) | slots
-            table.rows_by_tier[tid] += rows
-            placed += rows
-            if rows < chunk_rows:
-                break
-        return placed
+        """Places rows [first, first + want) in tier, as far as it has room."""
+        space = table.slots.setdefault(tier.tier_id, SlotSpace(tier, table.native, table.stride, table.chunk_shift))
+        slots = space.take(want)
+        table.native.loc[first: first + slots.size] = (tier.tier_id << table.native.tier_shift) | slots
+        table.rows_by_tier[tier.tier_id] += slots.size
+        return slots.size
 
     def _release(self, table: Table) -> None:
-        for tier in self.tiers:
-            for extent in table.extents.pop(tier.tier_id, []):
-                tier.release(extent)
+        for space in table.slots.values():
+            space.release()
+        table.slots.clear()
         table.rows_by_tier = [0, 0, 0]
 
     def _initialize(self, table: Table, initializer: str, seed: int, scale: float) -> None:
@@ -349,7 +354,7 @@ class Store:
 
     def _info(self, table: Table) -> TableInfo:
         names = [t.name for t in self.tiers]
-        bytes_by = {t.name: sum(e.length for e in table.extents.get(t.tier_id, [])) for t in self.tiers}
+        bytes_by = {t.name: table.slots[t.tier_id].nbytes if t.tier_id in table.slots else 0 for t in self.tiers}
         nt = table.native
         chunk_table_entries = 3 << (nt.tier_shift - table.chunk_shift)
         metadata = nt.loc.nbytes + nt.heat.nbytes + 8 * (chunk_table_entries + nt.max_chunks)

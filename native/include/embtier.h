@@ -90,6 +90,15 @@ int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *row
 /* Copies the encoded rows of ids into rows[n][stride]. */
 int et_read_rows(et_table *t, const int64_t *ids, int64_t n, uint8_t *rows, int64_t *err_pos);
 
+/* Moving rows (the mover's two steps).  et_write_slots stores encoded rows in
+ * the slots named by placement entries that no row points at yet: it takes
+ * no lock, so the caller must keep other writers of the table out.
+ * et_publish then points ids at their new slots under the table's write
+ * lock: a lookup sees the old home or the new one, both whole, and once it
+ * returns no lookup still holds an old slot, so the old slots can be reused. */
+int et_write_slots(et_table *t, const uint32_t *locs, int64_t n, const uint8_t *rows, int64_t *err_pos);
+int et_publish(et_table *t, const int64_t *ids, const uint32_t *locs, int64_t n, int64_t *err_pos);
+
 /* ---- process-wide ------------------------------------------------------- */
 /* Worker threads that split the bags of one call (1 = the caller alone). */
 int et_set_kernel_threads(int32_t n);

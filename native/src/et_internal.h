@@ -67,7 +67,9 @@ static inline uint64_t et_scm_offset(const et_table *t, uint32_t slot) {
  * caller frees; rows[pos[i]] is set to the row's bytes inside it. */
 int et_scm_fetch(et_table *t, const int64_t *ids, const int64_t *pos, int64_t count, const uint8_t **rows,
                  void **staging, int64_t *err_pos);
-int et_scm_write(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t *err_pos);
+/* Writes rows to the SCM homes of ids, or of the placement entries locs when locs is not NULL. */
+int et_scm_write(et_table *t, const int64_t *ids, const uint32_t *locs, int64_t n, const uint8_t *rows,
+                 int64_t *err_pos);
 
 /* Runs fn(arg, part, parts) for part in [0, parts) on the pool and the
  * calling thread; returns when all parts have finished. */

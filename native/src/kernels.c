@@ -513,7 +513,7 @@ int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *row
     rc = atomic_load(&t->dropped) ? ET_E_DROPPED : check_homes(t, ids, n, err_pos);
     /* SCM first: it is the only part that can fail, so a failed write
      * leaves the memory tiers untouched. */
-    if (rc == ET_OK) rc = et_scm_write(t, ids, n, rows, err_pos);
+    if (rc == ET_OK) rc = et_scm_write(t, ids, NULL, n, rows, err_pos);
     if (rc == ET_OK)
         for (int64_t p = 0; p < n; p++) {
             uint32_t l = t->loc[ids[p]];
@@ -540,5 +540,48 @@ int et_read_rows(et_table *t, const int64_t *ids, int64_t n, uint8_t *rows, int6
     pthread_rwlock_unlock(&t->lock);
     free(staging);
     free(c.rows);
+    return rc;
+}
+
+/* ---- moving rows between tiers ----------------------------------------- */
+
+/* Checks that every entry of locs names a slot with storage. */
+static int check_slots(const et_table *t, const uint32_t *locs, int64_t n, int64_t *err_pos) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t l = locs[i];
+        uint32_t tier = et_loc_tier(t, l);
+        if (tier >= ET_NUM_TIERS || (tier == ET_TIER_SCM ? et_scm_offset(t, et_loc_slot(t, l)) == UINT64_MAX
+                                                          : !et_loc_row(t, l))) {
+            *err_pos = i;
+            return ET_E_LOCATION;
+        }
+    }
+    return ET_OK;
+}
+
+int et_write_slots(et_table *t, const uint32_t *locs, int64_t n, const uint8_t *rows, int64_t *err_pos) {
+    if (n < 0 || (n > 0 && (!locs || !rows))) return ET_E_ARG;
+    if (atomic_load(&t->dropped)) return ET_E_DROPPED;
+    int rc = check_slots(t, locs, n, err_pos);
+    if (rc == ET_OK) rc = et_scm_write(t, NULL, locs, n, rows, err_pos);
+    if (rc == ET_OK)
+        for (int64_t i = 0; i < n; i++)
+            if (et_loc_tier(t, locs[i]) != ET_TIER_SCM)
+                memcpy(et_loc_row(t, locs[i]), rows + (uint64_t)i * t->stride, (size_t)t->stride);
+    return rc;
+}
+
+int et_publish(et_table *t, const int64_t *ids, const uint32_t *locs, int64_t n, int64_t *err_pos) {
+    if (n < 0 || (n > 0 && (!ids || !locs))) return ET_E_ARG;
+    int rc = check_ids(ids, n, t->num_rows, err_pos);
+    if (rc == ET_OK) rc = check_slots(t, locs, n, err_pos);
+    if (rc) return rc;
+    pthread_rwlock_wrlock(&t->lock);
+    if (atomic_load(&t->dropped)) {
+        rc = ET_E_DROPPED;
+    } else {
+        for (int64_t i = 0; i < n; i++) t->loc[ids[i]] = locs[i];
+    }
+    pthread_rwlock_unlock(&t->lock);
     return rc;
 }

@@ -220,9 +220,11 @@ static int pio_full(int write, int fd, uint8_t *buf, uint64_t len, uint64_t off,
     return ET_OK;
 }
 
-int et_scm_write(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t *err_pos) {
+int et_scm_write(et_table *t, const int64_t *ids, const uint32_t *locs, int64_t n, const uint8_t *rows,
+                 int64_t *err_pos) {
+#define ET_LOC_AT(p) (locs ? locs[p] : t->loc[ids[p]])
     int64_t count = 0;
-    for (int64_t p = 0; p < n; p++) count += et_loc_tier(t, t->loc[ids[p]]) == ET_TIER_SCM;
+    for (int64_t p = 0; p < n; p++) count += et_loc_tier(t, ET_LOC_AT(p)) == ET_TIER_SCM;
     if (count == 0) return ET_OK;
     scm_entry *entries = malloc((size_t)count * sizeof *entries);
     uint64_t row_blocks = et_scm_chunk_bytes(t->stride, 1);
@@ -234,7 +236,7 @@ int et_scm_write(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows
     }
     int64_t k = 0;
     for (int64_t p = 0; p < n; p++) {
-        uint32_t l = t->loc[ids[p]];
+        uint32_t l = ET_LOC_AT(p);
         if (et_loc_tier(t, l) != ET_TIER_SCM) continue;
         entries[k].off = et_scm_offset(t, et_loc_slot(t, l));
         entries[k].idx = p;
@@ -273,3 +275,4 @@ int et_scm_write(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows
     free(buf);
     return rc;
 }
+#undef ET_LOC_AT

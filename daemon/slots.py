@@ -1,0 +1,95 @@
+"""The slots one table has in one tier.
+
+Slots are numbered per tier and grouped in chunks of 2^chunk_shift; chunk c
+holds slots [c << shift, (c + 1) << shift) and is backed by one extent of the
+tier's arena, allocated when the first of its slots is handed out (the last
+chunk of a tier may hold fewer rows, when the tier ran out of room).  Slots
+given back by the mover are handed out again first.  Not thread-safe: the
+store calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import native
+from .extents import Extent
+
+
+class SlotSpace:
+    def __init__(self, tier, table: native.NativeTable, stride: int, chunk_shift: int):
+        self.tier = tier
+        self.table = table
+        self.stride = stride
+        self.shift = chunk_shift
+        self.extents: list[Extent] = []
+        self.held: list[int] = []     # rows chunk c can hold
+        self.next = 0                 # first slot never handed out
+        self.free = np.empty(0, dtype=np.uint32)
+
+    @property
+    def chunk_rows(self) -> int:
+        return 1 << self.shift
+
+    def _bytes(self, rows: int) -> int:
+        if self.tier.tier_id == native.TIER_SCM:
+            return native.scm_chunk_bytes(self.stride, rows)
+        return rows * self.stride
+
+    def _rows_fitting(self, nbytes: int) -> int:
+        if self.tier.tier_id != native.TIER_SCM:
+            return nbytes // self.stride
+        per_block = 4096 // self.stride
+        return (nbytes // 4096) * per_block if per_block else nbytes // native.scm_chunk_bytes(self.stride, 1)
+
+    def _grow(self) -> bool:
+        """Backs the next chunk with an extent (a whole chunk, or what still fits); False when the tier is full."""
+        chunk = len(self.extents)
+        if chunk >= self.table.max_chunks:
+            return False
+        rows = self.chunk_rows
+        extent = self.tier.allocate(self._bytes(rows))
+        if extent is None:
+            rows = min(rows, self._rows_fitting(self.tier.largest_free()))
+            extent = self.tier.allocate(self._bytes(rows)) if rows else None
+        if extent is None:
+            return False
+        if self.tier.tier_id == native.TIER_SCM:
+            self.table.set_scm(self.tier.fd, self.tier.read_align_bytes)
+            self.table.set_scm_chunk(chunk, extent.offset)
+        else:
+            self.table.set_chunk(self.tier.tier_id, chunk, self.tier.address(extent))
+        self.extents.append(extent)
+        self.held.append(rows)
+        return True
+
+    def take(self, count: int) -> np.ndarray:
+        """Up to count free slots (uint32), fewer when the tier runs out of room."""
+        parts = [self.free[:count]]
+        self.free = self.free[count:]
+        need = count - parts[0].size
+        while need > 0:
+            chunk, offset = self.next >> self.shift, self.next & (self.chunk_rows - 1)
+            if chunk < len(self.extents) and offset >= self.held[chunk]:
+                self.next = (chunk + 1) << self.shift  # past the end of a partial chunk
+                continue
+            if chunk >= len(self.extents) and not self._grow():
+                break
+            n = min(need, self.held[chunk] - offset)
+            parts.append(np.arange(self.next, self.next + n, dtype=np.uint32))
+            self.next += n
+            need -= n
+        return np.concatenate(parts)
+
+    def give_back(self, slots: np.ndarray) -> None:
+        self.free = np.concatenate([self.free, slots.astype(np.uint32)])
+
+    def release(self) -> None:
+        for extent in self.extents:
+            self.tier.release(extent)
+        self.extents, self.held, self.next = [], [], 0
+        self.free = np.empty(0, dtype=np.uint32)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.length for e in self.extents)
