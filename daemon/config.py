@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 
 from .errors import ConfigError
+from .tiering_config import TieringConfig
 
 DEFAULT_TOML = """
 state_dir = ".state"
@@ -52,6 +53,12 @@ huge_pages = true
 capacity = "16G"
 path = ""
 read_align_bytes = 0
+
+[tiering]
+enabled = true
+interval_seconds = 1.0
+bandwidth = "256M"
+hysteresis = 0.25
 
 [kernels]
 kernel_threads = 1
@@ -162,6 +169,7 @@ class ServerConfig:
 class Config:
     state_dir: Path
     server: ServerConfig
+    tiering: TieringConfig
     dram: MemoryTierConfig
     cxl: MemoryTierConfig
     scm: ScmTierConfig
@@ -314,15 +322,32 @@ def _server(section: dict, tls: dict) -> ServerConfig:
     )
 
 
+def _number(section: dict, key: str, field: str, lo: float, hi: float) -> float:
+    value = section[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise ConfigError(f"{field}: expected a number in [{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def _tiering(section: dict) -> TieringConfig:
+    return TieringConfig(
+        enabled=_bool(section, "enabled", "tiering.enabled"),
+        interval_seconds=_number(section, "interval_seconds", "tiering.interval_seconds", 0.01, 3600),
+        bandwidth_bytes_per_second=parse_size(section["bandwidth"], "tiering.bandwidth"),
+        hysteresis=_number(section, "hysteresis", "tiering.hysteresis", 0, 100),
+    )
+
+
 def build(doc: dict, available_bytes: int | None = None) -> Config:
     """Validates a merged TOML document into a Config."""
-    unknown = set(doc) - {"state_dir", "server", "tiers", "kernels"}
+    unknown = set(doc) - {"state_dir", "server", "tiers", "tiering", "kernels"}
     if unknown:
         raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
     _section(doc, "tiers", {"dram", "cxl", "scm"})
     dram = _section(doc, "tiers.dram", {"capacity", "huge_pages"})
     cxl = _section(doc, "tiers.cxl", {"capacity", "huge_pages", "node"})
     scm = _section(doc, "tiers.scm", {"capacity", "path", "read_align_bytes"})
+    tiering = _section(doc, "tiering", {"enabled", "interval_seconds", "bandwidth", "hysteresis"})
     kern = _section(doc, "kernels", {"kernel_threads", "prefetch_distance", "heat_sample_shift", "scm_queue_depth"})
     server = _section(doc, "server", {"listen", "metrics_listen", "max_message_bytes", "max_ids_per_request",
                                       "grace_seconds", "worker_threads", "listen_interface", "listen_port",
@@ -349,6 +374,7 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
             path=Path(str(scm["path"])) if scm["path"] else state_dir / "scm.dat",
             read_align_bytes=align,
         ),
+        tiering=_tiering(tiering),
         kernels=KernelConfig(
             kernel_threads=_int(kern, "kernel_threads", "kernels.kernel_threads", 1, 256),
             prefetch_distance=_int(kern, "prefetch_distance", "kernels.prefetch_distance", 0, 256),

@@ -70,7 +70,20 @@ class Metrics:
                                       ["method"], registry=r)
         self.wire_bytes = Counter("embtier_wire_bytes", "Bytes of values returned on the wire, by method.",
                                   ["method"], registry=r)
+        self.migrations = Counter("embtier_migrations", "Rows moved between tiers, by direction.", ["from", "to"],
+                                  registry=r)
+        self.migrated_bytes = Counter("embtier_migrated_bytes", "Row bytes moved between tiers.", registry=r)
+        self.tiering_seconds = Histogram("embtier_tiering_interval_duration_seconds",
+                                         "Time one tiering interval (plan and moves) took.", buckets=LATENCY_BUCKETS,
+                                         registry=r)
+        self.store = store
         r.register(StoreCollector(store))
+
+    def tiering_interval(self, seconds: float, moved: dict[tuple[str, str], int], moved_bytes: int) -> None:
+        self.tiering_seconds.observe(seconds)
+        for (src, dst), n in moved.items():
+            self.migrations.labels(src, dst).inc(n)
+        self.migrated_bytes.inc(moved_bytes)
 
     def served(self, method: str, table: str, tier_rows, row_bytes: int, wire_bytes: int) -> None:
         """Counts one lookup: tier_rows[i] rows from tier i, row_bytes each; wire_bytes sent back."""

@@ -31,6 +31,7 @@ from .interceptor_metrics import MetricsInterceptor
 from .metrics import Metrics
 from .service import EmbeddingStoreServicer
 from .store import Store
+from .tiering import TieringEngine
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Daemon:
         self.store = Store(config)
         self.draining = threading.Event()
         self.metrics = Metrics(self.store)
+        self.tiering = TieringEngine(self.store, config.tiering, self.metrics)
         limit = config.server.max_message_bytes
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.worker_threads, thread_name_prefix="rpc"),
@@ -142,6 +144,7 @@ class Daemon:
         self._bind()
         self.server.start()
         self._start_metrics()
+        self.tiering.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s", SERVICE_NAME, ", ".join(self.addresses))
@@ -160,5 +163,6 @@ class Daemon:
         self.draining.set()
         time.sleep(min(DRAIN_SECONDS, self.config.server.grace_seconds))
         self.server.stop(self.config.server.grace_seconds).wait()
+        self.tiering.stop()
         self.store.close()
         log.info("stopped")

@@ -268,6 +268,11 @@ class Store:
         view.flags.writeable = False
         return view
 
+    def decay_heat(self, name: str) -> None:
+        """Ages a table's access counters: halves them (the tracker's epoch)."""
+        heat = self._get(name).native.heat
+        np.right_shift(heat, 1, out=heat)
+
     def placement(self, name: str) -> np.ndarray:
         """Home tier of every row (0 dram, 1 cxl, 2 scm)."""
         table = self._get(name).native
