@@ -41,8 +41,9 @@ def plan_swaps(heat: np.ndarray, placement: np.ndarray, fast: int, budget_rows: 
     k = min(budget_rows, inside.size, below.size)
     if k == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    hot = below[np.argpartition(-heat[below].astype(np.int32), k - 1)[:k]]
-    hot = hot[np.argsort(-heat[hot], kind="stable")]
+    wanted = -heat.astype(np.int32)  # (negating the uint8 counters themselves would wrap)
+    hot = below[np.argpartition(wanted[below], k - 1)[:k]]
+    hot = hot[np.argsort(wanted[hot], kind="stable")]
     cold = inside[np.argpartition(heat[inside], k - 1)[:k]]
     cold = cold[np.argsort(heat[cold], kind="stable")]
     keep = heat[hot].astype(np.float64) > heat[cold] * (1 + hysteresis) + 1

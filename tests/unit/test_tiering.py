@@ -18,6 +18,9 @@ def test_plan_pairs_hottest_below_with_coldest_inside():
     assert up.tolist() == [7, 1] and down.tolist() == [0, 5]
     up, _ = plan_swaps(heat, placement, 0, budget_rows=10, hysteresis=100)
     assert up.tolist() == [7]  # only the swap against an untouched row (heat 0) clears a 100x bar
+    heat[6] = 0  # an untouched row below must sort last, not first (uint8 negation would wrap)
+    up, down = plan_swaps(heat, placement, 0, budget_rows=4, hysteresis=0.25)
+    assert up.tolist() == [7, 1, 4] and down.tolist() == [0, 5, 2]
 
 
 def dram_hit_ratio(store, ids) -> float:
