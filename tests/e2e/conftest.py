@@ -73,8 +73,12 @@ def daemon_args(state_dir: Path, *extra: str, config: Path | None = None) -> tup
 
 def start_daemon(state_dir: Path, *extra: str, config: Path | None = None,
                  env: dict[str, str] | None = None) -> DaemonProcess:
-    """A serving embtierd; config is a TOML file under the flags (which win over it)."""
+    """A serving embtierd; config is a TOML file under the flags (which win over it).  Without one the
+    tiering engine is off, so that rows stay where the test put them (tests of tiering pass a config)."""
     state_dir.mkdir(parents=True, exist_ok=True)
+    if config is None:
+        config = state_dir / "embtierd.toml"
+        config.write_text("[tiering]\nenabled = false\n")
     args, sock, tcp, metrics = daemon_args(state_dir, *extra, config=config)
     log_path = state_dir / "embtierd.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

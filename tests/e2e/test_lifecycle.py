@@ -5,11 +5,14 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 from embtier import Client, EmbtierClientError
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import start_daemon
 
@@ -59,3 +62,32 @@ def test_bad_flag_value_exits_with_a_message(tmp_path):
     run = subprocess.run([sys.executable, "-m", "embtierd", "--state-dir", str(tmp_path), "--dram-bytes", "lots"],
                          check=False, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "tiers.dram.capacity: cannot read 'lots' as a size" in run.stderr
+
+
+def served_from_dram(daemon) -> float:
+    text = urllib.request.urlopen(f"http://{daemon.metrics}/metrics", timeout=10).read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "embtier_rows_served_total" and s.labels["tier"] == "dram")
+
+
+def test_the_daemon_moves_hot_rows_up(tmp_path):
+    cfg = tmp_path / "embtierd.toml"
+    cfg.write_text("[tiering]\nenabled = true\ninterval_seconds = 0.2\n\n[kernels]\nheat_sample_shift = 0\n")
+    d = start_daemon(tmp_path / "s", config=cfg)
+    try:
+        with Client(d.target) as c:
+            info = c.create_table("hot", 100_000, 16)   # 2 MiB DRAM holds rows 0..32767
+            hot = np.arange(90_000, 90_512)              # rows on SCM
+            request = {"hot": (hot, np.full(16, 32, np.int32))}
+            deadline = time.monotonic() + 30
+            while True:
+                before = served_from_dram(d)
+                c.lookup_pooled(request)
+                if served_from_dram(d) - before == hot.size:  # every hot row now comes from DRAM
+                    break
+                assert time.monotonic() < deadline, "the hot rows were not moved into DRAM"
+                time.sleep(0.05)
+            assert c.describe("hot").rows_by_tier == info.rows_by_tier  # swapped with cold rows, not added
+            np.testing.assert_array_equal(c.lookup("hot", hot), 0)      # moved rows keep their values
+    finally:
+        assert d.stop() == 0, d.log()
