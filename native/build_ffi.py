@@ -5,6 +5,7 @@ The cdef is native/include/embtier.h itself, so the declarations have one
 source.  Run by setuptools through ``cffi_modules`` in setup.py.
 """
 
+import os
 from pathlib import Path
 
 from cffi import FFI
@@ -13,6 +14,11 @@ NATIVE = Path(__file__).resolve().parent
 HEADER = NATIVE / "include" / "embtier.h"
 SOURCES = sorted(str(p.relative_to(NATIVE.parent)) for p in (NATIVE / "src").glob("*.c"))
 
+# EMBTIER_SANITIZE=address builds the kernels with AddressSanitizer (run Python with
+# LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0).
+SANITIZE = [f"-fsanitize={os.environ['EMBTIER_SANITIZE']}", "-fno-omit-frame-pointer"] \
+    if os.environ.get("EMBTIER_SANITIZE") else []
+
 ffibuilder = FFI()
 ffibuilder.cdef(HEADER.read_text())
 ffibuilder.set_source(
@@ -20,7 +26,9 @@ ffibuilder.set_source(
     '#include <stdint.h>\n#include "embtier.h"\n',
     sources=SOURCES,
     include_dirs=[str(NATIVE / "include"), str(NATIVE / "src")],
-    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-strict-aliasing"],
+    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-strict-aliasing",
+                        *SANITIZE],
+    extra_link_args=SANITIZE,
     libraries=["pthread", "m"],
 )
 
