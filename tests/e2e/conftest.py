@@ -3,6 +3,7 @@ TCP port in a temporary state directory, stopped with SIGTERM afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -91,6 +92,19 @@ def start_daemon(state_dir: Path, *extra: str, config: Path | None = None,
         daemon.stop()
         raise RuntimeError(f"{e}; its log:\n{daemon.log()}") from None
     return daemon
+
+
+@contextlib.contextmanager
+def running_daemon(state_dir: Path, config_text: str):
+    """A daemon on a configuration of the test's own, which must exit 0 when stopped."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    config = state_dir / "embtierd.toml"
+    config.write_text(config_text)
+    d = start_daemon(state_dir, config=config)
+    try:
+        yield d
+    finally:
+        assert d.stop() == 0, d.log()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 from embtier import Client, EmbtierClientError
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import start_daemon
+from .conftest import running_daemon, start_daemon
 
 
 def test_systemd_notify_ready_and_stopping(tmp_path):
@@ -32,23 +32,18 @@ def test_systemd_notify_ready_and_stopping(tmp_path):
 
 
 def test_over_the_limits_is_refused_before_work(tmp_path):
-    cfg = tmp_path / "embtierd.toml"
-    cfg.write_text('[server]\nmax_ids_per_request = 1000\nmax_message_bytes = "64K"\n')
-    d = start_daemon(tmp_path / "s", config=cfg)
-    try:
-        with Client(d.target) as c:
-            c.create_table("lim", 100, 4)
-            c.lookup("lim", np.zeros(1000, dtype=np.int64))
-            with pytest.raises(EmbtierClientError) as err:
-                c.lookup_pooled({"lim": (np.zeros(1001, dtype=np.int64), np.array([1001], np.int32))})
-            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "1001 ids; the limit is 1000" in err.value.message
-            with pytest.raises(EmbtierClientError) as err:  # 80 KB in one message: over 64K before any parsing
-                c.write_rows("lim", np.arange(100), np.zeros((100, 200), np.float32))
-            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert c.describe("lim").num_rows == 100
-    finally:
-        assert d.stop() == 0
+    limits = '[server]\nmax_ids_per_request = 1000\nmax_message_bytes = "64K"\n'
+    with running_daemon(tmp_path / "s", limits) as d, Client(d.target) as c:
+        c.create_table("lim", 100, 4)
+        c.lookup("lim", np.zeros(1000, dtype=np.int64))
+        with pytest.raises(EmbtierClientError) as err:
+            c.lookup_pooled({"lim": (np.zeros(1001, dtype=np.int64), np.array([1001], np.int32))})
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "1001 ids; the limit is 1000" in err.value.message
+        with pytest.raises(EmbtierClientError) as err:  # 80 KB in one message: over 64K before any parsing
+            c.write_rows("lim", np.arange(100), np.zeros((100, 200), np.float32))
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert c.describe("lim").num_rows == 100
 
 
 def test_print_config_shows_flags_over_defaults(tmp_path):
@@ -71,23 +66,18 @@ def served_from_dram(daemon) -> float:
 
 
 def test_the_daemon_moves_hot_rows_up(tmp_path):
-    cfg = tmp_path / "embtierd.toml"
-    cfg.write_text("[tiering]\nenabled = true\ninterval_seconds = 0.2\n\n[kernels]\nheat_sample_shift = 0\n")
-    d = start_daemon(tmp_path / "s", config=cfg)
-    try:
-        with Client(d.target) as c:
-            info = c.create_table("hot", 100_000, 16)   # 2 MiB DRAM holds rows 0..32767
-            hot = np.arange(90_000, 90_512)              # rows on SCM
-            request = {"hot": (hot, np.full(16, 32, np.int32))}
-            deadline = time.monotonic() + 30
-            while True:
-                before = served_from_dram(d)
-                c.lookup_pooled(request)
-                if served_from_dram(d) - before == hot.size:  # every hot row now comes from DRAM
-                    break
-                assert time.monotonic() < deadline, "the hot rows were not moved into DRAM"
-                time.sleep(0.05)
-            assert c.describe("hot").rows_by_tier == info.rows_by_tier  # swapped with cold rows, not added
-            np.testing.assert_array_equal(c.lookup("hot", hot), 0)      # moved rows keep their values
-    finally:
-        assert d.stop() == 0, d.log()
+    tiering = "[tiering]\nenabled = true\ninterval_seconds = 0.2\n\n[kernels]\nheat_sample_shift = 0\n"
+    with running_daemon(tmp_path / "s", tiering) as d, Client(d.target) as c:
+        info = c.create_table("hot", 100_000, 16)   # 2 MiB DRAM holds rows 0..32767
+        hot = np.arange(90_000, 90_512)              # rows on SCM
+        request = {"hot": (hot, np.full(16, 32, np.int32))}
+        deadline = time.monotonic() + 30
+        while True:
+            before = served_from_dram(d)
+            c.lookup_pooled(request)
+            if served_from_dram(d) - before == hot.size:  # every hot row now comes from DRAM
+                break
+            assert time.monotonic() < deadline, "the hot rows were not moved into DRAM"
+            time.sleep(0.05)
+        assert c.describe("hot").rows_by_tier == info.rows_by_tier  # swapped with cold rows, not added
+        np.testing.assert_array_equal(c.lookup("hot", hot), 0)      # moved rows keep their values
