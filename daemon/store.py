@@ -113,7 +113,9 @@ class Store:
         self._check_new_table(name, num_rows, dim, dtype, initializer, init_scale)
         stride = native.row_stride(dim, dtype)
         shift = chunk_shift_for(stride, num_rows)
-        max_chunks = -(-num_rows >> shift)
+        # Chunks a tier may give the table: twice what num_rows needs, because a chunk cut short by a
+        # full tier leaves its slot range partly unusable and later growth starts a new chunk.
+        max_chunks = min(2 * -(-num_rows >> shift), (1 << 30) >> shift)
         table = Table(name, num_rows, dim, dtype, stride, shift,
                       NativeTable(name, num_rows, dim, dtype, shift, max_chunks))
         table.native.configure(self.config.kernels.prefetch_distance, self.config.kernels.heat_sample_shift)
@@ -219,16 +221,18 @@ class Store:
             return table.version
 
     def move_rows(self, name: str, ids: np.ndarray, tier: str) -> int:
-        """Moves rows to a new home in tier (rows already there stay); returns how many moved,
-        fewer than asked when the tier has no room.  Lookups running meanwhile see each row
-        whole, in its old home or its new one; writes wait until the move is done."""
+        """Moves rows to a new home in tier (rows already there stay); returns how many moved.
+        When the tier has room for only some, the first ones in the order given move.  Lookups
+        running meanwhile see each row whole, in its old home or its new one; writes wait until
+        the move is done."""
         table = self._get(name)
-        ids = np.unique(require(ids, "ids", np.int64, 1))
+        ids = require(ids, "ids", np.int64, 1)
+        ids = ids[np.sort(np.unique(ids, return_index=True)[1])]  # without duplicates, in the given order
         tier_ids = {t.name: t.tier_id for t in self.tiers}
         if tier not in tier_ids:
             raise InvalidArgumentError(f"tier must be one of {', '.join(tier_ids)}; got {tier!r}")
-        if ids.size and (ids[0] < 0 or ids[-1] >= table.num_rows):
-            bad = ids[0] if ids[0] < 0 else ids[-1]
+        if ids.size and (ids.min() < 0 or ids.max() >= table.num_rows):
+            bad = ids.min() if ids.min() < 0 else ids.max()
             raise InvalidArgumentError(f"ids: {bad} is out of range [0, {table.num_rows}) for table {name!r}")
         target, shift = tier_ids[tier], table.native.tier_shift
         with table.write_lock:

@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 TIERS = ("dram", "cxl", "scm")
 
 
+def hottest_below(heat: np.ndarray, placement: np.ndarray, fast: int, k: int, min_heat: int = 2) -> np.ndarray:
+    """Up to k rows homed in tiers slower than fast with heat >= min_heat, hottest first."""
+    below = np.flatnonzero((placement > fast) & (heat >= min_heat))
+    if below.size > k:
+        below = below[np.argpartition(-heat[below].astype(np.int32), k - 1)[:k]]
+    return below[np.argsort(-heat[below].astype(np.int32), kind="stable")].astype(np.int64)
+
+
 def plan_swaps(heat: np.ndarray, placement: np.ndarray, fast: int, budget_rows: int,
                hysteresis: float) -> tuple[np.ndarray, np.ndarray]:
     """(rows to move up into tier fast, rows to move down out of it), as many of each.
@@ -70,22 +78,33 @@ class TieringEngine:
                          // (2 * stride))
             heat = self.store.heat(info.name)
             for fast in (0, 1):
+                # hot rows first take whatever room the faster tier has, then displace cold rows
+                placement = self.store.placement(info.name)
+                up = hottest_below(heat, placement, fast, budget)
+                n = self._promote(info.name, up, placement, fast, moved) if up.size else 0
+                budget -= n
+                moved_bytes += n * stride
                 placement = self.store.placement(info.name)
                 up, down = plan_swaps(heat, placement, fast, budget, self.config.hysteresis)
                 if not up.size:
                     continue
-                origins = placement[up]
                 demoted = self.store.move_rows(info.name, down, "scm")
                 self._count(moved, TIERS[fast], "scm", demoted)
-                n = self.store.move_rows(info.name, up, TIERS[fast])
-                for origin in np.unique(origins[:n]):
-                    self._count(moved, TIERS[origin], TIERS[fast], int((origins[:n] == origin).sum()))
+                n = self._promote(info.name, up, placement, fast, moved)
                 budget -= n
                 moved_bytes += (demoted + n) * stride
             self.store.decay_heat(info.name)
         if self.metrics is not None:
             self.metrics.tiering_interval(time.perf_counter() - start, moved, moved_bytes)
         return moved
+
+    def _promote(self, table: str, up: np.ndarray, placement: np.ndarray, fast: int, moved: dict) -> int:
+        """Moves up (hottest first) into tier fast as far as it has room; counts the moves by origin."""
+        n = self.store.move_rows(table, up, TIERS[fast])
+        origins = placement[up[:n]]
+        for origin in np.unique(origins):
+            self._count(moved, TIERS[origin], TIERS[fast], int((origins == origin).sum()))
+        return n
 
     @staticmethod
     def _count(moved: dict, src: str, dst: str, n: int) -> None:

@@ -50,3 +50,23 @@ def test_dram_converges_on_the_hot_set_and_follows_it(store_factory):
         assert measured > start + 0.2
         in_dram = np.flatnonzero(store.placement("z") == 0)
         assert np.isin(oracle[:200], in_dram).mean() >= 0.95  # the very hottest rows are all in DRAM
+
+
+def test_hot_rows_take_room_freed_by_a_dropped_table(store_factory):
+    store = store_factory(dram="64K", cxl="0", scm="16M", heat_sample_shift=0)  # DRAM: 1024 rows of 64 bytes
+    store.create_table("first", 500, 16)    # one chunk of 512 rows: half of DRAM
+    store.create_table("late", 5000, 16)    # the other 512 DRAM rows, the rest on SCM
+    engine = TieringEngine(store, TieringConfig(True, 1.0, 64 << 20, 0.25))
+    hot = np.arange(4000, 4100, dtype=np.int64)  # on SCM
+    for _ in range(2):
+        store.lookup_pooled("late", hot, np.full(10, 10, dtype=np.int32))
+    engine.run_once()
+    assert np.all(store.placement("late")[hot] == 0)  # swapped in against late's own cold DRAM rows
+    assert store.describe("late").rows_by_tier["dram"] == 512
+    store.drop_table("first")
+    hotter = np.arange(3000, 3900, dtype=np.int64)
+    for _ in range(3):
+        store.lookup_pooled("late", hotter, np.full(9, 100, dtype=np.int32))
+    engine.run_once()
+    assert store.describe("late").rows_by_tier["dram"] == 1024  # the freed half of DRAM, taken without demotions
+    assert np.all(store.placement("late")[hotter] == 0)          # the rest by swaps with colder rows
