@@ -73,6 +73,18 @@ def cmd_tiers(c: Client, args) -> None:
               f"{'emulated ' if t.emulated else ''}{where}")
 
 
+def cmd_heat(c: Client, args) -> None:
+    bins, tiers = c.heat(args.name)
+    width = 40
+    most = max((n for counts in tiers.values() for n in counts), default=1) or 1
+    print(f"heat of {args.name} (sampled access counts, halved every tiering interval), rows per bin:")
+    for tier, counts in tiers.items():
+        print(f"  {tier} ({sum(counts)} rows)")
+        for label, n in zip(bins, counts):
+            bar = "#" * max(1 if n else 0, round(width * n / most))
+            print(f"    {label:>8} {n:>12}  {bar}")
+
+
 def cmd_lookup(c: Client, args) -> None:
     ids = np.array(args.ids, dtype=np.int64)
     if args.pooled:
@@ -151,6 +163,8 @@ def parse_args(argv):
     s.add_argument("--create", action="store_true", help="create the table first, shaped like the file")
     s.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8"])
     s.add_argument("--chunk-rows", type=int, default=65536)
+    s = sub.add_parser("heat", help="heat histogram of a table, per tier")
+    s.add_argument("name")
     s = sub.add_parser("lookup", help="print rows, or their pooled sum")
     s.add_argument("name")
     s.add_argument("ids", type=int, nargs="+")
@@ -168,7 +182,7 @@ def parse_args(argv):
 
 
 COMMANDS = {"tables": cmd_tables, "describe": cmd_describe, "create": cmd_create, "drop": cmd_drop,
-            "tiers": cmd_tiers, "lookup": cmd_lookup, "import": cmd_import, "bench": cmd_bench}
+            "tiers": cmd_tiers, "heat": cmd_heat, "lookup": cmd_lookup, "import": cmd_import, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,6 +157,11 @@ class Client:
         return [TierInfo(t.name, t.capacity_bytes, t.used_bytes, t.numa_node, t.emulated, t.path)
                 for t in self._call("GetTiers", pb.GetTiersRequest()).tiers]
 
+    def heat(self, table: str) -> tuple[list[str], dict[str, list[int]]]:
+        """(heat bins, {tier: rows per bin}) of a table."""
+        reply = self._call("GetHeat", pb.GetHeatRequest(table=table))
+        return list(reply.bins), {t.tier: list(t.histogram) for t in reply.tiers}
+
     # ---- rows --------------------------------------------------------------
 
     def write_rows(self, table: str, ids, values, add: bool = False, scale: float = 1.0) -> int:

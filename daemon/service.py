@@ -15,7 +15,7 @@ from embtier.v1 import embtier_pb2_grpc as pb_grpc
 from .config import ServerConfig
 from .errors import DeadlineExceededError, InvalidArgumentError, RequestTooLargeError
 from .metrics import Metrics
-from .store import Store, TableInfo
+from .store import HEAT_BIN_NAMES, Store, TableInfo
 
 DTYPE_NAMES = {pb.FLOAT32: "float32", pb.FLOAT16: "float16", pb.INT8: "int8"}
 DTYPE_CODES = {name: code for code, name in DTYPE_NAMES.items()}
@@ -96,6 +96,12 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             pb.TierInfo(name=t.name, capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes,
                         numa_node=t.numa_node, emulated=t.emulated, path=t.path)
             for t in self.store.tier_infos()])
+
+    def GetHeat(self, request, context):
+        histograms = self.store.heat_histogram(request.table)
+        return pb.GetHeatResponse(table=request.table, bins=HEAT_BIN_NAMES, tiers=[
+            pb.TierHeat(tier=tier, rows=int(counts.sum()), histogram=counts.tolist())
+            for tier, counts in histograms.items()])
 
     def WriteRows(self, request, context):
         ids = id_array(request.ids, request.id_type)

@@ -37,6 +37,8 @@ CHUNK_TARGET_BYTES = 2 << 20
 INIT_BATCH_ROWS = 1 << 16   # uniform init draws one generator stream per batch: values depend on seed only
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 INITIALIZERS = ("zeros", "uniform")
+HEAT_BINS = 9  # heat 0, 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64-127, 128-255
+HEAT_BIN_NAMES = ("0", "1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128-255")
 WRITE_MODES = ("assign", "add")
 
 
@@ -271,6 +273,16 @@ class Store:
         view = self._get(name).native.heat.view()
         view.flags.writeable = False
         return view
+
+    def heat_histogram(self, name: str) -> dict[str, np.ndarray]:
+        """Rows per heat bin (0, 1, 2-3, 4-7, ..., 128-255) for each home tier of a table."""
+        table = self._get(name).native
+        heat, tiers = table.heat, table.loc >> table.tier_shift
+        bins = np.zeros(heat.size, dtype=np.int64)
+        nonzero = heat > 0
+        bins[nonzero] = np.floor(np.log2(heat[nonzero])).astype(np.int64) + 1
+        counts = np.bincount(tiers.astype(np.int64) * HEAT_BINS + bins, minlength=3 * HEAT_BINS)
+        return {t.name: counts[t.tier_id * HEAT_BINS:(t.tier_id + 1) * HEAT_BINS] for t in self.tiers}
 
     def decay_heat(self, name: str) -> None:
         """Ages a table's access counters: halves them (the tracker's epoch)."""

@@ -43,3 +43,18 @@ def test_bench_command(daemon):
     out = run(daemon, "bench", "--table", "cli_b", "--duration", "2", "--concurrency", "2", "--bags", "16")
     assert out.returncode == 0, out.stderr
     assert "total:" in out.stdout and " 0 errors" in out.stdout and "p99" in out.stdout
+
+
+def test_heat_histogram(daemon):
+    with Client(daemon.target) as c:
+        c.create_table("cli_h", 1000, 8)
+        before_bins, before = c.heat("cli_h")
+        c.lookup_pooled({"cli_h": (np.repeat(np.arange(5), 64), np.full(10, 32, np.int32))})
+        bins, tiers = c.heat("cli_h")
+    assert bins[0] == "0" and bins[-1] == "128-255" and len(bins) == 9
+    assert sum(before["dram"]) + sum(before["cxl"]) + sum(before["scm"]) == 1000
+    assert before["dram"][0] + before["cxl"][0] + before["scm"][0] == 1000  # nothing read yet
+    hot = sum(sum(counts[1:]) for counts in tiers.values())
+    assert 1 <= hot <= 5  # at most the five rows read (counting samples 1 access in 8)
+    out = run(daemon, "heat", "cli_h")
+    assert out.returncode == 0 and "128-255" in out.stdout and "dram" in out.stdout
