@@ -48,7 +48,7 @@ def test_bench_command(daemon):
 def test_heat_histogram(daemon):
     with Client(daemon.target) as c:
         c.create_table("cli_h", 1000, 8)
-        before_bins, before = c.heat("cli_h")
+        _, before = c.heat("cli_h")
         c.lookup_pooled({"cli_h": (np.repeat(np.arange(5), 64), np.full(10, 32, np.int32))})
         bins, tiers = c.heat("cli_h")
     assert bins[0] == "0" and bins[-1] == "128-255" and len(bins) == 9
