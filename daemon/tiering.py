@@ -11,6 +11,15 @@
   down first, which frees the slot the hot row then takes).
 
 Policies never touch memory; the mover never decides.
+
+SCM and promotions: every row has exactly one home.  A row promoted out of
+SCM is read from the file (the lookup path's batched O_DIRECT reads), copied
+into its memory slot and published there; its SCM slot is then free for
+reuse, so no second copy exists that could go stale, and WriteRows always
+writes the one home (memory, or the SCM file for rows that live there).  The
+price is that a demoted row is written back to SCM even when unchanged
+since its promotion; a clean-copy or dirty-bit scheme would save those
+writes and is left for when SCM write bandwidth matters.
 """
 
 from __future__ import annotations
