@@ -17,6 +17,7 @@ from typing import Self
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .v1 import embtier_pb2 as pb
 from .v1 import embtier_pb2_grpc as pb_grpc
@@ -193,3 +194,21 @@ class Client:
                                                                   wire_dtype=code))
         return {r.table: np.frombuffer(r.values, dtype=dt).reshape(r.num_bags, r.dim).astype(np.float32, copy=False)
                 for r in reply.results}
+
+
+def wait_serving(target: str, proc=None, timeout: float = 60.0) -> None:
+    """Polls the daemon's health service until it reports SERVING.  With proc (a Popen), a daemon
+    that exits first raises RuntimeError; after timeout seconds, TimeoutError."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"embtierd exited with {proc.returncode} before serving")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.1)
+    raise TimeoutError(f"embtierd did not serve on {target} within {timeout} s")

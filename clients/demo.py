@@ -13,15 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from .client import Client
+from .client import Client, wait_serving
 from .loadgen import LoadGenerator, Stats, Workload
 
 TABLES = {"user_ids": 1_000_000, "item_ids": 1_000_000, "context": 500_000}
@@ -43,19 +40,13 @@ def start_daemon(state_dir: Path, metrics: str) -> tuple[subprocess.Popen, str]:
         proc = subprocess.Popen([sys.executable, "-m", "embtierd", "--state-dir", str(state_dir), "--listen",
                                  target, "--metrics-listen", metrics, *TIER_FLAGS],
                                 stdout=log, stderr=subprocess.STDOUT)
-    with grpc.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return proc, target
-            except grpc.RpcError:
-                time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"embtierd did not start; see {state_dir / 'embtierd.log'}:\n"
-                     + (state_dir / "embtierd.log").read_text())
+    try:
+        wait_serving(target, proc)
+    except (RuntimeError, TimeoutError) as e:
+        proc.kill()
+        raise SystemExit(f"{e}; its log, {state_dir / 'embtierd.log'}:\n"
+                         + (state_dir / "embtierd.log").read_text()) from None
+    return proc, target
 
 
 def rows_by_tier(metrics: str) -> dict[str, float]:

@@ -76,7 +76,6 @@ class Metrics:
         self.tiering_seconds = Histogram("embtier_tiering_interval_duration_seconds",
                                          "Time one tiering interval (plan and moves) took.", buckets=LATENCY_BUCKETS,
                                          registry=r)
-        self.store = store
         r.register(StoreCollector(store))
 
     def tiering_interval(self, seconds: float, moved: dict[tuple[str, str], int], moved_bytes: int) -> None:

@@ -55,8 +55,7 @@ def table_info(info: TableInfo) -> pb.TableInfo:
                         metadata_bytes=info.metadata_bytes, emulated_by_tier=info.emulated_by_tier)
 
 
-def wire(values: np.ndarray, wire_dtype: int) -> bytes:
-    dt = enum_value(WIRE_DTYPES, wire_dtype, "wire_dtype")
+def wire(values: np.ndarray, dt: np.dtype) -> bytes:
     return (values if values.dtype == dt else values.astype(dt)).tobytes()
 
 
@@ -117,10 +116,11 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
 
     def Lookup(self, request, context):
         ids = id_array(request.ids, request.id_type)
+        dt = enum_value(WIRE_DTYPES, request.wire_dtype, "wire_dtype")
         self._admit(context, ids.size)
         tier_rows = np.zeros(3, dtype=np.int64)
         rows = self.store.lookup(request.table, ids, tier_rows)
-        values = wire(rows, request.wire_dtype)
+        values = wire(rows, dt)
         self.metrics.served("Lookup", request.table, tier_rows, self.store.geometry(request.table)[2], len(values))
         return pb.LookupResponse(values=values, dim=rows.shape[1], count=ids.size)
 
@@ -131,11 +131,12 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
                     for i, f in enumerate(request.features)]
         self._admit(context, sum(ids.size for _, ids, _, _ in features))
         mode = enum_value(POOL_MODES, request.mode, "mode")
+        dt = enum_value(WIRE_DTYPES, request.wire_dtype, "wire_dtype")
         results = []
         tier_rows = np.zeros(3, dtype=np.int64)
         for table, ids, lengths, weights in features:
             pooled = self.store.lookup_pooled(table, ids, lengths, weights, mode, tier_rows)
-            values = wire(pooled, request.wire_dtype)
+            values = wire(pooled, dt)
             self.metrics.served("LookupPooled", table, tier_rows, self.store.geometry(table)[2], len(values))
             results.append(pb.PooledResult(table=table, dim=pooled.shape[1], num_bags=pooled.shape[0],
                                            values=values))

@@ -240,9 +240,7 @@ class Store:
         with table.write_lock:
             ids = ids[(table.native.loc[ids] >> shift) != target]
             with self._lock:
-                space = table.slots.setdefault(target, SlotSpace(self.tiers_by_id[target], table.native,
-                                                                 table.stride, table.chunk_shift))
-                slots = space.take(ids.size)
+                slots = self._space(table, target).take(ids.size)
             ids = np.ascontiguousarray(ids[:slots.size])
             if not ids.size:
                 return 0
@@ -332,11 +330,17 @@ class Store:
 
     def _fill(self, table: Table, tier, first: int, want: int) -> int:
         """Places rows [first, first + want) in tier, as far as it has room."""
-        space = table.slots.setdefault(tier.tier_id, SlotSpace(tier, table.native, table.stride, table.chunk_shift))
-        slots = space.take(want)
+        slots = self._space(table, tier.tier_id).take(want)
         table.native.loc[first: first + slots.size] = (tier.tier_id << table.native.tier_shift) | slots
         table.rows_by_tier[tier.tier_id] += slots.size
         return slots.size
+
+    def _space(self, table: Table, tier_id: int) -> SlotSpace:
+        """The table's slots in a tier (made on first use); call under self._lock."""
+        if tier_id not in table.slots:
+            table.slots[tier_id] = SlotSpace(self.tiers_by_id[tier_id], table.native, table.stride,
+                                             table.chunk_shift)
+        return table.slots[tier_id]
 
     def _release(self, table: Table) -> None:
         for space in table.slots.values():

@@ -41,9 +41,12 @@ TIERS = ("dram", "cxl", "scm")
 def hottest_below(heat: np.ndarray, placement: np.ndarray, fast: int, k: int, min_heat: int = 2) -> np.ndarray:
     """Up to k rows homed in tiers slower than fast with heat >= min_heat, hottest first."""
     below = np.flatnonzero((placement > fast) & (heat >= min_heat))
+    if k <= 0:
+        return below[:0].astype(np.int64)
+    wanted = -heat.astype(np.int32)  # (negating the uint8 counters themselves would wrap)
     if below.size > k:
-        below = below[np.argpartition(-heat[below].astype(np.int32), k - 1)[:k]]
-    return below[np.argsort(-heat[below].astype(np.int32), kind="stable")].astype(np.int64)
+        below = below[np.argpartition(wanted[below], k - 1)[:k]]
+    return below[np.argsort(wanted[below], kind="stable")].astype(np.int64)
 
 
 def plan_swaps(heat: np.ndarray, placement: np.ndarray, fast: int, budget_rows: int,
@@ -52,20 +55,18 @@ def plan_swaps(heat: np.ndarray, placement: np.ndarray, fast: int, budget_rows: 
 
     The hottest rows homed below fast are paired, hottest first, with the
     coldest rows in fast; a pair is kept when the hot row's heat exceeds the
-    cold row's by the hysteresis factor (and by at least one count)."""
+    cold row's by the hysteresis factor and by at least one count (so a hot
+    row has heat >= 2)."""
     inside = np.flatnonzero(placement == fast)
-    below = np.flatnonzero(placement > fast)
-    k = min(budget_rows, inside.size, below.size)
+    hot = hottest_below(heat, placement, fast, min(budget_rows, inside.size))
+    k = hot.size
     if k == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    wanted = -heat.astype(np.int32)  # (negating the uint8 counters themselves would wrap)
-    hot = below[np.argpartition(wanted[below], k - 1)[:k]]
-    hot = hot[np.argsort(wanted[hot], kind="stable")]
+        return hot, hot
     cold = inside[np.argpartition(heat[inside], k - 1)[:k]]
     cold = cold[np.argsort(heat[cold], kind="stable")]
     keep = heat[hot].astype(np.float64) > heat[cold] * (1 + hysteresis) + 1
     n = int(np.argmin(keep)) if not keep.all() else k  # pairs are sorted: keep the leading run
-    return hot[:n].astype(np.int64), cold[:n].astype(np.int64)
+    return hot[:n], cold[:n].astype(np.int64)
 
 
 class TieringEngine:

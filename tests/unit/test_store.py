@@ -7,7 +7,6 @@ import threading
 
 import numpy as np
 import pytest
-from embtierd import native
 from embtierd.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError, TierFullError
 
 
@@ -198,7 +197,3 @@ def test_readers_never_see_torn_rows(store_factory):
     assert torn == []
     np.testing.assert_array_equal(s.lookup("w", ids), 59)
 
-
-def test_kernel_isa_and_scm_path_reported():
-    assert native.isa() in ("generic", "avx2", "avx512")
-    assert isinstance(native.scm_async(), bool)
