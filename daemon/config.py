@@ -48,6 +48,7 @@ huge_pages = true
 capacity = "10%"
 node = "auto"
 huge_pages = true
+emulated_latency_ns = 0
 
 [tiers.scm]
 capacity = "16G"
@@ -104,6 +105,7 @@ class MemoryTierConfig:
     capacity_bytes: int
     huge_pages: bool
     node: int | None = None  # CXL only: the CPU-less node; None = auto-detect
+    emulated_latency_ns: int = 0  # CXL only: latency injected per row when the tier is emulated in DRAM
 
 
 @dataclass(frozen=True)
@@ -345,7 +347,7 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
         raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
     _section(doc, "tiers", {"dram", "cxl", "scm"})
     dram = _section(doc, "tiers.dram", {"capacity", "huge_pages"})
-    cxl = _section(doc, "tiers.cxl", {"capacity", "huge_pages", "node"})
+    cxl = _section(doc, "tiers.cxl", {"capacity", "huge_pages", "node", "emulated_latency_ns"})
     scm = _section(doc, "tiers.scm", {"capacity", "path", "read_align_bytes"})
     tiering = _section(doc, "tiering", {"enabled", "interval_seconds", "bandwidth", "hysteresis"})
     kern = _section(doc, "kernels", {"kernel_threads", "prefetch_distance", "heat_sample_shift", "scm_queue_depth"})
@@ -368,6 +370,8 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
             capacity_bytes=parse_size(cxl["capacity"], "tiers.cxl.capacity", available_bytes),
             huge_pages=_bool(cxl, "huge_pages", "tiers.cxl.huge_pages"),
             node=_node(cxl["node"], "tiers.cxl.node"),
+            emulated_latency_ns=_int(cxl, "emulated_latency_ns", "tiers.cxl.emulated_latency_ns",
+                                     0, 1_000_000),
         ),
         scm=ScmTierConfig(
             capacity_bytes=parse_size(scm["capacity"], "tiers.scm.capacity", available_bytes),

@@ -88,6 +88,15 @@ class NativeTable:
         lib.et_table_set_prefetch(self._h, prefetch_distance)
         lib.et_table_set_heat_sampling(self._h, heat_sample_shift)
 
+    def set_cxl_delay(self, ns: int) -> None:
+        """Injects ns of latency per CXL row a lookup serves (0 = off), for a CXL tier emulated in DRAM.
+
+        Serialised per row, so an upper bound of the latency effect; raw reads are not delayed."""
+        if isinstance(ns, bool) or not isinstance(ns, int) or not 0 <= ns <= lib.ET_CXL_DELAY_MAX_NS:
+            raise InvalidArgumentError(f"table {self.name!r}: injected CXL latency must be an integer number "
+                                       f"of ns in [0, {lib.ET_CXL_DELAY_MAX_NS}], got {ns!r}")
+        self._check(lib.et_table_set_cxl_delay(self._h, ns), None, "cxl delay")
+
     def mark_dropped(self) -> None:
         lib.et_table_mark_dropped(self._h)
 

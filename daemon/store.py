@@ -121,6 +121,7 @@ class Store:
         table = Table(name, num_rows, dim, dtype, stride, shift,
                       NativeTable(name, num_rows, dim, dtype, shift, max_chunks))
         table.native.configure(self.config.kernels.prefetch_distance, self.config.kernels.heat_sample_shift)
+        table.native.set_cxl_delay(self.tiers.cxl.injected_latency_ns)
         with self._lock:
             if name in self._tables or name in self._creating:
                 raise AlreadyExistsError(f"table {name!r} already exists")

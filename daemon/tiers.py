@@ -1,4 +1,9 @@
-"""The set of tiers a store runs on, fastest first: new tables fill DRAM, then CXL, then SCM."""
+"""The set of tiers a store runs on, fastest first: new tables fill DRAM, then CXL, then SCM.
+
+A CXL tier emulated in DRAM can be given an injected latency per row
+(tiers.cxl.emulated_latency_ns), kept on the tier as injected_latency_ns
+for the tables placed on it; real tiers get 0.
+"""
 
 from __future__ import annotations
 
@@ -36,9 +41,24 @@ def open_tiers(config: Config, topology: Topology) -> Tiers:
         cxl = MemoryTier("cxl", config.cxl.capacity_bytes, cpu_nodes, config.cxl.huge_pages, emulated=True)
     else:
         cxl = MemoryTier("cxl", config.cxl.capacity_bytes, [cxl_node], config.cxl.huge_pages, emulated=False)
+    dram.injected_latency_ns = 0
+    cxl.injected_latency_ns = injected_latency_ns(config, cxl)
     scm = ScmTier(config.scm.capacity_bytes, config.scm.path, config.scm.read_align_bytes)
     tiers = Tiers(dram, cxl, scm)
     log.info("topology: %s", topology.describe())
     for tier in tiers:
         log.info("tier %s", tier.describe())
+    if cxl.injected_latency_ns:
+        log.info("tier cxl: injected latency %d ns per row served by a lookup (serialised per row: an upper "
+                 "bound of the latency effect)", cxl.injected_latency_ns)
     return tiers
+
+
+def injected_latency_ns(config: Config, cxl: MemoryTier) -> int:
+    """tiers.cxl.emulated_latency_ns when the CXL tier is emulated in DRAM, else 0 (real CXL has its own)."""
+    latency_ns = config.cxl.emulated_latency_ns
+    if latency_ns and not cxl.emulated:
+        log.warning("tiers.cxl.emulated_latency_ns = %d ignored: the CXL tier is real memory on NUMA node(s) %s",
+                    latency_ns, ",".join(map(str, cxl.nodes)))
+        return 0
+    return latency_ns

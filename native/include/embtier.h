@@ -75,6 +75,17 @@ void et_table_mark_dropped(et_table *t);
 void et_table_set_heat_sampling(et_table *t, int32_t shift);
 /* Rows ahead to prefetch in the lookup loops (0 = off). */
 void et_table_set_prefetch(et_table *t, int32_t distance);
+/* Injected latency per CXL row, in ns (0 = off, at most ET_CXL_DELAY_MAX_NS;
+ * ET_E_ARG above): for a CXL tier emulated in DRAM, so that placement shows
+ * in lookup times.  After a part of a lookup (et_gather, et_pool) has pooled
+ * its bags it busy-waits rows_from_cxl * ns; parts run in parallel on the
+ * kernel threads, so their waits overlap like independent devices.  Within
+ * a part the delay is serialised per row (each CXL row adds the full
+ * latency, where real memory overlaps its misses), so it is an upper bound
+ * of the latency effect, and is reported as "injected".  One part waits at
+ * most 10 s.  Raw reads (et_read_rows) are not delayed. */
+#define ET_CXL_DELAY_MAX_NS 1000000
+int et_table_set_cxl_delay(et_table *t, uint32_t ns);
 
 /* ---- kernels ------------------------------------------------------------ */
 /* out[n][dim] float32 = rows of ids.  tier_rows (NULL, or [ET_NUM_TIERS]) receives

@@ -32,6 +32,7 @@ struct et_table {
     int32_t scm_align;
     int32_t heat_mask;     /* count an access when ((position + salt) & heat_mask) == 0 */
     int32_t prefetch;
+    uint32_t cxl_delay_ns; /* injected latency per CXL row served by a lookup (0 = off) */
     atomic_int dropped;
     pthread_rwlock_t lock; /* readers: lookups; writer: row writes, drop */
 };

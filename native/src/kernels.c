@@ -27,12 +27,14 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define ET_ALWAYS_INLINE static inline __attribute__((always_inline))
 #define ET_MAX_PARTS 64
 #define ET_MIN_ROWS_PER_PART 8192
 #define ET_RESOLVE_AHEAD 32   /* positions ahead in the resolve and counting passes */
 #define ET_ROW_LOCALITY 2     /* __builtin_prefetch locality of rows: 2 = prefetcht1 (into L2) */
+#define ET_CXL_DELAY_CAP_NS 10000000000ull /* the longest injected wait of one part of a call: 10 s */
 
 enum { ET_OP_ADD, ET_OP_MAX };
 enum { ET_PHASE_RESOLVE = 1, ET_PHASE_POOL = 2, ET_PHASE_FUSED = 4 };
@@ -329,6 +331,24 @@ int et_force_isa(int32_t isa) {
     return ET_OK;
 }
 
+static uint64_t monotonic_ns(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+}
+
+/* The injected latency of the CXL rows a part served (et_table_set_cxl_delay):
+ * a busy wait, as a core stalled on memory stays busy; a sleep would give
+ * the core away and wake late by more than a row's latency. */
+static void inject_cxl_delay(const et_call *c, int part) {
+    const uint64_t per_row = c->t->cxl_delay_ns;
+    const uint64_t rows = (uint64_t)c->tier_rows[part][ET_TIER_CXL];
+    if (per_row == 0 || rows == 0) return;
+    const uint64_t wait = rows > ET_CXL_DELAY_CAP_NS / per_row ? ET_CXL_DELAY_CAP_NS : rows * per_row;
+    const uint64_t until = monotonic_ns() + wait;
+    while (monotonic_ns() < until) _mm_pause();
+}
+
 static void run_part(void *arg, int part, int parts) {
     (void)parts;
     et_call *c = arg;
@@ -343,6 +363,7 @@ static void run_part(void *arg, int part, int parts) {
     case ET_ISA_AVX2: part_avx2(c, part); break;
     default: part_generic(c, part); break;
     }
+    if (!c->err[part]) inject_cxl_delay(c, part);
 }
 
 /* ---- validation and partitioning ---------------------------------------- */

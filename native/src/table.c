@@ -112,3 +112,11 @@ void et_table_set_heat_sampling(et_table *t, int32_t shift) {
 void et_table_set_prefetch(et_table *t, int32_t distance) {
     t->prefetch = distance < 0 ? 0 : distance > 256 ? 256 : distance;
 }
+
+int et_table_set_cxl_delay(et_table *t, uint32_t ns) {
+    if (ns > ET_CXL_DELAY_MAX_NS) return ET_E_ARG;
+    pthread_rwlock_wrlock(&t->lock);
+    t->cxl_delay_ns = ns;
+    pthread_rwlock_unlock(&t->lock);
+    return ET_OK;
+}

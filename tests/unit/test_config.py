@@ -58,6 +58,20 @@ def test_bad_values_name_the_key(doc, message):
         config.load(overrides=doc, available_bytes=GiB)
 
 
+def test_cxl_emulated_latency():
+    assert config.load(available_bytes=GiB).cxl.emulated_latency_ns == 0
+    cfg = config.load(overrides={"tiers": {"cxl": {"emulated_latency_ns": 250}}}, available_bytes=GiB)
+    assert cfg.cxl.emulated_latency_ns == 250 and cfg.dram.emulated_latency_ns == 0
+
+
+@pytest.mark.parametrize("value, shown", [(-1, "-1"), (2.5, "2.5"), ("200", "'200'"), (True, "True"),
+                                          (1_000_001, "1000001")])
+def test_cxl_emulated_latency_errors(value, shown):
+    with pytest.raises(ConfigError, match=rf"tiers.cxl.emulated_latency_ns: expected an integer in "
+                                          rf"\[0, 1000000\], got {shown}$"):
+        config.load(overrides={"tiers": {"cxl": {"emulated_latency_ns": value}}}, available_bytes=GiB)
+
+
 def test_unreadable_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read configuration file"):
         config.load(tmp_path / "missing.toml")
