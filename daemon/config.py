@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 
 from .errors import ConfigError
-from .tiering_config import TieringConfig
+from .tiering_config import MEMORY_TIERS, POLICY_NAMES, TIER_NAMES, TablePolicy, TieringConfig
 
 DEFAULT_TOML = """
 state_dir = ".state"
@@ -60,6 +60,10 @@ enabled = true
 interval_seconds = 1.0
 bandwidth = "256M"
 hysteresis = 0.25
+aging_intervals = 4
+policy = "lfu"
+
+[tiering.tables]
 
 [kernels]
 kernel_threads = 1
@@ -331,12 +335,48 @@ def _number(section: dict, key: str, field: str, lo: float, hi: float) -> float:
     return float(value)
 
 
-def _tiering(section: dict) -> TieringConfig:
+def _policy_name(value: Any, field: str) -> str:
+    if value not in POLICY_NAMES:
+        raise ConfigError(f"{field}: expected one of {', '.join(POLICY_NAMES)}, got {value!r}")
+    return value
+
+
+def _table_capacity(value: Any, field: str, tier_bytes: int) -> int:
+    """A table's own limit in a tier: a size, or a share ("50%", 0.5) of the tier's capacity."""
+    if isinstance(value, float) or (isinstance(value, str) and _PERCENT_RE.match(value)):
+        return parse_size(value, field, available_bytes=tier_bytes)
+    return parse_size(value, field)
+
+
+def _table_policy(name: str, section: Any, default_policy: str, tier_bytes: dict[str, int]) -> TablePolicy:
+    path = f"tiering.tables.{name}"
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: expected a table of policy, pin, dram, cxl; got {section!r}")
+    unknown = set(section) - {"policy", "pin", "dram", "cxl"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: cxl, dram, pin, policy")
+    pin = section.get("pin", "")
+    if pin not in ("", *TIER_NAMES):
+        raise ConfigError(f"{path}.pin: expected \"\" or one of {', '.join(TIER_NAMES)}, got {pin!r}")
+    capacity = {tier: _table_capacity(section[tier], f"{path}.{tier}", tier_bytes[tier]) if tier in section
+                else None for tier in MEMORY_TIERS}
+    return TablePolicy(policy=_policy_name(section.get("policy", default_policy), f"{path}.policy"), pin=pin,
+                       capacity_bytes=capacity)
+
+
+def _tiering(section: dict, tier_bytes: dict[str, int]) -> TieringConfig:
+    policy = _policy_name(section["policy"], "tiering.policy")
+    tables = section["tables"]
+    if not isinstance(tables, dict):
+        raise ConfigError(f"tiering.tables: expected a table of per-table settings, got {tables!r}")
     return TieringConfig(
         enabled=_bool(section, "enabled", "tiering.enabled"),
         interval_seconds=_number(section, "interval_seconds", "tiering.interval_seconds", 0.01, 3600),
         bandwidth_bytes_per_second=parse_size(section["bandwidth"], "tiering.bandwidth"),
         hysteresis=_number(section, "hysteresis", "tiering.hysteresis", 0, 100),
+        aging_intervals=_int(section, "aging_intervals", "tiering.aging_intervals", 1, 1000),
+        policy=policy,
+        tables={name: _table_policy(name, value, policy, tier_bytes) for name, value in tables.items()},
     )
 
 
@@ -349,7 +389,8 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
     dram = _section(doc, "tiers.dram", {"capacity", "huge_pages"})
     cxl = _section(doc, "tiers.cxl", {"capacity", "huge_pages", "node", "emulated_latency_ns"})
     scm = _section(doc, "tiers.scm", {"capacity", "path", "read_align_bytes"})
-    tiering = _section(doc, "tiering", {"enabled", "interval_seconds", "bandwidth", "hysteresis"})
+    tiering = _section(doc, "tiering", {"enabled", "interval_seconds", "bandwidth", "hysteresis", "aging_intervals",
+                                        "policy", "tables"})
     kern = _section(doc, "kernels", {"kernel_threads", "prefetch_distance", "heat_sample_shift", "scm_queue_depth"})
     server = _section(doc, "server", {"listen", "metrics_listen", "max_message_bytes", "max_ids_per_request",
                                       "grace_seconds", "worker_threads", "listen_interface", "listen_port",
@@ -359,26 +400,28 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
     align = _int(scm, "read_align_bytes", "tiers.scm.read_align_bytes", 0, 4096)
     if align not in (0, 512, 1024, 2048, 4096):
         raise ConfigError(f"tiers.scm.read_align_bytes: expected 0 (probe), 512, 1024, 2048 or 4096, got {align}")
+    dram_config = MemoryTierConfig(
+        capacity_bytes=parse_size(dram["capacity"], "tiers.dram.capacity", available_bytes),
+        huge_pages=_bool(dram, "huge_pages", "tiers.dram.huge_pages"),
+    )
+    cxl_config = MemoryTierConfig(
+        capacity_bytes=parse_size(cxl["capacity"], "tiers.cxl.capacity", available_bytes),
+        huge_pages=_bool(cxl, "huge_pages", "tiers.cxl.huge_pages"),
+        node=_node(cxl["node"], "tiers.cxl.node"),
+        emulated_latency_ns=_int(cxl, "emulated_latency_ns", "tiers.cxl.emulated_latency_ns",
+                                 0, 1_000_000),
+    )
     return Config(
         state_dir=state_dir,
         server=_server(server, tls),
-        dram=MemoryTierConfig(
-            capacity_bytes=parse_size(dram["capacity"], "tiers.dram.capacity", available_bytes),
-            huge_pages=_bool(dram, "huge_pages", "tiers.dram.huge_pages"),
-        ),
-        cxl=MemoryTierConfig(
-            capacity_bytes=parse_size(cxl["capacity"], "tiers.cxl.capacity", available_bytes),
-            huge_pages=_bool(cxl, "huge_pages", "tiers.cxl.huge_pages"),
-            node=_node(cxl["node"], "tiers.cxl.node"),
-            emulated_latency_ns=_int(cxl, "emulated_latency_ns", "tiers.cxl.emulated_latency_ns",
-                                     0, 1_000_000),
-        ),
+        dram=dram_config,
+        cxl=cxl_config,
         scm=ScmTierConfig(
             capacity_bytes=parse_size(scm["capacity"], "tiers.scm.capacity", available_bytes),
             path=Path(str(scm["path"])) if scm["path"] else state_dir / "scm.dat",
             read_align_bytes=align,
         ),
-        tiering=_tiering(tiering),
+        tiering=_tiering(tiering, {"dram": dram_config.capacity_bytes, "cxl": cxl_config.capacity_bytes}),
         kernels=KernelConfig(
             kernel_threads=_int(kern, "kernel_threads", "kernels.kernel_threads", 1, 256),
             prefetch_distance=_int(kern, "prefetch_distance", "kernels.prefetch_distance", 0, 256),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 import psutil
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
 from . import __version__, native
@@ -76,10 +76,20 @@ class Metrics:
         self.tiering_seconds = Histogram("embtier_tiering_interval_duration_seconds",
                                          "Time one tiering interval (plan and moves) took.", buckets=LATENCY_BUCKETS,
                                          registry=r)
+        self._backlog_tables: set[str] = set()
+        self.backlog = Gauge("embtier_migration_backlog_rows",
+                             "Moves the tiering plan wanted in its last interval but the bandwidth budget deferred, "
+                             "by table.", ["table"], registry=r)
         r.register(StoreCollector(store))
 
-    def tiering_interval(self, seconds: float, moved: dict[tuple[str, str], int], moved_bytes: int) -> None:
+    def tiering_interval(self, seconds: float, moved: dict[tuple[str, str], int], moved_bytes: int,
+                         backlog_rows: dict[str, int]) -> None:
         self.tiering_seconds.observe(seconds)
+        for table in set(self._backlog_tables) - set(backlog_rows):
+            self.backlog.remove(table)
+        for table, rows in backlog_rows.items():
+            self.backlog.labels(table).set(rows)
+        self._backlog_tables = set(backlog_rows)
         for (src, dst), n in moved.items():
             self.migrations.labels(src, dst).inc(n)
         self.migrated_bytes.inc(moved_bytes)

@@ -81,6 +81,14 @@ class SlotSpace:
             need -= n
         return np.concatenate(parts)
 
+    def room(self) -> int:
+        """Slots take() could hand out now: the free ones, the rest of the current chunk, new chunks that fit."""
+        chunk, offset = self.next >> self.shift, self.next & (self.chunk_rows - 1)
+        in_chunk = self.held[chunk] - offset if chunk < len(self.extents) else 0
+        new_chunks = self.table.max_chunks - len(self.extents)
+        fitting = self._rows_fitting(self.tier.largest_free())  # (a lower bound: other free extents may fit more)
+        return int(self.free.size + max(0, in_chunk) + min(fitting, max(0, new_chunks) << self.shift))
+
     def give_back(self, slots: np.ndarray) -> None:
         self.free = np.concatenate([self.free, slots.astype(np.uint32)])
 

@@ -13,6 +13,7 @@ every row whole, because the native write path holds the table's write lock.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -26,6 +27,7 @@ from .config import Config
 from .errors import AlreadyExistsError, InvalidArgumentError, NotFoundError, TierFullError
 from .native import NativeTable, require
 from .slots import SlotSpace
+from .tiering_config import MEMORY_TIERS, POLICY_NAMES, TIER_NAMES, TablePolicy
 from .tiers import Tiers, open_tiers
 from .topology import Topology, discover
 
@@ -72,6 +74,8 @@ class Table:
     rows_by_tier: list[int] = field(default_factory=lambda: [0, 0, 0])
     version: int = 0
     write_lock: threading.Lock = field(default_factory=threading.Lock)
+    policy: TablePolicy = field(default_factory=TablePolicy)
+    serial: int = 0  # unique per table created: a dropped and re-created name gets a new one
 
 
 def _tier_counter(tier_rows: np.ndarray | None) -> np.ndarray | None:
@@ -79,6 +83,16 @@ def _tier_counter(tier_rows: np.ndarray | None) -> np.ndarray | None:
         raise InvalidArgumentError(f"tier_rows must be an int64 array of shape (3,), got {tier_rows.dtype} "
                                    f"{tier_rows.shape}")
     return tier_rows
+
+
+def check_policy(policy: TablePolicy) -> None:
+    if policy.policy not in POLICY_NAMES:
+        raise InvalidArgumentError(f"policy must be one of {', '.join(POLICY_NAMES)}; got {policy.policy!r}")
+    if policy.pin not in ("", *TIER_NAMES):
+        raise InvalidArgumentError(f"pin_tier must be \"\" or one of {', '.join(TIER_NAMES)}; got {policy.pin!r}")
+    for tier, limit in policy.capacity_bytes.items():
+        if tier not in MEMORY_TIERS or (limit is not None and limit < 0):
+            raise InvalidArgumentError(f"{tier}_capacity_bytes must be >= 0 (or unset: no limit), got {limit}")
 
 
 def chunk_shift_for(stride: int, num_rows: int) -> int:
@@ -99,6 +113,7 @@ class Store:
         native.set_kernel_threads(config.kernels.kernel_threads)
         native.set_scm_queue_depth(config.kernels.scm_queue_depth)
         self._tables: dict[str, Table] = {}
+        self._serials = itertools.count(1)
         self._creating: set[str] = set()  # names reserved while their rows are initialised
         self._lock = threading.Lock()  # guards the two above and the tiers' extent allocators
         log.info("kernels: %s, %d thread(s), SCM reads %s", native.isa(), config.kernels.kernel_threads,
@@ -107,19 +122,22 @@ class Store:
     # ---- tables ------------------------------------------------------------
 
     def create_table(self, name: str, num_rows: int, dim: int, dtype: str = "float32",
-                     initializer: str = "zeros", seed: int = 0, init_scale: float = 0.0) -> TableInfo:
-        """A new table, its rows placed fastest tier first and initialised.
+                     initializer: str = "zeros", seed: int = 0, init_scale: float = 0.0,
+                     policy: TablePolicy | None = None) -> TableInfo:
+        """A new table, its rows placed fastest tier first (within its policy's pin and limits) and initialised.
 
         uniform draws from [-init_scale, init_scale) (0 means 1/sqrt(num_rows), DLRM's choice),
-        reproducibly from seed."""
+        reproducibly from seed.  policy defaults to the configuration's for this name."""
         self._check_new_table(name, num_rows, dim, dtype, initializer, init_scale)
+        policy = policy or self.config.tiering.table_policy(name)
+        check_policy(policy)
         stride = native.row_stride(dim, dtype)
         shift = chunk_shift_for(stride, num_rows)
         # Chunks a tier may give the table: twice what num_rows needs, because a chunk cut short by a
         # full tier leaves its slot range partly unusable and later growth starts a new chunk.
         max_chunks = min(2 * -(-num_rows >> shift), (1 << 30) >> shift)
         table = Table(name, num_rows, dim, dtype, stride, shift,
-                      NativeTable(name, num_rows, dim, dtype, shift, max_chunks))
+                      NativeTable(name, num_rows, dim, dtype, shift, max_chunks), policy=policy)
         table.native.configure(self.config.kernels.prefetch_distance, self.config.kernels.heat_sample_shift)
         table.native.set_cxl_delay(self.tiers.cxl.injected_latency_ns)
         with self._lock:
@@ -137,6 +155,7 @@ class Store:
             raise
         with self._lock:
             self._creating.discard(name)
+            table.serial = next(self._serials)
             self._tables[name] = table
         log.info("created table %s: %d x %d %s, rows per tier %s", name, num_rows, dim, dtype,
                  dict(zip(("dram", "cxl", "scm"), table.rows_by_tier)))
@@ -149,6 +168,30 @@ class Store:
                 raise NotFoundError(f"table {name!r} does not exist")
             table.native.mark_dropped()  # waits for calls in flight; later calls fail cleanly
             self._release(table)
+
+    def serial(self, name: str) -> int:
+        return self._get(name).serial
+
+    def table_policy(self, name: str) -> TablePolicy:
+        return self._get(name).policy
+
+    def set_policy(self, name: str, policy: TablePolicy) -> TablePolicy:
+        """Replaces a table's policy settings; the tiering engine moves rows to match from its next interval."""
+        check_policy(policy)
+        table = self._get(name)
+        table.policy = policy
+        return policy
+
+    def room_rows(self, name: str, tier: int) -> int:
+        """How many more rows of the table a tier could take now: the table's own limit there, the
+        free slots it holds, and the tier's free space (negative when the table is over its limit)."""
+        table = self._get(name)
+        limit = table.policy.limit_rows(TIER_NAMES[tier], table.stride) if TIER_NAMES[tier] in MEMORY_TIERS else None
+        with self._lock:
+            room = self._space(table, tier).room()
+            if limit is not None:
+                room = min(room, limit - table.rows_by_tier[tier])
+        return room
 
     def geometry(self, name: str) -> tuple[int, str, int]:
         """(dim, dtype, bytes per stored row) of a table, without the cost of describe()."""
@@ -267,10 +310,10 @@ class Store:
         table.native.read_rows(ids, out)
         return out
 
-    def heat(self, name: str) -> np.ndarray:
-        """The table's live access counters (read-only view)."""
+    def heat(self, name: str, writable: bool = False) -> np.ndarray:
+        """The table's live access counters (a read-only view unless writable: the tiering policy ages them)."""
         view = self._get(name).native.heat.view()
-        view.flags.writeable = False
+        view.flags.writeable = writable
         return view
 
     def heat_histogram(self, name: str) -> dict[str, np.ndarray]:
@@ -317,16 +360,20 @@ class Store:
             raise InvalidArgumentError(f"init_scale must be finite and >= 0, got {init_scale}")
 
     def _place(self, table: Table) -> None:
-        """Homes for every row, DRAM first, then CXL, then SCM; all or nothing."""
-        first = 0
+        """Homes for every row, DRAM first, then CXL, then SCM (only the pinned tier, for a pinned
+        table; no more rows in a memory tier than the table's own limit there); all or nothing."""
+        first, pin = 0, table.policy.pin
         for tier in self.tiers:
-            if first < table.num_rows:
-                first += self._fill(table, tier, first, table.num_rows - first)
+            if first < table.num_rows and pin in ("", tier.name):
+                want = table.num_rows - first
+                limit = table.policy.limit_rows(tier.name, table.stride) if tier.name in MEMORY_TIERS else None
+                first += self._fill(table, tier, first, want if limit is None else min(want, limit))
         if first < table.num_rows:
             self._release(table)
             need = table.num_rows * table.stride
             free = ", ".join(f"{t.name} {t.largest_free()}" for t in self.tiers)
-            raise TierFullError(f"table {table.name!r} needs about {need} bytes and the tiers are full "
+            where = f"tier {pin} (the table is pinned there)" if pin else "the tiers"
+            raise TierFullError(f"table {table.name!r} needs about {need} bytes and {where} cannot hold it "
                                 f"(largest free extent in bytes: {free})")
 
     def _fill(self, table: Table, tier, first: int, want: int) -> int:

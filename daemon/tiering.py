@@ -1,16 +1,18 @@
 """The tiering engine: tracker -> policy -> mover, once per interval.
 
 - tracker: the heat counters the lookup kernels bump (1 in 2^heat_sample_shift
-  accesses, saturating at 255), halved every interval so that heat follows
-  recent popularity;
-- policy (LFU with aging): for each pair of neighbouring tiers, the hottest
-  rows below the faster tier against the coldest rows in it; a pair swaps
-  only when the hotter row is clearly hotter (hysteresis), and no more rows
-  move per interval than the migration bandwidth budget allows;
-- mover: Store.move_rows, the only code that changes a row's home (cold row
-  down first, which frees the slot the hot row then takes).
+  accesses, saturating at 255); the policy ages them after each interval;
+- policy: per table, as its settings name it (policy_lfu: LFU with aging,
+  the default; policy_lru: promote on access, the baseline); the plan they
+  share (policy_base.run_interval) promotes the hottest rows below into free
+  room, then swaps them against the coldest rows above when the policy finds
+  the swap worth it (hysteresis), demotes rows over a table's own limit, and
+  moves a pinned table's rows to its tier;
+- mover: Store.move_rows, the only code that changes a row's home.
 
-Policies never touch memory; the mover never decides.
+The migration budget (bandwidth x interval, in bytes) is shared by all
+tables; the table served first rotates each interval so that none starves.
+What the budget left undone is the migration backlog.
 
 SCM and promotions: every row has exactly one home.  A row promoted out of
 SCM is read from the file (the lookup path's batched O_DIRECT reads), copied
@@ -27,46 +29,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
-import numpy as np
-
+from .errors import NotFoundError
+from .policies import make_policy
+from .policy_base import UNLIMITED, Policy, run_interval
 from .store import Store
-from .tiering_config import TieringConfig
+from .tiering_config import TIER_NAMES, TieringConfig
 
 log = logging.getLogger(__name__)
 
-TIERS = ("dram", "cxl", "scm")
 
+@dataclass
+class TableState:
+    """What the engine keeps per table between intervals."""
 
-def hottest_below(heat: np.ndarray, placement: np.ndarray, fast: int, k: int, min_heat: int = 2) -> np.ndarray:
-    """Up to k rows homed in tiers slower than fast with heat >= min_heat, hottest first."""
-    below = np.flatnonzero((placement > fast) & (heat >= min_heat))
-    if k <= 0:
-        return below[:0].astype(np.int64)
-    wanted = -heat.astype(np.int32)  # (negating the uint8 counters themselves would wrap)
-    if below.size > k:
-        below = below[np.argpartition(wanted[below], k - 1)[:k]]
-    return below[np.argsort(wanted[below], kind="stable")].astype(np.int64)
-
-
-def plan_swaps(heat: np.ndarray, placement: np.ndarray, fast: int, budget_rows: int,
-               hysteresis: float) -> tuple[np.ndarray, np.ndarray]:
-    """(rows to move up into tier fast, rows to move down out of it), as many of each.
-
-    The hottest rows homed below fast are paired, hottest first, with the
-    coldest rows in fast; a pair is kept when the hot row's heat exceeds the
-    cold row's by the hysteresis factor and by at least one count (so a hot
-    row has heat >= 2)."""
-    inside = np.flatnonzero(placement == fast)
-    hot = hottest_below(heat, placement, fast, min(budget_rows, inside.size))
-    k = hot.size
-    if k == 0:
-        return hot, hot
-    cold = inside[np.argpartition(heat[inside], k - 1)[:k]]
-    cold = cold[np.argsort(heat[cold], kind="stable")]
-    keep = heat[hot].astype(np.float64) > heat[cold] * (1 + hysteresis) + 1
-    n = int(np.argmin(keep)) if not keep.all() else k  # pairs are sorted: keep the leading run
-    return hot[:n], cold[:n].astype(np.int64)
+    policy_name: str
+    serial: int        # the store's table serial: a re-created table starts afresh
+    policy: Policy
+    backlog_rows: int = 0
+    moved_rows: int = 0
 
 
 class TieringEngine:
@@ -74,52 +56,66 @@ class TieringEngine:
         self.store = store
         self.config = config
         self.metrics = metrics
+        self.intervals = 0
+        self._state: dict[str, TableState] = {}
+        self._lock = threading.Lock()  # one interval at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def state(self, table: str) -> TableState | None:
+        """The table's engine state as of the last interval (None before its first)."""
+        return self._state.get(table)
+
     def run_once(self) -> dict[tuple[str, str], int]:
         """One interval over every table; returns rows moved per (from, to) tier."""
+        with self._lock:
+            return self._interval()
+
+    def _interval(self) -> dict[tuple[str, str], int]:
         moved: dict[tuple[str, str], int] = {}
         moved_bytes = 0
         start = time.perf_counter()
-        for info in self.store.tables():
-            stride = self.store.geometry(info.name)[2]
-            budget = max(1, int(self.config.bandwidth_bytes_per_second * self.config.interval_seconds)
-                         // (2 * stride))
-            heat = self.store.heat(info.name)
-            for fast in (0, 1):
-                # hot rows first take whatever room the faster tier has, then displace cold rows
-                placement = self.store.placement(info.name)
-                up = hottest_below(heat, placement, fast, budget)
-                n = self._promote(info.name, up, placement, fast, moved) if up.size else 0
-                budget -= n
-                moved_bytes += n * stride
-                placement = self.store.placement(info.name)
-                up, down = plan_swaps(heat, placement, fast, budget, self.config.hysteresis)
-                if not up.size:
-                    continue
-                demoted = self.store.move_rows(info.name, down, "scm")
-                self._count(moved, TIERS[fast], "scm", demoted)
-                n = self._promote(info.name, up, placement, fast, moved)
-                budget -= n
-                moved_bytes += (demoted + n) * stride
-            self.store.decay_heat(info.name)
+        budget_bytes = int(self.config.bandwidth_bytes_per_second * self.config.interval_seconds)
+        tables = [info.name for info in self.store.tables()]
+        self._state = {name: s for name, s in self._state.items() if name in tables}
+        if tables:
+            first = self.intervals % len(tables)
+            tables = tables[first:] + tables[:first]
+        for name in tables:
+            try:
+                stride = self.store.geometry(name)[2]
+                state = self._table_state(name)
+                pin = self.store.table_policy(name).pin
+                room = [self.store.room_rows(name, 0), self.store.room_rows(name, 1), UNLIMITED]
+                result = run_interval(state.policy, self.store.heat(name, writable=True), self.store.placement(name),
+                                      room, budget_bytes // stride,
+                                      lambda rows, tier, name=name: self.store.move_rows(name, rows, TIER_NAMES[tier]),
+                                      TIER_NAMES.index(pin) if pin else None)
+            except NotFoundError:  # dropped meanwhile
+                self._state.pop(name, None)
+                continue
+            state.backlog_rows, state.moved_rows = result.backlog_rows, result.rows_moved
+            budget_bytes -= result.rows_moved * stride
+            moved_bytes += result.rows_moved * stride
+            for (src, dst), n in result.moved.items():
+                key = (TIER_NAMES[src], TIER_NAMES[dst])
+                moved[key] = moved.get(key, 0) + n
+        self.intervals += 1
         if self.metrics is not None:
-            self.metrics.tiering_interval(time.perf_counter() - start, moved, moved_bytes)
+            self.metrics.tiering_interval(time.perf_counter() - start, moved, moved_bytes,
+                                          {name: s.backlog_rows for name, s in self._state.items()})
         return moved
 
-    def _promote(self, table: str, up: np.ndarray, placement: np.ndarray, fast: int, moved: dict) -> int:
-        """Moves up (hottest first) into tier fast as far as it has room; counts the moves by origin."""
-        n = self.store.move_rows(table, up, TIERS[fast])
-        origins = placement[up[:n]]
-        for origin in np.unique(origins):
-            self._count(moved, TIERS[origin], TIERS[fast], int((origins == origin).sum()))
-        return n
-
-    @staticmethod
-    def _count(moved: dict, src: str, dst: str, n: int) -> None:
-        if n:
-            moved[(src, dst)] = moved.get((src, dst), 0) + n
+    def _table_state(self, name: str) -> TableState:
+        """The table's policy instance, made afresh when the table or its policy changed."""
+        policy_name, serial = self.store.table_policy(name).policy, self.store.serial(name)
+        state = self._state.get(name)
+        if state is None or (state.policy_name, state.serial) != (policy_name, serial):
+            num_rows = self.store.describe(name).num_rows
+            state = TableState(policy_name, serial,
+                               make_policy(policy_name, num_rows, self.config.hysteresis, self.config.aging_intervals))
+            self._state[name] = state
+        return state
 
     def start(self) -> None:
         if not self.config.enabled:
@@ -134,8 +130,9 @@ class TieringEngine:
 
         self._thread = threading.Thread(target=loop, name="tiering", daemon=True)
         self._thread.start()
-        log.info("tiering: LFU with aging every %.1f s, %d bytes/s, hysteresis %.2f",
-                 self.config.interval_seconds, self.config.bandwidth_bytes_per_second, self.config.hysteresis)
+        log.info("tiering: every %.1f s, %d bytes/s, default policy %s (hysteresis %.2f, aging every %d intervals)",
+                 self.config.interval_seconds, self.config.bandwidth_bytes_per_second, self.config.policy,
+                 self.config.hysteresis, self.config.aging_intervals)
 
     def stop(self) -> None:
         self._stop.set()

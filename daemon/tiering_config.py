@@ -1,6 +1,32 @@
 """Configuration of the tiering engine (its own module so that config and tiering import it without a cycle)."""
 
-from dataclasses import dataclass
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+POLICY_NAMES = ("lfu", "lru")
+MEMORY_TIERS = ("dram", "cxl")
+TIER_NAMES = ("dram", "cxl", "scm")
+
+
+@dataclass(frozen=True)
+class TablePolicy:
+    """How the engine treats one table.
+
+    policy: "lfu" (LFU with aging) or "lru" (promote on access, evict the least recently used);
+    pin: "" or a tier name: every row of the table lives there and the policy does not run;
+    capacity_bytes: per memory tier, at most this many bytes of the table's rows (None = no
+    limit of its own; the tier's capacity still holds).
+    """
+
+    policy: str = "lfu"
+    pin: str = ""
+    capacity_bytes: dict[str, int | None] = field(default_factory=lambda: {"dram": None, "cxl": None})
+
+    def limit_rows(self, tier: str, row_bytes: int) -> int | None:
+        """The table's own row limit in a memory tier, None = none."""
+        limit = self.capacity_bytes.get(tier)
+        return None if limit is None else limit // row_bytes
 
 
 @dataclass(frozen=True)
@@ -8,4 +34,10 @@ class TieringConfig:
     enabled: bool
     interval_seconds: float
     bandwidth_bytes_per_second: int  # migration budget: rows moved per interval x row bytes stays under it
-    hysteresis: float                # a hot row replaces a cold one only when hotter by this factor
+    hysteresis: float                # LFU: a hot row replaces a cold one only when hotter by this factor
+    aging_intervals: int = 4         # LFU: heat is halved every this many intervals
+    policy: str = "lfu"              # the policy of tables that tables does not name
+    tables: dict[str, TablePolicy] = field(default_factory=dict)  # per-table settings by table name
+
+    def table_policy(self, name: str) -> TablePolicy:
+        return self.tables.get(name) or TablePolicy(policy=self.policy)
