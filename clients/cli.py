@@ -1,12 +1,15 @@
 """embtier: the command line of the embtier daemon.
 
     embtier [--target ADDR] tables | describe T | create T --rows N --dim D | drop T
-            | import T FILE.npy | lookup T ID... | tiers | bench --table T ...
+            | import T FILE.npy | lookup T ID... | tiers | heat T | policy T [--set ...]
+            | record T --ids N -o FILE.npy | simulate FILE.npy [--dram SIZES] [--cxl SIZES]
+            | bench --table T ...
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -77,12 +80,106 @@ def cmd_heat(c: Client, args) -> None:
     bins, tiers = c.heat(args.name)
     width = 40
     most = max((n for counts in tiers.values() for n in counts), default=1) or 1
-    print(f"heat of {args.name} (sampled access counts, halved every tiering interval), rows per bin:")
+    print(f"heat of {args.name} (sampled access counts, aged by the tiering policy), rows per bin:")
     for tier, counts in tiers.items():
         print(f"  {tier} ({sum(counts)} rows)")
         for label, n in zip(bins, counts):
             bar = "#" * max(1 if n else 0, round(width * n / most))
             print(f"    {label:>8} {n:>12}  {bar}")
+
+
+def size_or_none(text: str) -> int:
+    """A size in bytes ("64M", "1G", 4096), or -1 for "none" (no limit)."""
+    if text.lower() == "none":
+        return -1
+    from embtierd.config import parse_size
+    from embtierd.errors import ConfigError
+    try:
+        return parse_size(text, "size")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cmd_policy(c: Client, args) -> None:
+    changes = {"policy": args.policy, "pin_tier": None if args.pin is None else ("" if args.pin == "none" else args.pin),
+               "dram_capacity_bytes": args.dram, "cxl_capacity_bytes": args.cxl}
+    p = c.set_policy(args.name, **changes) if any(v is not None for v in changes.values()) else c.policy(args.name)
+
+    def limit(n: int) -> str:
+        return "none (the tier's capacity)" if n < 0 else human_bytes(n)
+
+    print(f"table {p.table}: policy {p.policy}, pinned to {p.pin_tier or 'no tier'}")
+    print(f"  own limit in dram: {limit(p.dram_capacity_bytes)}, in cxl: {limit(p.cxl_capacity_bytes)}")
+    state = "on" if p.tiering_enabled else "off"
+    print(f"  engine {state}: every {p.interval_seconds:g} s, budget {human_bytes(p.bandwidth_bytes_per_second)}/s; "
+          f"last interval moved {p.rows_moved} rows, backlog {p.migration_backlog_rows} rows")
+
+
+def cmd_record(c: Client, args) -> None:
+    trace = c.record_trace(args.name, args.ids, args.timeout)
+    out = Path(args.output)
+    np.save(out, trace.ids)
+    meta = {"table": args.name, "num_rows": trace.num_rows, "row_bytes": trace.row_bytes,
+            "dram_rows": trace.dram_rows, "cxl_rows": trace.cxl_rows, "seconds": trace.seconds,
+            "interval_seconds": trace.interval_seconds, "bandwidth_bytes_per_second": trace.bandwidth_bytes_per_second,
+            "heat_sample_shift": trace.heat_sample_shift, "policy": trace.policy}
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    rate = trace.ids.size / trace.seconds if trace.seconds > 0 else float("nan")
+    print(f"recorded {trace.ids.size} ids of {args.name} in {trace.seconds:.1f} s ({rate:,.0f} ids/s) -> {out} "
+          f"(+ {out.with_suffix('.json').name}: what `embtier simulate {out}` needs to replay it)")
+
+
+def cmd_simulate(args) -> None:
+    from embtierd.simulate import SimConfig, oracle_hit_ratios, simulate
+
+    trace = np.load(args.trace, mmap_mode="r")
+    meta_path = Path(args.trace).with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+
+    def setting(name: str, arg):
+        if arg is not None:
+            return arg
+        if name not in meta:
+            raise SystemExit(f"embtier simulate: --{name.replace('_', '-')} is needed ({meta_path} has no {name})")
+        return meta[name]
+
+    num_rows = int(setting("num_rows", args.rows))
+    row_bytes = int(setting("row_bytes", args.row_bytes))
+    shift = int(setting("heat_sample_shift", args.sample_shift))
+    if args.ids_per_interval is not None:
+        per_interval = args.ids_per_interval
+    elif meta.get("seconds"):
+        per_interval = max(1, round(trace.size / meta["seconds"] * meta["interval_seconds"]))
+    else:
+        raise SystemExit("embtier simulate: --ids-per-interval is needed (no recorded rate beside the trace)")
+    bandwidth = args.budget if args.budget is not None else int(
+        meta.get("bandwidth_bytes_per_second", 256 << 20) * meta.get("interval_seconds", 1.0))
+    drams = args.dram or [meta.get("dram_rows", 0) * row_bytes]
+    cxls = args.cxl or [meta.get("cxl_rows", 0) * row_bytes]
+    policies = args.policy or [meta.get("policy", "lfu")]
+    intervals = -(-trace.size // per_interval)
+    warmup = min(args.warmup_intervals, max(0, intervals - 1))
+    measured = np.asarray(trace[warmup * per_interval:])
+    print(f"trace {args.trace}: {trace.size} ids over {num_rows} rows of {row_bytes} bytes; {intervals} intervals "
+          f"of {per_interval} ids, budget {human_bytes(bandwidth)} per interval, heat sampled 1 in {1 << shift}; "
+          f"hit ratios over the {intervals - warmup} intervals after {warmup} of warm-up")
+    print(f"{'dram':>10} {'cxl':>10} {'policy':>6} {'unit':>5}   {'dram hit':>8} {'cxl hit':>8} {'scm hit':>8}   "
+          f"{'oracle dram':>11} {'moved/interval':>14}")
+    units = {"row": 1, "page": max(1, 4096 // row_bytes)}
+    for dram in drams:
+        for cxl in cxls:
+            capacity = (dram // row_bytes, cxl // row_bytes)
+            oracle = oracle_hit_ratios(measured, num_rows, capacity)
+            for policy in policies:
+                for unit in args.granularity:
+                    config = SimConfig(num_rows, capacity, per_interval, bandwidth // row_bytes, policy,
+                                       heat_sample_shift=shift, rows_per_unit=units[unit])
+                    result = simulate(trace, config)
+                    hit = result.hit_ratios(warmup)
+                    print(f"{human_bytes(dram):>10} {human_bytes(cxl):>10} {policy:>6} {unit:>5}   "
+                          f"{hit[0]:8.3f} {hit[1]:8.3f} {hit[2]:8.3f}   {oracle[0]:11.3f} "
+                          f"{result.moved_rows[warmup:].mean():14.0f}")
+    print("oracle: the most frequent rows of the measured part of the trace placed in DRAM beforehand (a bound).")
 
 
 def cmd_lookup(c: Client, args) -> None:
@@ -165,6 +262,30 @@ def parse_args(argv):
     s.add_argument("--chunk-rows", type=int, default=65536)
     s = sub.add_parser("heat", help="heat histogram of a table, per tier")
     s.add_argument("name")
+    s = sub.add_parser("policy", help="a table's tiering policy; with options, change it")
+    s.add_argument("name")
+    s.add_argument("--policy", choices=["lfu", "lru"], help="lfu: LFU with aging; lru: promote on access")
+    s.add_argument("--pin", choices=["dram", "cxl", "scm", "none"], help="keep every row in one tier")
+    s.add_argument("--dram", type=size_or_none, help="the table's own DRAM limit (\"512M\"; none = no limit)")
+    s.add_argument("--cxl", type=size_or_none, help="the table's own CXL limit")
+    s = sub.add_parser("record", help="record the ids of a table's next lookups into a .npy trace")
+    s.add_argument("name")
+    s.add_argument("--ids", type=int, required=True, help="how many ids to record")
+    s.add_argument("--timeout", type=float, default=60.0, help="stop after this many seconds")
+    s.add_argument("-o", "--output", required=True, help="FILE.npy (FILE.json gets what simulate needs)")
+    s = sub.add_parser("simulate", help="predict tier hit ratios of an id trace for candidate tier sizes")
+    s.add_argument("trace", help=".npy of ids (from `embtier record`, or any int array)")
+    s.add_argument("--dram", type=size_or_none, action="append", help="candidate DRAM size (repeatable)")
+    s.add_argument("--cxl", type=size_or_none, action="append", help="candidate CXL size (repeatable)")
+    s.add_argument("--policy", choices=["lfu", "lru"], action="append", help="policy to simulate (repeatable)")
+    s.add_argument("--granularity", choices=["row", "page"], action="append",
+                   help="row (embtier) or page (4 KiB pages, as kernel tiering); repeatable; default row")
+    s.add_argument("--rows", type=int, help="rows in the table (default: from the trace's .json)")
+    s.add_argument("--row-bytes", type=int, help="bytes per stored row (default: from the trace's .json)")
+    s.add_argument("--ids-per-interval", type=int, help="lookups per policy interval (default: recorded rate)")
+    s.add_argument("--budget", type=size_or_none, help="migration bytes per interval (default: the daemon's)")
+    s.add_argument("--sample-shift", type=int, help="heat counts 1 in 2^K accesses (default: the daemon's)")
+    s.add_argument("--warmup-intervals", type=int, default=10)
     s = sub.add_parser("lookup", help="print rows, or their pooled sum")
     s.add_argument("name")
     s.add_argument("ids", type=int, nargs="+")
@@ -178,15 +299,22 @@ def parse_args(argv):
     s.add_argument("--pooling-factor", type=int, default=32)
     s.add_argument("--alpha", type=float, default=1.05)
     s.add_argument("--raw", action="store_true", help="Lookup the raw rows instead of LookupPooled")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.command == "simulate":
+        args.granularity = args.granularity or ["row"]
+    return args
 
 
 COMMANDS = {"tables": cmd_tables, "describe": cmd_describe, "create": cmd_create, "drop": cmd_drop,
-            "tiers": cmd_tiers, "heat": cmd_heat, "lookup": cmd_lookup, "import": cmd_import, "bench": cmd_bench}
+            "tiers": cmd_tiers, "heat": cmd_heat, "lookup": cmd_lookup, "import": cmd_import, "bench": cmd_bench,
+            "policy": cmd_policy, "record": cmd_record}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "simulate":  # offline: no daemon needed
+        cmd_simulate(args)
+        return 0
     try:
         tls = TlsOptions(args.ca, args.cert, args.key) if args.ca else None
         with Client(args.target, timeout=args.timeout, tls=tls) as client:

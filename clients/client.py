@@ -87,6 +87,49 @@ def _table_info(m: pb.TableInfo) -> TableInfo:
                      dict(m.bytes_by_tier), m.version, m.metadata_bytes, dict(m.emulated_by_tier))
 
 
+@dataclass(frozen=True)
+class TablePolicy:
+    table: str
+    policy: str
+    pin_tier: str                 # "" = not pinned
+    dram_capacity_bytes: int      # -1 = no limit of the table's own
+    cxl_capacity_bytes: int
+    rows_moved: int               # in the engine's last interval
+    migration_backlog_rows: int
+    interval_seconds: float
+    bandwidth_bytes_per_second: int
+    tiering_enabled: bool
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A recorded id trace and what `embtier simulate` needs to replay it."""
+
+    ids: np.ndarray
+    seconds: float
+    num_rows: int
+    row_bytes: int
+    dram_rows: int
+    cxl_rows: int
+    interval_seconds: float
+    bandwidth_bytes_per_second: int
+    heat_sample_shift: int
+    policy: str
+
+
+def _table_policy(m: pb.TablePolicy) -> TablePolicy:
+    return TablePolicy(table=m.table, policy=m.policy, pin_tier=m.pin_tier, dram_capacity_bytes=m.dram_capacity_bytes,
+                       cxl_capacity_bytes=m.cxl_capacity_bytes, rows_moved=m.rows_moved,
+                       migration_backlog_rows=m.migration_backlog_rows, interval_seconds=m.interval_seconds,
+                       bandwidth_bytes_per_second=m.bandwidth_bytes_per_second, tiering_enabled=m.tiering_enabled)
+
+
+def _policy_fields(policy, pin_tier, dram_capacity_bytes, cxl_capacity_bytes) -> dict:
+    fields = {"policy": policy, "pin_tier": pin_tier, "dram_capacity_bytes": dram_capacity_bytes,
+              "cxl_capacity_bytes": cxl_capacity_bytes}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def _ids(ids) -> tuple[bytes, int]:
     """(bytes, IdType): int32 when every id fits in it (half the bytes), else int64 as given."""
     ids = np.asarray(ids)
@@ -140,9 +183,14 @@ class Client:
     # ---- tables ------------------------------------------------------------
 
     def create_table(self, name: str, num_rows: int, dim: int, dtype: str = "float32",
-                     initializer: str = "zeros", seed: int = 0, init_scale: float = 0.0) -> TableInfo:
+                     initializer: str = "zeros", seed: int = 0, init_scale: float = 0.0, *,
+                     policy: str | None = None, pin_tier: str | None = None, dram_capacity_bytes: int | None = None,
+                     cxl_capacity_bytes: int | None = None) -> TableInfo:
+        """A new table.  The keyword-only tiering settings are as for set_policy (None: the daemon's
+        configuration for this name)."""
         request = pb.CreateTableRequest(name=name, num_rows=num_rows, dim=dim, dtype=DTYPES[dtype],
-                                        initializer=INITIALIZERS[initializer], seed=seed, init_scale=init_scale)
+                                        initializer=INITIALIZERS[initializer], seed=seed, init_scale=init_scale,
+                                        **_policy_fields(policy, pin_tier, dram_capacity_bytes, cxl_capacity_bytes))
         return _table_info(self._call("CreateTable", request, idempotent=False))
 
     def drop_table(self, name: str) -> None:
@@ -162,6 +210,28 @@ class Client:
         """(heat bins, {tier: rows per bin}) of a table."""
         reply = self._call("GetHeat", pb.GetHeatRequest(table=table))
         return list(reply.bins), {t.tier: list(t.histogram) for t in reply.tiers}
+
+    def policy(self, table: str) -> TablePolicy:
+        """A table's tiering settings and the engine's last interval for it."""
+        return _table_policy(self._call("GetPolicy", pb.GetPolicyRequest(table=table)))
+
+    def set_policy(self, table: str, policy: str | None = None, pin_tier: str | None = None,
+                   dram_capacity_bytes: int | None = None, cxl_capacity_bytes: int | None = None) -> TablePolicy:
+        """Changes the settings given (None leaves one as it is): policy "lfu" or "lru"; pin_tier "dram",
+        "cxl", "scm" or "" (unpin); a capacity in bytes is the table's own limit in that tier, -1 none."""
+        request = pb.SetPolicyRequest(table=table, **_policy_fields(policy, pin_tier, dram_capacity_bytes,
+                                                                    cxl_capacity_bytes))
+        return _table_policy(self._call("SetPolicy", request))
+
+    def record_trace(self, table: str, max_ids: int, timeout_seconds: float = 60.0) -> Trace:
+        """The ids of the table's next lookups (up to max_ids, or what arrived within timeout_seconds)."""
+        request = pb.RecordTraceRequest(table=table, max_ids=max_ids, timeout_seconds=timeout_seconds)
+        reply = self._call("RecordTrace", request, idempotent=False)
+        return Trace(ids=np.frombuffer(reply.ids, dtype="<i8").astype(np.int64), seconds=reply.seconds,
+                     num_rows=reply.num_rows, row_bytes=reply.row_bytes, dram_rows=reply.dram_rows,
+                     cxl_rows=reply.cxl_rows, interval_seconds=reply.interval_seconds,
+                     bandwidth_bytes_per_second=reply.bandwidth_bytes_per_second,
+                     heat_sample_shift=reply.heat_sample_shift, policy=reply.policy)
 
     # ---- rows --------------------------------------------------------------
 

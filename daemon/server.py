@@ -95,7 +95,7 @@ class Daemon:
             interceptors=[MetricsInterceptor(self.metrics), DrainInterceptor(self.draining), ErrorInterceptor()],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
         embtier_pb2_grpc.add_EmbeddingStoreServicer_to_server(
-            EmbeddingStoreServicer(self.store, config.server, self.metrics), self.server)
+            EmbeddingStoreServicer(self.store, config.server, self.metrics, self.tiering), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

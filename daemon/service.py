@@ -16,6 +16,9 @@ from .config import ServerConfig
 from .errors import DeadlineExceededError, InvalidArgumentError, RequestTooLargeError
 from .metrics import Metrics
 from .store import HEAT_BIN_NAMES, Store, TableInfo
+from .tiering import TieringEngine
+from .tiering_config import TablePolicy
+from .trace import TraceRecorder
 
 DTYPE_NAMES = {pb.FLOAT32: "float32", pb.FLOAT16: "float16", pb.INT8: "int8"}
 DTYPE_CODES = {name: code for code, name in DTYPE_NAMES.items()}
@@ -55,15 +58,32 @@ def table_info(info: TableInfo) -> pb.TableInfo:
                         metadata_bytes=info.metadata_bytes, emulated_by_tier=info.emulated_by_tier)
 
 
+def table_policy(current: TablePolicy, request) -> TablePolicy:
+    """current with the fields request sets (CreateTableRequest or SetPolicyRequest) replaced."""
+    capacity = dict(current.capacity_bytes)
+    for tier in ("dram", "cxl"):
+        field = f"{tier}_capacity_bytes"
+        if request.HasField(field):
+            value = getattr(request, field)
+            if value < -1:
+                raise InvalidArgumentError(f"{field} must be >= 0, or -1 for no limit; got {value}")
+            capacity[tier] = None if value == -1 else value
+    return TablePolicy(policy=request.policy if request.HasField("policy") else current.policy,
+                       pin=request.pin_tier if request.HasField("pin_tier") else current.pin,
+                       capacity_bytes=capacity)
+
+
 def wire(values: np.ndarray, dt: np.dtype) -> bytes:
     return (values if values.dtype == dt else values.astype(dt)).tobytes()
 
 
 class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
-    def __init__(self, store: Store, limits: ServerConfig, metrics: Metrics):
+    def __init__(self, store: Store, limits: ServerConfig, metrics: Metrics, tiering: TieringEngine):
         self.store = store
         self.max_ids = limits.max_ids_per_request
         self.metrics = metrics
+        self.tiering = tiering
+        self.traces = TraceRecorder()
 
     def _admit(self, context, n_ids: int) -> None:
         if n_ids > self.max_ids:
@@ -77,7 +97,8 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         self._admit(context, 0)
         info = self.store.create_table(
             request.name, request.num_rows, request.dim, enum_value(DTYPE_NAMES, request.dtype, "dtype"),
-            enum_value(INITIALIZERS, request.initializer, "initializer"), request.seed, request.init_scale)
+            enum_value(INITIALIZERS, request.initializer, "initializer"), request.seed, request.init_scale,
+            table_policy(self.tiering.config.table_policy(request.name), request))
         return table_info(info)
 
     def DropTable(self, request, context):
@@ -102,6 +123,39 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             pb.TierHeat(tier=tier, rows=int(counts.sum()), histogram=counts.tolist())
             for tier, counts in histograms.items()])
 
+    def _policy_reply(self, table: str, policy: TablePolicy) -> pb.TablePolicy:
+        state = self.tiering.state(table)
+        config = self.tiering.config
+        limits = {tier: -1 if v is None else v for tier, v in policy.capacity_bytes.items()}
+        return pb.TablePolicy(
+            table=table, policy=policy.policy, pin_tier=policy.pin,
+            dram_capacity_bytes=limits["dram"], cxl_capacity_bytes=limits["cxl"],
+            rows_moved=state.moved_rows if state else 0,
+            migration_backlog_rows=state.backlog_rows if state else 0,
+            interval_seconds=config.interval_seconds, bandwidth_bytes_per_second=config.bandwidth_bytes_per_second,
+            tiering_enabled=config.enabled)
+
+    def GetPolicy(self, request, context):
+        return self._policy_reply(request.table, self.store.table_policy(request.table))
+
+    def SetPolicy(self, request, context):
+        policy = table_policy(self.store.table_policy(request.table), request)
+        return self._policy_reply(request.table, self.store.set_policy(request.table, policy))
+
+    def RecordTrace(self, request, context):
+        num_rows = self.store.describe(request.table).num_rows  # NOT_FOUND before waiting
+        recording = self.traces.record(request.table, request.max_ids, request.timeout_seconds or 60.0)
+        info = self.store.describe(request.table)
+        ids = recording.ids()
+        config = self.tiering.config
+        return pb.RecordTraceResponse(
+            table=request.table, ids=ids.astype("<i8", copy=False).tobytes(), count=ids.size,
+            seconds=recording.seconds, num_rows=num_rows, row_bytes=self.store.geometry(request.table)[2],
+            dram_rows=info.rows_by_tier["dram"], cxl_rows=info.rows_by_tier["cxl"],
+            interval_seconds=config.interval_seconds, bandwidth_bytes_per_second=config.bandwidth_bytes_per_second,
+            heat_sample_shift=self.store.config.kernels.heat_sample_shift,
+            policy=self.store.table_policy(request.table).policy)
+
     def WriteRows(self, request, context):
         ids = id_array(request.ids, request.id_type)
         self._admit(context, ids.size)
@@ -120,6 +174,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         self._admit(context, ids.size)
         tier_rows = np.zeros(3, dtype=np.int64)
         rows = self.store.lookup(request.table, ids, tier_rows)
+        self.traces.observe(request.table, ids)
         values = wire(rows, dt)
         self.metrics.served("Lookup", request.table, tier_rows, self.store.geometry(request.table)[2], len(values))
         return pb.LookupResponse(values=values, dim=rows.shape[1], count=ids.size)
@@ -136,6 +191,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         tier_rows = np.zeros(3, dtype=np.int64)
         for table, ids, lengths, weights in features:
             pooled = self.store.lookup_pooled(table, ids, lengths, weights, mode, tier_rows)
+            self.traces.observe(table, ids)
             values = wire(pooled, dt)
             self.metrics.served("LookupPooled", table, tier_rows, self.store.geometry(table)[2], len(values))
             results.append(pb.PooledResult(table=table, dim=pooled.shape[1], num_bags=pooled.shape[0],

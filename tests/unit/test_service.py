@@ -10,6 +10,7 @@ from embtierd.config import load
 from embtierd.errors import DeadlineExceededError, RequestTooLargeError
 from embtierd.metrics import Metrics
 from embtierd.service import EmbeddingStoreServicer
+from embtierd.tiering import TieringEngine
 
 
 class Deadline:
@@ -26,8 +27,9 @@ class Deadline:
 def servicer(store_factory):
     store = store_factory(dram="1M")
     store.create_table("t", 100, 4)
-    limits = load(overrides={"server": {"max_ids_per_request": 10}}).server
-    return EmbeddingStoreServicer(store, limits, Metrics(store))
+    config = load(overrides={"server": {"max_ids_per_request": 10}})
+    metrics = Metrics(store)
+    return EmbeddingStoreServicer(store, config.server, metrics, TieringEngine(store, config.tiering, metrics))
 
 
 def lookup(n: int) -> pb.LookupRequest:
