@@ -16,6 +16,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from .client import Client, wait_serving
@@ -23,7 +24,11 @@ from .loadgen import LoadGenerator, Stats, Workload
 
 TABLES = {"user_ids": 1_000_000, "item_ids": 1_000_000, "context": 500_000}
 DIM = 64
+ROW_BYTES = DIM * 4
 TIER_FLAGS = ["--dram-bytes", "160M", "--cxl-bytes", "160M", "--scm-bytes", "2G"]
+# Each table's own share of DRAM and CXL (SetPolicy limits): without them the first table created takes it all.
+LIMITS = {"user_ids": 64 << 20, "item_ids": 64 << 20, "context": 32 << 20}
+ALPHA = 1.05
 
 
 def free_port() -> int:
@@ -49,58 +54,94 @@ def start_daemon(state_dir: Path, metrics: str) -> tuple[subprocess.Popen, str]:
     return proc, target
 
 
-def rows_by_tier(metrics: str) -> dict[str, float]:
+def scrape(metrics: str) -> dict[str, float]:
+    """Rows served per tier (keys dram, cxl, scm) and rows migrated (key moved) so far."""
     text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
-    out = {"dram": 0.0, "cxl": 0.0, "scm": 0.0}
+    out = {"dram": 0.0, "cxl": 0.0, "scm": 0.0, "moved": 0.0}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == "embtier_rows_served_total":
                 out[s.labels["tier"]] += s.value
+            elif s.name == "embtier_migrations_total":
+                out["moved"] += s.value
     return out
 
 
-def share(now: dict, before: dict) -> str:
-    delta = {t: now[t] - before[t] for t in now}
-    total = sum(delta.values()) or 1
-    return "  ".join(f"{t} {100 * v / total:5.1f}%" for t, v in delta.items())
+def shares(now: dict, before: dict) -> list[float]:
+    delta = [now[t] - before[t] for t in ("dram", "cxl", "scm")]
+    total = sum(delta) or 1
+    return [v / total for v in delta]
+
+
+def ideal_dram_share(dram_rows: dict[str, int]) -> float:
+    """The DRAM share of served rows if each table's DRAM held exactly its most popular rows (Zipf ALPHA)."""
+    best = []
+    for table, rows in TABLES.items():
+        p = np.arange(1, rows + 1, dtype=np.float64) ** -ALPHA
+        best.append(p[:dram_rows[table]].sum() / p.sum())
+    return float(np.mean(best))  # every request looks up as many ids in each table
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="embtier-demo", description=__doc__)
     p.add_argument("--state-dir", default=".state/demo")
-    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--duration", type=float, default=40.0, help="seconds; the hot set moves half-way")
     p.add_argument("--concurrency", type=int, default=4)
     args = p.parse_args(argv)
     state_dir = Path(args.state_dir).resolve()
     metrics = f"127.0.0.1:{free_port()}"
     print(f"starting embtierd (embedded default configuration, {' '.join(TIER_FLAGS)}), state in {state_dir}")
     proc, target = start_daemon(state_dir, metrics)
+    code = 1
     try:
         with Client(target, timeout=120) as client:
             for t in client.tiers():
                 kind = "emulated in DRAM" if t.emulated else (t.path or f"NUMA node {t.numa_node}")
                 print(f"  tier {t.name:4}: {t.capacity_bytes / 2**20:8.0f} MiB  {kind}")
+            dram_rows = {}
             for name, rows in TABLES.items():
-                info = client.create_table(name, rows, DIM, initializer="uniform", seed=len(name))
-                print(f"  table {name:9}: {rows:>9} x {DIM} float32 ({rows * DIM * 4 / 2**20:.0f} MiB)  rows per tier "
+                info = client.create_table(name, rows, DIM, initializer="uniform", seed=len(name),
+                                           dram_capacity_bytes=LIMITS[name], cxl_capacity_bytes=LIMITS[name])
+                dram_rows[name] = info.rows_by_tier["dram"]
+                print(f"  table {name:9}: {rows:>9} x {DIM} float32 ({rows * ROW_BYTES / 2**20:.0f} MiB), own limit "
+                      f"{LIMITS[name] >> 20} MiB in DRAM and in CXL; rows per tier "
                       + ", ".join(f"{t} {info.rows_by_tier[t]}" for t in ("dram", "cxl", "scm")))
-        workload = Workload(TABLES, bags=256, pooling_factor=32, alpha=1.05)
-        print(f"\nZipf({workload.alpha}) LookupPooled: {len(TABLES)} tables x {workload.bags} bags x "
-              f"{workload.pooling_factor} ids per request, {args.concurrency} clients, {args.duration:.0f} s\n")
-        print("  time     req/s    rows/s      p50        p99     rows served by tier")
-        last = [rows_by_tier(metrics)]
+            policy = client.policy("user_ids")
+        ideal = ideal_dram_share(dram_rows)
+        print(f"\nZipf({ALPHA}) LookupPooled: {len(TABLES)} tables x 256 bags x 32 ids per request, "
+              f"{args.concurrency} clients, {args.duration:.0f} s. Rows were placed in id order and the popular ids "
+              f"are scattered, so the hot rows start spread over all tiers. The tiering engine ({policy.policy}, "
+              f"every {policy.interval_seconds:g} s, up to {policy.bandwidth_bytes_per_second >> 20} MiB/s of moves) "
+              f"learns them; half-way the hot set moves to other ids.")
+        print(f"Best possible DRAM share (each DRAM holding exactly its table's hottest rows): {100 * ideal:.1f}%\n")
+        print("  time   req/s  rows/s     p50      p99    dram   cxl    scm   moves/s   DRAM share of rows served")
+        last = [scrape(metrics)]
+        first = last[0]
 
         def tick(elapsed: float, stats: Stats) -> None:
-            now = rows_by_tier(metrics)
-            print(f"{elapsed:6.1f}s {stats.requests:8.0f} {stats.rows / 1e6:7.2f} M  {stats.percentile_ms(50):7.2f} ms "
-                  f"{stats.percentile_ms(99):7.2f} ms   {share(now, last[0])}", flush=True)
+            now = scrape(metrics)
+            dram, cxl, scm = shares(now, last[0])
+            bar = "#" * round(40 * dram)
+            print(f"{elapsed:5.0f}s {stats.requests:6.0f} {stats.rows / 1e6:5.2f} M {stats.percentile_ms(50):6.0f} ms "
+                  f"{stats.percentile_ms(99):5.0f} ms  {100 * dram:4.0f}% {100 * cxl:4.0f}% {100 * scm:4.0f}%  "
+                  f"{now['moved'] - last[0]['moved']:8.0f}   |{bar:<40}| {100 * ideal:.0f}% best", flush=True)
             last[0] = now
 
-        first = rows_by_tier(metrics)
-        total = LoadGenerator(target, workload, args.concurrency).run(args.duration, tick)
-        print(f"\nsummary: {total.requests} requests ({total.errors} errors), "
-              f"{total.rows / args.duration / 1e6:.2f} M rows/s pooled, p50 {total.percentile_ms(50):.2f} ms, "
-              f"p99 {total.percentile_ms(99):.2f} ms; rows served: {share(rows_by_tier(metrics), first)}")
+        half = args.duration / 2
+        totals = []
+        for phase, seed in enumerate((0, 100)):
+            if phase:
+                print(f"--- the hot set moves: other ids become popular (Zipf seed {seed}) ---", flush=True)
+            workload = Workload(TABLES, bags=256, pooling_factor=32, alpha=ALPHA, batches=32, seed=seed)
+            totals.append(LoadGenerator(target, workload, args.concurrency).run(
+                half, lambda e, s, off=phase * half: tick(e + off, s)))
+        requests = sum(t.requests for t in totals)
+        errors = sum(t.errors for t in totals)
+        rows = sum(t.rows for t in totals)
+        served = shares(scrape(metrics), first)
+        print(f"\nsummary: {requests} requests ({errors} errors), {rows / args.duration / 1e6:.2f} M rows/s pooled; "
+              f"rows served: dram {100 * served[0]:.1f}%, cxl {100 * served[1]:.1f}%, scm {100 * served[2]:.1f}%; "
+              f"best possible DRAM share {100 * ideal:.1f}%")
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)

@@ -82,17 +82,19 @@ class Metrics:
                              "by table.", ["table"], registry=r)
         r.register(StoreCollector(store))
 
-    def tiering_interval(self, seconds: float, moved: dict[tuple[str, str], int], moved_bytes: int,
-                         backlog_rows: dict[str, int]) -> None:
+    def migrated(self, moved: dict[tuple[str, str], int], moved_bytes: int) -> None:
+        """Counts the moves of one table's interval, by (from, to) tier."""
+        for (src, dst), n in moved.items():
+            self.migrations.labels(src, dst).inc(n)
+        self.migrated_bytes.inc(moved_bytes)
+
+    def tiering_interval(self, seconds: float, backlog_rows: dict[str, int]) -> None:
         self.tiering_seconds.observe(seconds)
         for table in set(self._backlog_tables) - set(backlog_rows):
             self.backlog.remove(table)
         for table, rows in backlog_rows.items():
             self.backlog.labels(table).set(rows)
         self._backlog_tables = set(backlog_rows)
-        for (src, dst), n in moved.items():
-            self.migrations.labels(src, dst).inc(n)
-        self.migrated_bytes.inc(moved_bytes)
 
     def served(self, method: str, table: str, tier_rows, row_bytes: int, wire_bytes: int) -> None:
         """Counts one lookup: tier_rows[i] rows from tier i, row_bytes each; wire_bytes sent back."""

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 1 << 30          # slots per tier are 30 bits in the placement map
 MAX_DIM = 16384
 CHUNK_TARGET_BYTES = 2 << 20
+NO_SCM_COPY = np.uint32(0xFFFFFFFF)  # scm_copy entry of a row without an SCM copy
 INIT_BATCH_ROWS = 1 << 16   # uniform init draws one generator stream per batch: values depend on seed only
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 INITIALIZERS = ("zeros", "uniform")
@@ -76,6 +77,8 @@ class Table:
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     policy: TablePolicy = field(default_factory=TablePolicy)
     serial: int = 0  # unique per table created: a dropped and re-created name gets a new one
+    scm_copy: np.ndarray | None = None   # per row: SCM slot of a clean or dirty copy (see Store._move), made on demand
+    scm_dirty: np.ndarray | None = None  # per row: WriteRows changed it since its SCM copy was made
 
 
 def _tier_counter(tier_rows: np.ndarray | None) -> np.ndarray | None:
@@ -263,6 +266,8 @@ class Store:
             if mode == "add":
                 ids, values = self._added_rows(table, ids, values, scale)
             table.native.write_rows(ids, codec.encode(values, table.dtype, table.stride))
+            if table.scm_copy is not None:
+                table.scm_dirty[ids[table.scm_copy[ids] != NO_SCM_COPY]] = True
             table.version += 1
             return table.version
 
@@ -280,27 +285,65 @@ class Store:
         if ids.size and (ids.min() < 0 or ids.max() >= table.num_rows):
             bad = ids.min() if ids.min() < 0 else ids.max()
             raise InvalidArgumentError(f"ids: {bad} is out of range [0, {table.num_rows}) for table {name!r}")
-        target, shift = tier_ids[tier], table.native.tier_shift
         with table.write_lock:
-            ids = ids[(table.native.loc[ids] >> shift) != target]
-            with self._lock:
-                slots = self._space(table, target).take(ids.size)
-            ids = np.ascontiguousarray(ids[:slots.size])
-            if not ids.size:
-                return 0
-            rows = np.empty((ids.size, table.stride), dtype=np.uint8)
-            table.native.read_rows(ids, rows)
-            new = ((target << shift) | slots).astype(np.uint32)
-            table.native.write_slots(new, rows)
-            old = table.native.loc[ids].copy()
-            table.native.publish(ids, new)  # from here on no lookup holds an old slot
-            with self._lock:
-                for tid, space in table.slots.items():
-                    leaving = old[(old >> shift) == tid]
-                    space.give_back(leaving & ((1 << shift) - 1))
-                    table.rows_by_tier[tid] -= leaving.size
-                table.rows_by_tier[target] += ids.size
-            return int(ids.size)
+            return self._move(table, ids, tier_ids[tier])
+
+    def _move(self, table: Table, ids: np.ndarray, target: int) -> int:
+        """move_rows under the table's write lock: copy, publish, then free the old slots.
+
+        SCM copies: a row promoted out of SCM keeps its SCM slot as a copy
+        (scm_copy), clean until WriteRows changes the row (scm_dirty).
+        Demoting it again costs no write when the copy is clean (the
+        placement entry is pointed back at it) and one write into its own
+        slot when dirty; only rows that never lived on SCM take a new slot.
+        The copy is dropped when the row is back home on SCM; moves between
+        DRAM and CXL carry it along."""
+        shift = table.native.tier_shift
+        mask = (1 << shift) - 1
+        ids = ids[(table.native.loc[ids] >> shift) != target]
+        has_copy = np.zeros(ids.size, dtype=bool)
+        if target == native.TIER_SCM and table.scm_copy is not None:
+            has_copy = table.scm_copy[ids] != NO_SCM_COPY  # these need no room: their slot is there
+        need = int(ids.size - np.count_nonzero(has_copy))
+        with self._lock:
+            slots = self._space(table, target).take(need)
+        if slots.size < need:  # the tier is full: the rows before the first one without a slot move
+            cut = int(np.flatnonzero(~has_copy)[slots.size])
+            ids, has_copy = ids[:cut], has_copy[:cut]
+        ids = np.ascontiguousarray(ids)
+        if not ids.size:
+            return 0
+        old = table.native.loc[ids].copy()
+        slot = np.empty(ids.size, dtype=np.uint32)
+        slot[~has_copy] = slots
+        write = ~has_copy
+        if has_copy.any():
+            slot[has_copy] = table.scm_copy[ids[has_copy]]
+            write |= table.scm_dirty[ids]  # a dirty copy is rewritten in place; a clean one is reused as is
+        new = ((target << shift) | slot).astype(np.uint32)
+        if write.any():
+            moving = np.ascontiguousarray(ids[write])
+            rows = np.empty((moving.size, table.stride), dtype=np.uint8)
+            table.native.read_rows(moving, rows)
+            table.native.write_slots(np.ascontiguousarray(new[write]), rows)
+        table.native.publish(ids, new)  # from here on no lookup holds an old slot
+        from_scm = (old >> shift) == native.TIER_SCM
+        if target != native.TIER_SCM and from_scm.any():
+            if table.scm_copy is None:
+                table.scm_copy = np.full(table.num_rows, NO_SCM_COPY, dtype=np.uint32)
+                table.scm_dirty = np.zeros(table.num_rows, dtype=bool)
+            table.scm_copy[ids[from_scm]] = old[from_scm] & mask
+            table.scm_dirty[ids[from_scm]] = False
+        elif target == native.TIER_SCM and table.scm_copy is not None:
+            table.scm_copy[ids] = NO_SCM_COPY
+        with self._lock:
+            for tid, space in table.slots.items():
+                leaving = old[(old >> shift) == tid]
+                if tid != native.TIER_SCM:  # (an SCM slot left behind stays the row's copy)
+                    space.give_back(leaving & mask)
+                table.rows_by_tier[tid] -= leaving.size
+            table.rows_by_tier[target] += ids.size
+        return int(ids.size)
 
     def read_encoded(self, name: str, ids: np.ndarray) -> np.ndarray:
         """[len(ids), stride] uint8: the rows exactly as stored."""
@@ -430,7 +473,8 @@ class Store:
         bytes_by = {t.name: table.slots[t.tier_id].nbytes if t.tier_id in table.slots else 0 for t in self.tiers}
         nt = table.native
         chunk_table_entries = 3 << (nt.tier_shift - table.chunk_shift)
-        metadata = nt.loc.nbytes + nt.heat.nbytes + 8 * (chunk_table_entries + nt.max_chunks)
+        copies = table.scm_copy.nbytes + table.scm_dirty.nbytes if table.scm_copy is not None else 0
+        metadata = nt.loc.nbytes + nt.heat.nbytes + 8 * (chunk_table_entries + nt.max_chunks) + copies
         return TableInfo(
             name=table.name, num_rows=table.num_rows, dim=table.dim, dtype=table.dtype,
             rows_by_tier=dict(zip(names, table.rows_by_tier)), bytes_by_tier=bytes_by,

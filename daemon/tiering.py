@@ -14,14 +14,20 @@ The migration budget (bandwidth x interval, in bytes) is shared by all
 tables; the table served first rotates each interval so that none starves.
 What the budget left undone is the migration backlog.
 
-SCM and promotions: every row has exactly one home.  A row promoted out of
-SCM is read from the file (the lookup path's batched O_DIRECT reads), copied
-into its memory slot and published there; its SCM slot is then free for
-reuse, so no second copy exists that could go stale, and WriteRows always
-writes the one home (memory, or the SCM file for rows that live there).  The
-price is that a demoted row is written back to SCM even when unchanged
-since its promotion; a clean-copy or dirty-bit scheme would save those
-writes and is left for when SCM write bandwidth matters.
+Moves run in batches of MOVE_BATCH_ROWS (WriteRows to a table waits for
+at most one batch) and none starts after the interval's time is up: what is
+left joins the backlog, and serving is never starved by a long interval.
+
+SCM and promotions: a row has one home, which lookups and WriteRows use.
+A row promoted out of SCM (read with the lookup path's batched O_DIRECT
+reads) keeps its SCM slot as a copy, clean until WriteRows changes the row
+(the store marks it dirty).  Demoting it again writes nothing when the copy
+is clean (the placement entry points back at it) and rewrites it in place
+when dirty; only rows that never lived on SCM take a new SCM slot.  So rows
+that bounce between a hot and a warm phase cost SCM no write bandwidth, at
+the price of SCM space held by the copies of promoted rows (SCM is the
+capacity tier) and 5 bytes per row of copy bookkeeping, made the first time
+one of the table's rows leaves SCM (Store._move).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import NotFoundError
 from .policies import make_policy
 from .policy_base import UNLIMITED, Policy, run_interval
@@ -38,6 +46,8 @@ from .store import Store
 from .tiering_config import TIER_NAMES, TieringConfig
 
 log = logging.getLogger(__name__)
+
+MOVE_BATCH_ROWS = 8192  # rows per move_rows call: WriteRows to the table waits at most one batch
 
 
 @dataclass
@@ -81,6 +91,7 @@ class TieringEngine:
         if tables:
             first = self.intervals % len(tables)
             tables = tables[first:] + tables[:first]
+        deadline = time.monotonic() + self.config.interval_seconds  # moves past it wait for the next interval
         for name in tables:
             try:
                 stride = self.store.geometry(name)[2]
@@ -88,8 +99,7 @@ class TieringEngine:
                 pin = self.store.table_policy(name).pin
                 room = [self.store.room_rows(name, 0), self.store.room_rows(name, 1), UNLIMITED]
                 result = run_interval(state.policy, self.store.heat(name, writable=True), self.store.placement(name),
-                                      room, budget_bytes // stride,
-                                      lambda rows, tier, name=name: self.store.move_rows(name, rows, TIER_NAMES[tier]),
+                                      room, budget_bytes // stride, self._mover(name, deadline),
                                       TIER_NAMES.index(pin) if pin else None)
             except NotFoundError:  # dropped meanwhile
                 self._state.pop(name, None)
@@ -97,14 +107,31 @@ class TieringEngine:
             state.backlog_rows, state.moved_rows = result.backlog_rows, result.rows_moved
             budget_bytes -= result.rows_moved * stride
             moved_bytes += result.rows_moved * stride
-            for (src, dst), n in result.moved.items():
-                key = (TIER_NAMES[src], TIER_NAMES[dst])
+            table_moves = {(TIER_NAMES[src], TIER_NAMES[dst]): n for (src, dst), n in result.moved.items()}
+            for key, n in table_moves.items():
                 moved[key] = moved.get(key, 0) + n
+            if self.metrics is not None:
+                self.metrics.migrated(table_moves, result.rows_moved * stride)
         self.intervals += 1
         if self.metrics is not None:
-            self.metrics.tiering_interval(time.perf_counter() - start, moved, moved_bytes,
+            self.metrics.tiering_interval(time.perf_counter() - start,
                                           {name: s.backlog_rows for name, s in self._state.items()})
         return moved
+
+    def _mover(self, name: str, deadline: float):
+        """The plan's mover for one table: Store.move_rows in batches, none started after deadline."""
+        def move(rows: np.ndarray, tier: int) -> int:
+            done = 0
+            for first in range(0, rows.size, MOVE_BATCH_ROWS):
+                if time.monotonic() > deadline:
+                    break
+                batch = rows[first:first + MOVE_BATCH_ROWS]
+                n = self.store.move_rows(name, batch, TIER_NAMES[tier])
+                done += n
+                if n < batch.size:
+                    break
+            return done
+        return move
 
     def _table_state(self, name: str) -> TableState:
         """The table's policy instance, made afresh when the table or its policy changed."""

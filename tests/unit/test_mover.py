@@ -115,3 +115,30 @@ def test_moves_under_concurrent_reads_and_writes(store_factory):
     final = s.lookup("c", ids)
     np.testing.assert_array_equal(final[:, 0], ids * 1000.0 + last_version)  # every acknowledged write is there
     assert sum(s.describe("c").rows_by_tier.values()) == n
+
+
+def test_rows_promoted_from_scm_keep_a_copy_there_clean_until_written(store_factory):
+    s = store_factory(dram="8K", cxl="0", scm="4M")   # DRAM: 256 rows of 32 bytes
+    s.create_table("c", 2000, 8, initializer="uniform", seed=3)
+    shift = s._get("c").native.tier_shift
+    loc = s._get("c").native.loc
+    values = s.lookup("c", np.arange(2000, dtype=np.int64))
+    cold = np.arange(0, 40, dtype=np.int64)           # in DRAM since creation: no SCM copy
+    hot = np.arange(1000, 1040, dtype=np.int64)       # on SCM
+    scm_home = loc[hot].copy()
+    assert s.move_rows("c", cold, "scm") == 40
+    assert s.move_rows("c", hot, "dram") == 40
+    scm_bytes = s.describe("c").bytes_by_tier["scm"]
+    written = np.ascontiguousarray(hot[::2])            # half of them change while in DRAM
+    new_values = np.full((written.size, 8), 7.5, dtype=np.float32)
+    s.write_rows("c", written, new_values)
+    values[written] = new_values
+    assert s.move_rows("c", hot, "scm") == 40          # back down: each into its own SCM copy
+    np.testing.assert_array_equal(loc[hot], scm_home)
+    assert s.describe("c").bytes_by_tier["scm"] == scm_bytes  # no new SCM space taken
+    np.testing.assert_array_equal(s.lookup("c", np.arange(2000, dtype=np.int64)), values)
+    assert np.all((loc[cold] >> shift) == 2)
+    # a copy is dropped once the row is home on SCM: the next promotion and demotion reuse the slot again
+    assert s.move_rows("c", hot[:5], "dram") == 5 and s.move_rows("c", hot[:5], "scm") == 5
+    np.testing.assert_array_equal(loc[hot], scm_home)
+    np.testing.assert_array_equal(s.lookup("c", hot), values[hot])
