@@ -131,7 +131,8 @@ def run_interval(policy: Policy, heat: np.ndarray, placement: np.ndarray, room: 
     budget_rows: most rows moved in all.  Without a pin, for DRAM then CXL:
     rows over the table's limit go down to SCM (coldest first); the hottest
     rows below take the free room; then hot rows below swap with cold rows
-    inside, cold ones to SCM first, which frees the slots the hot ones take.
+    inside, cold ones to SCM first, which frees the slots the hot ones take
+    (a hot row taken from CXL is budgeted with the move that refills its slot).
     With a pin, every row moves to the pinned tier, hottest first.  Ages the
     heat at the end."""
     scores = policy.scores(heat)
@@ -149,7 +150,10 @@ def run_interval(policy: Policy, heat: np.ndarray, placement: np.ndarray, room: 
                 up = hottest_below(scores, plan.placement, fast, plan.room[fast], policy.min_score())
                 plan.defer(up.size, plan.apply(up, fast))
             up, down = plan_swaps(policy, scores, plan.placement, fast)
-            pairs = min(up.size, plan.budget // 2)
+            # two moves a swap, three when its hot row leaves a hole in CXL: without budget kept for
+            # that refill, DRAM's swaps under a tight budget would drain CXL interval after interval
+            cost = np.cumsum(2 + (plan.placement[up] == CXL))
+            pairs = int(np.searchsorted(cost, plan.budget, side="right"))
             demoted = plan.apply(down[:pairs], SCM)
             plan.defer(2 * up.size, demoted + plan.apply(up[:demoted], fast))
     policy.age(heat)

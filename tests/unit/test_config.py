@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from embtierd import config
 from embtierd.errors import ConfigError
+from embtierd.tiering_config import TablePolicy
 
 GiB = 1 << 30
 
@@ -200,3 +201,52 @@ def test_listen_addresses_add_the_interface(tmp_path):
         available_bytes=GiB)
     expected = ["unix:///tmp/x.sock", "127.0.0.1:7000"] + (["[::1]:7000"] if _lo_has_ipv6() else [])
     assert listen_addresses(cfg) == expected  # 127.0.0.1:7000 is listed once
+
+
+# ---- [tiering] and [tiering.tables.NAME] -------------------------------------
+
+
+def test_tiering_defaults():
+    tiering = config.load(available_bytes=GiB).tiering
+    assert tiering.aging_intervals == 4 and tiering.policy == "lfu" and tiering.tables == {}
+    assert tiering.table_policy("any") == TablePolicy(policy="lfu")
+
+
+def test_tiering_tables():
+    cfg = config.load(overrides={"tiers": {"dram": {"capacity": "512M"}, "cxl": {"capacity": "256M"}}, "tiering": {
+        "aging_intervals": 8, "policy": "lru", "tables": {
+            "ads": {"pin": "scm"},
+            "users": {"policy": "lfu", "dram": "64M", "cxl": "50%"},
+            "items": {"dram": 0.25, "cxl": 0},
+        }}}, available_bytes=GiB)
+    tiering = cfg.tiering
+    assert tiering.aging_intervals == 8 and tiering.policy == "lru"
+    assert tiering.tables["ads"] == TablePolicy(policy="lru", pin="scm")  # the default policy, no limits
+    assert tiering.tables["users"] == TablePolicy(policy="lfu", capacity_bytes={"dram": 64 << 20, "cxl": 128 << 20})
+    assert tiering.tables["items"].capacity_bytes == {"dram": 128 << 20, "cxl": 0}  # shares of the tier, not of memory
+    assert tiering.table_policy("users").policy == "lfu" and tiering.table_policy("other") == TablePolicy(policy="lru")
+
+
+@pytest.mark.parametrize("tiering, message", [
+    ({"aging_intervals": 0}, r"tiering.aging_intervals: expected an integer in \[1, 1000\], got 0$"),
+    ({"aging_intervals": 1001}, r"tiering.aging_intervals: expected an integer in \[1, 1000\], got 1001$"),
+    ({"aging_intervals": "4"}, r"tiering.aging_intervals: expected an integer in \[1, 1000\], got '4'$"),
+    ({"aging_intervals": True}, r"tiering.aging_intervals: expected an integer in \[1, 1000\], got True$"),
+    ({"policy": "fifo"}, "tiering.policy: expected one of lfu, lru, got 'fifo'$"),
+    ({"policy": "LFU"}, "tiering.policy: expected one of lfu, lru, got 'LFU'$"),
+    ({"tables": 5}, "tiering.tables: expected a table of per-table settings, got 5$"),
+    ({"tables": {"emb": "lru"}}, "tiering.tables.emb: expected a table of policy, pin, dram, cxl; got 'lru'$"),
+    ({"tables": {"emb": {"scm": "1G"}}}, r"tiering.tables.emb: unknown key\(s\) scm; known: cxl, dram, pin, policy$"),
+    ({"tables": {"emb": {"policy": "mru"}}}, "tiering.tables.emb.policy: expected one of lfu, lru, got 'mru'$"),
+    ({"tables": {"emb": {"pin": "hbm"}}},
+     "tiering.tables.emb.pin: expected \"\" or one of dram, cxl, scm, got 'hbm'$"),
+    ({"tables": {"emb": {"pin": 1}}}, "tiering.tables.emb.pin: expected \"\" or one of dram, cxl, scm, got 1$"),
+    ({"tables": {"emb": {"dram": "lots"}}}, "tiering.tables.emb.dram: cannot read 'lots' as a size"),
+    ({"tables": {"emb": {"cxl": -1}}}, "tiering.tables.emb.cxl: a size cannot be negative, got -1$"),
+    ({"tables": {"emb": {"dram": 1.5}}}, r"tiering.tables.emb.dram: .*must be in \(0, 1\], got 1.5$"),
+    ({"tables": {"emb": {"cxl": "0%"}}}, r"tiering.tables.emb.cxl: .*must be in \(0, 1\], got .0%.$"),
+    ({"tables": {"emb": {"dram": True}}}, "tiering.tables.emb.dram: expected a size, got True$"),
+])
+def test_bad_tiering_values_name_the_field_and_value(tiering, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(overrides={"tiering": tiering}, available_bytes=GiB)

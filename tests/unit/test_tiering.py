@@ -4,11 +4,13 @@ of a Zipf workload, and after the hot set moves."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from embtier.loadgen import ZipfIds
+from embtierd.errors import TierFullError
 from embtierd.policy_base import plan_swaps
 from embtierd.policy_lfu import LfuPolicy
 from embtierd.tiering import TieringEngine
-from embtierd.tiering_config import TieringConfig
+from embtierd.tiering_config import TablePolicy, TieringConfig
 
 
 def test_plan_pairs_hottest_below_with_coldest_inside():
@@ -73,3 +75,174 @@ def test_hot_rows_take_room_freed_by_a_dropped_table(store_factory):
     engine.run_once()
     assert store.describe("late").rows_by_tier["dram"] == 1024  # the freed half of DRAM, taken without demotions
     assert np.all(store.placement("late")[hotter] == 0)          # the rest by swaps with colder rows
+
+
+# ---- per-table policies through the store and the engine -------------------------
+
+ROW_BYTES = 64  # dim 16, float32
+
+
+def engine_for(store, budget_rows: int = 1 << 20, **kwargs) -> TieringEngine:
+    return TieringEngine(store, TieringConfig(True, 1.0, budget_rows * ROW_BYTES, 0.25, aging_intervals=1, **kwargs))
+
+
+def dram_limit(rows: int | None) -> TablePolicy:
+    return TablePolicy(capacity_bytes={"dram": None if rows is None else rows * ROW_BYTES, "cxl": None})
+
+
+def touch(store, name: str, ids: np.ndarray, times: int = 1) -> None:
+    for _ in range(times):
+        store.lookup(name, np.asarray(ids, dtype=np.int64))
+
+
+def test_dram_limit_at_creation(store_factory):
+    store = store_factory(dram="64K", cxl="0", scm="16M", heat_sample_shift=0)  # DRAM: 1024 rows
+    info = store.create_table("a", 5000, 16, policy=dram_limit(256))
+    assert store.geometry("a")[2] == ROW_BYTES
+    assert info.rows_by_tier == {"dram": 256, "cxl": 0, "scm": 4744}
+    assert store.room_rows("a", 0) == 0
+    engine = engine_for(store)
+    touch(store, "a", np.arange(4000, 4500), times=3)  # hot rows on SCM: they may only swap in
+    engine.run_once()
+    assert store.describe("a").rows_by_tier["dram"] == 256
+    assert np.count_nonzero(store.placement("a")[4000:4500] == 0) == 256  # all of the table's DRAM, no more
+
+
+@pytest.mark.xfail(strict=True, reason="store: a table's first DRAM extent is a whole chunk (here all of DRAM) "
+                                       "however low its own DRAM limit")
+def test_dram_limit_leaves_dram_to_other_tables(store_factory):
+    store = store_factory(dram="64K", cxl="0", scm="16M")
+    store.create_table("a", 5000, 16, policy=dram_limit(256))
+    assert store.create_table("b", 5000, 16).rows_by_tier["dram"] == 1024 - 256
+
+
+@pytest.mark.parametrize("pin", ["scm", "cxl"])  # (pinned to DRAM: see the next test)
+def test_pinned_table_is_placed_in_its_tier(store_factory, pin):
+    store = store_factory(dram="64K", cxl="64K", scm="16M")
+    info = store.create_table("p", 700, 16, policy=TablePolicy(pin=pin))
+    assert info.rows_by_tier == {tier: 700 if tier == pin else 0 for tier in ("dram", "cxl", "scm")}
+    engine = engine_for(store)
+    touch(store, "p", np.arange(100), times=3)
+    engine.run_once()
+    assert np.all(store.placement("p") == ("dram", "cxl", "scm").index(pin))  # hot or not, it stays
+
+
+def test_table_pinned_to_dram_is_refused_rather_than_spilled(store_factory):
+    store = store_factory(dram="64K", cxl="64K", scm="16M")  # 1024 rows each in DRAM and CXL
+    with pytest.raises(TierFullError, match="tier dram \\(the table is pinned there\\) cannot hold it"):
+        store.create_table("p", 1500, 16, policy=TablePolicy(pin="dram"))
+    with pytest.raises(TierFullError, match="tier dram"):
+        store.create_table("p", 600, 16, policy=TablePolicy(pin="dram", capacity_bytes={"dram": 500 * ROW_BYTES}))
+    assert store.tables() == []
+    info = store.create_table("p", 1000, 16, policy=TablePolicy(pin="dram"))  # all or nothing: DRAM is free again
+    assert info.rows_by_tier == {"dram": 1000, "cxl": 0, "scm": 0}
+
+
+def test_set_policy_pin_moves_rows_over_the_next_intervals(store_factory):
+    store = store_factory(dram="64K", cxl="0", scm="16M", heat_sample_shift=0)
+    store.create_table("t", 500, 16)
+    assert store.describe("t").rows_by_tier["dram"] == 500
+    engine = engine_for(store, budget_rows=200)
+    hot = np.arange(300, 310)
+    touch(store, "t", hot, times=5)
+    store.set_policy("t", TablePolicy(pin="scm"))
+    moved = engine.run_once()
+    assert moved == {("dram", "scm"): 200}
+    assert np.all(store.placement("t")[hot] == 2)              # hottest first
+    assert engine.state("t").backlog_rows == 300 and engine.state("t").moved_rows == 200
+    engine.run_once()
+    engine.run_once()
+    assert store.describe("t").rows_by_tier == {"dram": 0, "cxl": 0, "scm": 500}
+    assert engine.state("t").backlog_rows == 0
+    store.set_policy("t", TablePolicy(pin="dram"))
+    engine.run_once()
+    assert store.describe("t").rows_by_tier == {"dram": 200, "cxl": 0, "scm": 300}
+
+
+def test_set_policy_lowering_the_dram_limit_demotes_the_coldest(store_factory):
+    store = store_factory(dram="64K", cxl="0", scm="16M", heat_sample_shift=0)
+    store.create_table("t", 500, 16)
+    engine = engine_for(store, budget_rows=100)
+    hot = np.arange(0, 500, 5)  # 100 rows
+    touch(store, "t", hot, times=3)
+    store.set_policy("t", dram_limit(150))
+    engine.run_once()
+    assert store.describe("t").rows_by_tier["dram"] == 400 and engine.state("t").backlog_rows == 250
+    for _ in range(3):
+        touch(store, "t", hot, times=3)
+        engine.run_once()
+    assert store.describe("t").rows_by_tier == {"dram": 150, "cxl": 0, "scm": 350}
+    assert np.all(store.placement("t")[hot] == 0) and engine.state("t").backlog_rows == 0
+    store.set_policy("t", dram_limit(None))
+    warm = np.arange(1, 500, 5)
+    below = np.count_nonzero(store.placement("t")[warm] != 0)
+    touch(store, "t", warm)
+    engine.run_once()
+    assert store.describe("t").rows_by_tier["dram"] == 150 + below  # room again, taken by the rows accessed
+    assert np.all(store.placement("t")[warm] == 0)
+
+
+def two_tables_sharing_dram(store, policies: dict[str, TablePolicy], rows: int) -> None:
+    """Tables of rows rows that each get half of the store's DRAM (a placeholder table holds the other
+    half while the first is created)."""
+    first, second = policies
+    store.create_table("placeholder", 500, 16)  # one chunk of 512 rows
+    store.create_table(first, rows, 16, policy=policies[first])
+    store.drop_table("placeholder")
+    store.create_table(second, rows, 16, policy=policies[second])
+
+
+def test_lru_and_lfu_tables_each_converge_on_their_hot_sets(store_factory):
+    store = store_factory(dram="64K", cxl="0", scm="16M", heat_sample_shift=0)  # 512 DRAM rows per table
+    two_tables_sharing_dram(store, {"recent": TablePolicy(policy="lru"), "frequent": TablePolicy(policy="lfu")}, 4000)
+    assert [store.describe(n).rows_by_tier["dram"] for n in ("recent", "frequent")] == [512, 512]
+    assert store.room_rows("recent", 0) == 0 and store.room_rows("frequent", 0) == 0
+    engine = engine_for(store)
+    rng = np.random.default_rng(0)
+    hot = {name: rng.choice(np.arange(1000, 4000), 300, replace=False) for name in ("recent", "frequent")}
+    for _ in range(4):
+        for name in ("recent", "frequent"):
+            touch(store, name, hot[name], times=4)
+            touch(store, name, rng.integers(0, 4000, 100))  # noise: seen once
+        engine.run_once()
+    for name in ("recent", "frequent"):
+        assert np.all(store.placement(name)[hot[name]] == 0), name
+        assert store.describe(name).rows_by_tier["dram"] == 512
+    assert engine.state("recent").policy.name == "lru" and engine.state("frequent").policy.name == "lfu"
+    assert not store.heat("recent").any()                  # LRU clears its counters
+    assert np.all(store.heat("frequent")[hot["frequent"]] >= 2)  # LFU halves them
+
+
+def test_budget_is_shared_and_the_first_table_rotates(store_factory):
+    store = store_factory(dram="64K", cxl="0", scm="16M", heat_sample_shift=0)
+    for name in ("a", "b"):
+        store.create_table(name, 500, 16, policy=TablePolicy(pin="scm"))
+        store.set_policy(name, TablePolicy())  # now free to move up: 500 rows each would go to DRAM
+        touch(store, name, np.arange(500))
+    engine = engine_for(store, budget_rows=150)
+    assert engine.run_once() == {("scm", "dram"): 150}
+    assert (engine.state("a").moved_rows, engine.state("b").moved_rows) == (150, 0)
+    assert (engine.state("a").backlog_rows, engine.state("b").backlog_rows) == (350, 500)
+    touch(store, "a", np.arange(500))
+    touch(store, "b", np.arange(500))
+    assert engine.run_once() == {("scm", "dram"): 150}
+    assert (engine.state("a").moved_rows, engine.state("b").moved_rows) == (0, 150)
+
+
+def test_dropped_table_leaves_the_engine_state(store_factory):
+    store = store_factory(dram="64K", cxl="0", scm="16M")
+    lru = TablePolicy(policy="lru")
+    store.create_table("a", 100, 16)
+    store.create_table("b", 100, 16, policy=lru)
+    engine = engine_for(store)
+    engine.run_once()
+    engine.run_once()
+    old = engine.state("b")
+    assert old.policy_name == "lru" and old.policy.interval == 3
+    store.drop_table("b")
+    store.create_table("b", 100, 16, policy=lru)  # same name, same policy, between two intervals
+    engine.run_once()
+    assert engine.state("b") is not old and engine.state("b").policy.interval == 2  # a new table, a new state
+    store.drop_table("b")
+    engine.run_once()
+    assert engine.state("b") is None and engine.state("a") is not None
