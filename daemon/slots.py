@@ -10,6 +10,8 @@ store calls it under its lock.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import native
@@ -26,6 +28,7 @@ class SlotSpace:
         self.held: list[int] = []     # rows chunk c can hold
         self.next = 0                 # first slot never handed out
         self.free = np.empty(0, dtype=np.uint32)
+        self.limit_rows: int | None = None  # the table's own limit in this tier: no chunk grows past it
 
     @property
     def chunk_rows(self) -> int:
@@ -48,6 +51,10 @@ class SlotSpace:
         if chunk >= self.table.max_chunks:
             return False
         rows = self.chunk_rows
+        if self.limit_rows is not None:
+            rows = min(rows, self.limit_rows - self.capacity)
+            if rows <= 0:
+                return False
         extent = self.tier.allocate(self._bytes(rows))
         if extent is None:
             rows = min(rows, self._rows_fitting(self.tier.largest_free()))
@@ -88,6 +95,61 @@ class SlotSpace:
         new_chunks = self.table.max_chunks - len(self.extents)
         fitting = self._rows_fitting(self.tier.largest_free())  # (a lower bound: other free extents may fit more)
         return int(self.free.size + max(0, in_chunk) + min(fitting, max(0, new_chunks) << self.shift))
+
+    @property
+    def capacity(self) -> int:
+        """Rows the chunks allocated so far hold."""
+        return sum(self.held)
+
+    def kept(self, slots: np.ndarray, rows: int) -> np.ndarray:
+        """Mask of slots that stay when the space is cut down to hold rows (see cut)."""
+        chunk, keep = self._cut_point(rows)
+        return (slots >> self.shift < chunk) | ((slots >> self.shift == chunk) & ((slots & (self.chunk_rows - 1)) < keep))
+
+    def _cut_point(self, rows: int) -> tuple[int, int]:
+        """(chunk, rows it keeps): the first chunks hold rows, the last kept one rounded up to whole
+        64-byte lines of the arena (the allocator's alignment)."""
+        unit = 64 // math.gcd(self.stride, 64)
+        left = rows
+        for chunk, held in enumerate(self.held):
+            if left <= held:
+                return chunk, min(held, -(-left // unit) * unit)
+            left -= held
+        return len(self.held) - 1, self.held[-1] if self.held else 0
+
+    def spare(self, rows: int) -> np.ndarray:
+        """Free slots that stay when the space is cut down to hold rows: given back ones, then
+        never handed out ones."""
+        chunk, keep = self._cut_point(rows)
+        end = (chunk << self.shift) + keep
+        fresh = np.arange(self.next, end, dtype=np.uint32) if self.next < end else np.empty(0, dtype=np.uint32)
+        return np.concatenate([self.free[self.kept(self.free, rows)], fresh])
+
+    def cut(self, rows: int, taken: np.ndarray) -> int:
+        """Gives the tier back every slot beyond the first rows ones (whole chunks, and the tail of the
+        last kept chunk); no row may live there any more.  taken: spare slots the caller filled
+        meanwhile.  Returns the bytes released."""
+        chunk, keep = self._cut_point(rows)
+        released = 0
+        while len(self.extents) > chunk + 1:
+            last = len(self.extents) - 1
+            extent = self.extents.pop()
+            self.tier.release(extent)
+            released += extent.length
+            self.held.pop()
+            self.table.set_chunk(self.tier.tier_id, last, 0)
+        if self.extents and keep < self.held[chunk]:
+            extent = self.extents[chunk]
+            kept_bytes = self._bytes(keep)
+            self.tier.release(Extent(extent.offset + kept_bytes, extent.length - kept_bytes))
+            released += extent.length - kept_bytes
+            self.extents[chunk] = Extent(extent.offset, kept_bytes)
+            self.held[chunk] = keep
+        self.free = np.setdiff1d(self.free[self.kept(self.free, rows)], taken).astype(np.uint32)
+        self.next = min(self.next, (chunk << self.shift) + keep)
+        if self.next < (chunk << self.shift) + keep and taken.size:  # fresh slots handed out by the caller
+            self.next = max(self.next, int(taken.max()) + 1)
+        return released
 
     def give_back(self, slots: np.ndarray) -> None:
         self.free = np.concatenate([self.free, slots.astype(np.uint32)])

@@ -182,8 +182,49 @@ class Store:
         """Replaces a table's policy settings; the tiering engine moves rows to match from its next interval."""
         check_policy(policy)
         table = self._get(name)
-        table.policy = policy
+        if policy.pin in MEMORY_TIERS:
+            limit = policy.limit_rows(policy.pin, table.stride)
+            capacity = self.tiers_by_id[TIER_NAMES.index(policy.pin)].capacity_bytes // table.stride
+            fits = capacity if limit is None else min(capacity, limit)
+            if fits < table.num_rows:
+                raise TierFullError(f"table {name!r} ({table.num_rows} rows of {table.stride} bytes) cannot be "
+                                    f"pinned to {policy.pin}: it holds at most {fits} of its rows")
+        with self._lock:
+            table.policy = policy
+            for tier_id, space in table.slots.items():
+                if TIER_NAMES[tier_id] in MEMORY_TIERS:
+                    space.limit_rows = policy.limit_rows(TIER_NAMES[tier_id], table.stride)
         return policy
+
+    def trim(self, name: str, tier: int) -> int:
+        """Gives the memory a table holds in a memory tier beyond its own limit there back to the tier
+        (so that a table whose limit was lowered leaves the room to others): the rows living beyond
+        the limit's worth of slots move into free slots below it, then whole chunks and the tail of
+        the last kept one are released.  Does nothing while the rows do not fit below the limit
+        (the policy demotes first).  Returns the bytes released."""
+        table = self._get(name)
+        limit = table.policy.limit_rows(TIER_NAMES[tier], table.stride)
+        space = table.slots.get(tier)
+        if limit is None or space is None or tier == native.TIER_SCM:
+            return 0
+        shift = table.native.tier_shift
+        with table.write_lock:
+            with self._lock:
+                if space.capacity <= limit or table.rows_by_tier[tier] > limit:
+                    return 0
+                spare = space.spare(limit)
+            loc = table.native.loc
+            inside = np.flatnonzero((loc >> shift) == tier)
+            ids = inside[~space.kept(loc[inside] & ((1 << shift) - 1), limit)].astype(np.int64)
+            slots = spare[:ids.size]
+            if ids.size:
+                rows = np.empty((ids.size, table.stride), dtype=np.uint8)
+                table.native.read_rows(ids, rows)
+                new = ((tier << shift) | slots).astype(np.uint32)
+                table.native.write_slots(new, rows)
+                table.native.publish(ids, new)  # from here on no lookup holds a slot beyond the cut
+            with self._lock:
+                return space.cut(limit, slots)
 
     def room_rows(self, name: str, tier: int) -> int:
         """How many more rows of the table a tier could take now: the table's own limit there, the
@@ -429,8 +470,10 @@ class Store:
     def _space(self, table: Table, tier_id: int) -> SlotSpace:
         """The table's slots in a tier (made on first use); call under self._lock."""
         if tier_id not in table.slots:
-            table.slots[tier_id] = SlotSpace(self.tiers_by_id[tier_id], table.native, table.stride,
-                                             table.chunk_shift)
+            space = SlotSpace(self.tiers_by_id[tier_id], table.native, table.stride, table.chunk_shift)
+            if TIER_NAMES[tier_id] in MEMORY_TIERS:
+                space.limit_rows = table.policy.limit_rows(TIER_NAMES[tier_id], table.stride)
+            table.slots[tier_id] = space
         return table.slots[tier_id]
 
     def _release(self, table: Table) -> None:

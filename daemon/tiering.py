@@ -101,6 +101,8 @@ class TieringEngine:
                 result = run_interval(state.policy, self.store.heat(name, writable=True), self.store.placement(name),
                                       room, budget_bytes // stride, self._mover(name, deadline),
                                       TIER_NAMES.index(pin) if pin else None)
+                for tier in (0, 1):
+                    self.store.trim(name, tier)  # memory over the table's own limit goes back to the tier
             except NotFoundError:  # dropped meanwhile
                 self._state.pop(name, None)
                 continue

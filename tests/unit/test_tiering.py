@@ -108,12 +108,27 @@ def test_dram_limit_at_creation(store_factory):
     assert np.count_nonzero(store.placement("a")[4000:4500] == 0) == 256  # all of the table's DRAM, no more
 
 
-@pytest.mark.xfail(strict=True, reason="store: a table's first DRAM extent is a whole chunk (here all of DRAM) "
-                                       "however low its own DRAM limit")
 def test_dram_limit_leaves_dram_to_other_tables(store_factory):
     store = store_factory(dram="64K", cxl="0", scm="16M")
     store.create_table("a", 5000, 16, policy=dram_limit(256))
     assert store.create_table("b", 5000, 16).rows_by_tier["dram"] == 1024 - 256
+
+
+def test_lowering_a_limit_gives_the_memory_back_to_the_tier(store_factory):
+    store = store_factory(dram="256K", cxl="0", scm="16M", heat_sample_shift=0)  # 4096 rows of 64 bytes
+    store.create_table("a", 3000, 16, initializer="uniform", seed=4)
+    values = store.lookup("a", np.arange(3000))
+    used = store.tier_infos()[0].used_bytes
+    engine = engine_for(store)
+    store.set_policy("a", dram_limit(1000))
+    touch(store, "a", np.arange(100, 400), times=3)  # rows of the first chunk stay hot
+    for _ in range(3):
+        engine.run_once()
+    assert store.describe("a").rows_by_tier["dram"] <= 1000
+    assert store.tier_infos()[0].used_bytes <= used - 2000 * ROW_BYTES  # its rows beyond the limit: released
+    assert np.all(store.placement("a")[100:400] == 0)
+    np.testing.assert_array_equal(store.lookup("a", np.arange(3000)), values)  # every row intact, wherever it is
+    assert store.create_table("b", 5000, 16).rows_by_tier["dram"] >= 2048  # the freed room serves another table
 
 
 @pytest.mark.parametrize("pin", ["scm", "cxl"])  # (pinned to DRAM: see the next test)
