@@ -344,7 +344,11 @@ def _policy_name(value: Any, field: str) -> str:
 def _table_capacity(value: Any, field: str, tier_bytes: int) -> int:
     """A table's own limit in a tier: a size, or a share ("50%", 0.5) of the tier's capacity."""
     if isinstance(value, float) or (isinstance(value, str) and _PERCENT_RE.match(value)):
-        return parse_size(value, field, available_bytes=tier_bytes)
+        share = value if isinstance(value, float) else float(_PERCENT_RE.match(value).group(1)) / 100
+        if not 0 <= share <= 1:
+            raise ConfigError(f"{field}: a share of the tier's capacity must be in [0, 1] (0% to 100%), "
+                              f"got {value!r}")
+        return int(tier_bytes * share)
     return parse_size(value, field)
 
 
