@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 from embtierd.errors import InvalidArgumentError
+from embtierd.tiering import TieringEngine
+from embtierd.tiering_config import TablePolicy, TieringConfig
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
@@ -55,15 +57,17 @@ def test_bad_moves(store_factory):
         s.move_rows("m", np.array([1, 100], dtype=np.int64), "scm")
 
 
-def test_moves_under_concurrent_reads_and_writes(store_factory):
-    """Row i always holds i * 1000 + v in every element, v a version some writer wrote."""
-    s = store_factory(dram="16K", cxl="16K", scm="8M", kernel_threads=2)
+def stress(s, mover, seconds: float = 4.0) -> int:
+    """Readers (lookups and pooled lookups) and a writer on table "c" while mover(stop) migrates rows.
+
+    Row i always holds i * 1000 + v in every element, v a version some writer wrote: every read row
+    must be whole and its own, and after the run every acknowledged write must be there.  Returns
+    what mover returned (rows moved)."""
     n, dim = 3000, 32
     s.create_table("c", n, dim)
     ids = np.arange(n, dtype=np.int64)
     s.write_rows("c", ids, np.repeat((ids * 1000.0)[:, None], dim, axis=1).astype(np.float32))
-    stop, problems, last_version = threading.Event(), [], np.zeros(n, dtype=np.int64)
-    moved = []
+    stop, problems, last_version, moved = threading.Event(), [], np.zeros(n, dtype=np.int64), []
 
     def check(rows, which):
         whole = rows.min(axis=1) == rows.max(axis=1)
@@ -91,30 +95,56 @@ def test_moves_under_concurrent_reads_and_writes(store_factory):
                          .astype(np.float32))
             last_version[pick] = version % 1000
 
-    def mover():
-        rng = np.random.default_rng(9)
-        tiers = ["dram", "cxl", "scm"]
-        while not stop.is_set():
-            for tier in tiers:
-                placement = s.placement("c")
-                leave = np.flatnonzero(placement == tiers.index(tier))
-                if leave.size:
-                    moved.append(s.move_rows("c", rng.choice(leave, min(64, leave.size), replace=False)
-                                             .astype(np.int64), tiers[(tiers.index(tier) + 1) % 3]))
-                moved.append(s.move_rows("c", rng.integers(0, n, 64), tier))
-
-    threads = [threading.Thread(target=f) for f in (reader, reader, writer, mover)]
+    threads = [threading.Thread(target=f) for f in (reader, reader, writer)]
+    threads.append(threading.Thread(target=lambda: moved.append(mover(stop))))
     for t in threads:
         t.start()
-    time.sleep(4)
+    time.sleep(seconds)
     stop.set()
     for t in threads:
         t.join(timeout=30)
     assert problems == []
-    assert sum(moved) > 1000  # the mover really moved rows, among all three tiers
     final = s.lookup("c", ids)
     np.testing.assert_array_equal(final[:, 0], ids * 1000.0 + last_version)  # every acknowledged write is there
     assert sum(s.describe("c").rows_by_tier.values()) == n
+    return sum(moved)
+
+
+def test_moves_under_concurrent_reads_and_writes(store_factory):
+    s = store_factory(dram="16K", cxl="16K", scm="8M", kernel_threads=2)
+
+    def mover(stop) -> int:
+        rng, tiers, moved = np.random.default_rng(9), ["dram", "cxl", "scm"], 0
+        while not stop.is_set():
+            for tier in tiers:
+                leave = np.flatnonzero(s.placement("c") == tiers.index(tier))
+                if leave.size:
+                    moved += s.move_rows("c", rng.choice(leave, min(64, leave.size), replace=False)
+                                         .astype(np.int64), tiers[(tiers.index(tier) + 1) % 3])
+                moved += s.move_rows("c", rng.integers(0, 3000, 64), tier)
+        return moved
+
+    assert stress(s, mover) > 1000  # the mover really moved rows, among all three tiers
+
+
+def test_tiering_engine_under_concurrent_reads_and_writes(store_factory):
+    """The engine itself as the mover, with the table's limits and pin changing under it (so rows are
+    promoted, demoted into clean and dirty SCM copies, pinned, and compacted when a limit drops)."""
+    s = store_factory(dram="64K", cxl="32K", scm="8M", kernel_threads=2, heat_sample_shift=0)
+    engine = TieringEngine(s, TieringConfig(True, 0.05, 1 << 30, 0.25, aging_intervals=1))
+    settings = [TablePolicy(), TablePolicy(capacity_bytes={"dram": 8 << 10, "cxl": 4 << 10}), TablePolicy(pin="scm"),
+                TablePolicy(policy="lru"), TablePolicy(capacity_bytes={"dram": 0, "cxl": None})]
+
+    def mover(stop) -> int:
+        moved, i = 0, 0
+        while not stop.is_set():
+            s.set_policy("c", settings[i % len(settings)])
+            for _ in range(3):
+                moved += sum(engine.run_once().values())
+            i += 1
+        return moved
+
+    assert stress(s, mover) > 1000
 
 
 def test_rows_promoted_from_scm_keep_a_copy_there_clean_until_written(store_factory):
