@@ -243,8 +243,8 @@ def test_tiering_tables():
     ({"tables": {"emb": {"pin": 1}}}, "tiering.tables.emb.pin: expected \"\" or one of dram, cxl, scm, got 1$"),
     ({"tables": {"emb": {"dram": "lots"}}}, "tiering.tables.emb.dram: cannot read 'lots' as a size"),
     ({"tables": {"emb": {"cxl": -1}}}, "tiering.tables.emb.cxl: a size cannot be negative, got -1$"),
-    ({"tables": {"emb": {"dram": 1.5}}}, r"tiering.tables.emb.dram: a share of the tier's capacity must be in "
-                                         r"\[0, 1\] \(0% to 100%\), got 1.5$"),
+    ({"tables": {"emb": {"dram": 1.5}}}, (r"tiering.tables.emb.dram: a share of the tier's capacity must be in "
+                                         r"\[0, 1\] \(0% to 100%\), got 1.5$")),
     ({"tables": {"emb": {"cxl": "120%"}}}, r"tiering.tables.emb.cxl: .*must be in \[0, 1\].*, got .120%.$"),
     ({"tables": {"emb": {"dram": True}}}, "tiering.tables.emb.dram: expected a size, got True$"),
 ])
