@@ -15,6 +15,7 @@
 #include "et_internal.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <linux/aio_abi.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +29,11 @@ static atomic_int scm_queue_depth = 64;
 static atomic_int aio_state; /* 0 untested, 1 works, -1 refused */
 static __thread aio_context_t thread_ctx;
 static __thread int thread_ctx_ready;
+static pthread_key_t ctx_key;      /* its destructor gives a thread's context back when the thread ends */
+static pthread_once_t ctx_key_once = PTHREAD_ONCE_INIT;
+
+static void destroy_context(void *ctx) { syscall(SYS_io_destroy, (aio_context_t)(uintptr_t)ctx); }
+static void make_ctx_key(void) { pthread_key_create(&ctx_key, destroy_context); }
 
 int et_set_scm_queue_depth(int32_t depth) {
     if (depth < 1 || depth > ET_AIO_MAX_DEPTH) return ET_E_ARG;
@@ -35,15 +41,19 @@ int et_set_scm_queue_depth(int32_t depth) {
     return ET_OK;
 }
 
-/* This thread's AIO context, created on first use; 0 when AIO is refused. */
+/* This thread's AIO context, created on first use and destroyed when the
+ * thread ends; 0 when AIO is refused (for good: no such syscall or not
+ * permitted) or, for this call only, when the system's aio-max-nr is used up. */
 static aio_context_t aio_context(void) {
     if (thread_ctx_ready) return thread_ctx;
     if (atomic_load(&aio_state) < 0) return 0;
     aio_context_t ctx = 0;
     if (syscall(SYS_io_setup, ET_AIO_MAX_DEPTH, &ctx) != 0) {
-        atomic_store(&aio_state, -1);
+        if (errno != EAGAIN) atomic_store(&aio_state, -1);
         return 0;
     }
+    pthread_once(&ctx_key_once, make_ctx_key);
+    pthread_setspecific(ctx_key, (void *)(uintptr_t)ctx);
     atomic_store(&aio_state, 1);
     thread_ctx = ctx;
     thread_ctx_ready = 1;
