@@ -103,7 +103,7 @@ class _Plan:
         self.result = IntervalResult()
 
     def apply(self, rows: np.ndarray, tier: int) -> int:
-        rows = rows[:max(0, min(self.budget, self.room[tier]))]
+        rows = np.ascontiguousarray(rows[:max(0, min(self.budget, self.room[tier]))])
         if not rows.size:
             return 0
         n = self.move(rows, tier)
@@ -122,6 +122,24 @@ class _Plan:
         self.result.backlog_rows += max(0, wanted - done)
 
 
+def _cascade(policy: Policy, scores: np.ndarray, plan: _Plan, up: np.ndarray, down: np.ndarray) -> int:
+    """DRAM's side of its swaps when there is a CXL tier: the cold rows leaving DRAM go down to CXL
+    (into free room, or displacing CXL's coldest rows to SCM, when at least as hot as those; ties
+    go to the row just out of DRAM, the more recently hot), the rest to SCM.  Three moves a swap
+    at most, budgeted as three, plus one for refilling the hole a hot row taken from CXL leaves
+    there.  Returns how many left DRAM."""
+    pairs = int(np.searchsorted(np.cumsum(3 + (plan.placement[up] == CXL)), plan.budget, side="right"))
+    leaving = down[:pairs][::-1]  # the warmest of DRAM's cold rows first
+    free = max(0, min(plan.room[CXL], pairs))
+    staying = plan.placement.copy()
+    staying[up[:pairs]] = SCM  # CXL rows on their way up to DRAM are not pushed down
+    push = coldest_in(scores, staying, CXL, pairs - free)
+    worth = scores[leaving[free:free + push.size]] >= scores[push]
+    pushed = plan.apply(push[:int(np.argmin(worth)) if not worth.all() else push.size], SCM)
+    to_cxl = plan.apply(leaving[:free + pushed], CXL)
+    return to_cxl + plan.apply(leaving[to_cxl:], SCM)
+
+
 def run_interval(policy: Policy, heat: np.ndarray, placement: np.ndarray, room: list[int], budget_rows: int,
                  move: Mover, pin: int | None = None) -> IntervalResult:
     """Plans and carries out one interval of moves for one table.
@@ -131,8 +149,9 @@ def run_interval(policy: Policy, heat: np.ndarray, placement: np.ndarray, room: 
     budget_rows: most rows moved in all.  Without a pin, for DRAM then CXL:
     rows over the table's limit go down to SCM (coldest first); the hottest
     rows below take the free room; then hot rows below swap with cold rows
-    inside, cold ones to SCM first, which frees the slots the hot ones take
-    (a hot row taken from CXL is budgeted with the move that refills its slot).
+    inside, cold ones down first, which frees the slots the hot ones take:
+    DRAM's cold rows cascade into CXL (see _cascade), CXL's go to SCM (a hot
+    row taken from CXL is budgeted with the move that refills its slot).
     With a pin, every row moves to the pinned tier, hottest first.  Ages the
     heat at the end."""
     scores = policy.scores(heat)
@@ -150,11 +169,14 @@ def run_interval(policy: Policy, heat: np.ndarray, placement: np.ndarray, room: 
                 up = hottest_below(scores, plan.placement, fast, plan.room[fast], policy.min_score())
                 plan.defer(up.size, plan.apply(up, fast))
             up, down = plan_swaps(policy, scores, plan.placement, fast)
-            # two moves a swap, three when its hot row leaves a hole in CXL: without budget kept for
-            # that refill, DRAM's swaps under a tight budget would drain CXL interval after interval
-            cost = np.cumsum(2 + (plan.placement[up] == CXL))
-            pairs = int(np.searchsorted(cost, plan.budget, side="right"))
-            demoted = plan.apply(down[:pairs], SCM)
+            if fast == DRAM and (plan.room[CXL] > 0 or np.any(plan.placement == CXL)):
+                demoted = _cascade(policy, scores, plan, up, down)
+            else:
+                # two moves a swap, three when its hot row leaves a hole in CXL: without budget kept for
+                # that refill, DRAM's swaps under a tight budget would drain CXL interval after interval
+                cost = np.cumsum(2 + (plan.placement[up] == CXL))
+                pairs = int(np.searchsorted(cost, plan.budget, side="right"))
+                demoted = plan.apply(down[:pairs], SCM)
             plan.defer(2 * up.size, demoted + plan.apply(up[:demoted], fast))
     policy.age(heat)
     return plan.result

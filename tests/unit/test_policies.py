@@ -171,11 +171,12 @@ def test_moves_by_tier_hand_checked():
     placement = u8(DRAM, DRAM, CXL, CXL, SCM, SCM)
     heat = u8(1, 9, 0, 8, 7, 30)
     result, mover = interval(lfu, heat, placement, [0, 0, UNLIMITED])
-    # DRAM: 30 (row 5) beats 1 (row 0); 8 (row 3) is not worth 9 (row 1).
-    # CXL: 7 (row 4) beats 0 (row 2); 1 (row 0, just demoted) is not worth 8 (row 3).
-    assert mover.calls == [([0], SCM), ([5], DRAM), ([2], SCM), ([4], CXL)]
-    assert result.moved == {(DRAM, SCM): 1, (SCM, DRAM): 1, (CXL, SCM): 1, (SCM, CXL): 1}
-    assert result.rows_moved == 4 and result.backlog_rows == 0
+    # DRAM: 30 (row 5) beats 1 (row 0); 8 (row 3) is not worth 9 (row 1).  Row 0 cascades into CXL,
+    # displacing CXL's coldest (row 2, heat 0 <= 1) to SCM.
+    # CXL: 7 (row 4) beats 1 (row 0, just cascaded); 0 (row 2) is not worth 8 (row 3).
+    assert mover.calls == [([2], SCM), ([0], CXL), ([5], DRAM), ([0], SCM), ([4], CXL)]
+    assert result.moved == {(CXL, SCM): 2, (DRAM, CXL): 1, (SCM, DRAM): 1, (SCM, CXL): 1}
+    assert result.rows_moved == 5 and result.backlog_rows == 0
     assert placement.tolist() == [SCM, DRAM, SCM, CXL, CXL, DRAM]
 
 
