@@ -47,6 +47,9 @@ what migration and heat tracking cost the lookup path.  One run, one in-process 
    zero), at shift 3 and shift 0 on the same ids; ties at the threshold are broken at random
    (expected overlap).  For reference: exact counts of the same ids, and the tiered table's aged
    counters at the end of step 2 (what the policy ranked).
+7. Time effect of placement (tiers.cxl.emulated_latency_ns): a table half in DRAM, half in the
+   emulated CXL tier; pooling rows homed in CXL against as many homed in DRAM, interleaved, with
+   0, 100 and 300 ns injected per CXL row.  Every figure made with injected latency says so.
 
 The host is shared and noisy: timed comparisons are interleaved and ratios are medians of
 per-repetition ratios (25-75 % range in brackets).  Hit ratios are not timed, but the engine's
@@ -629,9 +632,56 @@ def print_accuracy(rankings: dict[str, Ranking], plan: Plan) -> None:
 
 # ---- main ---------------------------------------------------------------------------------------
 
+CXL_LATENCIES_NS = (0, 100, 300)  # 100 ns: the extra latency published for CXL memory expanders
+
+
+def cxl_latency_effect(plan: Plan, parent: Path, rng: np.random.Generator) -> dict[int, list[float]]:
+    """Per injected latency: per-rep ratios of the time to pool rows homed in CXL to the time to pool
+    as many rows homed in DRAM (a table half in each, uniform ids within each half)."""
+    rows = min(plan.rows, 1 << 20)
+    half_bytes = rows // 2 * native.row_stride(DIM, "float32")
+    ratios: dict[int, list[float]] = {}
+    for ns in CXL_LATENCIES_NS:
+        state = Path(tempfile.mkdtemp(prefix=f"cxl-{ns}ns-", dir=parent))
+        store = Store(config.load(overrides={
+            "state_dir": str(state),
+            "tiers": {"dram": {"capacity": half_bytes}, "cxl": {"capacity": half_bytes, "emulated_latency_ns": ns},
+                      "scm": {"capacity": "64M"}},
+            "kernels": {"kernel_threads": 1}}))
+        try:
+            store.create_table(TABLE, rows, DIM, initializer="uniform", seed=1)
+            placement = store.placement(TABLE)
+            homes = {tier: np.flatnonzero(placement == tier) for tier in (0, 1)}
+            ratios[ns] = []
+            for _ in range(max(3, plan.overhead_reps // 3)):
+                took = {}
+                for tier in (0, 1):
+                    ids = rng.choice(homes[tier], REQUEST_IDS).astype(np.int64)
+                    tiers = np.zeros(3, dtype=np.int64)
+                    took[tier] = lookup(store, ids, tiers)
+                    assert tiers[tier] == ids.size
+                ratios[ns].append(took[1] / took[0])
+        finally:
+            store.close()
+            shutil.rmtree(state, ignore_errors=True)
+    return ratios
+
+
+def print_cxl_latency(ratios: dict[int, list[float]]) -> None:
+    print(f"\n7. time effect of placement: pooling {REQUEST_IDS} rows homed in CXL vs in DRAM (uniform ids in "
+          f"each half of a table split between the two), per injected CXL latency")
+    for ns, values in ratios.items():
+        median, q25, q75 = quantiles(values)
+        label = "emulated CXL, nothing injected" if ns == 0 else f"{ns} ns injected per CXL row"
+        print(f"   {label:34} CXL rows take {median:6.2f}x the DRAM rows' time [{q25:.2f}, {q75:.2f}]")
+    print("   (injected latency: the CXL tier is emulated in DRAM here; the delay is serialised per row, with no "
+          "overlap of misses as real memory-level parallelism would give, so it is an upper bound of the effect)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small table, few intervals (under a minute)")
+    parser.add_argument("--cxl-latency-only", action="store_true", help="only step 7 (injected CXL latency)")
     parser.add_argument("--dir", default=str(Path(__file__).resolve().parents[2] / ".state" / "bench"),
                         help="parent of the temporary state dirs; must allow O_DIRECT (not tmpfs)")
     args = parser.parse_args()
@@ -645,6 +695,9 @@ def main() -> int:
             sys.exit(f"{args.dir} is on {kind}: SCM needs O_DIRECT, pass --dir on a disk file system")
         where = f"{run_dir} ({kind})"
         rng = np.random.default_rng(7)
+        if args.cxl_latency_only:
+            print_cxl_latency(cxl_latency_effect(plan, run_dir, rng))
+            return 0
         steady: dict[float, SteadyState] = {}
         for alpha in sorted(ALPHAS, key=lambda a: a == SHIFT_ALPHA):  # the shift alpha last: steps 2-3 go on from it
             log(f"alpha {alpha}: creating the table")
@@ -676,6 +729,8 @@ def main() -> int:
         rankings[f"tiered table at the end of step 2 (shift {HEAT_SAMPLE_SHIFT}, aged)"] = top_k_overlap(
             aged_heat, hot.zipf.scatter[:plan.rows // 10])
         print_accuracy(rankings, plan)
+        log("injected CXL latency")
+        print_cxl_latency(cxl_latency_effect(plan, run_dir, rng))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     print(f"\nwall time {time.perf_counter() - started:.0f} s")

@@ -37,6 +37,16 @@ def rows_served(daemon, table: str) -> np.ndarray:
     return out
 
 
+def metric_samples(daemon, *names: str) -> dict[str, list[tuple[dict, float]]]:
+    text = urllib.request.urlopen(f"http://{daemon.metrics}/metrics", timeout=10).read().decode()
+    out: dict[str, list] = {name: [] for name in names}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in out:
+                out[s.name].append((s.labels, s.value))
+    return out
+
+
 def test_policy_settings_round_trip_and_bad_values(daemon):
     with Client(daemon.target) as c:
         c.create_table("pol", 20_000, 16, policy="lru", dram_capacity_bytes=64 * 1024)
@@ -121,6 +131,12 @@ def test_simulator_predicts_the_live_daemons_hit_ratios(tmp_path):
                 before, warm_ids = rows_served(d, "z"), sent
         served = rows_served(d, "z") - before
         trace = box["trace"]
+        tiering = metric_samples(d, "embtier_migrations_total", "embtier_migration_backlog_rows",
+                                 "embtier_migrated_bytes_total", "embtier_tiering_interval_duration_seconds_count")
+        assert sum(v for labels, v in tiering["embtier_migrations_total"] if labels["to"] == "dram") > 0
+        assert [labels["table"] for labels, _ in tiering["embtier_migration_backlog_rows"]] == ["z"]
+        assert tiering["embtier_migrated_bytes_total"][0][1] % 256 == 0  # whole 256-byte rows
+        assert tiering["embtier_tiering_interval_duration_seconds_count"][0][1] >= 10
     per_interval = round(trace.ids.size / trace.seconds * trace.interval_seconds)
     sim = simulate(trace.ids, SimConfig(rows, capacity, per_interval,
                                         int(trace.bandwidth_bytes_per_second * trace.interval_seconds) // 256,
