@@ -122,12 +122,13 @@ class _Plan:
         self.result.backlog_rows += max(0, wanted - done)
 
 
-def _cascade(policy: Policy, scores: np.ndarray, plan: _Plan, up: np.ndarray, down: np.ndarray) -> int:
+def _cascade(scores: np.ndarray, plan: _Plan, up: np.ndarray, down: np.ndarray) -> int:
     """DRAM's side of its swaps when there is a CXL tier: the cold rows leaving DRAM go down to CXL
     (into free room, or displacing CXL's coldest rows to SCM, when at least as hot as those; ties
     go to the row just out of DRAM, the more recently hot), the rest to SCM.  Three moves a swap
     at most, budgeted as three, plus one for refilling the hole a hot row taken from CXL leaves
-    there.  Returns how many left DRAM."""
+    there (without that budget kept for the refill, DRAM's swaps under a tight budget would drain
+    CXL interval after interval).  Returns how many left DRAM."""
     pairs = int(np.searchsorted(np.cumsum(3 + (plan.placement[up] == CXL)), plan.budget, side="right"))
     leaving = down[:pairs][::-1]  # the warmest of DRAM's cold rows first
     free = max(0, min(plan.room[CXL], pairs))
@@ -170,13 +171,9 @@ def run_interval(policy: Policy, heat: np.ndarray, placement: np.ndarray, room: 
                 plan.defer(up.size, plan.apply(up, fast))
             up, down = plan_swaps(policy, scores, plan.placement, fast)
             if fast == DRAM and (plan.room[CXL] > 0 or np.any(plan.placement == CXL)):
-                demoted = _cascade(policy, scores, plan, up, down)
-            else:
-                # two moves a swap, three when its hot row leaves a hole in CXL: without budget kept for
-                # that refill, DRAM's swaps under a tight budget would drain CXL interval after interval
-                cost = np.cumsum(2 + (plan.placement[up] == CXL))
-                pairs = int(np.searchsorted(cost, plan.budget, side="right"))
-                demoted = plan.apply(down[:pairs], SCM)
+                demoted = _cascade(scores, plan, up, down)
+            else:  # CXL's swaps, or DRAM's without a CXL tier: two moves a swap, the cold row to SCM
+                demoted = plan.apply(down[:min(up.size, plan.budget // 2)], SCM)
             plan.defer(2 * up.size, demoted + plan.apply(up[:demoted], fast))
     policy.age(heat)
     return plan.result

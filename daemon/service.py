@@ -84,6 +84,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         self.metrics = metrics
         self.tiering = tiering
         self.traces = TraceRecorder()
+        self.max_trace_ids = (limits.max_message_bytes - 4096) // 8  # a recorded trace travels in one reply
 
     def _admit(self, context, n_ids: int) -> None:
         if n_ids > self.max_ids:
@@ -144,6 +145,9 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
 
     def RecordTrace(self, request, context):
         num_rows = self.store.describe(request.table).num_rows  # NOT_FOUND before waiting
+        if request.max_ids > self.max_trace_ids:
+            raise InvalidArgumentError(f"max_ids = {request.max_ids} is more than one reply can carry under "
+                                       f"server.max_message_bytes: at most {self.max_trace_ids}")
         recording = self.traces.record(request.table, request.max_ids, request.timeout_seconds or 60.0)
         info = self.store.describe(request.table)
         ids = recording.ids()

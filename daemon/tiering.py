@@ -83,7 +83,6 @@ class TieringEngine:
 
     def _interval(self) -> dict[tuple[str, str], int]:
         moved: dict[tuple[str, str], int] = {}
-        moved_bytes = 0
         start = time.perf_counter()
         budget_bytes = int(self.config.bandwidth_bytes_per_second * self.config.interval_seconds)
         tables = [info.name for info in self.store.tables()]
@@ -99,7 +98,7 @@ class TieringEngine:
                 pin = self.store.table_policy(name).pin
                 room = [self.store.room_rows(name, 0), self.store.room_rows(name, 1), UNLIMITED]
                 result = run_interval(state.policy, self.store.heat(name, writable=True), self.store.placement(name),
-                                      room, budget_bytes // stride, self._mover(name, deadline),
+                                      room, max(0, budget_bytes) // stride, self._mover(name, deadline),
                                       TIER_NAMES.index(pin) if pin else None)
                 for tier in (0, 1):
                     self.store.trim(name, tier)  # memory over the table's own limit goes back to the tier
@@ -108,7 +107,6 @@ class TieringEngine:
                 continue
             state.backlog_rows, state.moved_rows = result.backlog_rows, result.rows_moved
             budget_bytes -= result.rows_moved * stride
-            moved_bytes += result.rows_moved * stride
             table_moves = {(TIER_NAMES[src], TIER_NAMES[dst]): n for (src, dst), n in result.moved.items()}
             for key, n in table_moves.items():
                 moved[key] = moved.get(key, 0) + n

@@ -65,7 +65,7 @@ class TraceRecorder:
     def record(self, table: str, max_ids: int, timeout_seconds: float) -> Recording:
         """Records until max_ids ids arrived or timeout_seconds passed; returns the recording."""
         if not 1 <= max_ids <= MAX_TRACE_IDS:
-            raise InvalidArgumentError(f"max_ids must be in [1, {MAX_TRACE_IDS}], got {max_ids}")
+            raise InvalidArgumentError(f"max_ids = {max_ids} is outside [1, {MAX_TRACE_IDS}]")
         if not 0 < timeout_seconds <= 86400:
             raise InvalidArgumentError(f"timeout_seconds must be in (0, 86400], got {timeout_seconds}")
         recording = Recording(max_ids)

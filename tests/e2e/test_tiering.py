@@ -103,9 +103,10 @@ def test_record_trace_returns_the_ids_looked_up(daemon, tmp_path):
         trace = box["trace"]
         np.testing.assert_array_equal(trace.ids, np.concatenate(sent[:3]))
         assert (trace.num_rows, trace.row_bytes) == (1000, 32)
-        with pytest.raises(EmbtierClientError) as err:
-            c.record_trace("tr", 0, 1.0)
-        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "max_ids" in err.value.message
+        for max_ids in (0, 1 << 40):
+            with pytest.raises(EmbtierClientError) as err:
+                c.record_trace("tr", max_ids, 1.0)
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and f"max_ids = {max_ids}" in err.value.message
 
 
 def test_simulator_predicts_the_live_daemons_hit_ratios(tmp_path):
@@ -119,7 +120,7 @@ def test_simulator_predicts_the_live_daemons_hit_ratios(tmp_path):
         assert capacity == (rows // 10, rows // 5)
         zipf, rng = ZipfIds(rows, 1.05, seed=3), np.random.default_rng(0)
         box = {}
-        recorder = threading.Thread(target=lambda: box.setdefault("trace", c.record_trace("z", 10**8, 10.0)))
+        recorder = threading.Thread(target=lambda: box.setdefault("trace", c.record_trace("z", 30_000_000, 10.0)))
         recorder.start()
         time.sleep(0.5)
         sent, start, before, warm_ids = 0, time.monotonic(), None, 0
