@@ -33,6 +33,7 @@ bench: build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) tests/bench/bench_kernels.py
 	$(PY) -m tests.bench.bench_service
+	$(PY) -m tests.bench.bench_tiering
 
 clean:
 	rm -rf build *.egg-info daemon/_native.* $(VENV)
