@@ -132,20 +132,26 @@ def cmd_record(c: Client, args) -> None:
 def cmd_simulate(args) -> None:
     from embtierd.simulate import SimConfig, oracle_hit_ratios, simulate
 
-    trace = np.load(args.trace, mmap_mode="r")
+    try:
+        trace = np.load(args.trace, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:
+        raise SystemExit(f"embtier simulate: cannot read {args.trace} as a .npy array: {e}") from None
+    if trace.ndim != 1 or trace.dtype.kind not in "iu":
+        raise SystemExit(f"embtier simulate: {args.trace} holds a {trace.dtype} array of shape {trace.shape}; "
+                         f"expected a 1-D array of integer ids")
     meta_path = Path(args.trace).with_suffix(".json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
 
-    def setting(name: str, arg):
+    def setting(name: str, flag: str, arg, default=None):
         if arg is not None:
             return arg
-        if name not in meta:
-            raise SystemExit(f"embtier simulate: --{name.replace('_', '-')} is needed ({meta_path} has no {name})")
-        return meta[name]
+        if name not in meta and default is None:
+            raise SystemExit(f"embtier simulate: {flag} is needed ({meta_path} has no {name})")
+        return meta.get(name, default)
 
-    num_rows = int(setting("num_rows", args.rows))
-    row_bytes = int(setting("row_bytes", args.row_bytes))
-    shift = int(setting("heat_sample_shift", args.sample_shift))
+    num_rows = int(setting("num_rows", "--rows", args.rows))
+    row_bytes = int(setting("row_bytes", "--row-bytes", args.row_bytes))
+    shift = int(setting("heat_sample_shift", "--sample-shift", args.sample_shift, default=3))
     if args.ids_per_interval is not None:
         per_interval = args.ids_per_interval
     elif meta.get("seconds"):
@@ -156,6 +162,8 @@ def cmd_simulate(args) -> None:
         meta.get("bandwidth_bytes_per_second", 256 << 20) * meta.get("interval_seconds", 1.0))
     drams = args.dram or [meta.get("dram_rows", 0) * row_bytes]
     cxls = args.cxl or [meta.get("cxl_rows", 0) * row_bytes]
+    if min(drams + cxls) < 0 or bandwidth < 0:
+        raise SystemExit("embtier simulate: --dram, --cxl and --budget take sizes (\"none\" is for `embtier policy`)")
     policies = args.policy or [meta.get("policy", "lfu")]
     intervals = -(-trace.size // per_interval)
     warmup = min(args.warmup_intervals, max(0, intervals - 1))
@@ -174,7 +182,10 @@ def cmd_simulate(args) -> None:
                 for unit in args.granularity:
                     config = SimConfig(num_rows, capacity, per_interval, bandwidth // row_bytes, policy,
                                        heat_sample_shift=shift, rows_per_unit=units[unit])
-                    result = simulate(trace, config)
+                    try:
+                        result = simulate(trace, config)
+                    except ValueError as e:
+                        raise SystemExit(f"embtier simulate: {e}") from None
                     hit = result.hit_ratios(warmup)
                     print(f"{human_bytes(dram):>10} {human_bytes(cxl):>10} {policy:>6} {unit:>5}   "
                           f"{hit[0]:8.3f} {hit[1]:8.3f} {hit[2]:8.3f}   {oracle[0]:11.3f} "
@@ -284,7 +295,8 @@ def parse_args(argv):
     s.add_argument("--row-bytes", type=int, help="bytes per stored row (default: from the trace's .json)")
     s.add_argument("--ids-per-interval", type=int, help="lookups per policy interval (default: recorded rate)")
     s.add_argument("--budget", type=size_or_none, help="migration bytes per interval (default: the daemon's)")
-    s.add_argument("--sample-shift", type=int, help="heat counts 1 in 2^K accesses (default: the daemon's)")
+    s.add_argument("--sample-shift", type=int, help="heat counts 1 in 2^K accesses (default: the recorded daemon's, "
+                   "else 3)")
     s.add_argument("--warmup-intervals", type=int, default=10)
     s = sub.add_parser("lookup", help="print rows, or their pooled sum")
     s.add_argument("name")
