@@ -171,3 +171,18 @@ def test_simulate_command_on_a_recorded_trace(daemon, tmp_path):
     dram_hit = {(line[0], line[4], line[5]): float(line[6]) for line in lines}
     assert all(0 <= v <= 1 for v in dram_hit.values())
     assert dram_hit[("256.0", "lfu", "row")] > dram_hit[("64.0", "lfu", "row")]  # more DRAM, more hits
+
+
+def test_simulate_command_refuses_bad_traces(tmp_path):
+    (tmp_path / "text.npy").write_text("not an array")
+    np.save(tmp_path / "floats.npy", np.zeros(10))
+    np.save(tmp_path / "ids.npy", np.arange(100))
+    for trace, words in [("text.npy", "cannot read"), ("floats.npy", "expected a 1-D array of integer ids"),
+                         ("ids.npy", "--rows is needed")]:
+        result = subprocess.run([sys.executable, "-m", "embtier.cli", "simulate", str(tmp_path / trace)],
+                                check=False, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and words in result.stderr, result.stderr
+    result = subprocess.run([sys.executable, "-m", "embtier.cli", "simulate", str(tmp_path / "ids.npy"), "--rows", "50",
+                             "--row-bytes", "64", "--ids-per-interval", "10"],
+                            check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "id 99 is out of range [0, 50)" in result.stderr, result.stderr
