@@ -37,13 +37,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daemon(state_dir: Path, metrics: str) -> tuple[subprocess.Popen, str]:
+def start_daemon(state_dir: Path, metrics: str, cxl_latency_ns: int = 0) -> tuple[subprocess.Popen, str]:
+    """embtierd on its embedded default configuration (plus, when cxl_latency_ns > 0, a file that
+    injects that latency per row served from the emulated CXL tier)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     sock = state_dir / "embtierd.sock"
     target = f"unix://{sock}"
+    extra = []
+    if cxl_latency_ns:
+        (state_dir / "demo.toml").write_text(f"[tiers.cxl]\nemulated_latency_ns = {cxl_latency_ns}\n")
+        extra = ["--config", str(state_dir / "demo.toml")]
     with open(state_dir / "embtierd.log", "w") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen([sys.executable, "-m", "embtierd", "--state-dir", str(state_dir), "--listen",
-                                 target, "--metrics-listen", metrics, *TIER_FLAGS],
+                                 target, "--metrics-listen", metrics, *TIER_FLAGS, *extra],
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_serving(target, proc)
@@ -87,11 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", default=".state/demo")
     p.add_argument("--duration", type=float, default=40.0, help="seconds; the hot set moves half-way")
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--cxl-latency-ns", type=int, default=0,
+                   help="inject this latency per row served from the emulated CXL tier (e.g. 100; default 0)")
     args = p.parse_args(argv)
     state_dir = Path(args.state_dir).resolve()
     metrics = f"127.0.0.1:{free_port()}"
-    print(f"starting embtierd (embedded default configuration, {' '.join(TIER_FLAGS)}), state in {state_dir}")
-    proc, target = start_daemon(state_dir, metrics)
+    injected = (f"; CXL latency injected: {args.cxl_latency_ns} ns per row served from the emulated CXL tier, "
+                f"so every figure below includes it" if args.cxl_latency_ns else "")
+    print(f"starting embtierd (embedded default configuration, {' '.join(TIER_FLAGS)}{injected}), "
+          f"state in {state_dir}")
+    proc, target = start_daemon(state_dir, metrics, args.cxl_latency_ns)
     code = 1
     try:
         with Client(target, timeout=120) as client:
