@@ -65,6 +65,11 @@ policy = "lfu"
 
 [tiering.tables]
 
+[durability]
+wal = true
+fsync = "always"
+fsync_interval_seconds = 0.05
+
 [kernels]
 kernel_threads = 1
 prefetch_distance = 16
@@ -172,6 +177,19 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class DurabilityConfig:
+    """The write-ahead log of table creations, drops and row writes, in <state_dir>/wal.
+
+    fsync "always": a write is acknowledged once fsynced (concurrent writers share fsyncs);
+    "interval": fsync every fsync_interval_seconds (a crash loses at most that window);
+    "off": the OS flushes when it likes (a crash can lose any unflushed writes)."""
+
+    wal: bool = True
+    fsync: str = "always"
+    fsync_interval_seconds: float = 0.05
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path
     server: ServerConfig
@@ -180,6 +198,7 @@ class Config:
     cxl: MemoryTierConfig
     scm: ScmTierConfig
     kernels: KernelConfig
+    durability: DurabilityConfig = DurabilityConfig()
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -384,9 +403,21 @@ def _tiering(section: dict, tier_bytes: dict[str, int]) -> TieringConfig:
     )
 
 
+def _durability(section: dict) -> DurabilityConfig:
+    fsync = section["fsync"]
+    if fsync not in ("always", "interval", "off"):
+        raise ConfigError(f"durability.fsync: expected \"always\", \"interval\" or \"off\", got {fsync!r}")
+    return DurabilityConfig(
+        wal=_bool(section, "wal", "durability.wal"),
+        fsync=fsync,
+        fsync_interval_seconds=_number(section, "fsync_interval_seconds", "durability.fsync_interval_seconds",
+                                       0.001, 60),
+    )
+
+
 def build(doc: dict, available_bytes: int | None = None) -> Config:
     """Validates a merged TOML document into a Config."""
-    unknown = set(doc) - {"state_dir", "server", "tiers", "tiering", "kernels"}
+    unknown = set(doc) - {"state_dir", "server", "tiers", "tiering", "kernels", "durability"}
     if unknown:
         raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
     _section(doc, "tiers", {"dram", "cxl", "scm"})
@@ -395,6 +426,7 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
     scm = _section(doc, "tiers.scm", {"capacity", "path", "read_align_bytes"})
     tiering = _section(doc, "tiering", {"enabled", "interval_seconds", "bandwidth", "hysteresis", "aging_intervals",
                                         "policy", "tables"})
+    durability = _section(doc, "durability", {"wal", "fsync", "fsync_interval_seconds"})
     kern = _section(doc, "kernels", {"kernel_threads", "prefetch_distance", "heat_sample_shift", "scm_queue_depth"})
     server = _section(doc, "server", {"listen", "metrics_listen", "max_message_bytes", "max_ids_per_request",
                                       "grace_seconds", "worker_threads", "listen_interface", "listen_port",
@@ -426,6 +458,7 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
             read_align_bytes=align,
         ),
         tiering=_tiering(tiering, {"dram": dram_config.capacity_bytes, "cxl": cxl_config.capacity_bytes}),
+        durability=_durability(durability),
         kernels=KernelConfig(
             kernel_threads=_int(kern, "kernel_threads", "kernels.kernel_threads", 1, 256),
             prefetch_distance=_int(kern, "prefetch_distance", "kernels.prefetch_distance", 0, 256),

@@ -13,7 +13,7 @@ import os
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from . import __version__, native
 
@@ -56,6 +56,17 @@ class StoreCollector:
         yield from (capacity, used, emulated, rows, metadata, rss, available, info)
 
 
+class WalCollector:
+    def __init__(self, wal):
+        self.wal = wal
+
+    def collect(self):
+        yield CounterMetricFamily("embtier_wal_bytes", "Bytes appended to the write-ahead log since start.",
+                                  value=self.wal.bytes_written)
+        yield GaugeMetricFamily("embtier_wal_durable_lsn", "The last log sequence number known durable.",
+                                value=self.wal.durable_lsn)
+
+
 class Metrics:
     def __init__(self, store, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
@@ -80,6 +91,11 @@ class Metrics:
         self.backlog = Gauge("embtier_migration_backlog_rows",
                              "Moves the tiering plan wanted in its last interval but the bandwidth budget deferred, "
                              "by table.", ["table"], registry=r)
+        self.wal_fsync_seconds = Histogram("embtier_wal_fsync_duration_seconds",
+                                           "Time one fsync of the write-ahead log took.", buckets=LATENCY_BUCKETS,
+                                           registry=r)
+        self.restore_seconds = Gauge("embtier_restore_duration_seconds",
+                                     "Time the last start took to replay the write-ahead log.", registry=r)
         r.register(StoreCollector(store))
 
     def migrated(self, moved: dict[tuple[str, str], int], moved_bytes: int) -> None:
@@ -95,6 +111,16 @@ class Metrics:
         for table, rows in backlog_rows.items():
             self.backlog.labels(table).set(rows)
         self._backlog_tables = set(backlog_rows)
+
+    def wal_fsync(self, seconds: float) -> None:
+        self.wal_fsync_seconds.observe(seconds)
+
+    def restored(self, seconds: float) -> None:
+        self.restore_seconds.set(seconds)
+
+    def watch_wal(self, wal) -> None:
+        """Exports the log's size at scrape time."""
+        self.registry.register(WalCollector(wal))
 
     def served(self, method: str, table: str, tier_rows, row_bytes: int, wire_bytes: int) -> None:
         """Counts one lookup: tier_rows[i] rows from tier i, row_bytes each; wire_bytes sent back."""

@@ -28,10 +28,12 @@ from .config import Config, interface_addresses, tcp_address
 from .interceptor_drain import DrainInterceptor
 from .interceptor_errors import ErrorInterceptor
 from .interceptor_metrics import MetricsInterceptor
+from .journal import Journal, replay
 from .metrics import Metrics
 from .service import EmbeddingStoreServicer
 from .store import Store
 from .tiering import TieringEngine
+from .wal import WriteAheadLog
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class Daemon:
         self.draining = threading.Event()
         self.metrics = Metrics(self.store)
         self.tiering = TieringEngine(self.store, config.tiering, self.metrics)
+        self.wal = self._recover() if config.durability.wal else None
         limit = config.server.max_message_bytes
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.worker_threads, thread_name_prefix="rpc"),
@@ -102,6 +105,22 @@ class Daemon:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
         self._stop = threading.Event()
+
+    def _recover(self) -> WriteAheadLog:
+        """Opens the write-ahead log, replays it into the (empty) store, then logs from here on."""
+        d = self.config.durability
+        wal = WriteAheadLog(self.config.state_dir / "wal", d.fsync, d.fsync_interval_seconds,
+                            on_fsync=self.metrics.wal_fsync)
+        start = time.perf_counter()
+        counts = replay(self.store, wal.replay())
+        seconds = time.perf_counter() - start
+        self.metrics.restored(seconds)
+        log.info("write-ahead log %s (fsync %s): replayed %d creations, %d drops, %d writes up to LSN %d in %.2f s",
+                 self.config.state_dir / "wal", d.fsync, counts["create"], counts["drop"], counts["write"],
+                 wal.last_lsn, seconds)
+        self.store.journal = Journal(wal)
+        self.metrics.watch_wal(wal)
+        return wal
 
     def _bind(self) -> None:
         for address in self.addresses:
@@ -164,5 +183,7 @@ class Daemon:
         time.sleep(min(DRAIN_SECONDS, self.config.server.grace_seconds))
         self.server.stop(self.config.server.grace_seconds).wait()
         self.tiering.stop()
+        if self.wal is not None:
+            self.wal.close()
         self.store.close()
         log.info("stopped")

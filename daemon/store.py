@@ -119,6 +119,7 @@ class Store:
         self._serials = itertools.count(1)
         self._creating: set[str] = set()  # names reserved while their rows are initialised
         self._lock = threading.Lock()  # guards the two above and the tiers' extent allocators
+        self.journal = None  # a journal.Journal once the write-ahead log is replayed: operations are logged
         log.info("kernels: %s, %d thread(s), SCM reads %s", native.isa(), config.kernels.kernel_threads,
                  "batched with Linux AIO" if native.scm_async() else "by pread (AIO refused)")
 
@@ -157,9 +158,13 @@ class Store:
                 self._release(table)
             raise
         with self._lock:
+            lsn = self.journal.log_create(name, num_rows, dim, dtype, initializer, seed, init_scale, policy) \
+                if self.journal else 0
             self._creating.discard(name)
             table.serial = next(self._serials)
             self._tables[name] = table
+        if lsn:
+            self.journal.wait(lsn)
         log.info("created table %s: %d x %d %s, rows per tier %s", name, num_rows, dim, dtype,
                  dict(zip(("dram", "cxl", "scm"), table.rows_by_tier)))
         return self._info(table)
@@ -169,8 +174,11 @@ class Store:
             table = self._tables.pop(name, None)
             if table is None:
                 raise NotFoundError(f"table {name!r} does not exist")
+            lsn = self.journal.log_drop(name) if self.journal else 0
             table.native.mark_dropped()  # waits for calls in flight; later calls fail cleanly
             self._release(table)
+        if lsn:
+            self.journal.wait(lsn)
 
     def serial(self, name: str) -> int:
         return self._get(name).serial
@@ -303,14 +311,19 @@ class Store:
             raise InvalidArgumentError(f"mode must be one of {', '.join(WRITE_MODES)}; got {mode!r}")
         if not math.isfinite(scale):
             raise InvalidArgumentError(f"scale must be finite, got {scale}")
+        self._check_ids(table, ids)
         with table.write_lock:
+            lsn = self.journal.log_write(name, ids, values, mode, scale) if self.journal else 0
             if mode == "add":
                 ids, values = self._added_rows(table, ids, values, scale)
             table.native.write_rows(ids, codec.encode(values, table.dtype, table.stride))
             if table.scm_copy is not None:
                 table.scm_dirty[ids[table.scm_copy[ids] != NO_SCM_COPY]] = True
             table.version += 1
-            return table.version
+            version = table.version
+        if lsn:
+            self.journal.wait(lsn)  # acknowledged once durable (group commit with concurrent writers)
+        return version
 
     def move_rows(self, name: str, ids: np.ndarray, tier: str) -> int:
         """Moves rows to a new home in tier (rows already there stay); returns how many moved.
@@ -495,12 +508,15 @@ class Store:
             ids = np.arange(start, start + n, dtype=np.int64)
             table.native.write_rows(ids, codec.encode(values, table.dtype, table.stride))
 
-    def _added_rows(self, table: Table, ids: np.ndarray, values: np.ndarray, scale: float):
-        """(unique ids, current rows + scale * the sum of their values)."""
+    @staticmethod
+    def _check_ids(table: Table, ids: np.ndarray) -> None:
         bad = np.flatnonzero((ids < 0) | (ids >= table.num_rows))
         if bad.size:
             raise InvalidArgumentError(f"ids[{bad[0]}] = {ids[bad[0]]} is out of range [0, {table.num_rows}) "
                                        f"for table {table.name!r}")
+
+    def _added_rows(self, table: Table, ids: np.ndarray, values: np.ndarray, scale: float):
+        """(unique ids, current rows + scale * the sum of their values)."""
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if ids.size else np.array([], int)

@@ -1,0 +1,199 @@
+"""The write-ahead log: round trips, segments, recovery from torn and corrupt records, group commit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from embtierd import wal
+from embtierd.wal import FSYNC_POLICIES, WalRecord, WriteAheadLog
+
+PAYLOAD_BYTES = 30
+RECORD_BYTES = wal.HEADER.size + PAYLOAD_BYTES  # 51
+SMALL_SEGMENT_BYTES = 200  # rolls after 4 records of RECORD_BYTES
+
+
+def segment_names(directory: Path) -> list[str]:
+    """The WAL segment files in directory, in LSN order."""
+    return [s.path.name for s in wal.list_segments(directory)]
+
+
+def fill(log: WriteAheadLog, count: int) -> list[tuple[int, bytes]]:
+    """Appends count fixed-size records; returns their (kind, payload)."""
+    records = [(i % 256, bytes([i % 251]) * PAYLOAD_BYTES) for i in range(count)]
+    for kind, payload in records:
+        log.append(kind, payload)
+    return records
+
+
+def replayed(directory: Path, **options: object) -> list[WalRecord]:
+    """Opens the log, replays it and closes it again."""
+    with WriteAheadLog(directory, **options) as log:
+        return list(log.replay())
+
+
+def test_round_trip_and_continue_after_reopen(tmp_path: Path) -> None:
+    records = [(0, b""), (7, b"x"), (255, os.urandom(1 << 20)), (3, b"abc" * 1000), (1, b"")]
+    with WriteAheadLog(tmp_path / "wal") as log:
+        lsns = [log.append(kind, payload) for kind, payload in records]
+        assert lsns == [1, 2, 3, 4, 5]
+        assert log.last_lsn == 5
+        assert log.bytes_written == sum(wal.HEADER.size + len(p) for _, p in records)
+    with WriteAheadLog(tmp_path / "wal") as log:
+        assert list(log.replay()) == [WalRecord(i + 1, k, p) for i, (k, p) in enumerate(records)]
+        assert log.last_lsn == log.durable_lsn == 5
+        assert log.append(9, b"after") == 6
+    assert replayed(tmp_path / "wal")[-1] == WalRecord(6, 9, b"after")
+
+
+def test_empty_log_replays_nothing(tmp_path: Path) -> None:
+    with WriteAheadLog(tmp_path) as log:
+        assert list(log.replay()) == []
+        assert log.last_lsn == 0
+        assert log.append(1, b"first") == 1
+
+
+def test_segments_roll_over_and_replay_in_order(tmp_path: Path) -> None:
+    with WriteAheadLog(tmp_path, segment_bytes=SMALL_SEGMENT_BYTES) as log:
+        records = fill(log, 30)
+    assert segment_names(tmp_path) == [f"wal-{first:08d}.log" for first in range(1, 31, 4)]
+    got = replayed(tmp_path, segment_bytes=SMALL_SEGMENT_BYTES)
+    assert got == [WalRecord(i + 1, k, p) for i, (k, p) in enumerate(records)]
+
+
+def test_truncate_before_deletes_only_whole_old_segments(tmp_path: Path) -> None:
+    with WriteAheadLog(tmp_path, segment_bytes=SMALL_SEGMENT_BYTES) as log:
+        fill(log, 30)  # segments start at 1, 5, 9, ..., 29
+        log.truncate_before(11)  # segments 1-4 and 5-8 go; 9-12 holds 11 and stays
+        assert segment_names(tmp_path)[0] == "wal-00000009.log"
+        log.truncate_before(13)  # 9-12 are all below 13 now
+        assert segment_names(tmp_path)[0] == "wal-00000013.log"
+        log.truncate_before(1000)  # never the current segment
+        assert segment_names(tmp_path) == ["wal-00000029.log"]
+        assert log.append(0, b"more") == 31
+    assert [r.lsn for r in replayed(tmp_path)] == [29, 30, 31]
+
+
+@pytest.mark.parametrize("cut_bytes", [3, PAYLOAD_BYTES + 10], ids=["in-payload", "in-header"])
+def test_torn_tail_is_truncated_to_the_last_whole_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, cut_bytes: int
+) -> None:
+    with WriteAheadLog(tmp_path, segment_bytes=SMALL_SEGMENT_BYTES) as log:
+        records = fill(log, 10)  # segments 1-4, 5-8, 9-10
+    last = tmp_path / "wal-00000009.log"
+    os.truncate(last, 2 * RECORD_BYTES - cut_bytes)
+    warnings = caplog.at_level(logging.WARNING, logger="embtierd.wal")
+    with warnings, WriteAheadLog(tmp_path, segment_bytes=SMALL_SEGMENT_BYTES) as log:
+        assert [r.lsn for r in log.replay()] == list(range(1, 10))
+        assert last.stat().st_size == RECORD_BYTES
+        assert log.append(42, b"replacement") == 10
+    assert "wal-00000009.log" in caplog.text and "torn record" in caplog.text
+    assert f"at byte {RECORD_BYTES}" in caplog.text
+    got = replayed(tmp_path)
+    assert got[:9] == [WalRecord(i + 1, k, p) for i, (k, p) in enumerate(records[:9])]
+    assert got[9:] == [WalRecord(10, 42, b"replacement")]
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """XORs one byte of a file in place."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "offset_in_record, reason", [(wal.HEADER.size + 3, "checksum mismatch"), (0, "bad magic")]
+)
+def test_corrupt_middle_record_cuts_the_log_before_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, offset_in_record: int, reason: str
+) -> None:
+    with WriteAheadLog(tmp_path, segment_bytes=SMALL_SEGMENT_BYTES) as log:
+        fill(log, 20)  # segments 1, 5, 9, 13, 17
+    flip_byte(tmp_path / "wal-00000005.log", RECORD_BYTES + offset_in_record)  # lsn 6
+    warnings = caplog.at_level(logging.WARNING, logger="embtierd.wal")
+    with warnings, WriteAheadLog(tmp_path, segment_bytes=SMALL_SEGMENT_BYTES) as log:
+        assert [r.lsn for r in log.replay()] == [1, 2, 3, 4, 5]
+        assert log.last_lsn == 5
+    assert segment_names(tmp_path) == ["wal-00000001.log", "wal-00000005.log"]
+    assert (tmp_path / "wal-00000005.log").stat().st_size == RECORD_BYTES
+    assert "wal-00000005.log" in caplog.text and reason in caplog.text
+
+
+def test_corrupt_first_record_of_a_later_segment_drops_that_segment(tmp_path: Path) -> None:
+    with WriteAheadLog(tmp_path, segment_bytes=SMALL_SEGMENT_BYTES) as log:
+        fill(log, 10)
+    flip_byte(tmp_path / "wal-00000005.log", wal.HEADER.size)
+    with WriteAheadLog(tmp_path, segment_bytes=SMALL_SEGMENT_BYTES) as log:
+        assert [r.lsn for r in log.replay()] == [1, 2, 3, 4]
+        assert segment_names(tmp_path) == ["wal-00000001.log"]
+        assert log.append(1, b"x") == 5  # segment 1 is full: a fresh wal-00000005.log
+    assert segment_names(tmp_path) == ["wal-00000001.log", "wal-00000005.log"]
+    assert [r.lsn for r in replayed(tmp_path)] == [1, 2, 3, 4, 5]
+
+
+def test_group_commit_shares_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.002)
+        real_fsync(fd)
+
+    monkeypatch.setattr(wal.os, "fsync", slow_fsync)
+    fsync_seconds: list[float] = []
+    threads_count, appends_each = 8, 50
+    start = threading.Barrier(threads_count)
+    not_durable: list[int] = []
+    log = WriteAheadLog(tmp_path, fsync="always", on_fsync=fsync_seconds.append)
+
+    def writer(thread_index: int) -> None:
+        start.wait()
+        for i in range(appends_each):
+            lsn = log.append(thread_index, f"{thread_index}:{i}".encode())
+            log.wait_durable(lsn)
+            if log.durable_lsn < lsn:
+                not_durable.append(lsn)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    total = threads_count * appends_each
+    assert not_durable == []
+    assert log.last_lsn == log.durable_lsn == total
+    assert 0 < len(fsync_seconds) <= total // 2
+    log.close()
+    assert len(replayed(tmp_path)) == total
+
+
+def test_off_policy_never_fsyncs_on_wait(tmp_path: Path) -> None:
+    fsyncs: list[float] = []
+    log = WriteAheadLog(tmp_path, fsync="off", on_fsync=fsyncs.append)
+    lsn = log.append(1, b"x")
+    log.wait_durable(lsn)
+    assert fsyncs == [] and log.durable_lsn == 0
+    log.close()
+    assert log.durable_lsn == 1 and len(fsyncs) == 1
+
+
+def test_interval_policy_is_durable_after_close(tmp_path: Path) -> None:
+    log = WriteAheadLog(tmp_path, fsync="interval", interval_seconds=0.01)
+    lsns = [log.append(2, b"y" * 100) for _ in range(20)]
+    log.wait_durable(lsns[-1])  # returns at once; the background thread fsyncs
+    log.close()
+    assert log.durable_lsn == log.last_lsn == 20
+    assert len(replayed(tmp_path)) == 20
+
+
+def test_invalid_arguments_are_rejected(tmp_path: Path) -> None:
+    assert FSYNC_POLICIES == ("always", "interval", "off")
+    with pytest.raises(ValueError, match="'sometimes'"):
+        WriteAheadLog(tmp_path, fsync="sometimes")
+    with WriteAheadLog(tmp_path) as log, pytest.raises(ValueError, match="256"):
+        log.append(256, b"")
+    with pytest.raises(ValueError, match="closed"):
+        log.append(0, b"")
