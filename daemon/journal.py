@@ -19,11 +19,16 @@ import struct
 
 import numpy as np
 
+from .errors import EmbtierError, StorageError
 from .tiering_config import TablePolicy
 
 log = logging.getLogger(__name__)
 
 CREATE, DROP, WRITE = 1, 2, 3
+
+
+class ReplayError(StorageError):
+    """The log holds an operation the store refuses now."""
 _HEADER = struct.Struct("<I")  # length of the JSON head of a WRITE record
 
 
@@ -71,22 +76,31 @@ class Journal:
 
 
 def replay(store, records) -> dict[str, int]:
-    """Applies logged operations to a store that has no journal attached yet; returns counts by kind."""
+    """Applies logged operations to a store that has no journal attached yet; returns counts by kind.
+    A record that cannot be applied raises ReplayError naming its LSN."""
     counts = {"create": 0, "drop": 0, "write": 0}
     for record in records:
-        if record.kind == CREATE:
-            spec = json.loads(record.payload)
-            policy = TablePolicy(policy=spec["policy"], pin=spec["pin"], capacity_bytes=spec["capacity_bytes"])
-            store.create_table(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"], spec["initializer"],
-                               spec["seed"], spec["init_scale"], policy)
-            counts["create"] += 1
-        elif record.kind == DROP:
-            store.drop_table(record.payload.decode())
-            counts["drop"] += 1
-        elif record.kind == WRITE:
-            head, ids, values = decode_write(record.payload)
-            store.write_rows(head["name"], ids, values, head["mode"], head["scale"])
-            counts["write"] += 1
-        else:
-            raise ValueError(f"write-ahead log record {record.lsn} has an unknown kind {record.kind}")
+        try:
+            _apply(store, record, counts)
+        except EmbtierError as e:
+            raise ReplayError(f"write-ahead log record {record.lsn} cannot be replayed: {e} (were the tiers "
+                              f"larger when it was written? moving the wal directory away starts empty)") from e
     return counts
+
+
+def _apply(store, record, counts: dict[str, int]) -> None:
+    if record.kind == CREATE:
+        spec = json.loads(record.payload)
+        policy = TablePolicy(policy=spec["policy"], pin=spec["pin"], capacity_bytes=spec["capacity_bytes"])
+        store.create_table(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"], spec["initializer"],
+                           spec["seed"], spec["init_scale"], policy)
+        counts["create"] += 1
+    elif record.kind == DROP:
+        store.drop_table(record.payload.decode())
+        counts["drop"] += 1
+    elif record.kind == WRITE:
+        head, ids, values = decode_write(record.payload)
+        store.write_rows(head["name"], ids, values, head["mode"], head["scale"])
+        counts["write"] += 1
+    else:
+        raise ReplayError(f"write-ahead log record {record.lsn} has an unknown kind {record.kind}")

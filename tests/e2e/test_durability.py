@@ -3,13 +3,14 @@ writers run, restarted on the same state directory, 20 rounds."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 
 import numpy as np
 from embtier import Client, EmbtierClientError
 
-from .conftest import start_daemon
+from .conftest import daemon_args, start_daemon
 
 ROWS, DIM, WRITERS = 4000, 8, 4
 CONFIG = '[tiering]\nenabled = false\n[durability]\nfsync = "always"\n'
@@ -136,3 +137,18 @@ def test_a_torn_log_tail_is_cut_and_the_rest_replayed(tmp_path):
     with Client(d.target) as c:
         assert np.all(c.lookup("w", np.arange(30, 40))[:, 0] == 4)
     assert d.stop() == 0, d.log()
+
+
+def test_a_log_the_tiers_cannot_hold_any_more_stops_the_start_with_a_clear_message(tmp_path):
+    state = tmp_path / "s"
+    state.mkdir()
+    config = state / "embtierd.toml"
+    config.write_text(CONFIG)
+    d = start_daemon(state, config=config)
+    with Client(d.target) as c:
+        c.create_table("big", 200_000, 64)  # 51 MB: most of it on SCM
+    assert d.stop() == 0, d.log()
+    args, *_ = daemon_args(state, "--scm-bytes", "8M", config=config)
+    result = subprocess.run(args, check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "write-ahead log record 1 cannot be replayed" in result.stderr and "'big'" in result.stderr, result.stderr
