@@ -42,7 +42,8 @@ def start_daemon(state_dir: Path, metrics: str, cxl_latency_ns: int = 0) -> tupl
     """embtierd on its embedded default configuration (plus, when cxl_latency_ns > 0, a file that
     injects that latency per row served from the emulated CXL tier)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(state_dir / "wal", ignore_errors=True)  # each demo starts from no tables (not from the last run's)
+    for kept in ("wal", "checkpoints"):  # each demo starts from no tables, not from the last run's
+        shutil.rmtree(state_dir / kept, ignore_errors=True)
     sock = state_dir / "embtierd.sock"
     target = f"unix://{sock}"
     extra = []

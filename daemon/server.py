@@ -23,6 +23,7 @@ from embtier.v1 import embtier_pb2, embtier_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from . import checkpoint
 from . import tls as tls_mod
 from .config import Config, interface_addresses, tcp_address
 from .interceptor_drain import DrainInterceptor
@@ -112,7 +113,9 @@ class Daemon:
         wal = WriteAheadLog(self.config.state_dir / "wal", d.fsync, d.fsync_interval_seconds,
                             on_fsync=self.metrics.wal_fsync)
         start = time.perf_counter()
-        counts = replay(self.store, wal.replay())
+        checkpoints = self.config.state_dir / "checkpoints"
+        covered = checkpoint.restore_newest(self.store, checkpoints)
+        counts = replay(self.store, (record for record in wal.replay() if record.lsn > covered))
         seconds = time.perf_counter() - start
         self.metrics.restored(seconds)
         log.info("write-ahead log %s (fsync %s): replayed %d creations, %d drops, %d writes up to LSN %d in %.2f s",
@@ -120,6 +123,8 @@ class Daemon:
                  wal.last_lsn, seconds)
         self.store.journal = Journal(wal)
         self.metrics.watch_wal(wal)
+        if wal.last_lsn < covered:  # a log younger than the checkpoint (its directory was replaced):
+            checkpoint.take(self.store, wal, checkpoints)  # renumber, or later records would be skipped
         return wal
 
     def _bind(self) -> None:

@@ -13,6 +13,7 @@ every row whole, because the native write path holds the table's write lock.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -406,6 +407,39 @@ class Store:
         out = np.empty((ids.size, table.stride), dtype=np.uint8)
         table.native.read_rows(ids, out)
         return out
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Holds off creations, drops, writes and moves of every table (a consistent snapshot);
+        lookups go on.  Yields the table names."""
+        while True:
+            with self._lock:
+                tables = sorted(self._tables.values(), key=lambda t: t.name)
+            with contextlib.ExitStack() as stack:
+                for table in tables:
+                    stack.enter_context(table.write_lock)
+                stack.enter_context(self._lock)
+                if sorted(self._tables) == [t.name for t in tables]:  # none created or dropped meanwhile
+                    yield [t.name for t in tables]
+                    return
+
+    def spec(self, name: str) -> dict:
+        """What re-creates the table empty: its shape and tiering settings."""
+        table = self._get(name)
+        p = table.policy
+        return {"name": name, "num_rows": table.num_rows, "dim": table.dim, "dtype": table.dtype,
+                "policy": p.policy, "pin": p.pin, "capacity_bytes": p.capacity_bytes}
+
+    def load_encoded(self, name: str, rows: np.ndarray, batch_rows: int = 1 << 16) -> None:
+        """Stores rows exactly as encoded ([num_rows, stride] uint8, e.g. from read_encoded)."""
+        table = self._get(name)
+        if rows.shape != (table.num_rows, table.stride):
+            raise InvalidArgumentError(f"rows of table {name!r} have shape {rows.shape}; expected "
+                                       f"({table.num_rows}, {table.stride})")
+        with table.write_lock:
+            for first in range(0, table.num_rows, batch_rows):
+                ids = np.arange(first, min(first + batch_rows, table.num_rows), dtype=np.int64)
+                table.native.write_rows(ids, np.ascontiguousarray(rows[first:first + ids.size]))
 
     def heat(self, name: str, writable: bool = False) -> np.ndarray:
         """The table's live access counters (a read-only view unless writable: the tiering policy ages them)."""
