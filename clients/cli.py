@@ -193,6 +193,12 @@ def cmd_simulate(args) -> None:
     print("oracle: the most frequent rows of the measured part of the trace placed in DRAM beforehand (a bound).")
 
 
+def cmd_checkpoint(c: Client, args) -> None:
+    info = c.checkpoint()
+    print(f"checkpoint {info['id']}: {info['rows_written']} rows, {human_bytes(info['bytes_written'])} in "
+          f"{info['duration_seconds']:.2f} s, covering the log up to record {info['lsn']}")
+
+
 def cmd_lookup(c: Client, args) -> None:
     ids = np.array(args.ids, dtype=np.int64)
     if args.pooled:
@@ -298,6 +304,7 @@ def parse_args(argv):
     s.add_argument("--sample-shift", type=int, help="heat counts 1 in 2^K accesses (default: the recorded daemon's, "
                    "else 3)")
     s.add_argument("--warmup-intervals", type=int, default=10)
+    sub.add_parser("checkpoint", help="write a full checkpoint of every table (shortens the write-ahead log)")
     s = sub.add_parser("lookup", help="print rows, or their pooled sum")
     s.add_argument("name")
     s.add_argument("ids", type=int, nargs="+")
@@ -319,7 +326,7 @@ def parse_args(argv):
 
 COMMANDS = {"tables": cmd_tables, "describe": cmd_describe, "create": cmd_create, "drop": cmd_drop,
             "tiers": cmd_tiers, "heat": cmd_heat, "lookup": cmd_lookup, "import": cmd_import, "bench": cmd_bench,
-            "policy": cmd_policy, "record": cmd_record}
+            "policy": cmd_policy, "record": cmd_record, "checkpoint": cmd_checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:

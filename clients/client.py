@@ -233,6 +233,13 @@ class Client:
                      bandwidth_bytes_per_second=reply.bandwidth_bytes_per_second,
                      heat_sample_shift=reply.heat_sample_shift, policy=reply.policy)
 
+    def checkpoint(self) -> dict:
+        """Writes a full checkpoint of every table; returns its id, lsn, rows_written, bytes_written and
+        duration_seconds."""
+        reply = self._call("Checkpoint", pb.CheckpointRequest(), idempotent=False)
+        return {"id": reply.id, "lsn": reply.lsn, "rows_written": reply.rows_written,
+                "bytes_written": reply.bytes_written, "duration_seconds": reply.duration_seconds}
+
     # ---- rows --------------------------------------------------------------
 
     def write_rows(self, table: str, ids, values, add: bool = False, scale: float = 1.0) -> int:

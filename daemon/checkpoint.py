@@ -73,6 +73,7 @@ def take(store, wal, root: Path, keep: int = 2) -> CheckpointInfo:
     start = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     with store.frozen() as names:
+        wal.roll()  # the records after the checkpoint start a segment: the log can later be cut right here
         lsn = wal.last_lsn
         tables = [(store.spec(name), store.read_encoded(name, np.arange(store.spec(name)["num_rows"])))
                   for name in names]

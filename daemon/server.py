@@ -92,14 +92,17 @@ class Daemon:
         self.draining = threading.Event()
         self.metrics = Metrics(self.store)
         self.tiering = TieringEngine(self.store, config.tiering, self.metrics)
+        self._checkpoint_lock = threading.Lock()
         self.wal = self._recover() if config.durability.wal else None
         limit = config.server.max_message_bytes
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.worker_threads, thread_name_prefix="rpc"),
             interceptors=[MetricsInterceptor(self.metrics), DrainInterceptor(self.draining), ErrorInterceptor()],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
-        embtier_pb2_grpc.add_EmbeddingStoreServicer_to_server(
-            EmbeddingStoreServicer(self.store, config.server, self.metrics, self.tiering), self.server)
+        servicer = EmbeddingStoreServicer(self.store, config.server, self.metrics, self.tiering)
+        if self.wal is not None:
+            servicer.checkpoints = self._checkpoint
+        embtier_pb2_grpc.add_EmbeddingStoreServicer_to_server(servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -126,6 +129,10 @@ class Daemon:
         if wal.last_lsn < covered:  # a log younger than the checkpoint (its directory was replaced):
             checkpoint.take(self.store, wal, checkpoints)  # renumber, or later records would be skipped
         return wal
+
+    def _checkpoint(self) -> checkpoint.CheckpointInfo:
+        with self._checkpoint_lock:  # one at a time: ids and log truncation in order
+            return checkpoint.take(self.store, self.wal, self.config.state_dir / "checkpoints")
 
     def _bind(self) -> None:
         for address in self.addresses:

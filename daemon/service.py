@@ -13,7 +13,7 @@ from embtier.v1 import embtier_pb2 as pb
 from embtier.v1 import embtier_pb2_grpc as pb_grpc
 
 from .config import ServerConfig
-from .errors import DeadlineExceededError, InvalidArgumentError, RequestTooLargeError
+from .errors import DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, RequestTooLargeError
 from .metrics import Metrics
 from .store import HEAT_BIN_NAMES, Store, TableInfo
 from .tiering import TieringEngine
@@ -83,6 +83,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         self.max_ids = limits.max_ids_per_request
         self.metrics = metrics
         self.tiering = tiering
+        self.checkpoints = None  # the daemon sets a callable taking a checkpoint, when it has a log
         self.traces = TraceRecorder()
         self.max_trace_ids = (limits.max_message_bytes - 4096) // 8  # a recorded trace travels in one reply
 
@@ -159,6 +160,23 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             interval_seconds=config.interval_seconds, bandwidth_bytes_per_second=config.bandwidth_bytes_per_second,
             heat_sample_shift=self.store.config.kernels.heat_sample_shift,
             policy=self.store.table_policy(request.table).policy)
+
+    def Checkpoint(self, request, context):
+        if request.tables:
+            raise InvalidArgumentError(f"tables = {list(request.tables)}: checkpoints cover every table so far; "
+                                       f"leave tables empty")
+        if request.kind != pb.FULL:
+            raise InvalidArgumentError(f"kind = {pb.CheckpointKind.Name(request.kind)}: only FULL checkpoints "
+                                       f"are supported so far")
+        if request.quant_bits:
+            raise InvalidArgumentError(f"quant_bits = {request.quant_bits}: only exact (0) checkpoints are "
+                                       f"supported so far")
+        if self.checkpoints is None:
+            raise FailedPreconditionError("checkpoints need the write-ahead log (durability.wal = true)")
+        info = self.checkpoints()
+        return pb.CheckpointInfo(id=info.id, kind=pb.FULL, rows_written=info.rows_written,
+                                 bytes_written=info.bytes_written, duration_seconds=info.duration_seconds,
+                                 lsn=info.lsn)
 
     def WriteRows(self, request, context):
         ids = id_array(request.ids, request.id_type)

@@ -292,6 +292,14 @@ class WriteAheadLog:
                 os.ftruncate(self._fd, self._segment_used_bytes)
             raise
 
+    def roll(self) -> None:
+        """Starts a new segment now (when the current one holds records), so that a checkpoint's
+        position is a segment boundary that truncate_before can later cut at."""
+        with self._append_lock:
+            self._check_open()
+            if self._segment_used_bytes:
+                self._roll()
+
     def _roll(self) -> None:
         """Makes the current segment durable and starts the next one (append lock held)."""
         self._fsync_fd(self._fd)

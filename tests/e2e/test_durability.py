@@ -4,11 +4,15 @@ writers run, restarted on the same state directory, 20 rounds."""
 from __future__ import annotations
 
 import subprocess
+import sys
 import threading
 import time
 
+import grpc
 import numpy as np
+import pytest
 from embtier import Client, EmbtierClientError
+from embtier.v1 import embtier_pb2 as pb
 
 from .conftest import daemon_args, start_daemon
 
@@ -152,3 +156,38 @@ def test_a_log_the_tiers_cannot_hold_any_more_stops_the_start_with_a_clear_messa
     result = subprocess.run(args, check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "write-ahead log record 1 cannot be replayed" in result.stderr and "'big'" in result.stderr, result.stderr
+
+
+def test_checkpoint_then_sigkill_restores_everything_and_shortens_the_log(tmp_path):
+    state = tmp_path / "s"
+    state.mkdir()
+    config = state / "embtierd.toml"
+    config.write_text(CONFIG)
+    d = start_daemon(state, config=config)
+    rng = np.random.default_rng(3)
+    with Client(d.target) as c:
+        c.create_table("w", 20_000, 16, initializer="uniform", seed=9)
+        for _ in range(30):
+            ids = rng.integers(0, 20_000, 500)
+            c.write_rows("w", ids, rng.standard_normal((500, 16), dtype=np.float32))
+        log_bytes = sum(p.stat().st_size for p in (state / "wal").glob("wal-*.log"))
+        info = c.checkpoint()
+        assert info["rows_written"] == 20_000 and info["id"] == 1
+        c.write_rows("w", np.arange(100), np.full((100, 16), 5, dtype=np.float32))  # after the checkpoint
+        expected = c.lookup("w", np.arange(20_000)).copy()
+        for kind, field in [({"kind": 1}, "kind = INCREMENTAL"), ({"quant_bits": 4}, "quant_bits = 4"),
+                            ({"tables": ["w"]}, "tables = ['w']")]:
+            with pytest.raises(EmbtierClientError) as err:
+                c._call("Checkpoint", pb.CheckpointRequest(**kind), idempotent=False)
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.message
+    cli = subprocess.run([sys.executable, "-m", "embtier.cli", "--target", d.target, "checkpoint"], check=False,
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0 and cli.stdout.startswith("checkpoint 2: 20000 rows"), cli.stderr
+    d.proc.kill()
+    d.proc.wait(timeout=30)
+    assert sum(p.stat().st_size for p in (state / "wal").glob("wal-*.log")) < log_bytes
+    d = start_daemon(state, config=config)
+    with Client(d.target) as c:
+        np.testing.assert_array_equal(c.lookup("w", np.arange(20_000)), expected)
+    assert "restored checkpoint 2" in d.log()
+    assert d.stop() == 0, d.log()
