@@ -124,7 +124,11 @@ def _load_manifest(path: Path) -> dict:
 
 
 def restore_newest(store, root: Path) -> int:
-    """Loads the newest good checkpoint into the (empty) store; returns its LSN (0 when there is none)."""
+    """Loads the newest good checkpoint into the (empty) store; returns its LSN (0 when there is none).
+    Unfinished checkpoints (.tmp directories a crash left) are removed."""
+    for unfinished in root.glob("ckpt-*.tmp"):
+        log.warning("removing unfinished checkpoint %s", unfinished)
+        shutil.rmtree(unfinished, ignore_errors=True)
     for checkpoint_id in reversed(_ids(root)):
         path = root / f"ckpt-{checkpoint_id:08d}"
         try:

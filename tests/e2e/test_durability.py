@@ -1,5 +1,6 @@
-"""Crash safety of the write-ahead log: a real daemon killed with SIGKILL while
-writers run, restarted on the same state directory, 20 rounds."""
+"""Crash safety of the write-ahead log and checkpoints: a real daemon killed
+with SIGKILL while writers and checkpoints run, restarted on the same state
+directory, 20 rounds."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
     d = start_daemon(state, config=config)
     with Client(d.target) as c:
         c.create_table("w", ROWS, DIM)
-    created = []
+    created, checkpoints = [], []
     total_writes = 0
     for round_ in range(20):
         writers = [Writer(d.target, k, acked, shared, seed=round_ * WRITERS + k) for k in range(WRITERS)]
@@ -74,12 +75,15 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
         name = f"t{round_}"
         creator = threading.Thread(target=_create, args=(d.target, name, created))
         creator.start()
+        checkpointer = threading.Thread(target=_checkpoints, args=(d.target, checkpoints))
+        checkpointer.start()
         time.sleep(rng.uniform(0.3, 1.0))
         d.proc.kill()
         d.proc.wait(timeout=30)
         for w in writers:
             w.join(timeout=30)
         creator.join(timeout=30)
+        checkpointer.join(timeout=30)
         total_writes += sum(w.writes for w in writers)
         maybe = np.zeros(ROWS)
         for w in writers:
@@ -100,7 +104,19 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
         assert set(created) <= tables, f"round {round_}: acknowledged tables {set(created) - tables} are gone"
         assert tables <= {"w", *(f"t{i}" for i in range(round_ + 1))}
     assert total_writes > 200  # the writers really wrote, and were really cut off
+    assert sum(checkpoints) > 10  # and checkpoints were taken (and some cut off) among them
     assert d.stop() == 0, d.log()
+
+
+def _checkpoints(target: str, taken: list) -> None:
+    """Checkpoints one after another until the daemon dies."""
+    with Client(target, timeout=10) as c:
+        while True:
+            try:
+                c.checkpoint()
+            except EmbtierClientError:
+                return
+            taken.append(1)
 
 
 def _create(target: str, name: str, created: list) -> None:
