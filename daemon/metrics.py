@@ -94,6 +94,12 @@ class Metrics:
         self.wal_fsync_seconds = Histogram("embtier_wal_fsync_duration_seconds",
                                            "Time one fsync of the write-ahead log took.", buckets=LATENCY_BUCKETS,
                                            registry=r)
+        self.checkpoint_bytes = Counter("embtier_checkpoint_bytes", "Bytes written by checkpoints.", registry=r)
+        self.checkpoint_rows = Counter("embtier_checkpoint_rows", "Rows written by checkpoints.", registry=r)
+        self.checkpoint_seconds = Histogram("embtier_checkpoint_duration_seconds", "Time one checkpoint took.",
+                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.checkpoint_last = Gauge("embtier_checkpoint_last_success_timestamp_seconds",
+                                     "When the last checkpoint was published (Unix time).", registry=r)
         self.restore_seconds = Gauge("embtier_restore_duration_seconds",
                                      "Time the last start took to replay the write-ahead log.", registry=r)
         r.register(StoreCollector(store))
@@ -114,6 +120,12 @@ class Metrics:
 
     def wal_fsync(self, seconds: float) -> None:
         self.wal_fsync_seconds.observe(seconds)
+
+    def checkpointed(self, info) -> None:
+        self.checkpoint_bytes.inc(info.bytes_written)
+        self.checkpoint_rows.inc(info.rows_written)
+        self.checkpoint_seconds.observe(info.duration_seconds)
+        self.checkpoint_last.set_to_current_time()
 
     def restored(self, seconds: float) -> None:
         self.restore_seconds.set(seconds)

@@ -132,7 +132,9 @@ class Daemon:
 
     def _checkpoint(self) -> checkpoint.CheckpointInfo:
         with self._checkpoint_lock:  # one at a time: ids and log truncation in order
-            return checkpoint.take(self.store, self.wal, self.config.state_dir / "checkpoints")
+            info = checkpoint.take(self.store, self.wal, self.config.state_dir / "checkpoints")
+        self.metrics.checkpointed(info)
+        return info
 
     def _bind(self) -> None:
         for address in self.addresses:

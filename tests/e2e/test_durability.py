@@ -8,12 +8,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 from embtier import Client, EmbtierClientError
 from embtier.v1 import embtier_pb2 as pb
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import daemon_args, start_daemon
 
@@ -199,6 +201,13 @@ def test_checkpoint_then_sigkill_restores_everything_and_shortens_the_log(tmp_pa
     cli = subprocess.run([sys.executable, "-m", "embtier.cli", "--target", d.target, "checkpoint"], check=False,
                          capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0 and cli.stdout.startswith("checkpoint 2: 20000 rows"), cli.stderr
+    metrics = {s.name: s.value for f in text_string_to_metric_families(
+        urllib.request.urlopen(f"http://{d.metrics}/metrics", timeout=10).read().decode()) for s in f.samples}
+    assert metrics["embtier_checkpoint_rows_total"] == 40_000
+    assert metrics["embtier_checkpoint_bytes_total"] == 2 * 20_000 * 16 * 4
+    assert metrics["embtier_checkpoint_duration_seconds_count"] == 2
+    assert abs(metrics["embtier_checkpoint_last_success_timestamp_seconds"] - time.time()) < 60
+    assert metrics["embtier_wal_bytes_total"] > 0 and metrics["embtier_wal_fsync_duration_seconds_count"] > 0
     d.proc.kill()
     d.proc.wait(timeout=30)
     assert sum(p.stat().st_size for p in (state / "wal").glob("wal-*.log")) < log_bytes
