@@ -53,26 +53,24 @@ class IntervalResult:
         return sum(self.moved.values())
 
 
+def _smallest(rows: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """The (up to) k of rows with the smallest keys[row], in increasing key order (ties stay in row order)."""
+    if k <= 0:
+        return rows[:0].astype(np.int64)
+    if rows.size > k:
+        rows = rows[np.argpartition(keys[rows], k - 1)[:k]]
+    return rows[np.argsort(keys[rows], kind="stable")].astype(np.int64)
+
+
 def hottest_below(scores: np.ndarray, placement: np.ndarray, fast: int, k: int, min_score: int) -> np.ndarray:
     """Up to k rows homed in tiers slower than fast scoring >= min_score, hottest first."""
     below = np.flatnonzero((placement > fast) & (scores >= min_score))
-    if k <= 0:
-        return below[:0].astype(np.int64)
-    wanted = -scores.astype(np.int64)  # (negating unsigned counters themselves would wrap)
-    if below.size > k:
-        below = below[np.argpartition(wanted[below], k - 1)[:k]]
-    return below[np.argsort(wanted[below], kind="stable")].astype(np.int64)
+    return _smallest(below, -scores.astype(np.int64), k)  # (negating unsigned counters themselves would wrap)
 
 
 def coldest_in(scores: np.ndarray, placement: np.ndarray, tier: int, k: int) -> np.ndarray:
     """Up to k rows homed in tier, coldest first."""
-    inside = np.flatnonzero(placement == tier)
-    k = min(k, inside.size)
-    if k <= 0:
-        return inside[:0].astype(np.int64)
-    if inside.size > k:
-        inside = inside[np.argpartition(scores[inside], k - 1)[:k]]
-    return inside[np.argsort(scores[inside], kind="stable")].astype(np.int64)
+    return _smallest(np.flatnonzero(placement == tier), scores, k)
 
 
 def plan_swaps(policy: Policy, scores: np.ndarray, placement: np.ndarray, fast: int,
@@ -159,7 +157,7 @@ def run_interval(policy: Policy, heat: np.ndarray, placement: np.ndarray, room: 
     plan = _Plan(placement, room, budget_rows, move)
     if pin is not None:
         wanted = np.flatnonzero(plan.placement != pin)
-        wanted = wanted[np.argsort(-scores[wanted].astype(np.int64), kind="stable")]
+        wanted = _smallest(wanted, -scores.astype(np.int64), wanted.size)  # hottest first
         plan.defer(wanted.size, plan.apply(wanted, pin))
     else:
         for fast in (DRAM, CXL):
