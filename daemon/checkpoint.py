@@ -75,8 +75,8 @@ def take(store, wal, root: Path, keep: int = 2) -> CheckpointInfo:
     with store.frozen() as names:
         wal.roll()  # the records after the checkpoint start a segment: the log can later be cut right here
         lsn = wal.last_lsn
-        tables = [(store.spec(name), store.read_encoded(name, np.arange(store.spec(name)["num_rows"])))
-                  for name in names]
+        specs = [store.spec(name) for name in names]
+        tables = [(spec, store.read_encoded(spec["name"], np.arange(spec["num_rows"]))) for spec in specs]
     checkpoint_id = (_ids(root) or [0])[-1] + 1
     final = root / f"ckpt-{checkpoint_id:08d}"
     tmp = root / f"ckpt-{checkpoint_id:08d}.tmp"
@@ -117,10 +117,22 @@ def _load_manifest(path: Path) -> dict:
         raise StorageError(f"checkpoint {path}: format version {manifest.get('format_version')!r}, "
                            f"this daemon reads {FORMAT_VERSION}")
     for table in manifest["tables"]:
-        data = (path / table["file"]).read_bytes() if (path / table["file"]).exists() else b""
-        if hashlib.sha256(data).hexdigest() != table["sha256"]:
+        if _sha256(path / table["file"]) != table["sha256"]:
             raise StorageError(f"checkpoint {path}: {table['file']} (table {table['name']!r}) fails its checksum")
     return manifest
+
+
+def _sha256(path: Path) -> str | None:
+    """The file's SHA-256, read in 16 MiB pieces (every file is checked before any table is loaded, so
+    a damaged checkpoint is refused whole, without holding all of it in memory); None if unreadable."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while piece := f.read(16 << 20):
+                digest.update(piece)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def restore_newest(store, root: Path) -> int:
@@ -137,8 +149,8 @@ def restore_newest(store, root: Path) -> int:
             log.error("%s; trying the previous checkpoint", e)
             continue
         for table in manifest["tables"]:
-            policy = TablePolicy(policy=table["policy"], pin=table["pin"], capacity_bytes=table["capacity_bytes"])
-            store.create_table(table["name"], table["num_rows"], table["dim"], table["dtype"], policy=policy)
+            store.create_table(table["name"], table["num_rows"], table["dim"], table["dtype"],
+                               policy=TablePolicy.from_dict(table))
             data = np.frombuffer((path / table["file"]).read_bytes(), dtype=np.uint8)
             store.load_encoded(table["name"], data.reshape(table["num_rows"], table["stride"]))
         log.info("restored checkpoint %d (%d tables, up to LSN %d) from %s", checkpoint_id,

@@ -35,8 +35,7 @@ _HEADER = struct.Struct("<I")  # length of the JSON head of a WRITE record
 def encode_create(name: str, num_rows: int, dim: int, dtype: str, initializer: str, seed: int,
                   init_scale: float, policy: TablePolicy) -> bytes:
     return json.dumps({"name": name, "num_rows": num_rows, "dim": dim, "dtype": dtype, "initializer": initializer,
-                       "seed": seed, "init_scale": init_scale, "policy": policy.policy, "pin": policy.pin,
-                       "capacity_bytes": policy.capacity_bytes}).encode()
+                       "seed": seed, "init_scale": init_scale, **policy.to_dict()}).encode()
 
 
 def encode_write(name: str, ids: np.ndarray, values: np.ndarray, mode: str, scale: float) -> bytes:
@@ -91,9 +90,8 @@ def replay(store, records) -> dict[str, int]:
 def _apply(store, record, counts: dict[str, int]) -> None:
     if record.kind == CREATE:
         spec = json.loads(record.payload)
-        policy = TablePolicy(policy=spec["policy"], pin=spec["pin"], capacity_bytes=spec["capacity_bytes"])
         store.create_table(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"], spec["initializer"],
-                           spec["seed"], spec["init_scale"], policy)
+                           spec["seed"], spec["init_scale"], TablePolicy.from_dict(spec))
         counts["create"] += 1
     elif record.kind == DROP:
         store.drop_table(record.payload.decode())

@@ -426,9 +426,8 @@ class Store:
     def spec(self, name: str) -> dict:
         """What re-creates the table empty: its shape and tiering settings."""
         table = self._get(name)
-        p = table.policy
         return {"name": name, "num_rows": table.num_rows, "dim": table.dim, "dtype": table.dtype,
-                "policy": p.policy, "pin": p.pin, "capacity_bytes": p.capacity_bytes}
+                **table.policy.to_dict()}
 
     def load_encoded(self, name: str, rows: np.ndarray, batch_rows: int = 1 << 16) -> None:
         """Stores rows exactly as encoded ([num_rows, stride] uint8, e.g. from read_encoded)."""

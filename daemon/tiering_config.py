@@ -23,6 +23,14 @@ class TablePolicy:
     pin: str = ""
     capacity_bytes: dict[str, int | None] = field(default_factory=lambda: {"dram": None, "cxl": None})
 
+    def to_dict(self) -> dict:
+        """The settings as JSON-ready fields (the write-ahead log and checkpoint manifests keep them so)."""
+        return {"policy": self.policy, "pin": self.pin, "capacity_bytes": dict(self.capacity_bytes)}
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> TablePolicy:
+        return cls(policy=fields["policy"], pin=fields["pin"], capacity_bytes=dict(fields["capacity_bytes"]))
+
     def limit_rows(self, tier: str, row_bytes: int) -> int | None:
         """The table's own row limit in a memory tier, None = none."""
         limit = self.capacity_bytes.get(tier)
