@@ -146,10 +146,8 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
 
     def RecordTrace(self, request, context):
         num_rows = self.store.describe(request.table).num_rows  # NOT_FOUND before waiting
-        if request.max_ids > self.max_trace_ids:
-            raise InvalidArgumentError(f"max_ids = {request.max_ids} is more than one reply can carry under "
-                                       f"server.max_message_bytes: at most {self.max_trace_ids}")
-        recording = self.traces.record(request.table, request.max_ids, request.timeout_seconds or 60.0)
+        recording = self.traces.record(request.table, request.max_ids, request.timeout_seconds or 60.0,
+                                       self.max_trace_ids)
         info = self.store.describe(request.table)
         ids = recording.ids()
         config = self.tiering.config

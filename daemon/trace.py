@@ -14,8 +14,6 @@ import numpy as np
 
 from .errors import FailedPreconditionError, InvalidArgumentError
 
-MAX_TRACE_IDS = 1 << 28  # 2 GiB of int64
-
 
 class Recording:
     def __init__(self, max_ids: int):
@@ -62,10 +60,12 @@ class TraceRecorder:
         if recording is not None:
             recording.add(ids)
 
-    def record(self, table: str, max_ids: int, timeout_seconds: float) -> Recording:
-        """Records until max_ids ids arrived or timeout_seconds passed; returns the recording."""
-        if not 1 <= max_ids <= MAX_TRACE_IDS:
-            raise InvalidArgumentError(f"max_ids = {max_ids} is outside [1, {MAX_TRACE_IDS}]")
+    def record(self, table: str, max_ids: int, timeout_seconds: float, limit: int) -> Recording:
+        """Records until max_ids ids arrived or timeout_seconds passed; returns the recording.
+        limit: the most ids one reply can carry."""
+        if not 1 <= max_ids <= limit:
+            raise InvalidArgumentError(f"max_ids = {max_ids} is outside [1, {limit}] (the most one reply can "
+                                       f"carry under server.max_message_bytes)")
         if not 0 < timeout_seconds <= 86400:
             raise InvalidArgumentError(f"timeout_seconds must be in (0, 86400], got {timeout_seconds}")
         recording = Recording(max_ids)

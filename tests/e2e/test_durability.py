@@ -23,6 +23,15 @@ ROWS, DIM, WRITERS = 4000, 8, 4
 CONFIG = '[tiering]\nenabled = false\n[durability]\nfsync = "always"\n'
 
 
+def state_dir(tmp_path) -> tuple:
+    """(a fresh state directory, the daemon configuration file in it)."""
+    state = tmp_path / "s"
+    state.mkdir()
+    config = state / "embtierd.toml"
+    config.write_text(CONFIG)
+    return state, config
+
+
 class Writer(threading.Thread):
     """Writes rows k, k + WRITERS, ... (its own) with values = a version number unique to each write;
     remembers per row the last acknowledged version and the one in flight when the daemon died."""
@@ -50,10 +59,7 @@ class Writer(threading.Thread):
 
 
 def test_acknowledged_writes_survive_sigkill(tmp_path):
-    state = tmp_path / "s"
-    state.mkdir()
-    config = state / "embtierd.toml"
-    config.write_text(CONFIG)
+    state, config = state_dir(tmp_path)
     rng = np.random.default_rng(0)
     acked = np.zeros(ROWS)
     counter = iter(range(1, 1 << 40))
@@ -131,10 +137,7 @@ def _create(target: str, name: str, created: list) -> None:
 
 
 def test_a_torn_log_tail_is_cut_and_the_rest_replayed(tmp_path):
-    state = tmp_path / "s"
-    state.mkdir()
-    config = state / "embtierd.toml"
-    config.write_text(CONFIG)
+    state, config = state_dir(tmp_path)
     d = start_daemon(state, config=config)
     with Client(d.target) as c:
         c.create_table("w", 100, 4)
@@ -162,10 +165,7 @@ def test_a_torn_log_tail_is_cut_and_the_rest_replayed(tmp_path):
 
 
 def test_a_log_the_tiers_cannot_hold_any_more_stops_the_start_with_a_clear_message(tmp_path):
-    state = tmp_path / "s"
-    state.mkdir()
-    config = state / "embtierd.toml"
-    config.write_text(CONFIG)
+    state, config = state_dir(tmp_path)
     d = start_daemon(state, config=config)
     with Client(d.target) as c:
         c.create_table("big", 200_000, 64)  # 51 MB: most of it on SCM
@@ -177,10 +177,7 @@ def test_a_log_the_tiers_cannot_hold_any_more_stops_the_start_with_a_clear_messa
 
 
 def test_checkpoint_then_sigkill_restores_everything_and_shortens_the_log(tmp_path):
-    state = tmp_path / "s"
-    state.mkdir()
-    config = state / "embtierd.toml"
-    config.write_text(CONFIG)
+    state, config = state_dir(tmp_path)
     d = start_daemon(state, config=config)
     rng = np.random.default_rng(3)
     with Client(d.target) as c:
