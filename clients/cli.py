@@ -193,10 +193,38 @@ def cmd_simulate(args) -> None:
     print("oracle: the most frequent rows of the measured part of the trace placed in DRAM beforehand (a bound).")
 
 
+def describe_checkpoint(info) -> str:
+    quant = f"{info.quant_bits}-bit {info.quantizer}" if info.quant_bits else "exact"
+    parent = f" on {info.parent_id}" if info.parent_id else ""
+    return f"{info.id:>6} {info.kind + parent:<22} {quant:<16} {info.rows_written:>12} {human_bytes(info.bytes_written):>10}"
+
+
+CHECKPOINT_HEADER = f"{'id':>6} {'kind':<22} {'values':<16} {'rows':>12} {'bytes':>10}"
+
+
 def cmd_checkpoint(c: Client, args) -> None:
-    info = c.checkpoint()
-    print(f"checkpoint {info['id']}: {info['rows_written']} rows, {human_bytes(info['bytes_written'])} in "
-          f"{info['duration_seconds']:.2f} s, covering the log up to record {info['lsn']}")
+    info = c.checkpoint(args.kind, args.bits, args.quantizer)
+    print(CHECKPOINT_HEADER)
+    print(describe_checkpoint(info))
+    print(f"in {info.duration_seconds:.2f} s (writes held {info.snapshot_seconds * 1e3:.1f} ms), covering the log "
+          f"up to record {info.lsn}")
+
+
+def cmd_checkpoints(c: Client, args) -> None:
+    listed = c.checkpoints()
+    print(f"{CHECKPOINT_HEADER}  {'log up to':>9}  created (UTC)        restart")
+    for info in listed:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.created_unix_seconds))
+        print(f"{describe_checkpoint(info)}  {info.lsn:>9}  {created}  "
+              f"{'recovers from it' if info.exact_chain else 'lossy: restore only'}")
+    if not listed:
+        print("(no checkpoints)")
+
+
+def cmd_restore(c: Client, args) -> None:
+    restored, saved = c.restore(args.id)
+    print(f"restored checkpoint {restored.id} ({', '.join(restored.tables) or 'no tables'}); published as full "
+          f"checkpoint {saved.id} in {saved.duration_seconds:.2f} s")
 
 
 def cmd_lookup(c: Client, args) -> None:
@@ -304,7 +332,15 @@ def parse_args(argv):
     s.add_argument("--sample-shift", type=int, help="heat counts 1 in 2^K accesses (default: the recorded daemon's, "
                    "else 3)")
     s.add_argument("--warmup-intervals", type=int, default=10)
-    sub.add_parser("checkpoint", help="write a full checkpoint of every table (shortens the write-ahead log)")
+    s = sub.add_parser("checkpoint", help="write a checkpoint of every table (exact ones shorten the write-ahead log)")
+    s.add_argument("--kind", default="full", choices=["full", "incremental", "differential", "auto"],
+                   help="incremental: rows changed since the last checkpoint; differential: since the last full; "
+                   "auto: differential until a full is cheaper (default: %(default)s)")
+    s.add_argument("--bits", type=int, default=0, choices=[0, 2, 3, 4, 8], help="bits per value, 0 = exact")
+    s.add_argument("--quantizer", default="adaptive", choices=["adaptive", "minmax"])
+    sub.add_parser("checkpoints", help="list the checkpoints")
+    s = sub.add_parser("restore", help="replace every table by a checkpoint's (see `embtier checkpoints`)")
+    s.add_argument("id", type=int)
     s = sub.add_parser("lookup", help="print rows, or their pooled sum")
     s.add_argument("name")
     s.add_argument("ids", type=int, nargs="+")
@@ -326,7 +362,8 @@ def parse_args(argv):
 
 COMMANDS = {"tables": cmd_tables, "describe": cmd_describe, "create": cmd_create, "drop": cmd_drop,
             "tiers": cmd_tiers, "heat": cmd_heat, "lookup": cmd_lookup, "import": cmd_import, "bench": cmd_bench,
-            "policy": cmd_policy, "record": cmd_record, "checkpoint": cmd_checkpoint}
+            "policy": cmd_policy, "record": cmd_record, "checkpoint": cmd_checkpoint,
+            "checkpoints": cmd_checkpoints, "restore": cmd_restore}
 
 
 def main(argv: list[str] | None = None) -> int:

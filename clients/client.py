@@ -117,6 +117,35 @@ class Trace:
     policy: str
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A published checkpoint (CheckpointInfo)."""
+
+    id: int
+    parent_id: int
+    base_id: int
+    kind: str               # "full", "incremental", "differential"
+    quant_bits: int         # 0 = exact
+    quantizer: str          # "exact", "adaptive", "minmax"
+    lsn: int
+    rows_written: int
+    bytes_written: int
+    duration_seconds: float
+    snapshot_seconds: float
+    created_unix_seconds: float
+    tables: tuple[str, ...]
+    exact_chain: bool
+
+
+def _checkpoint(m: pb.CheckpointInfo) -> Checkpoint:
+    return Checkpoint(
+        id=m.id, parent_id=m.parent_id, base_id=m.base_id, kind=pb.CheckpointKind.Name(m.kind).lower(),
+        quant_bits=m.quant_bits, quantizer=pb.Quantizer.Name(m.quantizer).lower() if m.quant_bits else "exact",
+        lsn=m.lsn, rows_written=m.rows_written, bytes_written=m.bytes_written, duration_seconds=m.duration_seconds,
+        snapshot_seconds=m.snapshot_seconds, created_unix_seconds=m.created_unix_seconds, tables=tuple(m.tables),
+        exact_chain=m.exact_chain)
+
+
 def _table_policy(m: pb.TablePolicy) -> TablePolicy:
     return TablePolicy(table=m.table, policy=m.policy, pin_tier=m.pin_tier, dram_capacity_bytes=m.dram_capacity_bytes,
                        cxl_capacity_bytes=m.cxl_capacity_bytes, rows_moved=m.rows_moved,
@@ -233,12 +262,27 @@ class Client:
                      bandwidth_bytes_per_second=reply.bandwidth_bytes_per_second,
                      heat_sample_shift=reply.heat_sample_shift, policy=reply.policy)
 
-    def checkpoint(self) -> dict:
-        """Writes a full checkpoint of every table; returns its id, lsn, rows_written, bytes_written and
-        duration_seconds."""
-        reply = self._call("Checkpoint", pb.CheckpointRequest(), idempotent=False)
-        return {"id": reply.id, "lsn": reply.lsn, "rows_written": reply.rows_written,
-                "bytes_written": reply.bytes_written, "duration_seconds": reply.duration_seconds}
+    def checkpoint(self, kind: str = "full", quant_bits: int = 0, quantizer: str = "adaptive") -> Checkpoint:
+        """Writes a checkpoint of every table: kind "full", "incremental", "differential" or "auto";
+        quant_bits 0 (exact), 8, 4, 3 or 2; quantizer "adaptive" or "minmax"."""
+        kinds = {"full": pb.FULL, "incremental": pb.INCREMENTAL, "differential": pb.DIFFERENTIAL, "auto": pb.AUTO}
+        quantizers = {"adaptive": pb.ADAPTIVE, "minmax": pb.MINMAX}
+        if kind not in kinds or quantizer not in quantizers:
+            raise ValueError(f"kind must be one of {', '.join(kinds)} and quantizer one of {', '.join(quantizers)}; "
+                             f"got {kind!r}, {quantizer!r}")
+        request = pb.CheckpointRequest(kind=kinds[kind], quant_bits=quant_bits, quantizer=quantizers[quantizer])
+        return _checkpoint(self._call("Checkpoint", request, idempotent=False))
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """The published checkpoints, oldest first."""
+        reply = self._call("ListCheckpoints", pb.ListCheckpointsRequest(), idempotent=True)
+        return [_checkpoint(m) for m in reply.checkpoints]
+
+    def restore(self, checkpoint_id: int) -> tuple[Checkpoint, Checkpoint]:
+        """Replaces every table by checkpoint checkpoint_id's; returns (it, the full exact checkpoint
+        the daemon published of the result)."""
+        reply = self._call("RestoreCheckpoint", pb.RestoreCheckpointRequest(id=checkpoint_id), idempotent=False)
+        return _checkpoint(reply.restored), _checkpoint(reply.saved)
 
     # ---- rows --------------------------------------------------------------
 

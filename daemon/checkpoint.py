@@ -1,159 +1,457 @@
-"""Full checkpoints of the store, and restoring the newest good one at start.
+"""Checkpoints (the Check-N-Run policies), their chains and retention, and
+restoring them; the format on disk is daemon/checkpoint_format.py.
 
-A checkpoint is a directory ckpt-<id> under <state_dir>/checkpoints holding
-manifest.json (format version, id, the write-ahead log LSN it covers, each
-table's shape and tiering settings, and the SHA-256 of each data file) and
-one data file per table: its rows exactly as stored (so a restore is bit for
-bit).  It is taken from a consistent snapshot (Store.frozen: writes, moves,
-creations and drops wait while the rows are copied; lookups go on), written
-to a .tmp directory, fsynced, renamed into place and the parent fsynced:
-a crash leaves either the whole checkpoint or none.  Once it is published,
-checkpoints beyond the newest `keep` are removed, and the log segments
-older than the oldest one kept are deleted (so that a damaged newest
-checkpoint still leaves the previous one plus the log after it).
+Kinds.  FULL writes every row.  INCREMENTAL writes the rows changed since
+the last checkpoint (its parent), DIFFERENTIAL those changed since the last
+full one (its parent): Check-N-Run's consecutive incremental and one-shot
+differential.  "auto" is its intermittent differential: a differential,
+unless the bytes written since the last full plus this one would pass
+auto_full_ratio times a full checkpoint's, and then a full.  A checkpoint's
+chain is itself and its parents down to a full: restoring applies them
+oldest first.  Changed rows come from the kernels' dirty bitmap (set by
+every row write, taken and cleared here) folded into two bitmaps per table
+kept here: since the last checkpoint and since the last full; they are
+cleared only once a checkpoint is published, so a failed one loses none.
 
-At start the newest checkpoint whose manifest and data files check out is
-loaded (a damaged one is reported and the previous one used), then the log
-records after its LSN are replayed.
+Quantization (quant_bits 8, 4, 3 or 2; 0 = exact): each row is stored as
+codes plus its own range (asymmetric, per row), "minmax" or "adaptive"
+(the range shrunk greedily where that cuts the row's L2 error).
 
-This is the full, exact kind; incremental and quantized checkpoints
-(Check-N-Run) are to come on the same format.
+Consistency.  Rows are copied from a consistent snapshot (Store.frozen:
+writes, moves, creations and drops wait for the copy of the changed rows;
+lookups go on), then quantized and written while serving and writing go
+on.  One checkpoint at a time.  The write-ahead log rolls to a new segment
+at the snapshot, whose LSN the manifest records.
+
+Recovery.  At start the newest checkpoint whose chain is exact (every layer
+unquantized) and checks out is loaded, then the log after its LSN is
+replayed, so nothing acknowledged is lost; a damaged checkpoint is reported
+and the previous one tried.  Quantized checkpoints are restored only on
+request (RestoreCheckpoint): they are lossy by design.  Retention keeps the
+newest `keep` checkpoints and the newest `keep` exact ones, with every
+checkpoint their chains need; the log is kept back to the oldest exact one
+kept, so a damaged newest one still leaves the one before plus the log.
+
+Restoring on request replaces every table by the checkpoint's (tables
+created since are dropped), then publishes a full exact checkpoint of the
+result before writes resume, so a crash afterwards comes back to it.
+Writes, creations and drops wait meanwhile; lookups of a table being
+replaced fail (the table is gone) until its restored rows are in place.
+The saved heat (access counters) comes back with the rows, so the tiering
+engine puts the hot rows back in the fast tiers at once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import logging
-import os
-import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import StorageError
-from .tiering_config import TablePolicy
-from .wal import fsync_directory
+from . import checkpoint_format as fmt
+from . import native
+from .config import CHECKPOINT_KINDS, QUANT_BITS, QUANTIZERS, CheckpointConfig
+from .errors import CorruptCheckpointError, InstallError, InvalidArgumentError, NotFoundError, StorageError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+ALL_BITS = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
     id: int
-    lsn: int
+    parent_id: int            # 0 for a full checkpoint
+    base_id: int              # the full checkpoint its chain starts from
+    kind: str                 # FULL, INCREMENTAL, DIFFERENTIAL
+    quant_bits: int           # 0 = exact
+    quantizer: str            # "exact", "minmax", "adaptive"
+    lsn: int                  # write-ahead log records up to this one are in it
     rows_written: int
     bytes_written: int
-    duration_seconds: float
-    path: Path
+    created_unix_seconds: float
+    tables: tuple[str, ...]
+    exact_chain: bool         # every checkpoint of its chain exact: usable for recovery
+    duration_seconds: float = 0.0
+    snapshot_seconds: float = 0.0  # how long writes waited for the snapshot
 
 
-def _ids(root: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in root.glob("ckpt-*") if p.name[5:].isdigit() and p.is_dir())
+def info_of(root: Path, manifest: dict, duration: float = 0.0, snapshot: float = 0.0) -> CheckpointInfo:
+    return CheckpointInfo(
+        id=manifest["id"], parent_id=manifest["parent_id"], base_id=manifest["base_id"], kind=manifest["kind"],
+        quant_bits=manifest["quant_bits"], quantizer=manifest["quantizer"], lsn=manifest["lsn"],
+        rows_written=manifest["rows_written"], bytes_written=fmt.size_bytes(root, manifest),
+        created_unix_seconds=manifest["created_unix_seconds"], tables=tuple(t["name"] for t in manifest["tables"]),
+        exact_chain=manifest["exact_chain"], duration_seconds=duration, snapshot_seconds=snapshot)
 
 
-def _write_file(path: Path, data: bytes) -> str:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return hashlib.sha256(data).hexdigest()
+def _words(num_rows: int) -> np.ndarray:
+    return np.zeros((num_rows + 63) // 64, dtype=np.uint64)
 
 
-def take(store, wal, root: Path, keep: int = 2) -> CheckpointInfo:
-    """Writes a full checkpoint of every table; returns what it wrote."""
-    start = time.perf_counter()
-    root.mkdir(parents=True, exist_ok=True)
-    with store.frozen() as names:
-        wal.roll()  # the records after the checkpoint start a segment: the log can later be cut right here
-        lsn = wal.last_lsn
-        specs = [store.spec(name) for name in names]
-        tables = [(spec, store.read_encoded(spec["name"], np.arange(spec["num_rows"]))) for spec in specs]
-    checkpoint_id = (_ids(root) or [0])[-1] + 1
-    final = root / f"ckpt-{checkpoint_id:08d}"
-    tmp = root / f"ckpt-{checkpoint_id:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    manifest = {"format_version": FORMAT_VERSION, "id": checkpoint_id, "lsn": lsn, "kind": "FULL", "tables": []}
-    written = rows = 0
-    for i, (spec, data) in enumerate(tables):
-        file = f"table-{i:04d}.rows"
-        digest = _write_file(tmp / file, data.tobytes())
-        manifest["tables"].append({**spec, "file": file, "sha256": digest, "stride": int(data.shape[1])})
-        written += data.nbytes
-        rows += data.shape[0]
-    _write_file(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
-    fsync_directory(tmp)
-    os.rename(tmp, final)
-    fsync_directory(root)
-    for old in _ids(root)[:-keep]:
-        shutil.rmtree(root / f"ckpt-{old:08d}", ignore_errors=True)
-    # the log is kept back to the oldest checkpoint kept: if the newest turns out damaged, the one
-    # before it plus the log after it still give every acknowledged write
-    oldest = json.loads((root / f"ckpt-{_ids(root)[0]:08d}" / "manifest.json").read_bytes())["lsn"]
-    wal.sync()
-    wal.truncate_before(oldest + 1)
-    info = CheckpointInfo(checkpoint_id, lsn, rows, written, time.perf_counter() - start, final)
-    log.info("checkpoint %d: %d tables, %d rows, %d bytes, up to LSN %d, in %.2f s", checkpoint_id,
-             len(tables), rows, written, lsn, info.duration_seconds)
-    return info
+def _rows_of(words: np.ndarray, num_rows: int) -> np.ndarray:
+    """The ids whose bit is set, ascending (int64)."""
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little", count=num_rows)
+    return np.flatnonzero(bits).astype(np.int64)
 
 
-def _load_manifest(path: Path) -> dict:
-    """The checkpoint's manifest, after checking every data file's SHA-256 (StorageError if not)."""
-    try:
-        manifest = json.loads((path / "manifest.json").read_bytes())
-    except (OSError, ValueError) as e:
-        raise StorageError(f"checkpoint {path}: unreadable manifest: {e}") from e
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise StorageError(f"checkpoint {path}: format version {manifest.get('format_version')!r}, "
-                           f"this daemon reads {FORMAT_VERSION}")
-    for table in manifest["tables"]:
-        if _sha256(path / table["file"]) != table["sha256"]:
-            raise StorageError(f"checkpoint {path}: {table['file']} (table {table['name']!r}) fails its checksum")
-    return manifest
+def _words_of(ids: np.ndarray, num_rows: int) -> np.ndarray:
+    bits = np.zeros(((num_rows + 63) // 64) * 64, dtype=np.uint8)
+    bits[ids] = 1
+    return np.packbits(bits, bitorder="little").view(np.uint64)
 
 
-def _sha256(path: Path) -> str | None:
-    """The file's SHA-256, read in 16 MiB pieces (every file is checked before any table is loaded, so
-    a damaged checkpoint is refused whole, without holding all of it in memory); None if unreadable."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while piece := f.read(16 << 20):
-                digest.update(piece)
-    except OSError:
-        return None
-    return digest.hexdigest()
+def _popcount(words: np.ndarray) -> int:
+    return int(np.unpackbits(words.view(np.uint8)).sum(dtype=np.int64))
 
 
-def restore_newest(store, root: Path) -> int:
-    """Loads the newest good checkpoint into the (empty) store; returns its LSN (0 when there is none).
-    Unfinished checkpoints (.tmp directories a crash left) are removed."""
-    for unfinished in root.glob("ckpt-*.tmp"):
-        log.warning("removing unfinished checkpoint %s", unfinished)
-        shutil.rmtree(unfinished, ignore_errors=True)
-    for checkpoint_id in reversed(_ids(root)):
-        path = root / f"ckpt-{checkpoint_id:08d}"
+@dataclass
+class _Changed:
+    """One table's rows changed since the last checkpoint and since the last full one (bitmaps)."""
+
+    since_checkpoint: np.ndarray
+    since_full: np.ndarray
+
+
+class Checkpointer:
+    """Takes, lists and restores the checkpoints under root for a store and its write-ahead log."""
+
+    def __init__(self, store, wal, root: Path, settings: CheckpointConfig, metrics=None):
+        self.store, self.wal, self.root, self.settings, self.metrics = store, wal, root, settings, metrics
+        self._lock = threading.Lock()  # one checkpoint or restore at a time; guards the state below
+        self._last = 0                 # the checkpoint the store's state continues from (0: none)
+        self._full = 0                 # the full checkpoint of its chain
+        self._full_bytes = 0
+        self._since_full_bytes = 0     # bytes written by checkpoints since that full one
+        self._changed: dict[int, _Changed] = {}  # by table serial
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.on_fatal = lambda: None   # called when the store no longer matches any durable state
+
+    # ---- start -----------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Loads the newest good exact checkpoint chain into the (empty) store; returns its LSN (0
+        when there is none).  Unfinished checkpoint directories are removed."""
+        with self._lock:
+            for path in fmt.remove_unfinished(self.root):
+                log.warning("removed unfinished checkpoint %s", path)
+            for checkpoint_id in reversed(fmt.list_ids(self.root)):
+                try:
+                    head = fmt.read_manifest(self.root, checkpoint_id)
+                    if not head["exact_chain"]:
+                        log.info("checkpoint %d is quantized: recovery uses an exact one", checkpoint_id)
+                        continue
+                    chain = self._verified_chain(checkpoint_id)
+                except CorruptCheckpointError as e:
+                    log.error("%s; trying the previous checkpoint", e)
+                    continue
+                start = time.perf_counter()
+                with self.store.frozen():
+                    self.store.install(self._restored_tables(chain))
+                self._continue_from(chain)
+                log.info("restored checkpoint %d (chain %s, %d tables, up to LSN %d) in %.2f s", checkpoint_id,
+                         [m["id"] for m in chain], len(head["tables"]), head["lsn"], time.perf_counter() - start)
+                return int(head["lsn"])
+            return 0
+
+    # ---- taking ------------------------------------------------------------------
+
+    def take(self, kind: str | None = None, quant_bits: int | None = None, quantizer: str | None = None,
+             tables: list[str] | None = None) -> CheckpointInfo:
+        """Writes a checkpoint of every table (kind, quant_bits, quantizer default to the configured ones)."""
+        kind = self.settings.kind if kind is None else kind
+        quant_bits = self.settings.quant_bits if quant_bits is None else quant_bits
+        quantizer = self.settings.quantizer if quantizer is None else quantizer
+        check_request(kind, quant_bits, quantizer)
+        with self._lock:
+            start = time.perf_counter()
+            with self.store.frozen() as names:
+                _check_tables(tables, names)
+                changed = {name: self._fold(name) for name in names}
+                kind = self._choose(kind, quant_bits, changed)
+                self.wal.roll()  # the records after the snapshot start a segment: the log can later be cut here
+                lsn = self.wal.last_lsn
+                snapshot = [self._rows(name, kind, changed[name]) for name in names]
+            held = time.perf_counter() - start
+            parent = {"FULL": 0, "INCREMENTAL": self._last, "DIFFERENTIAL": self._full}[kind]
+            manifest = self._write(snapshot, kind, parent, lsn, quant_bits, quantizer)
+            self._published(manifest, changed)
+            info = info_of(self.root, manifest, time.perf_counter() - start, held)
+            self._retain()
+        if self.metrics is not None:
+            self.metrics.checkpointed(info)
+        log.info("checkpoint %d: %s%s, %d tables, %d rows, %d bytes, up to LSN %d, in %.2f s (writes held %.3f s)",
+                 info.id, kind, f" {quant_bits}-bit {quantizer}" if quant_bits else " exact", len(names),
+                 info.rows_written, info.bytes_written, lsn, info.duration_seconds, held)
+        return info
+
+    def _fold(self, name: str) -> _Changed:
+        """The table's change bitmaps with the kernels' dirty bits folded in (which clears those)."""
+        serial = self.store.serial(name)
+        num_rows = self.store.spec(name)["num_rows"]
+        changed = self._changed.get(serial)
+        if changed is None:  # created since the last checkpoint: its creation marked every row
+            changed = self._changed[serial] = _Changed(_words(num_rows), _words(num_rows))
+        dirty = self.store.take_dirty(name)
+        changed.since_checkpoint |= dirty
+        changed.since_full |= dirty
+        return changed
+
+    def _choose(self, kind: str, quant_bits: int, changed: dict[str, _Changed]) -> str:
+        if kind == "full" or not self._full:
+            return "FULL"
+        if kind == "incremental":
+            return "INCREMENTAL"
+        if kind == "differential":
+            return "DIFFERENTIAL"
+        full = differential = 0
+        for name, bitmaps in changed.items():
+            spec = self.store.spec(name)
+            row = _row_bytes(spec, quant_bits)
+            full += spec["num_rows"] * row
+            differential += _popcount(bitmaps.since_full) * (row + 4)
+        over = self._since_full_bytes + differential > self.settings.auto_full_ratio * full
+        return "FULL" if over else "DIFFERENTIAL"
+
+    def _rows(self, name: str, kind: str, changed: _Changed) -> fmt.TableRows:
+        spec = self.store.spec(name)
+        num_rows = spec["num_rows"]
+        if kind == "FULL":
+            ids = np.arange(num_rows, dtype=np.int64)
+        else:
+            ids = _rows_of(changed.since_checkpoint if kind == "INCREMENTAL" else changed.since_full, num_rows)
+        return fmt.TableRows(spec, ids.size == num_rows, ids, self.store.read_encoded(name, ids),
+                             self.store.heat(name).copy())
+
+    def _write(self, snapshot: list[fmt.TableRows], kind: str, parent: int, lsn: int, quant_bits: int,
+               quantizer: str, **extra) -> dict:
+        ids = fmt.list_ids(self.root)
+        writer = fmt.Writer(self.root, (ids[-1] if ids else 0) + 1, quant_bits, quantizer)
         try:
-            manifest = _load_manifest(path)
-        except StorageError as e:
-            log.error("%s; trying the previous checkpoint", e)
-            continue
-        for table in manifest["tables"]:
-            store.create_table(table["name"], table["num_rows"], table["dim"], table["dtype"],
-                               policy=TablePolicy.from_dict(table))
-            data = np.frombuffer((path / table["file"]).read_bytes(), dtype=np.uint8)
-            store.load_encoded(table["name"], data.reshape(table["num_rows"], table["stride"]))
-        log.info("restored checkpoint %d (%d tables, up to LSN %d) from %s", checkpoint_id,
-                 len(manifest["tables"]), manifest["lsn"], path)
-        return int(manifest["lsn"])
-    return 0
+            for table in snapshot:
+                writer.add(table)
+            exact = quant_bits == 0 and (kind == "FULL" or self._exact_chain(parent))
+            since_full = 0 if kind == "FULL" else self._since_full_bytes + writer.bytes_written
+            return writer.publish({"kind": kind, "parent_id": parent, "base_id": self._full if parent else writer.id,
+                                   "lsn": lsn, "exact_chain": exact, "created_unix_seconds": time.time(),
+                                   "since_full_bytes": since_full, **extra})
+        except OSError as e:
+            writer.abandon()
+            raise StorageError(f"writing checkpoint {writer.id} into {self.root} failed: {e}") from e
+        except BaseException:
+            writer.abandon()
+            raise
+
+    def _exact_chain(self, checkpoint_id: int) -> bool:
+        try:
+            return bool(fmt.read_manifest(self.root, checkpoint_id)["exact_chain"])
+        except CorruptCheckpointError:
+            return False
+
+    def _published(self, manifest: dict, changed: dict[str, _Changed]) -> None:
+        """The state after publishing manifest: the rows it holds are no longer changed."""
+        full = manifest["kind"] == "FULL"
+        for bitmaps in changed.values():
+            bitmaps.since_checkpoint[:] = 0
+            if full:
+                bitmaps.since_full[:] = 0
+        self._changed = {serial: c for serial, c in self._changed.items() if any(c is v for v in changed.values())}
+        self._last = manifest["id"]
+        if full:
+            self._full, self._full_bytes = manifest["id"], fmt.size_bytes(self.root, manifest)
+        self._since_full_bytes = manifest["since_full_bytes"]
+
+    def _retain(self) -> None:
+        """Removes checkpoints no kept one needs; cuts the log back to the oldest exact one kept."""
+        manifests = {}
+        for checkpoint_id in fmt.list_ids(self.root):
+            try:
+                manifests[checkpoint_id] = fmt.read_manifest(self.root, checkpoint_id)
+            except CorruptCheckpointError:
+                pass
+        keep = self.settings.keep
+        exact = [i for i, m in manifests.items() if m["exact_chain"]][-keep:]
+        heads = set(list(manifests)[-keep:]) | set(exact)
+        needed = set()
+        for head in heads:
+            node = head
+            while node in manifests and node not in needed:
+                needed.add(node)
+                node = manifests[node]["parent_id"]
+        for checkpoint_id in fmt.list_ids(self.root):
+            if checkpoint_id not in needed and checkpoint_id != self._last:
+                fmt.remove(self.root, checkpoint_id)
+                log.info("removed checkpoint %d (retention: %d newest, %d newest exact)", checkpoint_id, keep, keep)
+        if exact:
+            # the log is kept back to the oldest exact checkpoint kept: if a newer one turns out damaged,
+            # that one plus the log after it still give every acknowledged write
+            self.wal.sync()
+            self.wal.truncate_before(min(manifests[i]["lsn"] for i in exact) + 1)
+
+    # ---- listing and restoring ----------------------------------------------------
+
+    def list(self) -> list[CheckpointInfo]:
+        """Published checkpoints, oldest first (damaged manifests left out)."""
+        out = []
+        for checkpoint_id in fmt.list_ids(self.root):
+            try:
+                out.append(info_of(self.root, fmt.read_manifest(self.root, checkpoint_id)))
+            except (CorruptCheckpointError, KeyError, OSError) as e:
+                log.warning("checkpoint %d left out of the list: %s", checkpoint_id, e)
+        return out
+
+    def restore(self, checkpoint_id: int) -> tuple[CheckpointInfo, CheckpointInfo]:
+        """Replaces every table by checkpoint checkpoint_id's; returns (it, the full exact checkpoint
+        published of the result)."""
+        with self._lock:
+            start = time.perf_counter()
+            if checkpoint_id not in fmt.list_ids(self.root):
+                raise NotFoundError(f"id: checkpoint {checkpoint_id} does not exist (see ListCheckpoints)")
+            chain = self._verified_chain(checkpoint_id)
+            with self.store.frozen(), contextlib.ExitStack() as held:
+                self.wal.roll()
+                lsn = self.wal.last_lsn
+                try:
+                    names = self.store.install(self._restored_tables(chain), held)
+                except InstallError:
+                    log.critical("restoring checkpoint %d failed after the old tables were dropped: the store "
+                                 "matches no durable state; stopping (a restart recovers the state before the "
+                                 "restore from the checkpoints and the log)", checkpoint_id)
+                    self.on_fatal()
+                    raise
+                snapshot = (self._rows(name, "FULL", None) for name in names)
+                manifest = self._write(snapshot, "FULL", 0, lsn, 0, "exact", restored_from=checkpoint_id)
+            self._published(manifest, {})  # (install cleared the new tables' dirty bits)
+            self._retain()
+            restored = info_of(self.root, chain[-1])
+            saved = info_of(self.root, manifest, time.perf_counter() - start)
+        log.info("restored checkpoint %d into %d table(s); published it as full checkpoint %d in %.2f s",
+                 checkpoint_id, len(names), saved.id, saved.duration_seconds)
+        return restored, saved
+
+    def materialize(self, checkpoint_id: int) -> dict[str, np.ndarray]:
+        """The rows a restore of checkpoint_id would install, per table ([num_rows, stride] in the
+        table's storage encoding), without installing them."""
+        out = {}
+        with self._lock:
+            for entry, batches, _ in self._restored_tables(self._verified_chain(checkpoint_id)):
+                rows = np.empty((entry["num_rows"], native.row_stride(entry["dim"], entry["dtype"])), np.uint8)
+                for ids, part in batches:
+                    rows[ids] = part
+                out[entry["name"]] = rows
+        return out
+
+    def _verified_chain(self, checkpoint_id: int) -> list[dict]:
+        """The manifests from the chain's full checkpoint up to checkpoint_id, each file verified."""
+        chain, node = [], checkpoint_id
+        while True:
+            if node not in fmt.list_ids(self.root):
+                raise CorruptCheckpointError(f"checkpoint {chain[-1]['id']} needs checkpoint {node}, which is gone")
+            manifest = fmt.read_manifest(self.root, node)
+            fmt.verify(self.root, manifest)
+            chain.append(manifest)
+            if manifest["kind"] == "FULL":
+                return chain[::-1]
+            node = manifest["parent_id"]
+
+    def _restored_tables(self, chain: list[dict]):
+        """For Store.install: per table of the chain's newest checkpoint, its spec, its rows as batches
+        (the newest whole entry, then every later entry), and its heat."""
+        out = []
+        for entry in chain[-1]["tables"]:
+            layers = []
+            for manifest in reversed(chain):
+                match = [e for e in manifest["tables"] if e["name"] == entry["name"]]
+                if not match or any(match[0][k] != entry[k] for k in ("num_rows", "dim", "dtype")):
+                    raise CorruptCheckpointError(f"checkpoint {manifest['id']}: table {entry['name']!r} has no "
+                                                 f"whole copy in the chain of checkpoint {chain[-1]['id']}")
+                layers.append((manifest, match[0]))
+                if match[0]["whole"]:
+                    break
+            out.append((entry, self._batches(layers[::-1]), self._heat(chain[-1], entry)))
+        return out
+
+    def _batches(self, layers):
+        stride = native.row_stride(layers[0][1]["dim"], layers[0][1]["dtype"])
+        for manifest, entry in layers:
+            yield fmt.read_table(self.root, manifest, entry, stride)
+
+    def _heat(self, manifest: dict, entry: dict) -> np.ndarray:
+        return fmt.read_heat(self.root, manifest, entry)
+
+    def _continue_from(self, chain: list[dict]) -> None:
+        """Sets the change bitmaps and chain state as they were right after chain[-1] was published."""
+        head = chain[-1]
+        self._last, self._full = head["id"], chain[0]["id"]
+        self._full_bytes = fmt.size_bytes(self.root, chain[0])
+        self._since_full_bytes = head["since_full_bytes"]
+        self._changed = {}
+        full_tables = {e["name"] for e in chain[0]["tables"]}
+        for entry in head["tables"]:
+            name, num_rows = entry["name"], entry["num_rows"]
+            since_full = _words(num_rows)
+            if name not in full_tables:  # created after the full checkpoint: every row is new since
+                since_full[:] = ALL_BITS
+            for manifest in chain[1:]:
+                for layer in (e for e in manifest["tables"] if e["name"] == name):
+                    since_full |= ALL_BITS if layer["whole"] else \
+                        _words_of(fmt.read_ids(self.root, manifest, layer), num_rows)
+            self._changed[self.store.serial(name)] = _Changed(_words(num_rows), since_full)
+
+    # ---- schedule -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Takes the configured checkpoint every interval_seconds (nothing when 0)."""
+        if self.settings.interval_seconds <= 0:
+            return
+
+        def loop():
+            while not self._stop.wait(self.settings.interval_seconds):
+                try:
+                    self.take()
+                except Exception:
+                    log.exception("scheduled checkpoint failed; the next one is tried in %.0f s",
+                                  self.settings.interval_seconds)
+                    if self.metrics is not None:
+                        self.metrics.checkpoint_failed()
+
+        self._thread = threading.Thread(target=loop, name="checkpoints", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _row_bytes(spec: dict, quant_bits: int) -> int:
+    """Bytes a row takes in a checkpoint (the estimate "auto" compares with; heat not counted)."""
+    if quant_bits == 0:
+        return native.row_stride(spec["dim"], spec["dtype"])
+    return native.quant_row_bytes(spec["dim"], quant_bits) + 4
+
+
+def check_request(kind: str, quant_bits: int, quantizer: str) -> None:
+    if kind not in CHECKPOINT_KINDS:
+        raise InvalidArgumentError(f"kind must be one of {', '.join(CHECKPOINT_KINDS)}; got {kind!r}")
+    if quant_bits not in QUANT_BITS:
+        raise InvalidArgumentError(f"quant_bits must be one of {', '.join(map(str, QUANT_BITS))}; got {quant_bits}")
+    if quantizer not in QUANTIZERS:
+        raise InvalidArgumentError(f"quantizer must be one of {', '.join(QUANTIZERS)}; got {quantizer!r}")
+
+
+def _check_tables(tables: list[str] | None, names: list[str]) -> None:
+    if not tables:
+        return
+    missing = [t for t in tables if t not in names]
+    if missing:
+        raise NotFoundError(f"tables: table {missing[0]!r} does not exist")
+    if set(tables) != set(names):
+        left_out = sorted(set(names) - set(tables))
+        raise InvalidArgumentError(f"tables = {sorted(tables)}: a checkpoint covers every table (it would leave "
+                                   f"out {', '.join(left_out)}); send no tables to mean all")

@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,14 @@ policy = "lfu"
 wal = true
 fsync = "always"
 fsync_interval_seconds = 0.05
+
+[durability.checkpoints]
+interval_seconds = 600
+kind = "auto"
+quant_bits = 0
+quantizer = "adaptive"
+keep = 2
+auto_full_ratio = 1.0
 
 [kernels]
 kernel_threads = 1
@@ -176,6 +184,31 @@ class ServerConfig:
     tls: TlsConfig = TlsConfig()
 
 
+CHECKPOINT_KINDS = ("full", "incremental", "differential", "auto")
+QUANT_BITS = (0, 2, 3, 4, 8)
+QUANTIZERS = ("adaptive", "minmax")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Periodic checkpoints in <state_dir>/checkpoints (daemon/checkpoint.py).
+
+    interval_seconds: time between scheduled checkpoints (0 = only on request).
+    kind: "full", "incremental" (changes since the last checkpoint), "differential" (since the last
+    full) or "auto" (differential until the differentials written since the last full would pass
+    auto_full_ratio times a full checkpoint's bytes, then a full).  quant_bits: 0 = exact, or 8, 4, 3,
+    2 bits per value (row-wise asymmetric, quantizer "adaptive" or "minmax").  keep: the newest
+    checkpoints kept (with every checkpoint their chains need), and as many exact ones: the
+    write-ahead log is kept back to the oldest exact one kept."""
+
+    interval_seconds: float = 600.0
+    kind: str = "auto"
+    quant_bits: int = 0
+    quantizer: str = "adaptive"
+    keep: int = 2
+    auto_full_ratio: float = 1.0
+
+
 @dataclass(frozen=True)
 class DurabilityConfig:
     """The write-ahead log of table creations, drops and row writes, in <state_dir>/wal.
@@ -187,6 +220,8 @@ class DurabilityConfig:
     wal: bool = True
     fsync: str = "always"
     fsync_interval_seconds: float = 0.05
+    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+
 
 
 @dataclass(frozen=True)
@@ -403,7 +438,7 @@ def _tiering(section: dict, tier_bytes: dict[str, int]) -> TieringConfig:
     )
 
 
-def _durability(section: dict) -> DurabilityConfig:
+def _durability(section: dict, checkpoints: dict) -> DurabilityConfig:
     fsync = section["fsync"]
     if fsync not in ("always", "interval", "off"):
         raise ConfigError(f"durability.fsync: expected \"always\", \"interval\" or \"off\", got {fsync!r}")
@@ -412,6 +447,27 @@ def _durability(section: dict) -> DurabilityConfig:
         fsync=fsync,
         fsync_interval_seconds=_number(section, "fsync_interval_seconds", "durability.fsync_interval_seconds",
                                        0.001, 60),
+        checkpoints=_checkpoints(checkpoints),
+    )
+
+
+def _checkpoints(section: dict) -> CheckpointConfig:
+    kind = section["kind"]
+    if kind not in CHECKPOINT_KINDS:
+        raise ConfigError(f"durability.checkpoints.kind: expected one of {', '.join(CHECKPOINT_KINDS)}, got {kind!r}")
+    bits = section["quant_bits"]
+    if isinstance(bits, bool) or bits not in QUANT_BITS:
+        raise ConfigError(f"durability.checkpoints.quant_bits: expected one of "
+                          f"{', '.join(map(str, QUANT_BITS))}, got {bits!r}")
+    quantizer = section["quantizer"]
+    if quantizer not in QUANTIZERS:
+        raise ConfigError(f"durability.checkpoints.quantizer: expected one of {', '.join(QUANTIZERS)}, "
+                          f"got {quantizer!r}")
+    return CheckpointConfig(
+        interval_seconds=_number(section, "interval_seconds", "durability.checkpoints.interval_seconds", 0, 86400 * 7),
+        kind=kind, quant_bits=bits, quantizer=quantizer,
+        keep=_int(section, "keep", "durability.checkpoints.keep", 1, 1000),
+        auto_full_ratio=_number(section, "auto_full_ratio", "durability.checkpoints.auto_full_ratio", 0.01, 100),
     )
 
 
@@ -426,7 +482,9 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
     scm = _section(doc, "tiers.scm", {"capacity", "path", "read_align_bytes"})
     tiering = _section(doc, "tiering", {"enabled", "interval_seconds", "bandwidth", "hysteresis", "aging_intervals",
                                         "policy", "tables"})
-    durability = _section(doc, "durability", {"wal", "fsync", "fsync_interval_seconds"})
+    durability = _section(doc, "durability", {"wal", "fsync", "fsync_interval_seconds", "checkpoints"})
+    checkpoints = _section(doc, "durability.checkpoints", {"interval_seconds", "kind", "quant_bits", "quantizer",
+                                                           "keep", "auto_full_ratio"})
     kern = _section(doc, "kernels", {"kernel_threads", "prefetch_distance", "heat_sample_shift", "scm_queue_depth"})
     server = _section(doc, "server", {"listen", "metrics_listen", "max_message_bytes", "max_ids_per_request",
                                       "grace_seconds", "worker_threads", "listen_interface", "listen_port",
@@ -458,7 +516,7 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
             read_align_bytes=align,
         ),
         tiering=_tiering(tiering, {"dram": dram_config.capacity_bytes, "cxl": cxl_config.capacity_bytes}),
-        durability=_durability(durability),
+        durability=_durability(durability, checkpoints),
         kernels=KernelConfig(
             kernel_threads=_int(kern, "kernel_threads", "kernels.kernel_threads", 1, 256),
             prefetch_distance=_int(kern, "prefetch_distance", "kernels.prefetch_distance", 0, 256),

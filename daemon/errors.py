@@ -70,3 +70,14 @@ class ConfigError(EmbtierError):
     """A configuration value is missing, malformed or inconsistent."""
 
     status = "INVALID_ARGUMENT"
+
+
+class CorruptCheckpointError(EmbtierError):
+    """A checkpoint's manifest or data files fail their checks (or a checkpoint its chain needs is gone)."""
+
+    status = "DATA_LOSS"
+
+
+class InstallError(StorageError):
+    """Restored tables could not be placed after the old ones were dropped: the store matches no
+    durable state any more, and the daemon must restart from its checkpoints and log."""

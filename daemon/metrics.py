@@ -100,6 +100,11 @@ class Metrics:
                                             buckets=LATENCY_BUCKETS, registry=r)
         self.checkpoint_last = Gauge("embtier_checkpoint_last_success_timestamp_seconds",
                                      "When the last checkpoint was published (Unix time).", registry=r)
+        self.checkpoints = Counter("embtier_checkpoints", "Checkpoints published, by kind (FULL, INCREMENTAL, "
+                                   "DIFFERENTIAL) and quantization bits (0 = exact).", ["kind", "quant_bits"],
+                                   registry=r)
+        self.checkpoint_failures = Counter("embtier_checkpoint_failures", "Scheduled checkpoints that failed.",
+                                           registry=r)
         self.restore_seconds = Gauge("embtier_restore_duration_seconds",
                                      "Time the last start took to replay the write-ahead log.", registry=r)
         r.register(StoreCollector(store))
@@ -126,6 +131,10 @@ class Metrics:
         self.checkpoint_rows.inc(info.rows_written)
         self.checkpoint_seconds.observe(info.duration_seconds)
         self.checkpoint_last.set_to_current_time()
+        self.checkpoints.labels(info.kind, str(info.quant_bits)).inc()
+
+    def checkpoint_failed(self) -> None:
+        self.checkpoint_failures.inc()
 
     def restored(self, seconds: float) -> None:
         self.restore_seconds.set(seconds)

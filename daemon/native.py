@@ -74,6 +74,8 @@ class NativeTable:
                 f"table {name!r}: cannot build a table of num_rows={num_rows}, dim={dim}, dtype={dtype}")
         self._h = ffi.gc(handle, lib.et_table_free)
         self.tier_shift = int(lib.et_table_tier_shift(handle))  # placement entry = (tier << tier_shift) | slot
+        self._dirty = np.zeros((num_rows + 63) // 64, dtype=np.uint64)  # rows written (et_write_rows sets bits)
+        lib.et_table_set_dirty(handle, _wptr("uint64_t *", self._dirty))
 
     def set_chunk(self, tier: int, chunk: int, address: int) -> None:
         self._check(lib.et_table_set_chunk(self._h, tier, chunk, ffi.cast("void *", address)), None, "chunk")
@@ -96,6 +98,13 @@ class NativeTable:
             raise InvalidArgumentError(f"table {self.name!r}: injected CXL latency must be an integer number "
                                        f"of ns in [0, {lib.ET_CXL_DELAY_MAX_NS}], got {ns!r}")
         self._check(lib.et_table_set_cxl_delay(self._h, ns), None, "cxl delay")
+
+    def take_dirty(self) -> np.ndarray:
+        """The bitmap of rows written since the last call (uint64 words, row r = bit r % 64 of word
+        r // 64), cleared in the same step."""
+        out = np.empty_like(self._dirty)
+        self._check(lib.et_table_take_dirty(self._h, _wptr("uint64_t *", out)), None, "dirty")
+        return out
 
     def mark_dropped(self) -> None:
         lib.et_table_mark_dropped(self._h)
@@ -216,3 +225,77 @@ def force_isa(name: str) -> None:
 
 def scm_async() -> bool:
     return bool(lib.et_scm_async())
+
+
+# ---- checkpoint quantization
+
+QUANT_BITS = (2, 3, 4, 8)
+# The adaptive range moves its ends in by at most this fraction of (max - min) in total.
+QUANT_ADAPTIVE_MAX_SHRINK = lib.ET_QUANT_ADAPTIVE_MAX_SHRINK_BINS / lib.ET_QUANT_ADAPTIVE_BINS
+
+
+def quant_row_bytes(dim: int, bits: int) -> int:
+    """Bytes of one row of packed codes: ceil(dim * bits / 8)."""
+    if not isinstance(bits, int | np.integer) or isinstance(bits, bool) or bits not in QUANT_BITS:
+        raise InvalidArgumentError(f"quant_bits must be one of {', '.join(map(str, QUANT_BITS))}; got {bits}")
+    if dim < 1:
+        raise InvalidArgumentError(f"dim must be at least 1, got {dim}")
+    return int(lib.et_quant_row_bytes(dim, bits))
+
+
+def quantize(rows: np.ndarray, bits: int, adaptive: bool,
+             params_fp16: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """rows float32 [n, dim] -> (codes uint8 [n, row bytes], lo float32 [n], scale float32 [n]).
+
+    Value ~ lo + q * scale, q in [0, 2^bits - 1]. adaptive searches a narrower range than the row's
+    min-max when that lowers the row's squared error; params_fp16 rounds lo down and scale up to
+    values exact in float16 (for rows within +-60000)."""
+    require(rows, "rows", np.float32, 2)
+    n, dim = rows.shape
+    codes = np.empty((n, quant_row_bytes(dim, bits)), dtype=np.uint8)
+    lo, scale = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
+    err = ffi.new("int64_t *", -1)
+    method = lib.ET_QUANT_ADAPTIVE if adaptive else lib.ET_QUANT_MINMAX
+    rc = lib.et_quantize(_ptr("float *", rows), n, dim, bits, method, int(params_fp16),
+                         _wptr("uint8_t *", codes), _wptr("float *", lo), _wptr("float *", scale), err)
+    if rc == lib.ET_E_ARG and err[0] >= 0:
+        row = err[0]
+        if not np.isfinite(rows[row]).all():
+            raise InvalidArgumentError(f"rows[{row}] has a non-finite value")
+        raise InvalidArgumentError(f"rows[{row}]: quantization parameters overflow float16 "
+                                   f"(largest magnitude {float(np.abs(rows[row]).max())})")
+    _check_quant(rc, "quantize")
+    return codes, lo, scale
+
+
+def dequantize(codes: np.ndarray, lo: np.ndarray, scale: np.ndarray, dim: int, bits: int) -> np.ndarray:
+    """codes uint8 [n, row bytes], lo and scale float32 [n] -> rows float32 [n, dim] = lo + q * scale."""
+    row_bytes = quant_row_bytes(dim, bits)
+    require(codes, "codes", np.uint8, 2)
+    require(lo, "lo", np.float32, 1)
+    require(scale, "scale", np.float32, 1)
+    n = codes.shape[0]
+    if codes.shape[1] != row_bytes:
+        raise InvalidArgumentError(f"codes must have {row_bytes} bytes a row for dim={dim} and "
+                                   f"quant_bits={bits}, got shape {codes.shape}")
+    if lo.size != n or scale.size != n:
+        raise InvalidArgumentError(f"lo and scale must have one entry per row of codes ({n}), "
+                                   f"got {lo.size} and {scale.size}")
+    rows = np.empty((n, dim), dtype=np.float32)
+    err = ffi.new("int64_t *", -1)
+    rc = lib.et_dequantize(_ptr("uint8_t *", codes), _ptr("float *", lo), _ptr("float *", scale), n, dim,
+                           bits, _wptr("float *", rows), err)
+    if rc == lib.ET_E_ARG and err[0] >= 0:
+        row = err[0]
+        raise InvalidArgumentError(
+            f"row {row}: lo = {lo[row]}, scale = {scale[row]} are not quantization parameters "
+            f"(finite, scale >= 0, lo + {2**bits - 1} * scale within float32)")
+    _check_quant(rc, "dequantize")
+    return rows
+
+
+def _check_quant(rc: int, call: str) -> None:
+    if rc == lib.ET_E_NOMEM:
+        raise EmbtierError(f"out of memory in native {call}")
+    if rc != lib.ET_OK:
+        raise InvalidArgumentError(f"native {call} rejected its arguments (code {rc})")

@@ -92,7 +92,7 @@ class Daemon:
         self.draining = threading.Event()
         self.metrics = Metrics(self.store)
         self.tiering = TieringEngine(self.store, config.tiering, self.metrics)
-        self._checkpoint_lock = threading.Lock()
+        self.checkpoints: checkpoint.Checkpointer | None = None
         self.wal = self._recover() if config.durability.wal else None
         limit = config.server.max_message_bytes
         self.server = grpc.server(
@@ -100,8 +100,7 @@ class Daemon:
             interceptors=[MetricsInterceptor(self.metrics), DrainInterceptor(self.draining), ErrorInterceptor()],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
         servicer = EmbeddingStoreServicer(self.store, config.server, self.metrics, self.tiering)
-        if self.wal is not None:
-            servicer.checkpoints = self._checkpoint
+        servicer.checkpoints = self.checkpoints
         embtier_pb2_grpc.add_EmbeddingStoreServicer_to_server(servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -109,6 +108,9 @@ class Daemon:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
         self._stop = threading.Event()
+        self._exit_code = 0
+        if self.checkpoints is not None:
+            self.checkpoints.on_fatal = self._fatal
 
     def _recover(self) -> WriteAheadLog:
         """Opens the write-ahead log, replays it into the (empty) store, then logs from here on."""
@@ -116,8 +118,9 @@ class Daemon:
         wal = WriteAheadLog(self.config.state_dir / "wal", d.fsync, d.fsync_interval_seconds,
                             on_fsync=self.metrics.wal_fsync)
         start = time.perf_counter()
-        checkpoints = self.config.state_dir / "checkpoints"
-        covered = checkpoint.restore_newest(self.store, checkpoints)
+        self.checkpoints = checkpoint.Checkpointer(self.store, wal, self.config.state_dir / "checkpoints",
+                                                   d.checkpoints, self.metrics)
+        covered = self.checkpoints.recover()
         counts = replay(self.store, (record for record in wal.replay() if record.lsn > covered))
         seconds = time.perf_counter() - start
         self.metrics.restored(seconds)
@@ -127,14 +130,10 @@ class Daemon:
         self.store.journal = Journal(wal)
         self.metrics.watch_wal(wal)
         if wal.last_lsn < covered:  # a log younger than the checkpoint (its directory was replaced):
-            checkpoint.take(self.store, wal, checkpoints)  # renumber, or later records would be skipped
+            self.checkpoints.take("full", 0)  # renumber, or later records would be skipped
+        if self.config.tiering.enabled:  # the saved heat puts the hot rows back in the fast tiers now
+            self.tiering.settle()
         return wal
-
-    def _checkpoint(self) -> checkpoint.CheckpointInfo:
-        with self._checkpoint_lock:  # one at a time: ids and log truncation in order
-            info = checkpoint.take(self.store, self.wal, self.config.state_dir / "checkpoints")
-        self.metrics.checkpointed(info)
-        return info
 
     def _bind(self) -> None:
         for address in self.addresses:
@@ -178,6 +177,8 @@ class Daemon:
         self.server.start()
         self._start_metrics()
         self.tiering.start()
+        if self.checkpoints is not None:
+            self.checkpoints.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s", SERVICE_NAME, ", ".join(self.addresses))
@@ -185,9 +186,17 @@ class Daemon:
         self._watchdog()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self._stop.set())
-        self._stop.wait()
+        # Woken now and then: a signal that lands on another thread only sets Python's flag, and the
+        # handler runs once the main thread executes bytecode again.
+        while not self._stop.wait(0.5):
+            pass
         self.shutdown()
-        return 0
+        return self._exit_code
+
+    def _fatal(self) -> None:
+        """Stops serving with a failure status (the service manager restarts the daemon)."""
+        self._exit_code = 70  # EX_SOFTWARE
+        self._stop.set()
 
     def shutdown(self) -> None:
         log.info("shutting down: finishing calls in flight (grace %.1f s)", self.config.server.grace_seconds)
@@ -197,6 +206,8 @@ class Daemon:
         time.sleep(min(DRAIN_SECONDS, self.config.server.grace_seconds))
         self.server.stop(self.config.server.grace_seconds).wait()
         self.tiering.stop()
+        if self.checkpoints is not None:
+            self.checkpoints.stop()
         if self.wal is not None:
             self.wal.close()
         self.store.close()

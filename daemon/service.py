@@ -12,6 +12,7 @@ import numpy as np
 from embtier.v1 import embtier_pb2 as pb
 from embtier.v1 import embtier_pb2_grpc as pb_grpc
 
+from .checkpoint import CheckpointInfo, check_request
 from .config import ServerConfig
 from .errors import DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, RequestTooLargeError
 from .metrics import Metrics
@@ -77,13 +78,22 @@ def wire(values: np.ndarray, dt: np.dtype) -> bytes:
     return (values if values.dtype == dt else values.astype(dt)).tobytes()
 
 
+def checkpoint_info(info: CheckpointInfo) -> pb.CheckpointInfo:
+    return pb.CheckpointInfo(
+        id=info.id, parent_id=info.parent_id, kind=pb.CheckpointKind.Value(info.kind), rows_written=info.rows_written,
+        bytes_written=info.bytes_written, duration_seconds=info.duration_seconds, lsn=info.lsn, base_id=info.base_id,
+        quant_bits=info.quant_bits, quantizer=pb.MINMAX if info.quantizer == "minmax" else pb.ADAPTIVE,
+        created_unix_seconds=info.created_unix_seconds, tables=list(info.tables), exact_chain=info.exact_chain,
+        snapshot_seconds=info.snapshot_seconds)
+
+
 class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
     def __init__(self, store: Store, limits: ServerConfig, metrics: Metrics, tiering: TieringEngine):
         self.store = store
         self.max_ids = limits.max_ids_per_request
         self.metrics = metrics
         self.tiering = tiering
-        self.checkpoints = None  # the daemon sets a callable taking a checkpoint, when it has a log
+        self.checkpoints = None  # the daemon's checkpoint.Checkpointer, when it has a write-ahead log
         self.traces = TraceRecorder()
         self.max_trace_ids = (limits.max_message_bytes - 4096) // 8  # a recorded trace travels in one reply
 
@@ -160,21 +170,26 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             policy=self.store.table_policy(request.table).policy)
 
     def Checkpoint(self, request, context):
-        if request.tables:
-            raise InvalidArgumentError(f"tables = {list(request.tables)}: checkpoints cover every table so far; "
-                                       f"leave tables empty")
-        if request.kind != pb.FULL:
-            raise InvalidArgumentError(f"kind = {pb.CheckpointKind.Name(request.kind)}: only FULL checkpoints "
-                                       f"are supported so far")
-        if request.quant_bits:
-            raise InvalidArgumentError(f"quant_bits = {request.quant_bits}: only exact (0) checkpoints are "
-                                       f"supported so far")
+        kind = pb.CheckpointKind.Name(request.kind).lower()
+        quantizer = pb.Quantizer.Name(request.quantizer).lower()
+        check_request(kind, request.quant_bits, quantizer)
+        info = self._checkpointer().take(kind, request.quant_bits, quantizer, list(request.tables))
+        return checkpoint_info(info)
+
+    def ListCheckpoints(self, request, context):
+        return pb.ListCheckpointsResponse(checkpoints=[checkpoint_info(i) for i in self._checkpointer().list()])
+
+    def RestoreCheckpoint(self, request, context):
+        if request.id == 0:
+            raise InvalidArgumentError("id must name a checkpoint (see ListCheckpoints); got 0")
+        restored, saved = self._checkpointer().restore(request.id)
+        return pb.RestoreCheckpointResponse(restored=checkpoint_info(restored), saved=checkpoint_info(saved),
+                                            tables=list(restored.tables), duration_seconds=saved.duration_seconds)
+
+    def _checkpointer(self):
         if self.checkpoints is None:
             raise FailedPreconditionError("checkpoints need the write-ahead log (durability.wal = true)")
-        info = self.checkpoints()
-        return pb.CheckpointInfo(id=info.id, kind=pb.FULL, rows_written=info.rows_written,
-                                 bytes_written=info.bytes_written, duration_seconds=info.duration_seconds,
-                                 lsn=info.lsn)
+        return self.checkpoints
 
     def WriteRows(self, request, context):
         ids = id_array(request.ids, request.id_type)

@@ -25,7 +25,14 @@ import numpy as np
 
 from . import codec, native
 from .config import Config
-from .errors import AlreadyExistsError, InvalidArgumentError, NotFoundError, TierFullError
+from .errors import (
+    AlreadyExistsError,
+    EmbtierError,
+    InstallError,
+    InvalidArgumentError,
+    NotFoundError,
+    TierFullError,
+)
 from .native import NativeTable, require
 from .slots import SlotSpace
 from .tiering_config import MEMORY_TIERS, POLICY_NAMES, TIER_NAMES, TablePolicy
@@ -136,15 +143,7 @@ class Store:
         self._check_new_table(name, num_rows, dim, dtype, initializer, init_scale)
         policy = policy or self.config.tiering.table_policy(name)
         check_policy(policy)
-        stride = native.row_stride(dim, dtype)
-        shift = chunk_shift_for(stride, num_rows)
-        # Chunks a tier may give the table: twice what num_rows needs, because a chunk cut short by a
-        # full tier leaves its slot range partly unusable and later growth starts a new chunk.
-        max_chunks = min(2 * -(-num_rows >> shift), (1 << 30) >> shift)
-        table = Table(name, num_rows, dim, dtype, stride, shift,
-                      NativeTable(name, num_rows, dim, dtype, shift, max_chunks), policy=policy)
-        table.native.configure(self.config.kernels.prefetch_distance, self.config.kernels.heat_sample_shift)
-        table.native.set_cxl_delay(self.tiers.cxl.injected_latency_ns)
+        table = self._new_table(name, num_rows, dim, dtype, policy)
         with self._lock:
             if name in self._tables or name in self._creating:
                 raise AlreadyExistsError(f"table {name!r} already exists")
@@ -169,6 +168,56 @@ class Store:
         log.info("created table %s: %d x %d %s, rows per tier %s", name, num_rows, dim, dtype,
                  dict(zip(("dram", "cxl", "scm"), table.rows_by_tier)))
         return self._info(table)
+
+    def _new_table(self, name: str, num_rows: int, dim: int, dtype: str, policy: TablePolicy) -> Table:
+        """A table with no homes yet (see _place)."""
+        stride = native.row_stride(dim, dtype)
+        shift = chunk_shift_for(stride, num_rows)
+        # Chunks a tier may give the table: twice what num_rows needs, because a chunk cut short by a
+        # full tier leaves its slot range partly unusable and later growth starts a new chunk.
+        max_chunks = min(2 * -(-num_rows >> shift), (1 << 30) >> shift)
+        table = Table(name, num_rows, dim, dtype, stride, shift,
+                      NativeTable(name, num_rows, dim, dtype, shift, max_chunks), policy=policy)
+        table.native.configure(self.config.kernels.prefetch_distance, self.config.kernels.heat_sample_shift)
+        table.native.set_cxl_delay(self.tiers.cxl.injected_latency_ns)
+        return table
+
+    def install(self, tables, hold: contextlib.ExitStack | None = None) -> list[str]:
+        """Replaces every table by the given ones, each (spec as from spec(), batches of (ids,
+        encoded rows) that together write every row, heat [num_rows]); returns their names.  Call
+        inside frozen(); with hold, each new table's write lock is taken before it is published and
+        released when hold closes (so that writes wait until the caller is done).  Nothing is
+        logged (a restore publishes a full checkpoint in the same step).  TierFullError before
+        anything changes when the tiers cannot hold them; InstallError if placing them still fails
+        once the old tables are gone (then the store matches no durable state: the caller must
+        stop serving)."""
+        for spec, _, _ in tables:
+            check_policy(TablePolicy.from_dict(spec))
+        need = sum(spec["num_rows"] * native.row_stride(spec["dim"], spec["dtype"]) for spec, _, _ in tables)
+        capacity = sum(tier.capacity_bytes for tier in self.tiers)
+        if need > capacity:
+            raise TierFullError(f"the restored tables need {need} bytes; the tiers hold {capacity}")
+        for table in self._tables.values():
+            table.native.mark_dropped()
+            self._release(table)
+        self._tables.clear()
+        try:
+            for spec, batches, heat in tables:
+                table = self._new_table(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"],
+                                        TablePolicy.from_dict(spec))
+                self._place(table)
+                for ids, rows in batches:
+                    self._write_encoded(table, ids, rows)
+                table.native.heat[:] = heat
+                table.native.take_dirty()
+                table.serial = next(self._serials)
+                if hold is not None:
+                    hold.enter_context(table.write_lock)
+                self._tables[table.name] = table
+        except EmbtierError as e:
+            raise InstallError(f"restoring the tables failed after the old ones were dropped: {e}") from e
+        log.info("installed %d restored table(s): %s", len(tables), ", ".join(self._tables))
+        return sorted(self._tables)
 
     def drop_table(self, name: str) -> None:
         with self._lock:
@@ -429,16 +478,27 @@ class Store:
         return {"name": name, "num_rows": table.num_rows, "dim": table.dim, "dtype": table.dtype,
                 **table.policy.to_dict()}
 
-    def load_encoded(self, name: str, rows: np.ndarray, batch_rows: int = 1 << 16) -> None:
-        """Stores rows exactly as encoded ([num_rows, stride] uint8, e.g. from read_encoded)."""
+    def load_encoded(self, name: str, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Stores rows exactly as encoded ([len(ids), stride] uint8, e.g. from read_encoded) at ids,
+        without logging them (a checkpoint being restored)."""
         table = self._get(name)
-        if rows.shape != (table.num_rows, table.stride):
+        ids = require(ids, "ids", np.int64, 1)
+        if rows.shape != (ids.size, table.stride):
             raise InvalidArgumentError(f"rows of table {name!r} have shape {rows.shape}; expected "
-                                       f"({table.num_rows}, {table.stride})")
+                                       f"({ids.size}, {table.stride})")
+        self._check_ids(table, ids)
         with table.write_lock:
-            for first in range(0, table.num_rows, batch_rows):
-                ids = np.arange(first, min(first + batch_rows, table.num_rows), dtype=np.int64)
-                table.native.write_rows(ids, np.ascontiguousarray(rows[first:first + ids.size]))
+            self._write_encoded(table, ids, rows)
+
+    def take_dirty(self, name: str) -> np.ndarray:
+        """The table's rows written since the last call, as a bitmap (see NativeTable.take_dirty)."""
+        return self._get(name).native.take_dirty()
+
+    @staticmethod
+    def _write_encoded(table: Table, ids: np.ndarray, rows: np.ndarray, batch_rows: int = 1 << 16) -> None:
+        for first in range(0, ids.size, batch_rows):
+            table.native.write_rows(np.ascontiguousarray(ids[first:first + batch_rows]),
+                                    np.ascontiguousarray(rows[first:first + batch_rows]))
 
     def heat(self, name: str, writable: bool = False) -> np.ndarray:
         """The table's live access counters (a read-only view unless writable: the tiering policy ages them)."""

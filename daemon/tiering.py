@@ -33,6 +33,7 @@ one of the table's rows leaves SCM (Store._move).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -81,16 +82,29 @@ class TieringEngine:
         with self._lock:
             return self._interval()
 
-    def _interval(self) -> dict[tuple[str, str], int]:
+    def settle(self) -> dict[tuple[str, str], int]:
+        """One interval without the bandwidth budget or deadline (at start, before serving: rows
+        follow the heat a checkpoint brought back at once)."""
+        with self._lock:
+            start = time.perf_counter()
+            moved = self._interval(unlimited=True)
+        if moved:
+            log.info("tiering: placed rows by their restored heat in %.2f s: %s", time.perf_counter() - start,
+                     ", ".join(f"{src}->{dst} {n}" for (src, dst), n in moved.items()))
+        return moved
+
+    def _interval(self, unlimited: bool = False) -> dict[tuple[str, str], int]:
         moved: dict[tuple[str, str], int] = {}
         start = time.perf_counter()
-        budget_bytes = int(self.config.bandwidth_bytes_per_second * self.config.interval_seconds)
+        budget_bytes = UNLIMITED if unlimited else int(self.config.bandwidth_bytes_per_second *
+                                                        self.config.interval_seconds)
         tables = [info.name for info in self.store.tables()]
         self._state = {name: s for name, s in self._state.items() if name in tables}
         if tables:
             first = self.intervals % len(tables)
             tables = tables[first:] + tables[:first]
-        deadline = time.monotonic() + self.config.interval_seconds  # moves past it wait for the next interval
+        # moves past the deadline wait for the next interval
+        deadline = math.inf if unlimited else time.monotonic() + self.config.interval_seconds
         for name in tables:
             try:
                 stride = self.store.geometry(name)[2]

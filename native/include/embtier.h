@@ -87,6 +87,15 @@ void et_table_set_prefetch(et_table *t, int32_t distance);
 #define ET_CXL_DELAY_MAX_NS 1000000
 int et_table_set_cxl_delay(et_table *t, uint32_t ns);
 
+/* Dirty tracking for incremental checkpoints: bits[(num_rows + 63) / 64]
+ * (caller-owned; row r is bit r % 64 of word r / 64) gets the bit of every
+ * row that et_write_rows stores; NULL turns tracking off.  Moves between
+ * tiers (et_write_slots) change no value and set nothing. */
+int et_table_set_dirty(et_table *t, uint64_t *bits);
+/* Copies the dirty bits into out[(num_rows + 63) / 64] and clears them, as
+ * one step with respect to writes (no write falls between copy and clear). */
+int et_table_take_dirty(et_table *t, uint64_t *out);
+
 /* ---- kernels ------------------------------------------------------------ */
 /* out[n][dim] float32 = rows of ids.  tier_rows (NULL, or [ET_NUM_TIERS]) receives
  * how many of the rows were served from each tier. */
@@ -121,3 +130,40 @@ int et_force_isa(int32_t isa);
 int32_t et_scm_async(void);
 /* Queue depth of batched SCM reads. */
 int et_set_scm_queue_depth(int32_t depth);
+
+/* ---- checkpoint quantization ---- */
+/* Row-wise asymmetric quantization of checkpoint rows: a row keeps lo and
+ * scale, a value a code q in [0, L], L = 2^bits - 1, standing for
+ * lo + q * scale, with q = (x - lo) / scale rounded to nearest and clipped
+ * (q = 0 when scale = 0).  A row's codes are packed LSB-first into a
+ * little-endian bit stream; every row starts on a byte boundary.
+ * ET_QUANT_MINMAX covers the row's [min, max].  ET_QUANT_ADAPTIVE starts
+ * from it and moves lo up or hi down by (max - min) / ET_QUANT_ADAPTIVE_BINS
+ * at a time, whichever move gives the lower squared error (values outside
+ * clip to the ends), ET_QUANT_ADAPTIVE_MAX_SHRINK_BINS moves at most, and
+ * keeps the best range seen, so it is never worse than min-max.
+ * Bounds for a value x and its reconstruction x' (plus a few float ulps):
+ *   min-max   |x - x'| <= scale / 2
+ *   adaptive  |x - x'| <= scale / 2 + (max - min) * MAX_SHRINK_BINS / BINS */
+#define ET_QUANT_MINMAX 0
+#define ET_QUANT_ADAPTIVE 1
+#define ET_QUANT_ADAPTIVE_BINS 64
+#define ET_QUANT_ADAPTIVE_MAX_SHRINK_BINS 10 /* the range shrinks by at most 10/64 = 15.6 % of max - min */
+/* Bytes of one packed row, ceil(dim * bits / 8); ET_E_ARG for dim <= 0 or bits outside [2, 8]. */
+int64_t et_quant_row_bytes(int32_t dim, int32_t bits);
+/* rows[n][dim] float32 -> codes[n][et_quant_row_bytes], lo[n], scale[n]; bits
+ * 2 to 8 (checkpoints use 2, 3, 4 and 8).  lo is rounded down and scale up,
+ * to float, or with params_fp16 != 0 to values exact in IEEE half
+ * precision, so lo + L * scale still covers the range chosen; the codes use
+ * the rounded values.  A constant row gets scale 0 when lo is exactly its
+ * value, else the smallest scale that covers it.  A non-finite value, or a
+ * half-precision parameter that would be infinite: ET_E_ARG, *err_pos = the
+ * row (outputs then unspecified).  Rows are split across the kernel threads. */
+int et_quantize(const float *rows, int64_t n, int32_t dim, int32_t bits, int32_t method, int32_t params_fp16,
+                uint8_t *codes, float *lo, float *scale, int64_t *err_pos);
+/* codes, lo, scale -> rows[n][dim] float32 = lo + q * scale (in double, then
+ * rounded to float).  A row whose lo or scale is not finite, whose scale is
+ * negative or whose lo + L * scale exceeds the float range: ET_E_ARG,
+ * *err_pos = the row. */
+int et_dequantize(const uint8_t *codes, const float *lo, const float *scale, int64_t n, int32_t dim,
+                  int32_t bits, float *rows, int64_t *err_pos);

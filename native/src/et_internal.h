@@ -25,6 +25,7 @@ struct et_table {
     int64_t max_chunks;    /* per tier */
     uint32_t *loc;         /* caller-owned placement map, num_rows entries */
     uint8_t *heat;         /* caller-owned access counters, num_rows entries */
+    uint64_t *dirty;       /* caller-owned bitmap of rows written since it was last taken, or NULL */
     uint8_t **mem_base;    /* [ET_NUM_TIERS << (tier_shift - chunk_shift)], indexed by entry >> chunk_shift:
                               chunk bases of DRAM, then CXL; NULL for SCM and unallocated chunks */
     uint64_t *scm_off;     /* [max_chunks]: file offset of each SCM chunk, UINT64_MAX if none */

@@ -542,6 +542,8 @@ int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *row
                 memcpy(et_loc_row(t, l), rows + (uint64_t)p * t->stride,
                        (size_t)t->stride);
         }
+    if (rc == ET_OK && t->dirty)
+        for (int64_t p = 0; p < n; p++) t->dirty[ids[p] >> 6] |= (uint64_t)1 << (ids[p] & 63);
     pthread_rwlock_unlock(&t->lock);
     return rc;
 }

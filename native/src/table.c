@@ -4,6 +4,7 @@
 #include "et_internal.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 int32_t et_row_stride(int32_t dim, int32_t dtype) {
     switch (dtype) {
@@ -119,4 +120,24 @@ int et_table_set_cxl_delay(et_table *t, uint32_t ns) {
     t->cxl_delay_ns = ns;
     pthread_rwlock_unlock(&t->lock);
     return ET_OK;
+}
+
+int et_table_set_dirty(et_table *t, uint64_t *bits) {
+    pthread_rwlock_wrlock(&t->lock);
+    t->dirty = bits;
+    pthread_rwlock_unlock(&t->lock);
+    return ET_OK;
+}
+
+int et_table_take_dirty(et_table *t, uint64_t *out) {
+    if (!out) return ET_E_ARG;
+    size_t bytes = (size_t)((t->num_rows + 63) / 64) * sizeof *out;
+    pthread_rwlock_wrlock(&t->lock);
+    int rc = t->dirty ? ET_OK : ET_E_ARG;
+    if (rc == ET_OK) {
+        memcpy(out, t->dirty, bytes);
+        memset(t->dirty, 0, bytes);
+    }
+    pthread_rwlock_unlock(&t->lock);
+    return rc;
 }

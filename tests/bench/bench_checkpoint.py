@@ -1,16 +1,38 @@
-"""Benchmark of durability.  So far: the write-ahead log's throughput at
-fsync "always" with 1 and 8 concurrent writers (group commit), through the
-in-process store with its journal attached, as in the daemon.  (Checkpoint
-write and capacity reductions and restore error will join it with the
-checkpoints.)
+"""Benchmark of durability: checkpoint write and capacity reductions and the
+error of quantized restores (Check-N-Run's figures), and the write-ahead
+log's throughput at fsync "always" with 1 and 8 writers (group commit).
 
-Each writer sends WriteRows of BATCH_ROWS rows of a 2M x 64 float32 table
-(Zipf(1.05) row ids), waiting for each acknowledgement (the log fsynced)
-before the next, for SECONDS; 1 and 8 writers alternate rep by rep and the
-ratio is the median of per-rep ratios.  Also "interval" and "off" with one
-writer, for the cost of the fsync itself.
+Checkpoints.  A training-like update trace on a 2M x 64 float32 table
+(rows ~ N(0, 0.1)): INTERVALS intervals, each adding N(0, 0.01) steps to a
+set of rows drawn Zipf(1.05) until 1 % (one run) or 10 % (another) of the
+rows are touched.  For each policy (full every interval; incremental =
+changes since the last checkpoint; differential = since the last full;
+auto = Check-N-Run's intermittent differential) and quant_bits (0 = exact,
+8, 4, 3, 2; adaptive quantizer) the real Checkpointer runs on a real store
+after an initial checkpoint and after each interval.  Printed:
+  write: a full float32 checkpoint's bytes / the mean bytes written per
+         interval (the initial checkpoint, the same for every policy, left out);
+  capacity: one full float32 checkpoint / the bytes of the newest
+         checkpoint's chain (what restoring the newest state needs), the
+         mean over the intervals and the worst interval;
+  error: mean over rows of |restored - true| / |true| (L2 per row) of the
+         newest state rebuilt from its chain.
+"full" is measured once per bit width (every full checkpoint of the table
+is the same size).  The restored error does not depend on the policy (a
+row's newest copy in any chain was taken after its last change, so it is
+quantize(final value)); the table prints it per policy anyway, and the
+plain (min/max) vs adaptive comparison once per bit width.  Checkpoints go
+to a tmpfs directory (/dev/shm) when there is one: what is measured is
+bytes, not the disk.
 
-Run from the repository root:  .venv/bin/python -m tests.bench.bench_checkpoint [--quick]
+Write-ahead log.  Each writer sends WriteRows of BATCH_ROWS rows of a 2M x
+64 float32 table (Zipf(1.05) row ids), waiting for each acknowledgement
+(the log fsynced) before the next, for SECONDS; 1 and 8 writers alternate
+rep by rep and the ratio is the median of per-rep ratios.  Also "interval"
+and "off" with one writer, for the cost of the fsync itself.
+
+Run from the repository root:
+  .venv/bin/python -m tests.bench.bench_checkpoint [--quick] [--only checkpoints|wal]
 """
 
 from __future__ import annotations
@@ -24,7 +46,9 @@ from pathlib import Path
 
 import numpy as np
 from embtier.loadgen import ZipfIds
-from embtierd import config
+from embtierd import codec, config
+from embtierd.checkpoint import Checkpointer
+from embtierd.config import CheckpointConfig
 from embtierd.journal import Journal
 from embtierd.store import Store
 from embtierd.wal import WriteAheadLog
@@ -70,12 +94,141 @@ def writes_per_second(store: Store, writers: int, seconds: float, seed: int) -> 
     return sum(done) / (time.perf_counter() - start)
 
 
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+POLICIES = ("full", "incremental", "differential", "auto")
+BITS = (0, 8, 4, 3, 2)
+INTERVALS = 10
+
+
+def touched_rows(rows: int, fraction: float, interval: int, zipf: ZipfIds) -> np.ndarray:
+    """The distinct rows one interval updates: Zipf draws until fraction of the rows are hit."""
+    rng = np.random.default_rng([7, interval, int(fraction * 1000)])
+    want = int(rows * fraction)
+    seen = np.zeros(rows, dtype=bool)
+    order = []
+    while seen.sum() < want:
+        ids = zipf.draw(rng, 1 << 20)
+        fresh = ids[~seen[ids]]
+        fresh = fresh[np.sort(np.unique(fresh, return_index=True)[1])]
+        seen[fresh] = True
+        order.append(fresh)
+    return np.sort(np.concatenate(order)[:want])
+
+
+class Trace:
+    """The update trace, the same for every run: the initial rows and each interval's touched rows
+    (their steps are drawn from a seed per interval when applied)."""
+
+    def __init__(self, rows: int, fraction: float):
+        self.rows, self.fraction = rows, fraction
+        zipf = ZipfIds(rows, 1.05, seed=1)
+        self.touched = [touched_rows(rows, fraction, i, zipf) for i in range(INTERVALS)]
+
+    def initial(self, store: Store) -> None:
+        for first in range(0, self.rows, 1 << 18):
+            ids = np.arange(first, min(first + (1 << 18), self.rows))
+            values = np.random.default_rng([3, first]).normal(0, 0.1, (ids.size, DIM)).astype(np.float32)
+            store.write_rows("t", ids, values)
+
+    def step(self, store: Store, interval: int) -> None:
+        ids = self.touched[interval]
+        steps = np.random.default_rng([5, interval]).normal(0, 0.01, (ids.size, DIM)).astype(np.float32)
+        store.write_rows("t", ids, steps, mode="add")
+
+
+def checkpoint_store(state: Path, rows: int) -> tuple[Store, WriteAheadLog]:
+    store = Store(config.load(overrides={
+        "state_dir": str(state),
+        "tiers": {"dram": {"capacity": f"{rows * DIM * 4 // 2**20 + 64}M"}, "cxl": {"capacity": 0},
+                  "scm": {"capacity": "16M"}},
+        "tiering": {"enabled": False}}))
+    store.create_table("t", rows, DIM)
+    return store, WriteAheadLog(state / "wal", "off")
+
+
+def relative_error(store: Store, rows: dict[str, np.ndarray]) -> float:
+    truth = store.lookup("t", np.arange(store.spec("t")["num_rows"]))
+    got = codec.decode(rows["t"], "float32", DIM)
+    return float(np.mean(np.linalg.norm(got - truth, axis=1) / np.linalg.norm(truth, axis=1)))
+
+
+def run_policy(trace: Trace, state: Path, policy: str, bits: int, quantizer: str) -> dict:
+    """Bytes written per interval, bytes of the newest chain, and the restored error of one run."""
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True)
+    store, wal = checkpoint_store(state, trace.rows)
+    trace.initial(store)
+    ck = Checkpointer(store, wal, state / "checkpoints",
+                      CheckpointConfig(interval_seconds=0, keep=INTERVALS + 2, quant_bits=bits, quantizer=quantizer))
+    ck.take("full" if policy == "full" else policy)
+    written, chains, kinds, seconds = [], [], [], []
+    for interval in range(INTERVALS if policy != "full" else 1):
+        trace.step(store, interval)
+        info = ck.take(policy)
+        written.append(info.bytes_written)
+        chains.append(chain_bytes(ck, info.id))
+        kinds.append(info.kind[0])
+        seconds.append(info.duration_seconds)
+    error = relative_error(store, ck.materialize(info.id))
+    wal.close()
+    store.close()
+    shutil.rmtree(state, ignore_errors=True)
+    return {"written": float(np.mean(written)), "chain": float(np.mean(chains)), "worst": max(chains),
+            "error": error, "kinds": "".join(kinds), "seconds": float(np.mean(seconds))}
+
+
+def chain_bytes(ck: Checkpointer, newest: int) -> int:
+    """Bytes of the checkpoints a restore of newest reads."""
+    infos = {i.id: i for i in ck.list()}
+    total, node = 0, newest
+    while node:
+        total += infos[node].bytes_written
+        node = infos[node].parent_id
+    return total
+
+
+def bench_checkpoints(root: Path, rows: int) -> None:
+    full32 = rows * DIM * 4
+    print(f"checkpoints: {rows} x {DIM} float32 table ({full32 / 2**20:.0f} MiB), {INTERVALS} intervals of "
+          f"Zipf(1.05) updates; reductions against a full float32 checkpoint ({full32 / 2**20:.0f} MiB)")
+    for fraction in (0.01, 0.10):
+        trace = Trace(rows, fraction)
+        print(f"\n  {fraction:.0%} of the rows touched per interval")
+        print(f"  {'policy':<13}{'bits':>5}{'write':>9}{'capacity':>10}{'(worst)':>9}{'error':>10}   "
+              f"{'s/ckpt':>7}  kinds (F full, I incremental, D differential)")
+        for policy in POLICIES:
+            for bits in BITS:
+                r = run_policy(trace, root / "run", policy, bits, "adaptive")
+                print(f"  {policy:<13}{bits or 'exact':>5}{full32 / r['written']:8.1f}x{full32 / r['chain']:9.2f}x"
+                      f"{full32 / r['worst']:8.2f}x{r['error']:10.5f}   {r['seconds']:7.2f}  {r['kinds']}", flush=True)
+        if fraction == 0.10:
+            print("\n  restored error, plain (min/max) vs adaptive asymmetric (incremental chain, 10 % run):")
+            for bits in BITS[1:]:
+                plain = run_policy(trace, root / "run", "incremental", bits, "minmax")["error"]
+                adaptive = run_policy(trace, root / "run", "incremental", bits, "adaptive")["error"]
+                print(f"    {bits} bits: minmax {plain:.5f}  adaptive {adaptive:.5f}  ({adaptive / plain:.2f}x)",
+                      flush=True)
+    print("\n  targets at 10 %: write >= 17x at 8 bits with error <= 0.01; capacity >= 2.5x at 8 bits, >= 5x at 4;"
+          " adaptive error below plain at 4 and 2 bits")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a 256K-row table and shorter log runs")
+    parser.add_argument("--only", choices=["checkpoints", "wal"])
     parser.add_argument("--dir", default=str(Path(__file__).resolve().parents[2] / ".state" / "bench"))
     args = parser.parse_args()
     reps, seconds = (3, 1.0) if args.quick else (10, 3.0)
+    if args.only != "wal":
+        shm = Path("/dev/shm")
+        root = Path(tempfile.mkdtemp(prefix="embtier-bench-ckpt-", dir=shm if shm.is_dir() else args.dir))
+        try:
+            bench_checkpoints(root, (256 << 10) if args.quick else ROWS)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    if args.only == "checkpoints":
+        return 0
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="embtier-bench-checkpoint-", dir=args.dir))
     try:

@@ -116,12 +116,19 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
     assert d.stop() == 0, d.log()
 
 
+# Every kind of checkpoint, so that chains (full -> differential / incremental ...) are cut off at
+# random points too; the quantized one must never be what a restart recovers from.
+CHECKPOINT_CYCLE = [("auto", 0), ("incremental", 0), ("incremental", 0), ("differential", 0), ("incremental", 8),
+                    ("full", 0), ("incremental", 0)]
+
+
 def _checkpoints(target: str, taken: list) -> None:
     """Checkpoints one after another until the daemon dies."""
     with Client(target, timeout=10) as c:
         while True:
+            kind, bits = CHECKPOINT_CYCLE[len(taken) % len(CHECKPOINT_CYCLE)]
             try:
-                c.checkpoint()
+                c.checkpoint(kind, bits)
             except EmbtierClientError:
                 return
             taken.append(1)
@@ -187,21 +194,27 @@ def test_checkpoint_then_sigkill_restores_everything_and_shortens_the_log(tmp_pa
             c.write_rows("w", ids, rng.standard_normal((500, 16), dtype=np.float32))
         log_bytes = sum(p.stat().st_size for p in (state / "wal").glob("wal-*.log"))
         info = c.checkpoint()
-        assert info["rows_written"] == 20_000 and info["id"] == 1
+        assert info.rows_written == 20_000 and info.id == 1
         c.write_rows("w", np.arange(100), np.full((100, 16), 5, dtype=np.float32))  # after the checkpoint
         expected = c.lookup("w", np.arange(20_000)).copy()
-        for kind, field in [({"kind": 1}, "kind = INCREMENTAL"), ({"quant_bits": 4}, "quant_bits = 4"),
-                            ({"tables": ["w"]}, "tables = ['w']")]:
+        bad = [("Checkpoint", pb.CheckpointRequest(quant_bits=5), grpc.StatusCode.INVALID_ARGUMENT,
+                "quant_bits must be one of 0, 2, 3, 4, 8; got 5"),
+               ("Checkpoint", pb.CheckpointRequest(tables=["nope"]), grpc.StatusCode.NOT_FOUND, "table 'nope'"),
+               ("RestoreCheckpoint", pb.RestoreCheckpointRequest(id=0), grpc.StatusCode.INVALID_ARGUMENT, "got 0"),
+               ("RestoreCheckpoint", pb.RestoreCheckpointRequest(id=99), grpc.StatusCode.NOT_FOUND,
+                "checkpoint 99 does not exist")]
+        for method, request, code, message in bad:
             with pytest.raises(EmbtierClientError) as err:
-                c._call("Checkpoint", pb.CheckpointRequest(**kind), idempotent=False)
-            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.message
+                c._call(method, request, idempotent=False)
+            assert err.value.code == code and message in err.value.message, err.value.message
     cli = subprocess.run([sys.executable, "-m", "embtier.cli", "--target", d.target, "checkpoint"], check=False,
                          capture_output=True, text=True, timeout=60)
-    assert cli.returncode == 0 and cli.stdout.startswith("checkpoint 2: 20000 rows"), cli.stderr
+    assert cli.returncode == 0 and "     2 full " in cli.stdout and " 20000 " in cli.stdout, cli.stdout + cli.stderr
     metrics = {s.name: s.value for f in text_string_to_metric_families(
         urllib.request.urlopen(f"http://{d.metrics}/metrics", timeout=10).read().decode()) for s in f.samples}
     assert metrics["embtier_checkpoint_rows_total"] == 40_000
-    assert metrics["embtier_checkpoint_bytes_total"] == 2 * 20_000 * 16 * 4
+    on_disk = sum(p.stat().st_size for p in (state / "checkpoints").glob("ckpt-*/*"))
+    assert metrics["embtier_checkpoint_bytes_total"] == on_disk > 2 * 20_000 * 16 * 4
     assert metrics["embtier_checkpoint_duration_seconds_count"] == 2
     assert abs(metrics["embtier_checkpoint_last_success_timestamp_seconds"] - time.time()) < 60
     assert metrics["embtier_wal_bytes_total"] > 0 and metrics["embtier_wal_fsync_duration_seconds_count"] > 0

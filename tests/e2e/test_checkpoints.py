@@ -1,0 +1,84 @@
+"""Checkpoints through a real daemon: the kinds and quantization over gRPC and the CLI, listing,
+restoring on request (and that surviving SIGKILL), and a restarted daemon bringing its hot rows
+back into DRAM from the heat saved with the checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+from embtier import Client
+
+from .conftest import start_daemon
+
+TIERING = "[tiering]\nenabled = true\ninterval_seconds = 0.2\n"
+
+
+def cli(target: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "embtier.cli", "--target", target, *args], check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_kinds_listing_and_restore_through_the_cli_survive_sigkill(tmp_path):
+    state = tmp_path / "s"
+    d = start_daemon(state)
+    rng = np.random.default_rng(1)
+    with Client(d.target) as c:
+        c.create_table("e", 5000, 32, initializer="uniform", seed=2)
+        full = c.checkpoint("full")
+        ids = rng.choice(5000, 400, replace=False)
+        c.write_rows("e", ids, rng.standard_normal((400, 32), dtype=np.float32))
+        truth = c.lookup("e", np.arange(5000)).copy()
+    out = cli(d.target, "checkpoint", "--kind", "incremental", "--bits", "4", "--quantizer", "minmax")
+    assert f"incremental on {full.id}" in out and "4-bit minmax" in out and " 400 " in out, out
+    listing = cli(d.target, "checkpoints")
+    assert "recovers from it" in listing and "lossy: restore only" in listing, listing
+    with Client(d.target) as c:
+        quantized = c.checkpoints()[-1]
+        assert (quantized.kind, quantized.parent_id, quantized.quant_bits, quantized.rows_written) == \
+               ("incremental", full.id, 4, 400)
+        c.write_rows("e", np.arange(10), np.zeros((10, 32), dtype=np.float32))  # undone by the restore
+        c.create_table("later", 100, 4)                                         # dropped by the restore
+    out = cli(d.target, "restore", str(quantized.id))
+    assert f"restored checkpoint {quantized.id}" in out, out
+    with Client(d.target) as c:
+        assert [t.name for t in c.tables()] == ["e"]
+        got = c.lookup("e", np.arange(5000))
+        step = (truth.max(axis=1) - truth.min(axis=1)) / 15
+        assert (np.abs(got - truth).max(axis=1) <= step / 2 * (1 + 2 ** -9) + 1e-6).all()
+        c.write_rows("e", np.arange(3), np.full((3, 32), 9, dtype=np.float32))  # acknowledged after the restore
+        expected = c.lookup("e", np.arange(5000)).copy()
+    d.proc.kill()
+    d.proc.wait(timeout=30)
+    d = start_daemon(state)
+    with Client(d.target) as c:
+        assert [t.name for t in c.tables()] == ["e"]
+        np.testing.assert_array_equal(c.lookup("e", np.arange(5000)), expected)
+    assert d.stop() == 0, d.log()
+
+
+def test_a_restarted_daemon_brings_its_hot_rows_back_into_dram(tmp_path):
+    state = tmp_path / "s"
+    config = tmp_path / "tiering.toml"
+    config.write_text(TIERING)
+    d = start_daemon(state, config=config)  # DRAM 2 MiB holds 32768 rows of 64 bytes
+    hot = np.arange(90_000, 95_000)         # placed on SCM at creation (rows fill DRAM, CXL, SCM in id order)
+    with Client(d.target) as c:
+        c.create_table("t", 100_000, 16, initializer="uniform", seed=3)
+        for _ in range(60):
+            c.lookup("t", hot)
+        _, before = c.heat("t")
+        assert sum(before["dram"][1:]) >= hot.size and sum(before["scm"][1:]) == 0, before
+        c.checkpoint("full")
+    d.proc.kill()
+    d.proc.wait(timeout=30)
+    d = start_daemon(state, config=config)
+    with Client(d.target) as c:
+        _, after = c.heat("t")
+    # the heat came back with the rows, and the rows went straight back to DRAM before serving
+    assert sum(after["dram"][1:]) >= hot.size and sum(after["scm"][1:]) == 0, after
+    assert "placed rows by their restored heat" in d.log()
+    assert d.stop() == 0, d.log()
