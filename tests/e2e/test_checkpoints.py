@@ -7,8 +7,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import grpc
 import numpy as np
-from embtier import Client
+import pytest
+from embtier import Client, EmbtierClientError
 
 from .conftest import start_daemon
 
@@ -81,4 +83,31 @@ def test_a_restarted_daemon_brings_its_hot_rows_back_into_dram(tmp_path):
     # the heat came back with the rows, and the rows went straight back to DRAM before serving
     assert sum(after["dram"][1:]) >= hot.size and sum(after["scm"][1:]) == 0, after
     assert "placed rows by their restored heat" in d.log()
+    assert d.stop() == 0, d.log()
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_reported_and_the_one_before_used(tmp_path):
+    state = tmp_path / "s"
+    d = start_daemon(state)
+    with Client(d.target) as c:
+        c.create_table("e", 3000, 16, initializer="uniform", seed=4)
+        c.checkpoint("full")
+        c.write_rows("e", np.arange(50), np.full((50, 16), 2, dtype=np.float32))
+        damaged = c.checkpoint("incremental")
+        c.write_rows("e", np.arange(40, 60), np.full((20, 16), 3, dtype=np.float32))
+        expected = c.lookup("e", np.arange(3000)).copy()
+    d.proc.kill()
+    d.proc.wait(timeout=30)
+    data = state / "checkpoints" / f"ckpt-{damaged.id:08d}" / "table-0000.dat"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 3] ^= 0x01
+    data.write_bytes(bytes(raw))
+    d = start_daemon(state)
+    assert f"checkpoint {damaged.id}: table-0000.dat (table 'e') fails its checksum" in d.log()
+    with Client(d.target) as c:
+        np.testing.assert_array_equal(c.lookup("e", np.arange(3000)), expected)  # the full one + the log
+        with pytest.raises(EmbtierClientError) as err:
+            c.restore(damaged.id)
+        assert err.value.code == grpc.StatusCode.DATA_LOSS and "fails its checksum" in err.value.message
+        np.testing.assert_array_equal(c.lookup("e", np.arange(3000)), expected)  # nothing changed
     assert d.stop() == 0, d.log()
