@@ -3,7 +3,7 @@ configuration (with small DRAM and CXL tiers, so that the demo tables do not
 fit in memory), demo tables, and a Zipf workload through the client with a
 live display; then a summary and a clean stop.
 
-    python -m embtier.demo [--state-dir DIR] [--duration SECONDS]
+    python -m embtier.demo [--state-dir DIR] [--duration SECONDS] [--dram-bytes SIZE] [--metrics-listen HOST:PORT]
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from .loadgen import LoadGenerator, Stats, Workload
 TABLES = {"user_ids": 1_000_000, "item_ids": 1_000_000, "context": 500_000}
 DIM = 64
 ROW_BYTES = DIM * 4
-TIER_FLAGS = ["--dram-bytes", "160M", "--cxl-bytes", "160M", "--scm-bytes", "2G"]
+DRAM_BYTES = "160M"
+OTHER_TIER_FLAGS = ["--cxl-bytes", "160M", "--scm-bytes", "2G"]
 # Each table's own share of DRAM and CXL (SetPolicy limits): without them the first table created takes it all.
-LIMITS = {"user_ids": 64 << 20, "item_ids": 64 << 20, "context": 32 << 20}
+SHARES = {"user_ids": 0.4, "item_ids": 0.4, "context": 0.2}
 ALPHA = 1.05
 
 
@@ -38,7 +39,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daemon(state_dir: Path, metrics: str, cxl_latency_ns: int = 0) -> tuple[subprocess.Popen, str]:
+def start_daemon(state_dir: Path, metrics: str, tier_flags: list[str],
+                 cxl_latency_ns: int = 0) -> tuple[subprocess.Popen, str]:
     """embtierd on its embedded default configuration (plus, when cxl_latency_ns > 0, a file that
     injects that latency per row served from the emulated CXL tier)."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -52,7 +54,7 @@ def start_daemon(state_dir: Path, metrics: str, cxl_latency_ns: int = 0) -> tupl
         extra = ["--config", str(state_dir / "demo.toml")]
     with open(state_dir / "embtierd.log", "w") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen([sys.executable, "-m", "embtierd", "--state-dir", str(state_dir), "--listen",
-                                 target, "--metrics-listen", metrics, *TIER_FLAGS, *extra],
+                                 target, "--metrics-listen", metrics, *tier_flags, *extra],
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_serving(target, proc)
@@ -98,28 +100,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--cxl-latency-ns", type=int, default=0,
                    help="inject this latency per row served from the emulated CXL tier (e.g. 100; default 0)")
+    p.add_argument("--dram-bytes", default=DRAM_BYTES, metavar="SIZE",
+                   help=f"DRAM tier size (default {DRAM_BYTES}); each table's own limit is its share of it")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="the daemon's Prometheus endpoint, for a Prometheus to scrape (default: a free port)")
     args = p.parse_args(argv)
     state_dir = Path(args.state_dir).resolve()
-    metrics = f"127.0.0.1:{free_port()}"
+    metrics = args.metrics_listen or f"127.0.0.1:{free_port()}"
+    tier_flags = ["--dram-bytes", args.dram_bytes, *OTHER_TIER_FLAGS]
     injected = (f"; CXL latency injected: {args.cxl_latency_ns} ns per row served from the emulated CXL tier, "
                 f"so every figure below includes it" if args.cxl_latency_ns else "")
-    print(f"starting embtierd (embedded default configuration, {' '.join(TIER_FLAGS)}{injected}), "
+    print(f"starting embtierd (embedded default configuration, {' '.join(tier_flags)}{injected}), "
           f"state in {state_dir}")
-    proc, target = start_daemon(state_dir, metrics, args.cxl_latency_ns)
+    proc, target = start_daemon(state_dir, metrics, tier_flags, args.cxl_latency_ns)
     code = 1
     try:
         with Client(target, timeout=120) as client:
+            capacity = {}
             for t in client.tiers():
                 kind = "emulated in DRAM" if t.emulated else (t.path or f"NUMA node {t.numa_node}")
                 print(f"  tier {t.name:4}: {t.capacity_bytes / 2**20:8.0f} MiB  {kind}")
+                capacity[t.name] = t.capacity_bytes
             dram_rows = {}
             for name, rows in TABLES.items():
+                dram, cxl = (int(SHARES[name] * capacity[tier]) for tier in ("dram", "cxl"))
                 info = client.create_table(name, rows, DIM, initializer="uniform", seed=len(name),
-                                           dram_capacity_bytes=LIMITS[name], cxl_capacity_bytes=LIMITS[name])
+                                           dram_capacity_bytes=dram, cxl_capacity_bytes=cxl)
                 dram_rows[name] = info.rows_by_tier["dram"]
+                limits = (f"{dram / 2**20:.0f} MiB in DRAM and in CXL" if dram == cxl
+                          else f"{dram / 2**20:.0f} MiB in DRAM and {cxl / 2**20:.0f} MiB in CXL")
                 print(f"  table {name:9}: {rows:>9} x {DIM} float32 ({rows * ROW_BYTES / 2**20:.0f} MiB), own limit "
-                      f"{LIMITS[name] >> 20} MiB in DRAM and in CXL; rows per tier "
-                      + ", ".join(f"{t} {info.rows_by_tier[t]}" for t in ("dram", "cxl", "scm")))
+                      f"{limits}; rows per tier " + ", ".join(f"{t} {info.rows_by_tier[t]}" for t in ("dram", "cxl", "scm")))
             policy = client.policy("user_ids")
         ideal = ideal_dram_share(dram_rows)
         print(f"\nZipf({ALPHA}) LookupPooled: {len(TABLES)} tables x 256 bags x 32 ids per request, "

@@ -44,7 +44,11 @@ DRAIN_SECONDS = 0.5
 
 
 def default_socket(state_dir: Path) -> Path:
-    """/run/embtier as root, else $XDG_RUNTIME_DIR/embtier, else the state directory."""
+    """$RUNTIME_DIRECTORY (systemd's RuntimeDirectory=), else /run/embtier as root, else
+    $XDG_RUNTIME_DIR/embtier, else the state directory."""
+    service = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if service:
+        return Path(service) / "embtierd.sock"
     if os.geteuid() == 0:
         return Path("/run/embtier/embtierd.sock")
     runtime = os.environ.get("XDG_RUNTIME_DIR")

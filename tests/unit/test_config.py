@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
-from embtierd import config
+from embtierd import config, server
 from embtierd.errors import ConfigError
 from embtierd.tiering_config import TablePolicy
 
@@ -251,3 +252,12 @@ def test_tiering_tables():
 def test_bad_tiering_values_name_the_field_and_value(tiering, message):
     with pytest.raises(ConfigError, match=message):
         config.load(overrides={"tiering": tiering}, available_bytes=GiB)
+
+
+def test_the_default_socket_goes_in_systemds_runtime_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/embtier:/run/other")
+    assert server.default_socket(tmp_path) == Path("/run/embtier/embtierd.sock")
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    expected = Path("/run/embtier/embtierd.sock") if os.geteuid() == 0 else tmp_path / "xdg" / "embtier" / "embtierd.sock"
+    assert server.default_socket(tmp_path) == expected
