@@ -57,6 +57,8 @@ def cmd_describe(c: Client, args) -> None:
         emulated = " (emulated)" if info.emulated_by_tier.get(tier) else ""
         print(f"  {tier:5} {info.rows_by_tier.get(tier, 0):>12} rows  "
               f"{human_bytes(info.bytes_by_tier.get(tier, 0)):>12}{emulated}")
+        if tier == "cxl" and info.rows_by_port:
+            print("        ports: " + ", ".join(f"{port} {n}" for port, n in info.rows_by_port.items()))
     print(f"  metadata {human_bytes(info.metadata_bytes)} ({info.metadata_bytes / info.num_rows:.2f} bytes/row)")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
@@ -70,6 +70,7 @@ class TableInfo:
     version: int
     metadata_bytes: int
     emulated_by_tier: dict[str, bool]
+    rows_by_port: dict[str, int] = field(default_factory=dict)  # CXL rows per fabric port
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ class TierInfo:
 
 def _table_info(m: pb.TableInfo) -> TableInfo:
     return TableInfo(m.name, m.num_rows, m.dim, DTYPE_NAMES.get(m.dtype, str(m.dtype)), dict(m.rows_by_tier),
-                     dict(m.bytes_by_tier), m.version, m.metadata_bytes, dict(m.emulated_by_tier))
+                     dict(m.bytes_by_tier), m.version, m.metadata_bytes, dict(m.emulated_by_tier),
+                     dict(sorted(m.rows_by_port.items())))
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,51 @@ class Trace:
     bandwidth_bytes_per_second: int
     heat_sample_shift: int
     policy: str
+
+
+OFFLOADS = {"host": pb.HOST, "device": pb.DEVICE, "switch": pb.SWITCH}
+OFFLOAD_NAMES = {code: name for name, code in OFFLOADS.items()}
+
+
+@dataclass(frozen=True)
+class FabricTraffic:
+    """What one LookupPooled moved across the emulated fabric (FabricAccounting): bytes per link,
+    and a MODELLED transfer time (from the daemon's configured link figures, not measured)."""
+
+    offload: str
+    device_link_bytes: dict[str, int]
+    host_link_bytes: int
+    modelled_seconds: float
+
+
+def pool_rows(rows: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, mode: str) -> np.ndarray:
+    """Host offload: the client pools the rows ([n, dim] -> [bags, dim]; empty bags are zeros)."""
+    out = np.zeros((lengths.size, rows.shape[1]), dtype=np.float32)
+    if weights is not None:
+        rows = rows * weights[:, None]
+    full = np.flatnonzero(lengths > 0)
+    if not full.size:
+        return out
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))[full]
+    if mode == "max":
+        out[full] = np.maximum.reduceat(rows, starts, axis=0)
+    else:
+        out[full] = np.add.reduceat(rows, starts, axis=0, dtype=np.float32)
+        if mode == "mean":
+            out[full] /= lengths[full, None].astype(np.float32)
+    return out
+
+
+def combine_partials(partials: np.ndarray, lengths: np.ndarray, mode: str) -> np.ndarray:
+    """Device offload: the client adds the ports' partials ([parts, bags, dim] -> [bags, dim])."""
+    if mode == "max":
+        out = partials.max(axis=0)
+        out[lengths == 0] = 0.0
+        return out
+    total = partials.sum(axis=0, dtype=np.float32)
+    if mode == "mean":
+        total /= np.maximum(lengths, 1)[:, None].astype(np.float32)
+    return total
 
 
 @dataclass(frozen=True)
@@ -300,21 +347,53 @@ class Client:
         reply = self._call("Lookup", pb.LookupRequest(table=table, ids=id_bytes, id_type=id_type, wire_dtype=code))
         return np.frombuffer(reply.values, dtype=dt).reshape(reply.count, reply.dim).astype(np.float32, copy=False)
 
-    def lookup_pooled(self, features: Mapping[str, tuple], mode: str = "sum",
-                      wire_dtype: str = "float32") -> dict[str, np.ndarray]:
-        """{table: (ids, lengths[, weights])} -> {table: [bags, dim] float32}, pooled by the daemon."""
+    def lookup_pooled(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
+                      offload: str | None = None) -> dict[str, np.ndarray]:
+        """{table: (ids, lengths[, weights])} -> {table: [bags, dim] float32}.
+
+        offload: where pooling happens: "switch" (the daemon pools, one vector per bag travels),
+        "device" (each fabric port pools its rows, the partials travel and are added here), "host"
+        (the rows travel and are pooled here), None = the daemon's default.  The results are the same
+        up to float summation order; lookup_pooled_fabric also returns the fabric accounting."""
+        return self.lookup_pooled_fabric(features, mode, wire_dtype, offload)[0]
+
+    def lookup_pooled_fabric(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
+                             offload: str | None = None) -> tuple[dict[str, np.ndarray], FabricTraffic]:
+        """lookup_pooled, and what the request moved across the emulated fabric (modelled)."""
         code, dt = WIRE[wire_dtype]
-        bags = []
+        if offload is not None and offload not in OFFLOADS:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOADS)} or None; got {offload!r}")
+        bags, inputs = [], {}
         for table, arrays in features.items():
             ids, lengths, *rest = arrays
-            weights = _bytes(rest[0], "<f4") if rest and rest[0] is not None else b""
+            weights = rest[0] if rest and rest[0] is not None else None
             id_bytes, id_type = _ids(ids)
             bags.append(pb.FeatureBags(table=table, ids=id_bytes, id_type=id_type, lengths=_bytes(lengths, "<i4"),
-                                       weights=weights))
-        reply = self._call("LookupPooled", pb.LookupPooledRequest(features=bags, mode=POOL_MODES[mode],
-                                                                  wire_dtype=code))
-        return {r.table: np.frombuffer(r.values, dtype=dt).reshape(r.num_bags, r.dim).astype(np.float32, copy=False)
-                for r in reply.results}
+                                       weights=b"" if weights is None else _bytes(weights, "<f4")))
+            inputs[table] = (np.asarray(lengths, dtype=np.int64),
+                             None if weights is None else np.asarray(weights, dtype=np.float32))
+        request = pb.LookupPooledRequest(features=bags, mode=POOL_MODES[mode], wire_dtype=code)
+        if offload is not None:
+            request.offload = OFFLOADS[offload]
+        reply = self._call("LookupPooled", request)
+        out = {}
+        for r in reply.results:
+            lengths, weights = inputs[r.table]
+            if r.rows:  # host: pool the rows here
+                rows = np.frombuffer(r.rows, dtype=dt).reshape(-1, r.dim).astype(np.float32)
+                out[r.table] = pool_rows(rows, lengths, weights, mode)
+            elif r.parts:  # device: add the ports' partials here
+                partials = np.frombuffer(r.partials, dtype=dt).reshape(len(r.parts), r.num_bags, r.dim)
+                out[r.table] = combine_partials(partials.astype(np.float32), lengths, mode)
+            elif r.values or not r.num_bags or not r.dim:
+                out[r.table] = np.frombuffer(r.values, dtype=dt).reshape(r.num_bags, r.dim).astype(
+                    np.float32, copy=False)
+            else:  # device mode with no row at all: every bag is empty
+                out[r.table] = np.zeros((r.num_bags, r.dim), dtype=np.float32)
+        f = reply.fabric
+        traffic = FabricTraffic(OFFLOAD_NAMES[f.offload], dict(f.device_link_bytes), f.host_link_bytes,
+                                f.modelled_seconds)
+        return out, traffic
 
 
 def wait_serving(target: str, proc=None, timeout: float = 60.0) -> None:

@@ -78,6 +78,13 @@ quantizer = "adaptive"
 keep = 2
 auto_full_ratio = 1.0
 
+[fabric]
+offload = "switch"
+cxl_ports = 4
+device_link_bytes_per_second = 31.5e9
+host_link_bytes_per_second = 63.0e9
+hop_latency_ns = 40
+
 [kernels]
 kernel_threads = 1
 prefetch_distance = 16
@@ -142,6 +149,28 @@ class KernelConfig:
     prefetch_distance: int
     heat_sample_shift: int
     scm_queue_depth: int
+
+
+OFFLOADS = ("host", "device", "switch")
+
+
+@dataclass(frozen=True)
+class FabricConfig:
+    """The emulated CXL fabric of LookupPooled (daemon/fabric.py).
+
+    offload: where pooling happens when a request does not say ("host", "device", "switch").
+    cxl_ports: devices an emulated CXL tier is split into (a real tier has one port per CPU-less
+    node it uses).  The links are modelled, never measured: device_link_bytes_per_second is one
+    port's link to the switch (CXL 2.0 over PCIe 5.0 x8: 32 GT/s x 8 lanes x 128/130 = 31.5 GB/s),
+    host_link_bytes_per_second the switch's link to the host (x16: 63 GB/s), hop_latency_ns the
+    latency of each hop (a CXL memory access through a pool costs 70-90 ns more than local DRAM,
+    Pond, ASPLOS'23; two hops of 40 ns)."""
+
+    offload: str = "switch"
+    cxl_ports: int = 4
+    device_link_bytes_per_second: float = 31.5e9
+    host_link_bytes_per_second: float = 63.0e9
+    hop_latency_ns: float = 40.0
 
 
 @dataclass(frozen=True)
@@ -234,6 +263,7 @@ class Config:
     scm: ScmTierConfig
     kernels: KernelConfig
     durability: DurabilityConfig = DurabilityConfig()
+    fabric: FabricConfig = FabricConfig()
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -451,6 +481,21 @@ def _durability(section: dict, checkpoints: dict) -> DurabilityConfig:
     )
 
 
+def _fabric(section: dict) -> FabricConfig:
+    offload = section["offload"]
+    if offload not in OFFLOADS:
+        raise ConfigError(f"fabric.offload: expected one of {', '.join(OFFLOADS)}, got {offload!r}")
+    return FabricConfig(
+        offload=offload,
+        cxl_ports=_int(section, "cxl_ports", "fabric.cxl_ports", 1, 64),
+        device_link_bytes_per_second=_number(section, "device_link_bytes_per_second",
+                                             "fabric.device_link_bytes_per_second", 1e6, 1e13),
+        host_link_bytes_per_second=_number(section, "host_link_bytes_per_second",
+                                           "fabric.host_link_bytes_per_second", 1e6, 1e13),
+        hop_latency_ns=_number(section, "hop_latency_ns", "fabric.hop_latency_ns", 0, 1e7),
+    )
+
+
 def _checkpoints(section: dict) -> CheckpointConfig:
     kind = section["kind"]
     if kind not in CHECKPOINT_KINDS:
@@ -473,7 +518,7 @@ def _checkpoints(section: dict) -> CheckpointConfig:
 
 def build(doc: dict, available_bytes: int | None = None) -> Config:
     """Validates a merged TOML document into a Config."""
-    unknown = set(doc) - {"state_dir", "server", "tiers", "tiering", "kernels", "durability"}
+    unknown = set(doc) - {"state_dir", "server", "tiers", "tiering", "kernels", "durability", "fabric"}
     if unknown:
         raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
     _section(doc, "tiers", {"dram", "cxl", "scm"})
@@ -485,6 +530,8 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
     durability = _section(doc, "durability", {"wal", "fsync", "fsync_interval_seconds", "checkpoints"})
     checkpoints = _section(doc, "durability.checkpoints", {"interval_seconds", "kind", "quant_bits", "quantizer",
                                                            "keep", "auto_full_ratio"})
+    fabric = _section(doc, "fabric", {"offload", "cxl_ports", "device_link_bytes_per_second",
+                                      "host_link_bytes_per_second", "hop_latency_ns"})
     kern = _section(doc, "kernels", {"kernel_threads", "prefetch_distance", "heat_sample_shift", "scm_queue_depth"})
     server = _section(doc, "server", {"listen", "metrics_listen", "max_message_bytes", "max_ids_per_request",
                                       "grace_seconds", "worker_threads", "listen_interface", "listen_port",
@@ -517,6 +564,7 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
         ),
         tiering=_tiering(tiering, {"dram": dram_config.capacity_bytes, "cxl": cxl_config.capacity_bytes}),
         durability=_durability(durability, checkpoints),
+        fabric=_fabric(fabric),
         kernels=KernelConfig(
             kernel_threads=_int(kern, "kernel_threads", "kernels.kernel_threads", 1, 256),
             prefetch_distance=_int(kern, "prefetch_distance", "kernels.prefetch_distance", 0, 256),

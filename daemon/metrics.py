@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from . import __version__, native
 
 TIERS = ("dram", "cxl", "scm")
+MODELLED_BUCKETS = (1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2)
 LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -42,9 +43,13 @@ class StoreCollector:
                                  labels=["table", "tier"])
         metadata = GaugeMetricFamily("embtier_table_metadata_bytes", "Placement map, counters and chunk tables.",
                                      labels=["table"])
+        ports = GaugeMetricFamily("embtier_table_port_rows", "CXL rows of each table on each fabric port "
+                                  "(spread by heat each tiering interval).", labels=["table", "port"])
         for info in self.store.tables():
             for tier, count in info.rows_by_tier.items():
                 rows.add_metric([info.name, tier], count)
+            for port, count in info.rows_by_port.items():
+                ports.add_metric([info.name, port], count)
             metadata.add_metric([info.name], info.metadata_bytes)
         rss = GaugeMetricFamily("embtier_process_resident_memory_bytes", "Resident memory of the daemon.")
         rss.add_metric([], self.process.memory_info().rss)
@@ -53,7 +58,7 @@ class StoreCollector:
         info = InfoMetricFamily("embtier_build", "Build of the daemon.")
         info.add_metric([], {"version": __version__, "isa": native.isa(),
                              "scm_io": "aio" if native.scm_async() else "pread"})
-        yield from (capacity, used, emulated, rows, metadata, rss, available, info)
+        yield from (capacity, used, emulated, rows, ports, metadata, rss, available, info)
 
 
 class WalCollector:
@@ -105,6 +110,13 @@ class Metrics:
                                    registry=r)
         self.checkpoint_failures = Counter("embtier_checkpoint_failures", "Scheduled checkpoints that failed.",
                                            registry=r)
+        self.fabric_bytes = Counter("embtier_fabric_bytes", "Bytes LookupPooled moved across the emulated fabric, "
+                                    "by offload mode and link (a port's link to the switch, or \"host\").",
+                                    ["offload", "link"], registry=r)
+        self.fabric_modelled = Histogram("embtier_fabric_modelled_transfer_seconds",
+                                         "MODELLED (not measured) fabric transfer time of one LookupPooled, from "
+                                         "the configured link bandwidths and hop latencies.", ["offload"],
+                                         buckets=MODELLED_BUCKETS, registry=r)
         self.restore_seconds = Gauge("embtier_restore_duration_seconds",
                                      "Time the last start took to replay the write-ahead log.", registry=r)
         r.register(StoreCollector(store))
@@ -135,6 +147,13 @@ class Metrics:
 
     def checkpoint_failed(self) -> None:
         self.checkpoint_failures.inc()
+
+    def fabric(self, traffic, modelled_seconds: float) -> None:
+        """Counts one LookupPooled's fabric traffic (fabric.Traffic) and its modelled time."""
+        for link, n in traffic.device_link_bytes.items():
+            self.fabric_bytes.labels(traffic.offload, link).inc(n)
+        self.fabric_bytes.labels(traffic.offload, "host").inc(traffic.host_link_bytes)
+        self.fabric_modelled.labels(traffic.offload).observe(modelled_seconds)
 
     def restored(self, seconds: float) -> None:
         self.restore_seconds.set(seconds)

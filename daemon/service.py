@@ -12,6 +12,7 @@ import numpy as np
 from embtier.v1 import embtier_pb2 as pb
 from embtier.v1 import embtier_pb2_grpc as pb_grpc
 
+from . import fabric
 from .checkpoint import CheckpointInfo, check_request
 from .config import ServerConfig
 from .errors import DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, RequestTooLargeError
@@ -27,6 +28,8 @@ WIRE_DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2")}
 INITIALIZERS = {pb.ZEROS: "zeros", pb.UNIFORM: "uniform"}
 POOL_MODES = {pb.SUM: "sum", pb.MEAN: "mean", pb.MAX: "max"}
 WRITE_MODES = {pb.ASSIGN: "assign", pb.ADD: "add"}
+OFFLOADS = {pb.HOST: "host", pb.DEVICE: "device", pb.SWITCH: "switch"}
+OFFLOAD_CODES = {name: code for code, name in OFFLOADS.items()}
 
 
 def enum_value(mapping: dict, value: int, field: str):
@@ -56,7 +59,8 @@ def id_array(buf: bytes, id_type: int, prefix: str = "") -> np.ndarray:
 def table_info(info: TableInfo) -> pb.TableInfo:
     return pb.TableInfo(name=info.name, num_rows=info.num_rows, dim=info.dim, dtype=DTYPE_CODES[info.dtype],
                         rows_by_tier=info.rows_by_tier, bytes_by_tier=info.bytes_by_tier, version=info.version,
-                        metadata_bytes=info.metadata_bytes, emulated_by_tier=info.emulated_by_tier)
+                        metadata_bytes=info.metadata_bytes, emulated_by_tier=info.emulated_by_tier,
+                        rows_by_port=info.rows_by_port)
 
 
 def table_policy(current: TablePolicy, request) -> TablePolicy:
@@ -72,6 +76,18 @@ def table_policy(current: TablePolicy, request) -> TablePolicy:
     return TablePolicy(policy=request.policy if request.HasField("policy") else current.policy,
                        pin=request.pin_tier if request.HasField("pin_tier") else current.pin,
                        capacity_bytes=capacity)
+
+
+def check_bags(ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, prefix: str) -> None:
+    """Bags that every offload mode can pool: lengths >= 0 summing to the ids, a weight per id."""
+    if lengths.size and lengths.min() < 0:
+        bad = int(np.argmin(lengths))
+        raise InvalidArgumentError(f"{prefix}lengths[{bad}] = {int(lengths[bad])} is negative")
+    total = int(lengths.sum(dtype=np.int64))
+    if total != ids.size:
+        raise InvalidArgumentError(f"{prefix}lengths sum to {total} but {ids.size} ids were given")
+    if weights is not None and weights.size != ids.size:
+        raise InvalidArgumentError(f"{prefix}weights has {weights.size} entries but ids has {ids.size}")
 
 
 def wire(values: np.ndarray, dt: np.dtype) -> bytes:
@@ -222,13 +238,36 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         self._admit(context, sum(ids.size for _, ids, _, _ in features))
         mode = enum_value(POOL_MODES, request.mode, "mode")
         dt = enum_value(WIRE_DTYPES, request.wire_dtype, "wire_dtype")
+        config = self.store.config.fabric
+        offload = enum_value(OFFLOADS, request.offload, "offload") if request.HasField("offload") else config.offload
+        traffic = fabric.Traffic(offload)
+        names = self.store.part_names
         results = []
-        tier_rows = np.zeros(3, dtype=np.int64)
-        for table, ids, lengths, weights in features:
-            pooled = self.store.lookup_pooled(table, ids, lengths, weights, mode, tier_rows)
+        for i, (table, ids, lengths, weights) in enumerate(features):
+            check_bags(ids, lengths, weights, f"features[{i}].")
+            tier_rows = np.zeros(3, dtype=np.int64)
+            parts = self.store.parts_of(table, ids)
+            dim, _, row_bytes = self.store.geometry(table)
+            result = pb.PooledResult(table=table, dim=dim, num_bags=lengths.size)
+            if offload == "switch":
+                result.values = wire(self.store.lookup_pooled(table, ids, lengths, weights, mode, tier_rows), dt)
+            elif offload == "host":
+                result.rows = wire(self.store.lookup(table, ids, tier_rows), dt)
+            else:
+                def pool(part_ids, part_lengths, part_weights, part_mode, table=table, tier_rows=tier_rows):
+                    return self.store.lookup_pooled(table, part_ids, part_lengths, part_weights, part_mode, tier_rows)
+
+                present, partials = fabric.partial_pools(pool, ids, lengths, weights, mode, parts, len(names))
+                result.parts.extend(names[p] for p in present)
+                result.partials = wire(partials, dt)
             self.traces.observe(table, ids)
-            values = wire(pooled, dt)
-            self.metrics.served("LookupPooled", table, tier_rows, self.store.geometry(table)[2], len(values))
-            results.append(pb.PooledResult(table=table, dim=pooled.shape[1], num_bags=pooled.shape[0],
-                                           values=values))
-        return pb.LookupPooledResponse(results=results)
+            self.metrics.served("LookupPooled", table, tier_rows, row_bytes,
+                                len(result.values) + len(result.rows) + len(result.partials))
+            traffic.add_table(names, np.bincount(parts, minlength=len(names)), lengths.size, dim, row_bytes,
+                              dt.itemsize)
+            results.append(result)
+        modelled = traffic.modelled_seconds(config)
+        self.metrics.fabric(traffic, modelled)
+        return pb.LookupPooledResponse(results=results, fabric=pb.FabricAccounting(
+            offload=OFFLOAD_CODES[offload], device_link_bytes=traffic.device_link_bytes,
+            host_link_bytes=traffic.host_link_bytes, modelled_seconds=modelled))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import codec, native
+from . import codec, fabric, native
 from .config import Config
 from .errors import (
     AlreadyExistsError,
@@ -64,6 +64,7 @@ class TableInfo:
     emulated_by_tier: dict[str, bool]
     metadata_bytes: int
     version: int
+    rows_by_port: dict[str, int] = field(default_factory=dict)  # CXL rows per fabric port
 
     @property
     def metadata_bytes_per_row(self) -> float:
@@ -87,6 +88,8 @@ class Table:
     serial: int = 0  # unique per table created: a dropped and re-created name gets a new one
     scm_copy: np.ndarray | None = None   # per row: SCM slot of a clean or dirty copy (see Store._move), made on demand
     scm_dirty: np.ndarray | None = None  # per row: WriteRows changed it since its SCM copy was made
+    cxl_port: np.ndarray | None = None   # per row: its fabric port while it lives in CXL (daemon/fabric.py)
+    rows_by_port: dict[str, int] = field(default_factory=dict)  # as of the last assignment
 
 
 def _tier_counter(tier_rows: np.ndarray | None) -> np.ndarray | None:
@@ -128,6 +131,9 @@ class Store:
         self._creating: set[str] = set()  # names reserved while their rows are initialised
         self._lock = threading.Lock()  # guards the two above and the tiers' extent allocators
         self.journal = None  # a journal.Journal once the write-ahead log is replayed: operations are logged
+        # the fabric ports of the CXL tier: one per CPU-less node it uses, or the configured emulated ones
+        self.cxl_ports = config.fabric.cxl_ports if self.tiers.cxl.emulated else 1
+        self.part_names = fabric.part_names(self.cxl_ports)
         log.info("kernels: %s, %d thread(s), SCM reads %s", native.isa(), config.kernels.kernel_threads,
                  "batched with Linux AIO" if native.scm_async() else "by pread (AIO refused)")
 
@@ -180,6 +186,7 @@ class Store:
                       NativeTable(name, num_rows, dim, dtype, shift, max_chunks), policy=policy)
         table.native.configure(self.config.kernels.prefetch_distance, self.config.kernels.heat_sample_shift)
         table.native.set_cxl_delay(self.tiers.cxl.injected_latency_ns)
+        table.cxl_port = (np.arange(num_rows) % self.cxl_ports).astype(np.uint8)  # until spread by heat
         return table
 
     def install(self, tables, hold: contextlib.ExitStack | None = None) -> list[str]:
@@ -500,6 +507,29 @@ class Store:
             table.native.write_rows(np.ascontiguousarray(ids[first:first + batch_rows]),
                                     np.ascontiguousarray(rows[first:first + batch_rows]))
 
+    def spread_ports(self, name: str) -> None:
+        """Deals the table's CXL rows to the fabric ports by heat (fabric.spread)."""
+        table = self._get(name)
+        nt = table.native
+        in_cxl = (nt.loc >> nt.tier_shift) == native.TIER_CXL
+        fabric.spread(nt.heat, in_cxl, self.cxl_ports, table.cxl_port)
+        self._count_ports(table, in_cxl)
+
+    def _count_ports(self, table: Table, in_cxl: np.ndarray) -> None:
+        """CXL rows per port, as shown by describe (counted when ports are assigned, not per call)."""
+        counts = np.bincount(table.cxl_port[in_cxl], minlength=self.cxl_ports)
+        table.rows_by_port = {f"cxl{p}": int(n) for p, n in enumerate(counts[:self.cxl_ports])}
+
+    def parts_of(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """The fabric part of each id's row (an index into part_names: dram, cxl ports, scm), int64."""
+        table = self._get(name)
+        ids = require(ids, "ids", np.int64, 1)
+        self._check_ids(table, ids)
+        tier = (table.native.loc[ids] >> table.native.tier_shift).astype(np.int64)
+        return np.where(tier == native.TIER_DRAM, 0,
+                        np.where(tier == native.TIER_CXL, 1 + table.cxl_port[ids].astype(np.int64),
+                                 1 + self.cxl_ports))
+
     def heat(self, name: str, writable: bool = False) -> np.ndarray:
         """The table's live access counters (a read-only view unless writable: the tiering policy ages them)."""
         view = self._get(name).native.heat.view()
@@ -565,6 +595,7 @@ class Store:
             where = f"tier {pin} (the table is pinned there)" if pin else "the tiers"
             raise TierFullError(f"table {table.name!r} needs about {need} bytes and {where} cannot hold it "
                                 f"(largest free extent in bytes: {free})")
+        self._count_ports(table, (table.native.loc >> table.native.tier_shift) == native.TIER_CXL)
 
     def _fill(self, table: Table, tier, first: int, want: int) -> int:
         """Places rows [first, first + want) in tier, as far as it has room."""
@@ -631,4 +662,5 @@ class Store:
             name=table.name, num_rows=table.num_rows, dim=table.dim, dtype=table.dtype,
             rows_by_tier=dict(zip(names, table.rows_by_tier)), bytes_by_tier=bytes_by,
             emulated_by_tier={t.name: t.emulated for t in self.tiers},
-            metadata_bytes=metadata, version=table.version)
+            metadata_bytes=metadata + table.cxl_port.nbytes, version=table.version,
+            rows_by_port=dict(table.rows_by_port))

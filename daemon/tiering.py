@@ -116,6 +116,7 @@ class TieringEngine:
                                       TIER_NAMES.index(pin) if pin else None)
                 for tier in (0, 1):
                     self.store.trim(name, tier)  # memory over the table's own limit goes back to the tier
+                self.store.spread_ports(name)  # the CXL rows over the fabric ports, by heat
             except NotFoundError:  # dropped meanwhile
                 self._state.pop(name, None)
                 continue
