@@ -134,9 +134,10 @@ int et_set_scm_queue_depth(int32_t depth);
 /* ---- checkpoint quantization ---- */
 /* Row-wise asymmetric quantization of checkpoint rows: a row keeps lo and
  * scale, a value a code q in [0, L], L = 2^bits - 1, standing for
- * lo + q * scale, with q = (x - lo) / scale rounded to nearest and clipped
- * (q = 0 when scale = 0).  A row's codes are packed LSB-first into a
- * little-endian bit stream; every row starts on a byte boundary.
+ * lo + q * scale, with q = (x - lo) / scale rounded to nearest (ties to
+ * even) and clipped (q = 0 when scale = 0).  A row's codes are packed
+ * LSB-first into a little-endian bit stream; every row starts on a byte
+ * boundary.
  * ET_QUANT_MINMAX covers the row's [min, max].  ET_QUANT_ADAPTIVE starts
  * from it and moves lo up or hi down by (max - min) / ET_QUANT_ADAPTIVE_BINS
  * at a time, whichever move gives the lower squared error (values outside
@@ -154,11 +155,13 @@ int64_t et_quant_row_bytes(int32_t dim, int32_t bits);
 /* rows[n][dim] float32 -> codes[n][et_quant_row_bytes], lo[n], scale[n]; bits
  * 2 to 8 (checkpoints use 2, 3, 4 and 8).  lo is rounded down and scale up,
  * to float, or with params_fp16 != 0 to values exact in IEEE half
- * precision, so lo + L * scale still covers the range chosen; the codes use
- * the rounded values.  A constant row gets scale 0 when lo is exactly its
- * value, else the smallest scale that covers it.  A non-finite value, or a
- * half-precision parameter that would be infinite: ET_E_ARG, *err_pos = the
- * row (outputs then unspecified).  Rows are split across the kernel threads. */
+ * precision, so lo + L * scale still covers the range chosen (for float
+ * parameters, up to FLT_MAX); the codes use the rounded values.  A constant
+ * row gets scale 0 when lo is exactly its value, else the smallest scale
+ * that covers it.  A non-finite value, or a half-precision parameter that
+ * would be infinite: ET_E_ARG, *err_pos = the row (outputs then
+ * unspecified).  Rows are split across the kernel threads; the output does
+ * not depend on their number or on the instruction set. */
 int et_quantize(const float *rows, int64_t n, int32_t dim, int32_t bits, int32_t method, int32_t params_fp16,
                 uint8_t *codes, float *lo, float *scale, int64_t *err_pos);
 /* codes, lo, scale -> rows[n][dim] float32 = lo + q * scale (in double, then

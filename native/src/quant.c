@@ -274,7 +274,7 @@ ET_QUANT_INLINE void pack_codes(const uint8_t *q, int32_t dim, const int bits, u
     const int32_t groups = dim / ET_QUANT_GROUP;
     for (int32_t g = 0; g < groups; g++) pack_group(q + g * ET_QUANT_GROUP, ET_QUANT_GROUP, bits, out + g * bits);
     if (dim % ET_QUANT_GROUP)
-        pack_group(q + groups * ET_QUANT_GROUP, dim % ET_QUANT_GROUP, bits, out + (int64_t)groups * bits);
+        pack_group(q + groups * ET_QUANT_GROUP, dim % ET_QUANT_GROUP, bits, out + groups * bits);
 }
 
 /* pack_codes with the width a constant: the group loops unroll and the byte stores merge. */
@@ -321,7 +321,7 @@ ET_QUANT_INLINE void dequantize_group(const uint8_t *in, const int count, const 
     uint64_t word = 0;
     for (int b = 0; b < (count * bits + 7) / 8; b++) word |= (uint64_t)in[b] << (8 * b);
     for (int k = 0; k < count; k++)
-        out[k] = (float)((double)lo + (double)((word >> (k * bits)) & ((1u << bits) - 1)) * (double)scale);
+        out[k] = (float)((double)lo + (int32_t)((word >> (k * bits)) & ((1u << bits) - 1)) * (double)scale);
 }
 
 ET_QUANT_INLINE void dequantize_codes(const uint8_t *in, float lo, float scale, int32_t dim, const int bits,
@@ -330,8 +330,7 @@ ET_QUANT_INLINE void dequantize_codes(const uint8_t *in, float lo, float scale, 
     for (int32_t g = 0; g < groups; g++)
         dequantize_group(in + g * bits, ET_QUANT_GROUP, bits, lo, scale, out + g * ET_QUANT_GROUP);
     if (dim % ET_QUANT_GROUP)
-        dequantize_group(in + (int64_t)groups * bits, dim % ET_QUANT_GROUP, bits, lo, scale,
-                         out + groups * ET_QUANT_GROUP);
+        dequantize_group(in + groups * bits, dim % ET_QUANT_GROUP, bits, lo, scale, out + groups * ET_QUANT_GROUP);
 }
 
 /* dequantize_codes with the width a constant, as pack_row. */
