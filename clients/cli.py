@@ -278,6 +278,126 @@ def cmd_bench(c: Client, args) -> None:
           f"({'pooled' if workload.pooled else 'raw'}, {args.concurrency} clients)")
 
 
+def fabric_up(fabric, args) -> None:
+    bed = fabric.TestBed(args.prefix, args.rate_bits_per_second, args.delay_seconds)
+    bed.up()
+    py = sys.executable
+    print(f"test bed {bed.prefix} is up: {fabric.format_rate(bed.rate_bits_per_second)} each way, one-way delay "
+          f"{fabric.format_delay(bed.delay_seconds)}")
+    for side in fabric.SIDES:
+        address = bed.host_address if side == "host" else bed.switch_address
+        print(f"  {side:6} namespace {bed.namespaces[side]:24} {bed.ifnames[side]:16} {address}/{fabric.PREFIX_LENGTH}")
+    print("run things in it, e.g.:")
+    print(f"  ip netns exec {bed.namespaces['switch']} {py} -m embtierd --listen {bed.switch_address}:"
+          f"{fabric.DAEMON_PORT} --metrics-listen 127.0.0.1:{fabric.METRICS_PORT} --state-dir DIR")
+    print(f"  ip netns exec {bed.namespaces['host']} {py} -m embtier.cli --target {bed.switch_address}:"
+          f"{fabric.DAEMON_PORT} tables")
+    print(f"remove it (and everything running in it): embtier fabric down --prefix {bed.prefix}")
+
+
+def fabric_down(fabric, args) -> None:
+    fabric.TestBed(args.prefix).down()
+    print(f"test bed {args.prefix} is down")
+
+
+def describe_qdisc(fabric, q: dict) -> str:
+    shaping = ""
+    if q["kind"] == "tbf":
+        shaping = (f" rate {fabric.format_rate(q['rate_bits_per_second'])} burst {human_bytes(q['burst_bytes'])} "
+                   f"limit {human_bytes(q['limit_bytes'])}")
+    elif q["kind"] == "netem":
+        shaping = f" delay {fabric.format_delay(q['delay_seconds'])} limit {q['limit_packets']} packets"
+    return (f"{q['kind']} {q['handle']} parent {q['parent']}{shaping}; sent {human_bytes(q['sent_bytes'])}, "
+            f"dropped {q['dropped_packets']} packets")
+
+
+def fabric_status(fabric, args) -> None:
+    status = fabric.TestBed(args.prefix).status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return
+    print(f"test bed {status['prefix']}: {'up' if status['up'] else 'not up'}")
+    for side in fabric.SIDES:
+        s = status[side]
+        if not s["exists"]:
+            print(f"  {side:6} namespace {s['namespace']}: absent")
+            continue
+        link = s["link"]
+        where = (f"{s['ifname']} {link['state']} {' '.join(link['addresses']) or 'no address'}, sent "
+                 f"{human_bytes(link['tx_bytes'])}, received {human_bytes(link['rx_bytes'])}"
+                 if link else f"{s['ifname']} absent")
+        print(f"  {side:6} namespace {s['namespace']}: {where}; {len(s['pids'])} processes")
+        for q in s["qdiscs"]:
+            print(f"           {describe_qdisc(fabric, q)}")
+
+
+def fabric_run(fabric, args) -> None:
+    import signal
+    import tempfile
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # tear down as on Ctrl-C
+    with tempfile.TemporaryDirectory(prefix="embtier-fabric-") as state, \
+            fabric.TestBed(args.prefix, args.rate_bits_per_second, args.delay_seconds) as bed:
+        rate = bed.rate_bits_per_second
+        print(f"test bed {bed.prefix}: {bed.host_address} ({bed.namespaces['host']}) <-> {bed.switch_address} "
+              f"({bed.namespaces['switch']}), {fabric.format_rate(rate)} each way, one-way delay "
+              f"{fabric.format_delay(bed.delay_seconds)}", flush=True)
+        daemon, target = fabric.start_daemon(bed, Path(state))
+        print(f"embtierd serving on {target}; table {args.rows} x {args.dim} float32, {args.bags} bags x "
+              f"{args.pooling_factor} ids per request, {args.concurrency} clients, {args.duration:g} s per mode",
+              flush=True)
+        out = fabric.run_host_client(bed, [
+            "loadgen", "--target", target, "--ifname", bed.ifnames["host"], "--rows", str(args.rows),
+            "--dim", str(args.dim), "--duration", str(args.duration), "--concurrency", str(args.concurrency),
+            "--bags", str(args.bags), "--pooling-factor", str(args.pooling_factor)], timeout=120 + 3 * args.duration)
+        print(f"{'mode':7} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'host->switch':>13} {'switch->host':>13} {'per request to/from':>22} {'link use':>9}")
+        for mode, r in json.loads(out).items():
+            per = max(r["requests"], 1)
+            per_request = f"{human_bytes(r['host_to_switch_bytes'] / per)} / {human_bytes(r['switch_to_host_bytes'] / per)}"
+            use = max(r["host_to_switch_bytes"], r["switch_to_host_bytes"]) * 8 / r["seconds"] / rate
+            print(f"{mode:7} {r['requests']:>8} {r['errors']:>6} {r['requests'] / r['seconds']:>7.1f} "
+                  f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {human_bytes(r['host_to_switch_bytes']):>13} "
+                  f"{human_bytes(r['switch_to_host_bytes']):>13} "
+                  f"{per_request:>22} {use:>9.0%}")
+        fabric.stop_process(daemon, timeout=15)
+        if daemon.returncode != 0:
+            print(f"embtierd exited with {daemon.returncode}; its log:\n{(Path(state) / 'embtierd.log').read_text()}",
+                  file=sys.stderr)
+
+
+def fabric_bench(fabric, args) -> None:
+    from . import fabric_bench as bench
+
+    rates = [fabric.parse_rate(r) for r in args.rates.split(",")]
+    pooling_factors = [int(x) for x in args.pooling_factors.split(",")]
+    bench.run(rates, pooling_factors, args.rounds, args.seconds, args.prefix, args.delay_seconds)
+
+
+FABRIC_COMMANDS = {"up": fabric_up, "down": fabric_down, "status": fabric_status, "run": fabric_run,
+                   "bench": fabric_bench}
+
+
+def cmd_fabric(args) -> int:
+    """`embtier fabric ...`: the shaped-link test bed (clients/fabric.py); needs root, no daemon."""
+    from . import fabric
+
+    try:
+        args.rate_bits_per_second = fabric.parse_rate(args.rate) if "rate" in args else None
+        args.delay_seconds = fabric.parse_delay(args.delay) if "delay" in args else None
+        FABRIC_COMMANDS[args.fabric_command](fabric, args)
+    except fabric.FabricError as e:  # a sentence of its own ("embtier fabric needs root ...")
+        print(e, file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"embtier fabric: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("embtier fabric: interrupted (the test bed of this command is down)", file=sys.stderr)
+        return 130
+    return 0
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="embtier", description="Command line of the embtier daemon.")
     p.add_argument("--target", default=os.environ.get("EMBTIER_TARGET") or default_target(),
@@ -356,6 +476,39 @@ def parse_args(argv):
     s.add_argument("--pooling-factor", type=int, default=32)
     s.add_argument("--alpha", type=float, default=1.05)
     s.add_argument("--raw", action="store_true", help="Lookup the raw rows instead of LookupPooled")
+    s = sub.add_parser("fabric", help="the shaped-link test bed (root): host and switch network namespaces "
+                       "joined by a veth pair shaped with tc")
+    fabric_sub = s.add_subparsers(dest="fabric_command", required=True)
+    for name, text in (("up", "bring the test bed up and leave it up"),
+                       ("down", "remove the test bed and stop everything running in it"),
+                       ("status", "what exists: namespaces, veth, addresses, qdiscs, processes"),
+                       ("run", ("bring the test bed up, serve embtierd in the switch namespace, run the load "
+                                "generator (pooled, then raw) in the host namespace, tear down")),
+                       ("bench", ("the PIFS comparison: LookupPooled latency with offload host, device and switch "
+                                  "per link rate and pooling factor, measured, beside the modelled fabric"))):
+        f = fabric_sub.add_parser(name, help=text)
+        f.add_argument("--prefix", default="embtier", help="namespaces PREFIX-host and PREFIX-switch "
+                       "(default: %(default)s)")
+        if name in ("up", "run", "bench"):
+            f.add_argument("--rate", default="10gbit", help="rate of the host link, each way: 100mbit, 1gbit, "
+                           "25gbit (default: %(default)s)")
+            f.add_argument("--delay", default="0", help="one-way delay of the host link: 50us, 1ms (needs the "
+                           "netem qdisc; default: %(default)s)")
+        if name == "status":
+            f.add_argument("--json", action="store_true")
+        if name == "bench":
+            f.add_argument("--rates", default="1gbit,10gbit,25gbit", help="link rates, comma-separated "
+                           "(default: %(default)s)")
+            f.add_argument("--pooling-factors", default="8,32,128")
+            f.add_argument("--rounds", type=int, default=30, help="requests per mode per cell (default: %(default)s)")
+            f.add_argument("--seconds", type=float, default=40.0, help="at most this long per cell")
+        if name == "run":
+            f.add_argument("--rows", type=int, default=100_000)
+            f.add_argument("--dim", type=int, default=64)
+            f.add_argument("--duration", type=float, default=5.0, help="seconds per mode")
+            f.add_argument("--concurrency", type=int, default=2)
+            f.add_argument("--bags", type=int, default=512)
+            f.add_argument("--pooling-factor", type=int, default=32)
     args = p.parse_args(argv)
     if args.command == "simulate":
         args.granularity = args.granularity or ["row"]
@@ -373,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "simulate":  # offline: no daemon needed
         cmd_simulate(args)
         return 0
+    if args.command == "fabric":  # the test bed: no daemon to connect to
+        return cmd_fabric(args)
     try:
         tls = TlsOptions(args.ca, args.cert, args.key) if args.ca else None
         with Client(args.target, timeout=args.timeout, tls=tls) as client:
