@@ -3,7 +3,8 @@
     embtier [--target ADDR] tables | describe T | create T --rows N --dim D | drop T
             | import T FILE.npy | lookup T ID... | tiers | heat T | policy T [--set ...]
             | record T --ids N -o FILE.npy | simulate FILE.npy [--dram SIZES] [--cxl SIZES]
-            | bench --table T ...
+            | bench --table T ... | checkpoint [--kind K --bits B] | checkpoints | restore ID
+            | fabric up|down|status|run|bench   (the shaped-link test bed; root)
 """
 
 from __future__ import annotations
