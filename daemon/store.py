@@ -186,7 +186,7 @@ class Store:
                       NativeTable(name, num_rows, dim, dtype, shift, max_chunks), policy=policy)
         table.native.configure(self.config.kernels.prefetch_distance, self.config.kernels.heat_sample_shift)
         table.native.set_cxl_delay(self.tiers.cxl.injected_latency_ns)
-        table.cxl_port = (np.arange(num_rows) % self.cxl_ports).astype(np.uint8)  # until spread by heat
+        table.cxl_port = native.huge_array(num_rows, np.uint8)  # set for the rows placed in CXL (_fill)
         return table
 
     def install(self, tables, hold: contextlib.ExitStack | None = None) -> list[str]:
@@ -601,6 +601,8 @@ class Store:
         """Places rows [first, first + want) in tier, as far as it has room."""
         slots = self._space(table, tier.tier_id).take(want)
         table.native.loc[first: first + slots.size] = (tier.tier_id << table.native.tier_shift) | slots
+        if tier.tier_id == native.TIER_CXL:  # round robin over the ports until the engine spreads them by heat
+            table.cxl_port[first: first + slots.size] = np.arange(slots.size) % self.cxl_ports
         table.rows_by_tier[tier.tier_id] += slots.size
         return slots.size
 
