@@ -47,15 +47,15 @@ def part_names(ports: int) -> list[str]:
     return ["dram", *(f"cxl{p}" for p in range(ports)), "scm"]
 
 
-def spread(heat: np.ndarray, in_cxl: np.ndarray, ports: int, out: np.ndarray) -> None:
-    """Assigns the CXL rows (in_cxl) to ports by heat, hottest first, in snake order; writes out[row]
-    for those rows (uint8), leaves the others."""
+def spread(heat: np.ndarray, in_cxl: np.ndarray, ports: int, out: np.ndarray, first: int = 0) -> None:
+    """Assigns the CXL rows (in_cxl) to ports by heat, hottest first, in snake order; writes
+    out[row] = first + port for those rows (uint8), leaves the others."""
     rows = np.flatnonzero(in_cxl)
     if not rows.size:
         return
     order = rows[np.argsort(heat[rows], kind="stable")[::-1]]
     cycle, position = np.divmod(np.arange(order.size), ports)
-    out[order] = np.where(cycle % 2 == 0, position, ports - 1 - position).astype(np.uint8)
+    out[order] = (first + np.where(cycle % 2 == 0, position, ports - 1 - position)).astype(np.uint8)
 
 
 @dataclass

@@ -88,7 +88,7 @@ class Table:
     serial: int = 0  # unique per table created: a dropped and re-created name gets a new one
     scm_copy: np.ndarray | None = None   # per row: SCM slot of a clean or dirty copy (see Store._move), made on demand
     scm_dirty: np.ndarray | None = None  # per row: WriteRows changed it since its SCM copy was made
-    cxl_port: np.ndarray | None = None   # per row: its fabric port while it lives in CXL (daemon/fabric.py)
+    part: np.ndarray | None = None       # per row: its fabric part, 0 DRAM, 1 + port in CXL, 1 + ports SCM
     rows_by_port: dict[str, int] = field(default_factory=dict)  # as of the last assignment
 
 
@@ -186,7 +186,7 @@ class Store:
                       NativeTable(name, num_rows, dim, dtype, shift, max_chunks), policy=policy)
         table.native.configure(self.config.kernels.prefetch_distance, self.config.kernels.heat_sample_shift)
         table.native.set_cxl_delay(self.tiers.cxl.injected_latency_ns)
-        table.cxl_port = native.huge_array(num_rows, np.uint8)  # set for the rows placed in CXL (_fill)
+        table.part = native.huge_array(num_rows, np.uint8)  # set as rows are placed (_fill) and moved (_move)
         return table
 
     def install(self, tables, hold: contextlib.ExitStack | None = None) -> list[str]:
@@ -438,6 +438,7 @@ class Store:
             table.native.read_rows(moving, rows)
             table.native.write_slots(np.ascontiguousarray(new[write]), rows)
         table.native.publish(ids, new)  # from here on no lookup holds an old slot
+        table.part[ids] = self._parts_in(target, ids)
         from_scm = (old >> shift) == native.TIER_SCM
         if target != native.TIER_SCM and from_scm.any():
             if table.scm_copy is None:
@@ -508,27 +509,24 @@ class Store:
                                     np.ascontiguousarray(rows[first:first + batch_rows]))
 
     def spread_ports(self, name: str) -> None:
-        """Deals the table's CXL rows to the fabric ports by heat (fabric.spread)."""
+        """Deals the table's CXL rows to the fabric ports by heat (fabric.spread).  Called by the
+        tiering engine after its moves (the parts a move changes meanwhile are only accounting)."""
         table = self._get(name)
-        nt = table.native
-        in_cxl = (nt.loc >> nt.tier_shift) == native.TIER_CXL
-        fabric.spread(nt.heat, in_cxl, self.cxl_ports, table.cxl_port)
-        self._count_ports(table, in_cxl)
+        in_cxl = (table.part >= 1) & (table.part <= self.cxl_ports)
+        fabric.spread(table.native.heat, in_cxl, self.cxl_ports, table.part, first=1)
+        self._count_ports(table)
 
-    def _count_ports(self, table: Table, in_cxl: np.ndarray) -> None:
+    def _count_ports(self, table: Table) -> None:
         """CXL rows per port, as shown by describe (counted when ports are assigned, not per call)."""
-        counts = np.bincount(table.cxl_port[in_cxl], minlength=self.cxl_ports)
-        table.rows_by_port = {f"cxl{p}": int(n) for p, n in enumerate(counts[:self.cxl_ports])}
+        counts = np.bincount(table.part, minlength=len(self.part_names))
+        table.rows_by_port = {f"cxl{p}": int(counts[1 + p]) for p in range(self.cxl_ports)}
 
     def parts_of(self, name: str, ids: np.ndarray) -> np.ndarray:
         """The fabric part of each id's row (an index into part_names: dram, cxl ports, scm), int64."""
         table = self._get(name)
         ids = require(ids, "ids", np.int64, 1)
         self._check_ids(table, ids)
-        tier = (table.native.loc[ids] >> table.native.tier_shift).astype(np.int64)
-        return np.where(tier == native.TIER_DRAM, 0,
-                        np.where(tier == native.TIER_CXL, 1 + table.cxl_port[ids].astype(np.int64),
-                                 1 + self.cxl_ports))
+        return table.part[ids]
 
     def heat(self, name: str, writable: bool = False) -> np.ndarray:
         """The table's live access counters (a read-only view unless writable: the tiering policy ages them)."""
@@ -595,16 +593,22 @@ class Store:
             where = f"tier {pin} (the table is pinned there)" if pin else "the tiers"
             raise TierFullError(f"table {table.name!r} needs about {need} bytes and {where} cannot hold it "
                                 f"(largest free extent in bytes: {free})")
-        self._count_ports(table, (table.native.loc >> table.native.tier_shift) == native.TIER_CXL)
+        self._count_ports(table)
 
     def _fill(self, table: Table, tier, first: int, want: int) -> int:
         """Places rows [first, first + want) in tier, as far as it has room."""
         slots = self._space(table, tier.tier_id).take(want)
         table.native.loc[first: first + slots.size] = (tier.tier_id << table.native.tier_shift) | slots
-        if tier.tier_id == native.TIER_CXL:  # round robin over the ports until the engine spreads them by heat
-            table.cxl_port[first: first + slots.size] = np.arange(slots.size) % self.cxl_ports
+        table.part[first: first + slots.size] = self._parts_in(tier.tier_id, np.arange(first, first + slots.size))
         table.rows_by_tier[tier.tier_id] += slots.size
         return slots.size
+
+    def _parts_in(self, tier_id: int, ids: np.ndarray) -> np.ndarray:
+        """The fabric parts of rows arriving in a tier (CXL: round robin over the ports until the
+        tiering engine deals them by heat)."""
+        if tier_id == native.TIER_CXL:
+            return (1 + ids % self.cxl_ports).astype(np.uint8)
+        return np.full(ids.size, 0 if tier_id == native.TIER_DRAM else 1 + self.cxl_ports, dtype=np.uint8)
 
     def _space(self, table: Table, tier_id: int) -> SlotSpace:
         """The table's slots in a tier (made on first use); call under self._lock."""
@@ -664,5 +668,5 @@ class Store:
             name=table.name, num_rows=table.num_rows, dim=table.dim, dtype=table.dtype,
             rows_by_tier=dict(zip(names, table.rows_by_tier)), bytes_by_tier=bytes_by,
             emulated_by_tier={t.name: t.emulated for t in self.tiers},
-            metadata_bytes=metadata + table.cxl_port.nbytes, version=table.version,
+            metadata_bytes=metadata + table.part.nbytes, version=table.version,
             rows_by_port=dict(table.rows_by_port))

@@ -52,3 +52,23 @@ def test_traffic_follows_the_closed_form(offload, device, host):
     config = FabricConfig(device_link_bytes_per_second=1e9, host_link_bytes_per_second=2e9, hop_latency_ns=100)
     slowest = max(device.values())
     assert traffic.modelled_seconds(config) == pytest.approx(200e-9 + slowest / 1e9 + host / 2e9)
+
+
+def test_a_rows_part_follows_its_moves(store_factory):
+    store = store_factory(dram="64K", cxl="64K")   # 1024 rows of 64 bytes in each
+    store.create_table("t", 5000, 16)
+    scm = 1 + store.cxl_ports
+    # placed in id order: rows 0-1023 in DRAM, 1024-2047 in CXL (round robin over the ports), the rest on SCM
+    assert store.parts_of("t", np.array([0, 1500, 1501, 4000])).tolist() == \
+        [0, 1 + 1500 % store.cxl_ports, 1 + 1501 % store.cxl_ports, scm]
+    ids = np.array([4000, 4001, 4002, 4003, 4004])
+    store.move_rows("t", np.arange(0, 5), "scm")     # room in DRAM
+    store.move_rows("t", ids, "dram")
+    assert store.parts_of("t", ids).tolist() == [0] * 5
+    store.move_rows("t", np.arange(1024, 1029), "scm")  # room in CXL
+    store.move_rows("t", ids, "cxl")
+    assert all(1 <= p <= store.cxl_ports for p in store.parts_of("t", ids).tolist())
+    store.move_rows("t", ids, "scm")
+    assert store.parts_of("t", ids).tolist() == [scm] * 5
+    with pytest.raises(Exception, match=r"ids\[0\] = 5000 is out of range"):
+        store.parts_of("t", np.array([5000]))
