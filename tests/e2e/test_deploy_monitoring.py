@@ -70,6 +70,8 @@ PANELS = {
     "Time since last checkpoint": Sane(0.0, 3600.0, positive=False),
     "Resident memory": Sane(),
     "Available memory": Sane(),
+    "Fabric bytes/s by offload and link": Sane(),
+    "Modelled fabric transfer p99 (modelled, not measured)": SECONDS,
 }
 RECORDING_RULES = {
     "embtier:rows_served:rate5m": Sane(),
@@ -82,7 +84,7 @@ RECORDING_RULES = {
     "embtier:tier_used_ratio": RATIO,
     "embtier:wal_fsync_duration_seconds:p99_rate5m": SECONDS,
 }
-ROWS = ("Traffic", "Tiers", "Tiering", "Pooled path", "Durability", "Process")
+ROWS = ("Traffic", "Tiers", "Tiering", "Pooled path", "Durability", "Process", "Fabric (PIFS emulation)")
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
