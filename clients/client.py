@@ -379,17 +379,15 @@ class Client:
         out = {}
         for r in reply.results:
             lengths, weights = inputs[r.table]
-            if r.rows:  # host: pool the rows here
-                rows = np.frombuffer(r.rows, dtype=dt).reshape(-1, r.dim).astype(np.float32)
-                out[r.table] = pool_rows(rows, lengths, weights, mode)
+            if r.values:  # switch: pooled by the daemon
+                out[r.table] = np.frombuffer(r.values, dtype=dt).reshape(r.num_bags, r.dim).astype(
+                    np.float32, copy=False)
             elif r.parts:  # device: add the ports' partials here
                 partials = np.frombuffer(r.partials, dtype=dt).reshape(len(r.parts), r.num_bags, r.dim)
                 out[r.table] = combine_partials(partials.astype(np.float32), lengths, mode)
-            elif r.values or not r.num_bags or not r.dim:
-                out[r.table] = np.frombuffer(r.values, dtype=dt).reshape(r.num_bags, r.dim).astype(
-                    np.float32, copy=False)
-            else:  # device mode with no row at all: every bag is empty
-                out[r.table] = np.zeros((r.num_bags, r.dim), dtype=np.float32)
+            else:  # host: pool the rows here (none at all when every bag is empty)
+                rows = np.frombuffer(r.rows, dtype=dt).reshape(-1, r.dim).astype(np.float32)
+                out[r.table] = pool_rows(rows, lengths, weights, mode)
         f = reply.fabric
         traffic = FabricTraffic(OFFLOAD_NAMES[f.offload], dict(f.device_link_bytes), f.host_link_bytes,
                                 f.modelled_seconds)

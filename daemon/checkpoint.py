@@ -125,7 +125,6 @@ class Checkpointer:
         self._lock = threading.Lock()  # one checkpoint or restore at a time; guards the state below
         self._last = 0                 # the checkpoint the store's state continues from (0: none)
         self._full = 0                 # the full checkpoint of its chain
-        self._full_bytes = 0
         self._since_full_bytes = 0     # bytes written by checkpoints since that full one
         self._changed: dict[int, _Changed] = {}  # by table serial
         self._stop = threading.Event()
@@ -260,10 +259,11 @@ class Checkpointer:
             bitmaps.since_checkpoint[:] = 0
             if full:
                 bitmaps.since_full[:] = 0
-        self._changed = {serial: c for serial, c in self._changed.items() if any(c is v for v in changed.values())}
+        live = {id(c) for c in changed.values()}  # (tables dropped since are forgotten)
+        self._changed = {serial: c for serial, c in self._changed.items() if id(c) in live}
         self._last = manifest["id"]
         if full:
-            self._full, self._full_bytes = manifest["id"], fmt.size_bytes(self.root, manifest)
+            self._full = manifest["id"]
         self._since_full_bytes = manifest["since_full_bytes"]
 
     def _retain(self) -> None:
@@ -362,46 +362,29 @@ class Checkpointer:
     def _restored_tables(self, chain: list[dict]):
         """For Store.install: per table of the chain's newest checkpoint, its spec, its rows as batches
         (the newest whole entry, then every later entry), and its heat."""
-        out = []
-        for entry in chain[-1]["tables"]:
-            layers = []
-            for manifest in reversed(chain):
-                match = [e for e in manifest["tables"] if e["name"] == entry["name"]]
-                if not match or any(match[0][k] != entry[k] for k in ("num_rows", "dim", "dtype")):
-                    raise CorruptCheckpointError(f"checkpoint {manifest['id']}: table {entry['name']!r} has no "
-                                                 f"whole copy in the chain of checkpoint {chain[-1]['id']}")
-                layers.append((manifest, match[0]))
-                if match[0]["whole"]:
-                    break
-            out.append((entry, self._batches(layers[::-1]), self._heat(chain[-1], entry)))
-        return out
+        return [(entry, self._batches(_layers(chain, entry)), fmt.read_heat(self.root, chain[-1], entry))
+                for entry in chain[-1]["tables"]]
 
     def _batches(self, layers):
         stride = native.row_stride(layers[0][1]["dim"], layers[0][1]["dtype"])
         for manifest, entry in layers:
             yield fmt.read_table(self.root, manifest, entry, stride)
 
-    def _heat(self, manifest: dict, entry: dict) -> np.ndarray:
-        return fmt.read_heat(self.root, manifest, entry)
-
     def _continue_from(self, chain: list[dict]) -> None:
         """Sets the change bitmaps and chain state as they were right after chain[-1] was published."""
         head = chain[-1]
         self._last, self._full = head["id"], chain[0]["id"]
-        self._full_bytes = fmt.size_bytes(self.root, chain[0])
         self._since_full_bytes = head["since_full_bytes"]
         self._changed = {}
-        full_tables = {e["name"] for e in chain[0]["tables"]}
         for entry in head["tables"]:
-            name, num_rows = entry["name"], entry["num_rows"]
+            num_rows = entry["num_rows"]
+            layers = _layers(chain, entry)
             since_full = _words(num_rows)
-            if name not in full_tables:  # created after the full checkpoint: every row is new since
+            if layers[0][0] is not chain[0]:  # its whole copy came after the full one: every row is new since
                 since_full[:] = ALL_BITS
-            for manifest in chain[1:]:
-                for layer in (e for e in manifest["tables"] if e["name"] == name):
-                    since_full |= ALL_BITS if layer["whole"] else \
-                        _words_of(fmt.read_ids(self.root, manifest, layer), num_rows)
-            self._changed[self.store.serial(name)] = _Changed(_words(num_rows), since_full)
+            for manifest, layer in layers[1:]:
+                since_full |= _words_of(fmt.read_ids(self.root, manifest, layer), num_rows)
+            self._changed[self.store.serial(entry["name"])] = _Changed(_words(num_rows), since_full)
 
     # ---- schedule -----------------------------------------------------------------
 
@@ -427,6 +410,22 @@ class Checkpointer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+
+def _layers(chain: list[dict], entry: dict) -> list[tuple[dict, dict]]:
+    """The (manifest, table entry) pairs of the chain that rebuild the table of entry (a table entry
+    of the chain's newest checkpoint), oldest first: its newest whole copy, then every later entry."""
+    layers = []
+    for manifest in reversed(chain):
+        match = [e for e in manifest["tables"] if e["name"] == entry["name"]]
+        if not match or any(match[0][k] != entry[k] for k in ("num_rows", "dim", "dtype")):
+            raise CorruptCheckpointError(f"checkpoint {manifest['id']}: table {entry['name']!r} has no whole copy "
+                                         f"in the chain of checkpoint {chain[-1]['id']}")
+        layers.append((manifest, match[0]))
+        if match[0]["whole"]:
+            return layers[::-1]
+    raise CorruptCheckpointError(f"table {entry['name']!r} has no whole copy in the chain of checkpoint "
+                                 f"{chain[-1]['id']}")
 
 
 def _row_bytes(spec: dict, quant_bits: int) -> int:

@@ -39,8 +39,6 @@ import numpy as np
 
 from .config import FabricConfig
 
-OFFLOADS = ("host", "device", "switch")
-
 
 def part_names(ports: int) -> list[str]:
     """Names of the fabric's parts: dram, cxl0 .. cxl<ports-1>, scm."""

@@ -486,18 +486,6 @@ class Store:
         return {"name": name, "num_rows": table.num_rows, "dim": table.dim, "dtype": table.dtype,
                 **table.policy.to_dict()}
 
-    def load_encoded(self, name: str, ids: np.ndarray, rows: np.ndarray) -> None:
-        """Stores rows exactly as encoded ([len(ids), stride] uint8, e.g. from read_encoded) at ids,
-        without logging them (a checkpoint being restored)."""
-        table = self._get(name)
-        ids = require(ids, "ids", np.int64, 1)
-        if rows.shape != (ids.size, table.stride):
-            raise InvalidArgumentError(f"rows of table {name!r} have shape {rows.shape}; expected "
-                                       f"({ids.size}, {table.stride})")
-        self._check_ids(table, ids)
-        with table.write_lock:
-            self._write_encoded(table, ids, rows)
-
     def take_dirty(self, name: str) -> np.ndarray:
         """The table's rows written since the last call, as a bitmap (see NativeTable.take_dirty)."""
         return self._get(name).native.take_dirty()

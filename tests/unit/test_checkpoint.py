@@ -117,6 +117,24 @@ def test_a_table_created_after_the_full_checkpoint_goes_whole_into_the_next_one(
     wal.close()
 
 
+def test_a_restart_continues_a_chain_over_a_table_recreated_smaller(tmp_path, store_factory):
+    store, wal, ck = open_store(tmp_path, store_factory)
+    store.create_table("f", 1000, 8, initializer="uniform", seed=1)
+    ck.take("full")
+    store.write_rows("f", np.array([900, 950]), np.ones((2, 8), dtype=np.float32))
+    ck.take("incremental")                        # ids 900, 950 of the old table
+    store.drop_table("f")
+    store.create_table("f", 300, 8, initializer="uniform", seed=2)
+    ck.take("incremental")                        # the new table, whole
+    expected = all_rows(store, "f")
+    wal.close()
+    restored, wal, ck = open_store(tmp_path, store_factory)
+    np.testing.assert_array_equal(all_rows(restored, "f"), expected)
+    # every row of the new table changed since the full checkpoint: a differential holds them all
+    assert ck.take("differential").rows_written == 300
+    wal.close()
+
+
 def test_auto_writes_a_full_checkpoint_once_the_differentials_cost_more(tmp_path, store_factory):
     store, wal, ck = open_store(tmp_path, store_factory, keep=20, auto_full_ratio=1.0)
     store.create_table("f", 1000, 16, initializer="uniform", seed=1)
