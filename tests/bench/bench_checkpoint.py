@@ -32,7 +32,7 @@ rep by rep and the ratio is the median of per-rep ratios.  Also "interval"
 and "off" with one writer, for the cost of the fsync itself.
 
 Run from the repository root:
-  .venv/bin/python -m tests.bench.bench_checkpoint [--quick] [--only checkpoints|wal]
+  .venv/bin/python -m tests.bench.bench_checkpoint [--quick] [--only checkpoints|wal|quantizer]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 from embtier.loadgen import ZipfIds
-from embtierd import codec, config
+from embtierd import codec, config, native
 from embtierd.checkpoint import Checkpointer
 from embtierd.config import CheckpointConfig
 from embtierd.journal import Journal
@@ -213,13 +213,42 @@ def bench_checkpoints(root: Path, rows: int) -> None:
           " adaptive error below plain at 4 and 2 bits")
 
 
+def bench_quantizer(rows: int, reps: int, threads: int) -> None:
+    """Quantizer speed on one table's worth of rows, as ratios to copying the same rows (memory speed),
+    interleaved rep by rep; rows/s beside them."""
+    values = np.random.default_rng(0).normal(0, 0.1, (rows, DIM)).astype(np.float32)
+    codes, lo, scale = native.quantize(values, 4, True, True)
+    calls = {"copy (baseline)": values.copy,
+             "minmax 4-bit": lambda: native.quantize(values, 4, False, True),
+             "adaptive 4-bit": lambda: native.quantize(values, 4, True, True),
+             "adaptive 8-bit": lambda: native.quantize(values, 8, True, True),
+             "dequantize 4-bit": lambda: native.dequantize(codes, lo, scale, DIM, 4)}
+    seconds = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            seconds[name].append(time.perf_counter() - start)
+    base = np.median(seconds["copy (baseline)"])
+    print(f"quantizer: {rows} x {DIM} float32, {threads} kernel thread(s), median of {reps}")
+    for name, s in seconds.items():
+        print(f"  {name:<18} {np.median(s) / base:6.2f}x the copy   {rows / np.median(s) / 1e6:6.2f} M rows/s")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 256K-row table and shorter log runs")
-    parser.add_argument("--only", choices=["checkpoints", "wal"])
+    parser.add_argument("--only", choices=["checkpoints", "wal", "quantizer"])
+    parser.add_argument("--threads", type=int, default=2, help="kernel threads for the quantizer part")
     parser.add_argument("--dir", default=str(Path(__file__).resolve().parents[2] / ".state" / "bench"))
     args = parser.parse_args()
     reps, seconds = (3, 1.0) if args.quick else (10, 3.0)
+    if args.only in (None, "quantizer"):
+        native.set_kernel_threads(args.threads)
+        bench_quantizer((256 << 10) if args.quick else ROWS, reps, args.threads)
+        native.set_kernel_threads(1)
+        if args.only == "quantizer":
+            return 0
     if args.only != "wal":
         shm = Path("/dev/shm")
         root = Path(tempfile.mkdtemp(prefix="embtier-bench-ckpt-", dir=shm if shm.is_dir() else args.dir))
