@@ -1,5 +1,5 @@
 """embtier client package: `from embtier import Client`."""
 
-from .client import Client, EmbtierClientError, TableInfo, TablePolicy, TierInfo, TlsOptions, Trace
+from .client import Client, EmbtierClientError, PortInfo, TableInfo, TablePolicy, TierInfo, TlsOptions, Trace
 
-__all__ = ["Client", "EmbtierClientError", "TableInfo", "TablePolicy", "TierInfo", "TlsOptions", "Trace"]
+__all__ = ["Client", "EmbtierClientError", "PortInfo", "TableInfo", "TablePolicy", "TierInfo", "TlsOptions", "Trace"]

@@ -77,6 +77,10 @@ def cmd_tiers(c: Client, args) -> None:
         where = t.path or (f"NUMA node {t.numa_node}" if t.numa_node >= 0 else "")
         print(f"{t.name:5} {human_bytes(t.used_bytes):>12} used of {human_bytes(t.capacity_bytes):>12}  "
               f"{'emulated ' if t.emulated else ''}{where}")
+        for p in t.ports:
+            node = f"NUMA node {p.numa_node}" if p.numa_node >= 0 else "emulated"
+            print(f"  port {p.name:5} {human_bytes(p.used_bytes):>10} used of {human_bytes(p.capacity_bytes):>10}  "
+                  f"{node}")
 
 
 def cmd_heat(c: Client, args) -> None:

@@ -74,6 +74,14 @@ class TableInfo:
 
 
 @dataclass(frozen=True)
+class PortInfo:
+    name: str
+    numa_node: int  # -1 when emulated
+    capacity_bytes: int
+    used_bytes: int
+
+
+@dataclass(frozen=True)
 class TierInfo:
     name: str
     capacity_bytes: int
@@ -81,6 +89,7 @@ class TierInfo:
     numa_node: int
     emulated: bool
     path: str
+    ports: list[PortInfo] = field(default_factory=list)  # the CXL tier's ports
 
 
 def _table_info(m: pb.TableInfo) -> TableInfo:
@@ -279,7 +288,8 @@ class Client:
         return _table_info(self._call("DescribeTable", pb.DescribeTableRequest(name=name)))
 
     def tiers(self) -> list[TierInfo]:
-        return [TierInfo(t.name, t.capacity_bytes, t.used_bytes, t.numa_node, t.emulated, t.path)
+        return [TierInfo(t.name, t.capacity_bytes, t.used_bytes, t.numa_node, t.emulated, t.path,
+                         [PortInfo(p.name, p.numa_node, p.capacity_bytes, p.used_bytes) for p in t.ports])
                 for t in self._call("GetTiers", pb.GetTiersRequest()).tiers]
 
     def heat(self, table: str) -> tuple[list[str], dict[str, list[int]]]:

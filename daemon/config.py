@@ -81,6 +81,7 @@ auto_full_ratio = 1.0
 [fabric]
 offload = "switch"
 cxl_ports = 4
+rebalance_tolerance = 0.1
 device_link_bytes_per_second = 31.5e9
 host_link_bytes_per_second = 63.0e9
 hop_latency_ns = 40
@@ -124,11 +125,14 @@ def parse_size(value: Any, field: str, available_bytes: int | None = None) -> in
 
 @dataclass(frozen=True)
 class MemoryTierConfig:
-    """A DRAM or CXL tier: anonymous memory bound to NUMA nodes."""
+    """A DRAM or CXL tier: anonymous memory bound to NUMA nodes.
+
+    nodes (TOML tiers.cxl.node: "auto", an id or a list of ids) is None for auto-detection: every
+    CPU-less node with memory, or a tier emulated in DRAM when there is none."""
 
     capacity_bytes: int
     huge_pages: bool
-    node: int | None = None  # CXL only: the CPU-less node; None = auto-detect
+    nodes: tuple[int, ...] | None = None  # CXL only: CPU-less nodes (one fabric port each); None = auto
     emulated_latency_ns: int = 0  # CXL only: latency injected per row when the tier is emulated in DRAM
 
 
@@ -160,14 +164,16 @@ class FabricConfig:
 
     offload: where pooling happens when a request does not say ("host", "device", "switch").
     cxl_ports: devices an emulated CXL tier is split into (a real tier has one port per CPU-less
-    node it uses).  The links are modelled, never measured: device_link_bytes_per_second is one
-    port's link to the switch (CXL 2.0 over PCIe 5.0 x8: 32 GT/s x 8 lanes x 128/130 = 31.5 GB/s),
+    node it uses).  rebalance_tolerance: how far above the mean the busiest port's heat may be
+    before the tiering engine moves rows between ports (0.1 = 10 %).  The links are modelled,
+    never measured: device_link_bytes_per_second is one port's link to the switch (CXL 2.0 over PCIe 5.0 x8: 32 GT/s x 8 lanes x 128/130 = 31.5 GB/s),
     host_link_bytes_per_second the switch's link to the host (x16: 63 GB/s), hop_latency_ns the
     latency of each hop (a CXL memory access through a pool costs 70-90 ns more than local DRAM,
     Pond, ASPLOS'23; two hops of 40 ns)."""
 
     offload: str = "switch"
     cxl_ports: int = 4
+    rebalance_tolerance: float = 0.1
     device_link_bytes_per_second: float = 31.5e9
     host_link_bytes_per_second: float = 63.0e9
     hop_latency_ns: float = 40.0
@@ -304,12 +310,19 @@ def _bool(section: dict, key: str, field: str) -> bool:
     return value
 
 
-def _node(value: Any, field: str) -> int | None:
-    if value == "auto":
+def _nodes(value: Any, field: str) -> tuple[int, ...] | None:
+    """None for "auto", else the node ids of one id or a non-empty list of distinct ids, in order."""
+    if isinstance(value, str) and value == "auto":
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{field}: expected \"auto\" or a NUMA node id, got {value!r}")
-    return value
+    ids = list(value) if isinstance(value, list | tuple) else [value]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"{field}: expected \"auto\", a NUMA node id or a non-empty list of node ids "
+                          f"(ids >= 0), got {value!r}")
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ConfigError(f"{field}: node id(s) {', '.join(map(str, duplicates))} listed more than once "
+                          f"in {value!r}")
+    return tuple(ids)
 
 
 def _pem_path(section: dict, key: str, field: str) -> Path | None:
@@ -488,6 +501,7 @@ def _fabric(section: dict) -> FabricConfig:
     return FabricConfig(
         offload=offload,
         cxl_ports=_int(section, "cxl_ports", "fabric.cxl_ports", 1, 64),
+        rebalance_tolerance=_number(section, "rebalance_tolerance", "fabric.rebalance_tolerance", 0, 100),
         device_link_bytes_per_second=_number(section, "device_link_bytes_per_second",
                                              "fabric.device_link_bytes_per_second", 1e6, 1e13),
         host_link_bytes_per_second=_number(section, "host_link_bytes_per_second",
@@ -530,8 +544,9 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
     durability = _section(doc, "durability", {"wal", "fsync", "fsync_interval_seconds", "checkpoints"})
     checkpoints = _section(doc, "durability.checkpoints", {"interval_seconds", "kind", "quant_bits", "quantizer",
                                                            "keep", "auto_full_ratio"})
-    fabric = _section(doc, "fabric", {"offload", "cxl_ports", "device_link_bytes_per_second",
-                                      "host_link_bytes_per_second", "hop_latency_ns"})
+    fabric = _section(doc, "fabric", {"offload", "cxl_ports", "rebalance_tolerance",
+                                      "device_link_bytes_per_second", "host_link_bytes_per_second",
+                                      "hop_latency_ns"})
     kern = _section(doc, "kernels", {"kernel_threads", "prefetch_distance", "heat_sample_shift", "scm_queue_depth"})
     server = _section(doc, "server", {"listen", "metrics_listen", "max_message_bytes", "max_ids_per_request",
                                       "grace_seconds", "worker_threads", "listen_interface", "listen_port",
@@ -548,7 +563,7 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
     cxl_config = MemoryTierConfig(
         capacity_bytes=parse_size(cxl["capacity"], "tiers.cxl.capacity", available_bytes),
         huge_pages=_bool(cxl, "huge_pages", "tiers.cxl.huge_pages"),
-        node=_node(cxl["node"], "tiers.cxl.node"),
+        nodes=_nodes(cxl["node"], "tiers.cxl.node"),
         emulated_latency_ns=_int(cxl, "emulated_latency_ns", "tiers.cxl.emulated_latency_ns",
                                  0, 1_000_000),
     )

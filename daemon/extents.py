@@ -18,11 +18,13 @@ class Extent:
 
 
 class ExtentAllocator:
-    def __init__(self, capacity: int, align: int):
+    def __init__(self, capacity: int, align: int, base: int = 0):
+        """Extents of [base, base + capacity) (capacity rounded down to the alignment)."""
         capacity -= capacity % align  # every free range stays a multiple of align
         self.capacity = capacity
         self.align = align
-        self._free: list[tuple[int, int]] = [(0, capacity)] if capacity else []  # (offset, length)
+        self.base = base
+        self._free: list[tuple[int, int]] = [(base, capacity)] if capacity else []  # (offset, length)
         self.used = 0
 
     def _round(self, nbytes: int) -> int:
@@ -43,6 +45,10 @@ class ExtentAllocator:
 
     def largest_free(self) -> int:
         return max((length for _, length in self._free), default=0)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.used
 
     def release(self, extent: Extent) -> None:
         i = bisect.bisect_left(self._free, (extent.offset, 0))

@@ -2,13 +2,17 @@
 pooling happens, and what crosses each link.
 
 Ports.  The CXL tier is one or more ports (devices): one per CPU-less NUMA
-node on a host that has them, else fabric.cxl_ports emulated ones.  Which
-port a CXL row is on is decided by heat ("embedding spreading"): after each
-tiering interval the table's CXL rows, hottest first, are dealt to the ports
-in snake order (0, 1, ..., P-1, P-1, ..., 0, 0, 1, ...), so that no port
-gets the hot rows and the load stays even.  On an emulated tier a port is a
-label (no bytes move); DRAM and SCM rows count as two more ports ("dram",
-"scm") of the fabric: parts are dram, cxl0 .. cxl<P-1>, scm.
+node on a host that has them, else fabric.cxl_ports emulated ones; each
+port is a segment of the tier's memory (bound to its node), so a row's port
+is where its bytes are.  Rows are spread over the ports by heat so that hot
+rows do not pile onto one device ("embedding spreading"): rows arriving in
+the CXL tier are dealt to the ports by water-filling their heat over the
+ports' loads (deal), and after each tiering interval, when the busiest
+port's load (the heat of its rows) is more than fabric.rebalance_tolerance
+above the mean, hot rows of busy ports trade places with cold rows of idle
+ones (rebalance; the rows really move, within the migration budget).  DRAM
+and SCM rows count as two more parts of the fabric: parts are dram,
+cxl0 .. cxl<P-1>, scm.
 
 Offload modes (the `offload` of a request, else fabric.offload):
   host    every row of the request crosses the port links and the host link;
@@ -45,15 +49,78 @@ def part_names(ports: int) -> list[str]:
     return ["dram", *(f"cxl{p}" for p in range(ports)), "scm"]
 
 
-def spread(heat: np.ndarray, in_cxl: np.ndarray, ports: int, out: np.ndarray, first: int = 0) -> None:
-    """Assigns the CXL rows (in_cxl) to ports by heat, hottest first, in snake order; writes
-    out[row] = first + port for those rows (uint8), leaves the others."""
-    rows = np.flatnonzero(in_cxl)
-    if not rows.size:
-        return
-    order = rows[np.argsort(heat[rows], kind="stable")[::-1]]
-    cycle, position = np.divmod(np.arange(order.size), ports)
-    out[order] = (first + np.where(cycle % 2 == 0, position, ports - 1 - position)).astype(np.uint8)
+def _water_fill(load: np.ndarray, heat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ports from the least loaded up, the cumulative heat each can take before all are level):
+    how heat (sorted hottest first) is poured into ports with the given loads."""
+    order = np.argsort(load, kind="stable")
+    level_load = load[order]
+    total = float(heat.sum())
+    k = np.arange(1, load.size + 1)
+    levels = (total + np.cumsum(level_load)) / k  # the common level if the k least loaded ports take it all
+    filled = int(np.flatnonzero((levels >= level_load) & np.r_[levels[:-1] <= level_load[1:], True])[0]) + 1
+    share = np.maximum(0.0, levels[filled - 1] - level_load)
+    return order, np.cumsum(share)
+
+
+def deal(heat: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """Ports for rows arriving in the CXL tier, given their heat and the ports' loads: rows with
+    heat are poured hottest first into the least loaded ports until the loads are as level as they
+    can get; rows without heat go round robin, in their order.  Returns the port of each row (int64)."""
+    ports = np.empty(heat.size, dtype=np.int64)
+    order = np.argsort(heat, kind="stable")[::-1]
+    warm = int(np.count_nonzero(heat))
+    if warm:
+        h = heat[order[:warm]].astype(np.float64)
+        by_load, bounds = _water_fill(load.astype(np.float64), h)
+        middle = np.cumsum(h) - h / 2
+        ports[order[:warm]] = by_load[np.minimum(np.searchsorted(bounds, middle, side="right"), load.size - 1)]
+    ports[np.sort(order[warm:])] = np.arange(heat.size - warm) % load.size
+    return ports
+
+
+def port_loads(heat: np.ndarray, port: np.ndarray, ports: int) -> np.ndarray:
+    """Heat on each port (float64), from the heat and port of its rows."""
+    return np.bincount(port, weights=heat, minlength=ports)[:ports].astype(np.float64)
+
+
+def rebalance(heat: np.ndarray, port: np.ndarray, ports: int, tolerance: float,
+              max_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Trades that level the ports' loads: (hot, cold) index arrays into heat/port, as many of each;
+    hot[i] (on a port loaded above the mean) moves to port[cold[i]] and cold[i] (the coldest rows of
+    a port below the mean) to port[hot[i]], so that every port keeps its row count.  Nothing when
+    the busiest port is within tolerance of the mean.  The hot rows chosen on a busy port are its
+    hottest that still fit in its excess over the mean; the most useful trades come first."""
+    none = np.empty(0, dtype=np.int64)
+    load = port_loads(heat, port, ports)
+    mean = load.mean()
+    if max_pairs <= 0 or mean <= 0 or load.max() <= (1 + tolerance) * mean:
+        return none, none
+    excess = load - mean
+    by_port = np.lexsort((-heat.astype(np.int64), port))  # rows grouped by port, hottest first
+    starts = np.searchsorted(port[by_port], np.arange(ports + 1))
+    hot = []
+    for p in np.flatnonzero(excess > 0):
+        rows = by_port[starts[p]:starts[p + 1]]
+        h = heat[rows].astype(np.float64)
+        fits = rows[(h > 0) & (h <= excess[p])]
+        hot.append(fits[np.cumsum(heat[fits].astype(np.float64)) <= excess[p]])
+    hot = np.concatenate(hot) if hot else none
+    hot = hot[np.argsort(heat[hot], kind="stable")[::-1]][:max_pairs]
+    deficit = np.maximum(0.0, mean - load)
+    light = np.flatnonzero(deficit > 0)
+    h = heat[hot].astype(np.float64)
+    slot = np.searchsorted(np.cumsum(deficit[light]), np.cumsum(h) - h / 2, side="right")
+    keep = slot < light.size
+    hot, target = hot[keep], light[slot[keep]]
+    pairs_hot, pairs_cold = [], []
+    for q in np.unique(target):
+        going = hot[target == q]
+        coldest = by_port[starts[q]:starts[q + 1]][::-1][:going.size]  # (grouped hottest first)
+        pairs_hot.append(going[:coldest.size])
+        pairs_cold.append(coldest)
+    if not pairs_hot:
+        return none, none
+    return np.concatenate(pairs_hot).astype(np.int64), np.concatenate(pairs_cold).astype(np.int64)
 
 
 @dataclass

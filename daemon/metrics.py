@@ -9,6 +9,7 @@ labels (method, code, table, tier).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import psutil
@@ -39,6 +40,14 @@ class StoreCollector:
             capacity.add_metric([t.name], t.capacity_bytes)
             used.add_metric([t.name], t.used_bytes)
             emulated.add_metric([t.name], int(t.emulated))
+        port_capacity = GaugeMetricFamily("embtier_fabric_port_capacity_bytes", "Capacity of each CXL port (a "
+                                          "CPU-less NUMA node, or an emulated segment: numa_node -1).",
+                                          labels=["port", "numa_node"])
+        port_used = GaugeMetricFamily("embtier_fabric_port_used_bytes", "Bytes of each CXL port holding rows.",
+                                      labels=["port"])
+        for p in self.store.port_infos():
+            port_capacity.add_metric([p.name, str(p.numa_node)], p.capacity_bytes)
+            port_used.add_metric([p.name], p.used_bytes)
         rows = GaugeMetricFamily("embtier_table_rows", "Rows of each table whose home is each tier.",
                                  labels=["table", "tier"])
         metadata = GaugeMetricFamily("embtier_table_metadata_bytes", "Placement map, counters and chunk tables.",
@@ -58,7 +67,7 @@ class StoreCollector:
         info = InfoMetricFamily("embtier_build", "Build of the daemon.")
         info.add_metric([], {"version": __version__, "isa": native.isa(),
                              "scm_io": "aio" if native.scm_async() else "pread"})
-        yield from (capacity, used, emulated, rows, ports, metadata, rss, available, info)
+        yield from (capacity, used, emulated, port_capacity, port_used, rows, ports, metadata, rss, available, info)
 
 
 class WalCollector:
@@ -88,7 +97,14 @@ class Metrics:
                                   ["method"], registry=r)
         self.migrations = Counter("embtier_migrations", "Rows moved between tiers, by direction.", ["from", "to"],
                                   registry=r)
-        self.migrated_bytes = Counter("embtier_migrated_bytes", "Row bytes moved between tiers.", registry=r)
+        self.migrated_bytes = Counter("embtier_migrated_bytes", "Row bytes copied by the tiering engine (moves "
+                                      "between tiers and between CXL ports).", registry=r)
+        self.port_moves = Counter("embtier_fabric_port_moved_rows", "Rows copied to level the heat of a table's "
+                                  "CXL rows over the fabric ports (three copies per trade), by table.", ["table"],
+                                  registry=r)
+        self.port_balance = Gauge("embtier_fabric_port_balance_ratio", "Heat of the busiest CXL port / the mean "
+                                  "port's, by table, after the last tiering interval (1 = even).", ["table"],
+                                  registry=r)
         self.tiering_seconds = Histogram("embtier_tiering_interval_duration_seconds",
                                          "Time one tiering interval (plan and moves) took.", buckets=LATENCY_BUCKETS,
                                          registry=r)
@@ -127,10 +143,18 @@ class Metrics:
             self.migrations.labels(src, dst).inc(n)
         self.migrated_bytes.inc(moved_bytes)
 
+    def ports_balanced(self, table: str, rows_copied: int, balance: float) -> None:
+        """One table's port levelling in an interval: rows copied, busiest port / mean after."""
+        self.port_moves.labels(table).inc(rows_copied)
+        self.port_balance.labels(table).set(balance)
+
     def tiering_interval(self, seconds: float, backlog_rows: dict[str, int]) -> None:
         self.tiering_seconds.observe(seconds)
         for table in set(self._backlog_tables) - set(backlog_rows):
             self.backlog.remove(table)
+            for metric in (self.port_moves, self.port_balance):
+                with contextlib.suppress(KeyError):
+                    metric.remove(table)
         for table, rows in backlog_rows.items():
             self.backlog.labels(table).set(rows)
         self._backlog_tables = set(backlog_rows)

@@ -185,6 +185,15 @@ def mem_map(nbytes: int, nodes: list[int] | None, huge: bool) -> tuple[int, int,
     return int(ffi.cast("uintptr_t", addr)), bind_err[0], huge_err[0]
 
 
+def mem_bind(address: int, nbytes: int, nodes: list[int]) -> int:
+    """Binds the pages of [address, address + nbytes) to nodes (mbind MPOL_BIND); the errno, 0 on success.
+
+    address must be 4 KiB aligned; pages already placed are not moved."""
+    words, maxnode = nodemask_words(nodes)
+    mask = ffi.new("unsigned long[]", words) if words else ffi.NULL
+    return int(lib.et_mem_bind(ffi.cast("void *", address), nbytes, mask, maxnode))
+
+
 def mem_unmap(address: int, nbytes: int) -> None:
     lib.et_mem_unmap(ffi.cast("void *", address), nbytes)
 

@@ -140,9 +140,12 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         return table_info(self.store.describe(request.name))
 
     def GetTiers(self, request, context):
+        ports = [pb.PortInfo(name=p.name, numa_node=p.numa_node, capacity_bytes=p.capacity_bytes,
+                             used_bytes=p.used_bytes) for p in self.store.port_infos()]
         return pb.GetTiersResponse(tiers=[
             pb.TierInfo(name=t.name, capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes,
-                        numa_node=t.numa_node, emulated=t.emulated, path=t.path)
+                        numa_node=t.numa_node, emulated=t.emulated, path=t.path,
+                        ports=ports if t.name == "cxl" else [])
             for t in self.store.tier_infos()])
 
     def GetHeat(self, request, context):

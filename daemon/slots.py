@@ -4,8 +4,10 @@ Slots are numbered per tier and grouped in chunks of 2^chunk_shift; chunk c
 holds slots [c << shift, (c + 1) << shift) and is backed by one extent of the
 tier's arena, allocated when the first of its slots is handed out (the last
 chunk of a tier may hold fewer rows, when the tier ran out of room).  Slots
-given back by the mover are handed out again first.  Not thread-safe: the
-store calls it under its lock.
+given back by the mover are handed out again first.  Each chunk lies on one
+port of the tier (a segment of its arena: see tier_base); take() can be
+asked for slots on a given port.  Not thread-safe: the store calls it under
+its lock.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class SlotSpace:
         self.next = 0                 # first slot never handed out
         self.free = np.empty(0, dtype=np.uint32)
         self.limit_rows: int | None = None  # the table's own limit in this tier: no chunk grows past it
+        self.chunk_port = np.zeros(table.max_chunks, dtype=np.uint8)  # the tier port each chunk lies on
 
     @property
     def chunk_rows(self) -> int:
@@ -45,8 +48,9 @@ class SlotSpace:
         per_block = 4096 // self.stride
         return (nbytes // 4096) * per_block if per_block else nbytes // native.scm_chunk_bytes(self.stride, 1)
 
-    def _grow(self) -> bool:
-        """Backs the next chunk with an extent (a whole chunk, or what still fits); False when the tier is full."""
+    def _grow(self, port: int | None = None) -> bool:
+        """Backs the next chunk with an extent (a whole chunk, or what still fits) on the port (any
+        when None); False when there is no room."""
         chunk = len(self.extents)
         if chunk >= self.table.max_chunks:
             return False
@@ -55,10 +59,10 @@ class SlotSpace:
             rows = min(rows, self.limit_rows - self.capacity)
             if rows <= 0:
                 return False
-        extent = self.tier.allocate(self._bytes(rows))
+        extent = self.tier.allocate(self._bytes(rows), port)
         if extent is None:
-            rows = min(rows, self._rows_fitting(self.tier.largest_free()))
-            extent = self.tier.allocate(self._bytes(rows)) if rows else None
+            rows = min(rows, self._rows_fitting(self.tier.largest_free(port)))
+            extent = self.tier.allocate(self._bytes(rows), port) if rows else None
         if extent is None:
             return False
         if self.tier.tier_id == native.TIER_SCM:
@@ -66,21 +70,32 @@ class SlotSpace:
             self.table.set_scm_chunk(chunk, extent.offset)
         else:
             self.table.set_chunk(self.tier.tier_id, chunk, self.tier.address(extent))
+        self.chunk_port[chunk] = self.tier.port_of(extent.offset)
         self.extents.append(extent)
         self.held.append(rows)
         return True
 
-    def take(self, count: int) -> np.ndarray:
-        """Up to count free slots (uint32), fewer when the tier runs out of room."""
-        parts = [self.free[:count]]
-        self.free = self.free[count:]
+    def take(self, count: int, port: int | None = None) -> np.ndarray:
+        """Up to count free slots (uint32) on the port (any when None), fewer when it runs out of room."""
+        if port is None:
+            mine = np.arange(min(count, self.free.size))
+        else:
+            mine = np.flatnonzero(self.chunk_port[self.free >> self.shift] == port)[:count]
+        parts = [self.free[mine]]
+        self.free = np.delete(self.free, mine)
         need = count - parts[0].size
         while need > 0:
             chunk, offset = self.next >> self.shift, self.next & (self.chunk_rows - 1)
             if chunk < len(self.extents) and offset >= self.held[chunk]:
                 self.next = (chunk + 1) << self.shift  # past the end of a partial chunk
                 continue
-            if chunk >= len(self.extents) and not self._grow():
+            if chunk < len(self.extents) and port is not None and self.chunk_port[chunk] != port:
+                # the chunk being handed out lies on another port: its untouched slots wait in the free list
+                end = (chunk << self.shift) + self.held[chunk]
+                self.free = np.concatenate([self.free, np.arange(self.next, end, dtype=np.uint32)])
+                self.next = (chunk + 1) << self.shift
+                continue
+            if chunk >= len(self.extents) and not self._grow(port):
                 break
             n = min(need, self.held[chunk] - offset)
             parts.append(np.arange(self.next, self.next + n, dtype=np.uint32))
@@ -150,6 +165,10 @@ class SlotSpace:
         if self.next < (chunk << self.shift) + keep and taken.size:  # fresh slots handed out by the caller
             self.next = max(self.next, int(taken.max()) + 1)
         return released
+
+    def ports_of(self, slots: np.ndarray) -> np.ndarray:
+        """The tier port of each slot (uint8)."""
+        return self.chunk_port[slots >> self.shift]
 
     def give_back(self, slots: np.ndarray) -> None:
         self.free = np.concatenate([self.free, slots.astype(np.uint32)])

@@ -89,7 +89,8 @@ class Table:
     scm_copy: np.ndarray | None = None   # per row: SCM slot of a clean or dirty copy (see Store._move), made on demand
     scm_dirty: np.ndarray | None = None  # per row: WriteRows changed it since its SCM copy was made
     part: np.ndarray | None = None       # per row: its fabric part, 0 DRAM, 1 + port in CXL, 1 + ports SCM
-    rows_by_port: dict[str, int] = field(default_factory=dict)  # as of the last assignment
+    rows_by_port: dict[str, int] = field(default_factory=dict)  # as of the last tiering interval
+    port_load: np.ndarray | None = None  # heat on each CXL port: counted each interval, kept up by moves
 
 
 def _tier_counter(tier_rows: np.ndarray | None) -> np.ndarray | None:
@@ -132,7 +133,7 @@ class Store:
         self._lock = threading.Lock()  # guards the two above and the tiers' extent allocators
         self.journal = None  # a journal.Journal once the write-ahead log is replayed: operations are logged
         # the fabric ports of the CXL tier: one per CPU-less node it uses, or the configured emulated ones
-        self.cxl_ports = config.fabric.cxl_ports if self.tiers.cxl.emulated else 1
+        self.cxl_ports = self.tiers.cxl.ports
         self.part_names = fabric.part_names(self.cxl_ports)
         log.info("kernels: %s, %d thread(s), SCM reads %s", native.isa(), config.kernels.kernel_threads,
                  "batched with Linux AIO" if native.scm_async() else "by pread (AIO refused)")
@@ -180,13 +181,15 @@ class Store:
         stride = native.row_stride(dim, dtype)
         shift = chunk_shift_for(stride, num_rows)
         # Chunks a tier may give the table: twice what num_rows needs, because a chunk cut short by a
-        # full tier leaves its slot range partly unusable and later growth starts a new chunk.
-        max_chunks = min(2 * -(-num_rows >> shift), (1 << 30) >> shift)
+        # full tier (or a full CXL port) leaves its slot range partly unusable and later growth starts a
+        # new chunk, plus two per CXL port, so that even a table of one chunk can spread over the ports.
+        max_chunks = min(2 * -(-num_rows >> shift) + 2 * self.cxl_ports, (1 << 30) >> shift)
         table = Table(name, num_rows, dim, dtype, stride, shift,
                       NativeTable(name, num_rows, dim, dtype, shift, max_chunks), policy=policy)
         table.native.configure(self.config.kernels.prefetch_distance, self.config.kernels.heat_sample_shift)
         table.native.set_cxl_delay(self.tiers.cxl.injected_latency_ns)
         table.part = native.huge_array(num_rows, np.uint8)  # set as rows are placed (_fill) and moved (_move)
+        table.port_load = np.zeros(self.cxl_ports, dtype=np.float64)
         return table
 
     def install(self, tables, hold: contextlib.ExitStack | None = None) -> list[str]:
@@ -288,6 +291,7 @@ class Store:
                 new = ((tier << shift) | slots).astype(np.uint32)
                 table.native.write_slots(new, rows)
                 table.native.publish(ids, new)  # from here on no lookup holds a slot beyond the cut
+                table.part[ids] = self._slot_parts(table, tier, slots)
             with self._lock:
                 return space.cut(limit, slots)
 
@@ -317,6 +321,11 @@ class Store:
 
     def tier_infos(self):
         return [tier.info() for tier in self.tiers]
+
+    def port_infos(self):
+        """The CXL tier's ports: name, NUMA node (-1 emulated), capacity and used bytes."""
+        with self._lock:
+            return self.tiers.cxl.port_infos()
 
     def close(self) -> None:
         with self._lock:
@@ -417,7 +426,8 @@ class Store:
             has_copy = table.scm_copy[ids] != NO_SCM_COPY  # these need no room: their slot is there
         need = int(ids.size - np.count_nonzero(has_copy))
         with self._lock:
-            slots = self._space(table, target).take(need)
+            space = self._space(table, target)
+            slots = self._cxl_slots(table, space, ids) if target == native.TIER_CXL else space.take(need)
         if slots.size < need:  # the tier is full: the rows before the first one without a slot move
             cut = int(np.flatnonzero(~has_copy)[slots.size])
             ids, has_copy = ids[:cut], has_copy[:cut]
@@ -438,7 +448,7 @@ class Store:
             table.native.read_rows(moving, rows)
             table.native.write_slots(np.ascontiguousarray(new[write]), rows)
         table.native.publish(ids, new)  # from here on no lookup holds an old slot
-        table.part[ids] = self._parts_in(target, ids)
+        self._set_parts(table, ids, self._slot_parts(table, target, slot))
         from_scm = (old >> shift) == native.TIER_SCM
         if target != native.TIER_SCM and from_scm.any():
             if table.scm_copy is None:
@@ -496,18 +506,70 @@ class Store:
             table.native.write_rows(np.ascontiguousarray(ids[first:first + batch_rows]),
                                     np.ascontiguousarray(rows[first:first + batch_rows]))
 
-    def spread_ports(self, name: str) -> None:
-        """Deals the table's CXL rows to the fabric ports by heat (fabric.spread).  Called by the
-        tiering engine after its moves (the parts a move changes meanwhile are only accounting)."""
+    def spread_ports(self, name: str, max_rows: int = 1 << 62, batch_rows: int = 8192) -> int:
+        """Levels the heat of the table's CXL rows over the fabric ports (fabric.rebalance): hot rows
+        of busy ports trade places with cold rows of idle ones, each trade three copies (the hot row
+        to a spare slot, the cold row into its old slot, the hot row into the cold one's), at most
+        max_rows copies, in batches during which the table's writes wait.  The spare slots are free
+        CXL slots of the table, else SCM slots (the rows bounced there are served from SCM for the
+        moment).  Called by the tiering engine after its moves; returns the rows copied."""
         table = self._get(name)
-        in_cxl = (table.part >= 1) & (table.part <= self.cxl_ports)
-        fabric.spread(table.native.heat, in_cxl, self.cxl_ports, table.part, first=1)
+        copied = 0
+        if self.cxl_ports > 1:
+            rows = np.flatnonzero((table.part >= 1) & (table.part <= self.cxl_ports))
+            heat, port = table.native.heat[rows], table.part[rows].astype(np.int64) - 1
+            hot, cold = fabric.rebalance(heat, port, self.cxl_ports, self.config.fabric.rebalance_tolerance,
+                                         max_rows // 3)
+            table.port_load = fabric.port_loads(heat, port, self.cxl_ports)
+            hot, cold = rows[hot], rows[cold]
+            for first in range(0, hot.size, batch_rows):
+                with table.write_lock:
+                    copied += self._trade(table, hot[first:first + batch_rows], cold[first:first + batch_rows])
         self._count_ports(table)
+        return copied
+
+    def _trade(self, table: Table, hot: np.ndarray, cold: np.ndarray) -> int:
+        """Swaps the homes of CXL rows hot[i] and cold[i] through spare slots (under the write lock);
+        pairs no longer both in CXL are skipped.  Returns the rows copied."""
+        shift = table.native.tier_shift
+        mask = (1 << shift) - 1
+        in_cxl = ((table.native.loc[hot] >> shift) == native.TIER_CXL) & \
+                 ((table.native.loc[cold] >> shift) == native.TIER_CXL)
+        hot, cold = np.ascontiguousarray(hot[in_cxl]), np.ascontiguousarray(cold[in_cxl])
+        with self._lock:
+            spare_tier, spare = native.TIER_CXL, self._space(table, native.TIER_CXL).take(hot.size)
+            if spare.size < hot.size:
+                self._space(table, native.TIER_CXL).give_back(spare)
+                spare_tier, spare = native.TIER_SCM, self._space(table, native.TIER_SCM).take(hot.size)
+        hot, cold = hot[:spare.size], cold[:spare.size]
+        if hot.size:
+            hot_slots, cold_slots = table.native.loc[hot] & mask, table.native.loc[cold] & mask
+            self._relocate(table, hot, spare_tier, spare)
+            self._relocate(table, cold, native.TIER_CXL, hot_slots)
+            self._relocate(table, hot, native.TIER_CXL, cold_slots)
+        with self._lock:
+            self._space(table, spare_tier).give_back(spare)  # (the hot rows have left them)
+        return 3 * int(hot.size)
+
+    def _relocate(self, table: Table, ids: np.ndarray, tier: int, slots: np.ndarray) -> None:
+        """Copies rows into the given free slots of a tier and points them there (the old slots are
+        the caller's to reuse: no lookup holds them once this returns)."""
+        new = ((tier << table.native.tier_shift) | slots).astype(np.uint32)
+        rows = np.empty((ids.size, table.stride), dtype=np.uint8)
+        table.native.read_rows(ids, rows)
+        table.native.write_slots(new, rows)
+        table.native.publish(ids, new)
+        self._set_parts(table, ids, self._slot_parts(table, tier, slots))
 
     def _count_ports(self, table: Table) -> None:
         """CXL rows per port, as shown by describe (counted when ports are assigned, not per call)."""
         counts = np.bincount(table.part, minlength=len(self.part_names))
         table.rows_by_port = {f"cxl{p}": int(counts[1 + p]) for p in range(self.cxl_ports)}
+
+    def port_balance(self, name: str) -> float:
+        """Busiest CXL port's heat / the mean port's, as of the last interval (1.0 without heat)."""
+        load = self._get(name).port_load
+        return float(load.max() / load.mean()) if load is not None and load.mean() > 0 else 1.0
 
     def parts_of(self, name: str, ids: np.ndarray) -> np.ndarray:
         """The fabric part of each id's row (an index into part_names: dram, cxl ports, scm), int64."""
@@ -587,16 +649,41 @@ class Store:
         """Places rows [first, first + want) in tier, as far as it has room."""
         slots = self._space(table, tier.tier_id).take(want)
         table.native.loc[first: first + slots.size] = (tier.tier_id << table.native.tier_shift) | slots
-        table.part[first: first + slots.size] = self._parts_in(tier.tier_id, np.arange(first, first + slots.size))
+        table.part[first: first + slots.size] = self._slot_parts(table, tier.tier_id, slots)
         table.rows_by_tier[tier.tier_id] += slots.size
         return slots.size
 
-    def _parts_in(self, tier_id: int, ids: np.ndarray) -> np.ndarray:
-        """The fabric parts of rows arriving in a tier (CXL: round robin over the ports until the
-        tiering engine deals them by heat)."""
+    def _slot_parts(self, table: Table, tier_id: int, slots: np.ndarray) -> np.ndarray:
+        """The fabric parts of slots of a tier: 0 DRAM, 1 + the port of the slot's chunk in CXL, 1 + ports SCM."""
         if tier_id == native.TIER_CXL:
-            return (1 + ids % self.cxl_ports).astype(np.uint8)
-        return np.full(ids.size, 0 if tier_id == native.TIER_DRAM else 1 + self.cxl_ports, dtype=np.uint8)
+            return 1 + table.slots[tier_id].ports_of(slots)
+        return np.full(slots.size, 0 if tier_id == native.TIER_DRAM else 1 + self.cxl_ports, dtype=np.uint8)
+
+    def _set_parts(self, table: Table, ids: np.ndarray, parts: np.ndarray) -> None:
+        """Points rows at their new parts, keeping the ports' heat up to date."""
+        heat = table.native.heat[ids].astype(np.float64)
+        minlength = self.cxl_ports + 2
+        table.port_load += (np.bincount(parts, weights=heat, minlength=minlength) -
+                            np.bincount(table.part[ids], weights=heat, minlength=minlength))[1:1 + self.cxl_ports]
+        table.part[ids] = parts
+
+    def _cxl_slots(self, table: Table, space: SlotSpace, ids: np.ndarray) -> np.ndarray:
+        """Slots for rows arriving in the CXL tier, each on the port fabric.deal picks for its heat
+        (another when that port is full); fewer when the tier is short (then the rows before the
+        first one left without a slot take them).  Call under self._lock."""
+        if self.cxl_ports == 1:
+            return space.take(ids.size)
+        want = fabric.deal(table.native.heat[ids], table.port_load)
+        slots = np.empty(ids.size, dtype=np.uint32)
+        got = np.zeros(ids.size, dtype=bool)
+        for port in range(self.cxl_ports):
+            mine = np.flatnonzero(want == port)
+            taken = space.take(mine.size, port)
+            slots[mine[:taken.size]], got[mine[:taken.size]] = taken, True
+        missing = np.flatnonzero(~got)
+        taken = space.take(missing.size)
+        slots[missing[:taken.size]], got[missing[:taken.size]] = taken, True
+        return slots if got.all() else slots[got]
 
     def _space(self, table: Table, tier_id: int) -> SlotSpace:
         """The table's slots in a tier (made on first use); call under self._lock."""

@@ -62,7 +62,7 @@ class ScmTier(ArenaTier):
         if self.capacity_bytes > free:
             log.warning("tier scm: capacity %d bytes exceeds the %d bytes free on %s", self.capacity_bytes,
                         free, self.path.parent)
-        self._alloc = ExtentAllocator(self.capacity_bytes, BLOCK)
+        self._allocs = [ExtentAllocator(self.capacity_bytes, BLOCK)]
 
     def info(self) -> TierInfo:
         return TierInfo(self.name, self.capacity_bytes, self.used_bytes, -1, False, str(self.path))

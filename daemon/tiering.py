@@ -8,7 +8,10 @@
   room, then swaps them against the coldest rows above when the policy finds
   the swap worth it (hysteresis), demotes rows over a table's own limit, and
   moves a pinned table's rows to its tier;
-- mover: Store.move_rows, the only code that changes a row's home.
+- mover: Store.move_rows, the only code that changes a row's home between
+  tiers; Store.spread_ports then levels the heat of the CXL rows over the
+  fabric's ports (rows trade places between ports, within what is left of
+  the budget).
 
 The migration budget (bandwidth x interval, in bytes) is shared by all
 tables; the table served first rotates each interval so that none starves.
@@ -116,17 +119,19 @@ class TieringEngine:
                                       TIER_NAMES.index(pin) if pin else None)
                 for tier in (0, 1):
                     self.store.trim(name, tier)  # memory over the table's own limit goes back to the tier
-                self.store.spread_ports(name)  # the CXL rows over the fabric ports, by heat
+                left = max(0, budget_bytes) // stride - result.rows_moved
+                traded = self.store.spread_ports(name, left) if time.monotonic() < deadline else 0
             except NotFoundError:  # dropped meanwhile
                 self._state.pop(name, None)
                 continue
             state.backlog_rows, state.moved_rows = result.backlog_rows, result.rows_moved
-            budget_bytes -= result.rows_moved * stride
+            budget_bytes -= (result.rows_moved + traded) * stride
             table_moves = {(TIER_NAMES[src], TIER_NAMES[dst]): n for (src, dst), n in result.moved.items()}
             for key, n in table_moves.items():
                 moved[key] = moved.get(key, 0) + n
             if self.metrics is not None:
-                self.metrics.migrated(table_moves, result.rows_moved * stride)
+                self.metrics.migrated(table_moves, (result.rows_moved + traded) * stride)
+                self.metrics.ports_balanced(name, traded, self.store.port_balance(name))
         self.intervals += 1
         if self.metrics is not None:
             self.metrics.tiering_interval(time.perf_counter() - start,

@@ -11,9 +11,9 @@ import logging
 from dataclasses import dataclass
 
 from .config import Config
-from .tier_memory import MemoryTier
+from .tier_memory import MemoryTier, PortSpec
 from .tier_scm import ScmTier
-from .topology import Topology, pick_cxl_node
+from .topology import Topology, pick_cxl_nodes
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,21 @@ class Tiers:
 
 
 def open_tiers(config: Config, topology: Topology) -> Tiers:
-    """Maps DRAM on the nodes with CPUs, CXL on a CPU-less node (or emulated), opens the SCM file."""
+    """Maps DRAM on the nodes with CPUs, CXL with one port per CPU-less node (or emulated ports in
+    DRAM), opens the SCM file."""
     cpu_nodes = list(topology.cpu_nodes)
-    cxl_node = pick_cxl_node(topology, config.cxl.node)
-    dram = MemoryTier("dram", config.dram.capacity_bytes, cpu_nodes, config.dram.huge_pages, emulated=False)
-    if cxl_node is None:
-        cxl = MemoryTier("cxl", config.cxl.capacity_bytes, cpu_nodes, config.cxl.huge_pages, emulated=True)
+    cxl_nodes = pick_cxl_nodes(topology, config.cxl.nodes)
+    dram = MemoryTier("dram", config.dram.capacity_bytes, [PortSpec(cpu_nodes)], config.dram.huge_pages,
+                      emulated=False)
+    if not cxl_nodes:
+        cxl = MemoryTier("cxl", config.cxl.capacity_bytes, [PortSpec(cpu_nodes)] * config.fabric.cxl_ports,
+                         config.cxl.huge_pages, emulated=True)
     else:
-        cxl = MemoryTier("cxl", config.cxl.capacity_bytes, [cxl_node], config.cxl.huge_pages, emulated=False)
+        # each node a port, its share of the capacity in proportion to its memory (equal shares when
+        # a configured node does not report its size)
+        sizes = [topology.node(n).mem_total_bytes for n in cxl_nodes]
+        ports = [PortSpec([n], size if min(sizes) > 0 else 1, n) for n, size in zip(cxl_nodes, sizes)]
+        cxl = MemoryTier("cxl", config.cxl.capacity_bytes, ports, config.cxl.huge_pages, emulated=False)
     dram.injected_latency_ns = 0
     cxl.injected_latency_ns = injected_latency_ns(config, cxl)
     scm = ScmTier(config.scm.capacity_bytes, config.scm.path, config.scm.read_align_bytes)

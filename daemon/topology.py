@@ -2,9 +2,10 @@
 
 This module owns reading the host's NUMA layout from sysfs (which nodes exist,
 which CPUs and how much memory each holds), the Linux cpulist text format, the
-nodemask encoding that mbind(2) expects, and the choice of which NUMA node backs
-the CXL tier. CXL Type-3 memory expanders show up in Linux as CPU-less NUMA
-nodes, so "CPU-less node with memory" is what makes a node a CXL candidate.
+nodemask encoding that mbind(2) expects, and the choice of which NUMA nodes back
+the CXL tier (each one a port of the CXL fabric). CXL Type-3 memory expanders
+show up in Linux as CPU-less NUMA nodes, so "CPU-less node with memory" is what
+makes a node a CXL candidate.
 
 It only reads files; it never changes memory policy itself.
 """
@@ -27,7 +28,7 @@ __all__ = [
     "format_cpulist",
     "nodemask_words",
     "parse_cpulist",
-    "pick_cxl_node",
+    "pick_cxl_nodes",
 ]
 
 _WORD_BITS = 64
@@ -242,22 +243,29 @@ def nodemask_words(nodes: Iterable[int]) -> tuple[list[int], int]:
     return words, _WORD_BITS * len(words) + 1
 
 
-def pick_cxl_node(topo: Topology, configured: int | None) -> int | None:
-    """Choose the NUMA node that backs the CXL tier.
+def pick_cxl_nodes(topo: Topology, configured: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Choose the NUMA nodes that back the CXL tier, one fabric port each.
 
-    A configured id must exist and be CPU-less (CXL Type-3 memory is a CPU-less
-    node); otherwise TopologyError says why. Without configuration, the first
-    CPU-less node that reports memory is used, or None when the host has none
+    Configured ids are kept in the order given; each must exist and be CPU-less
+    (CXL Type-3 memory is a CPU-less node) and appear once, else TopologyError
+    names the offending id. Without configuration, every CPU-less node that
+    reports memory is used, in id order; an empty tuple when the host has none
     (the caller then emulates the CXL tier in DRAM).
     """
     if configured is None:
-        return next((n.id for n in topo.nodes if not n.has_cpus and n.mem_total_bytes > 0), None)
-    node = topo.node(configured)
-    if node.has_cpus:
-        cpuless = format_cpulist(topo.cpuless_nodes)
-        raise TopologyError(
-            f"configured CXL node {configured} has CPUs ({format_cpulist(node.cpus)}); CXL Type-3 memory "
-            f"appears as a CPU-less node (CPU-less nodes here: {cpuless}); "
-            "leave it unset to auto-detect or emulate CXL in DRAM"
-        )
-    return configured
+        return tuple(n.id for n in topo.nodes if not n.has_cpus and n.mem_total_bytes > 0)
+    seen: set[int] = set()
+    for node_id in configured:
+        if node_id in seen:
+            raise TopologyError(f"configured CXL node {node_id} is listed twice in {list(configured)}; "
+                                "each CPU-less node is one port of the CXL fabric")
+        seen.add(node_id)
+        node = topo.node(node_id)
+        if node.has_cpus:
+            cpuless = format_cpulist(topo.cpuless_nodes)
+            raise TopologyError(
+                f"configured CXL node {node_id} has CPUs ({format_cpulist(node.cpus)}); CXL Type-3 memory "
+                f"appears as a CPU-less node (CPU-less nodes here: {cpuless}); "
+                "leave it unset to auto-detect or emulate CXL in DRAM"
+            )
+    return tuple(configured)

@@ -46,6 +46,11 @@ typedef struct et_table et_table;
 void *et_mem_map(uint64_t bytes, const unsigned long *nodemask, uint64_t maxnode,
                  int huge, int *err, int *bind_err, int *huge_err);
 int et_mem_unmap(void *addr, uint64_t bytes);
+/* Binds [addr, addr + bytes rounded up to 4 KiB pages) to the nodes of
+ * nodemask (maxnode as for mbind) with MPOL_BIND; pages already placed stay
+ * where they are.  Returns 0 or an errno: EINVAL when addr is not 4 KiB
+ * aligned or bytes is 0, else mbind's (EINVAL for a node that does not exist). */
+int et_mem_bind(void *addr, uint64_t bytes, const unsigned long *nodemask, uint64_t maxnode);
 
 /* ---- tables ------------------------------------------------------------ */
 /* Bytes one row takes in storage (4-byte aligned; int8 rows carry scale and bias). */

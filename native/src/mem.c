@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #define ET_HUGE_PAGE (2ull << 20)
+#define ET_PAGE 4096ull
 #define ET_MPOL_BIND 2
 
 void *et_mem_map(uint64_t bytes, const unsigned long *nodemask, uint64_t maxnode,
@@ -37,6 +38,13 @@ void *et_mem_map(uint64_t bytes, const unsigned long *nodemask, uint64_t maxnode
         *bind_err = errno;
     if (huge && madvise(start, len, MADV_HUGEPAGE) != 0) *huge_err = errno;
     return start;
+}
+
+int et_mem_bind(void *addr, uint64_t bytes, const unsigned long *nodemask, uint64_t maxnode) {
+    if (((uintptr_t)addr & (ET_PAGE - 1)) != 0 || bytes == 0 || bytes > UINT64_MAX - (ET_PAGE - 1))
+        return EINVAL;
+    uint64_t len = (bytes + ET_PAGE - 1) & ~(ET_PAGE - 1);
+    return syscall(SYS_mbind, addr, len, ET_MPOL_BIND, nodemask, maxnode, 0) == 0 ? 0 : errno;
 }
 
 int et_mem_unmap(void *addr, uint64_t bytes) {

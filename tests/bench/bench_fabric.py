@@ -1,13 +1,17 @@
 """Benchmark of the emulated fabric's own costs and balance (in process, no root needed).
 
 1. Port balance: a 100K x 16 table whose DRAM holds 4096 rows and CXL 16384
-   (4 emulated ports); Zipf(1.05) lookups build heat, one tiering interval
-   moves and spreads the rows, then fresh Zipf traffic is counted per port.
-   Printed: busiest port / mean for the heat spreading, against two
-   assignments measured on the same placement: contiguous slot ranges (one
-   device per address range) and round robin by id.  Two traces: Zipf ranks
-   scattered over the ids, and hot ids that are all multiples of 4 (the case
-   round robin by id cannot balance).
+   (4 emulated ports, each a quarter of the tier's memory); Zipf(1.05)
+   lookups build heat, one tiering interval moves the rows between tiers and
+   levels the ports, then fresh Zipf traffic is counted per port.  Printed:
+   busiest port / mean with the levelling (fabric.rebalance_tolerance 0.1),
+   against the same run without it (tolerance 100: rows keep the port they
+   were dealt on arrival, wherever the full tier had room), and against
+   round robin by id on the same placement; the rows the levelling copied,
+   as a share of the rows the interval moved between tiers, and its time as
+   a share of the interval's.  Two traces: Zipf ranks scattered over the
+   ids, and hot ids that are all multiples of 4 (the case round robin by id
+   cannot balance).
 2. Accounting cost: the per-request part lookup + count that LookupPooled's
    fabric accounting adds, as a ratio to the pooling kernel on the same
    16K ids (512 bags x 32), median of interleaved repetitions.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from embtier.loadgen import ZipfIds
@@ -30,32 +35,60 @@ from embtierd.tiering_config import TieringConfig
 ROWS, DIM, PORTS = 100_000, 16, 4
 
 
-def store_in(state: str, dram: str, cxl: str) -> Store:
+def store_in(state: str, dram: str, cxl: str, tolerance: float = 0.1) -> Store:
     return Store(config.load(overrides={"state_dir": state, "tiers": {"dram": {"capacity": dram}, "cxl": {
-        "capacity": cxl}, "scm": {"capacity": "64M"}}, "tiering": {"enabled": False}}))
+        "capacity": cxl}, "scm": {"capacity": "64M"}}, "tiering": {"enabled": False},
+        "fabric": {"rebalance_tolerance": tolerance}}))
 
 
-def balance(trace: str) -> tuple[float, float, float]:
-    """(heat spreading, contiguous slot ranges, round robin by id): busiest port / mean port load."""
+@dataclass
+class Balance:
+    levelled: float      # busiest port / mean, with the levelling
+    unlevelled: float    # the same without it
+    round_robin: float   # round robin by id over the CXL rows of the levelled run
+    copied_share: float  # rows the levelling copied / rows moved between tiers
+    time_share: float    # the levelling's time / the interval's
+
+
+def one_run(trace: str, tolerance: float) -> tuple[np.ndarray, np.ndarray, int, int, float, float]:
+    """(per-port load, round robin per-port load, rows moved between tiers, rows copied by the levelling,
+    levelling seconds, interval seconds) of one table through one tiering interval."""
     with tempfile.TemporaryDirectory() as state:
-        store = store_in(state, "256K", "1M")
+        store = store_in(state, "256K", "1M", tolerance)
         store.create_table("t", ROWS, DIM, initializer="uniform", seed=1)
         span, scale = (ROWS, 1) if trace == "scattered" else (ROWS // 4, 4)
         zipf = ZipfIds(span, 1.05, seed=3)
         rng = np.random.default_rng(0)
         for _ in range(20):
             store.lookup("t", scale * zipf.draw(rng, 20_000))
-        TieringEngine(store, TieringConfig(True, 1.0, 1 << 30, 0.25, aging_intervals=8)).run_once()
+        spread = store.spread_ports
+        timing = {"copied": 0, "seconds": 0.0}
+
+        def timed(name, max_rows):
+            start = time.perf_counter()
+            copied = spread(name, max_rows)
+            timing["seconds"] += time.perf_counter() - start
+            timing["copied"] += copied
+            return copied
+
+        store.spread_ports = timed
+        start = time.perf_counter()
+        moved = TieringEngine(store, TieringConfig(True, 1.0, 1 << 30, 0.25, aging_intervals=8)).run_once()
+        interval = time.perf_counter() - start
         ids = scale * zipf.draw(np.random.default_rng(1), 1_000_000)
-        table = store._tables["t"].native  # the placement map: which rows are in CXL, and their slots
-        in_cxl = (table.loc[ids] >> table.tier_shift) == 1
-        cxl_ids = ids[in_cxl]
-        heat = np.bincount(store.parts_of("t", cxl_ids), minlength=PORTS + 2)[1:1 + PORTS]
-        slots = table.loc[cxl_ids] & ((1 << table.tier_shift) - 1)
-        contiguous = np.bincount(slots * PORTS // (16384), minlength=PORTS)[:PORTS]
+        parts = store.parts_of("t", ids)
+        cxl_ids = ids[(parts >= 1) & (parts <= PORTS)]
+        load = np.bincount(parts, minlength=PORTS + 2)[1:1 + PORTS]
         round_robin = np.bincount(cxl_ids % PORTS, minlength=PORTS)
         store.close()
-    return tuple(float(c.max() / c.mean()) for c in (heat, contiguous, round_robin))
+    return load, round_robin, sum(moved.values()), timing["copied"], timing["seconds"], interval
+
+
+def balance(trace: str) -> Balance:
+    load, round_robin, moved, copied, seconds, interval = one_run(trace, 0.1)
+    unlevelled = one_run(trace, 100.0)[0]
+    ratio = [float(c.max() / c.mean()) for c in (load, unlevelled, round_robin)]
+    return Balance(*ratio, copied / moved, seconds / interval)
 
 
 def accounting_cost(reps: int = 30, calls: int = 50) -> float:
@@ -89,10 +122,12 @@ def accounting_cost(reps: int = 30, calls: int = 50) -> float:
 def main() -> int:
     print(f"port balance: busiest port / mean, {PORTS} emulated ports, Zipf(1.05), a table of {ROWS} rows with "
           f"16384 in CXL")
-    print(f"  {'trace':<22}{'heat spreading':>15}{'contiguous slots':>18}{'round robin by id':>19}")
+    print(f"  {'trace':<17}{'levelled':>9}{'not levelled':>14}{'round robin':>13}"
+          f"{'copies / tier moves':>21}{'time / interval':>17}")
     for trace in ("scattered", "multiples of 4"):
-        spread, contiguous, round_robin = balance(trace)
-        print(f"  {trace:<22}{spread:14.2f}x{contiguous:17.2f}x{round_robin:18.2f}x", flush=True)
+        b = balance(trace)
+        print(f"  {trace:<17}{b.levelled:8.2f}x{b.unlevelled:13.2f}x{b.round_robin:12.2f}x"
+              f"{b.copied_share:20.2f}x{b.time_share:16.2f}x", flush=True)
     print(f"accounting: part lookup + count = {accounting_cost():.2f}x the pooling kernel's time on the same "
           f"512 x 32 ids (in process)")
     return 0

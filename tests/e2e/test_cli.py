@@ -33,6 +33,8 @@ def test_table_commands(daemon, tmp_path):
     np.testing.assert_allclose(printed, values[3] + values[4], atol=1e-4)
     tiers = run(daemon, "tiers")
     assert "dram" in tiers.stdout and "emulated" in tiers.stdout
+    assert [line.split()[1] for line in tiers.stdout.splitlines() if line.startswith("  port ")] == \
+        ["cxl0", "cxl1", "cxl2", "cxl3"]
     assert run(daemon, "drop", "cli_t").returncode == 0
     missing = run(daemon, "describe", "cli_t")
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr

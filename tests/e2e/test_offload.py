@@ -88,6 +88,10 @@ def test_ports_show_in_describe_and_metrics_and_bad_offload_is_refused(daemon):
         info = c.describe("t")
         assert sorted(info.rows_by_port) == ["cxl0", "cxl1", "cxl2", "cxl3"]
         assert sum(info.rows_by_port.values()) == info.rows_by_tier["cxl"] == 32768
+        cxl = {t.name: t for t in c.tiers()}["cxl"]
+        assert [(p.name, p.numa_node) for p in cxl.ports] == [(f"cxl{i}", -1) for i in range(4)]
+        assert sum(p.capacity_bytes for p in cxl.ports) == cxl.capacity_bytes
+        assert sum(p.used_bytes for p in cxl.ports) == cxl.used_bytes > 0
         request = pb.LookupPooledRequest(features=[pb.FeatureBags(table="t", ids=np.arange(3).tobytes(),
                                                                   lengths=np.array([3], np.int32).tobytes())],
                                          offload=7)
@@ -105,5 +109,7 @@ def test_ports_show_in_describe_and_metrics_and_bad_offload_is_refused(daemon):
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(text) for s in f.samples}
     assert samples[("embtier_table_port_rows", (("port", "cxl0"), ("table", "t")))] == info.rows_by_port["cxl0"]
+    assert samples[("embtier_fabric_port_capacity_bytes", (("numa_node", "-1"), ("port", "cxl3")))] == \
+        cxl.ports[3].capacity_bytes
     assert samples[("embtier_fabric_bytes_total", (("link", "host"), ("offload", "host")))] > 0
     assert any(name == "embtier_fabric_modelled_transfer_seconds_count" for name, _ in samples)

@@ -12,11 +12,12 @@ from embtierd import config, native
 from embtierd.store import Store
 
 
-def make_config(state_dir, dram="64K", cxl="64K", scm="64M", **kernels):
+def make_config(state_dir, dram="64K", cxl="64K", scm="64M", fabric=None, **kernels):
     return config.load(overrides={
         "state_dir": str(state_dir),
         "tiers": {"dram": {"capacity": dram}, "cxl": {"capacity": cxl}, "scm": {"capacity": scm}},
         "kernels": kernels,
+        "fabric": fabric or {},
     })
 
 

@@ -35,14 +35,14 @@ def test_embedded_default_loads():
     cfg = config.load(available_bytes=8 * GiB)
     assert cfg.dram.capacity_bytes == 2 * GiB and cfg.cxl.capacity_bytes == 8 * GiB // 10
     assert cfg.scm.capacity_bytes == 16 * GiB and cfg.scm.path == cfg.state_dir / "scm.dat"
-    assert cfg.cxl.node is None and cfg.kernels.kernel_threads == 1 and cfg.kernels.heat_sample_shift == 3
+    assert cfg.cxl.nodes is None and cfg.kernels.kernel_threads == 1 and cfg.kernels.heat_sample_shift == 3
 
 
 def test_file_then_overrides(tmp_path):
     path = tmp_path / "embtierd.toml"
     path.write_text('state_dir = "/var/lib/x"\n[tiers.cxl]\nnode = 2\ncapacity = "1G"\n[kernels]\nkernel_threads = 2\n')
     cfg = config.load(path, overrides={"kernels": {"kernel_threads": 4}}, available_bytes=GiB)
-    assert str(cfg.state_dir) == "/var/lib/x" and cfg.cxl.node == 2 and cfg.cxl.capacity_bytes == GiB
+    assert str(cfg.state_dir) == "/var/lib/x" and cfg.cxl.nodes == (2,) and cfg.cxl.capacity_bytes == GiB
     assert cfg.kernels.kernel_threads == 4 and cfg.dram.huge_pages is True
 
 
@@ -51,13 +51,42 @@ def test_file_then_overrides(tmp_path):
     ({"bogus": 1}, r"unknown top-level key\(s\): bogus"),
     ({"kernels": {"kernel_threads": 0}}, r"kernels.kernel_threads: expected an integer in \[1, 256\], got 0"),
     ({"kernels": {"prefetch_distance": "far"}}, "kernels.prefetch_distance"),
-    ({"tiers": {"cxl": {"node": -1}}}, 'tiers.cxl.node: expected "auto" or a NUMA node id'),
+    ({"tiers": {"cxl": {"node": -1}}}, 'tiers.cxl.node: expected "auto", a NUMA node id or a non-empty list'),
     ({"tiers": {"dram": {"huge_pages": "yes"}}}, "tiers.dram.huge_pages: expected true or false"),
     ({"tiers": {"scm": {"read_align_bytes": 100}}}, "tiers.scm.read_align_bytes"),
 ])
 def test_bad_values_name_the_key(doc, message):
     with pytest.raises(ConfigError, match=message):
         config.load(overrides=doc, available_bytes=GiB)
+
+
+@pytest.mark.parametrize("value, expected", [("auto", None), (0, (0,)), (3, (3,)), ([2, 3], (2, 3)),
+                                             ([3, 2], (3, 2)), ([5], (5,))])
+def test_cxl_nodes(value, expected):
+    cfg = config.load(overrides={"tiers": {"cxl": {"node": value}}}, available_bytes=GiB)
+    assert cfg.cxl.nodes == expected and cfg.dram.nodes is None
+
+
+def test_cxl_node_list_from_file(tmp_path):
+    path = tmp_path / "embtierd.toml"
+    path.write_text("[tiers.cxl]\nnode = [4, 2, 3]\n")
+    assert config.load(path, available_bytes=GiB).cxl.nodes == (4, 2, 3)
+
+
+@pytest.mark.parametrize("value, shown", [
+    ([], r"\[\]"), (True, "True"), ([2, True], r"\[2, True\]"), ([2, -1], r"\[2, -1\]"), ("2", "'2'"),
+    ([2.0], r"\[2.0\]"), ("AUTO", "'AUTO'"), ([2, "auto"], r"\[2, 'auto'\]"),
+])
+def test_cxl_node_bad_values(value, shown):
+    with pytest.raises(ConfigError, match=rf'^tiers.cxl.node: expected "auto", a NUMA node id or a non-empty '
+                                          rf"list of node ids \(ids >= 0\), got {shown}$"):
+        config.load(overrides={"tiers": {"cxl": {"node": value}}}, available_bytes=GiB)
+
+
+def test_cxl_node_duplicates_refused():
+    with pytest.raises(ConfigError, match=r"^tiers.cxl.node: node id\(s\) 2, 3 listed more than once in "
+                                          r"\[2, 3, 4, 3, 2\]$"):
+        config.load(overrides={"tiers": {"cxl": {"node": [2, 3, 4, 3, 2]}}}, available_bytes=GiB)
 
 
 def test_cxl_emulated_latency():

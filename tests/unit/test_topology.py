@@ -15,7 +15,7 @@ from embtierd.topology import (
     format_cpulist,
     nodemask_words,
     parse_cpulist,
-    pick_cxl_node,
+    pick_cxl_nodes,
 )
 
 KIB = 1024
@@ -137,7 +137,7 @@ def test_discover_single_node_with_cpus(tmp_path: Path) -> None:
     assert topo.sysfs_root == str(tmp_path)
     assert topo.cpu_nodes == (0,)
     assert topo.cpuless_nodes == ()
-    assert pick_cxl_node(topo, None) is None
+    assert pick_cxl_nodes(topo, None) == ()
     assert topo.describe() == "1 NUMA node: node0 cpus=0-1 mem=5.2GiB"
 
 
@@ -150,7 +150,7 @@ def test_discover_two_nodes_with_cpus(tmp_path: Path) -> None:
     assert topo.node(1).mem_total_bytes == 16 * GIB
     assert topo.cpu_nodes == (0, 1)
     assert topo.cpuless_nodes == ()
-    assert pick_cxl_node(topo, None) is None
+    assert pick_cxl_nodes(topo, None) == ()
 
 
 def test_discover_cpuless_cxl_node(tmp_path: Path) -> None:
@@ -161,8 +161,8 @@ def test_discover_cpuless_cxl_node(tmp_path: Path) -> None:
     assert topo.cpuless_nodes == (2,)
     assert topo.node(2).has_cpus is False
     assert topo.node(2).mem_total_bytes == 64 * GIB
-    assert pick_cxl_node(topo, None) == 2
-    assert pick_cxl_node(topo, 2) == 2
+    assert pick_cxl_nodes(topo, None) == (2,)
+    assert pick_cxl_nodes(topo, (2,)) == (2,)
     assert topo.describe() == (
         "2 NUMA nodes: node0 cpus=0-1 mem=23.4GiB, node2 cpus=- mem=64.0GiB (cpu-less)"
     )
@@ -186,21 +186,61 @@ def test_missing_meminfo_gives_zero_memory(tmp_path: Path) -> None:
     topo = discover(tmp_path)
     assert topo.node(1).mem_total_bytes == 0
     # A CPU-less node without known memory is not auto-picked, but may still be configured.
-    assert pick_cxl_node(topo, None) is None
-    assert pick_cxl_node(topo, 1) == 1
+    assert pick_cxl_nodes(topo, None) == ()
+    assert pick_cxl_nodes(topo, (1,)) == (1,)
     assert "node1 cpus=- mem=unknown (cpu-less)" in topo.describe()
 
 
-def test_pick_first_cpuless_node_with_memory(tmp_path: Path) -> None:
+def test_pick_every_cpuless_node_with_memory(tmp_path: Path) -> None:
     make_sysfs(tmp_path, {0: ("0\n", 2048), 1: ("\n", None), 2: ("\n", 4096), 3: ("\n", 4096)}, "0-3")
-    assert pick_cxl_node(discover(tmp_path), None) == 2
+    assert pick_cxl_nodes(discover(tmp_path), None) == (2, 3)
+
+
+def _two_sockets_three_cxl(root: Path) -> Topology:
+    """Nodes 0 and 1 with CPUs; 2, 3 and 4 CPU-less, of which 3 reports no memory."""
+    make_sysfs(root, {0: ("0-3\n", 8 * GIB // KIB), 1: ("4-7\n", 8 * GIB // KIB), 2: ("\n", 64 * GIB // KIB),
+                      3: ("\n", 0), 4: ("\n", 32 * GIB // KIB)}, online="0-4\n")
+    return discover(root)
+
+
+def test_pick_auto_takes_cpuless_nodes_with_memory_in_id_order(tmp_path: Path) -> None:
+    topo = _two_sockets_three_cxl(tmp_path)
+    assert topo.cpuless_nodes == (2, 3, 4)
+    assert pick_cxl_nodes(topo, None) == (2, 4)
+
+
+def test_pick_configured_nodes_keep_their_order(tmp_path: Path) -> None:
+    topo = _two_sockets_three_cxl(tmp_path)
+    assert pick_cxl_nodes(topo, (3, 2)) == (3, 2)
+    assert pick_cxl_nodes(topo, (4, 2, 3)) == (4, 2, 3)
+
+
+def test_pick_configured_list_with_cpu_node_names_it(tmp_path: Path) -> None:
+    topo = _two_sockets_three_cxl(tmp_path)
+    with pytest.raises(TopologyError) as excinfo:
+        pick_cxl_nodes(topo, (2, 1))
+    message = str(excinfo.value)
+    assert "node 1 has CPUs (4-7)" in message
+    assert "CPU-less nodes here: 2-4" in message
+
+
+def test_pick_configured_duplicate_raises(tmp_path: Path) -> None:
+    topo = _two_sockets_three_cxl(tmp_path)
+    with pytest.raises(TopologyError, match=r"CXL node 2 is listed twice in \[2, 4, 2\]"):
+        pick_cxl_nodes(topo, (2, 4, 2))
+
+
+def test_pick_configured_list_with_unknown_node_raises(tmp_path: Path) -> None:
+    topo = _two_sockets_three_cxl(tmp_path)
+    with pytest.raises(TopologyError, match=r"NUMA node 7 does not exist on this host \(known nodes: 0-4\)"):
+        pick_cxl_nodes(topo, (2, 7))
 
 
 def test_pick_configured_node_with_cpus_raises(tmp_path: Path) -> None:
     make_sysfs(tmp_path, {0: ("0-1\n", 2048), 2: ("\n", 4096)}, online="0,2\n")
     topo = discover(tmp_path)
     with pytest.raises(TopologyError) as excinfo:
-        pick_cxl_node(topo, 0)
+        pick_cxl_nodes(topo, (0,))
     message = str(excinfo.value)
     assert "node 0 has CPUs" in message
     assert "CPU-less" in message
@@ -211,7 +251,7 @@ def test_pick_configured_node_missing_raises(tmp_path: Path) -> None:
     make_sysfs(tmp_path, {0: ("0-1\n", 2048), 2: ("\n", 4096)}, online="0,2\n")
     topo = discover(tmp_path)
     with pytest.raises(TopologyError) as excinfo:
-        pick_cxl_node(topo, 1)
+        pick_cxl_nodes(topo, (1,))
     assert "NUMA node 1 does not exist" in str(excinfo.value)
     assert "known nodes: 0,2" in str(excinfo.value)
 
@@ -232,7 +272,7 @@ def test_no_numa_dir_falls_back_to_single_node(tmp_path: Path) -> None:
     assert node.id == 0
     assert node.cpus == (0, 1, 2, 3, 4, 5)
     assert node.mem_total_bytes == psutil.virtual_memory().total
-    assert pick_cxl_node(topo, None) is None
+    assert pick_cxl_nodes(topo, None) == ()
 
 
 def test_no_numa_dir_and_no_cpu_online_uses_cpu_count(tmp_path: Path) -> None:

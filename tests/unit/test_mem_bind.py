@@ -1,0 +1,78 @@
+"""native.mem_bind checked against the kernel's own view of the policy (get_mempolicy(2) with MPOL_F_ADDR)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import platform
+
+import pytest
+from embtierd import native
+
+MiB = 1 << 20
+MPOL_DEFAULT, MPOL_BIND = 0, 2
+MPOL_F_ADDR = 2
+SYS_GET_MEMPOLICY = {"x86_64": 239, "aarch64": 236}
+MASK_WORDS = 16  # room for 1024 nodes, more than any kernel's nr_node_ids here
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def get_mempolicy(address: int) -> tuple[int, set[int]]:
+    """(mode, node ids) of the policy that covers address; skips the test where the syscall is refused."""
+    number = SYS_GET_MEMPOLICY.get(platform.machine())
+    if number is None:
+        pytest.skip(f"no get_mempolicy syscall number known for {platform.machine()}")
+    mode = ctypes.c_int(-1)
+    mask = (ctypes.c_ulong * MASK_WORDS)()
+    rc = _libc.syscall(ctypes.c_long(number), ctypes.byref(mode), mask, ctypes.c_ulong(64 * MASK_WORDS),
+                       ctypes.c_void_p(address), ctypes.c_ulong(MPOL_F_ADDR))
+    if rc != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EPERM):
+            pytest.skip(f"get_mempolicy(2) refused here: {errno.errorcode[err]}")
+        raise OSError(err, f"get_mempolicy(MPOL_F_ADDR, {address:#x})")
+    nodes = {64 * w + b for w in range(MASK_WORDS) for b in range(64) if mask[w] >> b & 1}
+    return mode.value, nodes
+
+
+@pytest.fixture
+def mapping():
+    nbytes = 8 * MiB
+    address, bind_err, _ = native.mem_map(nbytes, None, False)
+    assert bind_err == 0
+    yield address, nbytes
+    native.mem_unmap(address, nbytes)
+
+
+def test_binds_only_the_sub_range(mapping):
+    start, _ = mapping
+    assert get_mempolicy(start) == (MPOL_DEFAULT, set())
+    lo, hi = start + 2 * MiB, start + 4 * MiB
+    assert native.mem_bind(lo, hi - lo, [0]) == 0
+    for inside in (lo, lo + MiB, hi - 1):
+        assert get_mempolicy(inside) == (MPOL_BIND, {0}), hex(inside - start)
+    for outside in (start, lo - 1, hi, start + 6 * MiB):
+        assert get_mempolicy(outside)[0] == MPOL_DEFAULT, hex(outside - start)
+
+
+def test_length_is_rounded_up_to_pages(mapping):
+    start, _ = mapping
+    get_mempolicy(start)  # skips where the syscall is refused
+    assert native.mem_bind(start, 1, [0]) == 0
+    assert get_mempolicy(start + 4095) == (MPOL_BIND, {0})
+    assert get_mempolicy(start + 4096)[0] == MPOL_DEFAULT
+
+
+def test_missing_node_returns_einval(mapping):
+    start, _ = mapping
+    get_mempolicy(start)
+    assert native.mem_bind(start + 2 * MiB, 2 * MiB, [63]) == errno.EINVAL
+    assert get_mempolicy(start + 2 * MiB)[0] == MPOL_DEFAULT
+
+
+@pytest.mark.parametrize("offset, nbytes", [(1, 2 * MiB), (2048, 4096), (0, 0)])
+def test_unaligned_address_or_empty_range_returns_einval(mapping, offset, nbytes):
+    start, _ = mapping
+    assert native.mem_bind(start + 2 * MiB + offset, nbytes, [0]) == errno.EINVAL
