@@ -522,34 +522,40 @@ class Store:
                                          max_rows // 3)
             table.port_load = fabric.port_loads(heat, port, self.cxl_ports)
             hot, cold = rows[hot], rows[cold]
-            for first in range(0, hot.size, batch_rows):
+            first = 0
+            while first < hot.size:
                 with table.write_lock:
-                    copied += self._trade(table, hot[first:first + batch_rows], cold[first:first + batch_rows])
+                    done, traded = self._trade(table, hot[first:first + batch_rows], cold[first:first + batch_rows])
+                if not done:
+                    break
+                first += done
+                copied += 3 * traded
         self._count_ports(table)
         return copied
 
-    def _trade(self, table: Table, hot: np.ndarray, cold: np.ndarray) -> int:
-        """Swaps the homes of CXL rows hot[i] and cold[i] through spare slots (under the write lock);
-        pairs no longer both in CXL are skipped.  Returns the rows copied."""
-        shift = table.native.tier_shift
+    def _trade(self, table: Table, hot: np.ndarray, cold: np.ndarray) -> tuple[int, int]:
+        """Swaps the homes of CXL rows hot[i] and cold[i] through spare slots (under the write lock),
+        the first pairs as far as the spare slots go; pairs no longer both in CXL are skipped.
+        Returns (pairs done or skipped, pairs traded)."""
+        shift, batch = table.native.tier_shift, hot.size
         mask = (1 << shift) - 1
-        in_cxl = ((table.native.loc[hot] >> shift) == native.TIER_CXL) & \
-                 ((table.native.loc[cold] >> shift) == native.TIER_CXL)
-        hot, cold = np.ascontiguousarray(hot[in_cxl]), np.ascontiguousarray(cold[in_cxl])
+        valid = np.flatnonzero(((table.native.loc[hot] >> shift) == native.TIER_CXL) &
+                               ((table.native.loc[cold] >> shift) == native.TIER_CXL))
         with self._lock:
-            spare_tier, spare = native.TIER_CXL, self._space(table, native.TIER_CXL).take(hot.size)
-            if spare.size < hot.size:
-                self._space(table, native.TIER_CXL).give_back(spare)
-                spare_tier, spare = native.TIER_SCM, self._space(table, native.TIER_SCM).take(hot.size)
-        hot, cold = hot[:spare.size], cold[:spare.size]
-        if hot.size:
+            spare_tier, spare = native.TIER_CXL, self._space(table, native.TIER_CXL).take(valid.size)
+            if not spare.size:
+                spare_tier, spare = native.TIER_SCM, self._space(table, native.TIER_SCM).take(valid.size)
+        pairs = valid[:spare.size]
+        hot, cold = np.ascontiguousarray(hot[pairs]), np.ascontiguousarray(cold[pairs])
+        if pairs.size:
             hot_slots, cold_slots = table.native.loc[hot] & mask, table.native.loc[cold] & mask
             self._relocate(table, hot, spare_tier, spare)
             self._relocate(table, cold, native.TIER_CXL, hot_slots)
             self._relocate(table, hot, native.TIER_CXL, cold_slots)
         with self._lock:
             self._space(table, spare_tier).give_back(spare)  # (the hot rows have left them)
-        return 3 * int(hot.size)
+        done = batch if pairs.size == valid.size else int(valid[pairs.size])
+        return done, int(pairs.size)
 
     def _relocate(self, table: Table, ids: np.ndarray, tier: int, slots: np.ndarray) -> None:
         """Copies rows into the given free slots of a tier and points them there (the old slots are

@@ -12,6 +12,8 @@ from embtierd.errors import InvalidArgumentError
 from embtierd.tiering import TieringEngine
 from embtierd.tiering_config import TablePolicy, TieringConfig
 
+from .test_fabric import assert_parts_match_addresses
+
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
 def test_moves_keep_the_bytes(store_factory, dtype):
@@ -172,3 +174,39 @@ def test_rows_promoted_from_scm_keep_a_copy_there_clean_until_written(store_fact
     assert s.move_rows("c", hot[:5], "dram") == 5 and s.move_rows("c", hot[:5], "scm") == 5
     np.testing.assert_array_equal(loc[hot], scm_home)
     np.testing.assert_array_equal(s.lookup("c", hot), values[hot])
+
+
+def test_port_trades_under_concurrent_reads_and_writes(store_factory):
+    """Rows trading places between CXL ports (through spare CXL slots when the table has some, else
+    through SCM) while readers and a writer run: no torn, foreign or lost row."""
+    s = store_factory(dram="16K", cxl="64K", scm="8M", kernel_threads=2)  # 128-byte rows: 128 per CXL port
+    ports = s.cxl_ports
+
+    def mover(stop) -> int:
+        rng, copied, rounds = np.random.default_rng(3), 0, 0
+        while not stop.is_set():
+            heat, parts = s.heat("c", writable=True), s.parts_of("c", np.arange(3000, dtype=np.int64))
+            heat[:] = 0
+            busy = parts == rng.integers(1, 1 + ports)
+            heat[busy] = rng.integers(1, 50, np.count_nonzero(busy))   # one port carries all the heat
+            spare = rounds % 2 == 0
+            if spare:   # free CXL slots for the trades to go through; the other rounds bounce through SCM
+                out = np.flatnonzero((parts >= 1) & (parts <= ports) & ~busy)[:40].astype(np.int64)
+                s.move_rows("c", out, "scm")
+            copied += s.spread_ports("c")
+            if spare:
+                s.move_rows("c", out, "cxl")
+            rounds += 1
+        return copied
+
+    relocate, tiers = s._relocate, []
+
+    def recording(table, ids, tier, slots):
+        tiers.append(tier)
+        relocate(table, ids, tier, slots)
+
+    s._relocate = recording
+    assert stress(s, mover) > 1000
+    assert_parts_match_addresses(s, "c")
+    spare_tiers = tiers[::3]  # each trade: to the spare slots, then both rows into CXL
+    assert set(tiers[1::3]) == set(tiers[2::3]) == {1} and spare_tiers.count(1) > 0 and spare_tiers.count(2) > 0
