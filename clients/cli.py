@@ -334,6 +334,8 @@ def fabric_status(fabric, args) -> None:
         print(f"  {side:6} namespace {s['namespace']}: {where}; {len(s['pids'])} processes")
         for q in s["qdiscs"]:
             print(f"           {describe_qdisc(fabric, q)}")
+        if s.get("delay_by") == "netfilter queue":
+            print(f"           ingress delay {fabric.format_delay(s['delay_seconds'])} (netfilter queue)")
 
 
 def fabric_run(fabric, args) -> None:

@@ -9,6 +9,7 @@ pair that joins them, "the host link", and the shaping of that link:
       <prefix>-h  169.254.100.1/30  <====== veth ======>  <prefix>-s  169.254.100.2/30
         egress (requests):                                   egress (replies):
         tbf 1: rate R  [netem 10: delay D]                   tbf 1: rate R  [netem 10: delay D]
+        [ingress: NFQUEUE, delay D]                          [ingress: NFQUEUE, delay D]  (without netem)
 
 Nothing else gets an address: the two IPv4 link-local addresses above are the
 only ones (the veth ends generate no IPv6 link-local address), and the veth is
@@ -23,7 +24,19 @@ through the host end and replies through the switch end:
   cannot send TCA_TBF_RATE64);
 - delay: a netem qdisc in the tbf's class 1:1 (one-way delay, so a round trip
   takes twice as long), on kernels that have netem (CONFIG_NET_SCH_NETEM).
-  Without it, a delay raises DelayUnsupported and the rate alone works.
+  Without netem, each end delays the packets it receives instead: an
+  iptables NFQUEUE rule (mangle PREROUTING, -i the veth end, --queue-bypass)
+  hands them to a netfilter queue, and `python -m embtier.fabric_delay` in
+  that namespace releases each one after the delay (embtier/fabric_delay.py).
+  The delay then comes after the sender's tbf, as propagation follows
+  serialisation on a wire; it is applied on arrival rather than on departure
+  because a packet held on the sender's side would still count against its
+  TCP socket's small-queue budget (netem orphans the packets it holds; a
+  netfilter queue cannot), which throttles a 20 ms link to a few Mbit/s.
+  Changing the delay switches the rule to the other of two queue numbers
+  once a new process holds it, so nothing is dropped.  Without netem and
+  without iptables (or its NFQUEUE target), a delay raises DelayUnsupported
+  and the rate alone works.
 
 Processes run inside a namespace through `nsenter --net`, each in its own
 session; `down()` stops them (their whole process group) and any other process
@@ -75,6 +88,9 @@ TBF_HANDLE, NETEM_PARENT, NETEM_HANDLE = "1:", "1:1", "10:"
 MTU_BYTES = 1500
 
 NEEDS_ROOT = "embtier fabric needs root (network namespaces, tc)"
+NO_DELAY = ("a link delay needs the netem qdisc (CONFIG_NET_SCH_NETEM; `modprobe sch_netem` where it is a "
+            "module) or a netfilter queue (CONFIG_NETFILTER_NETLINK_QUEUE and iptables' NFQUEUE target); "
+            "without them only the rate can be shaped (delay 0)")
 PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
 
@@ -168,6 +184,18 @@ def _describe_qdisc(msg: Any) -> dict:
     return out
 
 
+def _queue_delay_of(pids: list[int]) -> float | None:
+    """The delay of the embtier.fabric_delay process among pids (its --seconds), None without one."""
+    for pid in pids:
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "embtier.fabric_delay" in args and "--seconds" in args[:-1]:
+            return float(args[args.index("--seconds") + 1])
+    return None
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
     """Stops a process started by TestBed.popen and its process group: SIGTERM, SIGKILL after timeout s."""
     def signal_group(sig: signal.Signals) -> None:
@@ -205,6 +233,7 @@ class TestBed:
         short = prefix[:IFNAME_MAX - 2]
         self.ifnames: dict[Side, str] = {"host": f"{short}-h", "switch": f"{short}-s"}
         self._children: list[subprocess.Popen] = []
+        self._delayers: dict[Side, tuple[subprocess.Popen, int]] = {}  # without netem: process, queue number
 
     @property
     def host_address(self) -> str:
@@ -264,17 +293,23 @@ class TestBed:
     def shape(self, rate_bits_per_second: float, delay_seconds: float) -> None:
         """Changes the rate (bit/s) and one-way delay (s) of both ends, live: a change within the same
         structure (delay stays 0, or stays > 0) changes the qdiscs in place and drops nothing.  Where
-        the kernel has no netem, a delay raises DelayUnsupported after the rate has changed."""
+        the kernel has no netem, the delay goes through netfilter queues (see the module's docstring);
+        without those either, a delay raises DelayUnsupported after the rate has changed."""
         check_shaping(rate_bits_per_second, delay_seconds)
+        netem = True
         for side in SIDES:
             with self._ipr(side) as ipr:
-                self._shape_end(ipr, ipr.link_lookup(ifname=self.ifnames[side])[0], rate_bits_per_second,
-                                delay_seconds)
+                netem &= self._shape_end(ipr, ipr.link_lookup(ifname=self.ifnames[side])[0], rate_bits_per_second,
+                                         delay_seconds)
+        if not netem or self._delayers:
+            for side in SIDES:
+                self._queue_delay(side, 0.0 if netem else delay_seconds, rate_bits_per_second)
         self.rate_bits_per_second = float(rate_bits_per_second)
         self.delay_seconds = float(delay_seconds)
 
     @staticmethod
-    def _shape_end(ipr: IPRoute, index: int, rate_bits_per_second: float, delay_seconds: float) -> None:
+    def _shape_end(ipr: IPRoute, index: int, rate_bits_per_second: float, delay_seconds: float) -> bool:
+        """The tbf, and the netem for a delay; False when the delay needs netem and the kernel has none."""
         rate_bytes = rate_bits_per_second / 8
         burst = max(MIN_BURST_BYTES, int(rate_bytes * BURST_SECONDS))
         limit = burst + int(rate_bytes * QUEUE_SECONDS)
@@ -291,10 +326,45 @@ class TestBed:
             except NetlinkError as e:
                 if e.code != errno.ENOENT:
                     raise
-                raise DelayUnsupported(
-                    "a link delay needs the netem qdisc, which this kernel does not have "
-                    "(CONFIG_NET_SCH_NETEM; `modprobe sch_netem` where it is a module); without it "
-                    "only the rate can be shaped (delay 0)") from e
+                return False
+        return True
+
+    def _iptables(self, side: Side, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """iptables (legacy: the NFQUEUE target of xtables) in the namespace of side."""
+        binary = shutil.which("iptables-legacy") or shutil.which("iptables")
+        if binary is None:
+            raise DelayUnsupported(NO_DELAY + "; iptables is not installed (apt-get install iptables)")
+        result = subprocess.run(["nsenter", f"--net={self.netns_path(side)}", binary, "-w", "-t", "mangle", *args],
+                                capture_output=True, text=True)
+        if check and result.returncode != 0:
+            raise DelayUnsupported(NO_DELAY + f"; `iptables {' '.join(args)}` in {self.namespaces[side]} failed: "
+                                   f"{result.stderr.strip()}")
+        return result
+
+    def _queue_delay(self, side: Side, delay_seconds: float, rate_bits_per_second: float) -> None:
+        """Without netem: delays the packets side receives by delay_seconds through a netfilter queue
+        (see the module's docstring); 0 removes the rule and the process."""
+        old = self._delayers.pop(side, None)
+        ifname = self.ifnames[side]
+        if delay_seconds > 0:
+            queue = 1 - old[1] if old else 0
+            packets = max(NETEM_MIN_LIMIT_PACKETS,
+                          int(rate_bits_per_second / 8 * (delay_seconds + QUEUE_SECONDS) / MTU_BYTES) + 1)
+            proc = self.popen(side, host_client_command("--queue", str(queue), "--seconds", repr(delay_seconds),
+                                                        "--max-packets", str(packets), module="embtier.fabric_delay"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            if proc.stdout.readline().strip() != "ready":
+                stop_process(proc)
+                raise DelayUnsupported(NO_DELAY + f"; the netfilter queue refused: {proc.stderr.read().strip()}")
+            self._delayers[side] = (proc, queue)
+            rule = ["-i", ifname, "-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"]
+            self._iptables(side, "-R", "PREROUTING", "1", *rule) if old else \
+                self._iptables(side, "-A", "PREROUTING", *rule)
+        elif old:
+            self._iptables(side, "-D", "PREROUTING", "1")
+        if old:
+            time.sleep(self.delay_seconds)  # the packets the old queue holds leave before it closes
+            stop_process(old[0])
 
     def down(self) -> None:
         """Stops every process in the namespaces, removes the veth pair and the namespaces.  Parts
@@ -306,6 +376,7 @@ class TestBed:
                 if stream is not None:
                     stream.close()
         self._children.clear()
+        self._delayers.clear()
         present = [side for side in SIDES if self._exists(side)]
         if present:
             require_root()
@@ -397,8 +468,11 @@ class TestBed:
                         info["qdiscs"] = [_describe_qdisc(q) for q in ipr.get_qdiscs(found[0])]
             tbf = next((q for q in info["qdiscs"] if q["kind"] == "tbf"), None)
             netem = next((q for q in info["qdiscs"] if q["kind"] == "netem"), None)
+            queued = _queue_delay_of(info["pids"])
             info["rate_bits_per_second"] = tbf["rate_bits_per_second"] if tbf else None
-            info["delay_seconds"] = netem["delay_seconds"] if netem else (0.0 if tbf else None)
+            info["delay_seconds"] = netem["delay_seconds"] if netem else queued if queued is not None else \
+                (0.0 if tbf else None)
+            info["delay_by"] = "netem" if netem else "netfilter queue" if queued is not None else None
             sides[side] = info
         up = all(s["link"] is not None and s["link"]["state"] == "UP" and s["rate_bits_per_second"] is not None
                  for s in sides.values())

@@ -258,7 +258,10 @@ def test_a_shaped_rate_is_real_both_ways_and_changes_live(make_bed):
     assert slower["download_seconds"] >= 0.8 * ideal, slower
 
 
-def test_a_delay_is_real_where_the_kernel_has_netem(prefix):
+def test_a_delay_is_real_and_changes_live(prefix):
+    """A 20 ms one-way delay by netem, or by netfilter queues on kernels without netem: the round trip
+    takes 40 ms, bulk transfers still fill the link (no small-queue throttling), the delay changes and
+    goes away live."""
     bed = TestBed(prefix, 1e9, 0.020)
     try:
         bed.up()
@@ -267,16 +270,32 @@ def test_a_delay_is_real_where_the_kernel_has_netem(prefix):
         pytest.skip(str(e))
     try:
         status = bed.status()
+        by = status["host"]["delay_by"]
         for side in fabric.SIDES:
             assert status[side]["rate_bits_per_second"] == 1e9
             assert abs(status[side]["delay_seconds"] - 0.020) < 1e-4
+            assert status[side]["delay_by"] == by
             kinds = [q["kind"] for q in json.loads(in_netns(bed, side, "tc", "-j", "qdisc", "show", "dev",
                                                             bed.ifnames[side]))]
-            assert kinds == ["tbf", "netem"], kinds
-        rtt = measure(bed, 0)["rtt_seconds"]
-        assert 0.040 <= rtt < 0.5, rtt
+            assert kinds == (["tbf", "netem"] if by == "netem" else ["tbf"]), kinds
+            if by == "netfilter queue":
+                rules = in_netns(bed, side, "iptables-legacy", "-t", "mangle", "-S", "PREROUTING")
+                assert f"-A PREROUTING -i {bed.ifnames[side]} -j NFQUEUE --queue-num 0 --queue-bypass" in rules
+        delayed = measure(bed, 4_000_000)
+        assert 0.040 <= delayed["rtt_seconds"] < 0.5, delayed
+        # 4 MB at 1 Gbit/s is 32 ms on the wire; with slow start over a 40 ms round trip about 0.4 s
+        assert delayed["upload_seconds"] < 2.0 and delayed["download_seconds"] < 2.0, delayed
+        bed.shape(1e9, 0.005)
+        assert abs(bed.status()["switch"]["delay_seconds"] - 0.005) < 1e-4
+        assert 0.010 <= measure(bed, 0)["rtt_seconds"] < 0.040
         bed.shape(1e9, 0)
-        assert measure(bed, 0)["rtt_seconds"] < 0.040
+        status = bed.status()
+        assert status["host"]["delay_seconds"] == status["switch"]["delay_seconds"] == 0
+        assert measure(bed, 0)["rtt_seconds"] < 0.010
+        if by == "netfilter queue":
+            assert "NFQUEUE" not in in_netns(bed, "host", "iptables-legacy", "-t", "mangle", "-S", "PREROUTING")
+            assert not any("embtier.fabric_delay" in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+                           for side in fabric.SIDES for pid in status[side]["pids"] if Path(f"/proc/{pid}").exists())
     finally:
         bed.down()
 
