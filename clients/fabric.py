@@ -329,17 +329,16 @@ class TestBed:
                 return False
         return True
 
-    def _iptables(self, side: Side, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def _iptables(self, side: Side, *args: str) -> None:
         """iptables (legacy: the NFQUEUE target of xtables) in the namespace of side."""
         binary = shutil.which("iptables-legacy") or shutil.which("iptables")
         if binary is None:
             raise DelayUnsupported(NO_DELAY + "; iptables is not installed (apt-get install iptables)")
         result = subprocess.run(["nsenter", f"--net={self.netns_path(side)}", binary, "-w", "-t", "mangle", *args],
-                                capture_output=True, text=True)
-        if check and result.returncode != 0:
+                                check=False, capture_output=True, text=True)
+        if result.returncode != 0:
             raise DelayUnsupported(NO_DELAY + f"; `iptables {' '.join(args)}` in {self.namespaces[side]} failed: "
                                    f"{result.stderr.strip()}")
-        return result
 
     def _queue_delay(self, side: Side, delay_seconds: float, rate_bits_per_second: float) -> None:
         """Without netem: delays the packets side receives by delay_seconds through a netfilter queue
@@ -358,7 +357,9 @@ class TestBed:
                 raise DelayUnsupported(NO_DELAY + f"; the netfilter queue refused: {proc.stderr.read().strip()}")
             self._delayers[side] = (proc, queue)
             rule = ["-i", ifname, "-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"]
-            self._iptables(side, "-R", "PREROUTING", "1", *rule) if old else \
+            if old:
+                self._iptables(side, "-R", "PREROUTING", "1", *rule)
+            else:
                 self._iptables(side, "-A", "PREROUTING", *rule)
         elif old:
             self._iptables(side, "-D", "PREROUTING", "1")
