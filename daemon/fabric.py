@@ -151,30 +151,3 @@ class Traffic:
         slowest = max(self.device_link_bytes.values(), default=0) / config.device_link_bytes_per_second
         hops = 2 * config.hop_latency_ns * 1e-9
         return hops + slowest + self.host_link_bytes / config.host_link_bytes_per_second
-
-
-def bags_of(lengths: np.ndarray) -> np.ndarray:
-    """The bag of each id position (int64)."""
-    return np.repeat(np.arange(lengths.size, dtype=np.int64), lengths)
-
-
-def partial_pools(pool, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, mode: str,
-                  parts: np.ndarray, nparts: int) -> tuple[list[int], np.ndarray]:
-    """Device mode: per part with rows in the request, its partial over each bag (pool(ids, lengths,
-    weights, mode) -> [bags, dim], called once per part).  SUM and MEAN give partial sums (the total
-    is divided by the bag's length afterwards), MAX partial maxima with -inf where the part has no row
-    of the bag.  Returns (the parts, [len(parts), bags, dim] float32)."""
-    bag = bags_of(lengths)
-    present = np.flatnonzero(np.bincount(parts, minlength=nparts))
-    out = []
-    for part in present:
-        mine = parts == part
-        sub_lengths = np.bincount(bag[mine], minlength=lengths.size).astype(np.int32)
-        partial = pool(np.ascontiguousarray(ids[mine]), sub_lengths,
-                       None if weights is None else np.ascontiguousarray(weights[mine]),
-                       "max" if mode == "max" else "sum")
-        if mode == "max":
-            partial[sub_lengths == 0] = -np.inf
-        out.append(partial)
-    dim_shape = out[0].shape if out else (lengths.size, 0)
-    return present.tolist(), np.stack(out) if out else np.zeros((0, *dim_shape), dtype=np.float32)

@@ -109,19 +109,45 @@ class NativeTable:
     def mark_dropped(self) -> None:
         lib.et_table_mark_dropped(self._h)
 
-    def gather(self, ids: np.ndarray, out: np.ndarray, tier_rows: np.ndarray | None = None) -> None:
-        """out = rows of ids; tier_rows (int64 [3], optional) receives the rows served per tier."""
+    def set_parts(self, nparts: int) -> None:
+        """Gives the table nparts fabric parts (once); chunks are in part 0 until set_chunk_part."""
+        self._check(lib.et_table_set_parts(self._h, nparts), None, "parts")
+        entries = ffi.new("int64_t *")
+        pointer = lib.et_table_chunk_parts(self._h, entries)
+        self.chunk_parts = np.frombuffer(ffi.buffer(pointer, entries[0]), dtype=np.uint8)  # read-only view
+        self.chunk_shift = int(lib.et_table_chunk_shift(self._h))
+
+    def set_chunk_part(self, tier: int, chunk: int, part: int) -> None:
+        self._check(lib.et_table_set_chunk_part(self._h, tier, chunk, part), None, "chunk part")
+
+    def parts_of_locs(self, locs: np.ndarray) -> np.ndarray:
+        """The fabric part of each placement entry (uint8)."""
+        return self.chunk_parts[locs >> self.chunk_shift]
+
+    def gather(self, ids: np.ndarray, out: np.ndarray, tier_rows: np.ndarray | None = None,
+               part_rows: np.ndarray | None = None) -> None:
+        """out = rows of ids; tier_rows (int64 [3], optional) receives the rows served per tier,
+        part_rows (int64 [nparts], optional) per fabric part."""
         err = ffi.new("int64_t *")
         rc = lib.et_gather(self._h, _ptr("int64_t *", ids), ids.size, _wptr("float *", out),
-                           _wptr_or_null("int64_t *", tier_rows), err)
+                           _wptr_or_null("int64_t *", tier_rows), _wptr_or_null("int64_t *", part_rows), err)
         self._check(rc, ids, "ids", err[0])
 
     def pool(self, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, mode: int,
-             out: np.ndarray, tier_rows: np.ndarray | None = None) -> None:
+             out: np.ndarray, tier_rows: np.ndarray | None = None, part_rows: np.ndarray | None = None) -> None:
         err = ffi.new("int64_t *")
         rc = lib.et_pool(self._h, _ptr("int64_t *", ids), ids.size, _ptr("int32_t *", lengths), lengths.size,
                          _ptr("float *", weights), mode, _wptr("float *", out),
-                         _wptr_or_null("int64_t *", tier_rows), err)
+                         _wptr_or_null("int64_t *", tier_rows), _wptr_or_null("int64_t *", part_rows), err)
+        self._check(rc, ids, "ids", err[0], lengths)
+
+    def partition(self, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, out_ids: np.ndarray,
+                  out_lengths: np.ndarray, out_weights: np.ndarray | None, part_rows: np.ndarray) -> None:
+        """Orders ids by (fabric part, bag): see et_partition."""
+        err = ffi.new("int64_t *")
+        rc = lib.et_partition(self._h, _ptr("int64_t *", ids), ids.size, _ptr("int32_t *", lengths), lengths.size,
+                              _ptr("float *", weights), _wptr("int64_t *", out_ids), _wptr("int32_t *", out_lengths),
+                              _wptr_or_null("float *", out_weights), _wptr("int64_t *", part_rows), err)
         self._check(rc, ids, "ids", err[0], lengths)
 
     def write_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:

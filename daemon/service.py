@@ -249,25 +249,22 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         for i, (table, ids, lengths, weights) in enumerate(features):
             check_bags(ids, lengths, weights, f"features[{i}].")
             tier_rows = np.zeros(3, dtype=np.int64)
-            parts = self.store.parts_of(table, ids)
+            part_rows = np.zeros(len(names), dtype=np.int64)  # counted by the kernels as they resolve rows
             dim, _, row_bytes = self.store.geometry(table)
             result = pb.PooledResult(table=table, dim=dim, num_bags=lengths.size)
             if offload == "switch":
-                result.values = wire(self.store.lookup_pooled(table, ids, lengths, weights, mode, tier_rows), dt)
+                result.values = wire(self.store.lookup_pooled(table, ids, lengths, weights, mode, tier_rows,
+                                                              part_rows), dt)
             elif offload == "host":
-                result.rows = wire(self.store.lookup(table, ids, tier_rows), dt)
+                result.rows = wire(self.store.lookup(table, ids, tier_rows, part_rows), dt)
             else:
-                def pool(part_ids, part_lengths, part_weights, part_mode, table=table, tier_rows=tier_rows):
-                    return self.store.lookup_pooled(table, part_ids, part_lengths, part_weights, part_mode, tier_rows)
-
-                present, partials = fabric.partial_pools(pool, ids, lengths, weights, mode, parts, len(names))
+                present, partials = self.store.pool_partials(table, ids, lengths, weights, mode, tier_rows, part_rows)
                 result.parts.extend(names[p] for p in present)
                 result.partials = wire(partials, dt)
             self.traces.observe(table, ids)
             self.metrics.served("LookupPooled", table, tier_rows, row_bytes,
                                 len(result.values) + len(result.rows) + len(result.partials))
-            traffic.add_table(names, np.bincount(parts, minlength=len(names)), lengths.size, dim, row_bytes,
-                              dt.itemsize)
+            traffic.add_table(names, part_rows, lengths.size, dim, row_bytes, dt.itemsize)
             results.append(result)
         modelled = traffic.modelled_seconds(config)
         self.metrics.fabric(traffic, modelled)

@@ -21,8 +21,9 @@ from .extents import Extent
 
 
 class SlotSpace:
-    def __init__(self, tier, table: native.NativeTable, stride: int, chunk_shift: int):
+    def __init__(self, tier, table: native.NativeTable, stride: int, chunk_shift: int, first_part: int = 0):
         self.tier = tier
+        self.first_part = first_part  # the fabric part of the tier's port 0 (the table's chunks are told theirs)
         self.table = table
         self.stride = stride
         self.shift = chunk_shift
@@ -65,12 +66,13 @@ class SlotSpace:
             extent = self.tier.allocate(self._bytes(rows), port) if rows else None
         if extent is None:
             return False
+        self.chunk_port[chunk] = self.tier.port_of(extent.offset)
+        self.table.set_chunk_part(self.tier.tier_id, chunk, self.first_part + int(self.chunk_port[chunk]))
         if self.tier.tier_id == native.TIER_SCM:
             self.table.set_scm(self.tier.fd, self.tier.read_align_bytes)
             self.table.set_scm_chunk(chunk, extent.offset)
         else:
             self.table.set_chunk(self.tier.tier_id, chunk, self.tier.address(extent))
-        self.chunk_port[chunk] = self.tier.port_of(extent.offset)
         self.extents.append(extent)
         self.held.append(rows)
         return True

@@ -88,7 +88,6 @@ class Table:
     serial: int = 0  # unique per table created: a dropped and re-created name gets a new one
     scm_copy: np.ndarray | None = None   # per row: SCM slot of a clean or dirty copy (see Store._move), made on demand
     scm_dirty: np.ndarray | None = None  # per row: WriteRows changed it since its SCM copy was made
-    part: np.ndarray | None = None       # per row: its fabric part, 0 DRAM, 1 + port in CXL, 1 + ports SCM
     rows_by_port: dict[str, int] = field(default_factory=dict)  # as of the last tiering interval
     port_load: np.ndarray | None = None  # heat on each CXL port: counted each interval, kept up by moves
 
@@ -188,7 +187,7 @@ class Store:
                       NativeTable(name, num_rows, dim, dtype, shift, max_chunks), policy=policy)
         table.native.configure(self.config.kernels.prefetch_distance, self.config.kernels.heat_sample_shift)
         table.native.set_cxl_delay(self.tiers.cxl.injected_latency_ns)
-        table.part = native.huge_array(num_rows, np.uint8)  # set as rows are placed (_fill) and moved (_move)
+        table.native.set_parts(len(self.part_names))  # each chunk's part is set as it gets storage (SlotSpace)
         table.port_load = np.zeros(self.cxl_ports, dtype=np.float64)
         return table
 
@@ -291,7 +290,6 @@ class Store:
                 new = ((tier << shift) | slots).astype(np.uint32)
                 table.native.write_slots(new, rows)
                 table.native.publish(ids, new)  # from here on no lookup holds a slot beyond the cut
-                table.part[ids] = self._slot_parts(table, tier, slots)
             with self._lock:
                 return space.cut(limit, slots)
 
@@ -337,20 +335,58 @@ class Store:
 
     # ---- rows --------------------------------------------------------------
 
-    def lookup(self, name: str, ids: np.ndarray, tier_rows: np.ndarray | None = None) -> np.ndarray:
+    def lookup(self, name: str, ids: np.ndarray, tier_rows: np.ndarray | None = None,
+               part_rows: np.ndarray | None = None) -> np.ndarray:
         """[len(ids), dim] float32 rows.  tier_rows (int64 [3]: dram, cxl, scm), when given,
-        receives how many rows each tier served."""
+        receives how many rows each tier served; part_rows (int64 [len(part_names)]) how many each
+        fabric part served (counted by the kernel as it resolves the rows)."""
         table = self._get(name)
         ids = require(ids, "ids", np.int64, 1)
         out = np.empty((ids.size, table.dim), dtype=np.float32)
-        table.native.gather(ids, out, _tier_counter(tier_rows))
+        table.native.gather(ids, out, _tier_counter(tier_rows), self._part_counter(part_rows))
         return out
 
     def lookup_pooled(self, name: str, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None = None,
-                      mode: str = "sum", tier_rows: np.ndarray | None = None) -> np.ndarray:
+                      mode: str = "sum", tier_rows: np.ndarray | None = None,
+                      part_rows: np.ndarray | None = None) -> np.ndarray:
         """[len(lengths), dim] float32: bag b pools the next lengths[b] rows of ids (sum, mean or max
-        of weight * row; empty bags are zeros).  tier_rows as for lookup."""
+        of weight * row; empty bags are zeros).  tier_rows and part_rows as for lookup."""
         table = self._get(name)
+        ids, lengths, weights = self._check_pooling(ids, lengths, weights, mode)
+        out = np.empty((lengths.size, table.dim), dtype=np.float32)
+        table.native.pool(ids, lengths, weights, native.POOL_MODES[mode], out, _tier_counter(tier_rows),
+                          self._part_counter(part_rows))
+        return out
+
+    def pool_partials(self, name: str, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None = None,
+                      mode: str = "sum", tier_rows: np.ndarray | None = None,
+                      part_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each fabric part's partial of every bag (the device offload): (the parts with rows in the
+        request, [len(parts), bags, dim] float32).  SUM and MEAN give partial sums (the total is
+        divided by the bag's length afterwards), MAX partial maxima with -inf where a part has no row
+        of the bag.  The ids are ordered by (part, bag) in C (et_partition) and pooled in one kernel
+        call over parts x bags bags.  tier_rows and part_rows as for lookup."""
+        table = self._get(name)
+        ids, lengths, weights = self._check_pooling(ids, lengths, weights, mode)
+        nparts, bags = len(self.part_names), lengths.size
+        order = np.empty_like(ids)
+        part_lengths = np.empty(nparts * bags, dtype=np.int32)
+        ordered_weights = None if weights is None else np.empty_like(weights)
+        counts = self._part_counter(part_rows)
+        counts = np.zeros(nparts, dtype=np.int64) if counts is None else counts
+        table.native.partition(ids, lengths, weights, order, part_lengths, ordered_weights, counts)
+        present = np.flatnonzero(counts)
+        part_lengths = np.ascontiguousarray(part_lengths.reshape(nparts, bags)[present])
+        out = np.empty((present.size * bags, table.dim), dtype=np.float32)
+        table.native.pool(order, part_lengths.reshape(-1), ordered_weights,
+                          native.POOL_MODES["max" if mode == "max" else "sum"], out, _tier_counter(tier_rows))
+        partials = out.reshape(present.size, bags, table.dim)
+        if mode == "max":
+            partials[part_lengths == 0] = -np.inf
+        return present, partials
+
+    @staticmethod
+    def _check_pooling(ids, lengths, weights, mode):
         ids = require(ids, "ids", np.int64, 1)
         lengths = require(lengths, "lengths", np.int32, 1)
         if weights is not None:
@@ -359,9 +395,14 @@ class Store:
                 raise InvalidArgumentError(f"weights has {weights.size} entries but ids has {ids.size}")
         if mode not in native.POOL_MODES:
             raise InvalidArgumentError(f"mode must be one of {', '.join(native.POOL_MODES)}; got {mode!r}")
-        out = np.empty((lengths.size, table.dim), dtype=np.float32)
-        table.native.pool(ids, lengths, weights, native.POOL_MODES[mode], out, _tier_counter(tier_rows))
-        return out
+        return ids, lengths, weights
+
+    def _part_counter(self, part_rows: np.ndarray | None) -> np.ndarray | None:
+        n = len(self.part_names)
+        if part_rows is not None and (part_rows.dtype != np.int64 or part_rows.shape != (n,)):
+            raise InvalidArgumentError(f"part_rows must be an int64 array of shape ({n},), got {part_rows.dtype} "
+                                       f"{part_rows.shape}")
+        return part_rows
 
     def write_rows(self, name: str, ids: np.ndarray, values: np.ndarray, mode: str = "assign",
                    scale: float = 1.0) -> int:
@@ -448,7 +489,7 @@ class Store:
             table.native.read_rows(moving, rows)
             table.native.write_slots(np.ascontiguousarray(new[write]), rows)
         table.native.publish(ids, new)  # from here on no lookup holds an old slot
-        self._set_parts(table, ids, self._slot_parts(table, target, slot))
+        self._account_ports(table, ids, old, new)
         from_scm = (old >> shift) == native.TIER_SCM
         if target != native.TIER_SCM and from_scm.any():
             if table.scm_copy is None:
@@ -516,8 +557,9 @@ class Store:
         table = self._get(name)
         copied = 0
         if self.cxl_ports > 1:
-            rows = np.flatnonzero((table.part >= 1) & (table.part <= self.cxl_ports))
-            heat, port = table.native.heat[rows], table.part[rows].astype(np.int64) - 1
+            parts = table.native.parts_of_locs(table.native.loc)
+            rows = np.flatnonzero((parts >= 1) & (parts <= self.cxl_ports))
+            heat, port = table.native.heat[rows], parts[rows].astype(np.int64) - 1
             hot, cold = fabric.rebalance(heat, port, self.cxl_ports, self.config.fabric.rebalance_tolerance,
                                          max_rows // 3)
             table.port_load = fabric.port_loads(heat, port, self.cxl_ports)
@@ -561,15 +603,16 @@ class Store:
         """Copies rows into the given free slots of a tier and points them there (the old slots are
         the caller's to reuse: no lookup holds them once this returns)."""
         new = ((tier << table.native.tier_shift) | slots).astype(np.uint32)
+        old = table.native.loc[ids]
         rows = np.empty((ids.size, table.stride), dtype=np.uint8)
         table.native.read_rows(ids, rows)
         table.native.write_slots(new, rows)
         table.native.publish(ids, new)
-        self._set_parts(table, ids, self._slot_parts(table, tier, slots))
+        self._account_ports(table, ids, old, new)
 
     def _count_ports(self, table: Table) -> None:
         """CXL rows per port, as shown by describe (counted when ports are assigned, not per call)."""
-        counts = np.bincount(table.part, minlength=len(self.part_names))
+        counts = np.bincount(table.native.parts_of_locs(table.native.loc), minlength=len(self.part_names))
         table.rows_by_port = {f"cxl{p}": int(counts[1 + p]) for p in range(self.cxl_ports)}
 
     def port_balance(self, name: str) -> float:
@@ -582,7 +625,7 @@ class Store:
         table = self._get(name)
         ids = require(ids, "ids", np.int64, 1)
         self._check_ids(table, ids)
-        return table.part[ids]
+        return table.native.parts_of_locs(table.native.loc[ids])
 
     def heat(self, name: str, writable: bool = False) -> np.ndarray:
         """The table's live access counters (a read-only view unless writable: the tiering policy ages them)."""
@@ -655,23 +698,16 @@ class Store:
         """Places rows [first, first + want) in tier, as far as it has room."""
         slots = self._space(table, tier.tier_id).take(want)
         table.native.loc[first: first + slots.size] = (tier.tier_id << table.native.tier_shift) | slots
-        table.part[first: first + slots.size] = self._slot_parts(table, tier.tier_id, slots)
         table.rows_by_tier[tier.tier_id] += slots.size
         return slots.size
 
-    def _slot_parts(self, table: Table, tier_id: int, slots: np.ndarray) -> np.ndarray:
-        """The fabric parts of slots of a tier: 0 DRAM, 1 + the port of the slot's chunk in CXL, 1 + ports SCM."""
-        if tier_id == native.TIER_CXL:
-            return 1 + table.slots[tier_id].ports_of(slots)
-        return np.full(slots.size, 0 if tier_id == native.TIER_DRAM else 1 + self.cxl_ports, dtype=np.uint8)
-
-    def _set_parts(self, table: Table, ids: np.ndarray, parts: np.ndarray) -> None:
-        """Points rows at their new parts, keeping the ports' heat up to date."""
+    def _account_ports(self, table: Table, ids: np.ndarray, old: np.ndarray, new: np.ndarray) -> None:
+        """Keeps the ports' heat up to date as rows move from placement entries old to new."""
         heat = table.native.heat[ids].astype(np.float64)
-        minlength = self.cxl_ports + 2
-        table.port_load += (np.bincount(parts, weights=heat, minlength=minlength) -
-                            np.bincount(table.part[ids], weights=heat, minlength=minlength))[1:1 + self.cxl_ports]
-        table.part[ids] = parts
+        n = len(self.part_names)
+        change = (np.bincount(table.native.parts_of_locs(new), weights=heat, minlength=n) -
+                  np.bincount(table.native.parts_of_locs(old), weights=heat, minlength=n))
+        table.port_load += change[1:1 + self.cxl_ports]
 
     def _cxl_slots(self, table: Table, space: SlotSpace, ids: np.ndarray) -> np.ndarray:
         """Slots for rows arriving in the CXL tier, each on the port fabric.deal picks for its heat
@@ -694,7 +730,8 @@ class Store:
     def _space(self, table: Table, tier_id: int) -> SlotSpace:
         """The table's slots in a tier (made on first use); call under self._lock."""
         if tier_id not in table.slots:
-            space = SlotSpace(self.tiers_by_id[tier_id], table.native, table.stride, table.chunk_shift)
+            space = SlotSpace(self.tiers_by_id[tier_id], table.native, table.stride, table.chunk_shift,
+                              first_part=(0, 1, 1 + self.cxl_ports)[tier_id])
             if TIER_NAMES[tier_id] in MEMORY_TIERS:
                 space.limit_rows = table.policy.limit_rows(TIER_NAMES[tier_id], table.stride)
             table.slots[tier_id] = space
@@ -749,5 +786,5 @@ class Store:
             name=table.name, num_rows=table.num_rows, dim=table.dim, dtype=table.dtype,
             rows_by_tier=dict(zip(names, table.rows_by_tier)), bytes_by_tier=bytes_by,
             emulated_by_tier={t.name: t.emulated for t in self.tiers},
-            metadata_bytes=metadata + table.part.nbytes, version=table.version,
+            metadata_bytes=metadata + nt.chunk_parts.nbytes, version=table.version,
             rows_by_port=dict(table.rows_by_port))

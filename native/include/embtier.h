@@ -66,6 +66,7 @@ et_table *et_table_new(int64_t num_rows, int32_t dim, int32_t dtype, int32_t chu
                        int64_t max_chunks, uint32_t *loc, uint8_t *heat);
 void et_table_free(et_table *t);
 int32_t et_table_tier_shift(et_table *t);
+int32_t et_table_chunk_shift(et_table *t);
 /* Memory chunk (DRAM / CXL): rows of slots [chunk << shift, ...) start at base. */
 int et_table_set_chunk(et_table *t, int32_t tier, int64_t chunk, void *base);
 /* SCM: the O_DIRECT file descriptor, the read alignment (512 or 4096) and
@@ -101,14 +102,37 @@ int et_table_set_dirty(et_table *t, uint64_t *bits);
  * one step with respect to writes (no write falls between copy and clear). */
 int et_table_take_dirty(et_table *t, uint64_t *out);
 
+/* Fabric parts (the CXL fabric's devices: DRAM, each CXL port, SCM): every
+ * chunk of the table belongs to one part, named when the chunk gets its
+ * storage, so a row's part is its chunk's.  et_table_set_parts(nparts) once,
+ * then et_table_set_chunk_part per chunk (part < nparts; 0 until set).
+ * et_table_chunk_parts: the array (indexed by placement entry >> chunk_shift,
+ * *entries of them), read-only for the caller, NULL before set_parts. */
+#define ET_MAX_FABRIC_PARTS 255
+int et_table_set_parts(et_table *t, int32_t nparts);
+int et_table_set_chunk_part(et_table *t, int32_t tier, int64_t chunk, int32_t part);
+const uint8_t *et_table_chunk_parts(et_table *t, int64_t *entries);
+
 /* ---- kernels ------------------------------------------------------------ */
 /* out[n][dim] float32 = rows of ids.  tier_rows (NULL, or [ET_NUM_TIERS]) receives
- * how many of the rows were served from each tier. */
-int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t *tier_rows, int64_t *err_pos);
+ * how many of the rows were served from each tier, part_rows (NULL, or
+ * [nparts] once et_table_set_parts ran) how many from each fabric part. */
+int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t *tier_rows, int64_t *part_rows,
+              int64_t *err_pos);
 /* out[bags][dim] float32 = pooled rows; lengths[bags] sum to n; weights NULL or [n].
  * mode ET_POOL_*: sum (of w*x), mean (sum / length), max (of w*x).  Empty bags are zeros. */
 int et_pool(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
-            const float *weights, int32_t mode, float *out, int64_t *tier_rows, int64_t *err_pos);
+            const float *weights, int32_t mode, float *out, int64_t *tier_rows, int64_t *part_rows,
+            int64_t *err_pos);
+/* Orders a request's positions by (fabric part, bag) for pooling per part:
+ * out_ids[n] (and out_weights[n] when weights is given) hold the ids of part
+ * 0's rows bag by bag, then part 1's, ...; out_lengths[nparts][bags] how many
+ * of bag b's ids are on part p; part_rows[nparts] how many ids each part got.
+ * Pooling out_ids over the nparts * bags lengths gives every part's partial
+ * of every bag.  Checks ids and lengths like et_pool. */
+int et_partition(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
+                 const float *weights, int64_t *out_ids, int32_t *out_lengths, float *out_weights,
+                 int64_t *part_rows, int64_t *err_pos);
 /* Stores n already-encoded rows (stride bytes each) at the homes of ids; a
  * later duplicate id wins.  Readers never see a half-written row. */
 int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t *err_pos);

@@ -29,6 +29,8 @@ struct et_table {
     uint8_t **mem_base;    /* [ET_NUM_TIERS << (tier_shift - chunk_shift)], indexed by entry >> chunk_shift:
                               chunk bases of DRAM, then CXL; NULL for SCM and unallocated chunks */
     uint64_t *scm_off;     /* [max_chunks]: file offset of each SCM chunk, UINT64_MAX if none */
+    uint8_t *chunk_part;   /* like mem_base: the fabric part of every chunk (< nparts), or NULL */
+    int32_t nparts;        /* fabric parts (et_table_set_parts); 0 before */
     int scm_fd;
     int32_t scm_align;
     int32_t heat_mask;     /* count an access when ((position + salt) & heat_mask) == 0 */

@@ -54,6 +54,7 @@ typedef struct {
     const uint8_t **rows;  /* [n]: bytes of the row at each position, set by the resolve phase */
     int64_t scm_rows[ET_MAX_PARTS]; /* per part: positions left for the SCM batch (rows[p] == NULL) */
     int64_t tier_rows[ET_MAX_PARTS][ET_NUM_TIERS]; /* per part: rows served from each tier */
+    int64_t *part_rows;    /* NULL, or [parts][t->nparts]: per part, rows served from each fabric part */
     int64_t bag_start[ET_MAX_PARTS + 1];
     int64_t pos_start[ET_MAX_PARTS + 1];
     int err[ET_MAX_PARTS];
@@ -88,6 +89,7 @@ static int resolve_range(et_call *c, int part, int64_t p0, int64_t p1) {
         const uint32_t l = loc[ids[p]];
         const uint8_t *row = et_loc_row(t, l);
         c->tier_rows[part][et_loc_tier(t, l) < ET_NUM_TIERS ? et_loc_tier(t, l) : 0]++;
+        if (c->part_rows) c->part_rows[(int64_t)part * t->nparts + t->chunk_part[l >> t->chunk_shift]]++;
         if (row) {
         } else if (et_loc_tier(t, l) == ET_TIER_SCM) {
             scm++;
@@ -122,6 +124,8 @@ typedef struct {
     const uint32_t *loc;
     const uint8_t **rows;
     int64_t *tier_rows;  /* this part's [ET_NUM_TIERS] */
+    int64_t *part_rows;  /* this part's [nparts], or NULL */
+    const uint8_t *chunk_part;
     uint8_t *const *mem_base;
     uint32_t chunk_shift;
     uint32_t chunk_mask;
@@ -134,7 +138,9 @@ typedef struct {
 
 static et_ahead et_ahead_of(et_call *c, int part) {
     const et_table *t = c->t;
-    et_ahead a = {c->ids, t->loc, c->rows, c->tier_rows[part], t->mem_base, (uint32_t)t->chunk_shift,
+    et_ahead a = {c->ids, t->loc, c->rows, c->tier_rows[part],
+                  c->part_rows ? c->part_rows + (int64_t)part * t->nparts : NULL, t->chunk_part,
+                  t->mem_base, (uint32_t)t->chunk_shift,
                   t->chunk_mask, (uint32_t)t->tier_shift,
                   (uint32_t)t->stride, ((uint32_t)t->stride + 63) / 64 + (t->stride % 64 != 0), t->prefetch,
                   (c->phase & ET_PHASE_FUSED) != 0};
@@ -169,6 +175,7 @@ ET_ALWAYS_INLINE int et_resolve_one(const et_ahead *a, int64_t q) {
     const uint8_t *base = a->mem_base[l >> a->chunk_shift];
     if (!base) return 0;
     a->tier_rows[l >> a->tier_shift]++;
+    if (a->part_rows) a->part_rows[a->chunk_part[l >> a->chunk_shift]]++;
     a->rows[q] = base + (uint64_t)(l & a->chunk_mask) * a->stride;
     return 1;
 }
@@ -449,9 +456,10 @@ static int resolve_all(et_call *c, int parts, void **staging, int64_t *err_pos) 
     return rc;
 }
 
-static int run_lookup(et_call *c, int64_t bags, int64_t *err_pos) {
+static int run_lookup(et_call *c, int64_t bags, int64_t *part_rows, int64_t *err_pos) {
     et_table *t = c->t;
-    if (bags < 0 || c->n < 0 || (c->n > 0 && !c->ids) || (bags > 0 && !c->out)) return ET_E_ARG;
+    if (bags < 0 || c->n < 0 || (c->n > 0 && !c->ids) || (bags > 0 && !c->out) || (part_rows && !t->chunk_part))
+        return ET_E_ARG;
     int rc = check_ids(c->ids, c->n, t->num_rows, err_pos);
     if (rc) return rc;
     int parts = plan_parts(c->n);
@@ -459,6 +467,13 @@ static int run_lookup(et_call *c, int64_t bags, int64_t *err_pos) {
     if (rc) return rc;
     c->rows = malloc((size_t)(c->n > 0 ? c->n : 1) * sizeof *c->rows);
     if (!c->rows) return ET_E_NOMEM;
+    if (part_rows) {
+        c->part_rows = calloc((size_t)parts * (size_t)t->nparts, sizeof *c->part_rows);
+        if (!c->part_rows) {
+            free(c->rows);
+            return ET_E_NOMEM;
+        }
+    }
     c->salt = atomic_fetch_add(&call_salt, 0x9e3779b9u);
     c->count_heat = 1;
     for (int i = 0; i < parts; i++) c->err[i] = ET_OK;
@@ -483,6 +498,13 @@ static int run_lookup(et_call *c, int64_t bags, int64_t *err_pos) {
     pthread_rwlock_unlock(&t->lock);
     free(staging);
     free(c->rows);
+    if (part_rows) {
+        for (int32_t k = 0; k < t->nparts; k++) {
+            part_rows[k] = 0;
+            for (int i = 0; i < parts; i++) part_rows[k] += c->part_rows[(int64_t)i * t->nparts + k];
+        }
+        free(c->part_rows);
+    }
     return rc;
 }
 
@@ -495,19 +517,81 @@ static void report_tiers(const et_call *c, int64_t *tier_rows) {
     }
 }
 
-int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t *tier_rows, int64_t *err_pos) {
+int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t *tier_rows, int64_t *part_rows,
+              int64_t *err_pos) {
     et_call c = {.t = t, .ids = ids, .n = n, .out = out, .mode = ET_POOL_SUM, .gather = 1};
-    int rc = run_lookup(&c, n, err_pos);
+    int rc = run_lookup(&c, n, part_rows, err_pos);
     report_tiers(&c, tier_rows);
     return rc;
 }
 
 int et_pool(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
-            const float *weights, int32_t mode, float *out, int64_t *tier_rows, int64_t *err_pos) {
+            const float *weights, int32_t mode, float *out, int64_t *tier_rows, int64_t *part_rows,
+            int64_t *err_pos) {
     if (mode < ET_POOL_SUM || mode > ET_POOL_MAX || (bags > 0 && !lengths)) return ET_E_ARG;
     et_call c = {.t = t, .ids = ids, .n = n, .lengths = lengths, .weights = weights, .out = out, .mode = mode};
-    int rc = run_lookup(&c, bags, err_pos);
+    int rc = run_lookup(&c, bags, part_rows, err_pos);
     report_tiers(&c, tier_rows);
+    return rc;
+}
+
+int et_partition(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
+                 const float *weights, int64_t *out_ids, int32_t *out_lengths, float *out_weights,
+                 int64_t *part_rows, int64_t *err_pos) {
+    if (n < 0 || bags < 0 || (n > 0 && (!ids || !out_ids)) || (bags > 0 && (!lengths || !out_lengths)) ||
+        !part_rows || (weights && !out_weights) || !t->chunk_part)
+        return ET_E_ARG;
+    int rc = check_ids(ids, n, t->num_rows, err_pos);
+    if (rc) return rc;
+    int64_t total = 0;
+    for (int64_t b = 0; b < bags; b++) {
+        if (lengths[b] < 0) {
+            *err_pos = b;
+            return ET_E_LENGTHS;
+        }
+        total += lengths[b];
+    }
+    if (total != n) {
+        *err_pos = -1;
+        return ET_E_LENGTHS;
+    }
+    const int64_t cells = (int64_t)t->nparts * bags;
+    uint8_t *part = malloc((size_t)(n > 0 ? n : 1));
+    int64_t *next = malloc((size_t)(cells > 0 ? cells : 1) * sizeof *next);
+    if (!part || !next) {
+        free(part);
+        free(next);
+        return ET_E_NOMEM;
+    }
+    memset(part_rows, 0, (size_t)t->nparts * sizeof *part_rows);
+    if (cells > 0) memset(out_lengths, 0, (size_t)cells * sizeof *out_lengths);
+    pthread_rwlock_rdlock(&t->lock); /* the parts of one consistent placement */
+    rc = atomic_load(&t->dropped) ? ET_E_DROPPED : ET_OK;
+    if (rc == ET_OK)
+        for (int64_t b = 0, p = 0; b < bags; b++)
+            for (int32_t k = 0; k < lengths[b]; k++, p++) {
+                if (p + ET_RESOLVE_AHEAD < n) __builtin_prefetch(&t->loc[ids[p + ET_RESOLVE_AHEAD]], 0, 3);
+                const uint8_t pt = t->chunk_part[t->loc[ids[p]] >> t->chunk_shift];
+                part[p] = pt;
+                out_lengths[(int64_t)pt * bags + b]++;
+                part_rows[pt]++;
+            }
+    pthread_rwlock_unlock(&t->lock);
+    if (rc == ET_OK) {
+        int64_t offset = 0;
+        for (int64_t k = 0; k < cells; k++) {
+            next[k] = offset;
+            offset += out_lengths[k];
+        }
+        for (int64_t b = 0, p = 0; b < bags; b++)
+            for (int32_t k = 0; k < lengths[b]; k++, p++) {
+                const int64_t to = next[(int64_t)part[p] * bags + b]++;
+                out_ids[to] = ids[p];
+                if (weights) out_weights[to] = weights[p];
+            }
+    }
+    free(part);
+    free(next);
     return rc;
 }
 

@@ -57,12 +57,41 @@ et_table *et_table_new(int64_t num_rows, int32_t dim, int32_t dtype, int32_t chu
 }
 
 int32_t et_table_tier_shift(et_table *t) { return t->tier_shift; }
+int32_t et_table_chunk_shift(et_table *t) { return t->chunk_shift; }
+
+static int64_t chunk_entries(const et_table *t) {
+    return (int64_t)ET_NUM_TIERS << (t->tier_shift - t->chunk_shift);
+}
+
+int et_table_set_parts(et_table *t, int32_t nparts) {
+    if (nparts < 1 || nparts > ET_MAX_FABRIC_PARTS || t->chunk_part) return ET_E_ARG;
+    t->chunk_part = calloc((size_t)chunk_entries(t), 1);
+    if (!t->chunk_part) return ET_E_NOMEM;
+    t->nparts = nparts;
+    return ET_OK;
+}
+
+int et_table_set_chunk_part(et_table *t, int32_t tier, int64_t chunk, int32_t part) {
+    if (!t->chunk_part || tier < 0 || tier >= ET_NUM_TIERS || chunk < 0 || chunk >= t->max_chunks || part < 0 ||
+        part >= t->nparts)
+        return ET_E_ARG;
+    pthread_rwlock_wrlock(&t->lock);
+    t->chunk_part[((int64_t)tier << (t->tier_shift - t->chunk_shift)) + chunk] = (uint8_t)part;
+    pthread_rwlock_unlock(&t->lock);
+    return ET_OK;
+}
+
+const uint8_t *et_table_chunk_parts(et_table *t, int64_t *entries) {
+    *entries = t->chunk_part ? chunk_entries(t) : 0;
+    return t->chunk_part;
+}
 
 void et_table_free(et_table *t) {
     if (!t) return;
     pthread_rwlock_destroy(&t->lock);
     free(t->mem_base);
     free(t->scm_off);
+    free(t->chunk_part);
     free(t);
 }
 

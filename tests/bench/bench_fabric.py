@@ -12,9 +12,10 @@
    a share of the interval's.  Two traces: Zipf ranks scattered over the
    ids, and hot ids that are all multiples of 4 (the case round robin by id
    cannot balance).
-2. Accounting cost: the per-request part lookup + count that LookupPooled's
-   fabric accounting adds, as a ratio to the pooling kernel on the same
-   16K ids (512 bags x 32), median of interleaved repetitions.
+2. Accounting cost: pooling 16K ids (512 bags x 32) with the kernel
+   counting the rows per fabric part (what LookupPooled's accounting reads),
+   and the device mode's partial pools, each as a ratio to plain pooling of
+   the same ids, median of interleaved repetitions.
 
 Run from the repository root:  .venv/bin/python -m tests.bench.bench_fabric
 """
@@ -91,8 +92,9 @@ def balance(trace: str) -> Balance:
     return Balance(*ratio, copied / moved, seconds / interval)
 
 
-def accounting_cost(reps: int = 30, calls: int = 50) -> float:
-    """Median over reps of (part lookup + count) / (pooling) time on the same ids."""
+def accounting_cost(reps: int = 30, calls: int = 50) -> tuple[float, float]:
+    """Medians over reps of (pooling with the kernel counting rows per fabric part / pooling alone,
+    the device mode's partial pools / pooling alone) on the same ids, interleaved."""
     with tempfile.TemporaryDirectory() as state:
         store = store_in(state, "16M", "64M")
         store.create_table("t", 200_000, 64, initializer="uniform", seed=1)
@@ -100,23 +102,27 @@ def accounting_cost(reps: int = 30, calls: int = 50) -> float:
         lengths = np.full(512, 32, dtype=np.int32)
         parts = len(store.part_names)
 
-        def account():
-            np.bincount(store.parts_of("t", ids), minlength=parts)
-
         def pool():
             store.lookup_pooled("t", ids, lengths)
+
+        def counted():
+            store.lookup_pooled("t", ids, lengths, part_rows=np.zeros(parts, dtype=np.int64))
+
+        def device():
+            store.pool_partials("t", ids, lengths, part_rows=np.zeros(parts, dtype=np.int64))
 
         ratios = []
         for _ in range(reps):
             seconds = []
-            for f in (account, pool):
+            for f in (pool, counted, device):
                 start = time.perf_counter()
                 for _ in range(calls):
                     f()
                 seconds.append(time.perf_counter() - start)
-            ratios.append(seconds[0] / seconds[1])
+            ratios.append((seconds[1] / seconds[0], seconds[2] / seconds[0]))
         store.close()
-    return float(np.median(ratios))
+    counted_ratio, device_ratio = np.median(np.array(ratios), axis=0)
+    return float(counted_ratio), float(device_ratio)
 
 
 def main() -> int:
@@ -128,8 +134,10 @@ def main() -> int:
         b = balance(trace)
         print(f"  {trace:<17}{b.levelled:8.2f}x{b.unlevelled:13.2f}x{b.round_robin:12.2f}x"
               f"{b.copied_share:20.2f}x{b.time_share:16.2f}x", flush=True)
-    print(f"accounting: part lookup + count = {accounting_cost():.2f}x the pooling kernel's time on the same "
-          f"512 x 32 ids (in process)")
+    counted, device = accounting_cost()
+    print(f"accounting: pooling with the kernel counting rows per fabric part = {counted:.2f}x pooling alone; "
+          f"device mode (partition by part in C + one pooling call over parts x bags) = {device:.2f}x "
+          f"(512 x 32 ids, dim 64, in process)")
     return 0
 
 

@@ -8,6 +8,7 @@ import pytest
 from embtier.loadgen import ZipfIds
 from embtierd import fabric
 from embtierd.config import FabricConfig
+from embtierd.errors import InvalidArgumentError
 from embtierd.store import Store
 from embtierd.tiering import TieringEngine
 from embtierd.tiering_config import TieringConfig
@@ -71,7 +72,7 @@ def assert_parts_match_addresses(store, name):
         offsets = np.array([e.offset for e in space.extents])[slot[rows] >> space.shift]
         expected[rows] = 1 + np.array([cxl.port_of(int(o)) for o in np.unique(offsets)])[
             np.searchsorted(np.unique(offsets), offsets)]
-    assert np.array_equal(table.part.astype(np.int64), expected)
+    assert np.array_equal(store.parts_of(name, np.arange(table.num_rows)).astype(np.int64), expected)
 
 
 def test_deal_pours_heat_into_the_least_loaded_ports():
@@ -177,3 +178,59 @@ def test_each_cpu_less_node_is_a_port_bound_to_its_node(tmp_path):
         assert np.array_equal(store.lookup("t", ids), values)
     finally:
         store.close()
+
+
+def test_kernels_count_rows_per_part_and_partition_by_part(store_factory):
+    """part_rows of gather and pool, and et_partition's order, against numpy on a table spread over
+    DRAM, the four CXL ports and SCM."""
+    store = store_factory(dram="64K", cxl="256K", scm="16M")   # 64-byte rows: 1024 in DRAM, 4096 in CXL
+    store.create_table("t", 8000, 16, initializer="uniform", seed=4)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 8000, 3000)
+    lengths = rng.multinomial(3000, np.ones(100) / 100).astype(np.int32)
+    lengths[[3, 50]] = 0  # empty bags
+    ids = ids[:lengths.sum()]
+    weights = rng.random(ids.size, dtype=np.float32)
+    parts = store.parts_of("t", ids).astype(np.int64)
+    nparts = len(store.part_names)
+    assert np.all(np.bincount(parts, minlength=nparts) > 0)
+    counts = np.zeros(nparts, dtype=np.int64)
+    rows = store.lookup("t", ids, part_rows=counts)
+    assert counts.tolist() == np.bincount(parts, minlength=nparts).tolist()
+    counts[:] = 0
+    store.lookup_pooled("t", ids, lengths, weights, "sum", part_rows=counts)
+    assert counts.tolist() == np.bincount(parts, minlength=nparts).tolist()
+    bag = np.repeat(np.arange(lengths.size), lengths)
+    for mode in ("sum", "mean", "max"):
+        counts[:] = 0
+        present, partials = store.pool_partials("t", ids, lengths, weights, mode, part_rows=counts)
+        assert present.tolist() == list(range(nparts)) and counts.tolist() == np.bincount(parts).tolist()
+        weighted = rows * weights[:, None]
+        for i, part in enumerate(present):
+            mine = parts == part
+            expected = np.full((lengths.size, 16), -np.inf if mode == "max" else 0.0, dtype=np.float32)
+            (np.maximum if mode == "max" else np.add).at(expected, bag[mine], weighted[mine])
+            np.testing.assert_allclose(partials[i], expected, rtol=1e-5, atol=1e-6)
+    # ids all on one part: only that part comes back
+    dram_ids = np.ascontiguousarray(np.flatnonzero(store.parts_of("t", np.arange(8000)) == 0)[:10])
+    present, partials = store.pool_partials("t", dram_ids, np.array([10], dtype=np.int32))
+    assert present.tolist() == [0] and partials.shape == (1, 1, 16)
+
+
+def test_partition_and_part_counts_refuse_bad_input(store_factory):
+    store = store_factory()
+    store.create_table("t", 100, 8)
+    with pytest.raises(InvalidArgumentError, match=r"ids\[1\] = 100 is out of range"):
+        store.pool_partials("t", np.array([1, 100]), np.array([2], dtype=np.int32))
+    with pytest.raises(InvalidArgumentError, match="lengths"):
+        store.pool_partials("t", np.array([1, 2]), np.array([3, -1], dtype=np.int32))
+    with pytest.raises(InvalidArgumentError, match="lengths"):
+        store.pool_partials("t", np.array([1, 2]), np.array([1], dtype=np.int32))
+    with pytest.raises(InvalidArgumentError, match="part_rows must be an int64 array"):
+        store.lookup("t", np.array([1]), part_rows=np.zeros(2, dtype=np.int64))
+    table = store._tables["t"].native
+    with pytest.raises(Exception, match="chunk part"):
+        table.set_chunk_part(0, 0, len(store.part_names))   # a part the table does not have
+    with pytest.raises(Exception, match="parts"):
+        table.set_parts(3)                                   # once only
+    assert store.lookup("t", np.array([5])).shape == (1, 8)  # still serving
