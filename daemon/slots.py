@@ -168,10 +168,6 @@ class SlotSpace:
             self.next = max(self.next, int(taken.max()) + 1)
         return released
 
-    def ports_of(self, slots: np.ndarray) -> np.ndarray:
-        """The tier port of each slot (uint8)."""
-        return self.chunk_port[slots >> self.shift]
-
     def give_back(self, slots: np.ndarray) -> None:
         self.free = np.concatenate([self.free, slots.astype(np.uint32)])
 

@@ -79,9 +79,6 @@ class ArenaTier:
         """The port whose segment holds an arena offset."""
         return max(0, bisect.bisect_right([a.base for a in self._allocs], offset) - 1)
 
-    def port_used_bytes(self) -> list[int]:
-        return [a.used for a in self._allocs]
-
     @property
     def used_bytes(self) -> int:
         return sum(a.used for a in self._allocs)
