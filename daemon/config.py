@@ -21,6 +21,7 @@ import psutil
 
 from .errors import ConfigError
 from .tiering_config import MEMORY_TIERS, POLICY_NAMES, TIER_NAMES, TablePolicy, TieringConfig
+from .wal import FSYNC_POLICIES
 
 DEFAULT_TOML = """
 state_dir = ".state"
@@ -166,8 +167,8 @@ class FabricConfig:
     cxl_ports: devices an emulated CXL tier is split into (a real tier has one port per CPU-less
     node it uses).  rebalance_tolerance: how far above the mean the busiest port's heat may be
     before the tiering engine moves rows between ports (0.1 = 10 %).  The links are modelled,
-    never measured: device_link_bytes_per_second is one port's link to the switch (CXL 2.0 over PCIe 5.0 x8: 32 GT/s x 8 lanes x 128/130 = 31.5 GB/s),
-    host_link_bytes_per_second the switch's link to the host (x16: 63 GB/s), hop_latency_ns the
+    never measured: device_link_bytes_per_second is one port's link to the switch (CXL 2.0 over
+    PCIe 5.0 x8: 32 GT/s x 8 lanes x 128/130 = 31.5 GB/s), host_link_bytes_per_second the switch's link to the host (x16: 63 GB/s), hop_latency_ns the
     latency of each hop (a CXL memory access through a pool costs 70-90 ns more than local DRAM,
     Pond, ASPLOS'23; two hops of 40 ns)."""
 
@@ -483,8 +484,8 @@ def _tiering(section: dict, tier_bytes: dict[str, int]) -> TieringConfig:
 
 def _durability(section: dict, checkpoints: dict) -> DurabilityConfig:
     fsync = section["fsync"]
-    if fsync not in ("always", "interval", "off"):
-        raise ConfigError(f"durability.fsync: expected \"always\", \"interval\" or \"off\", got {fsync!r}")
+    if fsync not in FSYNC_POLICIES:
+        raise ConfigError(f"durability.fsync: expected one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
     return DurabilityConfig(
         wal=_bool(section, "wal", "durability.wal"),
         fsync=fsync,

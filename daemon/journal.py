@@ -29,6 +29,8 @@ CREATE, DROP, WRITE = 1, 2, 3
 
 class ReplayError(StorageError):
     """The log holds an operation the store refuses now."""
+
+
 _HEADER = struct.Struct("<I")  # length of the JSON head of a WRITE record
 
 

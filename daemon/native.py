@@ -58,6 +58,15 @@ def _wptr_or_null(ctype: str, arr: np.ndarray | None):
     return ffi.NULL if arr is None else _wptr(ctype, arr)
 
 
+def _sized(arr: np.ndarray | None, size: int, field: str, dtype: np.dtype) -> np.ndarray | None:
+    """arr (None passes) if it is a contiguous 1-d dtype array of size elements, else InvalidArgumentError."""
+    if arr is not None:
+        require(arr, field, dtype, 1)
+        if arr.size != size:
+            raise InvalidArgumentError(f"{field} must have {size} entries, got {arr.size}")
+    return arr
+
+
 class NativeTable:
     """A C table handle over a placement map and heat counters owned here."""
 
@@ -65,6 +74,8 @@ class NativeTable:
         self.name = name
         self.num_rows = num_rows
         self.max_chunks = max_chunks
+        self.chunk_shift = chunk_shift
+        self.nparts = 0  # fabric parts, once set_parts ran
         self.loc = huge_array(num_rows, np.uint32)
         self.heat = huge_array(num_rows, np.uint8)
         handle = lib.et_table_new(num_rows, dim, DTYPES[dtype], chunk_shift, max_chunks,
@@ -114,8 +125,9 @@ class NativeTable:
         self._check(lib.et_table_set_parts(self._h, nparts), None, "parts")
         entries = ffi.new("int64_t *")
         pointer = lib.et_table_chunk_parts(self._h, entries)
-        self.chunk_parts = np.frombuffer(ffi.buffer(pointer, entries[0]), dtype=np.uint8)  # read-only view
-        self.chunk_shift = int(lib.et_table_chunk_shift(self._h))
+        self.chunk_parts = np.frombuffer(ffi.buffer(pointer, entries[0]), dtype=np.uint8)
+        self.chunk_parts.flags.writeable = False  # set through set_chunk_part, which checks the part
+        self.nparts = nparts
 
     def set_chunk_part(self, tier: int, chunk: int, part: int) -> None:
         self._check(lib.et_table_set_chunk_part(self._h, tier, chunk, part), None, "chunk part")
@@ -129,12 +141,14 @@ class NativeTable:
         """out = rows of ids; tier_rows (int64 [3], optional) receives the rows served per tier,
         part_rows (int64 [nparts], optional) per fabric part."""
         err = ffi.new("int64_t *")
+        _sized(part_rows, self.nparts, "part_rows", np.int64)
         rc = lib.et_gather(self._h, _ptr("int64_t *", ids), ids.size, _wptr("float *", out),
                            _wptr_or_null("int64_t *", tier_rows), _wptr_or_null("int64_t *", part_rows), err)
         self._check(rc, ids, "ids", err[0])
 
     def pool(self, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, mode: int,
              out: np.ndarray, tier_rows: np.ndarray | None = None, part_rows: np.ndarray | None = None) -> None:
+        _sized(part_rows, self.nparts, "part_rows", np.int64)
         err = ffi.new("int64_t *")
         rc = lib.et_pool(self._h, _ptr("int64_t *", ids), ids.size, _ptr("int32_t *", lengths), lengths.size,
                          _ptr("float *", weights), mode, _wptr("float *", out),
@@ -144,6 +158,12 @@ class NativeTable:
     def partition(self, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, out_ids: np.ndarray,
                   out_lengths: np.ndarray, out_weights: np.ndarray | None, part_rows: np.ndarray) -> None:
         """Orders ids by (fabric part, bag): see et_partition."""
+        _sized(out_ids, ids.size, "out_ids", np.int64)
+        _sized(out_lengths, self.nparts * lengths.size, "out_lengths", np.int32)
+        _sized(part_rows, self.nparts, "part_rows", np.int64)
+        if weights is not None:
+            _sized(weights, ids.size, "weights", np.float32)
+            _sized(out_weights, ids.size, "out_weights", np.float32)
         err = ffi.new("int64_t *")
         rc = lib.et_partition(self._h, _ptr("int64_t *", ids), ids.size, _ptr("int32_t *", lengths), lengths.size,
                               _ptr("float *", weights), _wptr("int64_t *", out_ids), _wptr("int32_t *", out_lengths),
@@ -200,15 +220,13 @@ def _strerror(errno_value: int) -> str:
     return f"{os.strerror(errno_value)} (errno {errno_value})"
 
 
-def mem_map(nbytes: int, nodes: list[int] | None, huge: bool) -> tuple[int, int, int]:
-    """(address, mbind errno, madvise errno) of a fresh 2 MiB-aligned anonymous mapping."""
-    err, bind_err, huge_err = ffi.new("int *"), ffi.new("int *"), ffi.new("int *")
-    words, maxnode = nodemask_words(nodes or [])
-    mask = ffi.new("unsigned long[]", words) if words else ffi.NULL
-    addr = lib.et_mem_map(nbytes, mask, maxnode, int(huge), err, bind_err, huge_err)
+def mem_map(nbytes: int, huge: bool) -> tuple[int, int]:
+    """(address, madvise errno) of a fresh 2 MiB-aligned anonymous mapping (bind it with mem_bind)."""
+    err, huge_err = ffi.new("int *"), ffi.new("int *")
+    addr = lib.et_mem_map(nbytes, int(huge), err, huge_err)
     if addr == ffi.NULL:
         raise MemoryError(f"cannot map {nbytes} bytes: {_strerror(err[0])}")
-    return int(ffi.cast("uintptr_t", addr)), bind_err[0], huge_err[0]
+    return int(ffi.cast("uintptr_t", addr)), huge_err[0]
 
 
 def mem_bind(address: int, nbytes: int, nodes: list[int]) -> int:
@@ -232,7 +250,7 @@ def huge_array(size: int, dtype: type) -> np.ndarray:
     does not ask for huge pages).  The mapping is unmapped when the array dies.
     """
     nbytes = max(1, size * np.dtype(dtype).itemsize)
-    address, _, _ = mem_map(nbytes, None, True)
+    address, _ = mem_map(nbytes, True)
     owner = ffi.gc(ffi.cast("void *", address), lambda p: lib.et_mem_unmap(p, nbytes))
     return np.frombuffer(ffi.buffer(owner, nbytes), dtype=dtype, count=size)
 

@@ -285,11 +285,7 @@ class Store:
             ids = inside[~space.kept(loc[inside] & ((1 << shift) - 1), limit)].astype(np.int64)
             slots = spare[:ids.size]
             if ids.size:
-                rows = np.empty((ids.size, table.stride), dtype=np.uint8)
-                table.native.read_rows(ids, rows)
-                new = ((tier << shift) | slots).astype(np.uint32)
-                table.native.write_slots(new, rows)
-                table.native.publish(ids, new)  # from here on no lookup holds a slot beyond the cut
+                self._relocate(table, ids, tier, slots)  # from here on no lookup holds a slot beyond the cut
             with self._lock:
                 return space.cut(limit, slots)
 
@@ -601,7 +597,8 @@ class Store:
 
     def _relocate(self, table: Table, ids: np.ndarray, tier: int, slots: np.ndarray) -> None:
         """Copies rows into the given free slots of a tier and points them there (the old slots are
-        the caller's to reuse: no lookup holds them once this returns)."""
+        the caller's to reuse or release: no lookup holds them once this returns); the ports' heat
+        follows rows that change port."""
         new = ((tier << table.native.tier_shift) | slots).astype(np.uint32)
         old = table.native.loc[ids]
         rows = np.empty((ids.size, table.stride), dtype=np.uint8)
@@ -779,7 +776,7 @@ class Store:
         names = [t.name for t in self.tiers]
         bytes_by = {t.name: table.slots[t.tier_id].nbytes if t.tier_id in table.slots else 0 for t in self.tiers}
         nt = table.native
-        chunk_table_entries = 3 << (nt.tier_shift - table.chunk_shift)
+        chunk_table_entries = nt.chunk_parts.size  # one per chunk of each tier
         copies = table.scm_copy.nbytes + table.scm_dirty.nbytes if table.scm_copy is not None else 0
         metadata = nt.loc.nbytes + nt.heat.nbytes + 8 * (chunk_table_entries + nt.max_chunks) + copies
         return TableInfo(

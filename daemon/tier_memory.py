@@ -60,7 +60,7 @@ class MemoryTier(ArenaTier):
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         self._allocs = [ExtentAllocator(size, ROW_ALIGN, start) for start, size in zip(starts, sizes)]
         if capacity_bytes:
-            self.base, _, huge_err = native.mem_map(capacity_bytes, None, huge_pages)
+            self.base, huge_err = native.mem_map(capacity_bytes, huge_pages)
             if huge_err:
                 log.warning("tier %s: transparent huge pages refused (%s)", name,
                             errno.errorcode.get(huge_err, str(huge_err)))

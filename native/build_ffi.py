@@ -26,8 +26,10 @@ ffibuilder.set_source(
     '#include <stdint.h>\n#include "embtier.h"\n',
     sources=SOURCES,
     include_dirs=[str(NATIVE / "include"), str(NATIVE / "src")],
+    # -ffp-contract=off: no fused multiply-adds the source does not ask for, whatever CFLAGS add (a
+    # checkpoint's quantized bytes must not depend on the compiler's or the host's choices)
     extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-strict-aliasing",
-                        *SANITIZE],
+                        "-ffp-contract=off", *SANITIZE],
     extra_link_args=SANITIZE,
     libraries=["pthread", "m"],
 )

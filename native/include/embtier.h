@@ -38,13 +38,11 @@
 typedef struct et_table et_table;
 
 /* ---- memory tiers ---------------------------------------------------- */
-/* Anonymous mapping of `bytes`, 2 MiB aligned.  If nodemask is not NULL the
- * range is bound (mbind MPOL_BIND) to those nodes; huge != 0 asks for
- * transparent huge pages.  On failure returns NULL and sets *err to errno;
- * a failed mbind or madvise leaves the mapping usable and reports its errno
- * in *bind_err / *huge_err (0 when it worked). */
-void *et_mem_map(uint64_t bytes, const unsigned long *nodemask, uint64_t maxnode,
-                 int huge, int *err, int *bind_err, int *huge_err);
+/* Anonymous mapping of `bytes`, 2 MiB aligned (bound to NUMA nodes, range by
+ * range, with et_mem_bind); huge != 0 asks for transparent huge pages.  On
+ * failure returns NULL and sets *err to errno; a failed madvise leaves the
+ * mapping usable and reports its errno in *huge_err (0 when it worked). */
+void *et_mem_map(uint64_t bytes, int huge, int *err, int *huge_err);
 int et_mem_unmap(void *addr, uint64_t bytes);
 /* Binds [addr, addr + bytes rounded up to 4 KiB pages) to the nodes of
  * nodemask (maxnode as for mbind) with MPOL_BIND; pages already placed stay
@@ -66,7 +64,6 @@ et_table *et_table_new(int64_t num_rows, int32_t dim, int32_t dtype, int32_t chu
                        int64_t max_chunks, uint32_t *loc, uint8_t *heat);
 void et_table_free(et_table *t);
 int32_t et_table_tier_shift(et_table *t);
-int32_t et_table_chunk_shift(et_table *t);
 /* Memory chunk (DRAM / CXL): rows of slots [chunk << shift, ...) start at base. */
 int et_table_set_chunk(et_table *t, int32_t tier, int64_t chunk, void *base);
 /* SCM: the O_DIRECT file descriptor, the read alignment (512 or 4096) and
@@ -105,7 +102,8 @@ int et_table_take_dirty(et_table *t, uint64_t *out);
 /* Fabric parts (the CXL fabric's devices: DRAM, each CXL port, SCM): every
  * chunk of the table belongs to one part, named when the chunk gets its
  * storage, so a row's part is its chunk's.  et_table_set_parts(nparts) once,
- * then et_table_set_chunk_part per chunk (part < nparts; 0 until set).
+ * before the table is shared with other threads (it takes no lock), then
+ * et_table_set_chunk_part per chunk (part < nparts; 0 until set).
  * et_table_chunk_parts: the array (indexed by placement entry >> chunk_shift,
  * *entries of them), read-only for the caller, NULL before set_parts. */
 #define ET_MAX_FABRIC_PARTS 255
@@ -124,12 +122,15 @@ int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t *t
 int et_pool(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
             const float *weights, int32_t mode, float *out, int64_t *tier_rows, int64_t *part_rows,
             int64_t *err_pos);
-/* Orders a request's positions by (fabric part, bag) for pooling per part:
+/* Orders a request's positions by (fabric part, bag) for pooling per part, on
+ * the calling thread (a counting sort: two passes over the ids):
  * out_ids[n] (and out_weights[n] when weights is given) hold the ids of part
  * 0's rows bag by bag, then part 1's, ...; out_lengths[nparts][bags] how many
  * of bag b's ids are on part p; part_rows[nparts] how many ids each part got.
  * Pooling out_ids over the nparts * bags lengths gives every part's partial
- * of every bag.  Checks ids and lengths like et_pool. */
+ * of every bag.  Checks ids and lengths like et_pool; unlike et_pool it reads
+ * no row (so it neither checks that a row has storage nor counts heat: the
+ * pooling call that follows does both). */
 int et_partition(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
                  const float *weights, int64_t *out_ids, int32_t *out_lengths, float *out_weights,
                  int64_t *part_rows, int64_t *err_pos);

@@ -37,7 +37,8 @@ struct et_table {
     int32_t prefetch;
     uint32_t cxl_delay_ns; /* injected latency per CXL row served by a lookup (0 = off) */
     atomic_int dropped;
-    pthread_rwlock_t lock; /* readers: lookups; writer: row writes, drop */
+    pthread_rwlock_t lock; /* readers: lookups, raw reads, et_partition; writers: row writes, publish,
+                              chunk and chunk-part setters, dirty take, drop */
 };
 
 /* Rows per 4 KiB SCM block (0 when a row spans several blocks). */
@@ -53,6 +54,9 @@ static inline uint8_t *et_loc_row(const et_table *t, uint32_t l) {
     uint8_t *base = t->mem_base[l >> t->chunk_shift];
     return base ? base + (uint64_t)(l & t->chunk_mask) * t->stride : NULL;
 }
+
+/* The fabric part of the row at placement entry l (et_table_set_parts must have run). */
+static inline uint8_t et_loc_part(const et_table *t, uint32_t l) { return t->chunk_part[l >> t->chunk_shift]; }
 
 /* Byte offset in the SCM file of a slot, or UINT64_MAX when its chunk has no file space. */
 static inline uint64_t et_scm_offset(const et_table *t, uint32_t slot) {

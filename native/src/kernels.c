@@ -89,7 +89,7 @@ static int resolve_range(et_call *c, int part, int64_t p0, int64_t p1) {
         const uint32_t l = loc[ids[p]];
         const uint8_t *row = et_loc_row(t, l);
         c->tier_rows[part][et_loc_tier(t, l) < ET_NUM_TIERS ? et_loc_tier(t, l) : 0]++;
-        if (c->part_rows) c->part_rows[(int64_t)part * t->nparts + t->chunk_part[l >> t->chunk_shift]]++;
+        if (c->part_rows) c->part_rows[(int64_t)part * t->nparts + et_loc_part(t, l)]++;
         if (row) {
         } else if (et_loc_tier(t, l) == ET_TIER_SCM) {
             scm++;
@@ -571,7 +571,7 @@ int et_partition(et_table *t, const int64_t *ids, int64_t n, const int32_t *leng
         for (int64_t b = 0, p = 0; b < bags; b++)
             for (int32_t k = 0; k < lengths[b]; k++, p++) {
                 if (p + ET_RESOLVE_AHEAD < n) __builtin_prefetch(&t->loc[ids[p + ET_RESOLVE_AHEAD]], 0, 3);
-                const uint8_t pt = t->chunk_part[t->loc[ids[p]] >> t->chunk_shift];
+                const uint8_t pt = et_loc_part(t, t->loc[ids[p]]);
                 part[p] = pt;
                 out_lengths[(int64_t)pt * bags + b]++;
                 part_rows[pt]++;
@@ -616,6 +616,10 @@ int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *row
     if (rc) return rc;
     pthread_rwlock_wrlock(&t->lock);
     rc = atomic_load(&t->dropped) ? ET_E_DROPPED : check_homes(t, ids, n, err_pos);
+    /* Marked first: a write that fails part-way (an SCM run after another) may still have changed
+     * some rows, and a checkpoint must not miss them (marking an unchanged row costs nothing). */
+    if (rc == ET_OK && t->dirty)
+        for (int64_t p = 0; p < n; p++) t->dirty[ids[p] >> 6] |= (uint64_t)1 << (ids[p] & 63);
     /* SCM first: it is the only part that can fail, so a failed write
      * leaves the memory tiers untouched. */
     if (rc == ET_OK) rc = et_scm_write(t, ids, NULL, n, rows, err_pos);
@@ -626,8 +630,6 @@ int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *row
                 memcpy(et_loc_row(t, l), rows + (uint64_t)p * t->stride,
                        (size_t)t->stride);
         }
-    if (rc == ET_OK && t->dirty)
-        for (int64_t p = 0; p < n; p++) t->dirty[ids[p] >> 6] |= (uint64_t)1 << (ids[p] & 63);
     pthread_rwlock_unlock(&t->lock);
     return rc;
 }

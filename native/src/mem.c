@@ -11,10 +11,8 @@
 #define ET_PAGE 4096ull
 #define ET_MPOL_BIND 2
 
-void *et_mem_map(uint64_t bytes, const unsigned long *nodemask, uint64_t maxnode,
-                 int huge, int *err, int *bind_err, int *huge_err) {
+void *et_mem_map(uint64_t bytes, int huge, int *err, int *huge_err) {
     *err = 0;
-    *bind_err = 0;
     *huge_err = 0;
     if (bytes == 0) {
         *err = EINVAL;
@@ -34,8 +32,6 @@ void *et_mem_map(uint64_t bytes, const unsigned long *nodemask, uint64_t maxnode
     uint8_t *raw_end = raw + len + ET_HUGE_PAGE;
     if (raw_end > end) munmap(end, raw_end - end);
 
-    if (nodemask && syscall(SYS_mbind, start, len, ET_MPOL_BIND, nodemask, maxnode, 0) != 0)
-        *bind_err = errno;
     if (huge && madvise(start, len, MADV_HUGEPAGE) != 0) *huge_err = errno;
     return start;
 }

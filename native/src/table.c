@@ -57,7 +57,6 @@ et_table *et_table_new(int64_t num_rows, int32_t dim, int32_t dtype, int32_t chu
 }
 
 int32_t et_table_tier_shift(et_table *t) { return t->tier_shift; }
-int32_t et_table_chunk_shift(et_table *t) { return t->chunk_shift; }
 
 static int64_t chunk_entries(const et_table *t) {
     return (int64_t)ET_NUM_TIERS << (t->tier_shift - t->chunk_shift);
