@@ -2,9 +2,9 @@
 
 The daemon runs in the test bed's "switch" network namespace and this
 script's client half in the "host" namespace; the veth between them is
-shaped with tc to each link rate (1, 10, 25 Gbit/s; no added delay: the
-development VM's kernel has no netem qdisc, and the test bed refuses a
-delay it cannot apply).
+shaped with tc to each link rate (1, 10, 25 Gbit/s), with no added delay
+unless --delay says (netem, or netfilter queues where the kernel has no
+netem: see clients/fabric.py).
 For pooling factors 8, 32 and 128 it times LookupPooled of 512 bags x 8
 tables x dim 64 (Zipf(1.05) ids, float32 on the wire) in the three offload
 modes, one request at a time, modes rotating request by request so that
@@ -23,7 +23,7 @@ ports (against BEACON).
 
 Root only (network namespaces, tc).  The same as `embtier fabric bench`
 (clients/fabric_bench.py).  Run from the repository root:
-  .venv/bin/python -m tests.bench.bench_pifs [--quick]
+  .venv/bin/python -m tests.bench.bench_pifs [--quick] [--rates 10gbit,...] [--delay 1ms]
 """
 
 from __future__ import annotations
@@ -32,19 +32,24 @@ import argparse
 import sys
 
 from embtier import fabric_bench
-from embtier.fabric import FabricError
+from embtier.fabric import FabricError, parse_delay, parse_rate
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="8 rounds, pooling factor 32 only")
+    parser.add_argument("--rates", default="1gbit,10gbit,25gbit", help="link rates, comma-separated "
+                        "(default: %(default)s)")
+    parser.add_argument("--delay", default="0", help="one-way delay of each direction, e.g. 1ms (default: 0)")
     args = parser.parse_args()
     try:
+        rates = [parse_rate(r) for r in args.rates.split(",")]
+        delay = parse_delay(args.delay)
         if args.quick:
-            fabric_bench.run(list(fabric_bench.RATES_BITS_PER_SECOND), [32], rounds=8, seconds=10.0)
+            fabric_bench.run(rates, [32], rounds=8, seconds=10.0, delay_seconds=delay)
         else:
-            fabric_bench.run(list(fabric_bench.RATES_BITS_PER_SECOND), list(fabric_bench.POOLING_FACTORS))
-    except FabricError as e:
+            fabric_bench.run(rates, list(fabric_bench.POOLING_FACTORS), delay_seconds=delay)
+    except (FabricError, ValueError) as e:
         print(f"bench_pifs: {e}", file=sys.stderr)
         return 1
     return 0
