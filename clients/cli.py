@@ -18,7 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .client import Client, EmbtierClientError, TableInfo, TlsOptions
+from .client import (
+    CHECKPOINT_KINDS,
+    QUANT_BITS,
+    QUANTIZERS,
+    Client,
+    EmbtierClientError,
+    TableInfo,
+    TlsOptions,
+)
 from .loadgen import LoadGenerator, Workload
 
 
@@ -462,11 +470,11 @@ def parse_args(argv):
                    "else 3)")
     s.add_argument("--warmup-intervals", type=int, default=10)
     s = sub.add_parser("checkpoint", help="write a checkpoint of every table (exact ones shorten the write-ahead log)")
-    s.add_argument("--kind", default="full", choices=["full", "incremental", "differential", "auto"],
+    s.add_argument("--kind", default="full", choices=list(CHECKPOINT_KINDS),
                    help="incremental: rows changed since the last checkpoint; differential: since the last full; "
                    "auto: differential until a full is cheaper (default: %(default)s)")
-    s.add_argument("--bits", type=int, default=0, choices=[0, 2, 3, 4, 8], help="bits per value, 0 = exact")
-    s.add_argument("--quantizer", default="adaptive", choices=["adaptive", "minmax"])
+    s.add_argument("--bits", type=int, default=0, choices=QUANT_BITS, help="bits per value, 0 = exact")
+    s.add_argument("--quantizer", default="adaptive", choices=list(QUANTIZERS))
     sub.add_parser("checkpoints", help="list the checkpoints")
     s = sub.add_parser("restore", help="replace every table by a checkpoint's (see `embtier checkpoints`)")
     s.add_argument("id", type=int)
@@ -496,11 +504,12 @@ def parse_args(argv):
         f = fabric_sub.add_parser(name, help=text)
         f.add_argument("--prefix", default="embtier", help="namespaces PREFIX-host and PREFIX-switch "
                        "(default: %(default)s)")
-        if name in ("up", "run", "bench"):
+        if name in ("up", "run"):  # (bench takes --rates)
             f.add_argument("--rate", default="10gbit", help="rate of the host link, each way: 100mbit, 1gbit, "
                            "25gbit (default: %(default)s)")
-            f.add_argument("--delay", default="0", help="one-way delay of the host link: 50us, 1ms (needs the "
-                           "netem qdisc; default: %(default)s)")
+        if name in ("up", "run", "bench"):
+            f.add_argument("--delay", default="0", help="one-way delay of the host link: 50us, 1ms (netem, or "
+                           "netfilter queues where the kernel has no netem; default: %(default)s)")
         if name == "status":
             f.add_argument("--json", action="store_true")
         if name == "bench":

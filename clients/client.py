@@ -27,6 +27,9 @@ DTYPE_NAMES = {code: name for name, code in DTYPES.items()}
 WIRE = {"float32": (pb.FLOAT32, np.dtype("<f4")), "float16": (pb.FLOAT16, np.dtype("<f2"))}
 POOL_MODES = {"sum": pb.SUM, "mean": pb.MEAN, "max": pb.MAX}
 INITIALIZERS = {"zeros": pb.ZEROS, "uniform": pb.UNIFORM}
+CHECKPOINT_KINDS = {"full": pb.FULL, "incremental": pb.INCREMENTAL, "differential": pb.DIFFERENTIAL, "auto": pb.AUTO}
+QUANT_BITS = (0, 8, 4, 3, 2)
+QUANTIZERS = {"adaptive": pb.ADAPTIVE, "minmax": pb.MINMAX}
 MAX_MESSAGE_BYTES = 256 << 20
 
 
@@ -322,12 +325,11 @@ class Client:
     def checkpoint(self, kind: str = "full", quant_bits: int = 0, quantizer: str = "adaptive") -> Checkpoint:
         """Writes a checkpoint of every table: kind "full", "incremental", "differential" or "auto";
         quant_bits 0 (exact), 8, 4, 3 or 2; quantizer "adaptive" or "minmax"."""
-        kinds = {"full": pb.FULL, "incremental": pb.INCREMENTAL, "differential": pb.DIFFERENTIAL, "auto": pb.AUTO}
-        quantizers = {"adaptive": pb.ADAPTIVE, "minmax": pb.MINMAX}
-        if kind not in kinds or quantizer not in quantizers:
-            raise ValueError(f"kind must be one of {', '.join(kinds)} and quantizer one of {', '.join(quantizers)}; "
-                             f"got {kind!r}, {quantizer!r}")
-        request = pb.CheckpointRequest(kind=kinds[kind], quant_bits=quant_bits, quantizer=quantizers[quantizer])
+        if kind not in CHECKPOINT_KINDS or quantizer not in QUANTIZERS:
+            raise ValueError(f"kind must be one of {', '.join(CHECKPOINT_KINDS)} and quantizer one of "
+                             f"{', '.join(QUANTIZERS)}; got {kind!r}, {quantizer!r}")
+        request = pb.CheckpointRequest(kind=CHECKPOINT_KINDS[kind], quant_bits=quant_bits,
+                                       quantizer=QUANTIZERS[quantizer])
         return _checkpoint(self._call("Checkpoint", request, idempotent=False))
 
     def checkpoints(self) -> list[Checkpoint]:
@@ -394,9 +396,9 @@ class Client:
                     np.float32, copy=False)
             elif r.parts:  # device: add the ports' partials here
                 partials = np.frombuffer(r.partials, dtype=dt).reshape(len(r.parts), r.num_bags, r.dim)
-                out[r.table] = combine_partials(partials.astype(np.float32), lengths, mode)
+                out[r.table] = combine_partials(partials.astype(np.float32, copy=False), lengths, mode)
             else:  # host: pool the rows here (none at all when every bag is empty)
-                rows = np.frombuffer(r.rows, dtype=dt).reshape(-1, r.dim).astype(np.float32)
+                rows = np.frombuffer(r.rows, dtype=dt).reshape(-1, r.dim).astype(np.float32, copy=False)
                 out[r.table] = pool_rows(rows, lengths, weights, mode)
         f = reply.fabric
         traffic = FabricTraffic(OFFLOAD_NAMES[f.offload], dict(f.device_link_bytes), f.host_link_bytes,

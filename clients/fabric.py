@@ -64,6 +64,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Self
 
+import psutil
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg.common import tick_in_usec
@@ -188,8 +189,8 @@ def _queue_delay_of(pids: list[int]) -> float | None:
     """The delay of the embtier.fabric_delay process among pids (its --seconds), None without one."""
     for pid in pids:
         try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
+            args = psutil.Process(pid).cmdline()
+        except psutil.Error:
             continue
         if "embtier.fabric_delay" in args and "--seconds" in args[:-1]:
             return float(args[args.index("--seconds") + 1])
@@ -197,7 +198,12 @@ def _queue_delay_of(pids: list[int]) -> float | None:
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    """Stops a process started by TestBed.popen and its process group: SIGTERM, SIGKILL after timeout s."""
+    """Stops a process started by TestBed.popen and its process group: SIGTERM, SIGKILL after timeout s.
+    A process already waited for is left alone (its pid, and so its group id, may belong to another
+    process by now; what it left in the test bed's namespaces goes with them)."""
+    if proc.returncode is not None:
+        return
+
     def signal_group(sig: signal.Signals) -> None:
         try:
             os.killpg(proc.pid, sig)
@@ -337,13 +343,15 @@ class TestBed:
         result = subprocess.run(["nsenter", f"--net={self.netns_path(side)}", binary, "-w", "-t", "mangle", *args],
                                 check=False, capture_output=True, text=True)
         if result.returncode != 0:
-            raise DelayUnsupported(NO_DELAY + f"; `iptables {' '.join(args)}` in {self.namespaces[side]} failed: "
-                                   f"{result.stderr.strip()}")
+            failed = f"`iptables {' '.join(args)}` in {self.namespaces[side]} failed: {result.stderr.strip()}"
+            if args[0] == "-A":  # the first rule: the kernel may lack the NFQUEUE target
+                raise DelayUnsupported(f"{NO_DELAY}; {failed}")
+            raise FabricError(f"changing the link delay: {failed}")
 
     def _queue_delay(self, side: Side, delay_seconds: float, rate_bits_per_second: float) -> None:
         """Without netem: delays the packets side receives by delay_seconds through a netfilter queue
         (see the module's docstring); 0 removes the rule and the process."""
-        old = self._delayers.pop(side, None)
+        old = self._delayers.get(side)  # replaced only once the new one is in place
         ifname = self.ifnames[side]
         if delay_seconds > 0:
             queue = 1 - old[1] if old else 0
@@ -355,14 +363,15 @@ class TestBed:
             if proc.stdout.readline().strip() != "ready":
                 stop_process(proc)
                 raise DelayUnsupported(NO_DELAY + f"; the netfilter queue refused: {proc.stderr.read().strip()}")
-            self._delayers[side] = (proc, queue)
             rule = ["-i", ifname, "-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"]
             if old:
                 self._iptables(side, "-R", "PREROUTING", "1", *rule)
             else:
                 self._iptables(side, "-A", "PREROUTING", *rule)
+            self._delayers[side] = (proc, queue)
         elif old:
             self._iptables(side, "-D", "PREROUTING", "1")
+            del self._delayers[side]
         if old:
             time.sleep(self.delay_seconds)  # the packets the old queue holds leave before it closes
             stop_process(old[0])

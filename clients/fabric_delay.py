@@ -1,8 +1,9 @@
 """A link delay for the fabric test bed on kernels without netem: packets held in a netfilter queue.
 
-The test bed sends every packet leaving one end of its veth to a netfilter
-queue (an iptables NFQUEUE rule in that namespace's mangle POSTROUTING
-chain, with --queue-bypass so that packets pass when no process listens);
+The test bed sends every packet arriving at one end of its veth to a
+netfilter queue (an iptables NFQUEUE rule in that namespace's mangle
+PREROUTING chain, -i that end, with --queue-bypass so that packets pass
+when no process listens);
 this process, running in the same namespace, takes each packet's id from the
 queue (metadata only: the payload stays in the kernel), and once the packet
 has waited `seconds` accepts it with a batch verdict.  Packets leave in
@@ -136,9 +137,6 @@ class NetfilterQueue:
     def accept_through(self, packet_id: int) -> None:
         """Accepts every queued packet whose id is <= packet_id."""
         self._send(NFQNL_MSG_VERDICT_BATCH, _attr(NFQA_VERDICT_HDR, struct.pack(">II", NF_ACCEPT, packet_id)))
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def run(number: int, seconds: float, max_packets: int = MIN_QUEUE_PACKETS) -> None:
