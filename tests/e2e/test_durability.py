@@ -32,6 +32,15 @@ def state_dir(tmp_path) -> tuple:
     return state, config
 
 
+# what a call cut off by the SIGKILL fails with; anything else is a failure of the test
+KILLED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def _cut_off(e: EmbtierClientError, unexpected: list) -> None:
+    if e.code not in KILLED:
+        unexpected.append(f"{e.code.name}: {e.message}")
+
+
 class Writer(threading.Thread):
     """Writes rows k, k + WRITERS, ... (its own) with values = a version number unique to each write;
     remembers per row the last acknowledged version and the one in flight when the daemon died."""
@@ -39,6 +48,7 @@ class Writer(threading.Thread):
     def __init__(self, target: str, k: int, acked: np.ndarray, versions, seed: int):
         super().__init__()
         self.target, self.k, self.acked, self.versions = target, k, acked, versions
+        self.unexpected: list[str] = []
         self.in_flight: tuple[np.ndarray, int] | None = None
         self.rng = np.random.default_rng(seed)
         self.writes = 0
@@ -51,7 +61,8 @@ class Writer(threading.Thread):
                 self.in_flight = (ids, version)
                 try:
                     c.write_rows("w", ids, np.full((ids.size, DIM), version, dtype=np.float32))
-                except EmbtierClientError:
+                except EmbtierClientError as e:
+                    _cut_off(e, self.unexpected)
                     return  # the daemon is gone: this write may or may not have been logged
                 self.acked[ids] = version
                 self.in_flight = None
@@ -81,9 +92,10 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
         for w in writers:
             w.start()
         name = f"t{round_}"
-        creator = threading.Thread(target=_create, args=(d.target, name, created))
+        unexpected = []
+        creator = threading.Thread(target=_create, args=(d.target, name, created, unexpected))
         creator.start()
-        checkpointer = threading.Thread(target=_checkpoints, args=(d.target, checkpoints))
+        checkpointer = threading.Thread(target=_checkpoints, args=(d.target, checkpoints, unexpected))
         checkpointer.start()
         time.sleep(rng.uniform(0.3, 1.0))
         d.proc.kill()
@@ -93,6 +105,8 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
         creator.join(timeout=30)
         checkpointer.join(timeout=30)
         total_writes += sum(w.writes for w in writers)
+        unexpected += [error for w in writers for error in w.unexpected]
+        assert unexpected == [], f"round {round_}: calls failed for another reason than the kill"
         maybe = np.zeros(ROWS)
         for w in writers:
             if w.in_flight is not None:
@@ -122,25 +136,26 @@ CHECKPOINT_CYCLE = [("auto", 0), ("incremental", 0), ("incremental", 0), ("diffe
                     ("full", 0), ("incremental", 0)]
 
 
-def _checkpoints(target: str, taken: list) -> None:
+def _checkpoints(target: str, taken: list, unexpected: list) -> None:
     """Checkpoints one after another until the daemon dies."""
     with Client(target, timeout=10) as c:
         while True:
             kind, bits = CHECKPOINT_CYCLE[len(taken) % len(CHECKPOINT_CYCLE)]
             try:
                 c.checkpoint(kind, bits)
-            except EmbtierClientError:
+            except EmbtierClientError as e:
+                _cut_off(e, unexpected)
                 return
             taken.append(1)
 
 
-def _create(target: str, name: str, created: list) -> None:
+def _create(target: str, name: str, created: list, unexpected: list) -> None:
     try:
         with Client(target, timeout=10) as c:
             c.create_table(name, 1000, 4, initializer="uniform", seed=len(name))
         created.append(name)
-    except EmbtierClientError:
-        pass
+    except EmbtierClientError as e:
+        _cut_off(e, unexpected)
 
 
 def test_a_torn_log_tail_is_cut_and_the_rest_replayed(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from embtierd import checkpoint_format as fmt
 from embtierd.checkpoint import Checkpointer
 from embtierd.config import CheckpointConfig
-from embtierd.errors import CorruptCheckpointError, InvalidArgumentError, NotFoundError
+from embtierd.errors import CorruptCheckpointError, InvalidArgumentError, NotFoundError, StorageError
 from embtierd.journal import Journal, replay
 from embtierd.native import QUANT_ADAPTIVE_MAX_SHRINK as ADAPTIVE_MAX_SHRINK
 from embtierd.wal import WriteAheadLog
@@ -165,7 +165,7 @@ def test_a_failed_checkpoint_loses_no_change(tmp_path, store_factory, monkeypatc
 
     with monkeypatch.context() as m:
         m.setattr(fmt.Writer, "add", fail)
-        with pytest.raises(Exception, match="No space left"):
+        with pytest.raises(StorageError, match=r"writing checkpoint \d+ into .* failed: .*No space left"):
             ck.take("incremental")
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
     more = write_some(store, "f", np.random.default_rng(4))

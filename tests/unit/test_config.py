@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -287,6 +286,10 @@ def test_the_default_socket_goes_in_systemds_runtime_directory(monkeypatch, tmp_
     monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/embtier:/run/other")
     assert server.default_socket(tmp_path) == Path("/run/embtier/embtierd.sock")
     monkeypatch.delenv("RUNTIME_DIRECTORY")
+    monkeypatch.setattr(server.os, "geteuid", lambda: 0)
+    assert server.default_socket(tmp_path) == Path("/run/embtier/embtierd.sock")
+    monkeypatch.setattr(server.os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
-    expected = Path("/run/embtier/embtierd.sock") if os.geteuid() == 0 else tmp_path / "xdg" / "embtier" / "embtierd.sock"
-    assert server.default_socket(tmp_path) == expected
+    assert server.default_socket(tmp_path) == tmp_path / "xdg" / "embtier" / "embtierd.sock"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert server.default_socket(tmp_path) == tmp_path / "embtierd.sock"
