@@ -189,17 +189,20 @@ def chain_bytes(ck: Checkpointer, newest: int) -> int:
 
 
 def bench_checkpoints(root: Path, rows: int) -> None:
-    full32 = rows * DIM * 4
-    print(f"checkpoints: {rows} x {DIM} float32 table ({full32 / 2**20:.0f} MiB), {INTERVALS} intervals of "
-          f"Zipf(1.05) updates; reductions against a full float32 checkpoint ({full32 / 2**20:.0f} MiB)")
+    print(f"checkpoints: {rows} x {DIM} float32 table ({rows * DIM * 4 / 2**20:.0f} MiB of values), {INTERVALS} "
+          f"intervals of Zipf(1.05) updates; reductions against the bytes of a full exact checkpoint taken in "
+          f"the same run")
     for fraction in (0.01, 0.10):
         trace = Trace(rows, fraction)
-        print(f"\n  {fraction:.0%} of the rows touched per interval")
+        baseline = run_policy(trace, root / "run", "full", 0, "adaptive")
+        full32 = baseline["written"]
+        print(f"\n  {fraction:.0%} of the rows touched per interval (full exact checkpoint: {full32 / 2**20:.1f} MiB)")
         print(f"  {'policy':<13}{'bits':>5}{'write':>9}{'capacity':>10}{'(worst)':>9}{'error':>10}   "
               f"{'s/ckpt':>7}  kinds (F full, I incremental, D differential)")
         for policy in POLICIES:
             for bits in BITS:
-                r = run_policy(trace, root / "run", policy, bits, "adaptive")
+                r = baseline if (policy, bits) == ("full", 0) else run_policy(trace, root / "run", policy, bits,
+                                                                                "adaptive")
                 print(f"  {policy:<13}{bits or 'exact':>5}{full32 / r['written']:8.1f}x{full32 / r['chain']:9.2f}x"
                       f"{full32 / r['worst']:8.2f}x{r['error']:10.5f}   {r['seconds']:7.2f}  {r['kinds']}", flush=True)
         if fraction == 0.10:
