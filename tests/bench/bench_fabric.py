@@ -34,6 +34,7 @@ from embtierd.tiering import TieringEngine
 from embtierd.tiering_config import TieringConfig
 
 ROWS, DIM, PORTS = 100_000, 16, 4
+CXL_BYTES = 1 << 20
 
 
 def store_in(state: str, dram: str, cxl: str, tolerance: float = 0.1) -> Store:
@@ -55,7 +56,7 @@ def one_run(trace: str, tolerance: float) -> tuple[np.ndarray, np.ndarray, int, 
     """(per-port load, round robin per-port load, rows moved between tiers, rows copied by the levelling,
     levelling seconds, interval seconds) of one table through one tiering interval."""
     with tempfile.TemporaryDirectory() as state:
-        store = store_in(state, "256K", "1M", tolerance)
+        store = store_in(state, "256K", str(CXL_BYTES), tolerance)
         store.create_table("t", ROWS, DIM, initializer="uniform", seed=1)
         span, scale = (ROWS, 1) if trace == "scattered" else (ROWS // 4, 4)
         zipf = ZipfIds(span, 1.05, seed=3)
@@ -112,22 +113,23 @@ def accounting_cost(reps: int = 30, calls: int = 50) -> tuple[float, float]:
             store.pool_partials("t", ids, lengths, part_rows=np.zeros(parts, dtype=np.int64))
 
         ratios = []
-        for _ in range(reps):
-            seconds = []
-            for f in (pool, counted, device):
+        functions = [pool, counted, device]
+        for rep in range(reps):
+            seconds = {}
+            for f in functions[rep % 3:] + functions[:rep % 3]:  # each goes first in turn
                 start = time.perf_counter()
                 for _ in range(calls):
                     f()
-                seconds.append(time.perf_counter() - start)
-            ratios.append((seconds[1] / seconds[0], seconds[2] / seconds[0]))
+                seconds[f] = time.perf_counter() - start
+            ratios.append((seconds[counted] / seconds[pool], seconds[device] / seconds[pool]))
         store.close()
     counted_ratio, device_ratio = np.median(np.array(ratios), axis=0)
     return float(counted_ratio), float(device_ratio)
 
 
 def main() -> int:
-    print(f"port balance: busiest port / mean, {PORTS} emulated ports, Zipf(1.05), a table of {ROWS} rows with "
-          f"16384 in CXL")
+    print(f"port balance: busiest port / mean, {PORTS} emulated ports, Zipf(1.05), a table of {ROWS} rows of "
+          f"{DIM * 4} bytes with {CXL_BYTES // (DIM * 4)} in CXL")
     print(f"  {'trace':<17}{'levelled':>9}{'not levelled':>14}{'round robin':>13}"
           f"{'copies / tier moves':>21}{'time / interval':>17}")
     for trace in ("scattered", "multiples of 4"):
