@@ -43,6 +43,12 @@ class DaemonProcess:
         return self.proc.wait(timeout=timeout)
 
 
+def run_cli(target: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`embtier --target target args...` as a separate process; its result, whatever the exit status."""
+    return subprocess.run([sys.executable, "-m", "embtier.cli", "--target", target, *args], check=False,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def daemon_args(state_dir: Path, *extra: str, config: Path | None = None) -> tuple[list[str], Path, str, str]:
     """(embtierd command line, socket path, TCP address, metrics address) for a daemon in state_dir."""
     sock = state_dir / "embtierd.sock"

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import numpy as np
 from embtier import Client
 
+from .conftest import run_cli
+
 
 def run(daemon, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "embtier.cli", "--target", daemon.target, *args],
-                          check=False, capture_output=True, text=True, timeout=120)
+    return run_cli(daemon.target, *args)
 
 
 def test_table_commands(daemon, tmp_path):

@@ -5,7 +5,6 @@ directory, 20 rounds."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -17,7 +16,7 @@ from embtier import Client, EmbtierClientError
 from embtier.v1 import embtier_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import daemon_args, start_daemon
+from .conftest import daemon_args, run_cli, start_daemon
 
 ROWS, DIM, WRITERS = 4000, 8, 4
 CONFIG = '[tiering]\nenabled = false\n[durability]\nfsync = "always"\n'
@@ -222,8 +221,7 @@ def test_checkpoint_then_sigkill_restores_everything_and_shortens_the_log(tmp_pa
             with pytest.raises(EmbtierClientError) as err:
                 c._call(method, request, idempotent=False)
             assert err.value.code == code and message in err.value.message, err.value.message
-    cli = subprocess.run([sys.executable, "-m", "embtier.cli", "--target", d.target, "checkpoint"], check=False,
-                         capture_output=True, text=True, timeout=60)
+    cli = run_cli(d.target, "checkpoint")
     assert cli.returncode == 0 and "     2 full " in cli.stdout and " 20000 " in cli.stdout, cli.stdout + cli.stderr
     metrics = {s.name: s.value for f in text_string_to_metric_families(
         urllib.request.urlopen(f"http://{d.metrics}/metrics", timeout=10).read().decode()) for s in f.samples}

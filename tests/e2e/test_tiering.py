@@ -17,14 +17,13 @@ from embtier.loadgen import ZipfIds
 from embtierd.simulate import SimConfig, simulate
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import running_daemon
+from .conftest import run_cli, running_daemon
 
 TIERS = ("dram", "cxl", "scm")
 
 
 def cli(daemon, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "embtier.cli", "--target", daemon.target, *args],
-                          check=False, capture_output=True, text=True, timeout=120)
+    return run_cli(daemon.target, *args)
 
 
 def rows_served(daemon, table: str) -> np.ndarray:
