@@ -548,8 +548,8 @@ class Store:
         of busy ports trade places with cold rows of idle ones, each trade three copies (the hot row
         to a spare slot, the cold row into its old slot, the hot row into the cold one's), at most
         max_rows copies, in batches during which the table's writes wait.  The spare slots are free
-        CXL slots of the table, else SCM slots (the rows bounced there are served from SCM for the
-        moment).  Called by the tiering engine after its moves; returns the rows copied."""
+        slots of the table in CXL, else DRAM, else SCM (rows bounced there are served from SCM for
+        the moment).  Called by the tiering engine after its moves; returns the rows copied."""
         table = self._get(name)
         copied = 0
         if self.cxl_ports > 1:
@@ -580,9 +580,10 @@ class Store:
         valid = np.flatnonzero(((table.native.loc[hot] >> shift) == native.TIER_CXL) &
                                ((table.native.loc[cold] >> shift) == native.TIER_CXL))
         with self._lock:
-            spare_tier, spare = native.TIER_CXL, self._space(table, native.TIER_CXL).take(valid.size)
-            if not spare.size:
-                spare_tier, spare = native.TIER_SCM, self._space(table, native.TIER_SCM).take(valid.size)
+            for spare_tier in (native.TIER_CXL, native.TIER_DRAM, native.TIER_SCM):  # the fastest with room
+                spare = self._space(table, spare_tier).take(valid.size)
+                if spare.size:
+                    break
         pairs = valid[:spare.size]
         hot, cold = np.ascontiguousarray(hot[pairs]), np.ascontiguousarray(cold[pairs])
         if pairs.size:
