@@ -230,16 +230,18 @@ def cmd_checkpoints(c: Client, args) -> None:
     print(f"{CHECKPOINT_HEADER}  {'log up to':>9}  created (UTC)        restart")
     for info in listed:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.created_unix_seconds))
-        print(f"{describe_checkpoint(info)}  {info.lsn:>9}  {created}  "
-              f"{'recovers from it' if info.exact_chain else 'lossy: restore only'}")
+        usable = ("DAMAGED: " + info.damage if info.damage else
+                  "recovers from it" if info.exact_chain else "lossy: restore only")
+        print(f"{describe_checkpoint(info)}  {info.lsn:>9}  {created}  {usable}")
     if not listed:
         print("(no checkpoints)")
 
 
 def cmd_restore(c: Client, args) -> None:
     restored, saved = c.restore(args.id)
-    print(f"restored checkpoint {restored.id} ({', '.join(restored.tables) or 'no tables'}); published as full "
-          f"checkpoint {saved.id} in {saved.duration_seconds:.2f} s")
+    published = (f"published as full checkpoint {saved.id} in {saved.duration_seconds:.2f} s" if saved else
+                 "its full checkpoint could not be written (the log holds the restore; see the daemon's log)")
+    print(f"restored checkpoint {restored.id} ({', '.join(restored.tables) or 'no tables'}); {published}")
 
 
 def cmd_lookup(c: Client, args) -> None:

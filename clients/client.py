@@ -193,7 +193,8 @@ class Checkpoint:
     snapshot_seconds: float
     created_unix_seconds: float
     tables: tuple[str, ...]
-    exact_chain: bool
+    exact_chain: bool       # exact and intact: a restart can recover from it
+    damage: str = ""        # why it cannot be restored ("" when its files check out)
 
 
 def _checkpoint(m: pb.CheckpointInfo) -> Checkpoint:
@@ -202,7 +203,7 @@ def _checkpoint(m: pb.CheckpointInfo) -> Checkpoint:
         quant_bits=m.quant_bits, quantizer=pb.Quantizer.Name(m.quantizer).lower() if m.quant_bits else "exact",
         lsn=m.lsn, rows_written=m.rows_written, bytes_written=m.bytes_written, duration_seconds=m.duration_seconds,
         snapshot_seconds=m.snapshot_seconds, created_unix_seconds=m.created_unix_seconds, tables=tuple(m.tables),
-        exact_chain=m.exact_chain)
+        exact_chain=m.exact_chain, damage=m.damage)
 
 
 def _table_policy(m: pb.TablePolicy) -> TablePolicy:
@@ -337,11 +338,12 @@ class Client:
         reply = self._call("ListCheckpoints", pb.ListCheckpointsRequest(), idempotent=True)
         return [_checkpoint(m) for m in reply.checkpoints]
 
-    def restore(self, checkpoint_id: int) -> tuple[Checkpoint, Checkpoint]:
+    def restore(self, checkpoint_id: int) -> tuple[Checkpoint, Checkpoint | None]:
         """Replaces every table by checkpoint checkpoint_id's; returns (it, the full exact checkpoint
-        the daemon published of the result)."""
+        the daemon published of the result, or None when it could not write one: the restore stands,
+        its log holds it)."""
         reply = self._call("RestoreCheckpoint", pb.RestoreCheckpointRequest(id=checkpoint_id), idempotent=False)
-        return _checkpoint(reply.restored), _checkpoint(reply.saved)
+        return _checkpoint(reply.restored), _checkpoint(reply.saved) if reply.HasField("saved") else None
 
     # ---- rows --------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict
 
@@ -24,6 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scm-bytes", metavar="SIZE", help="SCM tier capacity")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    p.add_argument("--salvage", action="store_true",
+                   help="when the checkpoints and the write-ahead log cannot rebuild every table, start with every "
+                        "table that is intact and list what is lost (default: refuse to start)")
     return p.parse_args(argv)
 
 
@@ -47,6 +51,7 @@ def overrides(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.umask(0o077)  # every file the daemon makes is private: the log and checkpoints hold every row
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .server import Daemon
 
-        return Daemon(cfg).serve()
+        return Daemon(cfg, salvage=args.salvage).serve()
     except (EmbtierError, OSError) as e:
         logging.getLogger("embtierd").error("%s", e)
         return 2

@@ -26,19 +26,37 @@ at the snapshot, whose LSN the manifest records.
 Recovery.  At start the newest checkpoint whose chain is exact (every layer
 unquantized) and checks out is loaded, then the log after its LSN is
 replayed, so nothing acknowledged is lost; a damaged checkpoint is reported
-and the previous one tried.  Quantized checkpoints are restored only on
-request (RestoreCheckpoint): they are lossy by design.  Retention keeps the
-newest `keep` checkpoints and the newest `keep` exact ones, with every
-checkpoint their chains need; the log is kept back to the oldest exact one
-kept, so a damaged newest one still leaves the one before plus the log.
+and the previous one tried, and when none is left the log alone rebuilds
+the tables if it reaches back to its first record.  Quantized checkpoints
+are restored only on request (RestoreCheckpoint): they are lossy by design.
+When nothing can rebuild a table, start-up stops with a RecoveryError that
+names the files and tables; `embtierd --salvage` then starts with every
+table that is intact and lists what is lost (salvage()).
+
+Retention keeps the newest `keep` checkpoints and the newest `keep` exact
+ones, with every checkpoint their chains need, and the fallback: the
+newest exact checkpoint whose chain shares no checkpoint with the newest
+exact one's.  The log is kept back to the fallback (back to its start while
+there is none), so any one damaged checkpoint file still leaves a
+checkpoint plus the log that rebuild every acknowledged write.  Checkpoints
+known to be damaged (a failed verification) count for neither.
 
 Restoring on request replaces every table by the checkpoint's (tables
-created since are dropped), then publishes a full exact checkpoint of the
-result before writes resume, so a crash afterwards comes back to it.
-Writes, creations and drops wait meanwhile; lookups of a table being
-replaced fail (the table is gone) until its restored rows are in place.
-The saved heat (access counters) comes back with the rows, so the tiering
-engine puts the hot rows back in the fast tiers at once.
+created since are dropped): a RESTORE record naming the checkpoint is
+logged, the tables are installed (their generation is the record's LSN),
+then a full exact checkpoint of the result is published before writes
+resume, so a crash afterwards comes back to it (and if that checkpoint is
+lost, the fallback plus the log, whose RESTORE record installs the same
+checkpoint again: retention keeps the chain of every checkpoint a RESTORE
+record in the kept log names).  Writes, creations and drops wait meanwhile,
+then go to the restored tables; lookups of a table being replaced fail (the
+table is gone) until its restored rows are in place.  The saved heat
+(access counters) comes back with the rows, so the tiering engine puts the
+hot rows back in the fast tiers at once.
+
+Listing verifies: each checkpoint's files are checked against their
+SHA-256 once, and again whenever one of them changed on disk (size, times,
+inode), so a damaged one is listed with why, never as an exact chain.
 """
 
 from __future__ import annotations
@@ -47,7 +65,7 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +73,15 @@ import numpy as np
 from . import checkpoint_format as fmt
 from . import native
 from .config import CHECKPOINT_KINDS, QUANT_BITS, QUANTIZERS, CheckpointConfig
-from .errors import CorruptCheckpointError, InstallError, InvalidArgumentError, NotFoundError, StorageError
+from .errors import (
+    CorruptCheckpointError,
+    EmbtierError,
+    InstallError,
+    InvalidArgumentError,
+    NotFoundError,
+    RecoveryError,
+    storage_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +101,29 @@ class CheckpointInfo:
     bytes_written: int
     created_unix_seconds: float
     tables: tuple[str, ...]
-    exact_chain: bool         # every checkpoint of its chain exact: usable for recovery
+    exact_chain: bool         # every checkpoint of its chain exact and intact: usable for recovery
     duration_seconds: float = 0.0
     snapshot_seconds: float = 0.0  # how long writes waited for the snapshot
+    damage: str = ""          # why its chain cannot be restored ("" when every file checks out)
 
 
-def info_of(root: Path, manifest: dict, duration: float = 0.0, snapshot: float = 0.0) -> CheckpointInfo:
+def info_of(root: Path, manifest: dict, duration: float = 0.0, snapshot: float = 0.0,
+            damage: str = "") -> CheckpointInfo:
     return CheckpointInfo(
         id=manifest["id"], parent_id=manifest["parent_id"], base_id=manifest["base_id"], kind=manifest["kind"],
         quant_bits=manifest["quant_bits"], quantizer=manifest["quantizer"], lsn=manifest["lsn"],
         rows_written=manifest["rows_written"], bytes_written=fmt.size_bytes(root, manifest),
         created_unix_seconds=manifest["created_unix_seconds"], tables=tuple(t["name"] for t in manifest["tables"]),
-        exact_chain=manifest["exact_chain"], duration_seconds=duration, snapshot_seconds=snapshot)
+        exact_chain=manifest["exact_chain"] and not damage, duration_seconds=duration, snapshot_seconds=snapshot,
+        damage=damage)
+
+
+@dataclass
+class Recovered:
+    """What recover() or salvage() loaded: the LSN the log is replayed after, and (salvage) what is lost."""
+
+    lsn: int
+    lost: list[str] = field(default_factory=list)
 
 
 def _words(num_rows: int) -> np.ndarray:
@@ -127,27 +164,38 @@ class Checkpointer:
         self._full = 0                 # the full checkpoint of its chain
         self._since_full_bytes = 0     # bytes written by checkpoints since that full one
         self._changed: dict[int, _Changed] = {}  # by table serial
+        self._restore_sources: list[tuple[int, int]] = []  # (lsn, checkpoint) of the RESTORE records in the log
+        self._verdicts: dict[int, tuple[tuple, str]] = {}  # checkpoint -> (files' stamp, "" or why it is damaged)
+        self._verdict_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.on_fatal = lambda: None   # called when the store no longer matches any durable state
 
     # ---- start -----------------------------------------------------------------
 
-    def recover(self) -> int:
-        """Loads the newest good exact checkpoint chain into the (empty) store; returns its LSN (0
-        when there is none).  Unfinished checkpoint directories are removed."""
+    def recover(self, log_start: int = 1) -> Recovered:
+        """Loads the newest good exact checkpoint chain that the log (which starts at record
+        log_start) continues into the (empty) store; Recovered(0) when there is none and the log
+        reaches back to its first record.  RecoveryError when neither rebuilds every table.
+        Unfinished checkpoint directories are removed."""
         with self._lock:
             for path in fmt.remove_unfinished(self.root):
                 log.warning("removed unfinished checkpoint %s", path)
+            failures = []
             for checkpoint_id in reversed(fmt.list_ids(self.root)):
                 try:
                     head = fmt.read_manifest(self.root, checkpoint_id)
                     if not head["exact_chain"]:
                         log.info("checkpoint %d is quantized: recovery uses an exact one", checkpoint_id)
                         continue
+                    if head["lsn"] + 1 < log_start:
+                        log.info("checkpoint %d (up to record %d) is older than the log, which starts at record %d",
+                                 checkpoint_id, head["lsn"], log_start)
+                        continue
                     chain = self._verified_chain(checkpoint_id)
                 except CorruptCheckpointError as e:
                     log.error("%s; trying the previous checkpoint", e)
+                    failures.append(str(e))
                     continue
                 start = time.perf_counter()
                 with self.store.frozen():
@@ -155,8 +203,64 @@ class Checkpointer:
                 self._continue_from(chain)
                 log.info("restored checkpoint %d (chain %s, %d tables, up to LSN %d) in %.2f s", checkpoint_id,
                          [m["id"] for m in chain], len(head["tables"]), head["lsn"], time.perf_counter() - start)
-                return int(head["lsn"])
-            return 0
+                return Recovered(int(head["lsn"]))
+            if log_start == 1:
+                if failures:
+                    log.warning("no checkpoint could be used: the write-ahead log, which reaches back to its first "
+                                "record, rebuilds every table")
+                return Recovered(0)
+            raise RecoveryError(
+                f"the tables cannot be rebuilt: {'; '.join(failures) or 'no checkpoint was found'}; the write-ahead "
+                f"log starts at record {log_start}, so what was written before it is only in those checkpoints. Put "
+                f"the damaged files back from a backup, or start with `embtierd --salvage` to serve every table "
+                f"that is intact (the tables named above lose what only those files held)")
+
+    def salvage(self) -> Recovered:
+        """recover() for `embtierd --salvage`: the newest exact checkpoint whose manifests can be read,
+        each of its tables loaded if its files check out and listed as lost if not (Recovered(0)
+        with nothing loaded when no checkpoint can be read); the next checkpoint is a full one."""
+        with self._lock:
+            for checkpoint_id in reversed(fmt.list_ids(self.root)):
+                try:
+                    head = fmt.read_manifest(self.root, checkpoint_id)
+                    if not head["exact_chain"]:
+                        continue
+                    chain = self._chain(checkpoint_id)
+                except CorruptCheckpointError as e:
+                    log.error("salvage: %s", e)
+                    continue
+                intact, lost = [], []
+                for entry in head["tables"]:
+                    try:
+                        for manifest, layer in _layers(chain, entry):
+                            fmt.verify_entry(self.root, manifest, layer)
+                        intact.append(entry)
+                    except CorruptCheckpointError as e:
+                        lost.append(f"table {entry['name']!r}: {e}")
+                stride = {e["name"]: native.row_stride(e["dim"], e["dtype"]) for e in intact}
+                with self.store.frozen():
+                    self.store.install([(e, self._batches(_layers(chain, e), stride[e["name"]]),
+                                         fmt.read_heat(self.root, chain[-1], e)) for e in intact])
+                log.warning("salvage: loaded checkpoint %d (up to record %d): %d of %d table(s) intact",
+                            checkpoint_id, head["lsn"], len(intact), len(head["tables"]))
+                return Recovered(int(head["lsn"]), lost)
+            return Recovered(0, ["no exact checkpoint could be read: only the write-ahead log is replayed"])
+
+    def note_restore(self, lsn: int, checkpoint_id: int) -> None:
+        """A RESTORE record in the log (met at start): retention keeps the checkpoint's chain while
+        the log holds the record."""
+        self._restore_sources.append((lsn, checkpoint_id))
+
+    def replay_restore(self, checkpoint_id: int, lsn: int) -> None:
+        """Applies a RESTORE record at start: checkpoint checkpoint_id's tables replace the store's, as
+        generation lsn.  The next checkpoint is a full one (the change bitmaps do not cover it)."""
+        with self._lock:
+            if checkpoint_id not in fmt.list_ids(self.root):
+                raise CorruptCheckpointError(f"checkpoint {checkpoint_id}, which it restores, is gone")
+            chain = self._verified_chain(checkpoint_id)
+            with self.store.frozen():
+                self.store.install(self._restored_tables(chain), generation=lsn)
+            self._restart_chain()
 
     # ---- taking ------------------------------------------------------------------
 
@@ -214,7 +318,9 @@ class Checkpointer:
             row = _row_bytes(spec, quant_bits)
             full += spec["num_rows"] * row
             differential += _popcount(bitmaps.since_full) * (row + 4)
-        over = self._since_full_bytes + differential > self.settings.auto_full_ratio * full
+        limit = self.settings.auto_full_ratio * full
+        # a new full checkpoint also lets retention cut the log (kept back to the last chain's newest)
+        over = self._since_full_bytes + differential > limit or self.wal.size_bytes > limit
         return "FULL" if over else "DIFFERENTIAL"
 
     def _rows(self, name: str, kind: str, changed: _Changed) -> fmt.TableRows:
@@ -236,12 +342,16 @@ class Checkpointer:
                 writer.add(table)
             exact = quant_bits == 0 and (kind == "FULL" or self._exact_chain(parent))
             since_full = 0 if kind == "FULL" else self._since_full_bytes + writer.bytes_written
-            return writer.publish({"kind": kind, "parent_id": parent, "base_id": self._full if parent else writer.id,
-                                   "lsn": lsn, "exact_chain": exact, "created_unix_seconds": time.time(),
-                                   "since_full_bytes": since_full, **extra})
+            manifest = writer.publish({"kind": kind, "parent_id": parent,
+                                       "base_id": self._full if parent else writer.id, "lsn": lsn,
+                                       "exact_chain": exact, "created_unix_seconds": time.time(),
+                                       "since_full_bytes": since_full, **extra})
+            with self._verdict_lock:  # (its checksums were taken as it was written)
+                self._verdicts[manifest["id"]] = (fmt.stamp(self.root, manifest), "")
+            return manifest
         except OSError as e:
             writer.abandon()
-            raise StorageError(f"writing checkpoint {writer.id} into {self.root} failed: {e}") from e
+            raise storage_error(e, self.root, f"writing checkpoint {writer.id}") from e
         except BaseException:
             writer.abandon()
             raise
@@ -267,72 +377,145 @@ class Checkpointer:
         self._since_full_bytes = manifest["since_full_bytes"]
 
     def _retain(self) -> None:
-        """Removes checkpoints no kept one needs; cuts the log back to the oldest exact one kept."""
+        """Removes checkpoints nothing needs; cuts the log back to the fallback (module docstring)."""
+        manifests = self._manifests()
+        keep = self.settings.keep
+        damaged = {i for i in manifests if self._known_damage(i, manifests)}
+        usable = [i for i in manifests if i not in damaged]
+        exact = [i for i in usable if manifests[i]["exact_chain"]]
+        heads = set(usable[-keep:]) | set(exact[-keep:])
+        fallback = None
+        if exact:
+            newest = _chain_ids(exact[-1], manifests)
+            fallback = next((i for i in reversed(exact) if not _chain_ids(i, manifests) & newest), None)
+        if fallback is not None:
+            heads.add(fallback)
+        cut = manifests[fallback]["lsn"] + 1 if fallback is not None else None
+        self._restore_sources = [(lsn, c) for lsn, c in self._restore_sources if cut is None or lsn >= cut]
+        heads |= {c for _, c in self._restore_sources if c in manifests}
+        needed = set().union(*(_chain_ids(head, manifests) for head in heads)) if heads else set()
+        for checkpoint_id in fmt.list_ids(self.root):
+            if checkpoint_id not in needed and checkpoint_id != self._last:
+                fmt.remove(self.root, checkpoint_id)
+                log.info("removed checkpoint %d (retention: %d newest, %d newest exact, the fallback %s%s)",
+                         checkpoint_id, keep, keep, fallback, ", damaged" if checkpoint_id in damaged else "")
+        if cut is not None:
+            # if the newest exact checkpoint turns out damaged, the fallback plus the log after it
+            # still give every acknowledged write
+            self.wal.sync()
+            self.wal.truncate_before(cut)
+
+    def _manifests(self) -> dict[int, dict]:
+        """The readable manifests, by id (ascending)."""
         manifests = {}
         for checkpoint_id in fmt.list_ids(self.root):
             try:
                 manifests[checkpoint_id] = fmt.read_manifest(self.root, checkpoint_id)
-            except CorruptCheckpointError:
-                pass
-        keep = self.settings.keep
-        exact = [i for i, m in manifests.items() if m["exact_chain"]][-keep:]
-        heads = set(list(manifests)[-keep:]) | set(exact)
-        needed = set()
-        for head in heads:
-            node = head
-            while node in manifests and node not in needed:
-                needed.add(node)
-                node = manifests[node]["parent_id"]
-        for checkpoint_id in fmt.list_ids(self.root):
-            if checkpoint_id not in needed and checkpoint_id != self._last:
-                fmt.remove(self.root, checkpoint_id)
-                log.info("removed checkpoint %d (retention: %d newest, %d newest exact)", checkpoint_id, keep, keep)
-        if exact:
-            # the log is kept back to the oldest exact checkpoint kept: if a newer one turns out damaged,
-            # that one plus the log after it still give every acknowledged write
-            self.wal.sync()
-            self.wal.truncate_before(min(manifests[i]["lsn"] for i in exact) + 1)
+            except CorruptCheckpointError as e:
+                log.warning("%s", e)
+        return manifests
+
+    def _known_damage(self, checkpoint_id: int, manifests: dict[int, dict]) -> str:
+        """Why the chain of checkpoint_id is known not to restore ("" when no check failed so far)."""
+        node = checkpoint_id
+        while True:
+            manifest = manifests.get(node)
+            if manifest is None:
+                return f"checkpoint {checkpoint_id} needs checkpoint {node}, which is gone or unreadable"
+            with self._verdict_lock:
+                verdict = self._verdicts.get(node, ((), ""))[1]
+            if verdict:
+                return verdict
+            if manifest["kind"] == "FULL":
+                return ""
+            node = manifest["parent_id"]
+
+    def _verdict(self, manifest: dict) -> str:
+        """"" when the checkpoint's data files match their checksums, else why not; read again only
+        when a file changed since it was last checked."""
+        stamp = fmt.stamp(self.root, manifest)
+        with self._verdict_lock:
+            cached = self._verdicts.get(manifest["id"])
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            fmt.verify(self.root, manifest)
+            verdict = ""
+        except CorruptCheckpointError as e:
+            verdict = str(e)
+        with self._verdict_lock:
+            self._verdicts[manifest["id"]] = (stamp, verdict)
+        return verdict
 
     # ---- listing and restoring ----------------------------------------------------
 
     def list(self) -> list[CheckpointInfo]:
-        """Published checkpoints, oldest first (damaged manifests left out)."""
+        """Published checkpoints, oldest first, each verified (see the module docstring); those whose
+        manifest cannot be read are left out."""
+        manifests = self._manifests()
         out = []
-        for checkpoint_id in fmt.list_ids(self.root):
+        for checkpoint_id, manifest in manifests.items():
             try:
-                out.append(info_of(self.root, fmt.read_manifest(self.root, checkpoint_id)))
-            except (CorruptCheckpointError, KeyError, OSError) as e:
-                log.warning("checkpoint %d left out of the list: %s", checkpoint_id, e)
+                for node in sorted(_chain_ids(checkpoint_id, manifests)):
+                    self._verdict(manifests[node])
+                damage = self._known_damage(checkpoint_id, manifests)
+                out.append(info_of(self.root, manifest, damage=damage))
+            except (KeyError, OSError) as e:  # (removed by retention meanwhile)
+                log.info("checkpoint %d left out of the list: %s", checkpoint_id, e)
         return out
 
-    def restore(self, checkpoint_id: int) -> tuple[CheckpointInfo, CheckpointInfo]:
+    def restore(self, checkpoint_id: int) -> tuple[CheckpointInfo, CheckpointInfo | None]:
         """Replaces every table by checkpoint checkpoint_id's; returns (it, the full exact checkpoint
-        published of the result)."""
+        published of the result, None when that could not be written: the restore stands, the log
+        holds it).  Refused before anything changes when the chain fails its checks, the tiers
+        cannot hold the tables or the RESTORE record cannot be logged."""
         with self._lock:
             start = time.perf_counter()
             if checkpoint_id not in fmt.list_ids(self.root):
                 raise NotFoundError(f"id: checkpoint {checkpoint_id} does not exist (see ListCheckpoints)")
             chain = self._verified_chain(checkpoint_id)
+            tables = self._restored_tables(chain)
+            self.store.check_install([spec for spec, _, _ in tables])
             with self.store.frozen(), contextlib.ExitStack() as held:
-                self.wal.roll()
-                lsn = self.wal.last_lsn
+                lsn = self.store.journal.log_restore(checkpoint_id)
+                self._restore_sources.append((lsn, checkpoint_id))
                 try:
-                    names = self.store.install(self._restored_tables(chain), held)
-                except InstallError:
+                    names = self.store.install(tables, held, generation=lsn)
+                except Exception:
                     log.critical("restoring checkpoint %d failed after the old tables were dropped: the store "
-                                 "matches no durable state; stopping (a restart recovers the state before the "
-                                 "restore from the checkpoints and the log)", checkpoint_id)
+                                 "matches no durable state; stopping (a restart replays the restore from the "
+                                 "log)", checkpoint_id)
                     self.on_fatal()
                     raise
+                self.store.journal.wait(lsn)
+                try:
+                    self.wal.roll()  # (so that the log can be cut right after the RESTORE record)
+                except EmbtierError as e:
+                    log.warning("%s", e)
                 snapshot = (self._rows(name, "FULL", None) for name in names)
-                manifest = self._write(snapshot, "FULL", 0, lsn, 0, "exact", restored_from=checkpoint_id)
-            self._published(manifest, {})  # (install cleared the new tables' dirty bits)
+                try:
+                    manifest = self._write(snapshot, "FULL", 0, lsn, 0, "exact", restored_from=checkpoint_id)
+                except EmbtierError as e:
+                    log.error("restored checkpoint %d, but its full checkpoint could not be published (%s): the "
+                              "restore stands (the write-ahead log holds it), the next checkpoint is full", 
+                              checkpoint_id, e)
+                    manifest = None
+            if manifest is None:
+                self._restart_chain()
+            else:
+                self._published(manifest, {})  # (install cleared the new tables' dirty bits)
             self._retain()
             restored = info_of(self.root, chain[-1])
-            saved = info_of(self.root, manifest, time.perf_counter() - start)
-        log.info("restored checkpoint %d into %d table(s); published it as full checkpoint %d in %.2f s",
-                 checkpoint_id, len(names), saved.id, saved.duration_seconds)
+            saved = info_of(self.root, manifest, time.perf_counter() - start) if manifest else None
+        log.info("restored checkpoint %d into %d table(s)%s in %.2f s", checkpoint_id, len(names),
+                 f"; published it as full checkpoint {saved.id}" if saved else "", time.perf_counter() - start)
         return restored, saved
+
+    def _restart_chain(self) -> None:
+        """After tables were replaced outside a checkpoint: the next checkpoint is a full one."""
+        self._last = self._full = 0
+        self._since_full_bytes = 0
+        self._changed = {}
 
     def materialize(self, checkpoint_id: int) -> dict[str, np.ndarray]:
         """The rows a restore of checkpoint_id would install, per table ([num_rows, stride] in the
@@ -347,13 +530,28 @@ class Checkpointer:
         return out
 
     def _verified_chain(self, checkpoint_id: int) -> list[dict]:
-        """The manifests from the chain's full checkpoint up to checkpoint_id, each file verified."""
+        """The manifests from the chain's full checkpoint up to checkpoint_id, each file verified
+        (read in full; the verdict is remembered for listing and retention)."""
+        chain = self._chain(checkpoint_id)
+        for manifest in chain:
+            stamp = fmt.stamp(self.root, manifest)
+            try:
+                fmt.verify(self.root, manifest)
+            except CorruptCheckpointError as e:
+                with self._verdict_lock:
+                    self._verdicts[manifest["id"]] = (stamp, str(e))
+                raise
+            with self._verdict_lock:
+                self._verdicts[manifest["id"]] = (stamp, "")
+        return chain
+
+    def _chain(self, checkpoint_id: int) -> list[dict]:
+        """The manifests from the chain's full checkpoint up to checkpoint_id (files not verified)."""
         chain, node = [], checkpoint_id
         while True:
             if node not in fmt.list_ids(self.root):
                 raise CorruptCheckpointError(f"checkpoint {chain[-1]['id']} needs checkpoint {node}, which is gone")
             manifest = fmt.read_manifest(self.root, node)
-            fmt.verify(self.root, manifest)
             chain.append(manifest)
             if manifest["kind"] == "FULL":
                 return chain[::-1]
@@ -362,11 +560,11 @@ class Checkpointer:
     def _restored_tables(self, chain: list[dict]):
         """For Store.install: per table of the chain's newest checkpoint, its spec, its rows as batches
         (the newest whole entry, then every later entry), and its heat."""
-        return [(entry, self._batches(_layers(chain, entry)), fmt.read_heat(self.root, chain[-1], entry))
+        return [(entry, self._batches(_layers(chain, entry), native.row_stride(entry["dim"], entry["dtype"])),
+                 fmt.read_heat(self.root, chain[-1], entry))
                 for entry in chain[-1]["tables"]]
 
-    def _batches(self, layers):
-        stride = native.row_stride(layers[0][1]["dim"], layers[0][1]["dtype"])
+    def _batches(self, layers, stride: int):
         for manifest, entry in layers:
             yield fmt.read_table(self.root, manifest, entry, stride)
 
@@ -418,7 +616,7 @@ def _layers(chain: list[dict], entry: dict) -> list[tuple[dict, dict]]:
     layers = []
     for manifest in reversed(chain):
         match = [e for e in manifest["tables"] if e["name"] == entry["name"]]
-        if not match or any(match[0][k] != entry[k] for k in ("num_rows", "dim", "dtype")):
+        if not match or any(match[0].get(k, 0) != entry.get(k, 0) for k in ("num_rows", "dim", "dtype", "generation")):
             raise CorruptCheckpointError(f"checkpoint {manifest['id']}: table {entry['name']!r} has no whole copy "
                                          f"in the chain of checkpoint {chain[-1]['id']}")
         layers.append((manifest, match[0]))
@@ -426,6 +624,15 @@ def _layers(chain: list[dict], entry: dict) -> list[tuple[dict, dict]]:
             return layers[::-1]
     raise CorruptCheckpointError(f"table {entry['name']!r} has no whole copy in the chain of checkpoint "
                                  f"{chain[-1]['id']}")
+
+
+def _chain_ids(checkpoint_id: int, manifests: dict[int, dict]) -> set[int]:
+    """The checkpoints the chain of checkpoint_id consists of (as far as its manifests are there)."""
+    ids, node = set(), checkpoint_id
+    while node in manifests and node not in ids:
+        ids.add(node)
+        node = manifests[node]["parent_id"]
+    return ids
 
 
 def _row_bytes(spec: dict, quant_bits: int) -> int:

@@ -22,7 +22,8 @@ as [offset, length] in bytes:
 A checkpoint is written into ckpt-<id>.tmp (each file fsynced), the
 manifest last, then the directory is fsynced, renamed to its final name
 and the parent directory fsynced: a crash leaves either the whole
-checkpoint or a .tmp directory that the next start removes.
+checkpoint or a .tmp directory that the next start removes.  Directories
+are made 0700 and files 0600: a checkpoint holds every row.
 """
 
 from __future__ import annotations
@@ -86,9 +87,9 @@ class Writer:
         self.quant_bits, self.quantizer = quant_bits, quantizer
         self.final = directory(root, checkpoint_id)
         self.tmp = root / f"ckpt-{checkpoint_id:08d}.tmp"
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
+        self.tmp.mkdir(mode=0o700)
         self.entries: list[dict] = []
         self.bytes_written = 0
         self.rows_written = 0
@@ -139,7 +140,7 @@ def _write_sections(path: Path, sections) -> tuple[dict, str, int]:
     """Writes the sections back to back and fsyncs; returns ({name: [offset, length]}, SHA-256, size)."""
     digest = hashlib.sha256()
     layout, offset = {}, 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         for name, data in sections:
             view = memoryview(data if isinstance(data, bytes) else np.ascontiguousarray(data).reshape(-1).view(np.uint8))
@@ -174,20 +175,39 @@ def size_bytes(root: Path, manifest: dict) -> int:
 
 def verify(root: Path, manifest: dict) -> None:
     """Checks every data file's size and SHA-256 (read in pieces); CorruptCheckpointError if one fails."""
-    path = directory(root, manifest["id"])
     for entry in manifest["tables"]:
-        digest, size = hashlib.sha256(), 0
+        verify_entry(root, manifest, entry)
+
+
+def verify_entry(root: Path, manifest: dict, entry: dict) -> None:
+    """Checks one table entry's data file; CorruptCheckpointError naming the file and the table if it fails."""
+    path = directory(root, manifest["id"]) / entry["file"]
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(path, "rb") as f:
+            while piece := f.read(_PIECE):
+                digest.update(piece)
+                size += len(piece)
+    except OSError as e:
+        raise CorruptCheckpointError(f"checkpoint {manifest['id']}: {entry['file']} (table {entry['name']!r}) "
+                                     f"is unreadable: {e.strerror or e} ({path})") from e
+    if size != entry["size"] or digest.hexdigest() != entry["sha256"]:
+        raise CorruptCheckpointError(f"checkpoint {manifest['id']}: {entry['file']} (table {entry['name']!r}) "
+                                     f"fails its checksum ({path})")
+
+
+def stamp(root: Path, manifest: dict) -> tuple:
+    """What changes when any file of the checkpoint is written, replaced or removed: per file its
+    size, modification and change times (None for a file that is gone)."""
+    path = directory(root, manifest["id"])
+    out = []
+    for name in ["manifest.json", *(entry["file"] for entry in manifest["tables"])]:
         try:
-            with open(path / entry["file"], "rb") as f:
-                while piece := f.read(_PIECE):
-                    digest.update(piece)
-                    size += len(piece)
-        except OSError as e:
-            raise CorruptCheckpointError(f"checkpoint {manifest['id']}: {entry['file']} (table {entry['name']!r}) "
-                                         f"is unreadable: {e}") from e
-        if size != entry["size"] or digest.hexdigest() != entry["sha256"]:
-            raise CorruptCheckpointError(f"checkpoint {manifest['id']}: {entry['file']} (table {entry['name']!r}) "
-                                         f"fails its checksum ({path / entry['file']})")
+            st = os.stat(path / name)
+            out.append((name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+        except OSError:
+            out.append((name, None))
+    return tuple(out)
 
 
 def read_table(root: Path, manifest: dict, entry: dict, stride: int) -> tuple[np.ndarray, np.ndarray]:

@@ -35,6 +35,9 @@ grace_seconds = 10.0
 worker_threads = 8
 listen_interface = ""
 listen_port = 50051
+idle_timeout_seconds = 300.0
+keepalive_seconds = 60.0
+handshake_timeout_seconds = 10.0
 
 [server.tls]
 cert = ""
@@ -203,7 +206,8 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """The gRPC front: listeners (empty = the default socket and 127.0.0.1:50051), TLS and limits.
+    """The gRPC front: listeners (empty = the default socket and 127.0.0.1:50051), TLS, limits
+    and how long idle or silent connections are kept.
 
     listen_interface names a network interface whose addresses are listened
     on at listen_port as well, resolved when the daemon starts.
@@ -218,6 +222,9 @@ class ServerConfig:
     listen_interface: str = ""
     listen_port: int = 50051
     tls: TlsConfig = TlsConfig()
+    idle_timeout_seconds: float = 300.0      # a connection without a call for this long is closed (0: never)
+    keepalive_seconds: float = 60.0          # ping a quiet client this often; one that does not answer is dropped
+    handshake_timeout_seconds: float = 10.0  # a connection that has not finished its TLS / HTTP/2 setup is dropped
 
 
 CHECKPOINT_KINDS = ("full", "incremental", "differential", "auto")
@@ -423,6 +430,10 @@ def _server(section: dict, tls: dict) -> ServerConfig:
         listen_interface=interface,
         listen_port=_int(section, "listen_port", "server.listen_port", 1, 65535),
         tls=_tls(tls),
+        idle_timeout_seconds=_number(section, "idle_timeout_seconds", "server.idle_timeout_seconds", 0, 86400),
+        keepalive_seconds=_number(section, "keepalive_seconds", "server.keepalive_seconds", 1, 86400),
+        handshake_timeout_seconds=_number(section, "handshake_timeout_seconds", "server.handshake_timeout_seconds",
+                                          0.1, 3600),
     )
 
 
@@ -551,7 +562,8 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
     kern = _section(doc, "kernels", {"kernel_threads", "prefetch_distance", "heat_sample_shift", "scm_queue_depth"})
     server = _section(doc, "server", {"listen", "metrics_listen", "max_message_bytes", "max_ids_per_request",
                                       "grace_seconds", "worker_threads", "listen_interface", "listen_port",
-                                      "tls"})
+                                      "tls", "idle_timeout_seconds", "keepalive_seconds",
+                                      "handshake_timeout_seconds"})
     tls = _section(doc, "server.tls", {"cert", "key", "client_ca"})
     state_dir = Path(str(doc["state_dir"])).expanduser()
     align = _int(scm, "read_align_bytes", "tiers.scm.read_align_bytes", 0, 4096)

@@ -5,6 +5,11 @@ the gRPC status code it maps to, so the service layer maps errors in one
 table and messages stay free of transport details.
 """
 
+from __future__ import annotations
+
+import errno
+import os
+
 
 class EmbtierError(Exception):
     """Base of all embtier errors."""
@@ -66,6 +71,21 @@ class StorageError(EmbtierError):
     status = "INTERNAL"
 
 
+class NoSpaceError(StorageError):
+    """The device under a file the daemon writes (log, checkpoint, SCM file) is full or over quota;
+    what failed changed nothing, and the same call works again once there is room."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+def storage_error(e: OSError, path: os.PathLike | str, what: str) -> StorageError:
+    """The StorageError for an OSError met while doing what on path: NoSpaceError for ENOSPC and
+    EDQUOT (naming the path, so that an operator knows which device to free), else StorageError."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpaceError(f"{what}: no space left on the device of {path} ({os.strerror(e.errno)})")
+    return StorageError(f"{what}: {path}: {e.strerror or e}")
+
+
 class ConfigError(EmbtierError):
     """A configuration value is missing, malformed or inconsistent."""
 
@@ -74,6 +94,13 @@ class ConfigError(EmbtierError):
 
 class CorruptCheckpointError(EmbtierError):
     """A checkpoint's manifest or data files fail their checks (or a checkpoint its chain needs is gone)."""
+
+    status = "DATA_LOSS"
+
+
+class RecoveryError(StorageError):
+    """At start, the checkpoints and the log cannot rebuild every table: the message names the
+    files, the tables and what to do (restore the files, or start with --salvage)."""
 
     status = "DATA_LOSS"
 

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from ._native import ffi, lib
-from .errors import EmbtierError, InvalidArgumentError, NotFoundError, StorageError
+from .errors import EmbtierError, InvalidArgumentError, NotFoundError, storage_error
 from .topology import nodemask_words
 
 DTYPES = {"float32": lib.ET_DTYPE_F32, "float16": lib.ET_DTYPE_F16, "int8": lib.ET_DTYPE_I8}
@@ -208,7 +208,7 @@ class NativeTable:
         if rc == lib.ET_E_DROPPED:
             raise NotFoundError(f"{where} was dropped")
         if rc == lib.ET_E_IO:
-            raise StorageError(f"{where}: SCM I/O failed: {_strerror(pos)}")
+            raise storage_error(OSError(pos, os.strerror(pos)), "the SCM file", f"{where}: SCM I/O")
         if rc == lib.ET_E_LOCATION:
             raise EmbtierError(f"{where}: {field}[{pos}] has a home with no storage (placement map corrupt)")
         if rc == lib.ET_E_NOMEM:

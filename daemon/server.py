@@ -9,10 +9,13 @@ finishes calls in flight within the grace period, then the store closes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
+import stat
 import threading
 import time
 from concurrent import futures
@@ -23,13 +26,12 @@ from embtier.v1 import embtier_pb2, embtier_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import checkpoint
+from . import checkpoint, recovery
 from . import tls as tls_mod
-from .config import Config, interface_addresses, tcp_address
+from .config import Config, ServerConfig, interface_addresses, tcp_address
 from .interceptor_drain import DrainInterceptor
 from .interceptor_errors import ErrorInterceptor
 from .interceptor_metrics import MetricsInterceptor
-from .journal import Journal, replay
 from .metrics import Metrics
 from .service import EmbeddingStoreServicer
 from .store import Store
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = embtier_pb2.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name
 DEFAULT_TCP = "127.0.0.1:50051"
 DRAIN_SECONDS = 0.5
+KEEPALIVE_TIMEOUT_MS = 20_000
+SOCKET_MODE = 0o660
 
 
 def default_socket(state_dir: Path) -> Path:
@@ -84,25 +88,73 @@ def sd_notify(message: str) -> None:
             log.warning("cannot notify systemd at %s: %s", target, e)
 
 
+def grpc_options(server: ServerConfig) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments: message limits, and when connections are closed."""
+    limit = server.max_message_bytes
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+               ("grpc.keepalive_time_ms", int(server.keepalive_seconds * 1000)),
+               ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+               ("grpc.http2.max_pings_without_data", 0),
+               ("grpc.server_handshake_timeout_ms", int(server.handshake_timeout_seconds * 1000))]
+    if server.idle_timeout_seconds > 0:
+        options.append(("grpc.max_connection_idle_ms", int(server.idle_timeout_seconds * 1000)))
+    return options
+
+
+def raise_open_file_limit() -> None:
+    """Raises the soft limit on open files to the hard one: every connection costs a descriptor,
+    and the metrics endpoint must still accept when many clients are connected."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.info("open file limit raised from %d to %d", soft, target)
+    except (OSError, ValueError) as e:
+        log.warning("open file limit stays %d: raising it to %d failed: %s", soft, target, e)
+
+
+def private_state(state_dir: Path) -> None:
+    """The state directory made (or kept) 0700, and what earlier versions left readable by others
+    in it made private: the log and checkpoints hold every row.  (Files are made 0600 anyway: the
+    daemon runs with umask 077.)"""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if state_dir.stat().st_uid != os.geteuid():
+        log.warning("state directory %s belongs to another user: its permissions are left as they are", state_dir)
+        return
+    for path in [state_dir, *(p for sub in ("wal", "checkpoints") for p in (state_dir / sub).rglob("*")),
+                 *(state_dir / sub for sub in ("wal", "checkpoints"))]:
+        with contextlib.suppress(FileNotFoundError):
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode) or not mode & 0o077:
+                continue
+            os.chmod(path, stat.S_IMODE(mode) & 0o700)
+            log.info("made %s private (was %o)", path, stat.S_IMODE(mode))
+
+
 class Daemon:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, salvage: bool = False):
+        """salvage: start with every table that is intact when the checkpoints and the log cannot
+        rebuild them all (see recovery.py), instead of refusing to start."""
         self.config = config
         # listeners and TLS files first: a mistake there stops the daemon before the tiers are allocated
         self.addresses = listen_addresses(config)
         tls = config.server.tls
         self.credentials = tls_mod.server_credentials(tls) if tls.enabled else None
         self.security = "mTLS" if tls.mutual else "TLS" if tls.enabled else "plaintext"
+        raise_open_file_limit()
+        private_state(config.state_dir)
         self.store = Store(config)
         self.draining = threading.Event()
         self.metrics = Metrics(self.store)
         self.tiering = TieringEngine(self.store, config.tiering, self.metrics)
         self.checkpoints: checkpoint.Checkpointer | None = None
-        self.wal = self._recover() if config.durability.wal else None
-        limit = config.server.max_message_bytes
+        self.wal = self._recover(salvage) if config.durability.wal else None
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.worker_threads, thread_name_prefix="rpc"),
             interceptors=[MetricsInterceptor(self.metrics), DrainInterceptor(self.draining), ErrorInterceptor()],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+            options=grpc_options(config.server))
         servicer = EmbeddingStoreServicer(self.store, config.server, self.metrics, self.tiering)
         servicer.checkpoints = self.checkpoints
         embtier_pb2_grpc.add_EmbeddingStoreServicer_to_server(servicer, self.server)
@@ -116,28 +168,19 @@ class Daemon:
         if self.checkpoints is not None:
             self.checkpoints.on_fatal = self._fatal
 
-    def _recover(self) -> WriteAheadLog:
-        """Opens the write-ahead log, replays it into the (empty) store, then logs from here on."""
+    def _recover(self, salvage: bool) -> WriteAheadLog:
+        """Rebuilds the (empty) store from the checkpoints and the log, which logs from here on."""
         d = self.config.durability
-        wal = WriteAheadLog(self.config.state_dir / "wal", d.fsync, d.fsync_interval_seconds,
-                            on_fsync=self.metrics.wal_fsync)
-        start = time.perf_counter()
-        self.checkpoints = checkpoint.Checkpointer(self.store, wal, self.config.state_dir / "checkpoints",
-                                                   d.checkpoints, self.metrics)
-        covered = self.checkpoints.recover()
-        counts = replay(self.store, (record for record in wal.replay() if record.lsn > covered))
-        seconds = time.perf_counter() - start
-        self.metrics.restored(seconds)
-        log.info("write-ahead log %s (fsync %s): replayed %d creations, %d drops, %d writes up to LSN %d in %.2f s",
-                 self.config.state_dir / "wal", d.fsync, counts["create"], counts["drop"], counts["write"],
-                 wal.last_lsn, seconds)
-        self.store.journal = Journal(wal)
-        self.metrics.watch_wal(wal)
-        if wal.last_lsn < covered:  # a log younger than the checkpoint (its directory was replaced):
-            self.checkpoints.take("full", 0)  # renumber, or later records would be skipped
+        durable = recovery.open_durable(self.store, self.config.state_dir, d, self.metrics, salvage)
+        self.checkpoints = durable.checkpoints
+        counts = durable.replayed.counts
+        log.info("write-ahead log %s (fsync %s): replayed %d creations, %d drops, %d writes, %d restores after "
+                 "LSN %d, up to LSN %d, in %.2f s", self.config.state_dir / "wal", d.fsync, counts["create"],
+                 counts["drop"], counts["write"], counts["restore"], durable.covered_lsn, durable.wal.last_lsn,
+                 durable.seconds)
         if self.config.tiering.enabled:  # the saved heat puts the hot rows back in the fast tiers now
             self.tiering.settle()
-        return wal
+        return durable.wal
 
     def _bind(self) -> None:
         for address in self.addresses:
@@ -153,6 +196,8 @@ class Daemon:
                 raise OSError(f"cannot listen on {address}: {e}") from None
             if port == 0 and not address.startswith("unix://"):
                 raise OSError(f"cannot listen on {address}")
+            if address.startswith("unix://"):  # members of the daemon's group may connect (umask 077 made it 0700)
+                os.chmod(address[len("unix://"):], SOCKET_MODE)
             log.info("listening on %s (%s)", address, security)
 
     def _start_metrics(self) -> None:

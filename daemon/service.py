@@ -8,6 +8,8 @@ deadlines are checked before any work.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from embtier.v1 import embtier_pb2 as pb
 from embtier.v1 import embtier_pb2_grpc as pb_grpc
@@ -30,13 +32,22 @@ POOL_MODES = {pb.SUM: "sum", pb.MEAN: "mean", pb.MAX: "max"}
 WRITE_MODES = {pb.ASSIGN: "assign", pb.ADD: "add"}
 OFFLOADS = {pb.HOST: "host", pb.DEVICE: "device", pb.SWITCH: "switch"}
 OFFLOAD_CODES = {name: code for code, name in OFFLOADS.items()}
+CHECKPOINT_KINDS = {pb.FULL: "full", pb.INCREMENTAL: "incremental", pb.DIFFERENTIAL: "differential", pb.AUTO: "auto"}
+QUANTIZERS = {pb.ADAPTIVE: "adaptive", pb.MINMAX: "minmax"}
+REPLY_OVERHEAD_BYTES = 4096       # what a reply carries besides its arrays (names, counts, fabric accounting)
+RESULT_OVERHEAD_BYTES = 1024      # and per pooled result, at most
 
 
-def enum_value(mapping: dict, value: int, field: str):
-    try:
+def enum_value(enum, mapping: dict, value: int, field: str):
+    """mapping[value] for an enum field, else InvalidArgumentError naming the field, the value (by
+    name where the enum has it) and the values allowed."""
+    if value in mapping:
         return mapping[value]
-    except KeyError:
-        raise InvalidArgumentError(f"{field} = {value} is not one of {sorted(mapping)}") from None
+    names = [enum.Name(v) for v in mapping]
+    allowed = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+    if value in enum.values():
+        raise InvalidArgumentError(f"{field} = {enum.Name(value)} ({value}) is not allowed here; use {allowed}")
+    raise InvalidArgumentError(f"{field} = {value} is not a value of {enum.DESCRIPTOR.name}; use {allowed}")
 
 
 def array(buf: bytes, dtype: str, field: str) -> np.ndarray:
@@ -52,7 +63,7 @@ ID_DTYPES = {pb.INT64: "<i8", pb.INT32: "<i4"}
 
 def id_array(buf: bytes, id_type: int, prefix: str = "") -> np.ndarray:
     """The ids field of a message as int64: a view of int64 bytes, a widened copy of int32 ones."""
-    ids = array(buf, enum_value(ID_DTYPES, id_type, f"{prefix}id_type"), f"{prefix}ids")
+    ids = array(buf, enum_value(pb.IdType, ID_DTYPES, id_type, f"{prefix}id_type"), f"{prefix}ids")
     return ids if ids.dtype == np.int64 else ids.astype(np.int64)
 
 
@@ -100,7 +111,7 @@ def checkpoint_info(info: CheckpointInfo) -> pb.CheckpointInfo:
         bytes_written=info.bytes_written, duration_seconds=info.duration_seconds, lsn=info.lsn, base_id=info.base_id,
         quant_bits=info.quant_bits, quantizer=pb.MINMAX if info.quantizer == "minmax" else pb.ADAPTIVE,
         created_unix_seconds=info.created_unix_seconds, tables=list(info.tables), exact_chain=info.exact_chain,
-        snapshot_seconds=info.snapshot_seconds)
+        snapshot_seconds=info.snapshot_seconds, damage=info.damage)
 
 
 class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
@@ -112,6 +123,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         self.checkpoints = None  # the daemon's checkpoint.Checkpointer, when it has a write-ahead log
         self.traces = TraceRecorder()
         self.max_trace_ids = (limits.max_message_bytes - 4096) // 8  # a recorded trace travels in one reply
+        self.max_message_bytes = limits.max_message_bytes
 
     def _admit(self, context, n_ids: int) -> None:
         if n_ids > self.max_ids:
@@ -121,11 +133,21 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         if remaining is not None and remaining <= 0:
             raise DeadlineExceededError("the request's deadline passed before it was served")
 
+    def _check_reply(self, nbytes: int, what: str, results: int = 0) -> None:
+        """RESOURCE_EXHAUSTED before anything is allocated for a reply that could not be sent: nbytes
+        of arrays in a reply of that many pooled results."""
+        limit = self.max_message_bytes - REPLY_OVERHEAD_BYTES - RESULT_OVERHEAD_BYTES * results
+        if nbytes > limit:
+            raise RequestTooLargeError(f"the reply would carry {nbytes} bytes of values ({what}); the limit is "
+                                       f"{max(0, limit)} (server.max_message_bytes = {self.max_message_bytes} less "
+                                       f"room for the rest of the reply): ask for less per call")
+
     def CreateTable(self, request, context):
         self._admit(context, 0)
         info = self.store.create_table(
-            request.name, request.num_rows, request.dim, enum_value(DTYPE_NAMES, request.dtype, "dtype"),
-            enum_value(INITIALIZERS, request.initializer, "initializer"), request.seed, request.init_scale,
+            request.name, request.num_rows, request.dim, enum_value(pb.DType, DTYPE_NAMES, request.dtype, "dtype"),
+            enum_value(pb.Initializer, INITIALIZERS, request.initializer, "initializer"), request.seed,
+            request.init_scale,
             table_policy(self.tiering.config.table_policy(request.name), request))
         return table_info(info)
 
@@ -189,8 +211,8 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             policy=self.store.table_policy(request.table).policy)
 
     def Checkpoint(self, request, context):
-        kind = pb.CheckpointKind.Name(request.kind).lower()
-        quantizer = pb.Quantizer.Name(request.quantizer).lower()
+        kind = enum_value(pb.CheckpointKind, CHECKPOINT_KINDS, request.kind, "kind")
+        quantizer = enum_value(pb.Quantizer, QUANTIZERS, request.quantizer, "quantizer")
         check_request(kind, request.quant_bits, quantizer)
         info = self._checkpointer().take(kind, request.quant_bits, quantizer, list(request.tables))
         return checkpoint_info(info)
@@ -201,9 +223,11 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
     def RestoreCheckpoint(self, request, context):
         if request.id == 0:
             raise InvalidArgumentError("id must name a checkpoint (see ListCheckpoints); got 0")
+        start = time.perf_counter()
         restored, saved = self._checkpointer().restore(request.id)
-        return pb.RestoreCheckpointResponse(restored=checkpoint_info(restored), saved=checkpoint_info(saved),
-                                            tables=list(restored.tables), duration_seconds=saved.duration_seconds)
+        return pb.RestoreCheckpointResponse(restored=checkpoint_info(restored),
+                                            saved=checkpoint_info(saved) if saved else None,
+                                            tables=list(restored.tables), duration_seconds=time.perf_counter() - start)
 
     def _checkpointer(self):
         if self.checkpoints is None:
@@ -219,13 +243,16 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             raise InvalidArgumentError(f"values has {values.size} floats; expected {ids.size} ids x dim {dim} = "
                                        f"{ids.size * dim} for table {request.table!r}")
         version = self.store.write_rows(request.table, ids, values.reshape(ids.size, dim),
-                                        enum_value(WRITE_MODES, request.mode, "mode"), request.scale or 1.0)
+                                        enum_value(pb.WriteMode, WRITE_MODES, request.mode, "mode"),
+                                        request.scale or 1.0)
         return pb.WriteRowsResponse(rows_written=ids.size, version=version)
 
     def Lookup(self, request, context):
         ids = id_array(request.ids, request.id_type)
-        dt = enum_value(WIRE_DTYPES, request.wire_dtype, "wire_dtype")
+        dt = enum_value(pb.DType, WIRE_DTYPES, request.wire_dtype, "wire_dtype")
         self._admit(context, ids.size)
+        dim = self.store.geometry(request.table)[0]
+        self._check_reply(ids.size * dim * dt.itemsize, f"{ids.size} rows x dim {dim} x {dt.itemsize} bytes")
         tier_rows = np.zeros(3, dtype=np.int64)
         rows = self.store.lookup(request.table, ids, tier_rows)
         self.traces.observe(request.table, ids)
@@ -233,21 +260,35 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         self.metrics.served("Lookup", request.table, tier_rows, self.store.geometry(request.table)[2], len(values))
         return pb.LookupResponse(values=values, dim=rows.shape[1], count=ids.size)
 
+    def _check_pooled_reply(self, features, offload: str, itemsize: int) -> None:
+        """Checks every feature's bags, then the reply's size, before any table is read: per feature,
+        one vector per bag (switch), one per id (host), or one per bag and fabric part (device)."""
+        nbytes, parts = [], len(self.store.part_names)
+        for i, (table, ids, lengths, weights) in enumerate(features):
+            check_bags(ids, lengths, weights, f"features[{i}].")
+            dim = self.store.geometry(table)[0]
+            vectors = {"switch": lengths.size, "host": ids.size, "device": min(parts, ids.size) * lengths.size}[offload]
+            nbytes.append((vectors * dim * itemsize, f"features[{i}]: {vectors} vectors x dim {dim}"))
+        if nbytes:
+            self._check_reply(sum(n for n, _ in nbytes), f"{offload} offload, {itemsize}-byte values; the largest "
+                              f"is {max(nbytes)[1]}", len(nbytes))
+
     def LookupPooled(self, request, context):
         features = [(f.table, id_array(f.ids, f.id_type, f"features[{i}]."),
                      array(f.lengths, "<i4", f"features[{i}].lengths"),
                      array(f.weights, "<f4", f"features[{i}].weights") if f.weights else None)
                     for i, f in enumerate(request.features)]
         self._admit(context, sum(ids.size for _, ids, _, _ in features))
-        mode = enum_value(POOL_MODES, request.mode, "mode")
-        dt = enum_value(WIRE_DTYPES, request.wire_dtype, "wire_dtype")
+        mode = enum_value(pb.PoolingMode, POOL_MODES, request.mode, "mode")
+        dt = enum_value(pb.DType, WIRE_DTYPES, request.wire_dtype, "wire_dtype")
         config = self.store.config.fabric
-        offload = enum_value(OFFLOADS, request.offload, "offload") if request.HasField("offload") else config.offload
+        offload = (enum_value(pb.Offload, OFFLOADS, request.offload, "offload") if request.HasField("offload")
+                   else config.offload)
         traffic = fabric.Traffic(offload)
         names = self.store.part_names
+        self._check_pooled_reply(features, offload, dt.itemsize)
         results = []
         for i, (table, ids, lengths, weights) in enumerate(features):
-            check_bags(ids, lengths, weights, f"features[{i}].")
             tier_rows = np.zeros(3, dtype=np.int64)
             part_rows = np.zeros(len(names), dtype=np.int64)  # counted by the kernels as they resolve rows
             dim, _, row_bytes = self.store.geometry(table)

@@ -9,6 +9,14 @@ the book of which extents belong to whom.
 Writers of one table are serialised here (ADD reads, adds and writes back
 under the same lock); readers run concurrently with each other and see
 every row whole, because the native write path holds the table's write lock.
+
+Changes and the journal: each change is logged under the lock that orders it
+and applied before that lock is let go (see journal.py).  Lock order: a
+table's write lock, then the catalog lock (self._lock).  A table that is
+dropped, or replaced by a restore, is retired under both: a write that waited
+for its lock sees that and fails without a record (dropped) or goes to the
+table that replaced it (restored), so no record ever lands behind the DROP
+of its table or on the table a restore installed in its place.
 """
 
 from __future__ import annotations
@@ -86,6 +94,8 @@ class Table:
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     policy: TablePolicy = field(default_factory=TablePolicy)
     serial: int = 0  # unique per table created: a dropped and re-created name gets a new one
+    generation: int = 0  # durable: the LSN of the record that made it (CREATE or RESTORE), 0 without a log
+    retired: str = ""    # "dropped" or "restored" once it left the catalog (under its write lock)
     scm_copy: np.ndarray | None = None   # per row: SCM slot of a clean or dirty copy (see Store._move), made on demand
     scm_dirty: np.ndarray | None = None  # per row: WriteRows changed it since its SCM copy was made
     rows_by_port: dict[str, int] = field(default_factory=dict)  # as of the last tiering interval
@@ -107,6 +117,12 @@ def check_policy(policy: TablePolicy) -> None:
     for tier, limit in policy.capacity_bytes.items():
         if tier not in MEMORY_TIERS or (limit is not None and limit < 0):
             raise InvalidArgumentError(f"{tier}_capacity_bytes must be >= 0 (or unset: no limit), got {limit}")
+
+
+def _check_live(table: Table) -> None:
+    """NotFoundError for a table that left the catalog (call under its write lock)."""
+    if table.retired:
+        raise NotFoundError(f"table {table.name!r} was {table.retired}")
 
 
 def chunk_shift_for(stride: int, num_rows: int) -> int:
@@ -141,14 +157,16 @@ class Store:
 
     def create_table(self, name: str, num_rows: int, dim: int, dtype: str = "float32",
                      initializer: str = "zeros", seed: int = 0, init_scale: float = 0.0,
-                     policy: TablePolicy | None = None) -> TableInfo:
+                     policy: TablePolicy | None = None, generation: int | None = None) -> TableInfo:
         """A new table, its rows placed fastest tier first (within its policy's pin and limits) and initialised.
 
         uniform draws from [-init_scale, init_scale) (0 means 1/sqrt(num_rows), DLRM's choice),
-        reproducibly from seed.  policy defaults to the configuration's for this name."""
+        reproducibly from seed.  policy defaults to the configuration's for this name.  generation:
+        the LSN of the CREATE record being replayed (live creations get the LSN they are logged at)."""
         self._check_new_table(name, num_rows, dim, dtype, initializer, init_scale)
         policy = policy or self.config.tiering.table_policy(name)
         check_policy(policy)
+        self._check_fits(name, num_rows * native.row_stride(dim, dtype), policy.pin)
         table = self._new_table(name, num_rows, dim, dtype, policy)
         with self._lock:
             if name in self._tables or name in self._creating:
@@ -164,10 +182,15 @@ class Store:
                 self._release(table)
             raise
         with self._lock:
-            lsn = self.journal.log_create(name, num_rows, dim, dtype, initializer, seed, init_scale, policy) \
-                if self.journal else 0
             self._creating.discard(name)
+            try:
+                lsn = self.journal.log_create(name, num_rows, dim, dtype, initializer, seed, init_scale, policy) \
+                    if self.journal else 0
+            except BaseException:
+                self._release(table)
+                raise
             table.serial = next(self._serials)
+            table.generation = lsn or generation or 0
             self._tables[name] = table
         if lsn:
             self.journal.wait(lsn)
@@ -191,22 +214,29 @@ class Store:
         table.port_load = np.zeros(self.cxl_ports, dtype=np.float64)
         return table
 
-    def install(self, tables, hold: contextlib.ExitStack | None = None) -> list[str]:
-        """Replaces every table by the given ones, each (spec as from spec(), batches of (ids,
-        encoded rows) that together write every row, heat [num_rows]); returns their names.  Call
-        inside frozen(); with hold, each new table's write lock is taken before it is published and
-        released when hold closes (so that writes wait until the caller is done).  Nothing is
-        logged (a restore publishes a full checkpoint in the same step).  TierFullError before
-        anything changes when the tiers cannot hold them; InstallError if placing them still fails
-        once the old tables are gone (then the store matches no durable state: the caller must
-        stop serving)."""
-        for spec, _, _ in tables:
+    def check_install(self, specs: list[dict]) -> None:
+        """What install checks before it changes anything: TierFullError when the tiers cannot hold
+        the tables, InvalidArgumentError for a bad tiering setting."""
+        for spec in specs:
             check_policy(TablePolicy.from_dict(spec))
-        need = sum(spec["num_rows"] * native.row_stride(spec["dim"], spec["dtype"]) for spec, _, _ in tables)
+        need = sum(spec["num_rows"] * native.row_stride(spec["dim"], spec["dtype"]) for spec in specs)
         capacity = sum(tier.capacity_bytes for tier in self.tiers)
         if need > capacity:
             raise TierFullError(f"the restored tables need {need} bytes; the tiers hold {capacity}")
+
+    def install(self, tables, hold: contextlib.ExitStack | None = None, generation: int | None = None) -> list[str]:
+        """Replaces every table by the given ones, each (spec as from spec(), batches of (ids,
+        encoded rows) that together write every row, heat [num_rows]); returns their names.  Call
+        inside frozen(); with hold, each new table's write lock is taken before it is published and
+        released when hold closes (so that writes wait until the caller is done, then go to the new
+        tables).  Each new table's generation is the spec's (a checkpoint's), or generation when
+        given (the LSN of the RESTORE record the caller logged).  Nothing is logged here.
+        TierFullError before anything changes when the tiers cannot hold them (check_install);
+        InstallError if placing them still fails once the old tables are gone (then the store
+        matches no durable state: the caller must stop serving)."""
+        self.check_install([spec for spec, _, _ in tables])
         for table in self._tables.values():
+            table.retired = "restored"
             table.native.mark_dropped()
             self._release(table)
         self._tables.clear()
@@ -220,6 +250,7 @@ class Store:
                 table.native.heat[:] = heat
                 table.native.take_dirty()
                 table.serial = next(self._serials)
+                table.generation = spec.get("generation", 0) if generation is None else generation
                 if hold is not None:
                     hold.enter_context(table.write_lock)
                 self._tables[table.name] = table
@@ -229,18 +260,27 @@ class Store:
         return sorted(self._tables)
 
     def drop_table(self, name: str) -> None:
-        with self._lock:
-            table = self._tables.pop(name, None)
-            if table is None:
-                raise NotFoundError(f"table {name!r} does not exist")
-            lsn = self.journal.log_drop(name) if self.journal else 0
-            table.native.mark_dropped()  # waits for calls in flight; later calls fail cleanly
-            self._release(table)
+        """Drops a table once the writes in flight on it are done; writes that waited fail."""
+        while True:
+            table = self._get(name)
+            with table.write_lock, self._lock:
+                if self._tables.get(name) is not table:  # dropped or restored meanwhile: look again
+                    continue
+                lsn = self.journal.log_drop(name, table.generation) if self.journal else 0
+                del self._tables[name]
+                table.retired = "dropped"
+                table.native.mark_dropped()  # waits for lookups in flight; later calls fail cleanly
+                self._release(table)
+            break
         if lsn:
             self.journal.wait(lsn)
 
     def serial(self, name: str) -> int:
         return self._get(name).serial
+
+    def generation(self, name: str) -> int:
+        """The LSN of the record that made the table (CREATE or RESTORE); see journal.py."""
+        return self._get(name).generation
 
     def table_policy(self, name: str) -> TablePolicy:
         return self._get(name).policy
@@ -276,6 +316,7 @@ class Store:
             return 0
         shift = table.native.tier_shift
         with table.write_lock:
+            _check_live(table)
             with self._lock:
                 if space.capacity <= limit or table.rows_by_tier[tier] > limit:
                     return 0
@@ -403,8 +444,19 @@ class Store:
     def write_rows(self, name: str, ids: np.ndarray, values: np.ndarray, mode: str = "assign",
                    scale: float = 1.0) -> int:
         """Stores values[i] at row ids[i] (assign: a later duplicate wins) or adds scale * values[i]
-        (add: duplicates accumulate).  Returns the table's new version."""
-        table = self._get(name)
+        (add: duplicates accumulate).  Returns the table's new version.  A write waits while a
+        restore replaces the tables and then applies to the restored table; one that waited for a
+        table being dropped fails with NotFoundError and leaves no record."""
+        while True:
+            with self._lock:  # (a restore holds it until the restored tables are in place)
+                table = self._get(name)
+            version = self._write(table, ids, values, mode, scale)
+            if version is not None:
+                return version
+
+    def _write(self, table: Table, ids: np.ndarray, values: np.ndarray, mode: str, scale: float) -> int | None:
+        """write_rows on one table; None when a restore replaced it before the write got its lock."""
+        name = table.name
         ids = require(ids, "ids", np.int64, 1)
         values = require(values, "values", np.float32, 2)
         if values.shape != (ids.size, table.dim):
@@ -416,12 +468,16 @@ class Store:
             raise InvalidArgumentError(f"scale must be finite, got {scale}")
         self._check_ids(table, ids)
         with table.write_lock:
-            lsn = self.journal.log_write(name, ids, values, mode, scale) if self.journal else 0
-            if mode == "add":
-                ids, values = self._added_rows(table, ids, values, scale)
-            table.native.write_rows(ids, codec.encode(values, table.dtype, table.stride))
+            if table.retired == "restored":
+                return None
+            _check_live(table)
+            rows, encoded = self._added_rows(table, ids, values, scale) if mode == "add" else (ids, values)
+            encoded = codec.encode(encoded, table.dtype, table.stride)
+            # logged once nothing but the store itself can fail (an SCM write: a device error)
+            lsn = self.journal.log_write(name, table.generation, ids, values, mode, scale) if self.journal else 0
+            table.native.write_rows(rows, encoded)
             if table.scm_copy is not None:
-                table.scm_dirty[ids[table.scm_copy[ids] != NO_SCM_COPY]] = True
+                table.scm_dirty[rows[table.scm_copy[rows] != NO_SCM_COPY]] = True
             table.version += 1
             version = table.version
         if lsn:
@@ -443,6 +499,7 @@ class Store:
             bad = ids.min() if ids.min() < 0 else ids.max()
             raise InvalidArgumentError(f"ids: {bad} is out of range [0, {table.num_rows}) for table {name!r}")
         with table.write_lock:
+            _check_live(table)
             return self._move(table, ids, tier_ids[tier])
 
     def _move(self, table: Table, ids: np.ndarray, target: int) -> int:
@@ -531,7 +588,7 @@ class Store:
         """What re-creates the table empty: its shape and tiering settings."""
         table = self._get(name)
         return {"name": name, "num_rows": table.num_rows, "dim": table.dim, "dtype": table.dtype,
-                **table.policy.to_dict()}
+                "generation": table.generation, **table.policy.to_dict()}
 
     def take_dirty(self, name: str) -> np.ndarray:
         """The table's rows written since the last call, as a bitmap (see NativeTable.take_dirty)."""
@@ -563,6 +620,7 @@ class Store:
             first = 0
             while first < hot.size:
                 with table.write_lock:
+                    _check_live(table)
                     done, traded = self._trade(table, hot[first:first + batch_rows], cold[first:first + batch_rows])
                 if not done:
                     break
@@ -659,6 +717,16 @@ class Store:
             raise NotFoundError(f"table {name!r} does not exist")
         return table
 
+    def _check_fits(self, name: str, need: int, pin: str) -> None:
+        """TierFullError before anything is allocated for a table of need bytes the tiers (the
+        pinned one) cannot hold even when empty."""
+        tiers = [t for t in self.tiers if pin in ("", t.name)]
+        capacity = sum(t.capacity_bytes for t in tiers)
+        if need > capacity:
+            where = f"tier {pin} (the table is pinned there)" if pin else "the tiers"
+            raise TierFullError(f"table {name!r} needs about {need} bytes and {where} cannot hold it ({capacity} "
+                                f"bytes in all)")
+
     @staticmethod
     def _check_new_table(name, num_rows, dim, dtype, initializer, init_scale) -> None:
         if not isinstance(name, str) or not NAME_RE.match(name):
@@ -678,11 +746,15 @@ class Store:
         """Homes for every row, DRAM first, then CXL, then SCM (only the pinned tier, for a pinned
         table; no more rows in a memory tier than the table's own limit there); all or nothing."""
         first, pin = 0, table.policy.pin
-        for tier in self.tiers:
-            if first < table.num_rows and pin in ("", tier.name):
-                want = table.num_rows - first
-                limit = table.policy.limit_rows(tier.name, table.stride) if tier.name in MEMORY_TIERS else None
-                first += self._fill(table, tier, first, want if limit is None else min(want, limit))
+        try:
+            for tier in self.tiers:
+                if first < table.num_rows and pin in ("", tier.name):
+                    want = table.num_rows - first
+                    limit = table.policy.limit_rows(tier.name, table.stride) if tier.name in MEMORY_TIERS else None
+                    first += self._fill(table, tier, first, want if limit is None else min(want, limit))
+        except BaseException:
+            self._release(table)
+            raise
         if first < table.num_rows:
             self._release(table)
             need = table.num_rows * table.stride

@@ -1,7 +1,9 @@
 """The SCM tier: one file opened with O_DIRECT, rows packed into 4 KiB blocks.
 
 The file is created (or emptied) at start and sized sparse to the tier's
-capacity; table chunks are 4 KiB-aligned extents of it.  Reads bypass the
+capacity; table chunks are 4 KiB-aligned extents of it, each reserved on
+the device (fallocate) when it is handed out: a full device fails the
+creation or move that asked for the room, never a later row write.  Reads bypass the
 page cache: the native kernels read only the aligned span around each row
 (512 B where the device allows it, probed here, else 4 KiB) in batches.
 """
@@ -15,8 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import StorageError
-from .extents import ExtentAllocator
+from .errors import StorageError, storage_error
+from .extents import Extent, ExtentAllocator
 from .native import TIER_SCM
 from .tier_base import ArenaTier, TierInfo
 
@@ -63,6 +65,17 @@ class ScmTier(ArenaTier):
             log.warning("tier scm: capacity %d bytes exceeds the %d bytes free on %s", self.capacity_bytes,
                         free, self.path.parent)
         self._allocs = [ExtentAllocator(self.capacity_bytes, BLOCK)]
+
+    def allocate(self, nbytes: int, port: int | None = None) -> Extent | None:
+        """An extent of the file whose blocks the device has reserved (see the module docstring)."""
+        extent = super().allocate(nbytes, port)
+        if extent is not None:
+            try:
+                os.posix_fallocate(self.fd, extent.offset, extent.length)
+            except OSError as e:
+                self.release(extent)
+                raise storage_error(e, self.path, f"reserving {extent.length} bytes of the SCM tier") from e
+        return extent
 
     def info(self) -> TierInfo:
         return TierInfo(self.name, self.capacity_bytes, self.used_bytes, -1, False, str(self.path))

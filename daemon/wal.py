@@ -20,6 +20,11 @@ segment is created or deleted.
 On open the segments are validated in order; at the first torn or corrupt
 record the segment is truncated there, later segments are deleted and a
 WARNING names the file, the byte offset and the reason.
+
+Failures: an append that cannot be written (ENOSPC, EDQUOT, EIO) leaves no
+part of its record behind and raises a StorageError naming the file
+(NoSpaceError, RESOURCE_EXHAUSTED, when the device is full); the next append
+tries again.  Files are created 0600: the log holds every row written.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Self
+
+from .errors import storage_error
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +175,7 @@ class WriteAheadLog:
         self._syncing = False
         self._closed = False
         self._bytes_written = 0
-        self._directory.mkdir(parents=True, exist_ok=True)
+        self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._segments, self._last_lsn = self._recover()
         self._replay_last_lsn = self._last_lsn
         self._fd, self._segment_used_bytes = self._open_current()
@@ -234,8 +241,13 @@ class WriteAheadLog:
 
     def _create_segment_file(self, path: Path) -> int:
         """Creates an empty segment file, makes its directory entry durable; returns an append fd."""
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        fsync_directory(self._directory)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fsync_directory(self._directory)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
         return fd
 
     # -- reading ---------------------------------------------------------------------------------
@@ -270,11 +282,15 @@ class WriteAheadLog:
             raise ValueError(f"WAL payload of {len(payload)} bytes is over {MAX_PAYLOAD_BYTES}")
         with self._append_lock:
             self._check_open()
-            if self._segment_used_bytes >= self._segment_bytes:
-                self._roll()
             lsn = self._last_lsn + 1
             record = encode_record(lsn, kind, payload)
-            self._write_whole(record)
+            try:
+                if self._segment_used_bytes >= self._segment_bytes:
+                    self._roll()
+                self._write_whole(record)
+            except OSError as e:
+                raise storage_error(e, self._segments[-1].path, f"appending record {lsn} to the write-ahead log") \
+                    from e
             self._last_lsn = lsn
             self._segment_used_bytes += len(record)
             self._bytes_written += len(record)
@@ -298,15 +314,20 @@ class WriteAheadLog:
         with self._append_lock:
             self._check_open()
             if self._segment_used_bytes:
-                self._roll()
+                try:
+                    self._roll()
+                except OSError as e:
+                    raise storage_error(e, self._directory, "starting a write-ahead log segment") from e
 
     def _roll(self) -> None:
-        """Makes the current segment durable and starts the next one (append lock held)."""
-        self._fsync_fd(self._fd)
-        os.close(self._fd)
-        self._mark_durable(self._last_lsn)
+        """Makes the current segment durable and starts the next one (append lock held); when
+        either step fails the current segment stays the one appended to."""
         segment = _Segment(self._last_lsn + 1, segment_path(self._directory, self._last_lsn + 1))
-        self._fd = self._create_segment_file(segment.path)
+        self._fsync_fd(self._fd)
+        fd = self._create_segment_file(segment.path)
+        os.close(self._fd)
+        self._fd = fd
+        self._mark_durable(self._last_lsn)
         self._segments.append(segment)
         self._segment_used_bytes = 0
 
@@ -323,6 +344,13 @@ class WriteAheadLog:
 
     def _sync_through(self, lsn: int) -> None:
         """Group commit: lead an fsync or wait for the leader's, until lsn is durable."""
+        try:
+            self._sync_through_unmapped(lsn)
+        except OSError as e:
+            raise storage_error(e, self._segments[-1].path, f"making record {lsn} of the write-ahead log durable") \
+                from e
+
+    def _sync_through_unmapped(self, lsn: int) -> None:
         with self._durable_cond:
             while self._durable_lsn < lsn:
                 if self._syncing:
@@ -404,6 +432,19 @@ class WriteAheadLog:
     def bytes_written(self) -> int:
         """Total bytes (headers and payloads) appended since open."""
         return self._bytes_written
+
+    @property
+    def first_lsn(self) -> int:
+        """The LSN the log starts at: 1 while nothing has been cut, else just after the checkpoint
+        it was cut back to (records before it are only in checkpoints)."""
+        return self._segments[0].first_lsn
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes the log's segment files take now."""
+        with self._append_lock:
+            paths = [segment.path for segment in self._segments]
+        return sum(path.stat().st_size for path in paths if path.exists())
 
     @property
     def durable_lsn(self) -> int:

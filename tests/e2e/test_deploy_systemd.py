@@ -45,7 +45,6 @@ ACCEPTED_EXPOSURES = {
     "IPAddressDeny=": "loopback stays allowed for clients and Prometheus",
     "SystemCallFilter=~@resources": "mbind, set_mempolicy and move_pages bind the tiers to NUMA nodes",
     "ProcSubset=": "/proc/meminfo: tier sizes as a share of memory, available memory",
-    "UMask=": "the socket is group-writable, for group embtier",
     "DeviceAllow=": "ProtectClock= leaves the real-time clock readable",
     "RootDirectory=/RootImage=": "the daemon runs from the host's file system",
 }

@@ -7,6 +7,7 @@ import re
 import threading
 
 import grpc
+import psutil
 import numpy as np
 import pytest
 from embtier import Client, EmbtierClientError
@@ -100,7 +101,20 @@ BAD_REQUESTS = [
     ("Lookup", pb.LookupRequest(table="bad", ids=b"\x01\x02\x03"), grpc.StatusCode.INVALID_ARGUMENT,
      "ids has 3 bytes, not a whole number of int64"),
     ("Lookup", pb.LookupRequest(table="bad", ids=ids(1), wire_dtype=pb.INT8), grpc.StatusCode.INVALID_ARGUMENT,
-     "wire_dtype = 2"),
+     r"wire_dtype = INT8 \(2\) is not allowed here; use FLOAT32 or FLOAT16"),
+    ("Lookup", pb.LookupRequest(table="bad", ids=ids(1), id_type=5), grpc.StatusCode.INVALID_ARGUMENT,
+     "id_type = 5 is not a value of IdType; use INT64 or INT32"),
+    ("Checkpoint", pb.CheckpointRequest(kind=42), grpc.StatusCode.INVALID_ARGUMENT,
+     "kind = 42 is not a value of CheckpointKind; use FULL, INCREMENTAL, DIFFERENTIAL or AUTO"),
+    ("Checkpoint", pb.CheckpointRequest(quantizer=42), grpc.StatusCode.INVALID_ARGUMENT,
+     "quantizer = 42 is not a value of Quantizer; use ADAPTIVE or MINMAX"),
+    ("LookupPooled", pb.LookupPooledRequest(offload=7, features=[pb.FeatureBags(
+        table="bad", ids=ids(1), lengths=np.array([1], np.int32).tobytes())]),
+     grpc.StatusCode.INVALID_ARGUMENT, "offload = 7 is not a value of Offload; use HOST, DEVICE or SWITCH"),
+    ("WriteRows", pb.WriteRowsRequest(table="bad", ids=ids(1), values=b"\0" * 16, mode=3),
+     grpc.StatusCode.INVALID_ARGUMENT, "mode = 3 is not a value of WriteMode; use ASSIGN or ADD"),
+    ("CreateTable", pb.CreateTableRequest(name="init", num_rows=10, dim=4, initializer=9),
+     grpc.StatusCode.INVALID_ARGUMENT, "initializer = 9 is not a value of Initializer; use ZEROS or UNIFORM"),
     ("LookupPooled", pb.LookupPooledRequest(features=[pb.FeatureBags(
         table="bad", ids=ids(1, 2), lengths=np.array([3], np.int32).tobytes())]),
      grpc.StatusCode.INVALID_ARGUMENT, "lengths sum to 3 but 2 ids"),
@@ -239,3 +253,31 @@ def test_int32_and_int64_ids_give_the_same_rows(client, stub):
     np.testing.assert_array_equal(client.lookup("idt", ids), client.lookup("idt", ids.astype(np.int64) + 0))
     with pytest.raises(EmbtierClientError, match=r"ids\[1\] = -1 is out of range"):
         client.lookup("idt", np.array([1, -1]))  # negative ids go as int64, so the daemon names them
+
+
+def test_a_reply_too_large_to_send_is_refused_before_it_is_built(daemon, client, stub):
+    """80 KB of empty bags on a dim-16384 table asked for 1.3 GB of reply: refused up front, the
+    daemon's memory untouched."""
+    client.create_table("wide", 4, 16384)
+    process = psutil.Process(daemon.proc.pid)
+    rss = process.memory_info().rss
+    empty_bags = np.zeros(20_000, np.int32).tobytes()
+    cases = [
+        (stub.LookupPooled, pb.LookupPooledRequest(features=[pb.FeatureBags(table="wide", lengths=empty_bags)]),
+         "1310720000 bytes of values (switch offload, 4-byte values; the largest is features[0]: 20000 vectors"),
+        (stub.LookupPooled, pb.LookupPooledRequest(wire_dtype=pb.FLOAT16, offload=pb.HOST, features=[
+            pb.FeatureBags(table="wide", ids=np.zeros(5000, np.int64).tobytes(),
+                           lengths=np.array([5000], np.int32).tobytes())] * 2),  # each under the limit, not both
+         "327680000 bytes of values (host offload, 2-byte values"),
+        (stub.Lookup, pb.LookupRequest(table="wide", ids=np.zeros(5000, np.int64).tobytes()),
+         "327680000 bytes of values (5000 rows x dim 16384 x 4 bytes)"),
+    ]
+    for call, request, message in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            call(request, timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+        assert message in err.value.details() and "server.max_message_bytes = 268435456" in err.value.details()
+    assert process.memory_info().rss - rss < 64 << 20
+    pooled = client.lookup_pooled({"wide": (np.arange(4), np.array([2, 2], np.int32))})["wide"]  # still serving
+    assert pooled.shape == (2, 16384)
+    client.drop_table("wide")

@@ -12,24 +12,21 @@ import time
 import numpy as np
 import pytest
 from embtierd import checkpoint_format as fmt
-from embtierd.checkpoint import Checkpointer
-from embtierd.config import CheckpointConfig
-from embtierd.errors import CorruptCheckpointError, InvalidArgumentError, NotFoundError, StorageError
-from embtierd.journal import Journal, replay
+from embtierd.config import CheckpointConfig, DurabilityConfig
+from embtierd.errors import CorruptCheckpointError, InvalidArgumentError, NoSpaceError, NotFoundError, RecoveryError
+from embtierd.journal import ReplayError
+from embtierd.recovery import open_durable
 from embtierd.native import QUANT_ADAPTIVE_MAX_SHRINK as ADAPTIVE_MAX_SHRINK
 from embtierd.wal import WriteAheadLog
 
 
-def open_store(path, store_factory, **settings):
+def open_store(path, store_factory, salvage=False, **settings):
     """A store recovered from path/checkpoints and path/wal, as the daemon does at start."""
     store = store_factory(dram="64K", cxl="64K", scm="64M")
-    wal = WriteAheadLog(path / "wal", "always", segment_bytes=4096)
     settings.setdefault("interval_seconds", 0)
-    checkpoints = Checkpointer(store, wal, path / "checkpoints", CheckpointConfig(**settings))
-    covered = checkpoints.recover()
-    replay(store, (r for r in wal.replay() if r.lsn > covered))
-    store.journal = Journal(wal)
-    return store, wal, checkpoints
+    durable = open_durable(store, path, DurabilityConfig(checkpoints=CheckpointConfig(**settings)), salvage=salvage,
+                           segment_bytes=4096)
+    return store, durable.wal, durable.checkpoints
 
 
 def all_rows(store, name):
@@ -53,10 +50,16 @@ def test_restore_is_bit_identical_and_the_log_after_it_replays(tmp_path, store_f
     store.create_table("q", 500, 24, dtype="int8", initializer="uniform", seed=4)
     write_some(store, "f", np.random.default_rng(0), batches=20)
     store.move_rows("f", np.arange(2000, 2100), "dram")  # placement is not what is saved
-    segments = len(list((tmp_path / "wal").glob("wal-*.log")))
     info = ck.take("full")
     assert info.rows_written == 3500 and info.lsn == wal.last_lsn and info.kind == "FULL" and info.exact_chain
-    assert len(list((tmp_path / "wal").glob("wal-*.log"))) < segments  # the segments it covers are gone
+    assert wal.first_lsn == 1  # the only checkpoint: the log still reaches back to its start
+    write_some(store, "f", np.random.default_rng(1), batches=20)
+    segments = len(list((tmp_path / "wal").glob("wal-*.log")))
+    second = ck.take("full")
+    # a second, independent chain: the log is cut back to the first (the fallback), no further
+    assert wal.first_lsn == info.lsn + 1 and second.lsn > info.lsn
+    assert len(list((tmp_path / "wal").glob("wal-*.log"))) < segments
+    assert [c.id for c in ck.list()] == [info.id, second.id]
     store.write_rows("f", np.arange(10), np.full((10, 16), 7, dtype=np.float32))  # after the checkpoint
     store.drop_table("q")
     expected = all_rows(store, "f")
@@ -165,7 +168,7 @@ def test_a_failed_checkpoint_loses_no_change(tmp_path, store_factory, monkeypatc
 
     with monkeypatch.context() as m:
         m.setattr(fmt.Writer, "add", fail)
-        with pytest.raises(StorageError, match=r"writing checkpoint \d+ into .* failed: .*No space left"):
+        with pytest.raises(NoSpaceError, match=r"writing checkpoint \d+: no space left on the device of .*checkpoints"):
             ck.take("incremental")
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
     more = write_some(store, "f", np.random.default_rng(4))
@@ -240,7 +243,19 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, store_fa
     wal.close()
 
 
-def test_retention_keeps_the_chains_it_needs_and_cuts_the_log_behind_exact_ones(tmp_path, store_factory):
+def flip_a_byte(root, checkpoint_id, file="table-0000.dat", at=10):
+    path = fmt.directory(root, checkpoint_id) / file
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def first_record(path) -> int:
+    with WriteAheadLog(path / "wal", "always") as log:
+        return next(log.replay()).lsn
+
+
+def test_retention_keeps_a_fallback_chain_and_the_log_back_to_it(tmp_path, store_factory):
     store, wal, ck = open_store(tmp_path, store_factory, keep=2)
     store.create_table("f", 1000, 8, initializer="uniform", seed=1)
     rng = np.random.default_rng(8)
@@ -248,16 +263,32 @@ def test_retention_keeps_the_chains_it_needs_and_cuts_the_log_behind_exact_ones(
     for kind in ["full", "incremental", "incremental", "full", "incremental", "incremental"]:
         write_some(store, "f", rng, batches=2)
         ids.append(ck.take(kind).id)
-    # newest two: 6 (chain 4, 5, 6) and 5 (chain 4, 5)
+    lsn = {i: fmt.read_manifest(tmp_path / "checkpoints", i)["lsn"] for i in ids}
+    # newest exact two: 5 and 6 (chain 4, 5, 6); the fallback shares none of it: 3 (chain 1, 2, 3)
+    assert [c.id for c in ck.list()] == ids
+    assert wal.first_lsn == lsn[ids[2]] + 1
+    for kind in ["full", "incremental"]:
+        write_some(store, "f", rng, batches=2)
+        ids.append(ck.take(kind).id)
+    lsn.update({i: fmt.read_manifest(tmp_path / "checkpoints", i)["lsn"] for i in ids[6:]})
+    # newest exact two: 7 and 8 (chain 7, 8); the fallback is 6 (chain 4, 5, 6); 1, 2, 3 go
     assert [c.id for c in ck.list()] == ids[3:]
-    # the log goes back to the older of the two exact ones kept (5): what follows it is still there
     with pytest.raises(NotFoundError, match="checkpoint 1 does not exist"):
         ck.restore(ids[0])
+    assert wal.first_lsn == lsn[ids[5]] + 1
+    store.write_rows("f", np.arange(4), np.full((4, 8), 9, dtype=np.float32))
+    expected = all_rows(store, "f")
     wal.close()
-    reopened = WriteAheadLog(tmp_path / "wal", "always")
-    records = [r.lsn for r in reopened.replay()]
-    reopened.close()
-    assert records[0] == fmt.read_manifest(tmp_path / "checkpoints", ids[4])["lsn"] + 1
+    assert first_record(tmp_path) == lsn[ids[5]] + 1
+    # the newest chain's full checkpoint is damaged: both of its checkpoints are unusable, and the
+    # fallback plus the log still hold every write
+    flip_a_byte(tmp_path / "checkpoints", ids[6])
+    restored, wal, ck = open_store(tmp_path, store_factory, keep=2)
+    np.testing.assert_array_equal(all_rows(restored, "f"), expected)
+    listed = {c.id: c for c in ck.list()}
+    assert "fails its checksum" in listed[ids[6]].damage and "fails its checksum" in listed[ids[7]].damage
+    assert not listed[ids[7]].exact_chain and listed[ids[5]].exact_chain and listed[ids[5]].damage == ""
+    wal.close()
 
 
 def test_restore_on_request_survives_a_restart_and_brings_the_heat_back(tmp_path, store_factory):
@@ -324,4 +355,133 @@ def test_the_schedule_takes_the_configured_checkpoints_until_stopped(tmp_path, s
     count = len(listed)
     time.sleep(0.2)
     assert len(ck.list()) == count  # stopped
+    wal.close()
+
+
+def test_the_only_checkpoint_damaged_leaves_the_log_to_rebuild_everything(tmp_path, store_factory):
+    store, wal, ck = open_store(tmp_path, store_factory)
+    store.create_table("f", 1000, 8, initializer="uniform", seed=1)
+    write_some(store, "f", np.random.default_rng(2))
+    only = ck.take("full")
+    write_some(store, "f", np.random.default_rng(3))
+    expected = all_rows(store, "f")
+    wal.close()
+    flip_a_byte(tmp_path / "checkpoints", only.id)
+    restored, wal, ck = open_store(tmp_path, store_factory)
+    np.testing.assert_array_equal(all_rows(restored, "f"), expected)
+    assert "fails its checksum" in ck.list()[0].damage
+    wal.close()
+
+
+def two_tables_and_two_chains(tmp_path, store_factory):
+    """Tables f and g, full checkpoints 1 and 2 (the log is cut back to 1), writes to both after 2;
+    returns what g holds."""
+    store, wal, ck = open_store(tmp_path, store_factory)
+    store.create_table("f", 500, 8, initializer="uniform", seed=1)
+    store.create_table("g", 300, 4, initializer="uniform", seed=2)
+    rng = np.random.default_rng(4)
+    for _ in range(2):
+        write_some(store, "f", rng, batches=2)
+        write_some(store, "g", rng, batches=2)
+        ck.take("full")
+    assert wal.first_lsn > 1
+    write_some(store, "f", rng, batches=2)
+    write_some(store, "g", rng, batches=2)
+    expected = all_rows(store, "g")
+    wal.close()
+    return expected
+
+
+def test_when_nothing_rebuilds_a_table_the_start_names_it_and_salvage_keeps_the_rest(tmp_path, store_factory,
+                                                                                     caplog):
+    expected_g = two_tables_and_two_chains(tmp_path, store_factory)
+    for checkpoint_id in (1, 2):  # table f's file of both checkpoints
+        flip_a_byte(tmp_path / "checkpoints", checkpoint_id)
+    with pytest.raises(RecoveryError) as e:
+        open_store(tmp_path, store_factory)
+    message = str(e.value)
+    assert "table-0000.dat (table 'f') fails its checksum" in message and "--salvage" in message
+    assert "starts at record" in message
+    store, wal, ck = open_store(tmp_path, store_factory, salvage=True)
+    assert [t.name for t in store.tables()] == ["g"]
+    np.testing.assert_array_equal(all_rows(store, "g"), expected_g)
+    assert "salvage: started without" in caplog.text and "table 'f'" in caplog.text
+    assert ck.list()[-1].kind == "FULL"  # what was kept is the state the next start begins from
+    wal.close()
+    store, wal, _ = open_store(tmp_path, store_factory)  # a plain start now
+    np.testing.assert_array_equal(all_rows(store, "g"), expected_g)
+    wal.close()
+
+
+def test_a_restore_is_logged_and_comes_back_when_its_checkpoint_is_lost(tmp_path, store_factory):
+    store, wal, ck = open_store(tmp_path, store_factory)
+    store.create_table("f", 800, 8, initializer="uniform", seed=1)
+    rng = np.random.default_rng(5)
+    write_some(store, "f", rng)
+    source = ck.take("full")
+    snapshot = all_rows(store, "f")
+    write_some(store, "f", rng)
+    ck.take("full")
+    write_some(store, "f", rng)
+    store.create_table("later", 10, 4)
+    restored, saved = ck.restore(source.id)
+    assert restored.id == source.id and saved.kind == "FULL"
+    np.testing.assert_array_equal(all_rows(store, "f"), snapshot)
+    assert store.generation("f") == saved.lsn  # the RESTORE record's: the checkpoint covers up to it
+    store.write_rows("f", np.arange(6), np.full((6, 8), 3, dtype=np.float32))
+    expected = all_rows(store, "f")
+    assert source.id in [c.id for c in ck.list()]  # the log's RESTORE record needs it
+    wal.close()
+    flip_a_byte(tmp_path / "checkpoints", saved.id)
+    store, wal, ck = open_store(tmp_path, store_factory)
+    assert [t.name for t in store.tables()] == ["f"] and store.generation("f") == saved.lsn  # replayed
+    np.testing.assert_array_equal(all_rows(store, "f"), expected)
+    # once two newer chains hold the restored state, the RESTORE record leaves the log and its
+    # checkpoint may go
+    for _ in range(3):
+        write_some(store, "f", rng, batches=1)
+        ck.take("full")
+    assert source.id not in [c.id for c in ck.list()]
+    wal.close()
+
+
+def test_a_restore_whose_checkpoint_cannot_be_written_stands(tmp_path, store_factory, monkeypatch):
+    store, wal, ck = open_store(tmp_path, store_factory)
+    store.create_table("f", 500, 8, initializer="uniform", seed=1)
+    source = ck.take("full")
+    snapshot = all_rows(store, "f")
+    write_some(store, "f", np.random.default_rng(6))
+
+    def full(self, table):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(fmt.Writer, "add", full)
+        restored, saved = ck.restore(source.id)
+    assert saved is None
+    np.testing.assert_array_equal(all_rows(store, "f"), snapshot)
+    store.write_rows("f", np.arange(3), np.ones((3, 8), dtype=np.float32))
+    expected = all_rows(store, "f")
+    assert ck.take("incremental").kind == "FULL"  # the change bitmaps do not cover a restore
+    wal.close()
+    store, wal, _ = open_store(tmp_path, store_factory)
+    np.testing.assert_array_equal(all_rows(store, "f"), expected)
+    wal.close()
+
+
+def test_replay_never_applies_a_record_to_a_later_table_of_the_same_name(tmp_path, store_factory):
+    store, wal, _ = open_store(tmp_path, store_factory)
+    store.create_table("t", 100, 4)
+    old = store.generation("t")
+    store.drop_table("t")
+    store.create_table("t", 100, 4, initializer="uniform", seed=3)
+    expected = all_rows(store, "t")
+    # what the daemon before generations could log: a write of the dropped table after its DROP
+    lsn = store.journal.log_write("t", old, np.arange(5), np.full((5, 4), 7, dtype=np.float32), "assign", 1.0)
+    wal.close()
+    with pytest.raises(ReplayError, match=rf"record {lsn} cannot be replayed \(WRITE\): it names table 't' of "
+                                          rf"generation {old} .* the table of that name is generation"):
+        open_store(tmp_path, store_factory)
+    store, wal, _ = open_store(tmp_path, store_factory, salvage=True)
+    np.testing.assert_array_equal(all_rows(store, "t"), expected)
     wal.close()

@@ -88,5 +88,6 @@ def test_agrees_with_the_tiering_engine(store_factory, policy, budget_rows):
     capacity_rows = (info.rows_by_tier["dram"], info.rows_by_tier["cxl"])  # what the store gave the table
     simulated = simulate(trace, SimConfig(rows, capacity_rows, per_interval, budget_rows=budget_rows, policy=policy,
                                           aging_intervals=2, heat_sample_shift=0))
-    assert served[-1, 0] - served[0, 0] > 0.1 * per_interval  # the engine did move hot rows up
+    # the engine did move hot rows up (LRU on a 200-row budget gains least: about 8 % of the lookups)
+    assert served[-1, 0] - served[0, 0] > 0.05 * per_interval
     np.testing.assert_allclose(simulated.hits / per_interval, served / per_interval, atol=0.01)
