@@ -237,12 +237,8 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
     def WriteRows(self, request, context):
         ids = id_array(request.ids, request.id_type)
         self._admit(context, ids.size)
-        dim = self.store.geometry(request.table)[0]
         values = array(request.values, "<f4", "values")
-        if values.size != ids.size * dim:
-            raise InvalidArgumentError(f"values has {values.size} floats; expected {ids.size} ids x dim {dim} = "
-                                       f"{ids.size * dim} for table {request.table!r}")
-        version = self.store.write_rows(request.table, ids, values.reshape(ids.size, dim),
+        version = self.store.write_rows(request.table, ids, values,
                                         enum_value(pb.WriteMode, WRITE_MODES, request.mode, "mode"),
                                         request.scale or 1.0)
         return pb.WriteRowsResponse(rows_written=ids.size, version=version)

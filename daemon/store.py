@@ -444,7 +444,8 @@ class Store:
     def write_rows(self, name: str, ids: np.ndarray, values: np.ndarray, mode: str = "assign",
                    scale: float = 1.0) -> int:
         """Stores values[i] at row ids[i] (assign: a later duplicate wins) or adds scale * values[i]
-        (add: duplicates accumulate).  Returns the table's new version.  A write waits while a
+        (add: duplicates accumulate); values is [len(ids), dim] float32, or flat as it came off the
+        wire.  Returns the table's new version.  A write waits while a
         restore replaces the tables and then applies to the restored table; one that waited for a
         table being dropped fails with NotFoundError and leaves no record."""
         while True:
@@ -458,6 +459,11 @@ class Store:
         """write_rows on one table; None when a restore replaced it before the write got its lock."""
         name = table.name
         ids = require(ids, "ids", np.int64, 1)
+        if isinstance(values, np.ndarray) and values.ndim == 1:  # as it came off the wire
+            if values.size != ids.size * table.dim:
+                raise InvalidArgumentError(f"values has {values.size} floats; expected {ids.size} ids x dim "
+                                           f"{table.dim} = {ids.size * table.dim} for table {name!r}")
+            values = values.reshape(ids.size, table.dim)
         values = require(values, "values", np.float32, 2)
         if values.shape != (ids.size, table.dim):
             raise InvalidArgumentError(

@@ -4,6 +4,7 @@ back into DRAM from the heat saved with the checkpoint."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import grpc
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from embtier import Client, EmbtierClientError
 
-from .conftest import run_cli, start_daemon
+from .conftest import daemon_args, run_cli, start_daemon
 
 TIERING = "[tiering]\nenabled = true\ninterval_seconds = 0.2\n"
 
@@ -112,4 +113,71 @@ def test_a_flipped_byte_in_a_checkpoint_is_reported_and_the_one_before_used(tmp_
             c.restore(damaged.id)
         assert err.value.code == grpc.StatusCode.DATA_LOSS and "fails its checksum" in err.value.message
         np.testing.assert_array_equal(c.lookup("e", np.arange(3000)), expected)  # nothing changed
+    assert d.stop() == 0, d.log()
+
+
+def flip_a_byte(state, checkpoint_id: int, file: str = "table-0000.dat") -> None:
+    data = state / "checkpoints" / f"ckpt-{checkpoint_id:08d}" / file
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 3] ^= 0x01
+    data.write_bytes(bytes(raw))
+
+
+def test_a_flipped_byte_in_the_only_checkpoint_leaves_the_log_to_rebuild_and_is_listed_as_damage(tmp_path):
+    state = tmp_path / "s"
+    d = start_daemon(state)
+    rng = np.random.default_rng(7)
+    with Client(d.target) as c:
+        c.create_table("e", 3000, 16, initializer="uniform", seed=4)
+        c.write_rows("e", np.arange(500), rng.standard_normal((500, 16), dtype=np.float32))
+        only = c.checkpoint("full")
+        c.write_rows("e", np.arange(400, 600), rng.standard_normal((200, 16), dtype=np.float32))
+        expected = c.lookup("e", np.arange(3000)).copy()
+        assert [(i.id, i.exact_chain, i.damage) for i in c.checkpoints()] == [(only.id, True, "")]
+    d.proc.kill()
+    d.proc.wait(timeout=30)
+    flip_a_byte(state, only.id)
+    d = start_daemon(state)
+    assert "fails its checksum" in d.log() and "rebuilds every table" in d.log()
+    with Client(d.target) as c:
+        np.testing.assert_array_equal(c.lookup("e", np.arange(3000)), expected)
+        listed = c.checkpoints()[0]
+        assert not listed.exact_chain and "table-0000.dat (table 'e') fails its checksum" in listed.damage
+        fresh = c.checkpoint("full")
+        assert c.checkpoints()[-1].damage == ""
+        flip_a_byte(state, fresh.id)  # damaged while the daemon runs: the next listing sees it
+        listed = {i.id: i for i in c.checkpoints()}
+        assert not listed[fresh.id].exact_chain and "fails its checksum" in listed[fresh.id].damage
+    assert "DAMAGED: checkpoint" in cli(d.target, "checkpoints")
+    assert d.stop() == 0, d.log()
+
+
+def test_when_nothing_rebuilds_a_table_the_start_says_what_to_do_and_salvage_keeps_the_rest(tmp_path):
+    state = tmp_path / "s"
+    d = start_daemon(state)
+    with Client(d.target) as c:
+        c.create_table("e", 2000, 8, initializer="uniform", seed=1)
+        c.create_table("f", 1000, 4, initializer="uniform", seed=2)
+        damaged = [c.checkpoint("full").id for _ in range(2)]  # two chains: the log is cut back to the first
+        c.write_rows("f", np.arange(10), np.full((10, 4), 5, dtype=np.float32))
+        c.write_rows("e", np.arange(10), np.full((10, 8), 6, dtype=np.float32))
+        expected = c.lookup("f", np.arange(1000)).copy()
+    d.proc.kill()
+    d.proc.wait(timeout=30)
+    for checkpoint_id in damaged:
+        flip_a_byte(state, checkpoint_id)  # table e's file in both
+    args, *_ = daemon_args(state, config=state / "embtierd.toml")
+    refused = subprocess.run(args, check=False, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert "table-0000.dat (table 'e') fails its checksum" in refused.stderr
+    assert "embtierd --salvage" in refused.stderr and "write-ahead log starts at record" in refused.stderr
+    d = start_daemon(state, "--salvage")
+    assert "salvage: started without" in d.log() and "table 'e'" in d.log()
+    with Client(d.target) as c:
+        assert [t.name for t in c.tables()] == ["f"]
+        np.testing.assert_array_equal(c.lookup("f", np.arange(1000)), expected)
+    assert d.stop() == 0, d.log()
+    d = start_daemon(state)  # what salvage kept is a plain start now
+    with Client(d.target) as c:
+        np.testing.assert_array_equal(c.lookup("f", np.arange(1000)), expected)
     assert d.stop() == 0, d.log()

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
 import socket
+import stat
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 from embtier import Client, EmbtierClientError
 from prometheus_client.parser import text_string_to_metric_families
@@ -81,3 +87,96 @@ def test_the_daemon_moves_hot_rows_up(tmp_path):
             time.sleep(0.05)
         assert c.describe("hot").rows_by_tier == info.rows_by_tier  # swapped with cold rows, not added
         np.testing.assert_array_equal(c.lookup("hot", hot), 0)      # moved rows keep their values
+
+
+def _modes(state: Path) -> dict[str, int]:
+    """Permission bits of the state directory and of everything the daemon keeps in it."""
+    paths = [state, state / "scm.dat", state / "embtierd.sock", *(state / "wal").rglob("*"),
+             *(state / "checkpoints").rglob("*"), state / "wal", state / "checkpoints"]
+    return {str(p.relative_to(state.parent)): stat.S_IMODE(p.stat().st_mode) for p in paths}
+
+
+def test_state_files_are_private_whatever_the_umask_and_old_ones_are_made_so(tmp_path):
+    state = tmp_path / "s"
+    old = os.umask(0o022)  # what a shell usually has: files 0644, directories 0755
+    try:
+        d = start_daemon(state)
+    finally:
+        os.umask(old)
+    with Client(d.target) as c:
+        c.create_table("p", 1000, 8, initializer="uniform", seed=1)
+        c.write_rows("p", np.arange(10), np.ones((10, 8), np.float32))
+        c.checkpoint("full")
+    modes = _modes(state)
+    socket_mode = modes.pop("s/embtierd.sock")
+    assert socket_mode == 0o660  # members of the daemon's group may connect, nobody else
+    assert modes["s"] == 0o700 and len(modes) > 6
+    exposed = {path: oct(mode) for path, mode in modes.items() if mode & 0o077}
+    assert exposed == {}, exposed
+    assert d.stop() == 0, d.log()
+    for path in [state, *(state / "wal").iterdir(), *(state / "checkpoints").rglob("*")]:  # as an older version left them
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    d = start_daemon(state)
+    modes = _modes(state)
+    modes.pop("s/embtierd.sock")
+    exposed = {path: oct(mode) for path, mode in modes.items() if mode & 0o077}
+    assert exposed == {} and "made " in d.log(), exposed
+    assert d.stop() == 0, d.log()
+
+
+def _limits(pid: int) -> tuple[int, int]:
+    line = next(line for line in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                if line.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+def _grpc_connections(pid: int, port: int) -> int:
+    return sum(1 for c in psutil.Process(pid).net_connections(kind="tcp")
+               if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+
+
+def test_piled_up_connections_leave_the_metrics_served_and_idle_ones_are_closed(tmp_path):
+    """Started with a soft limit of 256 open files, the daemon raises it to the hard one; 400 silent
+    connections leave /metrics served, and are closed once their handshake time is up; a client
+    connection with no call is closed once idle."""
+    state = tmp_path / "s"
+    state.mkdir()
+    config = state / "embtierd.toml"
+    config.write_text("[tiering]\nenabled = false\n[server]\nhandshake_timeout_seconds = 1.0\n"
+                      "idle_timeout_seconds = 1.0\n")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2048:
+        pytest.skip(f"the hard limit on open files is {hard}: too low to pile up connections")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the daemon inherits it
+    try:
+        d = start_daemon(state, config=config)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert _limits(d.proc.pid) == (hard, hard) and "open file limit raised from 256" in d.log()
+    host, port = d.tcp.rsplit(":", 1)
+    silent = [socket.create_connection((host, int(port)), timeout=10) for _ in range(400)]
+    try:
+        text = urllib.request.urlopen(f"http://{d.metrics}/metrics", timeout=10).read().decode()
+        assert "embtier_tier_capacity_bytes" in text
+        with Client(d.target) as c:
+            c.create_table("idle", 10, 4)
+        deadline = time.monotonic() + 30
+        for sock in silent:  # closed by the daemon (after its HTTP/2 settings): reads reach the end of the stream
+            with contextlib.suppress(ConnectionResetError):
+                while True:
+                    sock.settimeout(max(0.1, deadline - time.monotonic()))
+                    if not sock.recv(4096):
+                        break
+    finally:
+        for sock in silent:
+            sock.close()
+    with Client(d.tcp) as c:
+        c.describe("idle")
+        assert _grpc_connections(d.proc.pid, int(port)) == 1
+        deadline = time.monotonic() + 30
+        while _grpc_connections(d.proc.pid, int(port)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _grpc_connections(d.proc.pid, int(port)) == 0  # idle for a second: closed
+        assert c.describe("idle").num_rows == 10  # and the client reconnects on its next call
+    assert d.stop() == 0, d.log()
