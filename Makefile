@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.embtier-installed
 NATIVE := $(wildcard native/include/*.h native/src/*.c native/src/*.h) native/build_ffi.py
 
-.PHONY: build test demo bench clean
+.PHONY: build test demo bench stateful clean
 
 $(PY):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "embtier needs Python >= 3.11")'
@@ -27,6 +27,11 @@ test: build
 # The main job: the daemon on its embedded default configuration serving a demo workload (about a minute).
 demo: build
 	$(PY) -m embtier.demo --state-dir $(CURDIR)/.state/demo
+
+# The durability property test of `make test`, with many more examples (EXAMPLES=n; about 5 s each).
+EXAMPLES ?= 300
+stateful: build
+	EMBTIER_STATEFUL_EXAMPLES=$(EXAMPLES) $(PY) -m pytest -q tests/e2e/test_durability_model.py
 
 # Benchmarks are not part of the tests; torch is only needed here (the CPU build on this disk).
 bench: build

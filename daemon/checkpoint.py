@@ -76,7 +76,6 @@ from .config import CHECKPOINT_KINDS, QUANT_BITS, QUANTIZERS, CheckpointConfig
 from .errors import (
     CorruptCheckpointError,
     EmbtierError,
-    InstallError,
     InvalidArgumentError,
     NotFoundError,
     RecoveryError,
@@ -173,11 +172,11 @@ class Checkpointer:
 
     # ---- start -----------------------------------------------------------------
 
-    def recover(self, log_start: int = 1) -> Recovered:
-        """Loads the newest good exact checkpoint chain that the log (which starts at record
-        log_start) continues into the (empty) store; Recovered(0) when there is none and the log
-        reaches back to its first record.  RecoveryError when neither rebuilds every table.
-        Unfinished checkpoint directories are removed."""
+    def recover(self) -> Recovered:
+        """Loads the newest good exact checkpoint chain that the log continues (it holds every
+        record after the checkpoint's) into the (empty) store; Recovered(0) when there is none and
+        the log holds every record from its first.  RecoveryError when neither rebuilds every
+        table.  Unfinished checkpoint directories are removed."""
         with self._lock:
             for path in fmt.remove_unfinished(self.root):
                 log.warning("removed unfinished checkpoint %s", path)
@@ -188,9 +187,9 @@ class Checkpointer:
                     if not head["exact_chain"]:
                         log.info("checkpoint %d is quantized: recovery uses an exact one", checkpoint_id)
                         continue
-                    if head["lsn"] + 1 < log_start:
-                        log.info("checkpoint %d (up to record %d) is older than the log, which starts at record %d",
-                                 checkpoint_id, head["lsn"], log_start)
+                    if not self.wal.continues(head["lsn"]):
+                        log.info("checkpoint %d covers records up to %d; the log does not continue it (it holds %s)",
+                                 checkpoint_id, head["lsn"], self.wal.describe())
                         continue
                     chain = self._verified_chain(checkpoint_id)
                 except CorruptCheckpointError as e:
@@ -204,16 +203,16 @@ class Checkpointer:
                 log.info("restored checkpoint %d (chain %s, %d tables, up to LSN %d) in %.2f s", checkpoint_id,
                          [m["id"] for m in chain], len(head["tables"]), head["lsn"], time.perf_counter() - start)
                 return Recovered(int(head["lsn"]))
-            if log_start == 1:
+            if self.wal.continues(0):
                 if failures:
-                    log.warning("no checkpoint could be used: the write-ahead log, which reaches back to its first "
-                                "record, rebuilds every table")
+                    log.warning("no checkpoint could be used: the write-ahead log, which holds every record from "
+                                "its first, rebuilds every table")
                 return Recovered(0)
             raise RecoveryError(
-                f"the tables cannot be rebuilt: {'; '.join(failures) or 'no checkpoint was found'}; the write-ahead "
-                f"log starts at record {log_start}, so what was written before it is only in those checkpoints. Put "
-                f"the damaged files back from a backup, or start with `embtierd --salvage` to serve every table "
-                f"that is intact (the tables named above lose what only those files held)")
+                f"the tables cannot be rebuilt: {'; '.join(failures) or 'no checkpoint continues the log'}; the "
+                f"write-ahead log holds {self.wal.describe()}, so what the missing records held is only in those "
+                f"checkpoints. Put the damaged files back from a backup, or start with `embtierd --salvage` to "
+                f"serve every table that is intact (the tables named above lose what only those files held)")
 
     def salvage(self) -> Recovered:
         """recover() for `embtierd --salvage`: the newest exact checkpoint whose manifests can be read,

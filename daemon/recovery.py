@@ -48,16 +48,15 @@ def open_durable(store, state_dir: Path, settings: DurabilityConfig, metrics=Non
     try:
         checkpoints = Checkpointer(store, wal, state_dir / "checkpoints", settings.checkpoints, metrics)
         try:
-            recovered = checkpoints.recover(wal.first_lsn)
+            recovered = checkpoints.recover()
         except RecoveryError as e:
             if not salvage:
                 raise
             log.error("salvage: %s", e)
             recovered = checkpoints.salvage()
-        lost = list(recovered.lost)
-        if recovered.lsn + 1 < wal.first_lsn:
-            lost.append(f"write-ahead log records {recovered.lsn + 1} to {wal.first_lsn - 1} are gone (the log "
-                        f"was cut behind a checkpoint that cannot be read)")
+        lost = list(recovered.lost) + [f"write-ahead log records {first} to {last} cannot be read (cut behind a "
+                                       f"checkpoint that cannot be used, or damaged)"
+                                       for first, last in wal.missing_after(recovered.lsn)]
 
         def records():
             for record in wal.replay():

@@ -258,13 +258,15 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
 
     def _check_pooled_reply(self, features, offload: str, itemsize: int) -> None:
         """Checks every feature's bags, then the reply's size, before any table is read: per feature,
-        one vector per bag (switch), one per id (host), or one per bag and fabric part (device)."""
+        one vector per bag (switch), one per id (host), or one per bag and fabric part with rows of
+        the request (device, which also keeps a length per bag and part while it pools)."""
         nbytes, parts = [], len(self.store.part_names)
         for i, (table, ids, lengths, weights) in enumerate(features):
             check_bags(ids, lengths, weights, f"features[{i}].")
             dim = self.store.geometry(table)[0]
             vectors = {"switch": lengths.size, "host": ids.size, "device": min(parts, ids.size) * lengths.size}[offload]
-            nbytes.append((vectors * dim * itemsize, f"features[{i}]: {vectors} vectors x dim {dim}"))
+            work = parts * lengths.size * 4 if offload == "device" else 0
+            nbytes.append((vectors * dim * itemsize + work, f"features[{i}]: {vectors} vectors x dim {dim}"))
         if nbytes:
             self._check_reply(sum(n for n, _ in nbytes), f"{offload} offload, {itemsize}-byte values; the largest "
                               f"is {max(nbytes)[1]}", len(nbytes))

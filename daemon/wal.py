@@ -17,9 +17,15 @@ fsyncs from a background thread; "off" leaves flushing to the OS.  A segment
 is fsynced before the next one is started, and the directory is fsynced when a
 segment is created or deleted.
 
-On open the segments are validated in order; at the first torn or corrupt
-record the segment is truncated there, later segments are deleted and a
-WARNING names the file, the byte offset and the reason.
+On open the segments are validated in order.  A torn or corrupt record in
+the last segment is what a crash in the middle of an append leaves: the
+segment is truncated there and a WARNING names the file, the byte offset
+and the reason.  A bad record in an earlier segment is damage, not a crash:
+nothing is cut or deleted, the records from it to the end of its segment
+(and those of a segment file that is missing) are a hole, reported by
+ERROR and by holes / continues(), and later segments are kept: a
+checkpoint that covers the hole makes it harmless, and the caller decides
+what to do when none does.
 
 Failures: an append that cannot be written (ENOSPC, EDQUOT, EIO) leaves no
 part of its record behind and raises a StorageError naming the file
@@ -176,6 +182,7 @@ class WriteAheadLog:
         self._closed = False
         self._bytes_written = 0
         self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._holes: list[tuple[int, int]] = []  # (first, last) LSN of records the log cannot give back
         self._segments, self._last_lsn = self._recover()
         self._replay_last_lsn = self._last_lsn
         self._fd, self._segment_used_bytes = self._open_current()
@@ -191,7 +198,8 @@ class WriteAheadLog:
     # -- opening and validation ------------------------------------------------------------------
 
     def _recover(self) -> tuple[list[_Segment], int]:
-        """Validates the segments, cuts the log at the first bad record; (segments kept, last LSN)."""
+        """Validates the segments: cuts a torn tail, notes holes (module docstring); (segments kept,
+        last LSN)."""
         segments = list_segments(self._directory)
         if not segments:
             first = _Segment(1, segment_path(self._directory, 1))
@@ -199,13 +207,24 @@ class WriteAheadLog:
             return [first], 0
         expected_lsn = segments[0].first_lsn
         for index, segment in enumerate(segments):
-            if segment.first_lsn != expected_lsn:
-                reason = f"lsn gap (segment starts at {segment.first_lsn}, expected {expected_lsn})"
+            if segment.first_lsn < expected_lsn:  # overlaps the records before it: not part of this log
+                reason = f"lsn out of sequence (segment starts at {segment.first_lsn}, expected {expected_lsn})"
                 return self._cut(segments, index, 0, reason), expected_lsn - 1
-            good_bytes, expected_lsn, reason = scan_segment(segment, expected_lsn)
+            if segment.first_lsn > expected_lsn:
+                self._hole(expected_lsn, segment.first_lsn - 1, f"segment {segment.path.name} starts at record "
+                                                                f"{segment.first_lsn}")
+            good_bytes, expected_lsn, reason = scan_segment(segment, segment.first_lsn)
             if reason is not None:
-                return self._cut(segments, index, good_bytes, reason), expected_lsn - 1
+                if index == len(segments) - 1:
+                    return self._cut(segments, index, good_bytes, reason), expected_lsn - 1
+                log.error("WAL segment %s: %s at byte %d: it is damaged (the later segments are kept)", segment.path,
+                          reason, good_bytes)
         return segments, expected_lsn - 1
+
+    def _hole(self, first: int, last: int, why: str) -> None:
+        if first <= last:
+            self._holes.append((first, last))
+            log.error("WAL in %s: records %d to %d cannot be read (%s)", self._directory, first, last, why)
 
     def _cut(self, segments: list[_Segment], index: int, offset: int, reason: str) -> list[_Segment]:
         """Truncates segments[index] at offset (deleting it if nothing is left and it is not the
@@ -427,6 +446,28 @@ class WriteAheadLog:
                 deleted += 1
             if deleted:
                 fsync_directory(self._directory)
+                self._holes = [hole for hole in self._holes if hole[1] >= self._segments[0].first_lsn]
+
+    @property
+    def holes(self) -> list[tuple[int, int]]:
+        """(first, last) LSN of each run of records the log lost (see the module docstring)."""
+        return list(self._holes)
+
+    def continues(self, lsn: int) -> bool:
+        """Whether the log holds every record after lsn: none cut away before its start, none in a hole."""
+        return not self.missing_after(lsn)
+
+    def missing_after(self, lsn: int) -> list[tuple[int, int]]:
+        """The (first, last) LSN runs of records after lsn that the log cannot give back."""
+        if lsn >= self._last_lsn:
+            return []
+        missing = [(lsn + 1, self.first_lsn - 1)] if lsn + 1 < self.first_lsn else []
+        return missing + [(max(first, lsn + 1), last) for first, last in self._holes if last > lsn]
+
+    def describe(self) -> str:
+        """What records the log holds, for messages."""
+        holes = "".join(f", without {first} to {last}" for first, last in self._holes)
+        return f"records {self.first_lsn} to {self._last_lsn}{holes}" if self._last_lsn else "no records"
 
     @property
     def bytes_written(self) -> int:

@@ -60,6 +60,22 @@ def daemon_args(state_dir: Path, *extra: str, config: Path | None = None) -> tup
     return args, sock, tcp, metrics
 
 
+_started: list[DaemonProcess] = []  # every daemon started, in order
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_outlives_its_test():
+    """Kills the daemons a test started and left running (a test that failed half way); those of
+    module fixtures, started before it, are theirs to stop."""
+    first = len(_started)
+    yield
+    for left in _started[first:]:
+        if left.proc.poll() is None:
+            left.proc.kill()
+            left.proc.wait(timeout=30)
+    del _started[first:]
+
+
 def start_daemon(state_dir: Path, *extra: str, config: Path | None = None,
                  env: dict[str, str] | None = None) -> DaemonProcess:
     """A serving embtierd; config is a TOML file under the flags (which win over it).  Without one the
@@ -74,6 +90,7 @@ def start_daemon(state_dir: Path, *extra: str, config: Path | None = None,
     with open(log_path, "w") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     daemon = DaemonProcess(proc, sock, tcp, metrics, log_path)
+    _started.append(daemon)
     try:
         wait_serving(daemon.target, proc)
     except (RuntimeError, TimeoutError) as e:

@@ -17,6 +17,13 @@ from .conftest import daemon_args, run_cli, start_daemon
 TIERING = "[tiering]\nenabled = true\ninterval_seconds = 0.2\n"
 
 
+def flip_a_byte(state, checkpoint_id: int, file: str = "table-0000.dat") -> None:
+    data = state / "checkpoints" / f"ckpt-{checkpoint_id:08d}" / file
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 3] ^= 0x01
+    data.write_bytes(bytes(raw))
+
+
 def cli(target: str, *args: str) -> str:
     done = run_cli(target, *args)
     assert done.returncode == 0, done.stderr
@@ -101,10 +108,7 @@ def test_a_flipped_byte_in_a_checkpoint_is_reported_and_the_one_before_used(tmp_
         expected = c.lookup("e", np.arange(3000)).copy()
     d.proc.kill()
     d.proc.wait(timeout=30)
-    data = state / "checkpoints" / f"ckpt-{damaged.id:08d}" / "table-0000.dat"
-    raw = bytearray(data.read_bytes())
-    raw[len(raw) // 3] ^= 0x01
-    data.write_bytes(bytes(raw))
+    flip_a_byte(state, damaged.id)
     d = start_daemon(state)
     assert f"checkpoint {damaged.id}: table-0000.dat (table 'e') fails its checksum" in d.log()
     with Client(d.target) as c:
@@ -114,13 +118,6 @@ def test_a_flipped_byte_in_a_checkpoint_is_reported_and_the_one_before_used(tmp_
         assert err.value.code == grpc.StatusCode.DATA_LOSS and "fails its checksum" in err.value.message
         np.testing.assert_array_equal(c.lookup("e", np.arange(3000)), expected)  # nothing changed
     assert d.stop() == 0, d.log()
-
-
-def flip_a_byte(state, checkpoint_id: int, file: str = "table-0000.dat") -> None:
-    data = state / "checkpoints" / f"ckpt-{checkpoint_id:08d}" / file
-    raw = bytearray(data.read_bytes())
-    raw[len(raw) // 3] ^= 0x01
-    data.write_bytes(bytes(raw))
 
 
 def test_a_flipped_byte_in_the_only_checkpoint_leaves_the_log_to_rebuild_and_is_listed_as_damage(tmp_path):
@@ -170,7 +167,7 @@ def test_when_nothing_rebuilds_a_table_the_start_says_what_to_do_and_salvage_kee
     refused = subprocess.run(args, check=False, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2, refused.stderr
     assert "table-0000.dat (table 'e') fails its checksum" in refused.stderr
-    assert "embtierd --salvage" in refused.stderr and "write-ahead log starts at record" in refused.stderr
+    assert "embtierd --salvage" in refused.stderr and "write-ahead log holds records" in refused.stderr
     d = start_daemon(state, "--salvage")
     assert "salvage: started without" in d.log() and "table 'e'" in d.log()
     with Client(d.target) as c:

@@ -11,6 +11,7 @@ failed must never show.  Table existence is checked the same way (creations, dro
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -170,9 +171,9 @@ def writer(target: str, history: History, versions: Versions, table: str, rows, 
             ids = np.unique(rng.choice(rows, 40))
             version = versions()
             try:
-                history.run("write", table, lambda: c.write_rows(table, ids, np.full((ids.size, DIM), version,
-                                                                                     dtype=np.float32)),
-                            ids, version, expected)
+                values = np.full((ids.size, DIM), version, dtype=np.float32)
+                history.run("write", table, functools.partial(c.write_rows, table, ids, values), ids, version,
+                            expected)
             except DaemonGone:
                 return
 
@@ -259,7 +260,7 @@ def test_acknowledged_changes_survive_sigkill_amid_churn_checkpoints_and_restore
             *[(writer, d.target, history, versions, "c", np.arange(CHURN_ROWS), round_ * 10 + 5 + k, stop,
                (grpc.StatusCode.NOT_FOUND,)) for k in range(2)],
             (churner, d.target, history, "c", stop),
-            (lambda: _create_once(d.target, history, name),),
+            (_create_once, d.target, history, name),
             (checkpointer, d.target, taken, unexpected, stop),
             *([(restorer, d.target, history, golden_id, 1, stop)] if round_ % 2 else []))
         time.sleep(rng.uniform(0.3, 1.0))

@@ -7,8 +7,8 @@ import re
 import threading
 
 import grpc
-import psutil
 import numpy as np
+import psutil
 import pytest
 from embtier import Client, EmbtierClientError
 from embtier.v1 import embtier_pb2 as pb

@@ -13,10 +13,16 @@ import numpy as np
 import pytest
 from embtierd import checkpoint_format as fmt
 from embtierd.config import CheckpointConfig, DurabilityConfig
-from embtierd.errors import CorruptCheckpointError, InvalidArgumentError, NoSpaceError, NotFoundError, RecoveryError
+from embtierd.errors import (
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    NoSpaceError,
+    NotFoundError,
+    RecoveryError,
+)
 from embtierd.journal import ReplayError
-from embtierd.recovery import open_durable
 from embtierd.native import QUANT_ADAPTIVE_MAX_SHRINK as ADAPTIVE_MAX_SHRINK
+from embtierd.recovery import open_durable
 from embtierd.wal import WriteAheadLog
 
 
@@ -243,11 +249,14 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, store_fa
     wal.close()
 
 
-def flip_a_byte(root, checkpoint_id, file="table-0000.dat", at=10):
-    path = fmt.directory(root, checkpoint_id) / file
+def flip(path, at: int) -> None:
     raw = bytearray(path.read_bytes())
     raw[at] ^= 0xFF
     path.write_bytes(bytes(raw))
+
+
+def flip_a_byte(root, checkpoint_id, file="table-0000.dat", at=10):
+    flip(fmt.directory(root, checkpoint_id) / file, at)
 
 
 def first_record(path) -> int:
@@ -401,7 +410,7 @@ def test_when_nothing_rebuilds_a_table_the_start_names_it_and_salvage_keeps_the_
         open_store(tmp_path, store_factory)
     message = str(e.value)
     assert "table-0000.dat (table 'f') fails its checksum" in message and "--salvage" in message
-    assert "starts at record" in message
+    assert "the write-ahead log holds records" in message
     store, wal, ck = open_store(tmp_path, store_factory, salvage=True)
     assert [t.name for t in store.tables()] == ["g"]
     np.testing.assert_array_equal(all_rows(store, "g"), expected_g)
@@ -457,7 +466,7 @@ def test_a_restore_whose_checkpoint_cannot_be_written_stands(tmp_path, store_fac
 
     with monkeypatch.context() as m:
         m.setattr(fmt.Writer, "add", full)
-        restored, saved = ck.restore(source.id)
+        _, saved = ck.restore(source.id)
     assert saved is None
     np.testing.assert_array_equal(all_rows(store, "f"), snapshot)
     store.write_rows("f", np.arange(3), np.ones((3, 8), dtype=np.float32))
@@ -484,4 +493,30 @@ def test_replay_never_applies_a_record_to_a_later_table_of_the_same_name(tmp_pat
         open_store(tmp_path, store_factory)
     store, wal, _ = open_store(tmp_path, store_factory, salvage=True)
     np.testing.assert_array_equal(all_rows(store, "t"), expected)
+    wal.close()
+
+
+def test_a_damaged_log_segment_is_harmless_behind_a_checkpoint_and_named_after_one(tmp_path, store_factory):
+    store, wal, ck = open_store(tmp_path, store_factory)
+    store.create_table("f", 500, 8, initializer="uniform", seed=1)
+    rng = np.random.default_rng(9)
+    for _ in range(30):  # many small segments (4 KiB each)
+        write_some(store, "f", rng, n=20, batches=1)
+    ck.take("full")
+    expected = all_rows(store, "f")
+    wal.close()
+    segments = sorted((tmp_path / "wal").glob("wal-*.log"))
+    flip(segments[1], 100)  # a segment the checkpoint covers
+    store, wal, ck = open_store(tmp_path, store_factory)
+    np.testing.assert_array_equal(all_rows(store, "f"), expected)
+    for _ in range(30):
+        write_some(store, "f", rng, n=20, batches=1)
+    wal.close()
+    segments = sorted((tmp_path / "wal").glob("wal-*.log"))
+    flip(segments[-3], 100)  # one after the checkpoint: its records are gone for good
+    with pytest.raises(RecoveryError, match=r"no checkpoint continues the log; the write-ahead log holds records "
+                                            r"\d+ to \d+, without \d+ to \d+"):
+        open_store(tmp_path, store_factory)
+    store, wal, ck = open_store(tmp_path, store_factory, salvage=True)
+    assert [t.name for t in store.tables()] == ["f"]
     wal.close()

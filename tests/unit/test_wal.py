@@ -108,31 +108,35 @@ def flip_byte(path: Path, offset: int) -> None:
 @pytest.mark.parametrize(
     "offset_in_record, reason", [(wal.HEADER.size + 3, "checksum mismatch"), (0, "bad magic")]
 )
-def test_corrupt_middle_record_cuts_the_log_before_it(
+def test_a_damaged_middle_record_leaves_a_hole_and_keeps_every_later_segment(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, offset_in_record: int, reason: str
 ) -> None:
     with WriteAheadLog(tmp_path, segment_bytes=SMALL_SEGMENT_BYTES) as log:
         fill(log, 20)  # segments 1, 5, 9, 13, 17
+    names = segment_names(tmp_path)
     flip_byte(tmp_path / "wal-00000005.log", RECORD_BYTES + offset_in_record)  # lsn 6
-    warnings = caplog.at_level(logging.WARNING, logger="embtierd.wal")
-    with warnings, WriteAheadLog(tmp_path, segment_bytes=SMALL_SEGMENT_BYTES) as log:
-        assert [r.lsn for r in log.replay()] == [1, 2, 3, 4, 5]
-        assert log.last_lsn == 5
-    assert segment_names(tmp_path) == ["wal-00000001.log", "wal-00000005.log"]
-    assert (tmp_path / "wal-00000005.log").stat().st_size == RECORD_BYTES
-    assert "wal-00000005.log" in caplog.text and reason in caplog.text
+    errors = caplog.at_level(logging.ERROR, logger="embtierd.wal")
+    with errors, WriteAheadLog(tmp_path, segment_bytes=SMALL_SEGMENT_BYTES) as log:
+        assert [r.lsn for r in log.replay()] == [1, 2, 3, 4, 5, *range(9, 21)]
+        assert log.holes == [(6, 8)] and log.last_lsn == 20
+        assert log.continues(8) and not log.continues(5) and log.missing_after(2) == [(6, 8)]
+        assert log.describe() == "records 1 to 20, without 6 to 8"
+        assert log.append(1, b"x") == 21
+        log.truncate_before(9)  # cut past it: the hole goes with the damaged segment
+        assert log.holes == [] and log.continues(8)
+    assert segment_names(tmp_path)[:3] == names[2:]  # nothing was deleted but what the cut asked for
+    assert "wal-00000005.log" in caplog.text and reason in caplog.text and "records 6 to 8 cannot be read" in caplog.text
 
 
-def test_corrupt_first_record_of_a_later_segment_drops_that_segment(tmp_path: Path) -> None:
+def test_a_missing_segment_is_a_hole_too(tmp_path: Path) -> None:
     with WriteAheadLog(tmp_path, segment_bytes=SMALL_SEGMENT_BYTES) as log:
-        fill(log, 10)
-    flip_byte(tmp_path / "wal-00000005.log", wal.HEADER.size)
+        fill(log, 10)  # segments 1-4, 5-8, 9-10
+    (tmp_path / "wal-00000005.log").unlink()
     with WriteAheadLog(tmp_path, segment_bytes=SMALL_SEGMENT_BYTES) as log:
-        assert [r.lsn for r in log.replay()] == [1, 2, 3, 4]
-        assert segment_names(tmp_path) == ["wal-00000001.log"]
-        assert log.append(1, b"x") == 5  # segment 1 is full: a fresh wal-00000005.log
-    assert segment_names(tmp_path) == ["wal-00000001.log", "wal-00000005.log"]
-    assert [r.lsn for r in replayed(tmp_path)] == [1, 2, 3, 4, 5]
+        assert [r.lsn for r in log.replay()] == [1, 2, 3, 4, 9, 10]
+        assert log.holes == [(5, 8)] and log.continues(8) and not log.continues(4)
+        assert log.append(1, b"x") == 11
+    assert [r.lsn for r in replayed(tmp_path)] == [1, 2, 3, 4, 9, 10, 11]
 
 
 def test_group_commit_shares_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

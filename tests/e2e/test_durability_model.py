@@ -1,0 +1,180 @@
+"""A stateful property test of durability: hypothesis drives a real daemon through creations,
+drops, writes (assign and add, duplicates and out-of-range ids among them), checkpoints of every
+kind, restores, clean restarts and SIGKILL, and compares every answer and, after every step, every
+row of every table with a pure-Python model of what was acknowledged.
+
+CI runs a bounded number of examples; EMBTIER_STATEFUL_EXAMPLES (`make stateful`) runs more."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import grpc
+import numpy as np
+from embtier import Client, EmbtierClientError
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from .conftest import start_daemon
+
+NAMES = ("a", "b", "c")
+SHAPES = [(1, 4), (7, 1), (300, 16), (20_000, 8)]  # the last one lives mostly on SCM (DRAM and CXL are 256K)
+CONFIG = ('[tiering]\nenabled = false\n[durability]\nfsync = "always"\n'
+          '[durability.checkpoints]\ninterval_seconds = 0\nkeep = 2\n')
+EXAMPLES = int(os.environ.get("EMBTIER_STATEFUL_EXAMPLES", "10"))
+
+
+class Table:
+    """The model of one table: its rows as the daemon must hold them (float32)."""
+
+    def __init__(self, rows: np.ndarray, dtype: str):
+        self.rows, self.dtype = rows, dtype
+
+    def copy(self) -> Table:
+        return Table(self.rows.copy(), self.dtype)
+
+
+def encoded(values: np.ndarray, dtype: str) -> np.ndarray:
+    """What a table of dtype stores of float32 values (the model's rows are always what reads return)."""
+    return values.astype(np.float16).astype(np.float32) if dtype == "float16" else values
+
+
+class DurableStore(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="embtier-model-"))
+        (self.dir / "embtierd.toml").write_text(CONFIG)
+        self.daemon = None
+        self.client = None
+        self.model: dict[str, Table] = {}
+        self.checkpoints: dict[int, dict[str, Table]] = {}  # exact ones: the model when each was taken
+
+    @initialize()
+    def start(self):
+        self._start()
+
+    def _start(self):
+        self.daemon = start_daemon(self.dir, "--dram-bytes", "256K", "--cxl-bytes", "256K",
+                                   config=self.dir / "embtierd.toml")
+        self.client = Client(self.daemon.target, timeout=60)
+
+    def _expect(self, code, call):
+        """call() must fail with code and change nothing."""
+        try:
+            call()
+        except EmbtierClientError as e:
+            assert e.code == code, f"{e.code.name}: {e.message} (expected {code.name})"
+            return
+        raise AssertionError(f"the call succeeded; expected {code.name}")
+
+    @rule(name=st.sampled_from(NAMES), shape=st.sampled_from(SHAPES), dtype=st.sampled_from(["float32", "float16"]),
+          uniform=st.booleans(), seed=st.integers(0, 3))
+    def create(self, name, shape, dtype, uniform, seed):
+        rows, dim = shape
+        create = lambda: self.client.create_table(name, rows, dim, dtype=dtype,
+                                                   initializer="uniform" if uniform else "zeros", seed=seed)
+        if name in self.model:
+            self._expect(grpc.StatusCode.ALREADY_EXISTS, create)
+            return
+        info = create()
+        assert (info.num_rows, info.dim, info.dtype) == (rows, dim, dtype)
+        values = self.client.lookup(name, np.arange(rows))  # (initial values: checked by the unit tests)
+        if not uniform:
+            assert not values.any()
+        else:
+            assert np.abs(values).max() <= 1 / np.sqrt(rows) + 1e-3
+        self.model[name] = Table(values.copy(), dtype)
+
+    @rule(name=st.sampled_from(NAMES))
+    def drop(self, name):
+        if name not in self.model:
+            self._expect(grpc.StatusCode.NOT_FOUND, lambda: self.client.drop_table(name))
+            return
+        self.client.drop_table(name)
+        del self.model[name]
+
+    @rule(name=st.sampled_from(NAMES), data=st.data(), add=st.booleans(), scale=st.sampled_from([1.0, 2.0, -1.0]))
+    def write(self, name, data, add, scale):
+        table = self.model.get(name)
+        num_rows, dim = (table.rows.shape if table is not None else (10, 4))
+        n = data.draw(st.integers(1, 40), label="n")
+        ids = np.array(data.draw(st.lists(st.integers(0, num_rows - 1), min_size=n, max_size=n), label="ids"))
+        bad = data.draw(st.sampled_from([None, -1, num_rows]), label="bad id")
+        if bad is not None:
+            ids[data.draw(st.integers(0, n - 1), label="at")] = bad
+        values = np.array(data.draw(st.lists(st.integers(-8, 8), min_size=n * dim, max_size=n * dim), label="values"),
+                          dtype=np.float32).reshape(n, dim)
+        write = lambda: self.client.write_rows(name, ids, values, add=add, scale=scale)
+        if table is None:
+            self._expect(grpc.StatusCode.NOT_FOUND, write)
+        elif bad is not None:
+            self._expect(grpc.StatusCode.INVALID_ARGUMENT, write)
+        else:
+            write()
+            if add:  # duplicates accumulate: float32, as the store adds
+                unique, inverse = np.unique(ids, return_inverse=True)
+                delta = np.zeros((unique.size, dim), np.float32)
+                np.add.at(delta, inverse, values)
+                table.rows[unique] = encoded(table.rows[unique] + np.float32(scale) * delta, table.dtype)
+            else:  # a later duplicate wins
+                last = ids.size - 1 - np.unique(ids[::-1], return_index=True)[1]
+                table.rows[ids[last]] = encoded(values[last], table.dtype)
+
+    @rule(kind=st.sampled_from(["full", "incremental", "differential", "auto"]), bits=st.sampled_from([0, 0, 8]))
+    def checkpoint(self, kind, bits):
+        info = self.client.checkpoint(kind, bits)
+        assert sorted(info.tables) == sorted(self.model)
+        if bits == 0:
+            self.checkpoints[info.id] = {name: t.copy() for name, t in self.model.items()}
+
+    @precondition(lambda self: self.checkpoints)
+    @rule(data=st.data())
+    def restore(self, data):
+        listed = {c.id: c for c in self.client.checkpoints()}
+        ids = sorted(set(listed) & set(self.checkpoints))
+        if not ids:
+            self._expect(grpc.StatusCode.NOT_FOUND, lambda: self.client.restore(max(self.checkpoints) + 100))
+            return
+        checkpoint_id = data.draw(st.sampled_from(ids), label="checkpoint")
+        assert listed[checkpoint_id].damage == ""
+        restored, saved = self.client.restore(checkpoint_id)
+        assert restored.id == checkpoint_id and saved is not None and saved.exact_chain
+        self.model = {name: t.copy() for name, t in self.checkpoints[checkpoint_id].items()}
+        self.checkpoints[saved.id] = {name: t.copy() for name, t in self.model.items()}
+
+    @rule(kill=st.booleans())
+    def restart(self, kill):
+        self.client.close()
+        if kill:
+            self.daemon.proc.kill()
+            self.daemon.proc.wait(timeout=60)
+        else:
+            assert self.daemon.stop() == 0, self.daemon.log()
+        self._start()
+
+    @invariant()
+    def every_row_is_what_was_acknowledged(self):
+        if self.client is None:
+            return
+        tables = {t.name: t for t in self.client.tables()}
+        assert sorted(tables) == sorted(self.model), (sorted(tables), sorted(self.model))
+        for name, table in self.model.items():
+            assert (tables[name].num_rows, tables[name].dim, tables[name].dtype) == (*table.rows.shape, table.dtype)
+            np.testing.assert_array_equal(self.client.lookup(name, np.arange(table.rows.shape[0])), table.rows,
+                                          err_msg=f"table {name!r}")
+
+    def teardown(self):
+        if self.client is not None:
+            self.client.close()
+        if self.daemon is not None:
+            assert self.daemon.stop() == 0, self.daemon.log()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+DurableStore.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=25, deadline=None,
+                                          suppress_health_check=list(HealthCheck), derandomize=False)
+test_the_daemon_equals_a_model_of_what_was_acknowledged = DurableStore.TestCase
