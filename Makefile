@@ -26,7 +26,7 @@ test: build
 
 # The main job: the daemon on its embedded default configuration serving a demo workload (about a minute).
 demo: build
-	$(PY) -m embtier.demo --state-dir $(CURDIR)/.state/demo
+	$(PY) -m embtier_tools.demo --state-dir $(CURDIR)/.state/demo
 
 # The durability property test of `make test`, with many more examples (EXAMPLES=n; about 5 s each).
 EXAMPLES ?= 300
@@ -41,4 +41,4 @@ bench: build
 	$(PY) -m tests.bench.bench_tiering
 
 clean:
-	rm -rf build *.egg-info daemon/_native.* $(VENV)
+	rm -rf build *.egg-info daemon/embtierd/_native.* $(VENV)

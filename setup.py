@@ -15,7 +15,7 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 PROTO_ROOT = ROOT / "proto"
-STUB_PACKAGE = ROOT / "clients" / "v1"
+STUB_PACKAGE = ROOT / "clients" / "embtier" / "v1"
 
 
 def generate_stubs() -> None:

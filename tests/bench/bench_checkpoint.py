@@ -45,13 +45,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from embtier.loadgen import ZipfIds
+from embtier_tools.loadgen import ZipfIds
 from embtierd import codec, config, native
-from embtierd.checkpoint import Checkpointer
 from embtierd.config import CheckpointConfig
-from embtierd.journal import Journal
-from embtierd.store import Store
-from embtierd.wal import WriteAheadLog
+from embtierd.durability.checkpoint import Checkpointer
+from embtierd.durability.journal import Journal
+from embtierd.durability.wal import WriteAheadLog
+from embtierd.store.catalog import Store
 
 ROWS, DIM, BATCH_ROWS = 2 << 20, 64, 64
 ZIPF = ZipfIds(ROWS, 1.05, seed=1)

@@ -27,11 +27,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from embtier.loadgen import ZipfIds
+from embtier_tools.loadgen import ZipfIds
 from embtierd import config
-from embtierd.store import Store
-from embtierd.tiering import TieringEngine
-from embtierd.tiering_config import TieringConfig
+from embtierd.store.catalog import Store
+from embtierd.tiering.config import TieringConfig
+from embtierd.tiering.engine import TieringEngine
 
 ROWS, DIM, PORTS = 100_000, 16, 4
 CXL_BYTES = 1 << 20

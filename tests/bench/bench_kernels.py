@@ -60,7 +60,7 @@ from pathlib import Path
 
 import numpy as np
 from embtierd import config, native
-from embtierd.store import Store
+from embtierd.store.catalog import Store
 
 BAGS = 4096
 BAG_LEN = 32

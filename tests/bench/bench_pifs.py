@@ -31,8 +31,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from embtier import fabric_bench
-from embtier.fabric import FabricError, parse_delay, parse_rate
+from embtier_tools import fabric_bench
+from embtier_tools.fabric import FabricError, parse_delay, parse_rate
 
 
 def main() -> int:

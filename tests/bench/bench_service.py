@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 from embtier import Client
-from embtier.loadgen import ZipfIds
+from embtier_tools.loadgen import ZipfIds
 from embtierd import config
-from embtierd.store import Store
+from embtierd.store.catalog import Store
 
 from tests.e2e.conftest import start_daemon
 

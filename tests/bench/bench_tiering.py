@@ -74,14 +74,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from embtier.loadgen import ZipfIds
+from embtier_tools.loadgen import ZipfIds
 from embtierd import config, native
-from embtierd.policies import make_policy
-from embtierd.policy_base import UNLIMITED, run_interval
-from embtierd.simulate import SimConfig, SimResult, oracle_hit_ratios, simulate
-from embtierd.store import Store
-from embtierd.tiering import MOVE_BATCH_ROWS, TieringEngine
-from embtierd.tiering_config import TieringConfig
+from embtierd.store.catalog import Store
+from embtierd.tiering.config import TieringConfig
+from embtierd.tiering.engine import MOVE_BATCH_ROWS, TieringEngine
+from embtierd.tiering.policies import make_policy
+from embtierd.tiering.policy_base import UNLIMITED, run_interval
+from embtierd.tiering.simulate import SimConfig, SimResult, oracle_hit_ratios, simulate
 
 from tests.bench.bench_kernels import fs_type
 

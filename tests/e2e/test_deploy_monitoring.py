@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from embtier import Client, EmbtierClientError
-from embtier.loadgen import LoadGenerator, Workload
+from embtier_tools.loadgen import LoadGenerator, Workload
 
 from .conftest import free_port, running_daemon
 

@@ -1,4 +1,4 @@
-"""The shaped-link test bed (embtier.fabric, `embtier fabric`): two namespaces joined by a veth pair
+"""The shaped-link test bed (embtier_tools.fabric, `embtier fabric`): two namespaces joined by a veth pair
 with exactly two addresses, tc shaping read back two ways, a shaped rate and delay that are real,
 `up` over a crashed run's leftovers, a `down` that leaves nothing (processes included), and a real
 daemon in the switch namespace serving a real client in the host namespace.
@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from embtier import fabric
-from embtier.fabric import DelayUnsupported, FabricError, TestBed
+from embtier_tools import fabric
+from embtier_tools.fabric import DelayUnsupported, FabricError, TestBed
 
 PORT = 5201
 _SERIAL = itertools.count()
@@ -294,7 +294,7 @@ def test_a_delay_is_real_and_changes_live(prefix):
         assert measure(bed, 0)["rtt_seconds"] < 0.010
         if by == "netfilter queue":
             assert "NFQUEUE" not in in_netns(bed, "host", "iptables-legacy", "-t", "mangle", "-S", "PREROUTING")
-            assert not any("embtier.fabric_delay" in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+            assert not any("embtier_tools.fabric_delay" in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
                            for side in fabric.SIDES for pid in status[side]["pids"] if Path(f"/proc/{pid}").exists())
     finally:
         bed.down()

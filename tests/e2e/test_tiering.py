@@ -13,8 +13,8 @@ import grpc
 import numpy as np
 import pytest
 from embtier import Client, EmbtierClientError
-from embtier.loadgen import ZipfIds
-from embtierd.simulate import SimConfig, simulate
+from embtier_tools.loadgen import ZipfIds
+from embtierd.tiering.simulate import SimConfig, simulate
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import run_cli, running_daemon

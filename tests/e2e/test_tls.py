@@ -18,9 +18,9 @@ from pathlib import Path
 import grpc
 import pytest
 from embtier import Client, EmbtierClientError, TlsOptions
-from embtierd import tls
 from embtierd.config import TlsConfig, interface_addresses
 from embtierd.errors import ConfigError
+from embtierd.rpc import tls
 
 from .conftest import daemon_args, free_port, start_daemon
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from embtierd import config, native
-from embtierd.store import Store
+from embtierd.store.catalog import Store
 
 
 def make_config(state_dir, dram="64K", cxl="64K", scm="64M", fabric=None, **kernels):

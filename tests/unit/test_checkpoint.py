@@ -11,8 +11,11 @@ import time
 
 import numpy as np
 import pytest
-from embtierd import checkpoint_format as fmt
 from embtierd.config import CheckpointConfig, DurabilityConfig
+from embtierd.durability import checkpoint_format as fmt
+from embtierd.durability.journal import ReplayError
+from embtierd.durability.recovery import open_durable
+from embtierd.durability.wal import WriteAheadLog
 from embtierd.errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
@@ -20,10 +23,7 @@ from embtierd.errors import (
     NotFoundError,
     RecoveryError,
 )
-from embtierd.journal import ReplayError
 from embtierd.native import QUANT_ADAPTIVE_MAX_SHRINK as ADAPTIVE_MAX_SHRINK
-from embtierd.recovery import open_durable
-from embtierd.wal import WriteAheadLog
 
 
 def open_store(path, store_factory, salvage=False, **settings):

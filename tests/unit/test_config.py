@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from embtierd import config, server
+from embtierd import config
 from embtierd.errors import ConfigError
-from embtierd.tiering_config import TablePolicy
+from embtierd.rpc import server
+from embtierd.tiering.config import TablePolicy
 
 GiB = 1 << 30
 
@@ -223,7 +224,7 @@ def test_tcp_address(host, expected):
 
 
 def test_listen_addresses_add_the_interface(tmp_path):
-    from embtierd.server import listen_addresses
+    from embtierd.rpc.server import listen_addresses
 
     cfg = config.load(overrides={"state_dir": str(tmp_path), "server": {
         "listen": ["unix:///tmp/x.sock", "127.0.0.1:7000"], "listen_interface": "lo", "listen_port": 7000}},

@@ -1,6 +1,6 @@
 """The first-fit extent allocator of a tier's arena."""
 
-from embtierd.extents import Extent, ExtentAllocator
+from embtierd.tiers.extents import Extent, ExtentAllocator
 
 
 def test_allocate_rounds_and_runs_out():

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from embtier.loadgen import ZipfIds
+from embtier_tools.loadgen import ZipfIds
 from embtierd import fabric
 from embtierd.config import FabricConfig
 from embtierd.errors import InvalidArgumentError
-from embtierd.store import Store
-from embtierd.tiering import TieringEngine
-from embtierd.tiering_config import TieringConfig
+from embtierd.store.catalog import Store
+from embtierd.tiering.config import TieringConfig
+from embtierd.tiering.engine import TieringEngine
 from embtierd.topology import discover
 
 from .conftest import make_config

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from embtierd import codec, native
-from embtierd.store import Store
+from embtierd.store.catalog import Store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

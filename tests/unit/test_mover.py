@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 from embtierd.errors import InvalidArgumentError
-from embtierd.tiering import TieringEngine
-from embtierd.tiering_config import TablePolicy, TieringConfig
+from embtierd.tiering.config import TablePolicy, TieringConfig
+from embtierd.tiering.engine import TieringEngine
 
 from .test_fabric import assert_parts_match_addresses
 

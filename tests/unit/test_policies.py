@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from embtier.loadgen import ZipfIds
-from embtierd.policies import make_policy
-from embtierd.policy_base import CXL, DRAM, SCM, UNLIMITED, coldest_in, hottest_below, run_interval
-from embtierd.policy_lfu import LfuPolicy
-from embtierd.policy_lru import LruPolicy
+from embtier_tools.loadgen import ZipfIds
+from embtierd.tiering.policies import make_policy
+from embtierd.tiering.policy_base import CXL, DRAM, SCM, UNLIMITED, coldest_in, hottest_below, run_interval
+from embtierd.tiering.policy_lfu import LfuPolicy
+from embtierd.tiering.policy_lru import LruPolicy
 
 
 class ArrayMover:

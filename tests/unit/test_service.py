@@ -8,9 +8,9 @@ import pytest
 from embtier.v1 import embtier_pb2 as pb
 from embtierd.config import load
 from embtierd.errors import DeadlineExceededError, RequestTooLargeError
-from embtierd.metrics import Metrics
-from embtierd.service import EmbeddingStoreServicer
-from embtierd.tiering import TieringEngine
+from embtierd.rpc.metrics import Metrics
+from embtierd.rpc.service import EmbeddingStoreServicer
+from embtierd.tiering.engine import TieringEngine
 
 
 class Deadline:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from embtier.loadgen import ZipfIds
-from embtierd.simulate import SimConfig, oracle_hit_ratios, simulate
-from embtierd.tiering import TieringEngine
-from embtierd.tiering_config import TablePolicy, TieringConfig
+from embtier_tools.loadgen import ZipfIds
+from embtierd.tiering.config import TablePolicy, TieringConfig
+from embtierd.tiering.engine import TieringEngine
+from embtierd.tiering.simulate import SimConfig, oracle_hit_ratios, simulate
 
 ROWS = 5000
 

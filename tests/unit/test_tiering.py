@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from embtier.loadgen import ZipfIds
+from embtier_tools.loadgen import ZipfIds
 from embtierd.errors import TierFullError
-from embtierd.policy_base import plan_swaps
-from embtierd.policy_lfu import LfuPolicy
-from embtierd.tiering import TieringEngine
-from embtierd.tiering_config import TablePolicy, TieringConfig
+from embtierd.tiering.config import TablePolicy, TieringConfig
+from embtierd.tiering.engine import TieringEngine
+from embtierd.tiering.policy_base import plan_swaps
+from embtierd.tiering.policy_lfu import LfuPolicy
 
 
 def test_plan_pairs_hottest_below_with_coldest_inside():

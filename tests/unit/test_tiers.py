@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from embtierd.store import Store
+from embtierd.store.catalog import Store
 from embtierd.topology import discover
 
 from .conftest import make_config

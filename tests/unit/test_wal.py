@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from embtierd import wal
-from embtierd.wal import FSYNC_POLICIES, WalRecord, WriteAheadLog
+from embtierd.durability import wal
+from embtierd.durability.wal import FSYNC_POLICIES, WalRecord, WriteAheadLog
 
 PAYLOAD_BYTES = 30
 RECORD_BYTES = wal.HEADER.size + PAYLOAD_BYTES  # 51
@@ -86,7 +86,7 @@ def test_torn_tail_is_truncated_to_the_last_whole_record(
         records = fill(log, 10)  # segments 1-4, 5-8, 9-10
     last = tmp_path / "wal-00000009.log"
     os.truncate(last, 2 * RECORD_BYTES - cut_bytes)
-    warnings = caplog.at_level(logging.WARNING, logger="embtierd.wal")
+    warnings = caplog.at_level(logging.WARNING, logger="embtierd.durability.wal")
     with warnings, WriteAheadLog(tmp_path, segment_bytes=SMALL_SEGMENT_BYTES) as log:
         assert [r.lsn for r in log.replay()] == list(range(1, 10))
         assert last.stat().st_size == RECORD_BYTES
@@ -115,7 +115,7 @@ def test_a_damaged_middle_record_leaves_a_hole_and_keeps_every_later_segment(
         fill(log, 20)  # segments 1, 5, 9, 13, 17
     names = segment_names(tmp_path)
     flip_byte(tmp_path / "wal-00000005.log", RECORD_BYTES + offset_in_record)  # lsn 6
-    errors = caplog.at_level(logging.ERROR, logger="embtierd.wal")
+    errors = caplog.at_level(logging.ERROR, logger="embtierd.durability.wal")
     with errors, WriteAheadLog(tmp_path, segment_bytes=SMALL_SEGMENT_BYTES) as log:
         assert [r.lsn for r in log.replay()] == [1, 2, 3, 4, 5, *range(9, 21)]
         assert log.holes == [(6, 8)] and log.last_lsn == 20

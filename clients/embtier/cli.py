@@ -1,0 +1,560 @@
+"""embtier: the command line of the embtier daemon.
+
+    embtier [--target ADDR] tables | describe T | create T --rows N --dim D | drop T
+            | import T FILE.npy | lookup T ID... | tiers | heat T | policy T [--set ...]
+            | record T --ids N -o FILE.npy | simulate FILE.npy [--dram SIZES] [--cxl SIZES]
+            | bench --table T ... | checkpoint [--kind K --bits B] | checkpoints | restore ID
+            | fabric up|down|status|run|bench   (the shaped-link test bed; root)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from embtier_tools.loadgen import LoadGenerator, Workload
+
+from .client import (
+    CHECKPOINT_KINDS,
+    QUANT_BITS,
+    QUANTIZERS,
+    Client,
+    EmbtierClientError,
+    TableInfo,
+    TlsOptions,
+)
+
+
+def default_target() -> str:
+    """The daemon's default Unix socket if one exists, else its default TCP port."""
+    candidates = [Path("/run/embtier/embtierd.sock")]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        candidates.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "embtier" / "embtierd.sock")
+    for path in candidates:
+        if path.exists():
+            return f"unix://{path}"
+    return "127.0.0.1:50051"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_table(info: TableInfo) -> str:
+    tiers = ", ".join(f"{t} {info.rows_by_tier.get(t, 0)}" for t in ("dram", "cxl", "scm"))
+    return f"{info.name:24} {info.num_rows:>12} x {info.dim:<5} {info.dtype:8} v{info.version:<6} rows: {tiers}"
+
+
+def cmd_tables(c: Client, args) -> None:
+    for info in c.tables():
+        print(format_table(info))
+
+
+def cmd_describe(c: Client, args) -> None:
+    info = c.describe(args.name)
+    print(format_table(info))
+    for tier in ("dram", "cxl", "scm"):
+        emulated = " (emulated)" if info.emulated_by_tier.get(tier) else ""
+        print(f"  {tier:5} {info.rows_by_tier.get(tier, 0):>12} rows  "
+              f"{human_bytes(info.bytes_by_tier.get(tier, 0)):>12}{emulated}")
+        if tier == "cxl" and info.rows_by_port:
+            print("        ports: " + ", ".join(f"{port} {n}" for port, n in info.rows_by_port.items()))
+    print(f"  metadata {human_bytes(info.metadata_bytes)} ({info.metadata_bytes / info.num_rows:.2f} bytes/row)")
+
+
+def cmd_create(c: Client, args) -> None:
+    print(format_table(c.create_table(args.name, args.rows, args.dim, args.dtype, args.init, args.seed,
+                                      args.scale)))
+
+
+def cmd_drop(c: Client, args) -> None:
+    c.drop_table(args.name)
+
+
+def cmd_tiers(c: Client, args) -> None:
+    for t in c.tiers():
+        where = t.path or (f"NUMA node {t.numa_node}" if t.numa_node >= 0 else "")
+        print(f"{t.name:5} {human_bytes(t.used_bytes):>12} used of {human_bytes(t.capacity_bytes):>12}  "
+              f"{'emulated ' if t.emulated else ''}{where}")
+        for p in t.ports:
+            node = f"NUMA node {p.numa_node}" if p.numa_node >= 0 else "emulated"
+            print(f"  port {p.name:5} {human_bytes(p.used_bytes):>10} used of {human_bytes(p.capacity_bytes):>10}  "
+                  f"{node}")
+
+
+def cmd_heat(c: Client, args) -> None:
+    bins, tiers = c.heat(args.name)
+    width = 40
+    most = max((n for counts in tiers.values() for n in counts), default=1) or 1
+    print(f"heat of {args.name} (sampled access counts, aged by the tiering policy), rows per bin:")
+    for tier, counts in tiers.items():
+        print(f"  {tier} ({sum(counts)} rows)")
+        for label, n in zip(bins, counts):
+            bar = "#" * max(1 if n else 0, round(width * n / most))
+            print(f"    {label:>8} {n:>12}  {bar}")
+
+
+def size_or_none(text: str) -> int:
+    """A size in bytes ("64M", "1G", 4096), or -1 for "none" (no limit)."""
+    if text.lower() == "none":
+        return -1
+    from embtierd.config import parse_size
+    from embtierd.errors import ConfigError
+    try:
+        return parse_size(text, "size")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cmd_policy(c: Client, args) -> None:
+    changes = {"policy": args.policy, "pin_tier": None if args.pin is None else ("" if args.pin == "none" else args.pin),
+               "dram_capacity_bytes": args.dram, "cxl_capacity_bytes": args.cxl}
+    p = c.set_policy(args.name, **changes) if any(v is not None for v in changes.values()) else c.policy(args.name)
+
+    def limit(n: int) -> str:
+        return "none (the tier's capacity)" if n < 0 else human_bytes(n)
+
+    print(f"table {p.table}: policy {p.policy}, pinned to {p.pin_tier or 'no tier'}")
+    print(f"  own limit in dram: {limit(p.dram_capacity_bytes)}, in cxl: {limit(p.cxl_capacity_bytes)}")
+    state = "on" if p.tiering_enabled else "off"
+    print(f"  engine {state}: every {p.interval_seconds:g} s, budget {human_bytes(p.bandwidth_bytes_per_second)}/s; "
+          f"last interval moved {p.rows_moved} rows, backlog {p.migration_backlog_rows} rows")
+
+
+def cmd_record(c: Client, args) -> None:
+    trace = c.record_trace(args.name, args.ids, args.timeout)
+    out = Path(args.output)
+    np.save(out, trace.ids)
+    meta = {"table": args.name, "num_rows": trace.num_rows, "row_bytes": trace.row_bytes,
+            "dram_rows": trace.dram_rows, "cxl_rows": trace.cxl_rows, "seconds": trace.seconds,
+            "interval_seconds": trace.interval_seconds, "bandwidth_bytes_per_second": trace.bandwidth_bytes_per_second,
+            "heat_sample_shift": trace.heat_sample_shift, "policy": trace.policy}
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    rate = trace.ids.size / trace.seconds if trace.seconds > 0 else float("nan")
+    print(f"recorded {trace.ids.size} ids of {args.name} in {trace.seconds:.1f} s ({rate:,.0f} ids/s) -> {out} "
+          f"(+ {out.with_suffix('.json').name}: what `embtier simulate {out}` needs to replay it)")
+
+
+def cmd_simulate(args) -> None:
+    from embtierd.tiering.simulate import SimConfig, oracle_hit_ratios, simulate
+
+    try:
+        trace = np.load(args.trace, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:
+        raise SystemExit(f"embtier simulate: cannot read {args.trace} as a .npy array: {e}") from None
+    if trace.ndim != 1 or trace.dtype.kind not in "iu":
+        raise SystemExit(f"embtier simulate: {args.trace} holds a {trace.dtype} array of shape {trace.shape}; "
+                         f"expected a 1-D array of integer ids")
+    meta_path = Path(args.trace).with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+
+    def setting(name: str, flag: str, arg, default=None):
+        if arg is not None:
+            return arg
+        if name not in meta and default is None:
+            raise SystemExit(f"embtier simulate: {flag} is needed ({meta_path} has no {name})")
+        return meta.get(name, default)
+
+    num_rows = int(setting("num_rows", "--rows", args.rows))
+    row_bytes = int(setting("row_bytes", "--row-bytes", args.row_bytes))
+    shift = int(setting("heat_sample_shift", "--sample-shift", args.sample_shift, default=3))
+    if args.ids_per_interval is not None:
+        per_interval = args.ids_per_interval
+    elif meta.get("seconds"):
+        per_interval = max(1, round(trace.size / meta["seconds"] * meta["interval_seconds"]))
+    else:
+        raise SystemExit("embtier simulate: --ids-per-interval is needed (no recorded rate beside the trace)")
+    bandwidth = args.budget if args.budget is not None else int(
+        meta.get("bandwidth_bytes_per_second", 256 << 20) * meta.get("interval_seconds", 1.0))
+    drams = args.dram or [meta.get("dram_rows", 0) * row_bytes]
+    cxls = args.cxl or [meta.get("cxl_rows", 0) * row_bytes]
+    if min(drams + cxls) < 0 or bandwidth < 0:
+        raise SystemExit("embtier simulate: --dram, --cxl and --budget take sizes (\"none\" is for `embtier policy`)")
+    policies = args.policy or [meta.get("policy", "lfu")]
+    intervals = -(-trace.size // per_interval)
+    warmup = min(args.warmup_intervals, max(0, intervals - 1))
+    measured = np.asarray(trace[warmup * per_interval:])
+    print(f"trace {args.trace}: {trace.size} ids over {num_rows} rows of {row_bytes} bytes; {intervals} intervals "
+          f"of {per_interval} ids, budget {human_bytes(bandwidth)} per interval, heat sampled 1 in {1 << shift}; "
+          f"hit ratios over the {intervals - warmup} intervals after {warmup} of warm-up")
+    print(f"{'dram':>10} {'cxl':>10} {'policy':>6} {'unit':>5}   {'dram hit':>8} {'cxl hit':>8} {'scm hit':>8}   "
+          f"{'oracle dram':>11} {'moved/interval':>14}")
+    units = {"row": 1, "page": max(1, 4096 // row_bytes)}
+    for dram in drams:
+        for cxl in cxls:
+            capacity = (dram // row_bytes, cxl // row_bytes)
+            oracle = oracle_hit_ratios(measured, num_rows, capacity)
+            for policy in policies:
+                for unit in args.granularity:
+                    config = SimConfig(num_rows, capacity, per_interval, bandwidth // row_bytes, policy,
+                                       heat_sample_shift=shift, rows_per_unit=units[unit])
+                    try:
+                        result = simulate(trace, config)
+                    except ValueError as e:
+                        raise SystemExit(f"embtier simulate: {e}") from None
+                    hit = result.hit_ratios(warmup)
+                    print(f"{human_bytes(dram):>10} {human_bytes(cxl):>10} {policy:>6} {unit:>5}   "
+                          f"{hit[0]:8.3f} {hit[1]:8.3f} {hit[2]:8.3f}   {oracle[0]:11.3f} "
+                          f"{result.moved_rows[warmup:].mean():14.0f}")
+    print("oracle: the most frequent rows of the measured part of the trace placed in DRAM beforehand (a bound).")
+
+
+def describe_checkpoint(info) -> str:
+    quant = f"{info.quant_bits}-bit {info.quantizer}" if info.quant_bits else "exact"
+    parent = f" on {info.parent_id}" if info.parent_id else ""
+    return f"{info.id:>6} {info.kind + parent:<22} {quant:<16} {info.rows_written:>12} {human_bytes(info.bytes_written):>10}"
+
+
+CHECKPOINT_HEADER = f"{'id':>6} {'kind':<22} {'values':<16} {'rows':>12} {'bytes':>10}"
+
+
+def cmd_checkpoint(c: Client, args) -> None:
+    info = c.checkpoint(args.kind, args.bits, args.quantizer)
+    print(CHECKPOINT_HEADER)
+    print(describe_checkpoint(info))
+    print(f"in {info.duration_seconds:.2f} s (writes held {info.snapshot_seconds * 1e3:.1f} ms), covering the log "
+          f"up to record {info.lsn}")
+
+
+def cmd_checkpoints(c: Client, args) -> None:
+    listed = c.checkpoints()
+    print(f"{CHECKPOINT_HEADER}  {'log up to':>9}  created (UTC)        restart")
+    for info in listed:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.created_unix_seconds))
+        usable = ("DAMAGED: " + info.damage if info.damage else
+                  "recovers from it" if info.exact_chain else "lossy: restore only")
+        print(f"{describe_checkpoint(info)}  {info.lsn:>9}  {created}  {usable}")
+    if not listed:
+        print("(no checkpoints)")
+
+
+def cmd_restore(c: Client, args) -> None:
+    restored, saved = c.restore(args.id)
+    published = (f"published as full checkpoint {saved.id} in {saved.duration_seconds:.2f} s" if saved else
+                 "its full checkpoint could not be written (the log holds the restore; see the daemon's log)")
+    print(f"restored checkpoint {restored.id} ({', '.join(restored.tables) or 'no tables'}); {published}")
+
+
+def cmd_lookup(c: Client, args) -> None:
+    ids = np.array(args.ids, dtype=np.int64)
+    if args.pooled:
+        rows = c.lookup_pooled({args.name: (ids, np.array([ids.size], np.int32))}, mode=args.mode)[args.name]
+    else:
+        rows = c.lookup(args.name, ids)
+    np.set_printoptions(precision=5, suppress=True, linewidth=120)
+    print(rows)
+
+
+def progress(done: int, total: int, start: float) -> None:
+    width = 40
+    filled = int(width * done / max(total, 1))
+    rate = done / max(time.monotonic() - start, 1e-9)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} rows  {rate:,.0f} rows/s")
+    sys.stderr.flush()
+
+
+def cmd_import(c: Client, args) -> None:
+    values = np.load(args.file, mmap_mode="r")
+    if values.ndim != 2:
+        raise SystemExit(f"{args.file}: expected a 2-D array [rows, dim], got shape {values.shape}")
+    rows, dim = values.shape
+    if args.create:
+        c.create_table(args.name, rows, dim, args.dtype)
+    start = time.monotonic()
+    for first in range(0, rows, args.chunk_rows):
+        chunk = np.ascontiguousarray(values[first:first + args.chunk_rows], dtype=np.float32)
+        c.write_rows(args.name, np.arange(first, first + chunk.shape[0]), chunk)
+        progress(first + chunk.shape[0], rows, start)
+    sys.stderr.write("\n")
+
+
+def print_tick(elapsed: float, tick) -> None:
+    secs = 1.0
+    print(f"{elapsed:6.1f}s  {tick.requests / secs:8.0f} req/s  {tick.rows / secs / 1e6:7.2f} M rows/s  "
+          f"p50 {tick.percentile_ms(50):7.2f} ms  p99 {tick.percentile_ms(99):7.2f} ms", flush=True)
+
+
+def cmd_bench(c: Client, args) -> None:
+    tables = {name: c.describe(name).num_rows for name in args.table}
+    workload = Workload(tables, args.bags, args.pooling_factor, args.alpha, not args.raw)
+    gen = LoadGenerator(args.target, workload, args.concurrency)
+    stats = gen.run(args.duration, print_tick)
+    print(f"total: {stats.requests} requests, {stats.errors} errors, {stats.rows / args.duration / 1e6:.2f} M rows/s, "
+          f"p50 {stats.percentile_ms(50):.2f} ms, p99 {stats.percentile_ms(99):.2f} ms "
+          f"({'pooled' if workload.pooled else 'raw'}, {args.concurrency} clients)")
+
+
+def fabric_up(fabric, args) -> None:
+    bed = fabric.TestBed(args.prefix, args.rate_bits_per_second, args.delay_seconds)
+    bed.up()
+    py = sys.executable
+    print(f"test bed {bed.prefix} is up: {fabric.format_rate(bed.rate_bits_per_second)} each way, one-way delay "
+          f"{fabric.format_delay(bed.delay_seconds)}")
+    for side in fabric.SIDES:
+        address = bed.host_address if side == "host" else bed.switch_address
+        print(f"  {side:6} namespace {bed.namespaces[side]:24} {bed.ifnames[side]:16} {address}/{fabric.PREFIX_LENGTH}")
+    print("run things in it, e.g.:")
+    print(f"  ip netns exec {bed.namespaces['switch']} {py} -m embtierd --listen {bed.switch_address}:"
+          f"{fabric.DAEMON_PORT} --metrics-listen 127.0.0.1:{fabric.METRICS_PORT} --state-dir DIR")
+    print(f"  ip netns exec {bed.namespaces['host']} {py} -m embtier.cli --target {bed.switch_address}:"
+          f"{fabric.DAEMON_PORT} tables")
+    print(f"remove it (and everything running in it): embtier fabric down --prefix {bed.prefix}")
+
+
+def fabric_down(fabric, args) -> None:
+    fabric.TestBed(args.prefix).down()
+    print(f"test bed {args.prefix} is down")
+
+
+def describe_qdisc(fabric, q: dict) -> str:
+    shaping = ""
+    if q["kind"] == "tbf":
+        shaping = (f" rate {fabric.format_rate(q['rate_bits_per_second'])} burst {human_bytes(q['burst_bytes'])} "
+                   f"limit {human_bytes(q['limit_bytes'])}")
+    elif q["kind"] == "netem":
+        shaping = f" delay {fabric.format_delay(q['delay_seconds'])} limit {q['limit_packets']} packets"
+    return (f"{q['kind']} {q['handle']} parent {q['parent']}{shaping}; sent {human_bytes(q['sent_bytes'])}, "
+            f"dropped {q['dropped_packets']} packets")
+
+
+def fabric_status(fabric, args) -> None:
+    status = fabric.TestBed(args.prefix).status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return
+    print(f"test bed {status['prefix']}: {'up' if status['up'] else 'not up'}")
+    for side in fabric.SIDES:
+        s = status[side]
+        if not s["exists"]:
+            print(f"  {side:6} namespace {s['namespace']}: absent")
+            continue
+        link = s["link"]
+        where = (f"{s['ifname']} {link['state']} {' '.join(link['addresses']) or 'no address'}, sent "
+                 f"{human_bytes(link['tx_bytes'])}, received {human_bytes(link['rx_bytes'])}"
+                 if link else f"{s['ifname']} absent")
+        print(f"  {side:6} namespace {s['namespace']}: {where}; {len(s['pids'])} processes")
+        for q in s["qdiscs"]:
+            print(f"           {describe_qdisc(fabric, q)}")
+        if s.get("delay_by") == "netfilter queue":
+            print(f"           ingress delay {fabric.format_delay(s['delay_seconds'])} (netfilter queue)")
+
+
+def fabric_run(fabric, args) -> None:
+    import signal
+    import tempfile
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # tear down as on Ctrl-C
+    with tempfile.TemporaryDirectory(prefix="embtier-fabric-") as state, \
+            fabric.TestBed(args.prefix, args.rate_bits_per_second, args.delay_seconds) as bed:
+        rate = bed.rate_bits_per_second
+        print(f"test bed {bed.prefix}: {bed.host_address} ({bed.namespaces['host']}) <-> {bed.switch_address} "
+              f"({bed.namespaces['switch']}), {fabric.format_rate(rate)} each way, one-way delay "
+              f"{fabric.format_delay(bed.delay_seconds)}", flush=True)
+        daemon, target = fabric.start_daemon(bed, Path(state))
+        print(f"embtierd serving on {target}; table {args.rows} x {args.dim} float32, {args.bags} bags x "
+              f"{args.pooling_factor} ids per request, {args.concurrency} clients, {args.duration:g} s per mode",
+              flush=True)
+        out = fabric.run_host_client(bed, [
+            "loadgen", "--target", target, "--ifname", bed.ifnames["host"], "--rows", str(args.rows),
+            "--dim", str(args.dim), "--duration", str(args.duration), "--concurrency", str(args.concurrency),
+            "--bags", str(args.bags), "--pooling-factor", str(args.pooling_factor)], timeout=120 + 3 * args.duration)
+        print(f"{'mode':7} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'host->switch':>13} {'switch->host':>13} {'per request to/from':>22} {'link use':>9}")
+        for mode, r in json.loads(out).items():
+            per = max(r["requests"], 1)
+            per_request = f"{human_bytes(r['host_to_switch_bytes'] / per)} / {human_bytes(r['switch_to_host_bytes'] / per)}"
+            use = max(r["host_to_switch_bytes"], r["switch_to_host_bytes"]) * 8 / r["seconds"] / rate
+            print(f"{mode:7} {r['requests']:>8} {r['errors']:>6} {r['requests'] / r['seconds']:>7.1f} "
+                  f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {human_bytes(r['host_to_switch_bytes']):>13} "
+                  f"{human_bytes(r['switch_to_host_bytes']):>13} "
+                  f"{per_request:>22} {use:>9.0%}")
+        fabric.stop_process(daemon, timeout=15)
+        if daemon.returncode != 0:
+            print(f"embtierd exited with {daemon.returncode}; its log:\n{(Path(state) / 'embtierd.log').read_text()}",
+                  file=sys.stderr)
+
+
+def fabric_bench(fabric, args) -> None:
+    from embtier_tools import fabric_bench as bench
+
+    rates = [fabric.parse_rate(r) for r in args.rates.split(",")]
+    pooling_factors = [int(x) for x in args.pooling_factors.split(",")]
+    bench.run(rates, pooling_factors, args.rounds, args.seconds, args.prefix, args.delay_seconds)
+
+
+FABRIC_COMMANDS = {"up": fabric_up, "down": fabric_down, "status": fabric_status, "run": fabric_run,
+                   "bench": fabric_bench}
+
+
+def cmd_fabric(args) -> int:
+    """`embtier fabric ...`: the shaped-link test bed (clients/fabric.py); needs root, no daemon."""
+    from embtier_tools import fabric
+
+    try:
+        args.rate_bits_per_second = fabric.parse_rate(args.rate) if "rate" in args else None
+        args.delay_seconds = fabric.parse_delay(args.delay) if "delay" in args else None
+        FABRIC_COMMANDS[args.fabric_command](fabric, args)
+    except fabric.FabricError as e:  # a sentence of its own ("embtier fabric needs root ...")
+        print(e, file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"embtier fabric: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("embtier fabric: interrupted (the test bed of this command is down)", file=sys.stderr)
+        return 130
+    return 0
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="embtier", description="Command line of the embtier daemon.")
+    p.add_argument("--target", default=os.environ.get("EMBTIER_TARGET") or default_target(),
+                   help="daemon address: unix:///path or host:port (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    p.add_argument("--ca", help="PEM CA that signed the daemon's certificate (TLS over TCP)")
+    p.add_argument("--cert", help="PEM client certificate (mutual TLS)")
+    p.add_argument("--key", help="PEM key of --cert")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("tables", help="list tables")
+    sub.add_parser("tiers", help="tiers, capacity and use")
+    s = sub.add_parser("describe", help="one table, per tier")
+    s.add_argument("name")
+    s = sub.add_parser("create", help="create a table")
+    s.add_argument("name")
+    s.add_argument("--rows", type=int, required=True)
+    s.add_argument("--dim", type=int, required=True)
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8"])
+    s.add_argument("--init", default="zeros", choices=["zeros", "uniform"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--scale", type=float, default=0.0, help="uniform range; 0 = 1/sqrt(rows)")
+    s = sub.add_parser("drop", help="drop a table")
+    s.add_argument("name")
+    s = sub.add_parser("import", help="write a .npy file [rows, dim] into a table, in chunks")
+    s.add_argument("name")
+    s.add_argument("file")
+    s.add_argument("--create", action="store_true", help="create the table first, shaped like the file")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8"])
+    s.add_argument("--chunk-rows", type=int, default=65536)
+    s = sub.add_parser("heat", help="heat histogram of a table, per tier")
+    s.add_argument("name")
+    s = sub.add_parser("policy", help="a table's tiering policy; with options, change it")
+    s.add_argument("name")
+    s.add_argument("--policy", choices=["lfu", "lru"], help="lfu: LFU with aging; lru: promote on access")
+    s.add_argument("--pin", choices=["dram", "cxl", "scm", "none"], help="keep every row in one tier")
+    s.add_argument("--dram", type=size_or_none, help="the table's own DRAM limit (\"512M\"; none = no limit)")
+    s.add_argument("--cxl", type=size_or_none, help="the table's own CXL limit")
+    s = sub.add_parser("record", help="record the ids of a table's next lookups into a .npy trace")
+    s.add_argument("name")
+    s.add_argument("--ids", type=int, required=True, help="how many ids to record")
+    s.add_argument("--timeout", type=float, default=60.0, help="stop after this many seconds")
+    s.add_argument("-o", "--output", required=True, help="FILE.npy (FILE.json gets what simulate needs)")
+    s = sub.add_parser("simulate", help="predict tier hit ratios of an id trace for candidate tier sizes")
+    s.add_argument("trace", help=".npy of ids (from `embtier record`, or any int array)")
+    s.add_argument("--dram", type=size_or_none, action="append", help="candidate DRAM size (repeatable)")
+    s.add_argument("--cxl", type=size_or_none, action="append", help="candidate CXL size (repeatable)")
+    s.add_argument("--policy", choices=["lfu", "lru"], action="append", help="policy to simulate (repeatable)")
+    s.add_argument("--granularity", choices=["row", "page"], action="append",
+                   help="row (embtier) or page (4 KiB pages, as kernel tiering); repeatable; default row")
+    s.add_argument("--rows", type=int, help="rows in the table (default: from the trace's .json)")
+    s.add_argument("--row-bytes", type=int, help="bytes per stored row (default: from the trace's .json)")
+    s.add_argument("--ids-per-interval", type=int, help="lookups per policy interval (default: recorded rate)")
+    s.add_argument("--budget", type=size_or_none, help="migration bytes per interval (default: the daemon's)")
+    s.add_argument("--sample-shift", type=int, help="heat counts 1 in 2^K accesses (default: the recorded daemon's, "
+                   "else 3)")
+    s.add_argument("--warmup-intervals", type=int, default=10)
+    s = sub.add_parser("checkpoint", help="write a checkpoint of every table (exact ones shorten the write-ahead log)")
+    s.add_argument("--kind", default="full", choices=list(CHECKPOINT_KINDS),
+                   help="incremental: rows changed since the last checkpoint; differential: since the last full; "
+                   "auto: differential until a full is cheaper (default: %(default)s)")
+    s.add_argument("--bits", type=int, default=0, choices=QUANT_BITS, help="bits per value, 0 = exact")
+    s.add_argument("--quantizer", default="adaptive", choices=list(QUANTIZERS))
+    sub.add_parser("checkpoints", help="list the checkpoints")
+    s = sub.add_parser("restore", help="replace every table by a checkpoint's (see `embtier checkpoints`)")
+    s.add_argument("id", type=int)
+    s = sub.add_parser("lookup", help="print rows, or their pooled sum")
+    s.add_argument("name")
+    s.add_argument("ids", type=int, nargs="+")
+    s.add_argument("--pooled", action="store_true")
+    s.add_argument("--mode", default="sum", choices=["sum", "mean", "max"])
+    s = sub.add_parser("bench", help="load generator: Zipf ids, pooled or raw lookups")
+    s.add_argument("--table", action="append", required=True, help="table to read (repeatable)")
+    s.add_argument("--duration", type=float, default=10.0)
+    s.add_argument("--concurrency", type=int, default=4)
+    s.add_argument("--bags", type=int, default=512)
+    s.add_argument("--pooling-factor", type=int, default=32)
+    s.add_argument("--alpha", type=float, default=1.05)
+    s.add_argument("--raw", action="store_true", help="Lookup the raw rows instead of LookupPooled")
+    s = sub.add_parser("fabric", help="the shaped-link test bed (root): host and switch network namespaces "
+                       "joined by a veth pair shaped with tc")
+    fabric_sub = s.add_subparsers(dest="fabric_command", required=True)
+    for name, text in (("up", "bring the test bed up and leave it up"),
+                       ("down", "remove the test bed and stop everything running in it"),
+                       ("status", "what exists: namespaces, veth, addresses, qdiscs, processes"),
+                       ("run", ("bring the test bed up, serve embtierd in the switch namespace, run the load "
+                                "generator (pooled, then raw) in the host namespace, tear down")),
+                       ("bench", ("the PIFS comparison: LookupPooled latency with offload host, device and switch "
+                                  "per link rate and pooling factor, measured, beside the modelled fabric"))):
+        f = fabric_sub.add_parser(name, help=text)
+        f.add_argument("--prefix", default="embtier", help="namespaces PREFIX-host and PREFIX-switch "
+                       "(default: %(default)s)")
+        if name in ("up", "run"):  # (bench takes --rates)
+            f.add_argument("--rate", default="10gbit", help="rate of the host link, each way: 100mbit, 1gbit, "
+                           "25gbit (default: %(default)s)")
+        if name in ("up", "run", "bench"):
+            f.add_argument("--delay", default="0", help="one-way delay of the host link: 50us, 1ms (netem, or "
+                           "netfilter queues where the kernel has no netem; default: %(default)s)")
+        if name == "status":
+            f.add_argument("--json", action="store_true")
+        if name == "bench":
+            f.add_argument("--rates", default="1gbit,10gbit,25gbit", help="link rates, comma-separated "
+                           "(default: %(default)s)")
+            f.add_argument("--pooling-factors", default="8,32,128")
+            f.add_argument("--rounds", type=int, default=30, help="requests per mode per cell (default: %(default)s)")
+            f.add_argument("--seconds", type=float, default=40.0, help="at most this long per cell")
+        if name == "run":
+            f.add_argument("--rows", type=int, default=100_000)
+            f.add_argument("--dim", type=int, default=64)
+            f.add_argument("--duration", type=float, default=5.0, help="seconds per mode")
+            f.add_argument("--concurrency", type=int, default=2)
+            f.add_argument("--bags", type=int, default=512)
+            f.add_argument("--pooling-factor", type=int, default=32)
+    args = p.parse_args(argv)
+    if args.command == "simulate":
+        args.granularity = args.granularity or ["row"]
+    return args
+
+
+COMMANDS = {"tables": cmd_tables, "describe": cmd_describe, "create": cmd_create, "drop": cmd_drop,
+            "tiers": cmd_tiers, "heat": cmd_heat, "lookup": cmd_lookup, "import": cmd_import, "bench": cmd_bench,
+            "policy": cmd_policy, "record": cmd_record, "checkpoint": cmd_checkpoint,
+            "checkpoints": cmd_checkpoints, "restore": cmd_restore}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "simulate":  # offline: no daemon needed
+        cmd_simulate(args)
+        return 0
+    if args.command == "fabric":  # the test bed: no daemon to connect to
+        return cmd_fabric(args)
+    try:
+        tls = TlsOptions(args.ca, args.cert, args.key) if args.ca else None
+        with Client(args.target, timeout=args.timeout, tls=tls) as client:
+            COMMANDS[args.command](client, args)
+    except EmbtierClientError as e:
+        print(f"embtier: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

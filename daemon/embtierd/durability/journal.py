@@ -1,0 +1,180 @@
+"""The store's journal: table creations, drops, row writes and restores as
+write-ahead log records (daemon/wal.py), and their replay into a store at
+start.
+
+One order for the log and the store: a record is appended if and only if
+its change is applied, in the order the changes are applied.  The store
+appends each record under the lock that orders the change (a write under
+its table's write lock, a creation and a drop under the table catalog's
+lock as well) and applies it before releasing that lock; a change refused
+before it is logged leaves no record, and an append that fails applies
+nothing.  A write is acknowledged only once the log is durable (Journal.wait,
+group commit across writers).
+
+Generations: every table carries the LSN of the record that made it (its
+CREATE, or the RESTORE that installed it; checkpoints save it), and DROP and
+WRITE records name it, so a replay can never apply a write to a later table
+of the same name: such a record is reported, never applied.
+
+A crash may leave in the log an operation whose caller got no answer
+(logged, not yet acknowledged): replay applies it, whole.  Placement and
+heat are not logged: a restarted store places rows afresh (the tiering
+engine relearns them, or a checkpoint's saved heat brings them back).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from embtierd.errors import EmbtierError, StorageError, TierFullError
+from embtierd.tiering.config import TablePolicy
+
+log = logging.getLogger(__name__)
+
+CREATE, DROP, WRITE, RESTORE = 1, 2, 3, 4
+KIND_NAMES = {CREATE: "CREATE", DROP: "DROP", WRITE: "WRITE", RESTORE: "RESTORE"}
+
+
+class ReplayError(StorageError):
+    """The log holds an operation the store refuses now."""
+
+
+_HEADER = struct.Struct("<I")  # length of the JSON head of a WRITE record
+
+
+def encode_create(name: str, num_rows: int, dim: int, dtype: str, initializer: str, seed: int,
+                  init_scale: float, policy: TablePolicy) -> bytes:
+    return json.dumps({"name": name, "num_rows": num_rows, "dim": dim, "dtype": dtype, "initializer": initializer,
+                       "seed": seed, "init_scale": init_scale, **policy.to_dict()}).encode()
+
+
+def encode_drop(name: str, generation: int) -> bytes:
+    return json.dumps({"name": name, "generation": generation}).encode()
+
+
+def decode_drop(payload: bytes) -> tuple[str, int | None]:
+    """(table name, generation); logs written before generations hold the bare name."""
+    if payload.startswith(b"{"):  # (a table name never starts with "{")
+        head = json.loads(payload)
+        return head["name"], head["generation"]
+    return payload.decode(), None
+
+
+def encode_write(name: str, generation: int, ids: np.ndarray, values: np.ndarray, mode: str, scale: float) -> bytes:
+    head = json.dumps({"name": name, "generation": generation, "n": int(ids.size), "dim": int(values.shape[1]),
+                       "mode": mode, "scale": scale}).encode()
+    return b"".join((_HEADER.pack(len(head)), head, ids.astype("<i8", copy=False).tobytes(),
+                     values.astype("<f4", copy=False).tobytes()))
+
+
+def decode_write(payload: bytes) -> tuple[dict, np.ndarray, np.ndarray]:
+    (length,) = _HEADER.unpack_from(payload)
+    head = json.loads(payload[_HEADER.size:_HEADER.size + length])
+    start = _HEADER.size + length
+    n, dim = head["n"], head["dim"]
+    ids = np.frombuffer(payload, dtype="<i8", count=n, offset=start).astype(np.int64)
+    values = np.frombuffer(payload, dtype="<f4", count=n * dim, offset=start + 8 * n).reshape(n, dim)
+    return head, ids, np.ascontiguousarray(values, dtype=np.float32)
+
+
+def encode_restore(checkpoint_id: int) -> bytes:
+    return json.dumps({"checkpoint": checkpoint_id}).encode()
+
+
+def decode_restore(payload: bytes) -> int:
+    """The checkpoint a RESTORE record installed (its chain is kept while the record is in the log)."""
+    return int(json.loads(payload)["checkpoint"])
+
+
+class Journal:
+    """What the store calls: log_* returns the record's LSN, wait(lsn) returns once it is durable."""
+
+    def __init__(self, wal):
+        self.wal = wal
+
+    def log_create(self, *args, **kwargs) -> int:
+        return self.wal.append(CREATE, encode_create(*args, **kwargs))
+
+    def log_drop(self, name: str, generation: int) -> int:
+        return self.wal.append(DROP, encode_drop(name, generation))
+
+    def log_write(self, name: str, generation: int, ids: np.ndarray, values: np.ndarray, mode: str,
+                  scale: float) -> int:
+        return self.wal.append(WRITE, encode_write(name, generation, ids, values, mode, scale))
+
+    def log_restore(self, checkpoint_id: int) -> int:
+        return self.wal.append(RESTORE, encode_restore(checkpoint_id))
+
+    def wait(self, lsn: int) -> None:
+        self.wal.wait_durable(lsn)
+
+
+@dataclass
+class ReplayReport:
+    """What a replay applied, by kind, and (salvage only) the records it skipped, each with why."""
+
+    counts: dict[str, int] = field(default_factory=lambda: {"create": 0, "drop": 0, "write": 0, "restore": 0})
+    skipped: list[str] = field(default_factory=list)
+
+
+def replay(store, records: Iterable, restore: Callable[[int, int], None] | None = None,
+           salvage: bool = False) -> ReplayReport:
+    """Applies logged operations to a store that has no journal attached yet.  restore(checkpoint id,
+    lsn) installs a RESTORE record's checkpoint.  A record that cannot be applied raises ReplayError
+    naming its LSN and why (nothing after it is lost: the log is left as it is); with salvage it is
+    skipped, reported, and the records after it are applied."""
+    report = ReplayReport()
+    for record in records:
+        try:
+            _apply(store, record, report.counts, restore)
+        except EmbtierError as e:
+            kind = KIND_NAMES.get(record.kind, str(record.kind))
+            if salvage:
+                log.error("salvage: write-ahead log record %d (%s) skipped: %s", record.lsn, kind, e)
+                report.skipped.append(f"write-ahead log record {record.lsn} ({kind}): {e}")
+                continue
+            hint = ("were the tiers larger when it was written? start with larger tiers" if isinstance(e, TierFullError)
+                    else "start with --salvage to skip it and serve the rest: what it held is lost")
+            raise ReplayError(f"write-ahead log record {record.lsn} cannot be replayed ({kind}): {e} ({hint}; the "
+                              f"log is left as it is)") from e
+    return report
+
+
+def _check_generation(store, name: str, generation: int | None) -> None:
+    if generation is None:  # a record from before generations were logged
+        return
+    actual = store.generation(name)
+    if actual != generation:
+        raise ReplayError(f"it names table {name!r} of generation {generation} (made by record {generation}), "
+                          f"but the table of that name is generation {actual}")
+
+
+def _apply(store, record, counts: dict[str, int], restore) -> None:
+    if record.kind == CREATE:
+        spec = json.loads(record.payload)
+        store.create_table(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"], spec["initializer"],
+                           spec["seed"], spec["init_scale"], TablePolicy.from_dict(spec), generation=record.lsn)
+        counts["create"] += 1
+    elif record.kind == DROP:
+        name, generation = decode_drop(record.payload)
+        _check_generation(store, name, generation)
+        store.drop_table(name)
+        counts["drop"] += 1
+    elif record.kind == WRITE:
+        head, ids, values = decode_write(record.payload)
+        _check_generation(store, head["name"], head.get("generation"))
+        store.write_rows(head["name"], ids, values, head["mode"], head["scale"])
+        counts["write"] += 1
+    elif record.kind == RESTORE:
+        if restore is None:
+            raise ReplayError("a restore cannot be replayed without the checkpoints")
+        restore(decode_restore(record.payload), record.lsn)
+        counts["restore"] += 1
+    else:
+        raise ReplayError(f"unknown record kind {record.kind}")

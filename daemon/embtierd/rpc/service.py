@@ -1,0 +1,317 @@
+"""The EmbeddingStore servicer: translates wire messages to store calls.
+
+Arrays arrive and leave as raw little-endian bytes and become numpy views
+without copies; nothing here loops over elements.  Errors are raised as
+EmbtierError and mapped to status codes by interceptor_errors; limits and
+deadlines are checked before any work.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from embtier.v1 import embtier_pb2 as pb
+from embtier.v1 import embtier_pb2_grpc as pb_grpc
+
+from embtierd import fabric
+from embtierd.config import ServerConfig
+from embtierd.durability.checkpoint import CheckpointInfo, check_request
+from embtierd.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    RequestTooLargeError,
+)
+from embtierd.rpc.metrics import Metrics
+from embtierd.rpc.trace import TraceRecorder
+from embtierd.store.catalog import HEAT_BIN_NAMES, Store, TableInfo
+from embtierd.tiering.config import TablePolicy
+from embtierd.tiering.engine import TieringEngine
+
+DTYPE_NAMES = {pb.FLOAT32: "float32", pb.FLOAT16: "float16", pb.INT8: "int8"}
+DTYPE_CODES = {name: code for code, name in DTYPE_NAMES.items()}
+WIRE_DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2")}
+INITIALIZERS = {pb.ZEROS: "zeros", pb.UNIFORM: "uniform"}
+POOL_MODES = {pb.SUM: "sum", pb.MEAN: "mean", pb.MAX: "max"}
+WRITE_MODES = {pb.ASSIGN: "assign", pb.ADD: "add"}
+OFFLOADS = {pb.HOST: "host", pb.DEVICE: "device", pb.SWITCH: "switch"}
+OFFLOAD_CODES = {name: code for code, name in OFFLOADS.items()}
+CHECKPOINT_KINDS = {pb.FULL: "full", pb.INCREMENTAL: "incremental", pb.DIFFERENTIAL: "differential", pb.AUTO: "auto"}
+QUANTIZERS = {pb.ADAPTIVE: "adaptive", pb.MINMAX: "minmax"}
+REPLY_OVERHEAD_BYTES = 4096       # what a reply carries besides its arrays (names, counts, fabric accounting)
+RESULT_OVERHEAD_BYTES = 1024      # and per pooled result, at most
+
+
+def enum_value(enum, mapping: dict, value: int, field: str):
+    """mapping[value] for an enum field, else InvalidArgumentError naming the field, the value (by
+    name where the enum has it) and the values allowed."""
+    if value in mapping:
+        return mapping[value]
+    names = [enum.Name(v) for v in mapping]
+    allowed = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+    if value in enum.values():
+        raise InvalidArgumentError(f"{field} = {enum.Name(value)} ({value}) is not allowed here; use {allowed}")
+    raise InvalidArgumentError(f"{field} = {value} is not a value of {enum.DESCRIPTOR.name}; use {allowed}")
+
+
+def array(buf: bytes, dtype: str, field: str) -> np.ndarray:
+    """A read-only view of buf as a 1-D little-endian array."""
+    dt = np.dtype(dtype)
+    if len(buf) % dt.itemsize:
+        raise InvalidArgumentError(f"{field} has {len(buf)} bytes, not a whole number of {dt.name} values")
+    return np.frombuffer(buf, dtype=dt)
+
+
+ID_DTYPES = {pb.INT64: "<i8", pb.INT32: "<i4"}
+
+
+def id_array(buf: bytes, id_type: int, prefix: str = "") -> np.ndarray:
+    """The ids field of a message as int64: a view of int64 bytes, a widened copy of int32 ones."""
+    ids = array(buf, enum_value(pb.IdType, ID_DTYPES, id_type, f"{prefix}id_type"), f"{prefix}ids")
+    return ids if ids.dtype == np.int64 else ids.astype(np.int64)
+
+
+def table_info(info: TableInfo) -> pb.TableInfo:
+    return pb.TableInfo(name=info.name, num_rows=info.num_rows, dim=info.dim, dtype=DTYPE_CODES[info.dtype],
+                        rows_by_tier=info.rows_by_tier, bytes_by_tier=info.bytes_by_tier, version=info.version,
+                        metadata_bytes=info.metadata_bytes, emulated_by_tier=info.emulated_by_tier,
+                        rows_by_port=info.rows_by_port)
+
+
+def table_policy(current: TablePolicy, request) -> TablePolicy:
+    """current with the fields request sets (CreateTableRequest or SetPolicyRequest) replaced."""
+    capacity = dict(current.capacity_bytes)
+    for tier in ("dram", "cxl"):
+        field = f"{tier}_capacity_bytes"
+        if request.HasField(field):
+            value = getattr(request, field)
+            if value < -1:
+                raise InvalidArgumentError(f"{field} must be >= 0, or -1 for no limit; got {value}")
+            capacity[tier] = None if value == -1 else value
+    return TablePolicy(policy=request.policy if request.HasField("policy") else current.policy,
+                       pin=request.pin_tier if request.HasField("pin_tier") else current.pin,
+                       capacity_bytes=capacity)
+
+
+def check_bags(ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, prefix: str) -> None:
+    """Bags that every offload mode can pool: lengths >= 0 summing to the ids, a weight per id."""
+    if lengths.size and lengths.min() < 0:
+        bad = int(np.argmin(lengths))
+        raise InvalidArgumentError(f"{prefix}lengths[{bad}] = {int(lengths[bad])} is negative")
+    total = int(lengths.sum(dtype=np.int64))
+    if total != ids.size:
+        raise InvalidArgumentError(f"{prefix}lengths sum to {total} but {ids.size} ids were given")
+    if weights is not None and weights.size != ids.size:
+        raise InvalidArgumentError(f"{prefix}weights has {weights.size} entries but ids has {ids.size}")
+
+
+def wire(values: np.ndarray, dt: np.dtype) -> bytes:
+    return (values if values.dtype == dt else values.astype(dt)).tobytes()
+
+
+def checkpoint_info(info: CheckpointInfo) -> pb.CheckpointInfo:
+    return pb.CheckpointInfo(
+        id=info.id, parent_id=info.parent_id, kind=pb.CheckpointKind.Value(info.kind), rows_written=info.rows_written,
+        bytes_written=info.bytes_written, duration_seconds=info.duration_seconds, lsn=info.lsn, base_id=info.base_id,
+        quant_bits=info.quant_bits, quantizer=pb.MINMAX if info.quantizer == "minmax" else pb.ADAPTIVE,
+        created_unix_seconds=info.created_unix_seconds, tables=list(info.tables), exact_chain=info.exact_chain,
+        snapshot_seconds=info.snapshot_seconds, damage=info.damage)
+
+
+class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
+    def __init__(self, store: Store, limits: ServerConfig, metrics: Metrics, tiering: TieringEngine):
+        self.store = store
+        self.max_ids = limits.max_ids_per_request
+        self.metrics = metrics
+        self.tiering = tiering
+        self.checkpoints = None  # the daemon's checkpoint.Checkpointer, when it has a write-ahead log
+        self.traces = TraceRecorder()
+        self.max_trace_ids = (limits.max_message_bytes - 4096) // 8  # a recorded trace travels in one reply
+        self.max_message_bytes = limits.max_message_bytes
+
+    def _admit(self, context, n_ids: int) -> None:
+        if n_ids > self.max_ids:
+            raise RequestTooLargeError(f"request has {n_ids} ids; the limit is {self.max_ids} "
+                                       "(server.max_ids_per_request)")
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceededError("the request's deadline passed before it was served")
+
+    def _check_reply(self, nbytes: int, what: str, results: int = 0) -> None:
+        """RESOURCE_EXHAUSTED before anything is allocated for a reply that could not be sent: nbytes
+        of arrays in a reply of that many pooled results."""
+        limit = self.max_message_bytes - REPLY_OVERHEAD_BYTES - RESULT_OVERHEAD_BYTES * results
+        if nbytes > limit:
+            raise RequestTooLargeError(f"the reply would carry {nbytes} bytes of values ({what}); the limit is "
+                                       f"{max(0, limit)} (server.max_message_bytes = {self.max_message_bytes} less "
+                                       f"room for the rest of the reply): ask for less per call")
+
+    def CreateTable(self, request, context):
+        self._admit(context, 0)
+        info = self.store.create_table(
+            request.name, request.num_rows, request.dim, enum_value(pb.DType, DTYPE_NAMES, request.dtype, "dtype"),
+            enum_value(pb.Initializer, INITIALIZERS, request.initializer, "initializer"), request.seed,
+            request.init_scale,
+            table_policy(self.tiering.config.table_policy(request.name), request))
+        return table_info(info)
+
+    def DropTable(self, request, context):
+        self.store.drop_table(request.name)
+        return pb.DropTableResponse()
+
+    def ListTables(self, request, context):
+        return pb.ListTablesResponse(tables=[table_info(t) for t in self.store.tables()])
+
+    def DescribeTable(self, request, context):
+        return table_info(self.store.describe(request.name))
+
+    def GetTiers(self, request, context):
+        ports = [pb.PortInfo(name=p.name, numa_node=p.numa_node, capacity_bytes=p.capacity_bytes,
+                             used_bytes=p.used_bytes) for p in self.store.port_infos()]
+        return pb.GetTiersResponse(tiers=[
+            pb.TierInfo(name=t.name, capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes,
+                        numa_node=t.numa_node, emulated=t.emulated, path=t.path,
+                        ports=ports if t.name == "cxl" else [])
+            for t in self.store.tier_infos()])
+
+    def GetHeat(self, request, context):
+        histograms = self.store.heat_histogram(request.table)
+        return pb.GetHeatResponse(table=request.table, bins=HEAT_BIN_NAMES, tiers=[
+            pb.TierHeat(tier=tier, rows=int(counts.sum()), histogram=counts.tolist())
+            for tier, counts in histograms.items()])
+
+    def _policy_reply(self, table: str, policy: TablePolicy) -> pb.TablePolicy:
+        state = self.tiering.state(table)
+        config = self.tiering.config
+        limits = {tier: -1 if v is None else v for tier, v in policy.capacity_bytes.items()}
+        return pb.TablePolicy(
+            table=table, policy=policy.policy, pin_tier=policy.pin,
+            dram_capacity_bytes=limits["dram"], cxl_capacity_bytes=limits["cxl"],
+            rows_moved=state.moved_rows if state else 0,
+            migration_backlog_rows=state.backlog_rows if state else 0,
+            interval_seconds=config.interval_seconds, bandwidth_bytes_per_second=config.bandwidth_bytes_per_second,
+            tiering_enabled=config.enabled)
+
+    def GetPolicy(self, request, context):
+        return self._policy_reply(request.table, self.store.table_policy(request.table))
+
+    def SetPolicy(self, request, context):
+        policy = table_policy(self.store.table_policy(request.table), request)
+        return self._policy_reply(request.table, self.store.set_policy(request.table, policy))
+
+    def RecordTrace(self, request, context):
+        num_rows = self.store.describe(request.table).num_rows  # NOT_FOUND before waiting
+        recording = self.traces.record(request.table, request.max_ids, request.timeout_seconds or 60.0,
+                                       self.max_trace_ids)
+        info = self.store.describe(request.table)
+        ids = recording.ids()
+        config = self.tiering.config
+        return pb.RecordTraceResponse(
+            table=request.table, ids=ids.astype("<i8", copy=False).tobytes(), count=ids.size,
+            seconds=recording.seconds, num_rows=num_rows, row_bytes=self.store.geometry(request.table)[2],
+            dram_rows=info.rows_by_tier["dram"], cxl_rows=info.rows_by_tier["cxl"],
+            interval_seconds=config.interval_seconds, bandwidth_bytes_per_second=config.bandwidth_bytes_per_second,
+            heat_sample_shift=self.store.config.kernels.heat_sample_shift,
+            policy=self.store.table_policy(request.table).policy)
+
+    def Checkpoint(self, request, context):
+        kind = enum_value(pb.CheckpointKind, CHECKPOINT_KINDS, request.kind, "kind")
+        quantizer = enum_value(pb.Quantizer, QUANTIZERS, request.quantizer, "quantizer")
+        check_request(kind, request.quant_bits, quantizer)
+        info = self._checkpointer().take(kind, request.quant_bits, quantizer, list(request.tables))
+        return checkpoint_info(info)
+
+    def ListCheckpoints(self, request, context):
+        return pb.ListCheckpointsResponse(checkpoints=[checkpoint_info(i) for i in self._checkpointer().list()])
+
+    def RestoreCheckpoint(self, request, context):
+        if request.id == 0:
+            raise InvalidArgumentError("id must name a checkpoint (see ListCheckpoints); got 0")
+        start = time.perf_counter()
+        restored, saved = self._checkpointer().restore(request.id)
+        return pb.RestoreCheckpointResponse(restored=checkpoint_info(restored),
+                                            saved=checkpoint_info(saved) if saved else None,
+                                            tables=list(restored.tables), duration_seconds=time.perf_counter() - start)
+
+    def _checkpointer(self):
+        if self.checkpoints is None:
+            raise FailedPreconditionError("checkpoints need the write-ahead log (durability.wal = true)")
+        return self.checkpoints
+
+    def WriteRows(self, request, context):
+        ids = id_array(request.ids, request.id_type)
+        self._admit(context, ids.size)
+        values = array(request.values, "<f4", "values")
+        version = self.store.write_rows(request.table, ids, values,
+                                        enum_value(pb.WriteMode, WRITE_MODES, request.mode, "mode"),
+                                        request.scale or 1.0)
+        return pb.WriteRowsResponse(rows_written=ids.size, version=version)
+
+    def Lookup(self, request, context):
+        ids = id_array(request.ids, request.id_type)
+        dt = enum_value(pb.DType, WIRE_DTYPES, request.wire_dtype, "wire_dtype")
+        self._admit(context, ids.size)
+        dim = self.store.geometry(request.table)[0]
+        self._check_reply(ids.size * dim * dt.itemsize, f"{ids.size} rows x dim {dim} x {dt.itemsize} bytes")
+        tier_rows = np.zeros(3, dtype=np.int64)
+        rows = self.store.lookup(request.table, ids, tier_rows)
+        self.traces.observe(request.table, ids)
+        values = wire(rows, dt)
+        self.metrics.served("Lookup", request.table, tier_rows, self.store.geometry(request.table)[2], len(values))
+        return pb.LookupResponse(values=values, dim=rows.shape[1], count=ids.size)
+
+    def _check_pooled_reply(self, features, offload: str, itemsize: int) -> None:
+        """Checks every feature's bags, then the reply's size, before any table is read: per feature,
+        one vector per bag (switch), one per id (host), or one per bag and fabric part with rows of
+        the request (device, which also keeps a length per bag and part while it pools)."""
+        nbytes, parts = [], len(self.store.part_names)
+        for i, (table, ids, lengths, weights) in enumerate(features):
+            check_bags(ids, lengths, weights, f"features[{i}].")
+            dim = self.store.geometry(table)[0]
+            vectors = {"switch": lengths.size, "host": ids.size, "device": min(parts, ids.size) * lengths.size}[offload]
+            work = parts * lengths.size * 4 if offload == "device" else 0
+            nbytes.append((vectors * dim * itemsize + work, f"features[{i}]: {vectors} vectors x dim {dim}"))
+        if nbytes:
+            self._check_reply(sum(n for n, _ in nbytes), f"{offload} offload, {itemsize}-byte values; the largest "
+                              f"is {max(nbytes)[1]}", len(nbytes))
+
+    def LookupPooled(self, request, context):
+        features = [(f.table, id_array(f.ids, f.id_type, f"features[{i}]."),
+                     array(f.lengths, "<i4", f"features[{i}].lengths"),
+                     array(f.weights, "<f4", f"features[{i}].weights") if f.weights else None)
+                    for i, f in enumerate(request.features)]
+        self._admit(context, sum(ids.size for _, ids, _, _ in features))
+        mode = enum_value(pb.PoolingMode, POOL_MODES, request.mode, "mode")
+        dt = enum_value(pb.DType, WIRE_DTYPES, request.wire_dtype, "wire_dtype")
+        config = self.store.config.fabric
+        offload = (enum_value(pb.Offload, OFFLOADS, request.offload, "offload") if request.HasField("offload")
+                   else config.offload)
+        traffic = fabric.Traffic(offload)
+        names = self.store.part_names
+        self._check_pooled_reply(features, offload, dt.itemsize)
+        results = []
+        for i, (table, ids, lengths, weights) in enumerate(features):
+            tier_rows = np.zeros(3, dtype=np.int64)
+            part_rows = np.zeros(len(names), dtype=np.int64)  # counted by the kernels as they resolve rows
+            dim, _, row_bytes = self.store.geometry(table)
+            result = pb.PooledResult(table=table, dim=dim, num_bags=lengths.size)
+            if offload == "switch":
+                result.values = wire(self.store.lookup_pooled(table, ids, lengths, weights, mode, tier_rows,
+                                                              part_rows), dt)
+            elif offload == "host":
+                result.rows = wire(self.store.lookup(table, ids, tier_rows, part_rows), dt)
+            else:
+                present, partials = self.store.pool_partials(table, ids, lengths, weights, mode, tier_rows, part_rows)
+                result.parts.extend(names[p] for p in present)
+                result.partials = wire(partials, dt)
+            self.traces.observe(table, ids)
+            self.metrics.served("LookupPooled", table, tier_rows, row_bytes,
+                                len(result.values) + len(result.rows) + len(result.partials))
+            traffic.add_table(names, part_rows, lengths.size, dim, row_bytes, dt.itemsize)
+            results.append(result)
+        modelled = traffic.modelled_seconds(config)
+        self.metrics.fabric(traffic, modelled)
+        return pb.LookupPooledResponse(results=results, fabric=pb.FabricAccounting(
+            offload=OFFLOAD_CODES[offload], device_link_bytes=traffic.device_link_bytes,
+            host_link_bytes=traffic.host_link_bytes, modelled_seconds=modelled))

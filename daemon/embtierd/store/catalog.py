@@ -1,0 +1,866 @@
+"""The in-process store: tables of embedding rows across DRAM, CXL and SCM.
+
+A table is a placement map (per row: tier and slot, 4 bytes) plus a heat
+counter per row (1 byte), over chunks of 2^k rows allocated from the tiers.
+New tables fill the fastest tier first.  Lookups and writes go straight to
+the native kernels; this module validates arguments, encodes rows and keeps
+the book of which extents belong to whom.
+
+Writers of one table are serialised here (ADD reads, adds and writes back
+under the same lock); readers run concurrently with each other and see
+every row whole, because the native write path holds the table's write lock.
+
+Changes and the journal: each change is logged under the lock that orders it
+and applied before that lock is let go (see journal.py).  Lock order: a
+table's write lock, then the catalog lock (self._lock).  A table that is
+dropped, or replaced by a restore, is retired under both: a write that waited
+for its lock sees that and fails without a record (dropped) or goes to the
+table that replaced it (restored), so no record ever lands behind the DROP
+of its table or on the table a restore installed in its place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import re
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from embtierd import codec, fabric, native
+from embtierd.config import Config
+from embtierd.errors import (
+    AlreadyExistsError,
+    EmbtierError,
+    InstallError,
+    InvalidArgumentError,
+    NotFoundError,
+    TierFullError,
+)
+from embtierd.native import NativeTable, require
+from embtierd.store.slots import SlotSpace
+from embtierd.tiering.config import MEMORY_TIERS, POLICY_NAMES, TIER_NAMES, TablePolicy
+from embtierd.tiers import Tiers, open_tiers
+from embtierd.topology import Topology, discover
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 1 << 30          # slots per tier are 30 bits in the placement map
+MAX_DIM = 16384
+CHUNK_TARGET_BYTES = 2 << 20
+NO_SCM_COPY = np.uint32(0xFFFFFFFF)  # scm_copy entry of a row without an SCM copy
+INIT_BATCH_ROWS = 1 << 16   # uniform init draws one generator stream per batch: values depend on seed only
+NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+INITIALIZERS = ("zeros", "uniform")
+HEAT_BINS = 9  # heat 0, 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64-127, 128-255
+HEAT_BIN_NAMES = ("0", "1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128-255")
+WRITE_MODES = ("assign", "add")
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    name: str
+    num_rows: int
+    dim: int
+    dtype: str
+    rows_by_tier: dict[str, int]
+    bytes_by_tier: dict[str, int]
+    emulated_by_tier: dict[str, bool]
+    metadata_bytes: int
+    version: int
+    rows_by_port: dict[str, int] = field(default_factory=dict)  # CXL rows per fabric port
+
+    @property
+    def metadata_bytes_per_row(self) -> float:
+        return self.metadata_bytes / self.num_rows
+
+
+@dataclass
+class Table:
+    name: str
+    num_rows: int
+    dim: int
+    dtype: str
+    stride: int
+    chunk_shift: int
+    native: NativeTable
+    slots: dict[int, SlotSpace] = field(default_factory=dict)  # tier id -> the table's slots there
+    rows_by_tier: list[int] = field(default_factory=lambda: [0, 0, 0])
+    version: int = 0
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+    policy: TablePolicy = field(default_factory=TablePolicy)
+    serial: int = 0  # unique per table created: a dropped and re-created name gets a new one
+    generation: int = 0  # durable: the LSN of the record that made it (CREATE or RESTORE), 0 without a log
+    retired: str = ""    # "dropped" or "restored" once it left the catalog (under its write lock)
+    scm_copy: np.ndarray | None = None   # per row: SCM slot of a clean or dirty copy (see Store._move), made on demand
+    scm_dirty: np.ndarray | None = None  # per row: WriteRows changed it since its SCM copy was made
+    rows_by_port: dict[str, int] = field(default_factory=dict)  # as of the last tiering interval
+    port_load: np.ndarray | None = None  # heat on each CXL port: counted each interval, kept up by moves
+
+
+def _tier_counter(tier_rows: np.ndarray | None) -> np.ndarray | None:
+    if tier_rows is not None and (tier_rows.dtype != np.int64 or tier_rows.shape != (3,)):
+        raise InvalidArgumentError(f"tier_rows must be an int64 array of shape (3,), got {tier_rows.dtype} "
+                                   f"{tier_rows.shape}")
+    return tier_rows
+
+
+def check_policy(policy: TablePolicy) -> None:
+    if policy.policy not in POLICY_NAMES:
+        raise InvalidArgumentError(f"policy must be one of {', '.join(POLICY_NAMES)}; got {policy.policy!r}")
+    if policy.pin not in ("", *TIER_NAMES):
+        raise InvalidArgumentError(f"pin_tier must be \"\" or one of {', '.join(TIER_NAMES)}; got {policy.pin!r}")
+    for tier, limit in policy.capacity_bytes.items():
+        if tier not in MEMORY_TIERS or (limit is not None and limit < 0):
+            raise InvalidArgumentError(f"{tier}_capacity_bytes must be >= 0 (or unset: no limit), got {limit}")
+
+
+def _check_live(table: Table) -> None:
+    """NotFoundError for a table that left the catalog (call under its write lock)."""
+    if table.retired:
+        raise NotFoundError(f"table {table.name!r} was {table.retired}")
+
+
+def chunk_shift_for(stride: int, num_rows: int) -> int:
+    """log2 of rows per chunk: about CHUNK_TARGET_BYTES a chunk, never more rows than the table has."""
+    by_bytes = max(0, int(math.log2(max(1, CHUNK_TARGET_BYTES // stride))))
+    by_rows = max(0, math.ceil(math.log2(num_rows))) if num_rows > 1 else 0
+    return min(by_bytes, by_rows)
+
+
+class Store:
+    """Tables over a set of tiers; every method is safe to call from many threads."""
+
+    def __init__(self, config: Config, topology: Topology | None = None):
+        self.config = config
+        self.topology = topology or discover()
+        self.tiers: Tiers = open_tiers(config, self.topology)
+        self.tiers_by_id = {tier.tier_id: tier for tier in self.tiers}
+        native.set_kernel_threads(config.kernels.kernel_threads)
+        native.set_scm_queue_depth(config.kernels.scm_queue_depth)
+        self._tables: dict[str, Table] = {}
+        self._serials = itertools.count(1)
+        self._creating: set[str] = set()  # names reserved while their rows are initialised
+        self._lock = threading.Lock()  # guards the two above and the tiers' extent allocators
+        self.journal = None  # a journal.Journal once the write-ahead log is replayed: operations are logged
+        # the fabric ports of the CXL tier: one per CPU-less node it uses, or the configured emulated ones
+        self.cxl_ports = self.tiers.cxl.ports
+        self.part_names = fabric.part_names(self.cxl_ports)
+        log.info("kernels: %s, %d thread(s), SCM reads %s", native.isa(), config.kernels.kernel_threads,
+                 "batched with Linux AIO" if native.scm_async() else "by pread (AIO refused)")
+
+    # ---- tables ------------------------------------------------------------
+
+    def create_table(self, name: str, num_rows: int, dim: int, dtype: str = "float32",
+                     initializer: str = "zeros", seed: int = 0, init_scale: float = 0.0,
+                     policy: TablePolicy | None = None, generation: int | None = None) -> TableInfo:
+        """A new table, its rows placed fastest tier first (within its policy's pin and limits) and initialised.
+
+        uniform draws from [-init_scale, init_scale) (0 means 1/sqrt(num_rows), DLRM's choice),
+        reproducibly from seed.  policy defaults to the configuration's for this name.  generation:
+        the LSN of the CREATE record being replayed (live creations get the LSN they are logged at)."""
+        self._check_new_table(name, num_rows, dim, dtype, initializer, init_scale)
+        policy = policy or self.config.tiering.table_policy(name)
+        check_policy(policy)
+        self._check_fits(name, num_rows * native.row_stride(dim, dtype), policy.pin)
+        table = self._new_table(name, num_rows, dim, dtype, policy)
+        with self._lock:
+            if name in self._tables or name in self._creating:
+                raise AlreadyExistsError(f"table {name!r} already exists")
+            self._place(table)
+            self._creating.add(name)
+        # Initialised before it is published: reused extents hold a dropped table's rows.
+        try:
+            self._initialize(table, initializer, seed, init_scale or 1.0 / math.sqrt(num_rows))
+        except BaseException:
+            with self._lock:
+                self._creating.discard(name)
+                self._release(table)
+            raise
+        with self._lock:
+            self._creating.discard(name)
+            try:
+                lsn = self.journal.log_create(name, num_rows, dim, dtype, initializer, seed, init_scale, policy) \
+                    if self.journal else 0
+            except BaseException:
+                self._release(table)
+                raise
+            table.serial = next(self._serials)
+            table.generation = lsn or generation or 0
+            self._tables[name] = table
+        if lsn:
+            self.journal.wait(lsn)
+        log.info("created table %s: %d x %d %s, rows per tier %s", name, num_rows, dim, dtype,
+                 dict(zip(("dram", "cxl", "scm"), table.rows_by_tier)))
+        return self._info(table)
+
+    def _new_table(self, name: str, num_rows: int, dim: int, dtype: str, policy: TablePolicy) -> Table:
+        """A table with no homes yet (see _place)."""
+        stride = native.row_stride(dim, dtype)
+        shift = chunk_shift_for(stride, num_rows)
+        # Chunks a tier may give the table: twice what num_rows needs, because a chunk cut short by a
+        # full tier (or a full CXL port) leaves its slot range partly unusable and later growth starts a
+        # new chunk, plus two per CXL port, so that even a table of one chunk can spread over the ports.
+        max_chunks = min(2 * -(-num_rows >> shift) + 2 * self.cxl_ports, (1 << 30) >> shift)
+        table = Table(name, num_rows, dim, dtype, stride, shift,
+                      NativeTable(name, num_rows, dim, dtype, shift, max_chunks), policy=policy)
+        table.native.configure(self.config.kernels.prefetch_distance, self.config.kernels.heat_sample_shift)
+        table.native.set_cxl_delay(self.tiers.cxl.injected_latency_ns)
+        table.native.set_parts(len(self.part_names))  # each chunk's part is set as it gets storage (SlotSpace)
+        table.port_load = np.zeros(self.cxl_ports, dtype=np.float64)
+        return table
+
+    def check_install(self, specs: list[dict]) -> None:
+        """What install checks before it changes anything: TierFullError when the tiers cannot hold
+        the tables, InvalidArgumentError for a bad tiering setting."""
+        for spec in specs:
+            check_policy(TablePolicy.from_dict(spec))
+        need = sum(spec["num_rows"] * native.row_stride(spec["dim"], spec["dtype"]) for spec in specs)
+        capacity = sum(tier.capacity_bytes for tier in self.tiers)
+        if need > capacity:
+            raise TierFullError(f"the restored tables need {need} bytes; the tiers hold {capacity}")
+
+    def install(self, tables, hold: contextlib.ExitStack | None = None, generation: int | None = None) -> list[str]:
+        """Replaces every table by the given ones, each (spec as from spec(), batches of (ids,
+        encoded rows) that together write every row, heat [num_rows]); returns their names.  Call
+        inside frozen(); with hold, each new table's write lock is taken before it is published and
+        released when hold closes (so that writes wait until the caller is done, then go to the new
+        tables).  Each new table's generation is the spec's (a checkpoint's), or generation when
+        given (the LSN of the RESTORE record the caller logged).  Nothing is logged here.
+        TierFullError before anything changes when the tiers cannot hold them (check_install);
+        InstallError if placing them still fails once the old tables are gone (then the store
+        matches no durable state: the caller must stop serving)."""
+        self.check_install([spec for spec, _, _ in tables])
+        for table in self._tables.values():
+            table.retired = "restored"
+            table.native.mark_dropped()
+            self._release(table)
+        self._tables.clear()
+        try:
+            for spec, batches, heat in tables:
+                table = self._new_table(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"],
+                                        TablePolicy.from_dict(spec))
+                self._place(table)
+                for ids, rows in batches:
+                    self._write_encoded(table, ids, rows)
+                table.native.heat[:] = heat
+                table.native.take_dirty()
+                table.serial = next(self._serials)
+                table.generation = spec.get("generation", 0) if generation is None else generation
+                if hold is not None:
+                    hold.enter_context(table.write_lock)
+                self._tables[table.name] = table
+        except EmbtierError as e:
+            raise InstallError(f"restoring the tables failed after the old ones were dropped: {e}") from e
+        log.info("installed %d restored table(s): %s", len(tables), ", ".join(self._tables))
+        return sorted(self._tables)
+
+    def drop_table(self, name: str) -> None:
+        """Drops a table once the writes in flight on it are done; writes that waited fail."""
+        while True:
+            table = self._get(name)
+            with table.write_lock, self._lock:
+                if self._tables.get(name) is not table:  # dropped or restored meanwhile: look again
+                    continue
+                lsn = self.journal.log_drop(name, table.generation) if self.journal else 0
+                del self._tables[name]
+                table.retired = "dropped"
+                table.native.mark_dropped()  # waits for lookups in flight; later calls fail cleanly
+                self._release(table)
+            break
+        if lsn:
+            self.journal.wait(lsn)
+
+    def serial(self, name: str) -> int:
+        return self._get(name).serial
+
+    def generation(self, name: str) -> int:
+        """The LSN of the record that made the table (CREATE or RESTORE); see journal.py."""
+        return self._get(name).generation
+
+    def table_policy(self, name: str) -> TablePolicy:
+        return self._get(name).policy
+
+    def set_policy(self, name: str, policy: TablePolicy) -> TablePolicy:
+        """Replaces a table's policy settings; the tiering engine moves rows to match from its next interval."""
+        check_policy(policy)
+        table = self._get(name)
+        if policy.pin in MEMORY_TIERS:
+            limit = policy.limit_rows(policy.pin, table.stride)
+            capacity = self.tiers_by_id[TIER_NAMES.index(policy.pin)].capacity_bytes // table.stride
+            fits = capacity if limit is None else min(capacity, limit)
+            if fits < table.num_rows:
+                raise TierFullError(f"table {name!r} ({table.num_rows} rows of {table.stride} bytes) cannot be "
+                                    f"pinned to {policy.pin}: it holds at most {fits} of its rows")
+        with self._lock:
+            table.policy = policy
+            for tier_id, space in table.slots.items():
+                if TIER_NAMES[tier_id] in MEMORY_TIERS:
+                    space.limit_rows = policy.limit_rows(TIER_NAMES[tier_id], table.stride)
+        return policy
+
+    def trim(self, name: str, tier: int) -> int:
+        """Gives the memory a table holds in a memory tier beyond its own limit there back to the tier
+        (so that a table whose limit was lowered leaves the room to others): the rows living beyond
+        the limit's worth of slots move into free slots below it, then whole chunks and the tail of
+        the last kept one are released.  Does nothing while the rows do not fit below the limit
+        (the policy demotes first).  Returns the bytes released."""
+        table = self._get(name)
+        limit = table.policy.limit_rows(TIER_NAMES[tier], table.stride)
+        space = table.slots.get(tier)
+        if limit is None or space is None or tier == native.TIER_SCM:
+            return 0
+        shift = table.native.tier_shift
+        with table.write_lock:
+            _check_live(table)
+            with self._lock:
+                if space.capacity <= limit or table.rows_by_tier[tier] > limit:
+                    return 0
+                spare = space.spare(limit)
+            loc = table.native.loc
+            inside = np.flatnonzero((loc >> shift) == tier)
+            ids = inside[~space.kept(loc[inside] & ((1 << shift) - 1), limit)].astype(np.int64)
+            slots = spare[:ids.size]
+            if ids.size:
+                self._relocate(table, ids, tier, slots)  # from here on no lookup holds a slot beyond the cut
+            with self._lock:
+                return space.cut(limit, slots)
+
+    def room_rows(self, name: str, tier: int) -> int:
+        """How many more rows of the table a tier could take now: the table's own limit there, the
+        free slots it holds, and the tier's free space (negative when the table is over its limit)."""
+        table = self._get(name)
+        limit = table.policy.limit_rows(TIER_NAMES[tier], table.stride) if TIER_NAMES[tier] in MEMORY_TIERS else None
+        with self._lock:
+            room = self._space(table, tier).room()
+            if limit is not None:
+                room = min(room, limit - table.rows_by_tier[tier])
+        return room
+
+    def geometry(self, name: str) -> tuple[int, str, int]:
+        """(dim, dtype, bytes per stored row) of a table, without the cost of describe()."""
+        table = self._get(name)
+        return table.dim, table.dtype, table.stride
+
+    def describe(self, name: str) -> TableInfo:
+        return self._info(self._get(name))
+
+    def tables(self) -> list[TableInfo]:
+        with self._lock:
+            tables = sorted(self._tables.values(), key=lambda t: t.name)
+        return [self._info(t) for t in tables]
+
+    def tier_infos(self):
+        return [tier.info() for tier in self.tiers]
+
+    def port_infos(self):
+        """The CXL tier's ports: name, NUMA node (-1 emulated), capacity and used bytes."""
+        with self._lock:
+            return self.tiers.cxl.port_infos()
+
+    def close(self) -> None:
+        with self._lock:
+            for table in self._tables.values():
+                table.native.mark_dropped()
+                self._release(table)
+            self._tables.clear()
+            self.tiers.close()
+
+    # ---- rows --------------------------------------------------------------
+
+    def lookup(self, name: str, ids: np.ndarray, tier_rows: np.ndarray | None = None,
+               part_rows: np.ndarray | None = None) -> np.ndarray:
+        """[len(ids), dim] float32 rows.  tier_rows (int64 [3]: dram, cxl, scm), when given,
+        receives how many rows each tier served; part_rows (int64 [len(part_names)]) how many each
+        fabric part served (counted by the kernel as it resolves the rows)."""
+        table = self._get(name)
+        ids = require(ids, "ids", np.int64, 1)
+        out = np.empty((ids.size, table.dim), dtype=np.float32)
+        table.native.gather(ids, out, _tier_counter(tier_rows), self._part_counter(part_rows))
+        return out
+
+    def lookup_pooled(self, name: str, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None = None,
+                      mode: str = "sum", tier_rows: np.ndarray | None = None,
+                      part_rows: np.ndarray | None = None) -> np.ndarray:
+        """[len(lengths), dim] float32: bag b pools the next lengths[b] rows of ids (sum, mean or max
+        of weight * row; empty bags are zeros).  tier_rows and part_rows as for lookup."""
+        table = self._get(name)
+        ids, lengths, weights = self._check_pooling(ids, lengths, weights, mode)
+        out = np.empty((lengths.size, table.dim), dtype=np.float32)
+        table.native.pool(ids, lengths, weights, native.POOL_MODES[mode], out, _tier_counter(tier_rows),
+                          self._part_counter(part_rows))
+        return out
+
+    def pool_partials(self, name: str, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None = None,
+                      mode: str = "sum", tier_rows: np.ndarray | None = None,
+                      part_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each fabric part's partial of every bag (the device offload): (the parts with rows in the
+        request, [len(parts), bags, dim] float32).  SUM and MEAN give partial sums (the total is
+        divided by the bag's length afterwards), MAX partial maxima with -inf where a part has no row
+        of the bag.  The ids are ordered by (part, bag) in C (et_partition) and pooled in one kernel
+        call over parts x bags bags.  tier_rows and part_rows as for lookup."""
+        table = self._get(name)
+        ids, lengths, weights = self._check_pooling(ids, lengths, weights, mode)
+        nparts, bags = len(self.part_names), lengths.size
+        order = np.empty_like(ids)
+        part_lengths = np.empty(nparts * bags, dtype=np.int32)
+        ordered_weights = None if weights is None else np.empty_like(weights)
+        counts = self._part_counter(part_rows)
+        counts = np.zeros(nparts, dtype=np.int64) if counts is None else counts
+        table.native.partition(ids, lengths, weights, order, part_lengths, ordered_weights, counts)
+        present = np.flatnonzero(counts)
+        part_lengths = np.ascontiguousarray(part_lengths.reshape(nparts, bags)[present])
+        out = np.empty((present.size * bags, table.dim), dtype=np.float32)
+        table.native.pool(order, part_lengths.reshape(-1), ordered_weights,
+                          native.POOL_MODES["max" if mode == "max" else "sum"], out, _tier_counter(tier_rows))
+        partials = out.reshape(present.size, bags, table.dim)
+        if mode == "max":
+            partials[part_lengths == 0] = -np.inf
+        return present, partials
+
+    @staticmethod
+    def _check_pooling(ids, lengths, weights, mode):
+        ids = require(ids, "ids", np.int64, 1)
+        lengths = require(lengths, "lengths", np.int32, 1)
+        if weights is not None:
+            weights = require(weights, "weights", np.float32, 1)
+            if weights.size != ids.size:
+                raise InvalidArgumentError(f"weights has {weights.size} entries but ids has {ids.size}")
+        if mode not in native.POOL_MODES:
+            raise InvalidArgumentError(f"mode must be one of {', '.join(native.POOL_MODES)}; got {mode!r}")
+        return ids, lengths, weights
+
+    def _part_counter(self, part_rows: np.ndarray | None) -> np.ndarray | None:
+        n = len(self.part_names)
+        if part_rows is not None and (part_rows.dtype != np.int64 or part_rows.shape != (n,)):
+            raise InvalidArgumentError(f"part_rows must be an int64 array of shape ({n},), got {part_rows.dtype} "
+                                       f"{part_rows.shape}")
+        return part_rows
+
+    def write_rows(self, name: str, ids: np.ndarray, values: np.ndarray, mode: str = "assign",
+                   scale: float = 1.0) -> int:
+        """Stores values[i] at row ids[i] (assign: a later duplicate wins) or adds scale * values[i]
+        (add: duplicates accumulate); values is [len(ids), dim] float32, or flat as it came off the
+        wire.  Returns the table's new version.  A write waits while a
+        restore replaces the tables and then applies to the restored table; one that waited for a
+        table being dropped fails with NotFoundError and leaves no record."""
+        while True:
+            with self._lock:  # (a restore holds it until the restored tables are in place)
+                table = self._get(name)
+            version = self._write(table, ids, values, mode, scale)
+            if version is not None:
+                return version
+
+    def _write(self, table: Table, ids: np.ndarray, values: np.ndarray, mode: str, scale: float) -> int | None:
+        """write_rows on one table; None when a restore replaced it before the write got its lock."""
+        name = table.name
+        ids = require(ids, "ids", np.int64, 1)
+        if isinstance(values, np.ndarray) and values.ndim == 1:  # as it came off the wire
+            if values.size != ids.size * table.dim:
+                raise InvalidArgumentError(f"values has {values.size} floats; expected {ids.size} ids x dim "
+                                           f"{table.dim} = {ids.size * table.dim} for table {name!r}")
+            values = values.reshape(ids.size, table.dim)
+        values = require(values, "values", np.float32, 2)
+        if values.shape != (ids.size, table.dim):
+            raise InvalidArgumentError(
+                f"values has shape {values.shape}; expected ({ids.size}, {table.dim}) for {ids.size} ids")
+        if mode not in WRITE_MODES:
+            raise InvalidArgumentError(f"mode must be one of {', '.join(WRITE_MODES)}; got {mode!r}")
+        if not math.isfinite(scale):
+            raise InvalidArgumentError(f"scale must be finite, got {scale}")
+        self._check_ids(table, ids)
+        with table.write_lock:
+            if table.retired == "restored":
+                return None
+            _check_live(table)
+            rows, encoded = self._added_rows(table, ids, values, scale) if mode == "add" else (ids, values)
+            encoded = codec.encode(encoded, table.dtype, table.stride)
+            # logged once nothing but the store itself can fail (an SCM write: a device error)
+            lsn = self.journal.log_write(name, table.generation, ids, values, mode, scale) if self.journal else 0
+            table.native.write_rows(rows, encoded)
+            if table.scm_copy is not None:
+                table.scm_dirty[rows[table.scm_copy[rows] != NO_SCM_COPY]] = True
+            table.version += 1
+            version = table.version
+        if lsn:
+            self.journal.wait(lsn)  # acknowledged once durable (group commit with concurrent writers)
+        return version
+
+    def move_rows(self, name: str, ids: np.ndarray, tier: str) -> int:
+        """Moves rows to a new home in tier (rows already there stay); returns how many moved.
+        When the tier has room for only some, the first ones in the order given move.  Lookups
+        running meanwhile see each row whole, in its old home or its new one; writes wait until
+        the move is done."""
+        table = self._get(name)
+        ids = require(ids, "ids", np.int64, 1)
+        ids = ids[np.sort(np.unique(ids, return_index=True)[1])]  # without duplicates, in the given order
+        tier_ids = {t.name: t.tier_id for t in self.tiers}
+        if tier not in tier_ids:
+            raise InvalidArgumentError(f"tier must be one of {', '.join(tier_ids)}; got {tier!r}")
+        if ids.size and (ids.min() < 0 or ids.max() >= table.num_rows):
+            bad = ids.min() if ids.min() < 0 else ids.max()
+            raise InvalidArgumentError(f"ids: {bad} is out of range [0, {table.num_rows}) for table {name!r}")
+        with table.write_lock:
+            _check_live(table)
+            return self._move(table, ids, tier_ids[tier])
+
+    def _move(self, table: Table, ids: np.ndarray, target: int) -> int:
+        """move_rows under the table's write lock: copy, publish, then free the old slots.
+
+        SCM copies: a row promoted out of SCM keeps its SCM slot as a copy
+        (scm_copy), clean until WriteRows changes the row (scm_dirty).
+        Demoting it again costs no write when the copy is clean (the
+        placement entry is pointed back at it) and one write into its own
+        slot when dirty; only rows that never lived on SCM take a new slot.
+        The copy is dropped when the row is back home on SCM; moves between
+        DRAM and CXL carry it along."""
+        shift = table.native.tier_shift
+        mask = (1 << shift) - 1
+        ids = ids[(table.native.loc[ids] >> shift) != target]
+        has_copy = np.zeros(ids.size, dtype=bool)
+        if target == native.TIER_SCM and table.scm_copy is not None:
+            has_copy = table.scm_copy[ids] != NO_SCM_COPY  # these need no room: their slot is there
+        need = int(ids.size - np.count_nonzero(has_copy))
+        with self._lock:
+            space = self._space(table, target)
+            slots = self._cxl_slots(table, space, ids) if target == native.TIER_CXL else space.take(need)
+        if slots.size < need:  # the tier is full: the rows before the first one without a slot move
+            cut = int(np.flatnonzero(~has_copy)[slots.size])
+            ids, has_copy = ids[:cut], has_copy[:cut]
+        ids = np.ascontiguousarray(ids)
+        if not ids.size:
+            return 0
+        old = table.native.loc[ids].copy()
+        slot = np.empty(ids.size, dtype=np.uint32)
+        slot[~has_copy] = slots
+        write = ~has_copy
+        if has_copy.any():
+            slot[has_copy] = table.scm_copy[ids[has_copy]]
+            write |= table.scm_dirty[ids]  # a dirty copy is rewritten in place; a clean one is reused as is
+        new = ((target << shift) | slot).astype(np.uint32)
+        if write.any():
+            moving = np.ascontiguousarray(ids[write])
+            rows = np.empty((moving.size, table.stride), dtype=np.uint8)
+            table.native.read_rows(moving, rows)
+            table.native.write_slots(np.ascontiguousarray(new[write]), rows)
+        table.native.publish(ids, new)  # from here on no lookup holds an old slot
+        self._account_ports(table, ids, old, new)
+        from_scm = (old >> shift) == native.TIER_SCM
+        if target != native.TIER_SCM and from_scm.any():
+            if table.scm_copy is None:
+                table.scm_copy = np.full(table.num_rows, NO_SCM_COPY, dtype=np.uint32)
+                table.scm_dirty = np.zeros(table.num_rows, dtype=bool)
+            table.scm_copy[ids[from_scm]] = old[from_scm] & mask
+            table.scm_dirty[ids[from_scm]] = False
+        elif target == native.TIER_SCM and table.scm_copy is not None:
+            table.scm_copy[ids] = NO_SCM_COPY
+        with self._lock:
+            for tid, space in table.slots.items():
+                leaving = old[(old >> shift) == tid]
+                if tid != native.TIER_SCM:  # (an SCM slot left behind stays the row's copy)
+                    space.give_back(leaving & mask)
+                table.rows_by_tier[tid] -= leaving.size
+            table.rows_by_tier[target] += ids.size
+        return int(ids.size)
+
+    def read_encoded(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """[len(ids), stride] uint8: the rows exactly as stored."""
+        table = self._get(name)
+        ids = require(ids, "ids", np.int64, 1)
+        out = np.empty((ids.size, table.stride), dtype=np.uint8)
+        table.native.read_rows(ids, out)
+        return out
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Holds off creations, drops, writes and moves of every table (a consistent snapshot);
+        lookups go on.  Yields the table names."""
+        while True:
+            with self._lock:
+                tables = sorted(self._tables.values(), key=lambda t: t.name)
+            with contextlib.ExitStack() as stack:
+                for table in tables:
+                    stack.enter_context(table.write_lock)
+                stack.enter_context(self._lock)
+                if sorted(self._tables) == [t.name for t in tables]:  # none created or dropped meanwhile
+                    yield [t.name for t in tables]
+                    return
+
+    def spec(self, name: str) -> dict:
+        """What re-creates the table empty: its shape and tiering settings."""
+        table = self._get(name)
+        return {"name": name, "num_rows": table.num_rows, "dim": table.dim, "dtype": table.dtype,
+                "generation": table.generation, **table.policy.to_dict()}
+
+    def take_dirty(self, name: str) -> np.ndarray:
+        """The table's rows written since the last call, as a bitmap (see NativeTable.take_dirty)."""
+        return self._get(name).native.take_dirty()
+
+    @staticmethod
+    def _write_encoded(table: Table, ids: np.ndarray, rows: np.ndarray, batch_rows: int = 1 << 16) -> None:
+        for first in range(0, ids.size, batch_rows):
+            table.native.write_rows(np.ascontiguousarray(ids[first:first + batch_rows]),
+                                    np.ascontiguousarray(rows[first:first + batch_rows]))
+
+    def spread_ports(self, name: str, max_rows: int = 1 << 62, batch_rows: int = 8192) -> int:
+        """Levels the heat of the table's CXL rows over the fabric ports (fabric.rebalance): hot rows
+        of busy ports trade places with cold rows of idle ones, each trade three copies (the hot row
+        to a spare slot, the cold row into its old slot, the hot row into the cold one's), at most
+        max_rows copies, in batches during which the table's writes wait.  The spare slots are free
+        slots of the table in CXL, else DRAM, else SCM (rows bounced there are served from SCM for
+        the moment).  Called by the tiering engine after its moves; returns the rows copied."""
+        table = self._get(name)
+        copied = 0
+        if self.cxl_ports > 1:
+            parts = table.native.parts_of_locs(table.native.loc)
+            rows = np.flatnonzero((parts >= 1) & (parts <= self.cxl_ports))
+            heat, port = table.native.heat[rows], parts[rows].astype(np.int64) - 1
+            hot, cold = fabric.rebalance(heat, port, self.cxl_ports, self.config.fabric.rebalance_tolerance,
+                                         max_rows // 3)
+            table.port_load = fabric.port_loads(heat, port, self.cxl_ports)
+            hot, cold = rows[hot], rows[cold]
+            first = 0
+            while first < hot.size:
+                with table.write_lock:
+                    _check_live(table)
+                    done, traded = self._trade(table, hot[first:first + batch_rows], cold[first:first + batch_rows])
+                if not done:
+                    break
+                first += done
+                copied += 3 * traded
+        self._count_ports(table)
+        return copied
+
+    def _trade(self, table: Table, hot: np.ndarray, cold: np.ndarray) -> tuple[int, int]:
+        """Swaps the homes of CXL rows hot[i] and cold[i] through spare slots (under the write lock),
+        the first pairs as far as the spare slots go; pairs no longer both in CXL are skipped.
+        Returns (pairs done or skipped, pairs traded)."""
+        shift, batch = table.native.tier_shift, hot.size
+        mask = (1 << shift) - 1
+        valid = np.flatnonzero(((table.native.loc[hot] >> shift) == native.TIER_CXL) &
+                               ((table.native.loc[cold] >> shift) == native.TIER_CXL))
+        with self._lock:
+            for spare_tier in (native.TIER_CXL, native.TIER_DRAM, native.TIER_SCM):  # the fastest with room
+                spare = self._space(table, spare_tier).take(valid.size)
+                if spare.size:
+                    break
+        pairs = valid[:spare.size]
+        hot, cold = np.ascontiguousarray(hot[pairs]), np.ascontiguousarray(cold[pairs])
+        if pairs.size:
+            hot_slots, cold_slots = table.native.loc[hot] & mask, table.native.loc[cold] & mask
+            self._relocate(table, hot, spare_tier, spare)
+            self._relocate(table, cold, native.TIER_CXL, hot_slots)
+            self._relocate(table, hot, native.TIER_CXL, cold_slots)
+        with self._lock:
+            self._space(table, spare_tier).give_back(spare)  # (the hot rows have left them)
+        done = batch if pairs.size == valid.size else int(valid[pairs.size])
+        return done, int(pairs.size)
+
+    def _relocate(self, table: Table, ids: np.ndarray, tier: int, slots: np.ndarray) -> None:
+        """Copies rows into the given free slots of a tier and points them there (the old slots are
+        the caller's to reuse or release: no lookup holds them once this returns); the ports' heat
+        follows rows that change port."""
+        new = ((tier << table.native.tier_shift) | slots).astype(np.uint32)
+        old = table.native.loc[ids]
+        rows = np.empty((ids.size, table.stride), dtype=np.uint8)
+        table.native.read_rows(ids, rows)
+        table.native.write_slots(new, rows)
+        table.native.publish(ids, new)
+        self._account_ports(table, ids, old, new)
+
+    def _count_ports(self, table: Table) -> None:
+        """CXL rows per port, as shown by describe (counted when ports are assigned, not per call)."""
+        counts = np.bincount(table.native.parts_of_locs(table.native.loc), minlength=len(self.part_names))
+        table.rows_by_port = {f"cxl{p}": int(counts[1 + p]) for p in range(self.cxl_ports)}
+
+    def port_balance(self, name: str) -> float:
+        """Busiest CXL port's heat / the mean port's, as of the last interval (1.0 without heat)."""
+        load = self._get(name).port_load
+        return float(load.max() / load.mean()) if load is not None and load.mean() > 0 else 1.0
+
+    def parts_of(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """The fabric part of each id's row (an index into part_names: dram, cxl ports, scm), int64."""
+        table = self._get(name)
+        ids = require(ids, "ids", np.int64, 1)
+        self._check_ids(table, ids)
+        return table.native.parts_of_locs(table.native.loc[ids])
+
+    def heat(self, name: str, writable: bool = False) -> np.ndarray:
+        """The table's live access counters (a read-only view unless writable: the tiering policy ages them)."""
+        view = self._get(name).native.heat.view()
+        view.flags.writeable = writable
+        return view
+
+    def heat_histogram(self, name: str) -> dict[str, np.ndarray]:
+        """Rows per heat bin (0, 1, 2-3, 4-7, ..., 128-255) for each home tier of a table."""
+        table = self._get(name).native
+        heat, tiers = table.heat, table.loc >> table.tier_shift
+        bins = np.zeros(heat.size, dtype=np.int64)
+        nonzero = heat > 0
+        bins[nonzero] = np.floor(np.log2(heat[nonzero])).astype(np.int64) + 1
+        counts = np.bincount(tiers.astype(np.int64) * HEAT_BINS + bins, minlength=3 * HEAT_BINS)
+        return {t.name: counts[t.tier_id * HEAT_BINS:(t.tier_id + 1) * HEAT_BINS] for t in self.tiers}
+
+    def decay_heat(self, name: str) -> None:
+        """Ages a table's access counters: halves them (the tracker's epoch)."""
+        heat = self._get(name).native.heat
+        np.right_shift(heat, 1, out=heat)
+
+    def placement(self, name: str) -> np.ndarray:
+        """Home tier of every row (0 dram, 1 cxl, 2 scm)."""
+        table = self._get(name).native
+        return (table.loc >> table.tier_shift).astype(np.uint8)
+
+    # ---- internals ---------------------------------------------------------
+
+    def _get(self, name: str) -> Table:
+        table = self._tables.get(name)
+        if table is None:
+            raise NotFoundError(f"table {name!r} does not exist")
+        return table
+
+    def _check_fits(self, name: str, need: int, pin: str) -> None:
+        """TierFullError before anything is allocated for a table of need bytes the tiers (the
+        pinned one) cannot hold even when empty."""
+        tiers = [t for t in self.tiers if pin in ("", t.name)]
+        capacity = sum(t.capacity_bytes for t in tiers)
+        if need > capacity:
+            where = f"tier {pin} (the table is pinned there)" if pin else "the tiers"
+            raise TierFullError(f"table {name!r} needs about {need} bytes and {where} cannot hold it ({capacity} "
+                                f"bytes in all)")
+
+    @staticmethod
+    def _check_new_table(name, num_rows, dim, dtype, initializer, init_scale) -> None:
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise InvalidArgumentError(f"name must be 1-128 characters of [A-Za-z0-9_.-], got {name!r}")
+        if not isinstance(num_rows, int) or not 1 <= num_rows <= MAX_ROWS:
+            raise InvalidArgumentError(f"num_rows must be in [1, {MAX_ROWS}], got {num_rows!r}")
+        if not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
+            raise InvalidArgumentError(f"dim must be in [1, {MAX_DIM}], got {dim!r}")
+        if dtype not in native.DTYPES:
+            raise InvalidArgumentError(f"dtype must be one of {', '.join(native.DTYPES)}; got {dtype!r}")
+        if initializer not in INITIALIZERS:
+            raise InvalidArgumentError(f"initializer must be one of {', '.join(INITIALIZERS)}; got {initializer!r}")
+        if not math.isfinite(init_scale) or init_scale < 0:
+            raise InvalidArgumentError(f"init_scale must be finite and >= 0, got {init_scale}")
+
+    def _place(self, table: Table) -> None:
+        """Homes for every row, DRAM first, then CXL, then SCM (only the pinned tier, for a pinned
+        table; no more rows in a memory tier than the table's own limit there); all or nothing."""
+        first, pin = 0, table.policy.pin
+        try:
+            for tier in self.tiers:
+                if first < table.num_rows and pin in ("", tier.name):
+                    want = table.num_rows - first
+                    limit = table.policy.limit_rows(tier.name, table.stride) if tier.name in MEMORY_TIERS else None
+                    first += self._fill(table, tier, first, want if limit is None else min(want, limit))
+        except BaseException:
+            self._release(table)
+            raise
+        if first < table.num_rows:
+            self._release(table)
+            need = table.num_rows * table.stride
+            free = ", ".join(f"{t.name} {t.largest_free()}" for t in self.tiers)
+            where = f"tier {pin} (the table is pinned there)" if pin else "the tiers"
+            raise TierFullError(f"table {table.name!r} needs about {need} bytes and {where} cannot hold it "
+                                f"(largest free extent in bytes: {free})")
+        self._count_ports(table)
+
+    def _fill(self, table: Table, tier, first: int, want: int) -> int:
+        """Places rows [first, first + want) in tier, as far as it has room."""
+        slots = self._space(table, tier.tier_id).take(want)
+        table.native.loc[first: first + slots.size] = (tier.tier_id << table.native.tier_shift) | slots
+        table.rows_by_tier[tier.tier_id] += slots.size
+        return slots.size
+
+    def _account_ports(self, table: Table, ids: np.ndarray, old: np.ndarray, new: np.ndarray) -> None:
+        """Keeps the ports' heat up to date as rows move from placement entries old to new."""
+        heat = table.native.heat[ids].astype(np.float64)
+        n = len(self.part_names)
+        change = (np.bincount(table.native.parts_of_locs(new), weights=heat, minlength=n) -
+                  np.bincount(table.native.parts_of_locs(old), weights=heat, minlength=n))
+        table.port_load += change[1:1 + self.cxl_ports]
+
+    def _cxl_slots(self, table: Table, space: SlotSpace, ids: np.ndarray) -> np.ndarray:
+        """Slots for rows arriving in the CXL tier, each on the port fabric.deal picks for its heat
+        (another when that port is full); fewer when the tier is short (then the rows before the
+        first one left without a slot take them).  Call under self._lock."""
+        if self.cxl_ports == 1:
+            return space.take(ids.size)
+        want = fabric.deal(table.native.heat[ids], table.port_load)
+        slots = np.empty(ids.size, dtype=np.uint32)
+        got = np.zeros(ids.size, dtype=bool)
+        for port in range(self.cxl_ports):
+            mine = np.flatnonzero(want == port)
+            taken = space.take(mine.size, port)
+            slots[mine[:taken.size]], got[mine[:taken.size]] = taken, True
+        missing = np.flatnonzero(~got)
+        taken = space.take(missing.size)
+        slots[missing[:taken.size]], got[missing[:taken.size]] = taken, True
+        return slots if got.all() else slots[got]
+
+    def _space(self, table: Table, tier_id: int) -> SlotSpace:
+        """The table's slots in a tier (made on first use); call under self._lock."""
+        if tier_id not in table.slots:
+            space = SlotSpace(self.tiers_by_id[tier_id], table.native, table.stride, table.chunk_shift,
+                              first_part=(0, 1, 1 + self.cxl_ports)[tier_id])
+            if TIER_NAMES[tier_id] in MEMORY_TIERS:
+                space.limit_rows = table.policy.limit_rows(TIER_NAMES[tier_id], table.stride)
+            table.slots[tier_id] = space
+        return table.slots[tier_id]
+
+    def _release(self, table: Table) -> None:
+        for space in table.slots.values():
+            space.release()
+        table.slots.clear()
+        table.rows_by_tier = [0, 0, 0]
+
+    def _initialize(self, table: Table, initializer: str, seed: int, scale: float) -> None:
+        for start in range(0, table.num_rows, INIT_BATCH_ROWS):
+            n = min(INIT_BATCH_ROWS, table.num_rows - start)
+            if initializer == "zeros":
+                values = np.zeros((n, table.dim), dtype=np.float32)
+            else:
+                rng = np.random.default_rng([seed, start // INIT_BATCH_ROWS])
+                values = rng.random((n, table.dim), dtype=np.float32)
+                values *= np.float32(2 * scale)
+                values -= np.float32(scale)
+            ids = np.arange(start, start + n, dtype=np.int64)
+            table.native.write_rows(ids, codec.encode(values, table.dtype, table.stride))
+
+    @staticmethod
+    def _check_ids(table: Table, ids: np.ndarray) -> None:
+        bad = np.flatnonzero((ids < 0) | (ids >= table.num_rows))
+        if bad.size:
+            raise InvalidArgumentError(f"ids[{bad[0]}] = {ids[bad[0]]} is out of range [0, {table.num_rows}) "
+                                       f"for table {table.name!r}")
+
+    def _added_rows(self, table: Table, ids: np.ndarray, values: np.ndarray, scale: float):
+        """(unique ids, current rows + scale * the sum of their values)."""
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if ids.size else np.array([], int)
+        unique = np.ascontiguousarray(sorted_ids[starts])
+        delta = np.add.reduceat(values[order], starts, axis=0) if ids.size else values
+        current = np.empty((unique.size, table.dim), dtype=np.float32)
+        table.native.gather(unique, current)
+        current += np.float32(scale) * delta
+        return unique, current
+
+    def _info(self, table: Table) -> TableInfo:
+        names = [t.name for t in self.tiers]
+        bytes_by = {t.name: table.slots[t.tier_id].nbytes if t.tier_id in table.slots else 0 for t in self.tiers}
+        nt = table.native
+        chunk_table_entries = nt.chunk_parts.size  # one per chunk of each tier
+        copies = table.scm_copy.nbytes + table.scm_dirty.nbytes if table.scm_copy is not None else 0
+        metadata = nt.loc.nbytes + nt.heat.nbytes + 8 * (chunk_table_entries + nt.max_chunks) + copies
+        return TableInfo(
+            name=table.name, num_rows=table.num_rows, dim=table.dim, dtype=table.dtype,
+            rows_by_tier=dict(zip(names, table.rows_by_tier)), bytes_by_tier=bytes_by,
+            emulated_by_tier={t.name: t.emulated for t in self.tiers},
+            metadata_bytes=metadata + nt.chunk_parts.nbytes, version=table.version,
+            rows_by_port=dict(table.rows_by_port))

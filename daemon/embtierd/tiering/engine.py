@@ -1,0 +1,187 @@
+"""The tiering engine: tracker -> policy -> mover, once per interval.
+
+- tracker: the heat counters the lookup kernels bump (1 in 2^heat_sample_shift
+  accesses, saturating at 255); the policy ages them after each interval;
+- policy: per table, as its settings name it (policy_lfu: LFU with aging,
+  the default; policy_lru: promote on access, the baseline); the plan they
+  share (policy_base.run_interval) promotes the hottest rows below into free
+  room, then swaps them against the coldest rows above when the policy finds
+  the swap worth it (hysteresis), demotes rows over a table's own limit, and
+  moves a pinned table's rows to its tier;
+- mover: Store.move_rows, the only code that changes a row's home between
+  tiers; Store.spread_ports then levels the heat of the CXL rows over the
+  fabric's ports (rows trade places between ports, within what is left of
+  the budget).
+
+The migration budget (bandwidth x interval, in bytes) is shared by all
+tables; the table served first rotates each interval so that none starves.
+What the budget left undone is the migration backlog.
+
+Moves run in batches of MOVE_BATCH_ROWS (WriteRows to a table waits for
+at most one batch) and none starts after the interval's time is up: what is
+left joins the backlog, and serving is never starved by a long interval.
+
+SCM and promotions: a row has one home, which lookups and WriteRows use.
+A row promoted out of SCM (read with the lookup path's batched O_DIRECT
+reads) keeps its SCM slot as a copy, clean until WriteRows changes the row
+(the store marks it dirty).  Demoting it again writes nothing when the copy
+is clean (the placement entry points back at it) and rewrites it in place
+when dirty; only rows that never lived on SCM take a new SCM slot.  So rows
+that bounce between a hot and a warm phase cost SCM no write bandwidth, at
+the price of SCM space held by the copies of promoted rows (SCM is the
+capacity tier) and 5 bytes per row of copy bookkeeping, made the first time
+one of the table's rows leaves SCM (Store._move).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from embtierd.errors import NotFoundError
+from embtierd.store.catalog import Store
+from embtierd.tiering.config import TIER_NAMES, TieringConfig
+from embtierd.tiering.policies import make_policy
+from embtierd.tiering.policy_base import UNLIMITED, Policy, run_interval
+
+log = logging.getLogger(__name__)
+
+MOVE_BATCH_ROWS = 8192  # rows per move_rows call: WriteRows to the table waits at most one batch
+
+
+@dataclass
+class TableState:
+    """What the engine keeps per table between intervals."""
+
+    policy_name: str
+    serial: int        # the store's table serial: a re-created table starts afresh
+    policy: Policy
+    backlog_rows: int = 0
+    moved_rows: int = 0
+
+
+class TieringEngine:
+    def __init__(self, store: Store, config: TieringConfig, metrics=None):
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+        self.intervals = 0
+        self._state: dict[str, TableState] = {}
+        self._lock = threading.Lock()  # one interval at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def state(self, table: str) -> TableState | None:
+        """The table's engine state as of the last interval (None before its first)."""
+        return self._state.get(table)
+
+    def run_once(self) -> dict[tuple[str, str], int]:
+        """One interval over every table; returns rows moved per (from, to) tier."""
+        with self._lock:
+            return self._interval()
+
+    def settle(self) -> dict[tuple[str, str], int]:
+        """One interval without the bandwidth budget or deadline (at start, before serving: rows
+        follow the heat a checkpoint brought back at once)."""
+        with self._lock:
+            start = time.perf_counter()
+            moved = self._interval(unlimited=True)
+        if moved:
+            log.info("tiering: placed rows by their restored heat in %.2f s: %s", time.perf_counter() - start,
+                     ", ".join(f"{src}->{dst} {n}" for (src, dst), n in moved.items()))
+        return moved
+
+    def _interval(self, unlimited: bool = False) -> dict[tuple[str, str], int]:
+        moved: dict[tuple[str, str], int] = {}
+        start = time.perf_counter()
+        budget_bytes = UNLIMITED if unlimited else int(self.config.bandwidth_bytes_per_second *
+                                                        self.config.interval_seconds)
+        tables = [info.name for info in self.store.tables()]
+        self._state = {name: s for name, s in self._state.items() if name in tables}
+        if tables:
+            first = self.intervals % len(tables)
+            tables = tables[first:] + tables[:first]
+        # moves past the deadline wait for the next interval
+        deadline = math.inf if unlimited else time.monotonic() + self.config.interval_seconds
+        for name in tables:
+            try:
+                stride = self.store.geometry(name)[2]
+                state = self._table_state(name)
+                pin = self.store.table_policy(name).pin
+                room = [self.store.room_rows(name, 0), self.store.room_rows(name, 1), UNLIMITED]
+                result = run_interval(state.policy, self.store.heat(name, writable=True), self.store.placement(name),
+                                      room, max(0, budget_bytes) // stride, self._mover(name, deadline),
+                                      TIER_NAMES.index(pin) if pin else None)
+                for tier in (0, 1):
+                    self.store.trim(name, tier)  # memory over the table's own limit goes back to the tier
+                left = max(0, budget_bytes) // stride - result.rows_moved
+                traded = self.store.spread_ports(name, left) if time.monotonic() < deadline else 0
+            except NotFoundError:  # dropped meanwhile
+                self._state.pop(name, None)
+                continue
+            state.backlog_rows, state.moved_rows = result.backlog_rows, result.rows_moved
+            budget_bytes -= (result.rows_moved + traded) * stride
+            table_moves = {(TIER_NAMES[src], TIER_NAMES[dst]): n for (src, dst), n in result.moved.items()}
+            for key, n in table_moves.items():
+                moved[key] = moved.get(key, 0) + n
+            if self.metrics is not None:
+                self.metrics.migrated(table_moves, (result.rows_moved + traded) * stride)
+                self.metrics.ports_balanced(name, traded, self.store.port_balance(name))
+        self.intervals += 1
+        if self.metrics is not None:
+            self.metrics.tiering_interval(time.perf_counter() - start,
+                                          {name: s.backlog_rows for name, s in self._state.items()})
+        return moved
+
+    def _mover(self, name: str, deadline: float):
+        """The plan's mover for one table: Store.move_rows in batches, none started after deadline."""
+        def move(rows: np.ndarray, tier: int) -> int:
+            done = 0
+            for first in range(0, rows.size, MOVE_BATCH_ROWS):
+                if time.monotonic() > deadline:
+                    break
+                batch = rows[first:first + MOVE_BATCH_ROWS]
+                n = self.store.move_rows(name, batch, TIER_NAMES[tier])
+                done += n
+                if n < batch.size:
+                    break
+            return done
+        return move
+
+    def _table_state(self, name: str) -> TableState:
+        """The table's policy instance, made afresh when the table or its policy changed."""
+        policy_name, serial = self.store.table_policy(name).policy, self.store.serial(name)
+        state = self._state.get(name)
+        if state is None or (state.policy_name, state.serial) != (policy_name, serial):
+            num_rows = self.store.describe(name).num_rows
+            state = TableState(policy_name, serial,
+                               make_policy(policy_name, num_rows, self.config.hysteresis, self.config.aging_intervals))
+            self._state[name] = state
+        return state
+
+    def start(self) -> None:
+        if not self.config.enabled:
+            return
+
+        def loop():
+            while not self._stop.wait(self.config.interval_seconds):
+                try:
+                    self.run_once()
+                except Exception:
+                    log.exception("tiering interval failed")
+
+        self._thread = threading.Thread(target=loop, name="tiering", daemon=True)
+        self._thread.start()
+        log.info("tiering: every %.1f s, %d bytes/s, default policy %s (hysteresis %.2f, aging every %d intervals)",
+                 self.config.interval_seconds, self.config.bandwidth_bytes_per_second, self.config.policy,
+                 self.config.hysteresis, self.config.aging_intervals)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=30)
