@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
@@ -21,15 +21,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .v1 import embtier_pb2 as pb
 from .v1 import embtier_pb2_grpc as pb_grpc
+from .wire import (
+    CHECKPOINT_KINDS,
+    DTYPES,
+    ID_ARRAYS,
+    ID_TYPES,
+    INITIALIZERS,
+    OFFLOADS,
+    POOL_MODES,
+    QUANTIZERS,
+    WIRE_ARRAYS,
+    WIRE_DTYPES,
+    WRITE_MODES,
+    TableInfo,
+    TablePolicy,
+    TierInfo,
+    name_of,
+)
 
-DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "int8": pb.INT8}
-DTYPE_NAMES = {code: name for name, code in DTYPES.items()}
-WIRE = {"float32": (pb.FLOAT32, np.dtype("<f4")), "float16": (pb.FLOAT16, np.dtype("<f2"))}
-POOL_MODES = {"sum": pb.SUM, "mean": pb.MEAN, "max": pb.MAX}
-INITIALIZERS = {"zeros": pb.ZEROS, "uniform": pb.UNIFORM}
-CHECKPOINT_KINDS = {"full": pb.FULL, "incremental": pb.INCREMENTAL, "differential": pb.DIFFERENTIAL, "auto": pb.AUTO}
-QUANT_BITS = (0, 8, 4, 3, 2)
-QUANTIZERS = {"adaptive": pb.ADAPTIVE, "minmax": pb.MINMAX}
 MAX_MESSAGE_BYTES = 256 << 20
 
 
@@ -63,59 +72,6 @@ class TlsOptions:
 
 
 @dataclass(frozen=True)
-class TableInfo:
-    name: str
-    num_rows: int
-    dim: int
-    dtype: str
-    rows_by_tier: dict[str, int]
-    bytes_by_tier: dict[str, int]
-    version: int
-    metadata_bytes: int
-    emulated_by_tier: dict[str, bool]
-    rows_by_port: dict[str, int] = field(default_factory=dict)  # CXL rows per fabric port
-
-
-@dataclass(frozen=True)
-class PortInfo:
-    name: str
-    numa_node: int  # -1 when emulated
-    capacity_bytes: int
-    used_bytes: int
-
-
-@dataclass(frozen=True)
-class TierInfo:
-    name: str
-    capacity_bytes: int
-    used_bytes: int
-    numa_node: int
-    emulated: bool
-    path: str
-    ports: list[PortInfo] = field(default_factory=list)  # the CXL tier's ports
-
-
-def _table_info(m: pb.TableInfo) -> TableInfo:
-    return TableInfo(m.name, m.num_rows, m.dim, DTYPE_NAMES.get(m.dtype, str(m.dtype)), dict(m.rows_by_tier),
-                     dict(m.bytes_by_tier), m.version, m.metadata_bytes, dict(m.emulated_by_tier),
-                     dict(sorted(m.rows_by_port.items())))
-
-
-@dataclass(frozen=True)
-class TablePolicy:
-    table: str
-    policy: str
-    pin_tier: str                 # "" = not pinned
-    dram_capacity_bytes: int      # -1 = no limit of the table's own
-    cxl_capacity_bytes: int
-    rows_moved: int               # in the engine's last interval
-    migration_backlog_rows: int
-    interval_seconds: float
-    bandwidth_bytes_per_second: int
-    tiering_enabled: bool
-
-
-@dataclass(frozen=True)
 class Trace:
     """A recorded id trace and what `embtier simulate` needs to replay it."""
 
@@ -129,10 +85,6 @@ class Trace:
     bandwidth_bytes_per_second: int
     heat_sample_shift: int
     policy: str
-
-
-OFFLOADS = {"host": pb.HOST, "device": pb.DEVICE, "switch": pb.SWITCH}
-OFFLOAD_NAMES = {code: name for name, code in OFFLOADS.items()}
 
 
 @dataclass(frozen=True)
@@ -199,18 +151,11 @@ class Checkpoint:
 
 def _checkpoint(m: pb.CheckpointInfo) -> Checkpoint:
     return Checkpoint(
-        id=m.id, parent_id=m.parent_id, base_id=m.base_id, kind=pb.CheckpointKind.Name(m.kind).lower(),
-        quant_bits=m.quant_bits, quantizer=pb.Quantizer.Name(m.quantizer).lower() if m.quant_bits else "exact",
+        id=m.id, parent_id=m.parent_id, base_id=m.base_id, kind=name_of(CHECKPOINT_KINDS, m.kind),
+        quant_bits=m.quant_bits, quantizer=name_of(QUANTIZERS, m.quantizer) if m.quant_bits else "exact",
         lsn=m.lsn, rows_written=m.rows_written, bytes_written=m.bytes_written, duration_seconds=m.duration_seconds,
         snapshot_seconds=m.snapshot_seconds, created_unix_seconds=m.created_unix_seconds, tables=tuple(m.tables),
         exact_chain=m.exact_chain, damage=m.damage)
-
-
-def _table_policy(m: pb.TablePolicy) -> TablePolicy:
-    return TablePolicy(table=m.table, policy=m.policy, pin_tier=m.pin_tier, dram_capacity_bytes=m.dram_capacity_bytes,
-                       cxl_capacity_bytes=m.cxl_capacity_bytes, rows_moved=m.rows_moved,
-                       migration_backlog_rows=m.migration_backlog_rows, interval_seconds=m.interval_seconds,
-                       bandwidth_bytes_per_second=m.bandwidth_bytes_per_second, tiering_enabled=m.tiering_enabled)
 
 
 def _policy_fields(policy, pin_tier, dram_capacity_bytes, cxl_capacity_bytes) -> dict:
@@ -225,8 +170,8 @@ def _ids(ids) -> tuple[bytes, int]:
     if ids.dtype.kind not in "iu":
         raise TypeError(f"ids must be integers, got {ids.dtype}")
     if ids.size and 0 <= ids.min() and ids.max() < 2**31:
-        return _bytes(ids, "<i4"), pb.INT32
-    return _bytes(ids, "<i8"), pb.INT64
+        return _bytes(ids, ID_ARRAYS["int32"]), ID_TYPES["int32"]
+    return _bytes(ids, ID_ARRAYS["int64"]), ID_TYPES["int64"]
 
 
 def _bytes(arr, dtype: str) -> bytes:
@@ -280,21 +225,19 @@ class Client:
         request = pb.CreateTableRequest(name=name, num_rows=num_rows, dim=dim, dtype=DTYPES[dtype],
                                         initializer=INITIALIZERS[initializer], seed=seed, init_scale=init_scale,
                                         **_policy_fields(policy, pin_tier, dram_capacity_bytes, cxl_capacity_bytes))
-        return _table_info(self._call("CreateTable", request, idempotent=False))
+        return TableInfo.from_message(self._call("CreateTable", request, idempotent=False))
 
     def drop_table(self, name: str) -> None:
         self._call("DropTable", pb.DropTableRequest(name=name), idempotent=False)
 
     def tables(self) -> list[TableInfo]:
-        return [_table_info(t) for t in self._call("ListTables", pb.ListTablesRequest()).tables]
+        return [TableInfo.from_message(t) for t in self._call("ListTables", pb.ListTablesRequest()).tables]
 
     def describe(self, name: str) -> TableInfo:
-        return _table_info(self._call("DescribeTable", pb.DescribeTableRequest(name=name)))
+        return TableInfo.from_message(self._call("DescribeTable", pb.DescribeTableRequest(name=name)))
 
     def tiers(self) -> list[TierInfo]:
-        return [TierInfo(t.name, t.capacity_bytes, t.used_bytes, t.numa_node, t.emulated, t.path,
-                         [PortInfo(p.name, p.numa_node, p.capacity_bytes, p.used_bytes) for p in t.ports])
-                for t in self._call("GetTiers", pb.GetTiersRequest()).tiers]
+        return [TierInfo.from_message(t) for t in self._call("GetTiers", pb.GetTiersRequest()).tiers]
 
     def heat(self, table: str) -> tuple[list[str], dict[str, list[int]]]:
         """(heat bins, {tier: rows per bin}) of a table."""
@@ -303,7 +246,7 @@ class Client:
 
     def policy(self, table: str) -> TablePolicy:
         """A table's tiering settings and the engine's last interval for it."""
-        return _table_policy(self._call("GetPolicy", pb.GetPolicyRequest(table=table)))
+        return TablePolicy.from_message(self._call("GetPolicy", pb.GetPolicyRequest(table=table)))
 
     def set_policy(self, table: str, policy: str | None = None, pin_tier: str | None = None,
                    dram_capacity_bytes: int | None = None, cxl_capacity_bytes: int | None = None) -> TablePolicy:
@@ -311,7 +254,7 @@ class Client:
         "cxl", "scm" or "" (unpin); a capacity in bytes is the table's own limit in that tier, -1 none."""
         request = pb.SetPolicyRequest(table=table, **_policy_fields(policy, pin_tier, dram_capacity_bytes,
                                                                     cxl_capacity_bytes))
-        return _table_policy(self._call("SetPolicy", request))
+        return TablePolicy.from_message(self._call("SetPolicy", request))
 
     def record_trace(self, table: str, max_ids: int, timeout_seconds: float = 60.0) -> Trace:
         """The ids of the table's next lookups (up to max_ids, or what arrived within timeout_seconds)."""
@@ -351,12 +294,12 @@ class Client:
         """Assigns values[i] to row ids[i], or adds scale * values[i] with add=True; returns the table version."""
         id_bytes, id_type = _ids(ids)
         request = pb.WriteRowsRequest(table=table, ids=id_bytes, id_type=id_type, values=_bytes(values, "<f4"),
-                                      mode=pb.ADD if add else pb.ASSIGN, scale=scale)
+                                      mode=WRITE_MODES["add" if add else "assign"], scale=scale)
         return self._call("WriteRows", request, idempotent=not add).version
 
     def lookup(self, table: str, ids, wire_dtype: str = "float32") -> np.ndarray:
         """[len(ids), dim] float32 rows (sent as float16 on the wire when asked)."""
-        code, dt = WIRE[wire_dtype]
+        code, dt = WIRE_DTYPES[wire_dtype], np.dtype(WIRE_ARRAYS[wire_dtype])
         id_bytes, id_type = _ids(ids)
         reply = self._call("Lookup", pb.LookupRequest(table=table, ids=id_bytes, id_type=id_type, wire_dtype=code))
         return np.frombuffer(reply.values, dtype=dt).reshape(reply.count, reply.dim).astype(np.float32, copy=False)
@@ -374,7 +317,7 @@ class Client:
     def lookup_pooled_fabric(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
                              offload: str | None = None) -> tuple[dict[str, np.ndarray], FabricTraffic]:
         """lookup_pooled, and what the request moved across the emulated fabric (modelled)."""
-        code, dt = WIRE[wire_dtype]
+        code, dt = WIRE_DTYPES[wire_dtype], np.dtype(WIRE_ARRAYS[wire_dtype])
         if offload is not None and offload not in OFFLOADS:
             raise ValueError(f"offload must be one of {', '.join(OFFLOADS)} or None; got {offload!r}")
         bags, inputs = [], {}
@@ -403,7 +346,7 @@ class Client:
                 rows = np.frombuffer(r.rows, dtype=dt).reshape(-1, r.dim).astype(np.float32, copy=False)
                 out[r.table] = pool_rows(rows, lengths, weights, mode)
         f = reply.fabric
-        traffic = FabricTraffic(OFFLOAD_NAMES[f.offload], dict(f.device_link_bytes), f.host_link_bytes,
+        traffic = FabricTraffic(name_of(OFFLOADS, f.offload), dict(f.device_link_bytes), f.host_link_bytes,
                                 f.modelled_seconds)
         return out, traffic
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from embtier.client import Client, wait_serving
+from embtier.wire import MEMORY_TIERS, TIERS
 from prometheus_client.parser import text_string_to_metric_families
 
 from .loadgen import LoadGenerator, Stats, Workload
@@ -79,7 +80,7 @@ def scrape(metrics: str) -> dict[str, float]:
 
 
 def shares(now: dict, before: dict) -> list[float]:
-    delta = [now[t] - before[t] for t in ("dram", "cxl", "scm")]
+    delta = [now[t] - before[t] for t in TIERS]
     total = sum(delta) or 1
     return [v / total for v in delta]
 
@@ -123,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
                 capacity[t.name] = t.capacity_bytes
             dram_rows = {}
             for name, rows in TABLES.items():
-                dram, cxl = (int(SHARES[name] * capacity[tier]) for tier in ("dram", "cxl"))
+                dram, cxl = (int(SHARES[name] * capacity[tier]) for tier in MEMORY_TIERS)
                 info = client.create_table(name, rows, DIM, initializer="uniform", seed=len(name),
                                            dram_capacity_bytes=dram, cxl_capacity_bytes=cxl)
                 dram_rows[name] = info.rows_by_tier["dram"]
                 limits = (f"{dram / 2**20:.0f} MiB in DRAM and in CXL" if dram == cxl
                           else f"{dram / 2**20:.0f} MiB in DRAM and {cxl / 2**20:.0f} MiB in CXL")
                 print(f"  table {name:9}: {rows:>9} x {DIM} float32 ({rows * ROW_BYTES / 2**20:.0f} MiB), own limit "
-                      f"{limits}; rows per tier " + ", ".join(f"{t} {info.rows_by_tier[t]}" for t in ("dram", "cxl", "scm")))
+                      f"{limits}; rows per tier " + ", ".join(f"{t} {info.rows_by_tier[t]}" for t in TIERS))
             policy = client.policy("user_ids")
         ideal = ideal_dram_share(dram_rows)
         print(f"\nZipf({ALPHA}) LookupPooled: {len(TABLES)} tables x 256 bags x 32 ids per request, "

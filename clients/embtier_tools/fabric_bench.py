@@ -26,12 +26,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from embtier.wire import OFFLOADS
 
 from .fabric import TestBed, format_delay, format_rate, run_host_client, start_daemon, stop_process
 
 TABLES, ROWS, DIM, BAGS = 8, 200_000, 64, 512
 POOLING_FACTORS = (8, 32, 128)
-MODES = ("host", "device", "switch")
+MODES = tuple(OFFLOADS)
 TIER_FLAGS = ["--dram-bytes", "64M", "--cxl-bytes", "512M", "--scm-bytes", "256M"]
 
 

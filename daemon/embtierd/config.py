@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from embtier.sizes import parse_bytes
+from embtier.wire import CHECKPOINT_KINDS, MEMORY_TIERS, OFFLOADS, POLICIES, QUANT_BITS, QUANTIZERS, TIERS
 
 from embtierd.durability.wal import FSYNC_POLICIES
 from embtierd.errors import ConfigError
-from embtierd.tiering.config import MEMORY_TIERS, POLICY_NAMES, TIER_NAMES, TablePolicy, TieringConfig
+from embtierd.tiering.config import TableSettings, TieringConfig
 
 DEFAULT_TOML = """
 state_dir = ".state"
@@ -97,34 +99,26 @@ heat_sample_shift = 3
 scm_queue_depth = 64
 """
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 _PERCENT_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*%\s*$")
 
 
 def parse_size(value: Any, field: str, available_bytes: int | None = None) -> int:
-    """Bytes for a size value; percentages and fractions are of available memory."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{field}: expected a size, got {value!r}")
+    """Bytes for a size value (embtier.sizes); percentages and fractions are of available memory."""
     fraction = None
-    if isinstance(value, int):
-        size = value
-    elif isinstance(value, float):
+    if isinstance(value, float):
         fraction = value
     elif isinstance(value, str) and (m := _PERCENT_RE.match(value)):
         fraction = float(m.group(1)) / 100
-    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
-        size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    else:
-        raise ConfigError(f"{field}: cannot read {value!r} as a size (examples: 4096, \"512M\", \"4G\", \"25%\")")
-    if fraction is not None:
-        if not 0 < fraction <= 1:
-            raise ConfigError(f"{field}: a share of available memory must be in (0, 1], got {value!r}")
-        avail = psutil.virtual_memory().available if available_bytes is None else available_bytes
-        size = int(avail * fraction)
-    if size < 0:
-        raise ConfigError(f"{field}: a size cannot be negative, got {value!r}")
-    return size
+    if fraction is None:
+        try:
+            return parse_bytes(value)
+        except (ValueError, TypeError) as e:
+            hint = " or a share of memory (\"25%\")" if "cannot read" in str(e) else ""
+            raise ConfigError(f"{field}: {e}{hint}") from None
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"{field}: a share of available memory must be in (0, 1], got {value!r}")
+    avail = psutil.virtual_memory().available if available_bytes is None else available_bytes
+    return int(avail * fraction)
 
 
 @dataclass(frozen=True)
@@ -157,9 +151,6 @@ class KernelConfig:
     prefetch_distance: int
     heat_sample_shift: int
     scm_queue_depth: int
-
-
-OFFLOADS = ("host", "device", "switch")
 
 
 @dataclass(frozen=True)
@@ -225,11 +216,6 @@ class ServerConfig:
     idle_timeout_seconds: float = 300.0      # a connection without a call for this long is closed (0: never)
     keepalive_seconds: float = 60.0          # ping a quiet client this often; one that does not answer is dropped
     handshake_timeout_seconds: float = 10.0  # a connection that has not finished its TLS / HTTP/2 setup is dropped
-
-
-CHECKPOINT_KINDS = ("full", "incremental", "differential", "auto")
-QUANT_BITS = (0, 2, 3, 4, 8)
-QUANTIZERS = ("adaptive", "minmax")
 
 
 @dataclass(frozen=True)
@@ -445,8 +431,8 @@ def _number(section: dict, key: str, field: str, lo: float, hi: float) -> float:
 
 
 def _policy_name(value: Any, field: str) -> str:
-    if value not in POLICY_NAMES:
-        raise ConfigError(f"{field}: expected one of {', '.join(POLICY_NAMES)}, got {value!r}")
+    if value not in POLICIES:
+        raise ConfigError(f"{field}: expected one of {', '.join(POLICIES)}, got {value!r}")
     return value
 
 
@@ -461,7 +447,7 @@ def _table_capacity(value: Any, field: str, tier_bytes: int) -> int:
     return parse_size(value, field)
 
 
-def _table_policy(name: str, section: Any, default_policy: str, tier_bytes: dict[str, int]) -> TablePolicy:
+def _table_policy(name: str, section: Any, default_policy: str, tier_bytes: dict[str, int]) -> TableSettings:
     path = f"tiering.tables.{name}"
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: expected a table of policy, pin, dram, cxl; got {section!r}")
@@ -469,11 +455,11 @@ def _table_policy(name: str, section: Any, default_policy: str, tier_bytes: dict
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: cxl, dram, pin, policy")
     pin = section.get("pin", "")
-    if pin not in ("", *TIER_NAMES):
-        raise ConfigError(f"{path}.pin: expected \"\" or one of {', '.join(TIER_NAMES)}, got {pin!r}")
+    if pin not in ("", *TIERS):
+        raise ConfigError(f"{path}.pin: expected \"\" or one of {', '.join(TIERS)}, got {pin!r}")
     capacity = {tier: _table_capacity(section[tier], f"{path}.{tier}", tier_bytes[tier]) if tier in section
                 else None for tier in MEMORY_TIERS}
-    return TablePolicy(policy=_policy_name(section.get("policy", default_policy), f"{path}.policy"), pin=pin,
+    return TableSettings(policy=_policy_name(section.get("policy", default_policy), f"{path}.policy"), pin=pin,
                        capacity_bytes=capacity)
 
 
@@ -547,7 +533,7 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
     unknown = set(doc) - {"state_dir", "server", "tiers", "tiering", "kernels", "durability", "fabric"}
     if unknown:
         raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
-    _section(doc, "tiers", {"dram", "cxl", "scm"})
+    _section(doc, "tiers", set(TIERS))
     dram = _section(doc, "tiers.dram", {"capacity", "huge_pages"})
     cxl = _section(doc, "tiers.cxl", {"capacity", "huge_pages", "node", "emulated_latency_ns"})
     scm = _section(doc, "tiers.scm", {"capacity", "path", "read_align_bytes"})

@@ -11,14 +11,16 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from embtier import wire
 
 from embtierd._native import ffi, lib
 from embtierd.errors import EmbtierError, InvalidArgumentError, NotFoundError, storage_error
 from embtierd.topology import nodemask_words
 
-DTYPES = {"float32": lib.ET_DTYPE_F32, "float16": lib.ET_DTYPE_F16, "int8": lib.ET_DTYPE_I8}
-POOL_MODES = {"sum": lib.ET_POOL_SUM, "mean": lib.ET_POOL_MEAN, "max": lib.ET_POOL_MAX}
-TIER_DRAM, TIER_CXL, TIER_SCM = lib.ET_TIER_DRAM, lib.ET_TIER_CXL, lib.ET_TIER_SCM
+# the kernels' codes of embtier.wire's names (in the same order)
+DTYPES = dict(zip(wire.DTYPES, (lib.ET_DTYPE_F32, lib.ET_DTYPE_F16, lib.ET_DTYPE_I8), strict=True))
+POOL_MODES = dict(zip(wire.POOL_MODES, (lib.ET_POOL_SUM, lib.ET_POOL_MEAN, lib.ET_POOL_MAX), strict=True))
+TIER_DRAM, TIER_CXL, TIER_SCM = lib.ET_TIER_DRAM, lib.ET_TIER_CXL, lib.ET_TIER_SCM  # = their index in wire.TIERS
 ISA_NAMES = {lib.ET_ISA_GENERIC: "generic", lib.ET_ISA_AVX2: "avx2", lib.ET_ISA_AVX512: "avx512"}
 
 

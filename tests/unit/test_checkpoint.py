@@ -57,7 +57,7 @@ def test_restore_is_bit_identical_and_the_log_after_it_replays(tmp_path, store_f
     write_some(store, "f", np.random.default_rng(0), batches=20)
     store.move_rows("f", np.arange(2000, 2100), "dram")  # placement is not what is saved
     info = ck.take("full")
-    assert info.rows_written == 3500 and info.lsn == wal.last_lsn and info.kind == "FULL" and info.exact_chain
+    assert info.rows_written == 3500 and info.lsn == wal.last_lsn and info.kind == "full" and info.exact_chain
     assert wal.first_lsn == 1  # the only checkpoint: the log still reaches back to its start
     write_some(store, "f", np.random.default_rng(1), batches=20)
     segments = len(list((tmp_path / "wal").glob("wal-*.log")))
@@ -84,14 +84,14 @@ def test_incremental_and_differential_hold_exactly_the_changed_rows(tmp_path, st
     first = write_some(store, "f", rng)
     store.move_rows("f", np.arange(100), "dram")  # moves change no value: not in the next checkpoint
     inc1 = ck.take("incremental")
-    assert (inc1.kind, inc1.parent_id, inc1.base_id, inc1.rows_written) == ("INCREMENTAL", full.id, full.id,
+    assert (inc1.kind, inc1.parent_id, inc1.base_id, inc1.rows_written) == ("incremental", full.id, full.id,
                                                                              len(first))
     second = write_some(store, "f", rng)
     inc2 = ck.take("incremental")
     assert (inc2.parent_id, inc2.rows_written) == (inc1.id, len(second))
     third = write_some(store, "f", rng)
     diff = ck.take("differential")
-    assert (diff.kind, diff.parent_id, diff.rows_written) == ("DIFFERENTIAL", full.id, len(first | second | third))
+    assert (diff.kind, diff.parent_id, diff.rows_written) == ("differential", full.id, len(first | second | third))
     ids = fmt.read_ids(tmp_path / "checkpoints", fmt.read_manifest(tmp_path / "checkpoints", diff.id),
                        fmt.read_manifest(tmp_path / "checkpoints", diff.id)["tables"][0])
     assert ids.tolist() == sorted(first | second | third)
@@ -152,11 +152,11 @@ def test_auto_writes_a_full_checkpoint_once_the_differentials_cost_more(tmp_path
     for _ in range(8):
         kinds.append(ck.take("auto").kind)
         write_some(store, "f", rng, n=100, batches=2)  # ~18 % of the rows per interval
-    assert kinds[0] == "FULL" and kinds[1] == "DIFFERENTIAL"
+    assert kinds[0] == "full" and kinds[1] == "differential"
     # the differentials grow (changes since the full accumulate): a second full comes once the
     # bytes written since the first pass a full one's
-    assert "FULL" in kinds[2:]
-    second = kinds.index("FULL", 1)
+    assert "full" in kinds[2:]
+    second = kinds.index("full", 1)
     infos = ck.list()
     since = sum(i.bytes_written for i in infos[1:second])
     assert since <= infos[0].bytes_written * 1.05
@@ -196,7 +196,7 @@ def test_quantized_restore_is_within_the_bound_of_its_bit_width_per_row(tmp_path
     truth = store.lookup("f", np.arange(3000))
     store.create_table("later", 10, 4)  # created after the checkpoint: a restore drops it
     restored, saved = ck.restore(info.id)
-    assert restored.id == info.id and saved.kind == "FULL" and saved.exact_chain
+    assert restored.id == info.id and saved.kind == "full" and saved.exact_chain
     assert [t.name for t in store.tables()] == ["f"]
     got = store.lookup("f", np.arange(3000))
     span = truth.max(axis=1) - truth.min(axis=1)
@@ -359,7 +359,7 @@ def test_the_schedule_takes_the_configured_checkpoints_until_stopped(tmp_path, s
     ck.stop()
     listed = ck.list()
     assert len(listed) >= 3
-    assert listed[0].kind == "FULL" and {c.kind for c in listed[1:]} == {"INCREMENTAL"}
+    assert listed[0].kind == "full" and {c.kind for c in listed[1:]} == {"incremental"}
     assert {c.quant_bits for c in listed} == {8}
     count = len(listed)
     time.sleep(0.2)
@@ -415,7 +415,7 @@ def test_when_nothing_rebuilds_a_table_the_start_names_it_and_salvage_keeps_the_
     assert [t.name for t in store.tables()] == ["g"]
     np.testing.assert_array_equal(all_rows(store, "g"), expected_g)
     assert "salvage: started without" in caplog.text and "table 'f'" in caplog.text
-    assert ck.list()[-1].kind == "FULL"  # what was kept is the state the next start begins from
+    assert ck.list()[-1].kind == "full"  # what was kept is the state the next start begins from
     wal.close()
     store, wal, _ = open_store(tmp_path, store_factory)  # a plain start now
     np.testing.assert_array_equal(all_rows(store, "g"), expected_g)
@@ -434,7 +434,7 @@ def test_a_restore_is_logged_and_comes_back_when_its_checkpoint_is_lost(tmp_path
     write_some(store, "f", rng)
     store.create_table("later", 10, 4)
     restored, saved = ck.restore(source.id)
-    assert restored.id == source.id and saved.kind == "FULL"
+    assert restored.id == source.id and saved.kind == "full"
     np.testing.assert_array_equal(all_rows(store, "f"), snapshot)
     assert store.generation("f") == saved.lsn  # the RESTORE record's: the checkpoint covers up to it
     store.write_rows("f", np.arange(6), np.full((6, 8), 3, dtype=np.float32))
@@ -471,7 +471,7 @@ def test_a_restore_whose_checkpoint_cannot_be_written_stands(tmp_path, store_fac
     np.testing.assert_array_equal(all_rows(store, "f"), snapshot)
     store.write_rows("f", np.arange(3), np.ones((3, 8), dtype=np.float32))
     expected = all_rows(store, "f")
-    assert ck.take("incremental").kind == "FULL"  # the change bitmaps do not cover a restore
+    assert ck.take("incremental").kind == "full"  # the change bitmaps do not cover a restore
     wal.close()
     store, wal, _ = open_store(tmp_path, store_factory)
     np.testing.assert_array_equal(all_rows(store, "f"), expected)

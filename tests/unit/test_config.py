@@ -8,7 +8,7 @@ import pytest
 from embtierd import config
 from embtierd.errors import ConfigError
 from embtierd.rpc import server
-from embtierd.tiering.config import TablePolicy
+from embtierd.tiering.config import TableSettings
 
 GiB = 1 << 30
 
@@ -239,7 +239,7 @@ def test_listen_addresses_add_the_interface(tmp_path):
 def test_tiering_defaults():
     tiering = config.load(available_bytes=GiB).tiering
     assert tiering.aging_intervals == 4 and tiering.policy == "lfu" and tiering.tables == {}
-    assert tiering.table_policy("any") == TablePolicy(policy="lfu")
+    assert tiering.table_policy("any") == TableSettings(policy="lfu")
 
 
 def test_tiering_tables():
@@ -251,10 +251,10 @@ def test_tiering_tables():
         }}}, available_bytes=GiB)
     tiering = cfg.tiering
     assert tiering.aging_intervals == 8 and tiering.policy == "lru"
-    assert tiering.tables["ads"] == TablePolicy(policy="lru", pin="scm")  # the default policy, no limits
-    assert tiering.tables["users"] == TablePolicy(policy="lfu", capacity_bytes={"dram": 64 << 20, "cxl": 128 << 20})
+    assert tiering.tables["ads"] == TableSettings(policy="lru", pin="scm")  # the default policy, no limits
+    assert tiering.tables["users"] == TableSettings(policy="lfu", capacity_bytes={"dram": 64 << 20, "cxl": 128 << 20})
     assert tiering.tables["items"].capacity_bytes == {"dram": 128 << 20, "cxl": 0}  # shares of the tier, not of memory
-    assert tiering.table_policy("users").policy == "lfu" and tiering.table_policy("other") == TablePolicy(policy="lru")
+    assert tiering.table_policy("users").policy == "lfu" and tiering.table_policy("other") == TableSettings(policy="lru")
 
 
 @pytest.mark.parametrize("tiering, message", [

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 from embtierd.errors import InvalidArgumentError
-from embtierd.tiering.config import TablePolicy, TieringConfig
+from embtierd.tiering.config import TableSettings, TieringConfig
 from embtierd.tiering.engine import TieringEngine
 
 from .test_fabric import assert_parts_match_addresses
@@ -134,8 +134,8 @@ def test_tiering_engine_under_concurrent_reads_and_writes(store_factory):
     promoted, demoted into clean and dirty SCM copies, pinned, and compacted when a limit drops)."""
     s = store_factory(dram="64K", cxl="32K", scm="8M", kernel_threads=2, heat_sample_shift=0)
     engine = TieringEngine(s, TieringConfig(True, 0.05, 1 << 30, 0.25, aging_intervals=1))
-    settings = [TablePolicy(), TablePolicy(capacity_bytes={"dram": 8 << 10, "cxl": 4 << 10}), TablePolicy(pin="scm"),
-                TablePolicy(policy="lru"), TablePolicy(capacity_bytes={"dram": 0, "cxl": None})]
+    settings = [TableSettings(), TableSettings(capacity_bytes={"dram": 8 << 10, "cxl": 4 << 10}), TableSettings(pin="scm"),
+                TableSettings(policy="lru"), TableSettings(capacity_bytes={"dram": 0, "cxl": None})]
 
     def mover(stop) -> int:
         moved, i = 0, 0

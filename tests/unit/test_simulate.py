@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from embtier_tools.loadgen import ZipfIds
-from embtierd.tiering.config import TablePolicy, TieringConfig
+from embtierd.tiering.config import TableSettings, TieringConfig
 from embtierd.tiering.engine import TieringEngine
 from embtierd.tiering.simulate import SimConfig, oracle_hit_ratios, simulate
 
@@ -75,7 +75,7 @@ def test_agrees_with_the_tiering_engine(store_factory, policy, budget_rows):
     """The same trace through a store and its tiering engine: per-interval DRAM hit ratios match."""
     rows, per_interval, intervals = 4000, 4096, 10
     store = store_factory(dram="16K", cxl="16K", scm="16M", heat_sample_shift=0)
-    info = store.create_table("t", rows, 16, policy=TablePolicy(policy=policy))
+    info = store.create_table("t", rows, 16, policy=TableSettings(policy=policy))
     assert info.rows_by_tier["dram"] > 0 and info.rows_by_tier["cxl"] > 0 and info.rows_by_tier["scm"] > 0
     stride = store.geometry("t")[2]
     engine = TieringEngine(store, TieringConfig(True, 1.0, budget_rows * stride, 0.25, aging_intervals=2,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from embtier_tools.loadgen import ZipfIds
 from embtierd.errors import TierFullError
-from embtierd.tiering.config import TablePolicy, TieringConfig
+from embtierd.tiering.config import TableSettings, TieringConfig
 from embtierd.tiering.engine import TieringEngine
 from embtierd.tiering.policy_base import plan_swaps
 from embtierd.tiering.policy_lfu import LfuPolicy
@@ -86,8 +86,8 @@ def engine_for(store, budget_rows: int = 1 << 20, **kwargs) -> TieringEngine:
     return TieringEngine(store, TieringConfig(True, 1.0, budget_rows * ROW_BYTES, 0.25, aging_intervals=1, **kwargs))
 
 
-def dram_limit(rows: int | None) -> TablePolicy:
-    return TablePolicy(capacity_bytes={"dram": None if rows is None else rows * ROW_BYTES, "cxl": None})
+def dram_limit(rows: int | None) -> TableSettings:
+    return TableSettings(capacity_bytes={"dram": None if rows is None else rows * ROW_BYTES, "cxl": None})
 
 
 def touch(store, name: str, ids: np.ndarray, times: int = 1) -> None:
@@ -134,7 +134,7 @@ def test_lowering_a_limit_gives_the_memory_back_to_the_tier(store_factory):
 @pytest.mark.parametrize("pin", ["scm", "cxl"])  # (pinned to DRAM: see the next test)
 def test_pinned_table_is_placed_in_its_tier(store_factory, pin):
     store = store_factory(dram="64K", cxl="64K", scm="16M")
-    info = store.create_table("p", 700, 16, policy=TablePolicy(pin=pin))
+    info = store.create_table("p", 700, 16, policy=TableSettings(pin=pin))
     assert info.rows_by_tier == {tier: 700 if tier == pin else 0 for tier in ("dram", "cxl", "scm")}
     engine = engine_for(store)
     touch(store, "p", np.arange(100), times=3)
@@ -145,11 +145,11 @@ def test_pinned_table_is_placed_in_its_tier(store_factory, pin):
 def test_table_pinned_to_dram_is_refused_rather_than_spilled(store_factory):
     store = store_factory(dram="64K", cxl="64K", scm="16M")  # 1024 rows each in DRAM and CXL
     with pytest.raises(TierFullError, match="tier dram \\(the table is pinned there\\) cannot hold it"):
-        store.create_table("p", 1500, 16, policy=TablePolicy(pin="dram"))
+        store.create_table("p", 1500, 16, policy=TableSettings(pin="dram"))
     with pytest.raises(TierFullError, match="tier dram"):
-        store.create_table("p", 600, 16, policy=TablePolicy(pin="dram", capacity_bytes={"dram": 500 * ROW_BYTES}))
+        store.create_table("p", 600, 16, policy=TableSettings(pin="dram", capacity_bytes={"dram": 500 * ROW_BYTES}))
     assert store.tables() == []
-    info = store.create_table("p", 1000, 16, policy=TablePolicy(pin="dram"))  # all or nothing: DRAM is free again
+    info = store.create_table("p", 1000, 16, policy=TableSettings(pin="dram"))  # all or nothing: DRAM is free again
     assert info.rows_by_tier == {"dram": 1000, "cxl": 0, "scm": 0}
 
 
@@ -160,7 +160,7 @@ def test_set_policy_pin_moves_rows_over_the_next_intervals(store_factory):
     engine = engine_for(store, budget_rows=200)
     hot = np.arange(300, 310)
     touch(store, "t", hot, times=5)
-    store.set_policy("t", TablePolicy(pin="scm"))
+    store.set_policy("t", TableSettings(pin="scm"))
     moved = engine.run_once()
     assert moved == {("dram", "scm"): 200}
     assert np.all(store.placement("t")[hot] == 2)              # hottest first
@@ -169,7 +169,7 @@ def test_set_policy_pin_moves_rows_over_the_next_intervals(store_factory):
     engine.run_once()
     assert store.describe("t").rows_by_tier == {"dram": 0, "cxl": 0, "scm": 500}
     assert engine.state("t").backlog_rows == 0
-    store.set_policy("t", TablePolicy(pin="dram"))
+    store.set_policy("t", TableSettings(pin="dram"))
     engine.run_once()
     assert store.describe("t").rows_by_tier == {"dram": 200, "cxl": 0, "scm": 300}
 
@@ -197,7 +197,7 @@ def test_set_policy_lowering_the_dram_limit_demotes_the_coldest(store_factory):
     assert np.all(store.placement("t")[warm] == 0)
 
 
-def two_tables_sharing_dram(store, policies: dict[str, TablePolicy], rows: int) -> None:
+def two_tables_sharing_dram(store, policies: dict[str, TableSettings], rows: int) -> None:
     """Tables of rows rows that each get half of the store's DRAM (a placeholder table holds the other
     half while the first is created)."""
     first, second = policies
@@ -209,7 +209,7 @@ def two_tables_sharing_dram(store, policies: dict[str, TablePolicy], rows: int) 
 
 def test_lru_and_lfu_tables_each_converge_on_their_hot_sets(store_factory):
     store = store_factory(dram="64K", cxl="0", scm="16M", heat_sample_shift=0)  # 512 DRAM rows per table
-    two_tables_sharing_dram(store, {"recent": TablePolicy(policy="lru"), "frequent": TablePolicy(policy="lfu")}, 4000)
+    two_tables_sharing_dram(store, {"recent": TableSettings(policy="lru"), "frequent": TableSettings(policy="lfu")}, 4000)
     assert [store.describe(n).rows_by_tier["dram"] for n in ("recent", "frequent")] == [512, 512]
     assert store.room_rows("recent", 0) == 0 and store.room_rows("frequent", 0) == 0
     engine = engine_for(store)
@@ -231,8 +231,8 @@ def test_lru_and_lfu_tables_each_converge_on_their_hot_sets(store_factory):
 def test_budget_is_shared_and_the_first_table_rotates(store_factory):
     store = store_factory(dram="64K", cxl="0", scm="16M", heat_sample_shift=0)
     for name in ("a", "b"):
-        store.create_table(name, 500, 16, policy=TablePolicy(pin="scm"))
-        store.set_policy(name, TablePolicy())  # now free to move up: 500 rows each would go to DRAM
+        store.create_table(name, 500, 16, policy=TableSettings(pin="scm"))
+        store.set_policy(name, TableSettings())  # now free to move up: 500 rows each would go to DRAM
         touch(store, name, np.arange(500))
     engine = engine_for(store, budget_rows=150)
     assert engine.run_once() == {("scm", "dram"): 150}
@@ -246,7 +246,7 @@ def test_budget_is_shared_and_the_first_table_rotates(store_factory):
 
 def test_dropped_table_leaves_the_engine_state(store_factory):
     store = store_factory(dram="64K", cxl="0", scm="16M")
-    lru = TablePolicy(policy="lru")
+    lru = TableSettings(policy="lru")
     store.create_table("a", 100, 16)
     store.create_table("b", 100, 16, policy=lru)
     engine = engine_for(store)

@@ -69,9 +69,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from embtier.wire import CHECKPOINT_KINDS, QUANT_BITS, QUANTIZERS
 
 from embtierd import native
-from embtierd.config import CHECKPOINT_KINDS, QUANT_BITS, QUANTIZERS, CheckpointConfig
+from embtierd.config import CheckpointConfig
 from embtierd.durability import checkpoint_format as fmt
 from embtierd.errors import (
     CorruptCheckpointError,
@@ -92,7 +93,7 @@ class CheckpointInfo:
     id: int
     parent_id: int            # 0 for a full checkpoint
     base_id: int              # the full checkpoint its chain starts from
-    kind: str                 # FULL, INCREMENTAL, DIFFERENTIAL
+    kind: str                 # what was written: full, incremental or differential
     quant_bits: int           # 0 = exact
     quantizer: str            # "exact", "minmax", "adaptive"
     lsn: int                  # write-ahead log records up to this one are in it
@@ -280,7 +281,7 @@ class Checkpointer:
                 lsn = self.wal.last_lsn
                 snapshot = [self._rows(name, kind, changed[name]) for name in names]
             held = time.perf_counter() - start
-            parent = {"FULL": 0, "INCREMENTAL": self._last, "DIFFERENTIAL": self._full}[kind]
+            parent = {"full": 0, "incremental": self._last, "differential": self._full}[kind]
             manifest = self._write(snapshot, kind, parent, lsn, quant_bits, quantizer)
             self._published(manifest, changed)
             info = info_of(self.root, manifest, time.perf_counter() - start, held)
@@ -306,11 +307,11 @@ class Checkpointer:
 
     def _choose(self, kind: str, quant_bits: int, changed: dict[str, _Changed]) -> str:
         if kind == "full" or not self._full:
-            return "FULL"
+            return "full"
         if kind == "incremental":
-            return "INCREMENTAL"
+            return "incremental"
         if kind == "differential":
-            return "DIFFERENTIAL"
+            return "differential"
         full = differential = 0
         for name, bitmaps in changed.items():
             spec = self.store.spec(name)
@@ -320,15 +321,15 @@ class Checkpointer:
         limit = self.settings.auto_full_ratio * full
         # a new full checkpoint also lets retention cut the log (kept back to the last chain's newest)
         over = self._since_full_bytes + differential > limit or self.wal.size_bytes > limit
-        return "FULL" if over else "DIFFERENTIAL"
+        return "full" if over else "differential"
 
     def _rows(self, name: str, kind: str, changed: _Changed) -> fmt.TableRows:
         spec = self.store.spec(name)
         num_rows = spec["num_rows"]
-        if kind == "FULL":
+        if kind == "full":
             ids = np.arange(num_rows, dtype=np.int64)
         else:
-            ids = _rows_of(changed.since_checkpoint if kind == "INCREMENTAL" else changed.since_full, num_rows)
+            ids = _rows_of(changed.since_checkpoint if kind == "incremental" else changed.since_full, num_rows)
         return fmt.TableRows(spec, ids.size == num_rows, ids, self.store.read_encoded(name, ids),
                              self.store.heat(name).copy())
 
@@ -339,8 +340,8 @@ class Checkpointer:
         try:
             for table in snapshot:
                 writer.add(table)
-            exact = quant_bits == 0 and (kind == "FULL" or self._exact_chain(parent))
-            since_full = 0 if kind == "FULL" else self._since_full_bytes + writer.bytes_written
+            exact = quant_bits == 0 and (kind == "full" or self._exact_chain(parent))
+            since_full = 0 if kind == "full" else self._since_full_bytes + writer.bytes_written
             manifest = writer.publish({"kind": kind, "parent_id": parent,
                                        "base_id": self._full if parent else writer.id, "lsn": lsn,
                                        "exact_chain": exact, "created_unix_seconds": time.time(),
@@ -363,7 +364,7 @@ class Checkpointer:
 
     def _published(self, manifest: dict, changed: dict[str, _Changed]) -> None:
         """The state after publishing manifest: the rows it holds are no longer changed."""
-        full = manifest["kind"] == "FULL"
+        full = manifest["kind"] == "full"
         for bitmaps in changed.values():
             bitmaps.since_checkpoint[:] = 0
             if full:
@@ -425,7 +426,7 @@ class Checkpointer:
                 verdict = self._verdicts.get(node, ((), ""))[1]
             if verdict:
                 return verdict
-            if manifest["kind"] == "FULL":
+            if manifest["kind"] == "full":
                 return ""
             node = manifest["parent_id"]
 
@@ -491,9 +492,9 @@ class Checkpointer:
                     self.wal.roll()  # (so that the log can be cut right after the RESTORE record)
                 except EmbtierError as e:
                     log.warning("%s", e)
-                snapshot = (self._rows(name, "FULL", None) for name in names)
+                snapshot = (self._rows(name, "full", None) for name in names)
                 try:
-                    manifest = self._write(snapshot, "FULL", 0, lsn, 0, "exact", restored_from=checkpoint_id)
+                    manifest = self._write(snapshot, "full", 0, lsn, 0, "exact", restored_from=checkpoint_id)
                 except EmbtierError as e:
                     log.error("restored checkpoint %d, but its full checkpoint could not be published (%s): the "
                               "restore stands (the write-ahead log holds it), the next checkpoint is full", 
@@ -552,7 +553,7 @@ class Checkpointer:
                 raise CorruptCheckpointError(f"checkpoint {chain[-1]['id']} needs checkpoint {node}, which is gone")
             manifest = fmt.read_manifest(self.root, node)
             chain.append(manifest)
-            if manifest["kind"] == "FULL":
+            if manifest["kind"] == "full":
                 return chain[::-1]
             node = manifest["parent_id"]
 

@@ -1,7 +1,8 @@
 """The checkpoint format on disk: one directory per checkpoint, written
 whole or not at all.
 
-    <root>/ckpt-<id:08d>/manifest.json     format version, id, kind, parent, base,
+    <root>/ckpt-<id:08d>/manifest.json     format version, id, kind (the wire enum's name:
+                                           FULL, INCREMENTAL, DIFFERENTIAL), parent, base,
                                            LSN, quantization, one entry per table
     <root>/ckpt-<id:08d>/table-<i:04d>.dat that table's rows in this checkpoint
 
@@ -37,13 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from embtier.v1 import embtier_pb2 as pb
+from embtier.wire import CHECKPOINT_KINDS, name_of
 
 from embtierd import codec, native
 from embtierd.durability.wal import fsync_directory
 from embtierd.errors import CorruptCheckpointError
 
 FORMAT_VERSION = 2
-KINDS = ("FULL", "INCREMENTAL", "DIFFERENTIAL")
 FP16_LIMIT = 60000.0  # largest magnitude whose range parameters are stored as float16
 _PIECE = 16 << 20
 
@@ -125,12 +127,13 @@ class Writer:
         publishes the directory; returns the manifest."""
         manifest = {"format_version": FORMAT_VERSION, "id": self.id, "quant_bits": self.quant_bits,
                     "quantizer": self.quantizer if self.quant_bits else "exact", **head,
+                    "kind": pb.CheckpointKind.Name(CHECKPOINT_KINDS[head["kind"]]),
                     "rows_written": self.rows_written, "tables": self.entries}
         _write_sections(self.tmp / "manifest.json", [("manifest", json.dumps(manifest, indent=1).encode())])
         fsync_directory(self.tmp)
         os.rename(self.tmp, self.final)
         fsync_directory(self.root)
-        return manifest
+        return {**manifest, "kind": head["kind"]}
 
     def abandon(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -164,6 +167,10 @@ def read_manifest(root: Path, checkpoint_id: int) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CorruptCheckpointError(f"checkpoint {checkpoint_id} ({path}): format version "
                                      f"{manifest.get('format_version')!r}, this daemon reads {FORMAT_VERSION}")
+    try:
+        manifest["kind"] = name_of(CHECKPOINT_KINDS, pb.CheckpointKind.Value(manifest["kind"]))
+    except (KeyError, ValueError) as e:
+        raise CorruptCheckpointError(f"checkpoint {checkpoint_id} ({path}): no kind {manifest.get('kind')!r}") from e
     return manifest
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from embtierd.errors import EmbtierError, StorageError, TierFullError
-from embtierd.tiering.config import TablePolicy
+from embtierd.tiering.config import TableSettings
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ _HEADER = struct.Struct("<I")  # length of the JSON head of a WRITE record
 
 
 def encode_create(name: str, num_rows: int, dim: int, dtype: str, initializer: str, seed: int,
-                  init_scale: float, policy: TablePolicy) -> bytes:
+                  init_scale: float, policy: TableSettings) -> bytes:
     return json.dumps({"name": name, "num_rows": num_rows, "dim": dim, "dtype": dtype, "initializer": initializer,
                        "seed": seed, "init_scale": init_scale, **policy.to_dict()}).encode()
 
@@ -159,7 +159,7 @@ def _apply(store, record, counts: dict[str, int], restore) -> None:
     if record.kind == CREATE:
         spec = json.loads(record.payload)
         store.create_table(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"], spec["initializer"],
-                           spec["seed"], spec["init_scale"], TablePolicy.from_dict(spec), generation=record.lsn)
+                           spec["seed"], spec["init_scale"], TableSettings.from_dict(spec), generation=record.lsn)
         counts["create"] += 1
     elif record.kind == DROP:
         name, generation = decode_drop(record.payload)

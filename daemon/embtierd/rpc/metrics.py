@@ -13,12 +13,13 @@ import contextlib
 import os
 
 import psutil
+from embtier.v1 import embtier_pb2 as pb
+from embtier.wire import CHECKPOINT_KINDS, TIERS
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from embtierd import __version__, native
 
-TIERS = ("dram", "cxl", "scm")
 MODELLED_BUCKETS = (1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2)
 LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -167,7 +168,7 @@ class Metrics:
         self.checkpoint_rows.inc(info.rows_written)
         self.checkpoint_seconds.observe(info.duration_seconds)
         self.checkpoint_last.set_to_current_time()
-        self.checkpoints.labels(info.kind, str(info.quant_bits)).inc()
+        self.checkpoints.labels(pb.CheckpointKind.Name(CHECKPOINT_KINDS[info.kind]), str(info.quant_bits)).inc()
 
     def checkpoint_failed(self) -> None:
         self.checkpoint_failures.inc()

@@ -13,6 +13,22 @@ import time
 import numpy as np
 from embtier.v1 import embtier_pb2 as pb
 from embtier.v1 import embtier_pb2_grpc as pb_grpc
+from embtier.wire import (
+    CHECKPOINT_KINDS,
+    DTYPES,
+    ID_ARRAYS,
+    ID_TYPES,
+    INITIALIZERS,
+    MEMORY_TIERS,
+    OFFLOADS,
+    POOL_MODES,
+    QUANTIZERS,
+    WIRE_ARRAYS,
+    WIRE_DTYPES,
+    WRITE_MODES,
+    TablePolicy,
+    name_of,
+)
 
 from embtierd import fabric
 from embtierd.config import ServerConfig
@@ -25,30 +41,20 @@ from embtierd.errors import (
 )
 from embtierd.rpc.metrics import Metrics
 from embtierd.rpc.trace import TraceRecorder
-from embtierd.store.catalog import HEAT_BIN_NAMES, Store, TableInfo
-from embtierd.tiering.config import TablePolicy
+from embtierd.store.catalog import HEAT_BIN_NAMES, Store
+from embtierd.tiering.config import TableSettings
 from embtierd.tiering.engine import TieringEngine
 
-DTYPE_NAMES = {pb.FLOAT32: "float32", pb.FLOAT16: "float16", pb.INT8: "int8"}
-DTYPE_CODES = {name: code for code, name in DTYPE_NAMES.items()}
-WIRE_DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2")}
-INITIALIZERS = {pb.ZEROS: "zeros", pb.UNIFORM: "uniform"}
-POOL_MODES = {pb.SUM: "sum", pb.MEAN: "mean", pb.MAX: "max"}
-WRITE_MODES = {pb.ASSIGN: "assign", pb.ADD: "add"}
-OFFLOADS = {pb.HOST: "host", pb.DEVICE: "device", pb.SWITCH: "switch"}
-OFFLOAD_CODES = {name: code for code, name in OFFLOADS.items()}
-CHECKPOINT_KINDS = {pb.FULL: "full", pb.INCREMENTAL: "incremental", pb.DIFFERENTIAL: "differential", pb.AUTO: "auto"}
-QUANTIZERS = {pb.ADAPTIVE: "adaptive", pb.MINMAX: "minmax"}
 REPLY_OVERHEAD_BYTES = 4096       # what a reply carries besides its arrays (names, counts, fabric accounting)
 RESULT_OVERHEAD_BYTES = 1024      # and per pooled result, at most
 
 
-def enum_value(enum, mapping: dict, value: int, field: str):
-    """mapping[value] for an enum field, else InvalidArgumentError naming the field, the value (by
-    name where the enum has it) and the values allowed."""
-    if value in mapping:
-        return mapping[value]
-    names = [enum.Name(v) for v in mapping]
+def enum_value(enum, mapping: dict[str, int], value: int, field: str) -> str:
+    """The name mapping (one of embtier.wire's) gives an enum field's value, else InvalidArgumentError
+    naming the field, the value (by name where the enum has it) and the values allowed."""
+    if value in mapping.values():
+        return name_of(mapping, value)
+    names = [enum.Name(v) for v in mapping.values()]
     allowed = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
     if value in enum.values():
         raise InvalidArgumentError(f"{field} = {enum.Name(value)} ({value}) is not allowed here; use {allowed}")
@@ -63,33 +69,23 @@ def array(buf: bytes, dtype: str, field: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=dt)
 
 
-ID_DTYPES = {pb.INT64: "<i8", pb.INT32: "<i4"}
-
-
 def id_array(buf: bytes, id_type: int, prefix: str = "") -> np.ndarray:
     """The ids field of a message as int64: a view of int64 bytes, a widened copy of int32 ones."""
-    ids = array(buf, enum_value(pb.IdType, ID_DTYPES, id_type, f"{prefix}id_type"), f"{prefix}ids")
+    ids = array(buf, ID_ARRAYS[enum_value(pb.IdType, ID_TYPES, id_type, f"{prefix}id_type")], f"{prefix}ids")
     return ids if ids.dtype == np.int64 else ids.astype(np.int64)
 
 
-def table_info(info: TableInfo) -> pb.TableInfo:
-    return pb.TableInfo(name=info.name, num_rows=info.num_rows, dim=info.dim, dtype=DTYPE_CODES[info.dtype],
-                        rows_by_tier=info.rows_by_tier, bytes_by_tier=info.bytes_by_tier, version=info.version,
-                        metadata_bytes=info.metadata_bytes, emulated_by_tier=info.emulated_by_tier,
-                        rows_by_port=info.rows_by_port)
-
-
-def table_policy(current: TablePolicy, request) -> TablePolicy:
+def table_policy(current: TableSettings, request) -> TableSettings:
     """current with the fields request sets (CreateTableRequest or SetPolicyRequest) replaced."""
     capacity = dict(current.capacity_bytes)
-    for tier in ("dram", "cxl"):
+    for tier in MEMORY_TIERS:
         field = f"{tier}_capacity_bytes"
         if request.HasField(field):
             value = getattr(request, field)
             if value < -1:
                 raise InvalidArgumentError(f"{field} must be >= 0, or -1 for no limit; got {value}")
             capacity[tier] = None if value == -1 else value
-    return TablePolicy(policy=request.policy if request.HasField("policy") else current.policy,
+    return TableSettings(policy=request.policy if request.HasField("policy") else current.policy,
                        pin=request.pin_tier if request.HasField("pin_tier") else current.pin,
                        capacity_bytes=capacity)
 
@@ -112,9 +108,9 @@ def wire(values: np.ndarray, dt: np.dtype) -> bytes:
 
 def checkpoint_info(info: CheckpointInfo) -> pb.CheckpointInfo:
     return pb.CheckpointInfo(
-        id=info.id, parent_id=info.parent_id, kind=pb.CheckpointKind.Value(info.kind), rows_written=info.rows_written,
+        id=info.id, parent_id=info.parent_id, kind=CHECKPOINT_KINDS[info.kind], rows_written=info.rows_written,
         bytes_written=info.bytes_written, duration_seconds=info.duration_seconds, lsn=info.lsn, base_id=info.base_id,
-        quant_bits=info.quant_bits, quantizer=pb.MINMAX if info.quantizer == "minmax" else pb.ADAPTIVE,
+        quant_bits=info.quant_bits, quantizer=QUANTIZERS.get(info.quantizer, QUANTIZERS["adaptive"]),
         created_unix_seconds=info.created_unix_seconds, tables=list(info.tables), exact_chain=info.exact_chain,
         snapshot_seconds=info.snapshot_seconds, damage=info.damage)
 
@@ -150,30 +146,24 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
     def CreateTable(self, request, context):
         self._admit(context, 0)
         info = self.store.create_table(
-            request.name, request.num_rows, request.dim, enum_value(pb.DType, DTYPE_NAMES, request.dtype, "dtype"),
+            request.name, request.num_rows, request.dim, enum_value(pb.DType, DTYPES, request.dtype, "dtype"),
             enum_value(pb.Initializer, INITIALIZERS, request.initializer, "initializer"), request.seed,
             request.init_scale,
             table_policy(self.tiering.config.table_policy(request.name), request))
-        return table_info(info)
+        return info.to_message()
 
     def DropTable(self, request, context):
         self.store.drop_table(request.name)
         return pb.DropTableResponse()
 
     def ListTables(self, request, context):
-        return pb.ListTablesResponse(tables=[table_info(t) for t in self.store.tables()])
+        return pb.ListTablesResponse(tables=[t.to_message() for t in self.store.tables()])
 
     def DescribeTable(self, request, context):
-        return table_info(self.store.describe(request.name))
+        return self.store.describe(request.name).to_message()
 
     def GetTiers(self, request, context):
-        ports = [pb.PortInfo(name=p.name, numa_node=p.numa_node, capacity_bytes=p.capacity_bytes,
-                             used_bytes=p.used_bytes) for p in self.store.port_infos()]
-        return pb.GetTiersResponse(tiers=[
-            pb.TierInfo(name=t.name, capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes,
-                        numa_node=t.numa_node, emulated=t.emulated, path=t.path,
-                        ports=ports if t.name == "cxl" else [])
-            for t in self.store.tier_infos()])
+        return pb.GetTiersResponse(tiers=[t.to_message() for t in self.store.tier_infos()])
 
     def GetHeat(self, request, context):
         histograms = self.store.heat_histogram(request.table)
@@ -181,17 +171,17 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             pb.TierHeat(tier=tier, rows=int(counts.sum()), histogram=counts.tolist())
             for tier, counts in histograms.items()])
 
-    def _policy_reply(self, table: str, policy: TablePolicy) -> pb.TablePolicy:
+    def _policy_reply(self, table: str, policy: TableSettings) -> pb.TablePolicy:
         state = self.tiering.state(table)
         config = self.tiering.config
         limits = {tier: -1 if v is None else v for tier, v in policy.capacity_bytes.items()}
-        return pb.TablePolicy(
+        return TablePolicy(
             table=table, policy=policy.policy, pin_tier=policy.pin,
             dram_capacity_bytes=limits["dram"], cxl_capacity_bytes=limits["cxl"],
             rows_moved=state.moved_rows if state else 0,
             migration_backlog_rows=state.backlog_rows if state else 0,
             interval_seconds=config.interval_seconds, bandwidth_bytes_per_second=config.bandwidth_bytes_per_second,
-            tiering_enabled=config.enabled)
+            tiering_enabled=config.enabled).to_message()
 
     def GetPolicy(self, request, context):
         return self._policy_reply(request.table, self.store.table_policy(request.table))
@@ -250,7 +240,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
 
     def Lookup(self, request, context):
         ids = id_array(request.ids, request.id_type)
-        dt = enum_value(pb.DType, WIRE_DTYPES, request.wire_dtype, "wire_dtype")
+        dt = np.dtype(WIRE_ARRAYS[enum_value(pb.DType, WIRE_DTYPES, request.wire_dtype, "wire_dtype")])
         self._admit(context, ids.size)
         dim = self.store.geometry(request.table)[0]
         self._check_reply(ids.size * dim * dt.itemsize, f"{ids.size} rows x dim {dim} x {dt.itemsize} bytes")
@@ -283,7 +273,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
                     for i, f in enumerate(request.features)]
         self._admit(context, sum(ids.size for _, ids, _, _ in features))
         mode = enum_value(pb.PoolingMode, POOL_MODES, request.mode, "mode")
-        dt = enum_value(pb.DType, WIRE_DTYPES, request.wire_dtype, "wire_dtype")
+        dt = np.dtype(WIRE_ARRAYS[enum_value(pb.DType, WIRE_DTYPES, request.wire_dtype, "wire_dtype")])
         config = self.store.config.fabric
         offload = (enum_value(pb.Offload, OFFLOADS, request.offload, "offload") if request.HasField("offload")
                    else config.offload)
@@ -313,5 +303,5 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         modelled = traffic.modelled_seconds(config)
         self.metrics.fabric(traffic, modelled)
         return pb.LookupPooledResponse(results=results, fabric=pb.FabricAccounting(
-            offload=OFFLOAD_CODES[offload], device_link_bytes=traffic.device_link_bytes,
+            offload=OFFLOADS[offload], device_link_bytes=traffic.device_link_bytes,
             host_link_bytes=traffic.host_link_bytes, modelled_seconds=modelled))

@@ -30,6 +30,16 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
+from embtier.wire import (
+    INITIALIZERS,
+    MEMORY_TIERS,
+    POLICIES,
+    TIERS,
+    WRITE_MODES,
+    PortInfo,
+    TableInfo,
+    TierInfo,
+)
 
 from embtierd import codec, fabric, native
 from embtierd.config import Config
@@ -43,7 +53,7 @@ from embtierd.errors import (
 )
 from embtierd.native import NativeTable, require
 from embtierd.store.slots import SlotSpace
-from embtierd.tiering.config import MEMORY_TIERS, POLICY_NAMES, TIER_NAMES, TablePolicy
+from embtierd.tiering.config import TableSettings
 from embtierd.tiers import Tiers, open_tiers
 from embtierd.topology import Topology, discover
 
@@ -55,28 +65,8 @@ CHUNK_TARGET_BYTES = 2 << 20
 NO_SCM_COPY = np.uint32(0xFFFFFFFF)  # scm_copy entry of a row without an SCM copy
 INIT_BATCH_ROWS = 1 << 16   # uniform init draws one generator stream per batch: values depend on seed only
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
-INITIALIZERS = ("zeros", "uniform")
 HEAT_BINS = 9  # heat 0, 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64-127, 128-255
 HEAT_BIN_NAMES = ("0", "1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128-255")
-WRITE_MODES = ("assign", "add")
-
-
-@dataclass(frozen=True)
-class TableInfo:
-    name: str
-    num_rows: int
-    dim: int
-    dtype: str
-    rows_by_tier: dict[str, int]
-    bytes_by_tier: dict[str, int]
-    emulated_by_tier: dict[str, bool]
-    metadata_bytes: int
-    version: int
-    rows_by_port: dict[str, int] = field(default_factory=dict)  # CXL rows per fabric port
-
-    @property
-    def metadata_bytes_per_row(self) -> float:
-        return self.metadata_bytes / self.num_rows
 
 
 @dataclass
@@ -92,7 +82,7 @@ class Table:
     rows_by_tier: list[int] = field(default_factory=lambda: [0, 0, 0])
     version: int = 0
     write_lock: threading.Lock = field(default_factory=threading.Lock)
-    policy: TablePolicy = field(default_factory=TablePolicy)
+    policy: TableSettings = field(default_factory=TableSettings)
     serial: int = 0  # unique per table created: a dropped and re-created name gets a new one
     generation: int = 0  # durable: the LSN of the record that made it (CREATE or RESTORE), 0 without a log
     retired: str = ""    # "dropped" or "restored" once it left the catalog (under its write lock)
@@ -109,11 +99,11 @@ def _tier_counter(tier_rows: np.ndarray | None) -> np.ndarray | None:
     return tier_rows
 
 
-def check_policy(policy: TablePolicy) -> None:
-    if policy.policy not in POLICY_NAMES:
-        raise InvalidArgumentError(f"policy must be one of {', '.join(POLICY_NAMES)}; got {policy.policy!r}")
-    if policy.pin not in ("", *TIER_NAMES):
-        raise InvalidArgumentError(f"pin_tier must be \"\" or one of {', '.join(TIER_NAMES)}; got {policy.pin!r}")
+def check_policy(policy: TableSettings) -> None:
+    if policy.policy not in POLICIES:
+        raise InvalidArgumentError(f"policy must be one of {', '.join(POLICIES)}; got {policy.policy!r}")
+    if policy.pin not in ("", *TIERS):
+        raise InvalidArgumentError(f"pin_tier must be \"\" or one of {', '.join(TIERS)}; got {policy.pin!r}")
     for tier, limit in policy.capacity_bytes.items():
         if tier not in MEMORY_TIERS or (limit is not None and limit < 0):
             raise InvalidArgumentError(f"{tier}_capacity_bytes must be >= 0 (or unset: no limit), got {limit}")
@@ -157,7 +147,7 @@ class Store:
 
     def create_table(self, name: str, num_rows: int, dim: int, dtype: str = "float32",
                      initializer: str = "zeros", seed: int = 0, init_scale: float = 0.0,
-                     policy: TablePolicy | None = None, generation: int | None = None) -> TableInfo:
+                     policy: TableSettings | None = None, generation: int | None = None) -> TableInfo:
         """A new table, its rows placed fastest tier first (within its policy's pin and limits) and initialised.
 
         uniform draws from [-init_scale, init_scale) (0 means 1/sqrt(num_rows), DLRM's choice),
@@ -195,10 +185,10 @@ class Store:
         if lsn:
             self.journal.wait(lsn)
         log.info("created table %s: %d x %d %s, rows per tier %s", name, num_rows, dim, dtype,
-                 dict(zip(("dram", "cxl", "scm"), table.rows_by_tier)))
+                 dict(zip(TIERS, table.rows_by_tier)))
         return self._info(table)
 
-    def _new_table(self, name: str, num_rows: int, dim: int, dtype: str, policy: TablePolicy) -> Table:
+    def _new_table(self, name: str, num_rows: int, dim: int, dtype: str, policy: TableSettings) -> Table:
         """A table with no homes yet (see _place)."""
         stride = native.row_stride(dim, dtype)
         shift = chunk_shift_for(stride, num_rows)
@@ -218,7 +208,7 @@ class Store:
         """What install checks before it changes anything: TierFullError when the tiers cannot hold
         the tables, InvalidArgumentError for a bad tiering setting."""
         for spec in specs:
-            check_policy(TablePolicy.from_dict(spec))
+            check_policy(TableSettings.from_dict(spec))
         need = sum(spec["num_rows"] * native.row_stride(spec["dim"], spec["dtype"]) for spec in specs)
         capacity = sum(tier.capacity_bytes for tier in self.tiers)
         if need > capacity:
@@ -243,7 +233,7 @@ class Store:
         try:
             for spec, batches, heat in tables:
                 table = self._new_table(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"],
-                                        TablePolicy.from_dict(spec))
+                                        TableSettings.from_dict(spec))
                 self._place(table)
                 for ids, rows in batches:
                     self._write_encoded(table, ids, rows)
@@ -282,16 +272,16 @@ class Store:
         """The LSN of the record that made the table (CREATE or RESTORE); see journal.py."""
         return self._get(name).generation
 
-    def table_policy(self, name: str) -> TablePolicy:
+    def table_policy(self, name: str) -> TableSettings:
         return self._get(name).policy
 
-    def set_policy(self, name: str, policy: TablePolicy) -> TablePolicy:
+    def set_policy(self, name: str, policy: TableSettings) -> TableSettings:
         """Replaces a table's policy settings; the tiering engine moves rows to match from its next interval."""
         check_policy(policy)
         table = self._get(name)
         if policy.pin in MEMORY_TIERS:
             limit = policy.limit_rows(policy.pin, table.stride)
-            capacity = self.tiers_by_id[TIER_NAMES.index(policy.pin)].capacity_bytes // table.stride
+            capacity = self.tiers_by_id[TIERS.index(policy.pin)].capacity_bytes // table.stride
             fits = capacity if limit is None else min(capacity, limit)
             if fits < table.num_rows:
                 raise TierFullError(f"table {name!r} ({table.num_rows} rows of {table.stride} bytes) cannot be "
@@ -299,8 +289,8 @@ class Store:
         with self._lock:
             table.policy = policy
             for tier_id, space in table.slots.items():
-                if TIER_NAMES[tier_id] in MEMORY_TIERS:
-                    space.limit_rows = policy.limit_rows(TIER_NAMES[tier_id], table.stride)
+                if TIERS[tier_id] in MEMORY_TIERS:
+                    space.limit_rows = policy.limit_rows(TIERS[tier_id], table.stride)
         return policy
 
     def trim(self, name: str, tier: int) -> int:
@@ -310,7 +300,7 @@ class Store:
         the last kept one are released.  Does nothing while the rows do not fit below the limit
         (the policy demotes first).  Returns the bytes released."""
         table = self._get(name)
-        limit = table.policy.limit_rows(TIER_NAMES[tier], table.stride)
+        limit = table.policy.limit_rows(TIERS[tier], table.stride)
         space = table.slots.get(tier)
         if limit is None or space is None or tier == native.TIER_SCM:
             return 0
@@ -334,7 +324,7 @@ class Store:
         """How many more rows of the table a tier could take now: the table's own limit there, the
         free slots it holds, and the tier's free space (negative when the table is over its limit)."""
         table = self._get(name)
-        limit = table.policy.limit_rows(TIER_NAMES[tier], table.stride) if TIER_NAMES[tier] in MEMORY_TIERS else None
+        limit = table.policy.limit_rows(TIERS[tier], table.stride) if TIERS[tier] in MEMORY_TIERS else None
         with self._lock:
             room = self._space(table, tier).room()
             if limit is not None:
@@ -354,10 +344,12 @@ class Store:
             tables = sorted(self._tables.values(), key=lambda t: t.name)
         return [self._info(t) for t in tables]
 
-    def tier_infos(self):
-        return [tier.info() for tier in self.tiers]
+    def tier_infos(self) -> list[TierInfo]:
+        """Each tier's capacity and use (the CXL tier with its ports)."""
+        with self._lock:
+            return [tier.info() for tier in self.tiers]
 
-    def port_infos(self):
+    def port_infos(self) -> list[PortInfo]:
         """The CXL tier's ports: name, NUMA node (-1 emulated), capacity and used bytes."""
         with self._lock:
             return self.tiers.cxl.port_infos()
@@ -808,8 +800,8 @@ class Store:
         if tier_id not in table.slots:
             space = SlotSpace(self.tiers_by_id[tier_id], table.native, table.stride, table.chunk_shift,
                               first_part=(0, 1, 1 + self.cxl_ports)[tier_id])
-            if TIER_NAMES[tier_id] in MEMORY_TIERS:
-                space.limit_rows = table.policy.limit_rows(TIER_NAMES[tier_id], table.stride)
+            if TIERS[tier_id] in MEMORY_TIERS:
+                space.limit_rows = table.policy.limit_rows(TIERS[tier_id], table.stride)
             table.slots[tier_id] = space
         return table.slots[tier_id]
 

@@ -1,16 +1,13 @@
-"""Configuration of the tiering engine (its own module so that config and tiering import it without a cycle)."""
+"""Settings of the tiering engine and of each table (its own module so that config and tiering
+import it without a cycle)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-POLICY_NAMES = ("lfu", "lru")
-MEMORY_TIERS = ("dram", "cxl")
-TIER_NAMES = ("dram", "cxl", "scm")
-
 
 @dataclass(frozen=True)
-class TablePolicy:
+class TableSettings:
     """How the engine treats one table.
 
     policy: "lfu" (LFU with aging) or "lru" (promote on access, evict the least recently used);
@@ -28,7 +25,7 @@ class TablePolicy:
         return {"policy": self.policy, "pin": self.pin, "capacity_bytes": dict(self.capacity_bytes)}
 
     @classmethod
-    def from_dict(cls, fields: dict) -> TablePolicy:
+    def from_dict(cls, fields: dict) -> TableSettings:
         return cls(policy=fields["policy"], pin=fields["pin"], capacity_bytes=dict(fields["capacity_bytes"]))
 
     def limit_rows(self, tier: str, row_bytes: int) -> int | None:
@@ -45,7 +42,7 @@ class TieringConfig:
     hysteresis: float                # LFU: a hot row replaces a cold one only when hotter by this factor
     aging_intervals: int = 4         # LFU: heat is halved every this many intervals
     policy: str = "lfu"              # the policy of tables that tables does not name
-    tables: dict[str, TablePolicy] = field(default_factory=dict)  # per-table settings by table name
+    tables: dict[str, TableSettings] = field(default_factory=dict)  # per-table settings by table name
 
-    def table_policy(self, name: str) -> TablePolicy:
-        return self.tables.get(name) or TablePolicy(policy=self.policy)
+    def table_policy(self, name: str) -> TableSettings:
+        return self.tables.get(name) or TableSettings(policy=self.policy)

@@ -42,10 +42,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from embtier.wire import TIERS
 
 from embtierd.errors import NotFoundError
 from embtierd.store.catalog import Store
-from embtierd.tiering.config import TIER_NAMES, TieringConfig
+from embtierd.tiering.config import TieringConfig
 from embtierd.tiering.policies import make_policy
 from embtierd.tiering.policy_base import UNLIMITED, Policy, run_interval
 
@@ -116,7 +117,7 @@ class TieringEngine:
                 room = [self.store.room_rows(name, 0), self.store.room_rows(name, 1), UNLIMITED]
                 result = run_interval(state.policy, self.store.heat(name, writable=True), self.store.placement(name),
                                       room, max(0, budget_bytes) // stride, self._mover(name, deadline),
-                                      TIER_NAMES.index(pin) if pin else None)
+                                      TIERS.index(pin) if pin else None)
                 for tier in (0, 1):
                     self.store.trim(name, tier)  # memory over the table's own limit goes back to the tier
                 left = max(0, budget_bytes) // stride - result.rows_moved
@@ -126,7 +127,7 @@ class TieringEngine:
                 continue
             state.backlog_rows, state.moved_rows = result.backlog_rows, result.rows_moved
             budget_bytes -= (result.rows_moved + traded) * stride
-            table_moves = {(TIER_NAMES[src], TIER_NAMES[dst]): n for (src, dst), n in result.moved.items()}
+            table_moves = {(TIERS[src], TIERS[dst]): n for (src, dst), n in result.moved.items()}
             for key, n in table_moves.items():
                 moved[key] = moved.get(key, 0) + n
             if self.metrics is not None:
@@ -146,7 +147,7 @@ class TieringEngine:
                 if time.monotonic() > deadline:
                     break
                 batch = rows[first:first + MOVE_BATCH_ROWS]
-                n = self.store.move_rows(name, batch, TIER_NAMES[tier])
+                n = self.store.move_rows(name, batch, TIERS[tier])
                 done += n
                 if n < batch.size:
                     break

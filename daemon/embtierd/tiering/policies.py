@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from embtierd.tiering.config import POLICY_NAMES
+from embtier.wire import POLICIES
+
 from embtierd.tiering.policy_base import Policy
 from embtierd.tiering.policy_lfu import LfuPolicy
 from embtierd.tiering.policy_lru import LruPolicy
@@ -14,4 +15,4 @@ def make_policy(name: str, num_rows: int, hysteresis: float, aging_intervals: in
         return LfuPolicy(hysteresis, aging_intervals)
     if name == "lru":
         return LruPolicy(num_rows)
-    raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)}; got {name!r}")
+    raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {name!r}")

@@ -11,28 +11,11 @@ never crosses a segment, so every row lives on exactly one port.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 from typing import Protocol
 
+from embtier.wire import TierInfo
+
 from embtierd.tiers.extents import Extent, ExtentAllocator
-
-
-@dataclass(frozen=True)
-class PortInfo:
-    name: str
-    numa_node: int  # -1 when not bound to one node (emulated)
-    capacity_bytes: int
-    used_bytes: int
-
-
-@dataclass(frozen=True)
-class TierInfo:
-    name: str
-    capacity_bytes: int
-    used_bytes: int
-    numa_node: int  # -1 when not bound to one node (emulated CXL, SCM)
-    emulated: bool
-    path: str       # SCM file, "" for memory tiers
 
 
 class Tier(Protocol):

@@ -14,10 +14,12 @@ import errno
 import logging
 from dataclasses import dataclass
 
+from embtier.wire import PortInfo, TierInfo
+
 from embtierd import native
 from embtierd.native import TIER_CXL, TIER_DRAM
 from embtierd.tiers.extents import Extent, ExtentAllocator
-from embtierd.tiers.tier_base import ArenaTier, PortInfo, TierInfo
+from embtierd.tiers.tier_base import ArenaTier
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,8 @@ class MemoryTier(ArenaTier):
 
     def info(self) -> TierInfo:
         return TierInfo(self.name, self.capacity_bytes, self.used_bytes,
-                        -1 if self.emulated or len(self.nodes) != 1 else self.nodes[0], self.emulated, "")
+                        -1 if self.emulated or len(self.nodes) != 1 else self.nodes[0], self.emulated, "",
+                        tuple(self.port_infos()) if self.tier_id == TIER_CXL else ())
 
     def port_infos(self) -> list[PortInfo]:
         return [PortInfo(self.port_name(i), spec.numa_node, alloc.capacity, alloc.used)

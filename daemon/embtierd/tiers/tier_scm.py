@@ -17,10 +17,12 @@ import os
 import shutil
 from pathlib import Path
 
+from embtier.wire import TierInfo
+
 from embtierd.errors import StorageError, storage_error
 from embtierd.native import TIER_SCM
 from embtierd.tiers.extents import Extent, ExtentAllocator
-from embtierd.tiers.tier_base import ArenaTier, TierInfo
+from embtierd.tiers.tier_base import ArenaTier
 
 log = logging.getLogger(__name__)
 
