@@ -199,14 +199,38 @@ def test_port_trades_under_concurrent_reads_and_writes(store_factory):
             rounds += 1
         return copied
 
-    relocate, tiers = s._relocate, []
+    relocate, tiers = s.mover._relocate, []
 
     def recording(table, ids, tier, slots):
         tiers.append(tier)
         relocate(table, ids, tier, slots)
 
-    s._relocate = recording
+    s.mover._relocate = recording
     assert stress(s, mover) > 1000
     assert_parts_match_addresses(s, "c")
     spare_tiers = tiers[::3]  # each trade: to the spare slots, then both rows into CXL
     assert set(tiers[1::3]) == set(tiers[2::3]) == {1} and spare_tiers.count(1) > 0 and spare_tiers.count(2) > 0
+
+
+def test_nothing_but_the_mover_writes_a_rows_location():
+    """Placement entries change only through NativeTable.publish and write_slots (the copy before a
+    publish), and only the mover calls them; nothing assigns into a placement map."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "daemon" / "embtierd"
+    writers = {}
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr in ("publish", "write_slots", "et_publish", "et_write_slots") and \
+                    ast.unparse(node.func.value).split(".")[-1] in ("native", "lib"):  # (NativeTable's, C's)
+                writers.setdefault(node.func.attr, set()).add(path.relative_to(package).as_posix())
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, ast.AugAssign | ast.AnnAssign) else []
+            for target in targets:
+                if isinstance(target, ast.Subscript) and isinstance(target.value, ast.Attribute) and \
+                        target.value.attr == "loc":
+                    writers.setdefault("loc[...] =", set()).add(path.relative_to(package).as_posix())
+    assert writers == {"publish": {"store/mover.py"}, "write_slots": {"store/mover.py"},
+                       "et_publish": {"native.py"}, "et_write_slots": {"native.py"}}

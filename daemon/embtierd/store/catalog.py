@@ -1,10 +1,12 @@
-"""The in-process store: tables of embedding rows across DRAM, CXL and SCM.
+"""The in-process store: the catalog of tables by name over a set of tiers,
+and the row operations (lookups, pooling, writes) on them.
 
-A table is a placement map (per row: tier and slot, 4 bytes) plus a heat
-counter per row (1 byte), over chunks of 2^k rows allocated from the tiers.
-New tables fill the fastest tier first.  Lookups and writes go straight to
-the native kernels; this module validates arguments, encodes rows and keeps
-the book of which extents belong to whom.
+A table (table.py) is a placement map (per row: tier and slot, 4 bytes) plus
+a heat counter per row (1 byte), over chunks of 2^k rows allocated from the
+tiers.  New tables fill the fastest tier first.  Lookups and writes go
+straight to the native kernels; this module validates arguments and encodes
+rows.  Where a row lives is the mover's (mover.py) alone: creation, restore,
+migration, trims and port trades ask it.
 
 Writers of one table are serialised here (ADD reads, adds and writes back
 under the same lock); readers run concurrently with each other and see
@@ -27,13 +29,11 @@ import logging
 import math
 import re
 import threading
-from dataclasses import dataclass, field
 
 import numpy as np
 from embtier.wire import (
     INITIALIZERS,
     MEMORY_TIERS,
-    POLICIES,
     TIERS,
     WRITE_MODES,
     PortInfo,
@@ -52,44 +52,18 @@ from embtierd.errors import (
     TierFullError,
 )
 from embtierd.native import NativeTable, require
-from embtierd.store.slots import SlotSpace
+from embtierd.store.mover import Mover
+from embtierd.store.table import MAX_DIM, MAX_ROWS, Table, check_settings, chunk_shift_for
 from embtierd.tiering.config import TableSettings
 from embtierd.tiers import Tiers, open_tiers
 from embtierd.topology import Topology, discover
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 1 << 30          # slots per tier are 30 bits in the placement map
-MAX_DIM = 16384
-CHUNK_TARGET_BYTES = 2 << 20
-NO_SCM_COPY = np.uint32(0xFFFFFFFF)  # scm_copy entry of a row without an SCM copy
 INIT_BATCH_ROWS = 1 << 16   # uniform init draws one generator stream per batch: values depend on seed only
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 HEAT_BINS = 9  # heat 0, 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64-127, 128-255
 HEAT_BIN_NAMES = ("0", "1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128-255")
-
-
-@dataclass
-class Table:
-    name: str
-    num_rows: int
-    dim: int
-    dtype: str
-    stride: int
-    chunk_shift: int
-    native: NativeTable
-    slots: dict[int, SlotSpace] = field(default_factory=dict)  # tier id -> the table's slots there
-    rows_by_tier: list[int] = field(default_factory=lambda: [0, 0, 0])
-    version: int = 0
-    write_lock: threading.Lock = field(default_factory=threading.Lock)
-    policy: TableSettings = field(default_factory=TableSettings)
-    serial: int = 0  # unique per table created: a dropped and re-created name gets a new one
-    generation: int = 0  # durable: the LSN of the record that made it (CREATE or RESTORE), 0 without a log
-    retired: str = ""    # "dropped" or "restored" once it left the catalog (under its write lock)
-    scm_copy: np.ndarray | None = None   # per row: SCM slot of a clean or dirty copy (see Store._move), made on demand
-    scm_dirty: np.ndarray | None = None  # per row: WriteRows changed it since its SCM copy was made
-    rows_by_port: dict[str, int] = field(default_factory=dict)  # as of the last tiering interval
-    port_load: np.ndarray | None = None  # heat on each CXL port: counted each interval, kept up by moves
 
 
 def _tier_counter(tier_rows: np.ndarray | None) -> np.ndarray | None:
@@ -97,29 +71,6 @@ def _tier_counter(tier_rows: np.ndarray | None) -> np.ndarray | None:
         raise InvalidArgumentError(f"tier_rows must be an int64 array of shape (3,), got {tier_rows.dtype} "
                                    f"{tier_rows.shape}")
     return tier_rows
-
-
-def check_policy(policy: TableSettings) -> None:
-    if policy.policy not in POLICIES:
-        raise InvalidArgumentError(f"policy must be one of {', '.join(POLICIES)}; got {policy.policy!r}")
-    if policy.pin not in ("", *TIERS):
-        raise InvalidArgumentError(f"pin_tier must be \"\" or one of {', '.join(TIERS)}; got {policy.pin!r}")
-    for tier, limit in policy.capacity_bytes.items():
-        if tier not in MEMORY_TIERS or (limit is not None and limit < 0):
-            raise InvalidArgumentError(f"{tier}_capacity_bytes must be >= 0 (or unset: no limit), got {limit}")
-
-
-def _check_live(table: Table) -> None:
-    """NotFoundError for a table that left the catalog (call under its write lock)."""
-    if table.retired:
-        raise NotFoundError(f"table {table.name!r} was {table.retired}")
-
-
-def chunk_shift_for(stride: int, num_rows: int) -> int:
-    """log2 of rows per chunk: about CHUNK_TARGET_BYTES a chunk, never more rows than the table has."""
-    by_bytes = max(0, int(math.log2(max(1, CHUNK_TARGET_BYTES // stride))))
-    by_rows = max(0, math.ceil(math.log2(num_rows))) if num_rows > 1 else 0
-    return min(by_bytes, by_rows)
 
 
 class Store:
@@ -140,6 +91,7 @@ class Store:
         # the fabric ports of the CXL tier: one per CPU-less node it uses, or the configured emulated ones
         self.cxl_ports = self.tiers.cxl.ports
         self.part_names = fabric.part_names(self.cxl_ports)
+        self.mover = Mover(self.tiers, self._lock, self.cxl_ports, config.fabric.rebalance_tolerance)
         log.info("kernels: %s, %d thread(s), SCM reads %s", native.isa(), config.kernels.kernel_threads,
                  "batched with Linux AIO" if native.scm_async() else "by pread (AIO refused)")
 
@@ -155,13 +107,13 @@ class Store:
         the LSN of the CREATE record being replayed (live creations get the LSN they are logged at)."""
         self._check_new_table(name, num_rows, dim, dtype, initializer, init_scale)
         policy = policy or self.config.tiering.table_policy(name)
-        check_policy(policy)
+        check_settings(policy)
         self._check_fits(name, num_rows * native.row_stride(dim, dtype), policy.pin)
         table = self._new_table(name, num_rows, dim, dtype, policy)
         with self._lock:
             if name in self._tables or name in self._creating:
                 raise AlreadyExistsError(f"table {name!r} already exists")
-            self._place(table)
+            self.mover.place(table)
             self._creating.add(name)
         # Initialised before it is published: reused extents hold a dropped table's rows.
         try:
@@ -169,7 +121,7 @@ class Store:
         except BaseException:
             with self._lock:
                 self._creating.discard(name)
-                self._release(table)
+                self.mover.release(table)
             raise
         with self._lock:
             self._creating.discard(name)
@@ -177,7 +129,7 @@ class Store:
                 lsn = self.journal.log_create(name, num_rows, dim, dtype, initializer, seed, init_scale, policy) \
                     if self.journal else 0
             except BaseException:
-                self._release(table)
+                self.mover.release(table)
                 raise
             table.serial = next(self._serials)
             table.generation = lsn or generation or 0
@@ -188,8 +140,8 @@ class Store:
                  dict(zip(TIERS, table.rows_by_tier)))
         return self._info(table)
 
-    def _new_table(self, name: str, num_rows: int, dim: int, dtype: str, policy: TableSettings) -> Table:
-        """A table with no homes yet (see _place)."""
+    def _new_table(self, name: str, num_rows: int, dim: int, dtype: str, settings: TableSettings) -> Table:
+        """A table with no homes yet (see Mover.place)."""
         stride = native.row_stride(dim, dtype)
         shift = chunk_shift_for(stride, num_rows)
         # Chunks a tier may give the table: twice what num_rows needs, because a chunk cut short by a
@@ -197,7 +149,7 @@ class Store:
         # new chunk, plus two per CXL port, so that even a table of one chunk can spread over the ports.
         max_chunks = min(2 * -(-num_rows >> shift) + 2 * self.cxl_ports, (1 << 30) >> shift)
         table = Table(name, num_rows, dim, dtype, stride, shift,
-                      NativeTable(name, num_rows, dim, dtype, shift, max_chunks), policy=policy)
+                      NativeTable(name, num_rows, dim, dtype, shift, max_chunks), settings=settings)
         table.native.configure(self.config.kernels.prefetch_distance, self.config.kernels.heat_sample_shift)
         table.native.set_cxl_delay(self.tiers.cxl.injected_latency_ns)
         table.native.set_parts(len(self.part_names))  # each chunk's part is set as it gets storage (SlotSpace)
@@ -208,7 +160,7 @@ class Store:
         """What install checks before it changes anything: TierFullError when the tiers cannot hold
         the tables, InvalidArgumentError for a bad tiering setting."""
         for spec in specs:
-            check_policy(TableSettings.from_dict(spec))
+            check_settings(TableSettings.from_dict(spec))
         need = sum(spec["num_rows"] * native.row_stride(spec["dim"], spec["dtype"]) for spec in specs)
         capacity = sum(tier.capacity_bytes for tier in self.tiers)
         if need > capacity:
@@ -228,13 +180,13 @@ class Store:
         for table in self._tables.values():
             table.retired = "restored"
             table.native.mark_dropped()
-            self._release(table)
+            self.mover.release(table)
         self._tables.clear()
         try:
             for spec, batches, heat in tables:
                 table = self._new_table(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"],
                                         TableSettings.from_dict(spec))
-                self._place(table)
+                self.mover.place(table)
                 for ids, rows in batches:
                     self._write_encoded(table, ids, rows)
                 table.native.heat[:] = heat
@@ -260,7 +212,7 @@ class Store:
                 del self._tables[name]
                 table.retired = "dropped"
                 table.native.mark_dropped()  # waits for lookups in flight; later calls fail cleanly
-                self._release(table)
+                self.mover.release(table)
             break
         if lsn:
             self.journal.wait(lsn)
@@ -273,11 +225,11 @@ class Store:
         return self._get(name).generation
 
     def table_policy(self, name: str) -> TableSettings:
-        return self._get(name).policy
+        return self._get(name).settings
 
     def set_policy(self, name: str, policy: TableSettings) -> TableSettings:
         """Replaces a table's policy settings; the tiering engine moves rows to match from its next interval."""
-        check_policy(policy)
+        check_settings(policy)
         table = self._get(name)
         if policy.pin in MEMORY_TIERS:
             limit = policy.limit_rows(policy.pin, table.stride)
@@ -287,49 +239,22 @@ class Store:
                 raise TierFullError(f"table {name!r} ({table.num_rows} rows of {table.stride} bytes) cannot be "
                                     f"pinned to {policy.pin}: it holds at most {fits} of its rows")
         with self._lock:
-            table.policy = policy
-            for tier_id, space in table.slots.items():
-                if TIERS[tier_id] in MEMORY_TIERS:
-                    space.limit_rows = policy.limit_rows(TIERS[tier_id], table.stride)
+            table.settings = policy
+            self.mover.settings_changed(table)
         return policy
 
     def trim(self, name: str, tier: int) -> int:
-        """Gives the memory a table holds in a memory tier beyond its own limit there back to the tier
-        (so that a table whose limit was lowered leaves the room to others): the rows living beyond
-        the limit's worth of slots move into free slots below it, then whole chunks and the tail of
-        the last kept one are released.  Does nothing while the rows do not fit below the limit
-        (the policy demotes first).  Returns the bytes released."""
-        table = self._get(name)
-        limit = table.policy.limit_rows(TIERS[tier], table.stride)
-        space = table.slots.get(tier)
-        if limit is None or space is None or tier == native.TIER_SCM:
-            return 0
-        shift = table.native.tier_shift
-        with table.write_lock:
-            _check_live(table)
-            with self._lock:
-                if space.capacity <= limit or table.rows_by_tier[tier] > limit:
-                    return 0
-                spare = space.spare(limit)
-            loc = table.native.loc
-            inside = np.flatnonzero((loc >> shift) == tier)
-            ids = inside[~space.kept(loc[inside] & ((1 << shift) - 1), limit)].astype(np.int64)
-            slots = spare[:ids.size]
-            if ids.size:
-                self._relocate(table, ids, tier, slots)  # from here on no lookup holds a slot beyond the cut
-            with self._lock:
-                return space.cut(limit, slots)
+        """Mover.trim of a table by name."""
+        return self.mover.trim(self._get(name), tier)
 
     def room_rows(self, name: str, tier: int) -> int:
-        """How many more rows of the table a tier could take now: the table's own limit there, the
-        free slots it holds, and the tier's free space (negative when the table is over its limit)."""
-        table = self._get(name)
-        limit = table.policy.limit_rows(TIERS[tier], table.stride) if TIERS[tier] in MEMORY_TIERS else None
+        """Mover.room_rows of a table by name."""
+        return self.mover.room_rows(self._get(name), tier)
+
+    def handles(self) -> list[Table]:
+        """The tables as they are now, by name (the tiering engine holds these for an interval)."""
         with self._lock:
-            room = self._space(table, tier).room()
-            if limit is not None:
-                room = min(room, limit - table.rows_by_tier[tier])
-        return room
+            return sorted(self._tables.values(), key=lambda t: t.name)
 
     def geometry(self, name: str) -> tuple[int, str, int]:
         """(dim, dtype, bytes per stored row) of a table, without the cost of describe()."""
@@ -358,7 +283,7 @@ class Store:
         with self._lock:
             for table in self._tables.values():
                 table.native.mark_dropped()
-                self._release(table)
+                self.mover.release(table)
             self._tables.clear()
             self.tiers.close()
 
@@ -468,14 +393,13 @@ class Store:
         with table.write_lock:
             if table.retired == "restored":
                 return None
-            _check_live(table)
+            table.check_live()
             rows, encoded = self._added_rows(table, ids, values, scale) if mode == "add" else (ids, values)
             encoded = codec.encode(encoded, table.dtype, table.stride)
             # logged once nothing but the store itself can fail (an SCM write: a device error)
             lsn = self.journal.log_write(name, table.generation, ids, values, mode, scale) if self.journal else 0
             table.native.write_rows(rows, encoded)
-            if table.scm_copy is not None:
-                table.scm_dirty[rows[table.scm_copy[rows] != NO_SCM_COPY]] = True
+            self.mover.written(table, rows)
             table.version += 1
             version = table.version
         if lsn:
@@ -496,68 +420,7 @@ class Store:
         if ids.size and (ids.min() < 0 or ids.max() >= table.num_rows):
             bad = ids.min() if ids.min() < 0 else ids.max()
             raise InvalidArgumentError(f"ids: {bad} is out of range [0, {table.num_rows}) for table {name!r}")
-        with table.write_lock:
-            _check_live(table)
-            return self._move(table, ids, tier_ids[tier])
-
-    def _move(self, table: Table, ids: np.ndarray, target: int) -> int:
-        """move_rows under the table's write lock: copy, publish, then free the old slots.
-
-        SCM copies: a row promoted out of SCM keeps its SCM slot as a copy
-        (scm_copy), clean until WriteRows changes the row (scm_dirty).
-        Demoting it again costs no write when the copy is clean (the
-        placement entry is pointed back at it) and one write into its own
-        slot when dirty; only rows that never lived on SCM take a new slot.
-        The copy is dropped when the row is back home on SCM; moves between
-        DRAM and CXL carry it along."""
-        shift = table.native.tier_shift
-        mask = (1 << shift) - 1
-        ids = ids[(table.native.loc[ids] >> shift) != target]
-        has_copy = np.zeros(ids.size, dtype=bool)
-        if target == native.TIER_SCM and table.scm_copy is not None:
-            has_copy = table.scm_copy[ids] != NO_SCM_COPY  # these need no room: their slot is there
-        need = int(ids.size - np.count_nonzero(has_copy))
-        with self._lock:
-            space = self._space(table, target)
-            slots = self._cxl_slots(table, space, ids) if target == native.TIER_CXL else space.take(need)
-        if slots.size < need:  # the tier is full: the rows before the first one without a slot move
-            cut = int(np.flatnonzero(~has_copy)[slots.size])
-            ids, has_copy = ids[:cut], has_copy[:cut]
-        ids = np.ascontiguousarray(ids)
-        if not ids.size:
-            return 0
-        old = table.native.loc[ids].copy()
-        slot = np.empty(ids.size, dtype=np.uint32)
-        slot[~has_copy] = slots
-        write = ~has_copy
-        if has_copy.any():
-            slot[has_copy] = table.scm_copy[ids[has_copy]]
-            write |= table.scm_dirty[ids]  # a dirty copy is rewritten in place; a clean one is reused as is
-        new = ((target << shift) | slot).astype(np.uint32)
-        if write.any():
-            moving = np.ascontiguousarray(ids[write])
-            rows = np.empty((moving.size, table.stride), dtype=np.uint8)
-            table.native.read_rows(moving, rows)
-            table.native.write_slots(np.ascontiguousarray(new[write]), rows)
-        table.native.publish(ids, new)  # from here on no lookup holds an old slot
-        self._account_ports(table, ids, old, new)
-        from_scm = (old >> shift) == native.TIER_SCM
-        if target != native.TIER_SCM and from_scm.any():
-            if table.scm_copy is None:
-                table.scm_copy = np.full(table.num_rows, NO_SCM_COPY, dtype=np.uint32)
-                table.scm_dirty = np.zeros(table.num_rows, dtype=bool)
-            table.scm_copy[ids[from_scm]] = old[from_scm] & mask
-            table.scm_dirty[ids[from_scm]] = False
-        elif target == native.TIER_SCM and table.scm_copy is not None:
-            table.scm_copy[ids] = NO_SCM_COPY
-        with self._lock:
-            for tid, space in table.slots.items():
-                leaving = old[(old >> shift) == tid]
-                if tid != native.TIER_SCM:  # (an SCM slot left behind stays the row's copy)
-                    space.give_back(leaving & mask)
-                table.rows_by_tier[tid] -= leaving.size
-            table.rows_by_tier[target] += ids.size
-        return int(ids.size)
+        return self.mover.move(table, ids, tier_ids[tier])
 
     def read_encoded(self, name: str, ids: np.ndarray) -> np.ndarray:
         """[len(ids), stride] uint8: the rows exactly as stored."""
@@ -586,7 +449,7 @@ class Store:
         """What re-creates the table empty: its shape and tiering settings."""
         table = self._get(name)
         return {"name": name, "num_rows": table.num_rows, "dim": table.dim, "dtype": table.dtype,
-                "generation": table.generation, **table.policy.to_dict()}
+                "generation": table.generation, **table.settings.to_dict()}
 
     def take_dirty(self, name: str) -> np.ndarray:
         """The table's rows written since the last call, as a bitmap (see NativeTable.take_dirty)."""
@@ -599,80 +462,11 @@ class Store:
                                     np.ascontiguousarray(rows[first:first + batch_rows]))
 
     def spread_ports(self, name: str, max_rows: int = 1 << 62, batch_rows: int = 8192) -> int:
-        """Levels the heat of the table's CXL rows over the fabric ports (fabric.rebalance): hot rows
-        of busy ports trade places with cold rows of idle ones, each trade three copies (the hot row
-        to a spare slot, the cold row into its old slot, the hot row into the cold one's), at most
-        max_rows copies, in batches during which the table's writes wait.  The spare slots are free
-        slots of the table in CXL, else DRAM, else SCM (rows bounced there are served from SCM for
-        the moment).  Called by the tiering engine after its moves; returns the rows copied."""
-        table = self._get(name)
-        copied = 0
-        if self.cxl_ports > 1:
-            parts = table.native.parts_of_locs(table.native.loc)
-            rows = np.flatnonzero((parts >= 1) & (parts <= self.cxl_ports))
-            heat, port = table.native.heat[rows], parts[rows].astype(np.int64) - 1
-            hot, cold = fabric.rebalance(heat, port, self.cxl_ports, self.config.fabric.rebalance_tolerance,
-                                         max_rows // 3)
-            table.port_load = fabric.port_loads(heat, port, self.cxl_ports)
-            hot, cold = rows[hot], rows[cold]
-            first = 0
-            while first < hot.size:
-                with table.write_lock:
-                    _check_live(table)
-                    done, traded = self._trade(table, hot[first:first + batch_rows], cold[first:first + batch_rows])
-                if not done:
-                    break
-                first += done
-                copied += 3 * traded
-        self._count_ports(table)
-        return copied
-
-    def _trade(self, table: Table, hot: np.ndarray, cold: np.ndarray) -> tuple[int, int]:
-        """Swaps the homes of CXL rows hot[i] and cold[i] through spare slots (under the write lock),
-        the first pairs as far as the spare slots go; pairs no longer both in CXL are skipped.
-        Returns (pairs done or skipped, pairs traded)."""
-        shift, batch = table.native.tier_shift, hot.size
-        mask = (1 << shift) - 1
-        valid = np.flatnonzero(((table.native.loc[hot] >> shift) == native.TIER_CXL) &
-                               ((table.native.loc[cold] >> shift) == native.TIER_CXL))
-        with self._lock:
-            for spare_tier in (native.TIER_CXL, native.TIER_DRAM, native.TIER_SCM):  # the fastest with room
-                spare = self._space(table, spare_tier).take(valid.size)
-                if spare.size:
-                    break
-        pairs = valid[:spare.size]
-        hot, cold = np.ascontiguousarray(hot[pairs]), np.ascontiguousarray(cold[pairs])
-        if pairs.size:
-            hot_slots, cold_slots = table.native.loc[hot] & mask, table.native.loc[cold] & mask
-            self._relocate(table, hot, spare_tier, spare)
-            self._relocate(table, cold, native.TIER_CXL, hot_slots)
-            self._relocate(table, hot, native.TIER_CXL, cold_slots)
-        with self._lock:
-            self._space(table, spare_tier).give_back(spare)  # (the hot rows have left them)
-        done = batch if pairs.size == valid.size else int(valid[pairs.size])
-        return done, int(pairs.size)
-
-    def _relocate(self, table: Table, ids: np.ndarray, tier: int, slots: np.ndarray) -> None:
-        """Copies rows into the given free slots of a tier and points them there (the old slots are
-        the caller's to reuse or release: no lookup holds them once this returns); the ports' heat
-        follows rows that change port."""
-        new = ((tier << table.native.tier_shift) | slots).astype(np.uint32)
-        old = table.native.loc[ids]
-        rows = np.empty((ids.size, table.stride), dtype=np.uint8)
-        table.native.read_rows(ids, rows)
-        table.native.write_slots(new, rows)
-        table.native.publish(ids, new)
-        self._account_ports(table, ids, old, new)
-
-    def _count_ports(self, table: Table) -> None:
-        """CXL rows per port, as shown by describe (counted when ports are assigned, not per call)."""
-        counts = np.bincount(table.native.parts_of_locs(table.native.loc), minlength=len(self.part_names))
-        table.rows_by_port = {f"cxl{p}": int(counts[1 + p]) for p in range(self.cxl_ports)}
+        """Mover.spread_ports of a table by name."""
+        return self.mover.spread_ports(self._get(name), max_rows, batch_rows)
 
     def port_balance(self, name: str) -> float:
-        """Busiest CXL port's heat / the mean port's, as of the last interval (1.0 without heat)."""
-        load = self._get(name).port_load
-        return float(load.max() / load.mean()) if load is not None and load.mean() > 0 else 1.0
+        return self._get(name).port_balance()
 
     def parts_of(self, name: str, ids: np.ndarray) -> np.ndarray:
         """The fabric part of each id's row (an index into part_names: dram, cxl ports, scm), int64."""
@@ -704,8 +498,7 @@ class Store:
 
     def placement(self, name: str) -> np.ndarray:
         """Home tier of every row (0 dram, 1 cxl, 2 scm)."""
-        table = self._get(name).native
-        return (table.loc >> table.tier_shift).astype(np.uint8)
+        return self._get(name).placement()
 
     # ---- internals ---------------------------------------------------------
 
@@ -739,77 +532,6 @@ class Store:
             raise InvalidArgumentError(f"initializer must be one of {', '.join(INITIALIZERS)}; got {initializer!r}")
         if not math.isfinite(init_scale) or init_scale < 0:
             raise InvalidArgumentError(f"init_scale must be finite and >= 0, got {init_scale}")
-
-    def _place(self, table: Table) -> None:
-        """Homes for every row, DRAM first, then CXL, then SCM (only the pinned tier, for a pinned
-        table; no more rows in a memory tier than the table's own limit there); all or nothing."""
-        first, pin = 0, table.policy.pin
-        try:
-            for tier in self.tiers:
-                if first < table.num_rows and pin in ("", tier.name):
-                    want = table.num_rows - first
-                    limit = table.policy.limit_rows(tier.name, table.stride) if tier.name in MEMORY_TIERS else None
-                    first += self._fill(table, tier, first, want if limit is None else min(want, limit))
-        except BaseException:
-            self._release(table)
-            raise
-        if first < table.num_rows:
-            self._release(table)
-            need = table.num_rows * table.stride
-            free = ", ".join(f"{t.name} {t.largest_free()}" for t in self.tiers)
-            where = f"tier {pin} (the table is pinned there)" if pin else "the tiers"
-            raise TierFullError(f"table {table.name!r} needs about {need} bytes and {where} cannot hold it "
-                                f"(largest free extent in bytes: {free})")
-        self._count_ports(table)
-
-    def _fill(self, table: Table, tier, first: int, want: int) -> int:
-        """Places rows [first, first + want) in tier, as far as it has room."""
-        slots = self._space(table, tier.tier_id).take(want)
-        table.native.loc[first: first + slots.size] = (tier.tier_id << table.native.tier_shift) | slots
-        table.rows_by_tier[tier.tier_id] += slots.size
-        return slots.size
-
-    def _account_ports(self, table: Table, ids: np.ndarray, old: np.ndarray, new: np.ndarray) -> None:
-        """Keeps the ports' heat up to date as rows move from placement entries old to new."""
-        heat = table.native.heat[ids].astype(np.float64)
-        n = len(self.part_names)
-        change = (np.bincount(table.native.parts_of_locs(new), weights=heat, minlength=n) -
-                  np.bincount(table.native.parts_of_locs(old), weights=heat, minlength=n))
-        table.port_load += change[1:1 + self.cxl_ports]
-
-    def _cxl_slots(self, table: Table, space: SlotSpace, ids: np.ndarray) -> np.ndarray:
-        """Slots for rows arriving in the CXL tier, each on the port fabric.deal picks for its heat
-        (another when that port is full); fewer when the tier is short (then the rows before the
-        first one left without a slot take them).  Call under self._lock."""
-        if self.cxl_ports == 1:
-            return space.take(ids.size)
-        want = fabric.deal(table.native.heat[ids], table.port_load)
-        slots = np.empty(ids.size, dtype=np.uint32)
-        got = np.zeros(ids.size, dtype=bool)
-        for port in range(self.cxl_ports):
-            mine = np.flatnonzero(want == port)
-            taken = space.take(mine.size, port)
-            slots[mine[:taken.size]], got[mine[:taken.size]] = taken, True
-        missing = np.flatnonzero(~got)
-        taken = space.take(missing.size)
-        slots[missing[:taken.size]], got[missing[:taken.size]] = taken, True
-        return slots if got.all() else slots[got]
-
-    def _space(self, table: Table, tier_id: int) -> SlotSpace:
-        """The table's slots in a tier (made on first use); call under self._lock."""
-        if tier_id not in table.slots:
-            space = SlotSpace(self.tiers_by_id[tier_id], table.native, table.stride, table.chunk_shift,
-                              first_part=(0, 1, 1 + self.cxl_ports)[tier_id])
-            if TIERS[tier_id] in MEMORY_TIERS:
-                space.limit_rows = table.policy.limit_rows(TIERS[tier_id], table.stride)
-            table.slots[tier_id] = space
-        return table.slots[tier_id]
-
-    def _release(self, table: Table) -> None:
-        for space in table.slots.values():
-            space.release()
-        table.slots.clear()
-        table.rows_by_tier = [0, 0, 0]
 
     def _initialize(self, table: Table, initializer: str, seed: int, scale: float) -> None:
         for start in range(0, table.num_rows, INIT_BATCH_ROWS):

@@ -8,10 +8,14 @@
   room, then swaps them against the coldest rows above when the policy finds
   the swap worth it (hysteresis), demotes rows over a table's own limit, and
   moves a pinned table's rows to its tier;
-- mover: Store.move_rows, the only code that changes a row's home between
-  tiers; Store.spread_ports then levels the heat of the CXL rows over the
-  fabric's ports (rows trade places between ports, within what is left of
-  the budget).
+- mover: store.mover (store/mover.py), the only code that changes a row's
+  home; after the plan's moves it trims memory over a table's own limit
+  and levels the heat of the CXL rows over the fabric's ports (rows trade
+  places between ports, within what is left of the budget).
+
+The engine holds the store's table handles for an interval (Store.handles),
+never names: a table dropped or re-created meanwhile has a retired handle,
+every change through which fails, so it is never mixed with its successor.
 
 The migration budget (bandwidth x interval, in bytes) is shared by all
 tables; the table served first rotates each interval so that none starves.
@@ -24,13 +28,13 @@ left joins the backlog, and serving is never starved by a long interval.
 SCM and promotions: a row has one home, which lookups and WriteRows use.
 A row promoted out of SCM (read with the lookup path's batched O_DIRECT
 reads) keeps its SCM slot as a copy, clean until WriteRows changes the row
-(the store marks it dirty).  Demoting it again writes nothing when the copy
+(the mover marks it dirty).  Demoting it again writes nothing when the copy
 is clean (the placement entry points back at it) and rewrites it in place
 when dirty; only rows that never lived on SCM take a new SCM slot.  So rows
 that bounce between a hot and a warm phase cost SCM no write bandwidth, at
 the price of SCM space held by the copies of promoted rows (SCM is the
 capacity tier) and 5 bytes per row of copy bookkeeping, made the first time
-one of the table's rows leaves SCM (Store._move).
+one of the table's rows leaves SCM (Mover._move).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from embtier.wire import TIERS
 
 from embtierd.errors import NotFoundError
 from embtierd.store.catalog import Store
+from embtierd.store.table import Table
 from embtierd.tiering.config import TieringConfig
 from embtierd.tiering.policies import make_policy
 from embtierd.tiering.policy_base import UNLIMITED, Policy, run_interval
@@ -102,27 +107,27 @@ class TieringEngine:
         start = time.perf_counter()
         budget_bytes = UNLIMITED if unlimited else int(self.config.bandwidth_bytes_per_second *
                                                         self.config.interval_seconds)
-        tables = [info.name for info in self.store.tables()]
-        self._state = {name: s for name, s in self._state.items() if name in tables}
+        tables = self.store.handles()  # held for the interval: a table re-created meanwhile is another handle
+        self._state = {name: s for name, s in self._state.items() if name in {t.name for t in tables}}
         if tables:
             first = self.intervals % len(tables)
             tables = tables[first:] + tables[:first]
         # moves past the deadline wait for the next interval
         deadline = math.inf if unlimited else time.monotonic() + self.config.interval_seconds
-        for name in tables:
+        mover = self.store.mover
+        for table in tables:
+            name, stride, pin = table.name, table.stride, table.settings.pin
             try:
-                stride = self.store.geometry(name)[2]
-                state = self._table_state(name)
-                pin = self.store.table_policy(name).pin
-                room = [self.store.room_rows(name, 0), self.store.room_rows(name, 1), UNLIMITED]
-                result = run_interval(state.policy, self.store.heat(name, writable=True), self.store.placement(name),
-                                      room, max(0, budget_bytes) // stride, self._mover(name, deadline),
+                state = self._table_state(table)
+                room = [mover.room_rows(table, 0), mover.room_rows(table, 1), UNLIMITED]
+                result = run_interval(state.policy, table.native.heat, table.placement(), room,
+                                      max(0, budget_bytes) // stride, self._mover(table, deadline),
                                       TIERS.index(pin) if pin else None)
                 for tier in (0, 1):
-                    self.store.trim(name, tier)  # memory over the table's own limit goes back to the tier
+                    mover.trim(table, tier)  # memory over the table's own limit goes back to the tier
                 left = max(0, budget_bytes) // stride - result.rows_moved
-                traded = self.store.spread_ports(name, left) if time.monotonic() < deadline else 0
-            except NotFoundError:  # dropped meanwhile
+                traded = mover.spread_ports(table, left) if time.monotonic() < deadline else 0
+            except NotFoundError:  # dropped or replaced meanwhile: its handle is retired
                 self._state.pop(name, None)
                 continue
             state.backlog_rows, state.moved_rows = result.backlog_rows, result.rows_moved
@@ -132,37 +137,36 @@ class TieringEngine:
                 moved[key] = moved.get(key, 0) + n
             if self.metrics is not None:
                 self.metrics.migrated(table_moves, (result.rows_moved + traded) * stride)
-                self.metrics.ports_balanced(name, traded, self.store.port_balance(name))
+                self.metrics.ports_balanced(name, traded, table.port_balance())
         self.intervals += 1
         if self.metrics is not None:
             self.metrics.tiering_interval(time.perf_counter() - start,
                                           {name: s.backlog_rows for name, s in self._state.items()})
         return moved
 
-    def _mover(self, name: str, deadline: float):
-        """The plan's mover for one table: Store.move_rows in batches, none started after deadline."""
+    def _mover(self, table: Table, deadline: float):
+        """The plan's mover for one table: Mover.move in batches, none started after deadline."""
         def move(rows: np.ndarray, tier: int) -> int:
             done = 0
             for first in range(0, rows.size, MOVE_BATCH_ROWS):
                 if time.monotonic() > deadline:
                     break
-                batch = rows[first:first + MOVE_BATCH_ROWS]
-                n = self.store.move_rows(name, batch, TIERS[tier])
+                batch = np.ascontiguousarray(rows[first:first + MOVE_BATCH_ROWS], dtype=np.int64)
+                n = self.store.mover.move(table, batch, tier)
                 done += n
                 if n < batch.size:
                     break
             return done
         return move
 
-    def _table_state(self, name: str) -> TableState:
+    def _table_state(self, table: Table) -> TableState:
         """The table's policy instance, made afresh when the table or its policy changed."""
-        policy_name, serial = self.store.table_policy(name).policy, self.store.serial(name)
-        state = self._state.get(name)
+        policy_name, serial = table.settings.policy, table.serial
+        state = self._state.get(table.name)
         if state is None or (state.policy_name, state.serial) != (policy_name, serial):
-            num_rows = self.store.describe(name).num_rows
-            state = TableState(policy_name, serial,
-                               make_policy(policy_name, num_rows, self.config.hysteresis, self.config.aging_intervals))
-            self._state[name] = state
+            state = TableState(policy_name, serial, make_policy(policy_name, table.num_rows, self.config.hysteresis,
+                                                                self.config.aging_intervals))
+            self._state[table.name] = state
         return state
 
     def start(self) -> None:
