@@ -31,6 +31,10 @@ Write-ahead log.  Each writer sends WriteRows of BATCH_ROWS rows of a 2M x
 rep by rep and the ratio is the median of per-rep ratios.  Also "interval"
 and "off" with one writer, for the cost of the fsync itself.
 
+Each part (the quantizer, each share of rows touched, the log) prints its
+figures as soon as it has measured them; one that fails is reported and the
+next one runs.
+
 Run from the repository root:
   .venv/bin/python -m tests.bench.bench_checkpoint [--quick] [--only checkpoints|wal|quantizer]
 """
@@ -52,6 +56,8 @@ from embtierd.durability.checkpoint import Checkpointer
 from embtierd.durability.journal import Journal
 from embtierd.durability.wal import WriteAheadLog
 from embtierd.store.catalog import Store
+
+from tests.bench.bench_kernels import Sections
 
 ROWS, DIM, BATCH_ROWS = 2 << 20, 64, 64
 ZIPF = ZipfIds(ROWS, 1.05, seed=1)
@@ -188,32 +194,37 @@ def chain_bytes(ck: Checkpointer, newest: int) -> int:
     return total
 
 
-def bench_checkpoints(root: Path, rows: int) -> None:
+def bench_checkpoints(sections: Sections, root: Path, rows: int) -> None:
     print(f"checkpoints: {rows} x {DIM} float32 table ({rows * DIM * 4 / 2**20:.0f} MiB of values), {INTERVALS} "
           f"intervals of Zipf(1.05) updates; reductions against the bytes of a full exact checkpoint taken in "
-          f"the same run")
+          f"the same run", flush=True)
     for fraction in (0.01, 0.10):
-        trace = Trace(rows, fraction)
-        baseline = run_policy(trace, root / "run", "full", 0, "adaptive")
-        full32 = baseline["written"]
-        print(f"\n  {fraction:.0%} of the rows touched per interval (full exact checkpoint: {full32 / 2**20:.1f} MiB)")
-        print(f"  {'policy':<13}{'bits':>5}{'write':>9}{'capacity':>10}{'(worst)':>9}{'error':>10}   "
-              f"{'s/ckpt':>7}  kinds (F full, I incremental, D differential)")
-        for policy in POLICIES:
-            for bits in BITS:
-                r = baseline if (policy, bits) == ("full", 0) else run_policy(trace, root / "run", policy, bits,
-                                                                                "adaptive")
-                print(f"  {policy:<13}{bits or 'exact':>5}{full32 / r['written']:8.1f}x{full32 / r['chain']:9.2f}x"
-                      f"{full32 / r['worst']:8.2f}x{r['error']:10.5f}   {r['seconds']:7.2f}  {r['kinds']}", flush=True)
-        if fraction == 0.10:
-            print("\n  restored error, plain (min/max) vs adaptive asymmetric (incremental chain, 10 % run):")
-            for bits in BITS[1:]:
-                plain = run_policy(trace, root / "run", "incremental", bits, "minmax")["error"]
-                adaptive = run_policy(trace, root / "run", "incremental", bits, "adaptive")["error"]
-                print(f"    {bits} bits: minmax {plain:.5f}  adaptive {adaptive:.5f}  ({adaptive / plain:.2f}x)",
-                      flush=True)
+        sections.run(f"checkpoints, {fraction:.0%} of the rows touched", bench_fraction, root, rows, fraction)
     print("\n  targets at 10 %: write >= 17x at 8 bits with error <= 0.01; capacity >= 2.5x at 8 bits, >= 5x at 4;"
-          " adaptive error below plain at 4 and 2 bits")
+          " adaptive error below plain at 4 and 2 bits", flush=True)
+
+
+def bench_fraction(root: Path, rows: int, fraction: float) -> None:
+    """The table of one share of rows touched per interval, a line per policy and bit width as it is measured."""
+    trace = Trace(rows, fraction)
+    baseline = run_policy(trace, root / "run", "full", 0, "adaptive")
+    full32 = baseline["written"]
+    print(f"\n  {fraction:.0%} of the rows touched per interval (full exact checkpoint: {full32 / 2**20:.1f} MiB)")
+    print(f"  {'policy':<13}{'bits':>5}{'write':>9}{'capacity':>10}{'(worst)':>9}{'error':>10}   "
+          f"{'s/ckpt':>7}  kinds (F full, I incremental, D differential)")
+    for policy in POLICIES:
+        for bits in BITS:
+            r = baseline if (policy, bits) == ("full", 0) else run_policy(trace, root / "run", policy, bits,
+                                                                            "adaptive")
+            print(f"  {policy:<13}{bits or 'exact':>5}{full32 / r['written']:8.1f}x{full32 / r['chain']:9.2f}x"
+                  f"{full32 / r['worst']:8.2f}x{r['error']:10.5f}   {r['seconds']:7.2f}  {r['kinds']}", flush=True)
+    if fraction == 0.10:
+        print("\n  restored error, plain (min/max) vs adaptive asymmetric (incremental chain, 10 % run):")
+        for bits in BITS[1:]:
+            plain = run_policy(trace, root / "run", "incremental", bits, "minmax")["error"]
+            adaptive = run_policy(trace, root / "run", "incremental", bits, "adaptive")["error"]
+            print(f"    {bits} bits: minmax {plain:.5f}  adaptive {adaptive:.5f}  ({adaptive / plain:.2f}x)",
+                  flush=True)
 
 
 def bench_quantizer(rows: int, reps: int, threads: int) -> None:
@@ -235,37 +246,17 @@ def bench_quantizer(rows: int, reps: int, threads: int) -> None:
     base = np.median(seconds["copy (baseline)"])
     print(f"quantizer: {rows} x {DIM} float32, {threads} kernel thread(s), median of {reps}")
     for name, s in seconds.items():
-        print(f"  {name:<18} {np.median(s) / base:6.2f}x the copy   {rows / np.median(s) / 1e6:6.2f} M rows/s")
+        print(f"  {name:<18} {np.median(s) / base:6.2f}x the copy   {rows / np.median(s) / 1e6:6.2f} M rows/s",
+              flush=True)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a 256K-row table and shorter log runs")
-    parser.add_argument("--only", choices=["checkpoints", "wal", "quantizer"])
-    parser.add_argument("--threads", type=int, default=2, help="kernel threads for the quantizer part")
-    parser.add_argument("--dir", default=str(Path(__file__).resolve().parents[2] / ".state" / "bench"))
-    args = parser.parse_args()
-    reps, seconds = (3, 1.0) if args.quick else (10, 3.0)
-    if args.only in (None, "quantizer"):
-        native.set_kernel_threads(args.threads)
-        bench_quantizer((256 << 10) if args.quick else ROWS, reps, args.threads)
-        native.set_kernel_threads(1)
-        if args.only == "quantizer":
-            return 0
-    if args.only != "wal":
-        shm = Path("/dev/shm")
-        root = Path(tempfile.mkdtemp(prefix="embtier-bench-ckpt-", dir=shm if shm.is_dir() else args.dir))
-        try:
-            bench_checkpoints(root, (256 << 10) if args.quick else ROWS)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-    if args.only == "checkpoints":
-        return 0
-    Path(args.dir).mkdir(parents=True, exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(prefix="embtier-bench-checkpoint-", dir=args.dir))
+def bench_wal(parent: Path, reps: int, seconds: float) -> None:
+    """The log's throughput at fsync "always" with 1 and 8 writers, then "interval" and "off" with one."""
+    parent.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="embtier-bench-checkpoint-", dir=parent))
     try:
         print(f"write-ahead log: WriteRows of {BATCH_ROWS} rows x {DIM} float32 into a {ROWS}-row table, "
-              f"{reps} reps of {seconds:g} s, 1 and 8 writers alternating")
+              f"{reps} reps of {seconds:g} s, 1 and 8 writers alternating", flush=True)
         fsyncs: list[float] = []
         store, wal = open_store(run_dir / "always", "always", fsyncs.append)
         one, eight = [], []
@@ -277,18 +268,43 @@ def main() -> int:
         print(f"   fsync always, 8 writers: {np.median(eight):10,.0f} rows/s  -> {np.median(ratios):.2f}x one writer "
               f"[{np.percentile(ratios, 25):.2f}, {np.percentile(ratios, 75):.2f}] (target >= 4x)")
         print(f"   fsync latency p50 {np.median(fsyncs) * 1e3:.2f} ms, p99 {np.percentile(fsyncs, 99) * 1e3:.2f} ms "
-              f"over {len(fsyncs)} fsyncs; log {wal.bytes_written / 2**20:.0f} MiB")
+              f"over {len(fsyncs)} fsyncs; log {wal.bytes_written / 2**20:.0f} MiB", flush=True)
         wal.close()
         store.close()
         for policy in ("interval", "off"):
             store, wal = open_store(run_dir / policy, policy)
             rate = np.median([writes_per_second(store, 1, seconds, rep) for rep in range(max(2, reps // 3))])
-            print(f"   fsync {policy:8}, 1 writer : {rate:10,.0f} rows/s  ({rate / np.median(one):.1f}x always)")
+            print(f"   fsync {policy:8}, 1 writer : {rate:10,.0f} rows/s  ({rate / np.median(one):.1f}x always)",
+                  flush=True)
             wal.close()
             store.close()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a 256K-row table and shorter log runs")
+    parser.add_argument("--only", choices=["checkpoints", "wal", "quantizer"])
+    parser.add_argument("--threads", type=int, default=2, help="kernel threads for the quantizer part")
+    parser.add_argument("--dir", default=str(Path(__file__).resolve().parents[2] / ".state" / "bench"))
+    args = parser.parse_args()
+    reps, seconds = (3, 1.0) if args.quick else (10, 3.0)
+    sections = Sections()
+    if args.only in (None, "quantizer"):
+        native.set_kernel_threads(args.threads)
+        sections.run("quantizer", bench_quantizer, (256 << 10) if args.quick else ROWS, reps, args.threads)
+        native.set_kernel_threads(1)
+    if args.only in (None, "checkpoints"):
+        shm = Path("/dev/shm")
+        root = Path(tempfile.mkdtemp(prefix="embtier-bench-ckpt-", dir=shm if shm.is_dir() else args.dir))
+        try:
+            bench_checkpoints(sections, root, (256 << 10) if args.quick else ROWS)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    if args.only in (None, "wal"):
+        sections.run("write-ahead log", bench_wal, Path(args.dir), reps, seconds)
+    return sections.exit_code()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@
    and the device mode's partial pools, each as a ratio to plain pooling of
    the same ids, median of interleaved repetitions.
 
+Each line is printed as soon as it is measured; a part that fails is
+reported and the next one runs.
+
 Run from the repository root:  .venv/bin/python -m tests.bench.bench_fabric
 """
 
@@ -32,6 +35,8 @@ from embtierd import config
 from embtierd.store.catalog import Store
 from embtierd.tiering.config import TieringConfig
 from embtierd.tiering.engine import TieringEngine
+
+from tests.bench.bench_kernels import Sections
 
 ROWS, DIM, PORTS = 100_000, 16, 4
 CXL_BYTES = 1 << 20
@@ -127,20 +132,29 @@ def accounting_cost(reps: int = 30, calls: int = 50) -> tuple[float, float]:
     return float(counted_ratio), float(device_ratio)
 
 
-def main() -> int:
-    print(f"port balance: busiest port / mean, {PORTS} emulated ports, Zipf(1.05), a table of {ROWS} rows of "
-          f"{DIM * 4} bytes with {CXL_BYTES // (DIM * 4)} in CXL")
-    print(f"  {'trace':<17}{'levelled':>9}{'not levelled':>14}{'round robin':>13}"
-          f"{'copies / tier moves':>21}{'time / interval':>17}")
-    for trace in ("scattered", "multiples of 4"):
-        b = balance(trace)
-        print(f"  {trace:<17}{b.levelled:8.2f}x{b.unlevelled:13.2f}x{b.round_robin:12.2f}x"
-              f"{b.copied_share:20.2f}x{b.time_share:16.2f}x", flush=True)
+def print_balance(trace: str) -> None:
+    b = balance(trace)
+    print(f"  {trace:<17}{b.levelled:8.2f}x{b.unlevelled:13.2f}x{b.round_robin:12.2f}x"
+          f"{b.copied_share:20.2f}x{b.time_share:16.2f}x", flush=True)
+
+
+def print_accounting() -> None:
     counted, device = accounting_cost()
     print(f"accounting: pooling with the kernel counting rows per fabric part = {counted:.2f}x pooling alone; "
           f"device mode (partition by part in C + one pooling call over parts x bags) = {device:.2f}x "
-          f"(512 x 32 ids, dim 64, in process)")
-    return 0
+          f"(512 x 32 ids, dim 64, in process)", flush=True)
+
+
+def main() -> int:
+    sections = Sections()
+    print(f"port balance: busiest port / mean, {PORTS} emulated ports, Zipf(1.05), a table of {ROWS} rows of "
+          f"{DIM * 4} bytes with {CXL_BYTES // (DIM * 4)} in CXL")
+    print(f"  {'trace':<17}{'levelled':>9}{'not levelled':>14}{'round robin':>13}"
+          f"{'copies / tier moves':>21}{'time / interval':>17}", flush=True)
+    for trace in ("scattered", "multiples of 4"):
+        sections.run(f"port balance, {trace}", print_balance, trace)
+    sections.run("accounting cost", print_accounting)
+    return sections.exit_code()
 
 
 if __name__ == "__main__":

@@ -36,7 +36,12 @@ comparison is made between calls interleaved in time, and ratios are taken per r
   lives only on the O_DIRECT file, at SCM queue depths 32 / 64 / 128, next to fio 4 KiB random
   reads (io_uring, O_DIRECT) on a file in the same directory.  fio at iodepth 32 runs before
   and after each of our queue depths; our ratio is against the mean of the two fio runs around
-  it.  fio at iodepth 1 runs once at the end.
+  it.  fio at iodepth 1 runs once at the end.  Without fio (not on PATH) our lookups run alone,
+  without a ratio, and the output says that the fio comparison was skipped.
+
+Each section (the bandwidth reference, each table, the SCM path) prints its lines of the table
+as soon as it has measured them; a section that fails is reported, its traceback on stderr, and
+the next one runs (with fresh torch workers); the exit status is 1 if any failed.
 
 Run:  .venv/bin/python tests/bench/bench_kernels.py [--quick] [--dir PARENT_OF_STATE_DIR]
 --quick shrinks tables and repetitions to check the script end to end in about a minute.
@@ -54,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +79,8 @@ SCM_QUEUE_DEPTHS = (32, 64, 128)
 DISTS = ("uniform", "zipf")
 SHORT_DTYPE = {"float32": "f32", "float16": "f16", "int8": "int8"}
 TORCH_BEST = "torch best"
+FIO_SKIPPED = ("fio comparison skipped: fio is not installed (no fio on PATH; `make bench` installs it with "
+               "apt-get when run as root); our SCM lookups ran alone, without a ratio")
 
 
 @dataclass(frozen=True)
@@ -126,14 +134,47 @@ class Line:
 
 @dataclass
 class Report:
+    """The lines measured so far; a section hands its lines and notes to add() as soon as it has them."""
+
     lines: list[Line] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    torch_version: str = "?"
     bandwidth: dict[int, float] = field(default_factory=dict)   # threads -> best sequential GB/s
+    skipped: list[str] = field(default_factory=list)            # comparisons left out, and why
+
+    def add(self, lines: Sequence[Line], notes: Sequence[str] = ()) -> None:
+        """Prints lines as rows of the table and notes under them, flushed; keeps the lines for the summary."""
+        self.lines += lines
+        print("\n".join([format_row(line_cells(ln)) for ln in lines] + [f"  - {n}" for n in notes]), flush=True)
 
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Sections:
+    """Runs the sections of a benchmark one after another (the other benchmarks use it too).  A section
+    prints its own figures as soon as it has measured them; one that fails is reported (a line on stdout,
+    its traceback on stderr) and the next one runs."""
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def run(self, name: str, measure: Callable[..., object], *args: object) -> bool:
+        """measure(*args); False, once reported, if it raised."""
+        try:
+            measure(*args)
+        except Exception as e:  # noqa: BLE001 - reported; the next section runs
+            traceback.print_exc()
+            print(f"{name}: FAILED, {type(e).__name__}: {e} (traceback on stderr)", flush=True)
+            self.failed.append(name)
+            return False
+        return True
+
+    def exit_code(self) -> int:
+        """0 if every section ran; else 1, after a line naming the failed ones."""
+        if not self.failed:
+            return 0
+        print(f"failed sections: {'; '.join(self.failed)}", flush=True)
+        return 1
 
 
 def bag_offsets() -> np.ndarray:
@@ -250,14 +291,20 @@ class TorchWorker:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.hello: dict | None = None
 
+    def exited(self) -> RuntimeError:
+        return RuntimeError(f"{self.name} worker exited (code {self.proc.wait()}); see its stderr above")
+
     def send(self, *words: object) -> None:
-        self.proc.stdin.write(" ".join(str(w) for w in words) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(" ".join(str(w) for w in words) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise self.exited() from None
 
     def recv(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"{self.name} worker exited (code {self.proc.wait()}); see its stderr above")
+            raise self.exited()
         reply = json.loads(line)
         if "error" in reply:
             raise RuntimeError(f"{self.name} worker: {reply['error']}")
@@ -275,6 +322,26 @@ class TorchWorker:
             except (OSError, RuntimeError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
+
+
+def start_workers() -> list[TorchWorker]:
+    """The two torch workers (THP off, THP on), each past its hello."""
+    log("starting the torch workers")
+    workers: list[TorchWorker] = []
+    try:
+        for thp in (False, True):
+            workers.append(TorchWorker(thp))
+        for w in workers:
+            w.hello = w.recv()
+    except BaseException:
+        close_workers(workers)
+        raise
+    return workers
+
+
+def close_workers(workers: list[TorchWorker]) -> None:
+    for w in workers:
+        w.close()
 
 
 def call_all(workers: list[TorchWorker], *words: object) -> list[dict]:
@@ -411,11 +478,24 @@ def timed_line(case: str, threads: int, impl: str, times: list[float], ref: list
 
 def bench_table(store: Store, cfg: config.Config, case: TableCase, plan: Plan, state: Path,
                 workers: list[TorchWorker], report: Report) -> None:
-    """All lines of one table (ours, torch THP off / on, [q8], numpy), interleaved; dropped after."""
-    log(f"table {case.label}: generating and loading")
+    """All lines of one table (ours, torch THP off / on, [q8], numpy), interleaved, each thread count's
+    printed when measured; the table and its files are dropped after, also when a step fails."""
     work = state / "case"
     work.mkdir()
     name = f"bench_{case.dim}_{case.dtype}"
+    try:
+        measure_table(store, cfg, case, plan, work, name, workers, report)
+    finally:
+        native.set_kernel_threads(1)
+        if name in {t.name for t in store.tables()}:
+            store.drop_table(name)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_table(store: Store, cfg: config.Config, case: TableCase, plan: Plan, work: Path, name: str,
+                  workers: list[TorchWorker], report: Report) -> None:
+    """bench_table's measurements, with work as the directory of the files shared with the workers."""
+    log(f"table {case.label}: generating and loading")
     rng = np.random.default_rng([case.rows, case.dim, len(case.dtype)])
     values = random_values(case.rows, case.dim, rng)
     load_table(store, name, case, values, "dram")
@@ -426,7 +506,7 @@ def bench_table(store: Store, cfg: config.Config, case: TableCase, plan: Plan, s
     drawn = batches + (plan.reps if tracking_case else 0)
     ids = {"uniform": uniform_ids(case.rows, drawn, rng), "zipf": zipf_ids(case.rows, drawn, rng)}
     distinct = np.unique(ids["zipf"][0]).size / IDS_PER_CALL
-    report.notes.append(f"{case.label}: a zipf batch has {100 * distinct:.0f}% distinct rows")
+    case_notes = [f"{case.label}: a zipf batch has {100 * distinct:.0f}% distinct rows"]
     ref_table = values.astype(np.float16) if case.dtype == "float16" else values
     del values
     np.save(work / "weight.npy", ref_table)
@@ -436,7 +516,7 @@ def bench_table(store: Store, cfg: config.Config, case: TableCase, plan: Plan, s
     torch_dtype = "float16" if case.dtype == "float16" else "float32"
     log(f"table {case.label}: loading the torch workers")
     for w, info in zip(workers, call_all(workers, "load", work, torch_dtype, int(q8))):
-        report.notes.append(f"{case.label}: {w.name} worker AnonHugePages {info['huge_mib']:.0f} MiB after load")
+        case_notes.append(f"{case.label}: {w.name} worker AnonHugePages {info['huge_mib']:.0f} MiB after load")
     (work / "weight.npy").unlink()
 
     ours_table = store._tables[name].native
@@ -480,6 +560,7 @@ def bench_table(store: Store, cfg: config.Config, case: TableCase, plan: Plan, s
             best = times["fp1"] if med["fp1"] < med["fp0"] else times["fp0"]
 
             times["best"] = best
+            notes = []
             specs = []   # (impl, key of times, row bytes, check, key of the reference times, vs)
             specs.append(("ours lookup_pooled", "ours", ours_bytes, verdict, "best", TORCH_BEST))
             if track:
@@ -489,8 +570,8 @@ def bench_table(store: Store, cfg: config.Config, case: TableCase, plan: Plan, s
                 specs.append(("ours, heat on every access (tracking overhead)", "every", ours_bytes, every_verdict,
                               "ours", f"ours (1 in {1 << default_knobs[1]})"))
                 ratio, spread = ratio_stats(best, times["every"])
-                report.notes.append(f"{label}: ours with heat on every access vs torch best: {ratio:.2f} "
-                                    f"({spread[0]:.2f}-{spread[1]:.2f})")
+                notes.append(f"{label}: ours with heat on every access vs torch best: {ratio:.2f} "
+                             f"({spread[0]:.2f}-{spread[1]:.2f})")
             impl = "torch embedding_bag" + (" (f32 weights)" if q8 else "")
             torch_bytes = case.dim * (2 if case.dtype == "float16" else 4)
             specs += [(impl, "fp0", torch_bytes, "", "best", TORCH_BEST),
@@ -500,20 +581,17 @@ def bench_table(store: Store, cfg: config.Config, case: TableCase, plan: Plan, s
                 specs.append((f"torch q8 byte_rowwise ({'THP' if key == 'q81' else 'no THP'}, the faster)", key,
                               case.dim + 8, q8_verdict if threads == 1 else "", "best", TORCH_BEST))
                 ratio, spread = ratio_stats(times[key], times["ours"])
-                report.notes.append(f"{label}, {threads} thr: ours vs torch q8 byte_rowwise: {ratio:.2f} "
-                                    f"({spread[0]:.2f}-{spread[1]:.2f})")
+                notes.append(f"{label}, {threads} thr: ours vs torch q8 byte_rowwise: {ratio:.2f} "
+                             f"({spread[0]:.2f}-{spread[1]:.2f})")
             if "numpy" in times:
                 numpy_impl = {"float16": "numpy take+reduceat (f16 rows, f32 sum)",
                               "int8": "numpy take+reduceat (f32 weights)"}.get(case.dtype, "numpy take+reduceat")
                 specs.append((numpy_impl, "numpy", ref_bytes, "", "best", TORCH_BEST))
-            for impl, key, row_bytes, line_check, ref, vs in specs:
-                report.lines.append(timed_line(label, threads, impl, times[key], times[ref], row_bytes, vs,
-                                               line_check))
-    native.set_kernel_threads(1)
-    report.notes.append(f"{case.label}: our process AnonHugePages {anon_huge_mib():.0f} MiB (table loaded)")
+            report.add([timed_line(label, threads, impl, times[key], times[ref], row_bytes, vs, line_check)
+                        for impl, key, row_bytes, line_check, ref, vs in specs], notes)
+    case_notes.append(f"{case.label}: our process AnonHugePages {anon_huge_mib():.0f} MiB (table loaded)")
+    report.add([], case_notes)
     call_all(workers, "unload")
-    store.drop_table(name)
-    shutil.rmtree(work)
 
 
 # ---- read bandwidth reference -------------------------------------------------------------------
@@ -524,8 +602,8 @@ def bandwidth_reference(plan: Plan, workers: list[TorchWorker], report: Report) 
     log("read bandwidth reference")
     nbytes = plan.bandwidth_bytes
     size = f"{nbytes / 2**30:.2f} GiB"
-    for w, info in zip(workers, call_all(workers, "bwalloc", nbytes)):
-        report.notes.append(f"bandwidth: {w.name} worker AnonHugePages {info['huge_mib']:.0f} MiB with the tensor")
+    notes = [f"bandwidth: {w.name} worker AnonHugePages {info['huge_mib']:.0f} MiB with the tensor"
+             for w, info in zip(workers, call_all(workers, "bwalloc", nbytes))]
     data = np.ones(nbytes // 4, dtype=np.float32)
     parts: dict[str, Timed] = {"numpy": timed(np.sum, [data] * (plan.bandwidth_reps + 2))}
     for threads in plan.threads:
@@ -536,20 +614,22 @@ def bandwidth_reference(plan: Plan, workers: list[TorchWorker], report: Report) 
     call_all(workers, "bwfree")
     gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
     label = f"read bandwidth ref ({size} f32, sequential)"
+    lines = []
     for threads in plan.threads:
         for w in workers:
             key = f"{int(w.thp)}:{threads}"
-            report.lines.append(Line(label, f"torch.sum{' THP' if w.thp else ''}", str(threads), None, gbps[key]))
+            lines.append(Line(label, f"torch.sum{' THP' if w.thp else ''}", str(threads), None, gbps[key]))
             report.bandwidth[threads] = max(report.bandwidth.get(threads, 0.0), gbps[key])
-    report.lines.append(Line(label, "numpy a.sum()", "1", None, gbps["numpy"]))
+    lines.append(Line(label, "numpy a.sum()", "1", None, gbps["numpy"]))
     report.bandwidth[1] = max(report.bandwidth.get(1, 0.0), gbps["numpy"])
+    report.add(lines, notes)
 
 
 # ---- SCM path -----------------------------------------------------------------------------------
 
-def run_fio(path: Path, iodepth: int, plan: Plan) -> float:
-    """IOPS of fio 4 KiB O_DIRECT random reads with io_uring at iodepth on path."""
-    cmd = ["fio", "--name=r", f"--filename={path}", "--rw=randread", "--direct=1", "--bs=4k",
+def run_fio(fio: str, path: Path, iodepth: int, plan: Plan) -> float:
+    """IOPS of fio (the executable) 4 KiB O_DIRECT random reads with io_uring at iodepth on path."""
+    cmd = [fio, "--name=r", f"--filename={path}", "--rw=randread", "--direct=1", "--bs=4k",
            "--ioengine=io_uring", f"--iodepth={iodepth}", f"--size={plan.fio_size}",
            f"--runtime={plan.fio_runtime}", "--time_based", "--output-format=json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -571,8 +651,9 @@ def scm_lookup_rate(store: Store, name: str, batches: np.ndarray, seconds: float
     return done / (time.perf_counter() - start)
 
 
-def bench_scm(state: Path, plan: Plan, report: Report) -> None:
-    """Our random single-row SCM lookups at several queue depths, each between two fio qd32 runs."""
+def bench_scm(state: Path, plan: Plan, fio: str | None, report: Report) -> None:
+    """Our random single-row SCM lookups at several queue depths, each between two fio qd32 runs; with
+    fio None (not installed) ours run alone and the comparison is reported as skipped."""
     scm_dir = state / "scm"
     case = TableCase(plan.scm_rows, 64, "float32")
     cfg = config.load(overrides={
@@ -590,35 +671,43 @@ def bench_scm(state: Path, plan: Plan, report: Report) -> None:
         verdict = "ok exact" if ok else "FAIL"
         del values
         align = store.tiers.scm.read_align_bytes
-        report.notes.append(f"SCM: our reads are O_DIRECT {align}-byte spans per row, issued with "
-                            f"{'Linux AIO' if native.scm_async() else 'pread (AIO refused)'}; fio reads 4 KiB "
-                            f"blocks with io_uring from a {plan.fio_size} file; GB/s of fio lines = IOPS x 4 KiB")
+        reads = (f"SCM: our reads are O_DIRECT {align}-byte spans per row, issued with "
+                 f"{'Linux AIO' if native.scm_async() else 'pread (AIO refused)'}")
         fio_path = scm_dir / "fio.dat"
-        fio = []
+        fio_runs = []
         ours = {}
-        log("SCM: fio iodepth 32")
-        fio.append(run_fio(fio_path, 32, plan))
+        if fio:
+            log("SCM: fio iodepth 32")
+            fio_runs.append(run_fio(fio, fio_path, 32, plan))
+        else:
+            log(FIO_SKIPPED)
         for depth in SCM_QUEUE_DEPTHS:
-            log(f"SCM: ours, queue depth {depth}, then fio iodepth 32")
+            log(f"SCM: ours, queue depth {depth}{', then fio iodepth 32' if fio else ''}")
             native.set_scm_queue_depth(depth)
             ours[depth] = scm_lookup_rate(store, "scm_only", batches, plan.scm_seconds)
-            fio.append(run_fio(fio_path, 32, plan))
-        log("SCM: fio iodepth 1")
-        fio_qd1 = run_fio(fio_path, 1, plan)
+            if fio:
+                fio_runs.append(run_fio(fio, fio_path, 32, plan))
+        if fio:
+            log("SCM: fio iodepth 1")
+            fio_qd1 = run_fio(fio, fio_path, 1, plan)
     finally:
         store.close()
     row_bytes = native.row_stride(case.dim, case.dtype)
     label = f"SCM {case.label}, {SCM_IDS_PER_CALL} random ids/call"
-    vs = "fio qd32 around"
+    lines = []
     for n, (depth, rate) in enumerate(ours.items()):
-        around = (fio[n] + fio[n + 1]) / 2
-        report.lines.append(Line(label, f"ours Store.lookup, scm_queue_depth {depth}", "1", rate,
-                                 rate * row_bytes / 1e9, rate / around, None, vs,
-                                 verdict if n == 0 else ""))
-    for n, iops in enumerate(fio):
-        report.lines.append(Line(label, f"fio randread 4k io_uring qd32 (run {n + 1} of {len(fio)})", "1", iops,
-                                 iops * 4096 / 1e9))
-    report.lines.append(Line(label, "fio randread 4k io_uring qd1", "1", fio_qd1, fio_qd1 * 4096 / 1e9))
+        ratio = rate / ((fio_runs[n] + fio_runs[n + 1]) / 2) if fio else None
+        lines.append(Line(label, f"ours Store.lookup, scm_queue_depth {depth}", "1", rate, rate * row_bytes / 1e9,
+                          ratio, None, "fio qd32 around" if fio else "", verdict if n == 0 else ""))
+    if fio:
+        lines += [Line(label, f"fio randread 4k io_uring qd32 (run {n + 1} of {len(fio_runs)})", "1", iops,
+                       iops * 4096 / 1e9) for n, iops in enumerate(fio_runs)]
+        lines.append(Line(label, "fio randread 4k io_uring qd1", "1", fio_qd1, fio_qd1 * 4096 / 1e9))
+        fio_note = f"fio reads 4 KiB blocks with io_uring from a {plan.fio_size} file; GB/s of fio lines = IOPS x 4 KiB"
+        report.add(lines, [f"{reads}; {fio_note}"])
+    else:
+        report.skipped.append(FIO_SKIPPED)
+        report.add(lines, [reads, FIO_SKIPPED])
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -629,7 +718,8 @@ def fmt_rate(rate: float | None) -> str:
     return f"{rate / 1e6:.2f}M" if rate >= 1e6 else f"{rate / 1e3:.1f}K"
 
 
-def machine_header(plan: Plan, cfg: config.Config, quick: bool, state: str, report: Report) -> list[str]:
+def machine_header(plan: Plan, cfg: config.Config, quick: bool, state: str, workers: list[TorchWorker]
+                   ) -> list[str]:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -641,30 +731,40 @@ def machine_header(plan: Plan, cfg: config.Config, quick: bool, state: str, repo
          f"THP {thp.read_text().strip() if thp.exists() else '?'}"),
         (f"ours: ISA {native.isa()}, prefetch_distance {k.prefetch_distance}, heat_sample_shift "
          f"{k.heat_sample_shift} (heat counted on 1 access in {1 << k.heat_sample_shift})"),
-        (f"torch {report.torch_version} in 2 persistent workers (THP_MEM_ALLOC_ENABLE 0 / 1, "
+        (f"torch {torch_version(workers)} in 2 persistent workers (THP_MEM_ALLOC_ENABLE 0 / 1, "
          f"OMP_WAIT_POLICY=PASSIVE); numpy {np.__version__}; state dir {state}"),
         (f"pool cases: {BAGS} bags x {BAG_LEN} ids, zipf s={ZIPF_S}; {plan.warmup} warm-up + {plan.reps} "
          "interleaved reps (rotating order), each rep a fresh id batch; rates from median call times"),
     ]
 
 
-def format_table(lines: list[Line]) -> list[str]:
-    head = ("case", "impl", "thr", "rows/s", "GB/s", "ratio", "q25-q75", "vs", "check")
-    cells = [head] + [(ln.case, ln.impl, ln.threads, fmt_rate(ln.rate),
-                       "-" if ln.gbps is None else f"{ln.gbps:.2f}",
-                       "-" if ln.ratio is None else f"{ln.ratio:.2f}",
-                       "-" if ln.spread is None else f"{ln.spread[0]:.2f}-{ln.spread[1]:.2f}",
-                       ln.vs or "-", ln.check or "-")
-                      for ln in lines]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
-    right = {2, 3, 4, 5, 6}
-    out = []
-    for n, row in enumerate(cells):
-        out.append("  ".join(c.rjust(w) if i in right else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(row, widths))).rstrip())
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return out
+def torch_version(workers: list[TorchWorker]) -> str:
+    if not workers:
+        return "? (the workers did not start)"
+    hello = workers[0].hello
+    return f"{hello['torch']} (CPU capability {hello['capability']})"
+
+
+# Widths fit the longest cells of a run (a longer one shifts the rest of its row); the rows of each
+# section are printed as soon as it is measured, under the one header.
+COLUMNS = (("case", 45), ("impl", 46), ("thr", 3), ("rows/s", 7), ("GB/s", 5), ("ratio", 5), ("q25-q75", 9),
+           ("vs", 15), ("check", 10))
+RIGHT_ALIGNED = {2, 3, 4, 5, 6}
+
+
+def format_row(cells: Sequence[str]) -> str:
+    return "  ".join(c.rjust(w) if i in RIGHT_ALIGNED else c.ljust(w)
+                     for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS))).rstrip()
+
+
+def table_head() -> list[str]:
+    return [format_row([name for name, _ in COLUMNS]), "  ".join("-" * w for _, w in COLUMNS)]
+
+
+def line_cells(ln: Line) -> tuple[str, ...]:
+    return (ln.case, ln.impl, ln.threads, fmt_rate(ln.rate), "-" if ln.gbps is None else f"{ln.gbps:.2f}",
+            "-" if ln.ratio is None else f"{ln.ratio:.2f}",
+            "-" if ln.spread is None else f"{ln.spread[0]:.2f}-{ln.spread[1]:.2f}", ln.vs or "-", ln.check or "-")
 
 
 def summary_notes(report: Report) -> list[str]:
@@ -677,13 +777,15 @@ def summary_notes(report: Report) -> list[str]:
     if ours:
         worst = min(ours, key=lambda ln: ln.ratio)
         notes.append(f"slowest vs torch: {worst.case}, {worst.threads} thread(s): {worst.ratio:.2f}x")
-        best_bw = max((ln for ln in ours if ln.case.endswith("uniform")), key=lambda ln: ln.gbps)
+    uniform = [ln for ln in ours if ln.case.endswith("uniform")]
+    if uniform:
+        best_bw = max(uniform, key=lambda ln: ln.gbps)
         ref = report.bandwidth.get(int(best_bw.threads))
         if ref:
             notes.append(f"ours peak gather on uniform ids {best_bw.gbps:.2f} GB/s ({best_bw.case}, "
                          f"{best_bw.threads} thr) = {best_bw.gbps / ref:.2f} x the best sequential read reference "
                          f"at {best_bw.threads} thr ({ref:.2f} GB/s, measured earlier in the run)")
-    return notes + report.notes
+    return notes + report.skipped
 
 
 def fs_type(path: Path) -> str:
@@ -699,6 +801,21 @@ def fs_type(path: Path) -> str:
 
 
 # ---- main ---------------------------------------------------------------------------------------
+
+def torch_sections(sections: Sections, workers: list[TorchWorker],
+                   measures: list[tuple[str, Callable[[list[TorchWorker]], None]]]) -> None:
+    """Each (name, measure) as a section, measure(workers); after one fails, the workers are replaced
+    (a failed exchange can leave one dead or with a reply unread), started within the next section."""
+    def with_workers(measure: Callable[[list[TorchWorker]], None]) -> None:
+        if not workers:
+            workers.extend(start_workers())
+        measure(workers)
+
+    for name, measure in measures:
+        if not sections.run(name, with_workers, measure):
+            close_workers(workers)
+            workers.clear()
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -717,6 +834,7 @@ def main() -> int:
         sys.exit(f"{args.dir} is on {fs_type(state)}: SCM needs O_DIRECT, pass --dir on a disk file system")
     where = f"{state} ({fs_type(state)})"
     report = Report()
+    sections = Sections()
     started = time.perf_counter()
     cfg = config.load(overrides={
         "state_dir": str(state / "dram"),
@@ -724,31 +842,27 @@ def main() -> int:
         "kernels": {"kernel_threads": 1}})
     workers: list[TorchWorker] = []
     try:
-        log("starting the torch workers")
-        workers = [TorchWorker(thp=False), TorchWorker(thp=True)]
-        for w in workers:
-            w.hello = w.recv()
-        report.torch_version = f"{workers[0].hello['torch']} (CPU capability {workers[0].hello['capability']})"
-        bandwidth_reference(plan, workers, report)
-        store = Store(cfg)
-        try:
-            for case in table_cases(plan):
-                bench_table(store, cfg, case, plan, state, workers, report)
-        finally:
-            store.close()
-        for w in workers:
-            w.close()
-        workers = []
-        bench_scm(state, plan, report)
+        sections.run("starting the torch workers", lambda: workers.extend(start_workers()))
+        print("\n".join(machine_header(plan, cfg, args.quick, where, workers) + [""] + table_head()), flush=True)
+        if workers:
+            store = Store(cfg)
+            try:
+                measures = [("read bandwidth reference", lambda w: bandwidth_reference(plan, w, report))]
+                measures += [(f"table {case.label}",
+                              lambda w, case=case: bench_table(store, cfg, case, plan, state, w, report))
+                             for case in table_cases(plan)]
+                torch_sections(sections, workers, measures)
+            finally:
+                store.close()
+        close_workers(workers)
+        workers.clear()
+        sections.run("SCM path", bench_scm, state, plan, shutil.which("fio"), report)
     finally:
-        for w in workers:
-            w.close()
+        close_workers(workers)
         shutil.rmtree(state, ignore_errors=True)
-    elapsed = time.perf_counter() - started
-    print("\n".join(machine_header(plan, cfg, args.quick, where, report) + [""] + format_table(report.lines)
-                    + [""] + ["notes:"] + [f"  - {n}" for n in summary_notes(report)]
-                    + [f"total time {elapsed:.0f} s"]))
-    return 0
+    print("\n".join(["", "notes:"] + [f"  - {n}" for n in summary_notes(report)]
+                    + [f"total time {time.perf_counter() - started:.0f} s"]), flush=True)
+    return sections.exit_code()
 
 
 if __name__ == "__main__":

@@ -55,6 +55,10 @@ The host is shared and noisy: timed comparisons are interleaved and ratios are m
 per-repetition ratios (25-75 % range in brackets).  Hit ratios are not timed, but the engine's
 moves stop at its deadline, so they depend a little on the machine's speed.
 
+Each step prints its figures as soon as it has measured them (step 2 alpha by alpha, in the order
+run: the shift alpha last, its summary then steps 3 and 4 on the same table); a step that fails is
+reported and the next one runs.
+
 Run from the repository root:  .venv/bin/python -m tests.bench.bench_tiering [--quick] [--dir DIR]
 The full run takes about 10 minutes, most of it in SCM reads (the lookups of rows on SCM and the
 promotions); --quick: a 256K-row table and fewer intervals and repetitions, under a minute.
@@ -64,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import shutil
 import sys
 import tempfile
@@ -83,7 +88,7 @@ from embtierd.tiering.policies import make_policy
 from embtierd.tiering.policy_base import UNLIMITED, run_interval
 from embtierd.tiering.simulate import SimConfig, SimResult, oracle_hit_ratios, simulate
 
-from tests.bench.bench_kernels import fs_type
+from tests.bench.bench_kernels import Sections, fs_type
 
 TABLE = "emb"
 DIM = 64
@@ -272,6 +277,7 @@ class SteadyState:
     expected_oracle: np.ndarray
     in_sample_oracle: np.ndarray
     rows_by_tier: dict[str, int]       # rows homed in each tier after the measured intervals
+    heat: np.ndarray                   # the table's aged counters after them (what the policy ranked)
     sims: dict[str, SimResult] = field(default_factory=dict)
 
     def measured(self, skip: int) -> tuple[np.ndarray, np.ndarray]:
@@ -325,7 +331,7 @@ def steady_state(tiered: TieredTable, alpha: float, rng: np.random.Generator) ->
     intervals = run_intervals(tiered, hot, rng, count, trace, f"alpha {alpha}")
     measured = trace[plan.warmup_intervals * plan.ids_per_interval:]
     result = SteadyState(alpha, intervals, hot.expected, oracle_hit_ratios(measured, plan.rows, tiered.capacity_rows),
-                         tiered.store.describe(TABLE).rows_by_tier)
+                         tiered.store.describe(TABLE).rows_by_tier, tiered.store.heat(TABLE).copy())
     return result, trace
 
 
@@ -520,43 +526,54 @@ def print_setup(plan: Plan, tiered: TieredTable, where: str, quick: bool) -> Non
           f"interval, moves stop {ENGINE.interval_seconds:g} s after an interval starts")
     print(f"   interval: {plan.requests_per_interval} requests x {BAGS} bags x {BAG_LEN} ids = {plan.ids_per_interval} "
           f"ids (~{plan.ids_per_interval >> HEAT_SAMPLE_SHIFT} heat samples at heat_sample_shift {HEAT_SAMPLE_SHIFT}),"
-          f" then run_once()")
+          f" then run_once()", flush=True)
 
 
-def print_steady(plan: Plan, results: list[SteadyState]) -> None:
-    skip = plan.warmup_intervals
-    print(f"\n2. steady state: {skip} warm-up intervals, then {plan.measured_intervals} measured "
+def print_steady_head(plan: Plan) -> None:
+    print(f"\n2. steady state: {plan.warmup_intervals} warm-up intervals, then {plan.measured_intervals} measured "
           f"({plan.measured_intervals * plan.ids_per_interval / 1e6:.1f}M ids); hit ratios per id")
-    print(f"   {'alpha':>5}  {'placement':<34} {'DRAM':>7} {'CXL':>7} {'SCM':>7} {'SCM/bag':>8}  DRAM vs oracle")
-    ratios, page_wins = {}, {}
-    for r in results:
-        hits, oracle = r.measured(skip)
-        rows = [("measured (engine, tier_rows)", hits), ("oracle: expected (Zipf)", r.expected_oracle),
-                ("oracle: placement on the same ids", oracle)]
-        rows += [(name, sim.hit_ratios(skip)) for name, sim in r.sims.items()]
-        for k, (name, h) in enumerate(rows):
-            label = f"{r.alpha:5.2f}" if k == 0 else " " * 5
-            print(f"   {label}  {name:<34} {fmt_hits(h)} {h[SCM] * BAG_LEN:8.2f}  {h[DRAM] / oracle[DRAM]:6.3f}x")
-        ratios[r.alpha] = hits[DRAM] / oracle[DRAM]
-        sims = list(r.sims.values())
-        page_wins[r.alpha] = sims[0].hit_ratios(skip)[DRAM] > sims[1].hit_ratios(skip)[DRAM]
-        trace = " ".join(f"{shares(i.hits)[DRAM]:.3f}" for i in r.intervals)
-        print(f"          DRAM hit ratio by interval: {trace}")
-        measured = r.intervals[skip:]
-        print(f"          rows moved per measured interval: engine {np.median([i.moved_rows for i in measured]):.0f}"
-              f" (backlog {np.median([i.backlog_rows for i in measured]):.0f}, run_once "
-              f"{np.median([i.run_seconds for i in measured]):.2f} s), sim LFU rows "
-              f"{np.median(sims[0].moved_rows[skip:]):.0f}")
-        homed = r.rows_by_tier
-        print(f"          rows homed after them: dram {homed['dram']} ({homed['dram'] / plan.capacity_rows[0]:.1%} of its "
-              f"share), cxl {homed['cxl']} ({homed['cxl'] / plan.capacity_rows[1]:.1%}), scm {homed['scm']}")
+    print(f"   {'alpha':>5}  {'placement':<34} {'DRAM':>7} {'CXL':>7} {'SCM':>7} {'SCM/bag':>8}  DRAM vs oracle",
+          flush=True)
+
+
+def print_steady(plan: Plan, r: SteadyState) -> None:
+    """Step 2's lines of one alpha."""
+    skip = plan.warmup_intervals
+    hits, oracle = r.measured(skip)
+    rows = [("measured (engine, tier_rows)", hits), ("oracle: expected (Zipf)", r.expected_oracle),
+            ("oracle: placement on the same ids", oracle)]
+    rows += [(name, sim.hit_ratios(skip)) for name, sim in r.sims.items()]
+    for k, (name, h) in enumerate(rows):
+        label = f"{r.alpha:5.2f}" if k == 0 else " " * 5
+        print(f"   {label}  {name:<34} {fmt_hits(h)} {h[SCM] * BAG_LEN:8.2f}  {h[DRAM] / oracle[DRAM]:6.3f}x")
+    sims = list(r.sims.values())
+    trace = " ".join(f"{shares(i.hits)[DRAM]:.3f}" for i in r.intervals)
+    print(f"          DRAM hit ratio by interval: {trace}")
+    measured = r.intervals[skip:]
+    print(f"          rows moved per measured interval: engine {np.median([i.moved_rows for i in measured]):.0f}"
+          f" (backlog {np.median([i.backlog_rows for i in measured]):.0f}, run_once "
+          f"{np.median([i.run_seconds for i in measured]):.2f} s), sim LFU rows "
+          f"{np.median(sims[0].moved_rows[skip:]):.0f}")
+    homed = r.rows_by_tier
+    print(f"          rows homed after them: dram {homed['dram']} ({homed['dram'] / plan.capacity_rows[0]:.1%} of its "
+          f"share), cxl {homed['cxl']} ({homed['cxl'] / plan.capacity_rows[1]:.1%}), scm {homed['scm']}", flush=True)
+
+
+def print_steady_summary(plan: Plan, results: list[SteadyState]) -> None:
+    """Step 2's closing lines, over the alphas measured (SHIFT_ALPHA among them)."""
+    skip = plan.warmup_intervals
     print("   in-sample oracle (best static placement for the measured ids themselves), DRAM / CXL: " + ", ".join(
         f"alpha {r.alpha}: {r.in_sample_oracle[DRAM]:.4f} / {r.in_sample_oracle[CXL]:.4f}" for r in results))
-    met = ratios[SHIFT_ALPHA] >= TARGET_ORACLE
-    print(f"   target: measured DRAM >= {TARGET_ORACLE}x oracle at alpha {SHIFT_ALPHA}: {ratios[SHIFT_ALPHA]:.3f}x "
-          f"{'MET' if met else 'MISSED'}")
+    hits, oracle = next(r for r in results if r.alpha == SHIFT_ALPHA).measured(skip)
+    ratio = hits[DRAM] / oracle[DRAM]
+    print(f"   target: measured DRAM >= {TARGET_ORACLE}x oracle at alpha {SHIFT_ALPHA}: {ratio:.3f}x "
+          f"{'MET' if ratio >= TARGET_ORACLE else 'MISSED'}")
+    page_wins = {}
+    for r in results:
+        sims = list(r.sims.values())
+        page_wins[r.alpha] = sims[0].hit_ratios(skip)[DRAM] > sims[1].hit_ratios(skip)[DRAM]
     print("   target: row-granular LFU beats page-granular in DRAM hit ratio: " + ", ".join(
-        f"alpha {a}: {'yes' if w else 'NO'}" for a, w in page_wins.items()))
+        f"alpha {a}: {'yes' if w else 'NO'}" for a, w in page_wins.items()), flush=True)
 
 
 def print_shift(intervals: list[Interval]) -> None:
@@ -574,7 +591,7 @@ def print_shift(intervals: list[Interval]) -> None:
               f"{i.moved_rows:>8} {i.backlog_rows:>8} {i.run_seconds:7.2f}s")
     met = first is not None and first <= TARGET_SHIFT_INTERVALS
     print(f"   first interval within {1 - TARGET_WITHIN:.0%} of the oracle: {first or 'none'} "
-          f"(target <= {TARGET_SHIFT_INTERVALS}): {'MET' if met else 'MISSED'}")
+          f"(target <= {TARGET_SHIFT_INTERVALS}): {'MET' if met else 'MISSED'}", flush=True)
 
 
 def print_migration(reps: list[MigrationRep], steady_run: list[Interval], planning: float) -> None:
@@ -604,7 +621,7 @@ def print_migration(reps: list[MigrationRep], steady_run: list[Interval], planni
     for kind in reps[0].windows["with"]:
         med = quantiles([rep.ratio(kind) for rep in reps])[0]
         print(f"   target: {kind} with migration >= {TARGET_MIGRATION}x idle: {med:.3f}x "
-              f"{'MET' if med >= TARGET_MIGRATION else 'MISSED'}")
+              f"{'MET' if med >= TARGET_MIGRATION else 'MISSED'}", flush=True)
 
 
 def print_overhead(times: dict[int, list[float]]) -> None:
@@ -618,7 +635,7 @@ def print_overhead(times: dict[int, list[float]]) -> None:
               f"[{q25:.3f}, {q75:.3f}]")
     med = quantiles([a / b for a, b in zip(times[16], times[HEAT_SAMPLE_SHIFT])])[0]
     print(f"   target: tracking at shift {HEAT_SAMPLE_SHIFT} costs < {1 - TARGET_TRACKING:.0%} (>= {TARGET_TRACKING}x): "
-          f"{med:.3f}x {'MET' if med >= TARGET_TRACKING else 'MISSED'}")
+          f"{med:.3f}x {'MET' if med >= TARGET_TRACKING else 'MISSED'}", flush=True)
 
 
 def print_accuracy(rankings: dict[str, Ranking], plan: Plan) -> None:
@@ -627,7 +644,7 @@ def print_accuracy(rankings: dict[str, Ranking], plan: Plan) -> None:
           f"{ENGINE.aging_intervals * plan.ids_per_interval / 1e6:.1f}M ids)")
     for name, r in rankings.items():
         print(f"   {name:<50} {r.overlap:6.3f}   (threshold count {r.threshold}; {r.by_tie:.1%} of the top-10 % "
-              f"slots go to rows tied at it)")
+              f"slots go to rows tied at it)", flush=True)
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -675,7 +692,56 @@ def print_cxl_latency(ratios: dict[int, list[float]]) -> None:
         label = "emulated CXL, nothing injected" if ns == 0 else f"{ns} ns injected per CXL row"
         print(f"   {label:34} CXL rows take {median:6.2f}x the DRAM rows' time [{q25:.2f}, {q75:.2f}]")
     print("   (injected latency: the CXL tier is emulated in DRAM here; the delay is serialised per row, with no "
-          "overlap of misses as real memory-level parallelism would give, so it is an upper bound of the effect)")
+          "overlap of misses as real memory-level parallelism would give, so it is an upper bound of the effect)",
+          flush=True)
+
+
+def tiered_steps(plan: Plan, alpha: float, parent: Path, rng: np.random.Generator, steady: dict[float, SteadyState],
+                 setup: Callable[[TieredTable], None] | None) -> None:
+    """Step 2 for alpha on a table of its own, into steady[alpha], after setup(table) and step 2's head when
+    setup is given; for SHIFT_ALPHA, run last, step 2's summary then steps 3 and 4 on the same table."""
+    log(f"alpha {alpha}: creating the table")
+    tiered = TieredTable(plan, parent, f"a{alpha}")
+    try:
+        if setup:
+            setup(tiered)
+            print_steady_head(plan)
+        result, trace = steady_state(tiered, alpha, rng)
+        result.sims = simulations(trace, tiered)
+        del trace
+        steady[alpha] = result
+        print_steady(plan, result)
+        if alpha == SHIFT_ALPHA:
+            print_steady_summary(plan, [steady[a] for a in ALPHAS if a in steady])
+            planning = tiered.planning_seconds()
+            print_shift(shift_recovery(tiered, rng))
+            print_migration(migration_interference(tiered, rng), result.intervals[plan.warmup_intervals:], planning)
+    finally:
+        tiered.close()
+
+
+def tracking_steps(sections: Sections, plan: Plan, parent: Path, rng: np.random.Generator,
+                   aged_heat: np.ndarray | None) -> None:
+    """Steps 5 and 6, each a section, on DRAM-only copies of the table; aged_heat: the tiered table's counters
+    at the end of step 2, ranked beside them when step 2 ran at SHIFT_ALPHA."""
+    hot = HotSet(plan.rows, SHIFT_ALPHA, SEED_STEADY, plan.capacity_rows)
+    with dram_copy(plan, parent, HEAT_SAMPLE_SHIFT) as s3, dram_copy(plan, parent, 16) as s16, \
+            dram_copy(plan, parent, 0) as s0:
+        log("tracking overhead")
+        sections.run("5. heat tracking overhead", lambda: print_overhead(
+            tracking_overhead({HEAT_SAMPLE_SHIFT: s3, 16: s16, 0: s0}, hot, plan, rng)))
+        log("tracking accuracy")
+        sections.run("6. heat tracking accuracy", tracking_accuracy_step, {HEAT_SAMPLE_SHIFT: s3, 0: s0}, hot, plan,
+                     rng, aged_heat)
+
+
+def tracking_accuracy_step(stores: dict[int, Store], hot: HotSet, plan: Plan, rng: np.random.Generator,
+                           aged_heat: np.ndarray | None) -> None:
+    rankings = tracking_accuracy(stores, hot, plan, rng)
+    if aged_heat is not None:
+        rankings[f"tiered table at the end of step 2 (shift {HEAT_SAMPLE_SHIFT}, aged)"] = top_k_overlap(
+            aged_heat, hot.zipf.scatter[:plan.rows // 10])
+    print_accuracy(rankings, plan)
 
 
 def main() -> int:
@@ -689,6 +755,7 @@ def main() -> int:
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="embtier-bench-tiering-", dir=args.dir))
     started = time.perf_counter()
+    sections = Sections()
     try:
         kind = fs_type(run_dir)
         if kind in ("tmpfs", "ramfs"):
@@ -699,42 +766,19 @@ def main() -> int:
             print_cxl_latency(cxl_latency_effect(plan, run_dir, rng))
             return 0
         steady: dict[float, SteadyState] = {}
-        for alpha in sorted(ALPHAS, key=lambda a: a == SHIFT_ALPHA):  # the shift alpha last: steps 2-3 go on from it
-            log(f"alpha {alpha}: creating the table")
-            tiered = TieredTable(plan, run_dir, f"a{alpha}")
-            try:
-                if not steady:
-                    print_setup(plan, tiered, where, args.quick)
-                steady[alpha], trace = steady_state(tiered, alpha, rng)
-                if alpha == SHIFT_ALPHA:
-                    planning = tiered.planning_seconds()
-                    aged_heat = tiered.store.heat(TABLE).copy()
-                    shifted = shift_recovery(tiered, rng)
-                    migration = migration_interference(tiered, rng)
-            finally:
-                tiered.close()
-            steady[alpha].sims = simulations(trace, tiered)
-            del trace
-        print_steady(plan, [steady[a] for a in ALPHAS])
-        print_shift(shifted)
-        print_migration(migration, steady[SHIFT_ALPHA].intervals[plan.warmup_intervals:], planning)
-
-        hot = HotSet(plan.rows, SHIFT_ALPHA, SEED_STEADY, plan.capacity_rows)
-        with dram_copy(plan, run_dir, HEAT_SAMPLE_SHIFT) as s3, dram_copy(plan, run_dir, 16) as s16, \
-                dram_copy(plan, run_dir, 0) as s0:
-            log("tracking overhead")
-            print_overhead(tracking_overhead({HEAT_SAMPLE_SHIFT: s3, 16: s16, 0: s0}, hot, plan, rng))
-            log("tracking accuracy")
-            rankings = tracking_accuracy({HEAT_SAMPLE_SHIFT: s3, 0: s0}, hot, plan, rng)
-        rankings[f"tiered table at the end of step 2 (shift {HEAT_SAMPLE_SHIFT}, aged)"] = top_k_overlap(
-            aged_heat, hot.zipf.scatter[:plan.rows // 10])
-        print_accuracy(rankings, plan)
+        # the shift alpha last: step 2's summary covers every alpha, steps 3-4 go on from its table
+        setup = functools.partial(print_setup, plan, where=where, quick=args.quick)
+        for n, alpha in enumerate(sorted(ALPHAS, key=lambda a: a == SHIFT_ALPHA)):
+            name = f"2. steady state at alpha {alpha}" + (", 3. and 4." if alpha == SHIFT_ALPHA else "")
+            sections.run(name, tiered_steps, plan, alpha, run_dir, rng, steady, setup if n == 0 else None)
+        aged_heat = steady[SHIFT_ALPHA].heat if SHIFT_ALPHA in steady else None
+        sections.run("5. and 6. heat tracking", tracking_steps, sections, plan, run_dir, rng, aged_heat)
         log("injected CXL latency")
-        print_cxl_latency(cxl_latency_effect(plan, run_dir, rng))
+        sections.run("7. time effect of placement", lambda: print_cxl_latency(cxl_latency_effect(plan, run_dir, rng)))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    print(f"\nwall time {time.perf_counter() - started:.0f} s")
-    return 0
+    print(f"\nwall time {time.perf_counter() - started:.0f} s", flush=True)
+    return sections.exit_code()
 
 
 if __name__ == "__main__":
