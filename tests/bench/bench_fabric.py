@@ -68,17 +68,17 @@ def one_run(trace: str, tolerance: float) -> tuple[np.ndarray, np.ndarray, int, 
         rng = np.random.default_rng(0)
         for _ in range(20):
             store.lookup("t", scale * zipf.draw(rng, 20_000))
-        spread = store.spread_ports
+        spread = store.mover.spread_ports
         timing = {"copied": 0, "seconds": 0.0}
 
-        def timed(name, max_rows):
+        def timed(table, max_rows):
             start = time.perf_counter()
-            copied = spread(name, max_rows)
+            copied = spread(table, max_rows)
             timing["seconds"] += time.perf_counter() - start
             timing["copied"] += copied
             return copied
 
-        store.spread_ports = timed
+        store.mover.spread_ports = timed
         start = time.perf_counter()
         moved = TieringEngine(store, TieringConfig(True, 1.0, 1 << 30, 0.25, aging_intervals=8)).run_once()
         interval = time.perf_counter() - start
