@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import numpy as np
-from embtier.client import Client, wait_serving
+from embtier.client import Client
 from embtier.wire import MEMORY_TIERS, TIERS
 from prometheus_client.parser import text_string_to_metric_families
 
+from .daemon import Daemon, start
 from .loadgen import LoadGenerator, Stats, Workload
 
 TABLES = {"user_ids": 1_000_000, "item_ids": 1_000_000, "context": 500_000}
@@ -40,30 +39,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daemon(state_dir: Path, metrics: str, tier_flags: list[str],
-                 cxl_latency_ns: int = 0) -> tuple[subprocess.Popen, str]:
+def start_daemon(state_dir: Path, metrics: str, tier_flags: list[str], cxl_latency_ns: int = 0) -> Daemon:
     """embtierd on its embedded default configuration (plus, when cxl_latency_ns > 0, a file that
     injects that latency per row served from the emulated CXL tier)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     for kept in ("wal", "checkpoints"):  # each demo starts from no tables, not from the last run's
         shutil.rmtree(state_dir / kept, ignore_errors=True)
-    sock = state_dir / "embtierd.sock"
-    target = f"unix://{sock}"
     extra = []
     if cxl_latency_ns:
         (state_dir / "demo.toml").write_text(f"[tiers.cxl]\nemulated_latency_ns = {cxl_latency_ns}\n")
         extra = ["--config", str(state_dir / "demo.toml")]
-    with open(state_dir / "embtierd.log", "w") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "embtierd", "--state-dir", str(state_dir), "--listen",
-                                 target, "--metrics-listen", metrics, *tier_flags, *extra],
-                                stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_serving(target, proc)
-    except (RuntimeError, TimeoutError) as e:
-        proc.kill()
-        raise SystemExit(f"{e}; its log, {state_dir / 'embtierd.log'}:\n"
-                         + (state_dir / "embtierd.log").read_text()) from None
-    return proc, target
+        return start(state_dir, [f"unix://{state_dir / 'embtierd.sock'}"], metrics, *tier_flags, *extra)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
 def scrape(metrics: str) -> dict[str, float]:
@@ -113,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"so every figure below includes it" if args.cxl_latency_ns else "")
     print(f"starting embtierd (embedded default configuration, {' '.join(tier_flags)}{injected}), "
           f"state in {state_dir}")
-    proc, target = start_daemon(state_dir, metrics, tier_flags, args.cxl_latency_ns)
+    daemon = start_daemon(state_dir, metrics, tier_flags, args.cxl_latency_ns)
+    target = daemon.target
     code = 1
     try:
         with Client(target, timeout=120) as client:
@@ -169,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
               f"rows served: dram {100 * served[0]:.1f}%, cxl {100 * served[1]:.1f}%, scm {100 * served[2]:.1f}%; "
               f"best possible DRAM share {100 * ideal:.1f}%")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=60)
-        print(f"embtierd stopped (exit {code}); its log: {state_dir / 'embtierd.log'}")
+        code = daemon.stop(timeout=60)
+        print(f"embtierd stopped (exit {code}); its log: {daemon.log_path}")
     return 0 if code == 0 else 1
 
 

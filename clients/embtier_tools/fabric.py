@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import os
 import re
@@ -68,6 +69,8 @@ import psutil
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg.common import tick_in_usec
+
+from embtier_tools.daemon import command, launch
 
 Side = Literal["host", "switch"]
 SIDES: tuple[Side, Side] = ("host", "switch")
@@ -518,14 +521,10 @@ def start_daemon(bed: TestBed, state_dir: Path, port: int = DAEMON_PORT, extra_a
     """embtierd in the switch namespace, listening on <switch address>:port (metrics on the switch's
     loopback), state and log (embtierd.log) in state_dir; returns (its process, its target) once a
     health check from the host namespace, over the veth, says SERVING."""
-    state_dir.mkdir(parents=True, exist_ok=True)
     target = f"{bed.switch_address}:{port}"
-    log_path = state_dir / "embtierd.log"
-    with open(log_path, "w") as log:
-        proc = bed.popen("switch", [sys.executable, "-m", "embtierd", "--state-dir", str(state_dir),
-                                    "--listen", target, "--metrics-listen", f"127.0.0.1:{METRICS_PORT}",
-                                    *extra_args],
-                         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    daemon = launch(command(state_dir, [target], f"127.0.0.1:{METRICS_PORT}", *extra_args), state_dir, target,
+                    popen=functools.partial(bed.popen, "switch"))
+    proc, log_path = daemon.proc, daemon.log_path
     waiter = bed.popen("host", host_client_command("wait", "--target", target, "--timeout", str(timeout)),
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout + 30  # the waiter's own timeout, plus its start

@@ -1,11 +1,10 @@
 """A real embtierd process per test module, on a Unix socket and a loopback
-TCP port in a temporary state directory, stopped with SIGTERM afterwards."""
+TCP port in a temporary state directory, stopped with SIGTERM afterwards
+(started the way the tools start one: embtier_tools.daemon)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +13,9 @@ from pathlib import Path
 
 import pytest
 from embtier.client import wait_serving
+from embtier_tools.daemon import Daemon, command, launch
+
+TIER_FLAGS = ("--dram-bytes", "2M", "--cxl-bytes", "2M", "--scm-bytes", "256M")
 
 
 def free_port() -> int:
@@ -23,24 +25,12 @@ def free_port() -> int:
 
 
 @dataclass
-class DaemonProcess:
-    proc: subprocess.Popen
-    socket_path: Path
-    tcp: str
-    metrics: str
-    log_path: Path
+class DaemonProcess(Daemon):
+    """A test's daemon: reached on its Unix socket (target), also on TCP, its metrics on their own port."""
 
-    @property
-    def target(self) -> str:
-        return f"unix://{self.socket_path}"
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
+    socket_path: Path = Path()
+    tcp: str = ""
+    metrics: str = ""
 
 
 def run_cli(target: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -54,9 +44,8 @@ def daemon_args(state_dir: Path, *extra: str, config: Path | None = None) -> tup
     sock = state_dir / "embtierd.sock"
     tcp = f"127.0.0.1:{free_port()}"
     metrics = f"127.0.0.1:{free_port()}"
-    args = [sys.executable, "-m", "embtierd", "--state-dir", str(state_dir), "--listen", f"unix://{sock}",
-            "--listen", tcp, "--metrics-listen", metrics, "--dram-bytes", "2M", "--cxl-bytes", "2M",
-            "--scm-bytes", "256M", *(["--config", str(config)] if config is not None else []), *extra]
+    args = command(state_dir, [f"unix://{sock}", tcp], metrics, *TIER_FLAGS,
+                   *(["--config", str(config)] if config is not None else []), *extra)
     return args, sock, tcp, metrics
 
 
@@ -85,14 +74,11 @@ def start_daemon(state_dir: Path, *extra: str, config: Path | None = None,
         config = state_dir / "embtierd.toml"
         config.write_text("[tiering]\nenabled = false\n")
     args, sock, tcp, metrics = daemon_args(state_dir, *extra, config=config)
-    log_path = state_dir / "embtierd.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-    daemon = DaemonProcess(proc, sock, tcp, metrics, log_path)
+    started = launch(args, state_dir, f"unix://{sock}", env)
+    daemon = DaemonProcess(started.proc, started.target, started.log_path, sock, tcp, metrics)
     _started.append(daemon)
     try:
-        wait_serving(daemon.target, proc)
+        wait_serving(daemon.target, daemon.proc)
     except (RuntimeError, TimeoutError) as e:
         daemon.stop()
         raise RuntimeError(f"{e}; its log:\n{daemon.log()}") from None
