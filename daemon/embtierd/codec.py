@@ -6,15 +6,58 @@ scale) with scale = (max - min) / 255, stored as uint8 with the float32
 scale and bias (= min) at the end of the row, so value = q * scale + bias
 and the reconstruction error of each element is at most scale / 2.
 Vectorised over the whole batch; the kernels decode on the fly.
+
+What a table can store (check_storable, before anything is written): finite
+values in every dtype; |x| <= 65504 (float16's largest) in float16; in int8,
+rows whose range max - min is finite in float32 (the scale is kept in
+float32, so a row spanning more than float32's largest value cannot be
+quantized; any finite row that spans less can, however coarsely).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from embtierd.errors import InvalidArgumentError
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
 
 def _i8_offset(dim: int) -> int:
     return (dim + 3) & ~3
+
+
+def check_storable(values: np.ndarray, dtype: str, field: str = "values") -> None:
+    """InvalidArgumentError naming the first element of values ([n, dim] float32, row-major
+    order) that a table of dtype cannot store: NaN or +-inf in any table, |x| > 65504 in float16;
+    in int8, the first row whose range max - min is not finite in float32 (naming its first
+    non-finite element, or its min and max).  No numpy warning escapes."""
+    if not values.size:
+        return
+    with np.errstate(over="ignore", invalid="ignore"):  # inf - inf, a range past float32's largest
+        if dtype != "int8":
+            _reject_first(values, ~(np.abs(values) <= FLOAT16_MAX) if dtype == "float16" else ~np.isfinite(values),
+                          field)
+            return
+        bad_rows = ~np.isfinite(values.max(axis=1) - values.min(axis=1))  # a NaN or inf in a row makes it so too
+    if bad_rows.any():
+        r = int(bad_rows.argmax())
+        row = values[r : r + 1]
+        _reject_first(row, ~np.isfinite(row), field, r)
+        lo, hi = int(row.argmin()), int(row.argmax())
+        raise InvalidArgumentError(
+            f"{field}[{r}] ranges from {row[0, lo]!s} ({field}[{r}, {lo}]) to {row[0, hi]!s} ({field}[{r}, {hi}]): "
+            "an int8 row's max - min must be finite in float32 (its quantization scale is float32)")
+
+
+def _reject_first(values: np.ndarray, bad: np.ndarray, field: str, first_row: int = 0) -> None:
+    """InvalidArgumentError for the first True of bad (a mask of values, whose rows are field's
+    from first_row on), if it has one."""
+    if bad.any():
+        r, c = divmod(int(bad.argmax()), bad.shape[1])
+        x = values[r, c]
+        problem = "is not finite" if not np.isfinite(x) else f"does not fit float16 (largest {FLOAT16_MAX:g})"
+        raise InvalidArgumentError(f"{field}[{first_row + r}, {c}] = {x!s} {problem}")
 
 
 def encode(values: np.ndarray, dtype: str, stride: int) -> np.ndarray:

@@ -93,6 +93,10 @@ def ids(*v):
     return np.array(v, dtype=np.int64).tobytes()
 
 
+def floats(*v):
+    return np.array(v, dtype=np.float32).tobytes()
+
+
 BAD_REQUESTS = [
     ("Lookup", pb.LookupRequest(table="nope", ids=ids(1)), grpc.StatusCode.NOT_FOUND, "table 'nope' does not exist"),
     ("Lookup", pb.LookupRequest(table="bad", ids=ids(0, 100)), grpc.StatusCode.INVALID_ARGUMENT,
@@ -128,6 +132,10 @@ BAD_REQUESTS = [
      r"values has 3 floats; expected 2 ids x dim 4 = 8"),
     ("WriteRows", pb.WriteRowsRequest(table="bad", ids=ids(100), values=b"\0" * 16), grpc.StatusCode.INVALID_ARGUMENT,
      r"ids\[0\] = 100 is out of range"),
+    ("WriteRows", pb.WriteRowsRequest(table="bad", ids=ids(1, 2), values=floats(0, 1, 2, 3, 4, 5, np.nan, np.inf)),
+     grpc.StatusCode.INVALID_ARGUMENT, r"^values\[1, 2\] = nan is not finite$"),
+    ("WriteRows", pb.WriteRowsRequest(table="bad", ids=ids(1), values=floats(1, -np.inf, 0, 0), mode=pb.ADD),
+     grpc.StatusCode.INVALID_ARGUMENT, r"^values\[0, 1\] = -inf is not finite$"),
     ("CreateTable", pb.CreateTableRequest(name="bad", num_rows=10, dim=4), grpc.StatusCode.ALREADY_EXISTS,
      "table 'bad' already exists"),
     ("CreateTable", pb.CreateTableRequest(name="zero", num_rows=0, dim=4), grpc.StatusCode.INVALID_ARGUMENT,
@@ -155,6 +163,54 @@ def test_bad_input_gets_its_status_and_the_daemon_serves_on(client, stub, bad_ta
     assert err.value.code() == code, err.value.details()
     assert err.value.details() and re.search(message, err.value.details()), err.value.details()
     np.testing.assert_array_equal(client.lookup("bad", np.arange(100)), bad_table)  # nothing written, still up
+
+
+UNSTORABLE = [  # (table dtype, values of a write of rows 3 and 7, dim 4, the message)
+    ("float16", [[0, 1, 2, 65504], [-65504, 70000, 2, 3]],
+     r"^values\[1, 1\] = 70000.0 does not fit float16 \(largest 65504\)$"),
+    ("float16", [[0, 1, 2, 3], [0, 1, np.inf, 70000]], r"^values\[1, 2\] = inf is not finite$"),
+    ("int8", [[0, 1, 2, 3], [-2e38, 0, 2e38, 1]],
+     (r"^values\[1\] ranges from -2e\+38 \(values\[1, 0\]\) to 2e\+38 \(values\[1, 2\]\): "
+      r"an int8 row's max - min must be finite in float32")),
+    ("int8", [[0, np.nan, 2, 3], [0, 0, 0, 0]], r"^values\[0, 1\] = nan is not finite$"),
+    ("float32", [[0, 1, 2, 3], [3e38, -3e38, -np.inf, 0]], r"^values\[1, 2\] = -inf is not finite$"),
+]
+
+
+@pytest.fixture(scope="module")
+def unstorable_tables(client):
+    for dtype in ("float32", "float16", "int8"):
+        client.create_table(f"store_{dtype}", 10, 4, dtype=dtype, initializer="uniform", seed=4)
+
+
+@pytest.mark.parametrize("dtype, values, message", UNSTORABLE, ids=[f"{d}-{i}" for i, (d, _, _) in
+                                                                      enumerate(UNSTORABLE)])
+def test_a_value_the_table_cannot_store_is_refused_and_nothing_is_written(daemon, client, stub, unstorable_tables,
+                                                                         dtype, values, message):
+    table = f"store_{dtype}"
+    before, version = client.lookup(table, np.arange(10)), client.describe(table).version
+    with pytest.raises(grpc.RpcError) as err:
+        stub.WriteRows(pb.WriteRowsRequest(table=table, ids=ids(3, 7), values=floats(*np.ravel(values))), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert re.search(message, err.value.details()), err.value.details()
+    np.testing.assert_array_equal(client.lookup(table, np.arange(10)), before)
+    assert client.describe(table).version == version
+    assert "RuntimeWarning" not in daemon.log() and "Traceback" not in daemon.log()
+
+
+def test_values_at_the_edge_of_a_dtype_are_stored(daemon, client, unstorable_tables):
+    """65504 into float16, a row spanning float32's largest into int8, and an ADD whose values are past
+    float16's largest but whose scaled sum fits: written, read back finite."""
+    client.write_rows("store_float16", [0], np.array([[65504, -65504, 0, 1]], np.float32))
+    np.testing.assert_array_equal(client.lookup("store_float16", [0]), [[65504, -65504, 0, 1]])
+    big = float(np.finfo(np.float32).max)
+    client.write_rows("store_int8", [0], np.array([[big, 0, -1, 1e30]], np.float32))
+    stored = client.lookup("store_int8", [0])
+    assert np.isfinite(stored).all() and stored[0, 0] == pytest.approx(big, rel=1e-6)
+    client.write_rows("store_float16", [1], np.zeros((1, 4), np.float32))
+    client.write_rows("store_float16", [1], np.full((1, 4), 65536, np.float32), add=True, scale=0.5)
+    np.testing.assert_array_equal(client.lookup("store_float16", [1]), np.full((1, 4), 32768))
+    assert "RuntimeWarning" not in daemon.log()
 
 
 def test_client_error_carries_code(client):

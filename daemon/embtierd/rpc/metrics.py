@@ -5,12 +5,18 @@ state owned by the store (tier capacity and use, rows per table and tier)
 and process figures (psutil) are read by a collector at scrape time.
 Names: `embtier_` prefix, base units, `_total` on counters, low-cardinality
 labels (method, code, table, tier).
+
+The series of a table (label table=) live as long as the table: those
+counted here are forgotten once the store no longer has it (after DropTable,
+after RestoreCheckpoint replaced the tables, and at each tiering interval),
+and a count that arrives for a table already gone makes no new series.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import psutil
 from embtier.v1 import embtier_pb2 as pb
@@ -19,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from embtierd import __version__, native
+from embtierd.errors import NotFoundError
 
 MODELLED_BUCKETS = (1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2)
 LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -84,6 +91,7 @@ class WalCollector:
 
 class Metrics:
     def __init__(self, store, registry: CollectorRegistry | None = None):
+        self.store = store
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter("embtier_requests", "Requests by method and status code.", ["method", "code"],
@@ -109,7 +117,6 @@ class Metrics:
         self.tiering_seconds = Histogram("embtier_tiering_interval_duration_seconds",
                                          "Time one tiering interval (plan and moves) took.", buckets=LATENCY_BUCKETS,
                                          registry=r)
-        self._backlog_tables: set[str] = set()
         self.backlog = Gauge("embtier_migration_backlog_rows",
                              "Moves the tiering plan wanted in its last interval but the bandwidth budget deferred, "
                              "by table.", ["table"], registry=r)
@@ -137,6 +144,32 @@ class Metrics:
         self.restore_seconds = Gauge("embtier_restore_duration_seconds",
                                      "Time the last start took to replay the write-ahead log.", registry=r)
         r.register(StoreCollector(store))
+        self._tables_lock = threading.Lock()  # a table's series are counted, or forgotten, one at a time
+        self._counted_tables: set[str] = set()  # the tables that have series here
+
+    def _live(self, table: str) -> bool:
+        """Whether the store still has table, which then has series here.  Called holding
+        _tables_lock, and nothing is counted for a table gone: forget_gone_tables, which runs after
+        the store dropped it, has the last word."""
+        try:
+            self.store.geometry(table)
+        except NotFoundError:
+            return False
+        self._counted_tables.add(table)
+        return True
+
+    def forget_gone_tables(self) -> None:
+        """Removes every series of each table the store no longer has."""
+        with self._tables_lock:
+            live = {t.name for t in self.store.handles()}
+            for table in self._counted_tables - live:
+                for tier in TIERS:
+                    with contextlib.suppress(KeyError):
+                        self.rows_served.remove(table, tier)
+                for metric in (self.port_moves, self.port_balance, self.backlog):
+                    with contextlib.suppress(KeyError):
+                        metric.remove(table)
+            self._counted_tables &= live
 
     def migrated(self, moved: dict[tuple[str, str], int], moved_bytes: int) -> None:
         """Counts the moves of one table's interval, by (from, to) tier."""
@@ -146,19 +179,18 @@ class Metrics:
 
     def ports_balanced(self, table: str, rows_copied: int, balance: float) -> None:
         """One table's port levelling in an interval: rows copied, busiest port / mean after."""
-        self.port_moves.labels(table).inc(rows_copied)
-        self.port_balance.labels(table).set(balance)
+        with self._tables_lock:
+            if self._live(table):
+                self.port_moves.labels(table).inc(rows_copied)
+                self.port_balance.labels(table).set(balance)
 
     def tiering_interval(self, seconds: float, backlog_rows: dict[str, int]) -> None:
         self.tiering_seconds.observe(seconds)
-        for table in set(self._backlog_tables) - set(backlog_rows):
-            self.backlog.remove(table)
-            for metric in (self.port_moves, self.port_balance):
-                with contextlib.suppress(KeyError):
-                    metric.remove(table)
-        for table, rows in backlog_rows.items():
-            self.backlog.labels(table).set(rows)
-        self._backlog_tables = set(backlog_rows)
+        with self._tables_lock:
+            for table, rows in backlog_rows.items():
+                if self._live(table):
+                    self.backlog.labels(table).set(rows)
+        self.forget_gone_tables()
 
     def wal_fsync(self, seconds: float) -> None:
         self.wal_fsync_seconds.observe(seconds)
@@ -189,10 +221,11 @@ class Metrics:
 
     def served(self, method: str, table: str, tier_rows, row_bytes: int, wire_bytes: int) -> None:
         """Counts one lookup: tier_rows[i] rows from tier i, row_bytes each; wire_bytes sent back."""
-        total = 0
-        for tier, count in zip(TIERS, tier_rows):
-            if count:
-                self.rows_served.labels(table, tier).inc(int(count))
-                total += int(count)
+        total = int(sum(tier_rows))
+        with self._tables_lock:
+            if self._live(table):
+                for tier, count in zip(TIERS, tier_rows):
+                    if count:
+                        self.rows_served.labels(table, tier).inc(int(count))
         self.gathered_bytes.labels(method).inc(total * row_bytes)
         self.wire_bytes.labels(method).inc(wire_bytes)

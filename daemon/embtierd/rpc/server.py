@@ -1,6 +1,13 @@
 """The daemon process: store + gRPC server + health + reflection + metrics
 endpoint, systemd notification, and an orderly shutdown.
 
+Server reflection answers as grpc.reflection.v1 (what grpcurl and Postman ask
+for first) and as grpc.reflection.v1alpha.  grpcio-reflection (up to 1.85,
+the newest) ships only v1alpha; the two protocols are the same messages with
+the same field numbers under another package, so one servicer answers both:
+v1 is v1alpha's descriptor renamed (so that reflection describes it too) and
+its method is routed to the v1alpha servicer.
+
 Shutdown (SIGTERM / SIGINT): STOPPING=1 to systemd, health NOT_SERVING and
 new calls answered UNAVAILABLE for a short drain window (so clients stop
 sending before the listener closes), then the server stops accepting and
@@ -23,8 +30,9 @@ from pathlib import Path
 
 import grpc
 from embtier.v1 import embtier_pb2, embtier_pb2_grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from embtierd.config import Config, ServerConfig, interface_addresses, tcp_address
 from embtierd.durability import checkpoint, recovery
@@ -41,10 +49,36 @@ from embtierd.tiering.engine import TieringEngine
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = embtier_pb2.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 DEFAULT_TCP = "127.0.0.1:50051"
 DRAIN_SECONDS = 0.5
 KEEPALIVE_TIMEOUT_MS = 20_000
 SOCKET_MODE = 0o660
+
+
+def reflection_v1_file() -> descriptor_pb2.FileDescriptorProto:
+    """grpc_reflection/v1/reflection.proto, made from v1alpha's: every "v1alpha" in names, types and
+    options becomes "v1", and the file is no longer deprecated."""
+    v1alpha = descriptor_pb2.FileDescriptorProto.FromString(reflection_pb2.DESCRIPTOR.serialized_pb)
+    v1 = text_format.Parse(text_format.MessageToString(v1alpha).replace("v1alpha", "v1"),
+                           descriptor_pb2.FileDescriptorProto())
+    v1.options.ClearField("deprecated")
+    return v1
+
+
+REFLECTION_V1 = descriptor_pool.Default().AddSerializedFile(reflection_v1_file().SerializeToString())
+REFLECTION_V1_SERVICE_NAME = REFLECTION_V1.services_by_name["ServerReflection"].full_name
+
+
+def enable_reflection(server: grpc.Server, services: tuple[str, ...]) -> None:
+    """Server reflection of services (and of itself) as grpc.reflection.v1 and v1alpha."""
+    servicer = reflection.ReflectionServicer((*services, reflection.SERVICE_NAME, REFLECTION_V1_SERVICE_NAME))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    info = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1_SERVICE_NAME, {"ServerReflectionInfo": info}),))
 
 
 def default_socket(state_dir: Path) -> Path:
@@ -153,16 +187,15 @@ class Daemon:
         self.wal = self._recover(salvage) if config.durability.wal else None
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.worker_threads, thread_name_prefix="rpc"),
-            interceptors=[MetricsInterceptor(self.metrics), DrainInterceptor(self.draining), ErrorInterceptor()],
+            interceptors=[MetricsInterceptor(self.metrics, SERVICE_NAME), DrainInterceptor(self.draining),
+                          ErrorInterceptor()],
             options=grpc_options(config.server))
         servicer = EmbeddingStoreServicer(self.store, config.server, self.metrics, self.tiering)
         servicer.checkpoints = self.checkpoints
         embtier_pb2_grpc.add_EmbeddingStoreServicer_to_server(servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
+        enable_reflection(self.server, (SERVICE_NAME, HEALTH_SERVICE_NAME))
         self._stop = threading.Event()
         self._exit_code = 0
         if self.checkpoints is not None:

@@ -30,7 +30,7 @@ from embtier.wire import (
     name_of,
 )
 
-from embtierd import fabric
+from embtierd import codec, fabric
 from embtierd.config import ServerConfig
 from embtierd.durability.checkpoint import CheckpointInfo, check_request
 from embtierd.errors import (
@@ -154,6 +154,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
 
     def DropTable(self, request, context):
         self.store.drop_table(request.name)
+        self.metrics.forget_gone_tables()
         return pb.DropTableResponse()
 
     def ListTables(self, request, context):
@@ -220,6 +221,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             raise InvalidArgumentError("id must name a checkpoint (see ListCheckpoints); got 0")
         start = time.perf_counter()
         restored, saved = self._checkpointer().restore(request.id)
+        self.metrics.forget_gone_tables()  # the tables created since
         return pb.RestoreCheckpointResponse(restored=checkpoint_info(restored),
                                             saved=checkpoint_info(saved) if saved else None,
                                             tables=list(restored.tables), duration_seconds=time.perf_counter() - start)
@@ -233,9 +235,12 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         ids = id_array(request.ids, request.id_type)
         self._admit(context, ids.size)
         values = array(request.values, "<f4", "values")
-        version = self.store.write_rows(request.table, ids, values,
-                                        enum_value(pb.WriteMode, WRITE_MODES, request.mode, "mode"),
-                                        request.scale or 1.0)
+        mode = enum_value(pb.WriteMode, WRITE_MODES, request.mode, "mode")
+        dim, dtype, _ = self.store.geometry(request.table)
+        if values.size == ids.size * dim:  # (otherwise the store names the mismatch)
+            # what ASSIGN stores must fit the table's dtype; ADD's values are increments, finite
+            codec.check_storable(values.reshape(ids.size, dim), dtype if mode == "assign" else "float32")
+        version = self.store.write_rows(request.table, ids, values, mode, request.scale or 1.0)
         return pb.WriteRowsResponse(rows_written=ids.size, version=version)
 
     def Lookup(self, request, context):
