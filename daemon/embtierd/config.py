@@ -1,18 +1,29 @@
-"""Configuration: one TOML document with an embedded default.
+"""Configuration: one TOML document, described once by the schema KEYS.
 
-The daemon starts with no file at all (DEFAULT_TOML); a file and explicit
-overrides are merged over it key by key, then validated into frozen
-dataclasses.  Sizes accept bytes (4294967296), human sizes ("512M", "4G",
-"1.5T") or a share of the memory available at start ("25%", or a float in
-(0, 1]) measured with psutil.  Every key is documented in README.md.
+Each key is declared once in KEYS: its dotted name, its check (what it accepts and what Config
+holds for it), its default as TOML writes it and its description.  From KEYS come the defaults
+(the daemon starts with no file at all; DEFAULT_TOML is their text), the checks of load()
+(types, ranges, choices, unknown keys; errors are one line naming the key and the value), the
+defaults of the dataclasses below, and the sample deploy/systemd/embtierd.toml
+(`python -m embtierd.config --write-sample PATH`).  A file and explicit overrides are merged key
+by key; a key they leave out takes its default.  Sizes accept bytes (4294967296), human sizes
+("512M", "4G", "1.5T") or a share of the memory available at start ("25%", or a float in
+(0, 1]) measured with psutil.  README.md's Configuration table documents every key (a test holds
+it to KEYS).
 """
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
+import json
+import math
 import os
 import re
+import sys
+import textwrap
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,90 +36,44 @@ from embtierd.durability.wal import FSYNC_POLICIES
 from embtierd.errors import ConfigError
 from embtierd.tiering.config import TableSettings, TieringConfig
 
-DEFAULT_TOML = """
-state_dir = ".state"
+# ---- checks: (value as TOML has it, dotted key, available memory or None) -> what Config holds ----
 
-[server]
-listen = []
-metrics_listen = "127.0.0.1:9464"
-max_message_bytes = "256M"
-max_ids_per_request = 4194304
-grace_seconds = 10.0
-worker_threads = 8
-listen_interface = ""
-listen_port = 50051
-idle_timeout_seconds = 300.0
-keepalive_seconds = 60.0
-handshake_timeout_seconds = 10.0
-
-[server.tls]
-cert = ""
-key = ""
-client_ca = ""
-
-[tiers.dram]
-capacity = "25%"
-huge_pages = true
-
-[tiers.cxl]
-capacity = "10%"
-node = "auto"
-huge_pages = true
-emulated_latency_ns = 0
-
-[tiers.scm]
-capacity = "16G"
-path = ""
-read_align_bytes = 0
-
-[tiering]
-enabled = true
-interval_seconds = 1.0
-bandwidth = "256M"
-hysteresis = 0.25
-aging_intervals = 4
-policy = "lfu"
-
-[tiering.tables]
-
-[durability]
-wal = true
-fsync = "always"
-fsync_interval_seconds = 0.05
-
-[durability.checkpoints]
-interval_seconds = 600
-kind = "auto"
-quant_bits = 0
-quantizer = "adaptive"
-keep = 2
-auto_full_ratio = 1.0
-
-[fabric]
-offload = "switch"
-cxl_ports = 4
-rebalance_tolerance = 0.1
-device_link_bytes_per_second = 31.5e9
-host_link_bytes_per_second = 63.0e9
-hop_latency_ns = 40
-
-[kernels]
-kernel_threads = 1
-prefetch_distance = 16
-heat_sample_shift = 3
-scm_queue_depth = 64
-"""
+Check = Callable[[Any, str, "int | None"], Any]
 
 _PERCENT_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*%\s*$")
 
 
+def _toml(value: Any) -> str:
+    """value as a TOML literal; large floats in short exponent form (31.5e9 as 3.15e10)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return f"[{', '.join(map(_toml, value))}]"
+    if isinstance(value, float) and abs(value) >= 1e6:
+        short = re.sub(r"e\+0*", "e", f"{value:g}")
+        if float(short) == value:
+            return short
+    return repr(value)
+
+
+def _expected(name: str, what: str, value: Any) -> ConfigError:
+    return ConfigError(f"{name}: expected {what}, got {value!r}")
+
+
+def _share(value: Any) -> float | None:
+    """The fraction a float or a percentage ("25%") stands for, None for anything else."""
+    if isinstance(value, float):
+        return value
+    if isinstance(value, str) and (m := _PERCENT_RE.match(value)):
+        return float(m.group(1)) / 100
+    return None
+
+
 def parse_size(value: Any, field: str, available_bytes: int | None = None) -> int:
     """Bytes for a size value (embtier.sizes); percentages and fractions are of available memory."""
-    fraction = None
-    if isinstance(value, float):
-        fraction = value
-    elif isinstance(value, str) and (m := _PERCENT_RE.match(value)):
-        fraction = float(m.group(1)) / 100
+    fraction = _share(value)
     if fraction is None:
         try:
             return parse_bytes(value)
@@ -121,31 +86,333 @@ def parse_size(value: Any, field: str, available_bytes: int | None = None) -> in
     return int(avail * fraction)
 
 
+def integer(lo: int, hi: int) -> Check:
+    def check(value: Any, name: str, _available: int | None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise _expected(name, f"an integer in [{lo}, {hi}]", value)
+        return value
+    return check
+
+
+def number(lo: float, hi: float | None = None) -> Check:
+    """A float in [lo, hi] (hi None: no upper bound); TOML integers are taken as floats."""
+    span = f"a number >= {_toml(lo)}" if hi is None else f"a number in [{_toml(lo)}, {_toml(hi)}]"
+    top = math.inf if hi is None else hi
+
+    def check(value: Any, name: str, _available: int | None) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= top:
+            raise _expected(name, span, value)
+        return float(value)
+    return check
+
+
+def one_of(choices: Any) -> Check:
+    """One of choices, of the same type (no 1 for True, 512.0 for 512 or "8" for 8)."""
+    shown = ", ".join(str(c) or '""' for c in choices)
+
+    def check(value: Any, name: str, _available: int | None) -> Any:
+        if not any(type(value) is type(c) and value == c for c in choices):
+            raise _expected(name, f"one of {shown}", value)
+        return value
+    return check
+
+
+def boolean(value: Any, name: str, _available: int | None) -> bool:
+    if not isinstance(value, bool):
+        raise _expected(name, "true or false", value)
+    return value
+
+
+def _string(value: Any, name: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise _expected(name, what, value)
+    return value
+
+
+def string(what: str) -> Check:
+    return lambda value, name, _available: _string(value, name, what)
+
+
+def directory(value: Any, name: str, _available: int | None) -> Path:
+    if not isinstance(value, str) or not value:
+        raise _expected(name, "a directory path", value)
+    return Path(value).expanduser()
+
+
+def file_or_default(value: Any, name: str, _available: int | None) -> Path | None:
+    """A file path, None for "" (the caller's default)."""
+    path = _string(value, name, 'a file path or ""')
+    return Path(path) if path else None
+
+
+def pem_file(value: Any, name: str, _available: int | None) -> Path | None:
+    """A PEM file path, or None for ""; the file must exist and be readable now."""
+    path = _string(value, name, "a path to a PEM file")
+    if not path:
+        return None
+    path = Path(path).expanduser()
+    if not path.is_file():
+        reason = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"{name}: {path} {reason}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{name}: {path} is not readable by this user")
+    return path
+
+
+def listen_addresses(value: Any, name: str, _available: int | None) -> tuple[str, ...]:
+    """A list of addresses; one address alone is a list of one."""
+    addresses = [value] if isinstance(value, str) else value
+    if not isinstance(addresses, list) or not all(isinstance(a, str) and a for a in addresses):
+        raise _expected(name, 'a list of addresses ("unix:///path", "host:port")', value)
+    return tuple(addresses)
+
+
+def interface_name(value: Any, name: str, _available: int | None) -> str:
+    if (not isinstance(value, str) or len(value) > 15  # IFNAMSIZ - 1
+            or any(c.isspace() or c == "/" for c in value)):
+        raise _expected(name, 'a network interface name ("eth0") or ""', value)
+    return value
+
+
+def numa_nodes(value: Any, name: str, _available: int | None) -> tuple[int, ...] | None:
+    """None for "auto", else the node ids of one id or a non-empty list of distinct ids, in order."""
+    if isinstance(value, str) and value == "auto":
+        return None
+    ids = list(value) if isinstance(value, list | tuple) else [value]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise _expected(name, '"auto", a NUMA node id or a non-empty list of node ids (ids >= 0)', value)
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ConfigError(f"{name}: node id(s) {', '.join(map(str, duplicates))} listed more than once "
+                          f"in {value!r}")
+    return tuple(ids)
+
+
+def tier_limit(value: Any, name: str, _available: int | None) -> int | float:
+    """A table's own limit in a tier: bytes (an int), or a share of the tier's capacity (a float in [0, 1])."""
+    share = _share(value)
+    if share is None:
+        return parse_size(value, name)
+    if not 0 <= share <= 1:
+        raise ConfigError(f"{name}: a share of the tier's capacity must be in [0, 1] (0% to 100%), got {value!r}")
+    return share
+
+
+def tables(value: Any, name: str, available: int | None) -> dict[str, dict[str, Any]]:
+    """tiering.tables: table name -> its TABLE_KEYS, checked, those it leaves out at their defaults."""
+    if not isinstance(value, dict):
+        raise _expected(name, "a table of per-table settings", value)
+    checked = {}
+    for table, settings in value.items():
+        where = f"{name}.{table}"
+        if not isinstance(settings, dict):
+            raise _expected(where, f"a table of {', '.join(k.name for k in TABLE_KEYS)}", settings)
+        _refuse_unknown(settings, {k.name for k in TABLE_KEYS}, where)
+        checked[table] = {k.name: k.check(settings[k.name], f"{where}.{k.name}", available) if k.name in settings
+                          else k.default for k in TABLE_KEYS}
+    return checked
+
+
+# ---- the schema ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key.  default is as TOML writes it (None: no value of its own, TABLE_KEYS
+    only); attr is the Config attribute it fills when that is not the name's last part."""
+
+    name: str
+    check: Check
+    default: Any
+    doc: str
+    attr: str = ""
+
+    @property
+    def section(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    @property
+    def leaf(self) -> str:
+        return self.name.rpartition(".")[2]
+
+    @property
+    def attribute(self) -> str:
+        return self.attr or self.leaf
+
+
+KEYS: tuple[Key, ...] = (
+    Key("state_dir", directory, ".state",
+        "Directory of the write-ahead log (wal/), the checkpoints (checkpoints/) and, unless "
+        "tiers.scm.path says otherwise, the SCM file."),
+
+    Key("server.listen", listen_addresses, [],
+        'gRPC listen addresses ("unix:///path", "host:port"). An empty list means the default socket '
+        "(/run/embtier/embtierd.sock when running as root, else $XDG_RUNTIME_DIR/embtier or the state "
+        "directory) and 127.0.0.1:50051."),
+    Key("server.metrics_listen", string('"host:port" or ""'), "127.0.0.1:9464",
+        'Prometheus /metrics endpoint ("" turns it off).'),
+    Key("server.max_message_bytes", parse_size, "256M", "Largest gRPC message in either direction."),
+    Key("server.max_ids_per_request", integer(1, 1 << 31), 4194304,
+        "More ids in one request is RESOURCE_EXHAUSTED, refused before any work."),
+    Key("server.grace_seconds", number(0), 10.0, "How long a shutdown waits for calls in flight."),
+    Key("server.worker_threads", integer(1, 1024), 8, "Threads serving gRPC calls."),
+    Key("server.listen_interface", interface_name, "",
+        'Also listen on every address of this network interface (e.g. "eth0"; IPv6 link-local '
+        "addresses left out) at listen_port, resolved when the daemon starts."),
+    Key("server.listen_port", integer(1, 65535), 50051, "The port for the listen_interface addresses."),
+    Key("server.idle_timeout_seconds", number(0, 86400), 300.0,
+        "A connection with no call for this long is closed (clients reconnect on their next call); "
+        "0: never."),
+    Key("server.keepalive_seconds", number(1, 86400), 60.0,
+        "Ping a connection quiet this long; one whose peer does not answer within 20 s is closed."),
+    Key("server.handshake_timeout_seconds", number(0.1, 3600), 10.0,
+        "A connection that has not finished its TLS and HTTP/2 setup by then is closed."),
+    Key("server.tls.cert", pem_file, "",
+        "PEM server certificate chain; with key, TCP listeners speak TLS (Unix sockets stay plaintext)."),
+    Key("server.tls.key", pem_file, "",
+        "PEM private key of cert (unencrypted: protect it with file permissions)."),
+    Key("server.tls.client_ca", pem_file, "",
+        "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."),
+
+    Key("tiers.dram.capacity", parse_size, "25%",
+        "DRAM tier size; bound (mbind) to the NUMA nodes that have CPUs.", attr="capacity_bytes"),
+    Key("tiers.dram.huge_pages", boolean, True, "Ask for transparent huge pages (madvise)."),
+    Key("tiers.cxl.capacity", parse_size, "10%", "CXL tier size.", attr="capacity_bytes"),
+    Key("tiers.cxl.node", numa_nodes, "auto",
+        "NUMA node(s) of the CXL memory, one port of the CXL fabric each: a node id, a list of "
+        'CPU-less node ids (node = [2, 3], kept in that order, no repeats), or "auto", every CPU-less '
+        "node with memory in id order; on a host without one the tier is emulated in DRAM and "
+        "reported as emulated.", attr="nodes"),
+    Key("tiers.cxl.huge_pages", boolean, True, "As for DRAM."),
+    Key("tiers.cxl.emulated_latency_ns", integer(0, 1_000_000), 0,
+        "When the CXL tier is emulated, latency in ns injected per CXL row a lookup serves, for "
+        "benchmarks; 0 is off, ignored on real CXL."),
+    Key("tiers.scm.capacity", parse_size, "16G",
+        "SCM tier size (a sparse file; each chunk's blocks are reserved when a table first puts rows "
+        "there).", attr="capacity_bytes"),
+    Key("tiers.scm.path", file_or_default, "",
+        'The SCM file; "" puts it in state_dir (scm.dat). Must be on a file system with O_DIRECT '
+        "(not tmpfs); it is emptied at start."),
+    Key("tiers.scm.read_align_bytes", one_of((0, 512, 1024, 2048, 4096)), 0,
+        "O_DIRECT read granularity; 0 probes the smallest the device accepts (512 or 4096)."),
+
+    Key("tiering.enabled", boolean, True, "Run the tiering engine (tracker -> policy -> mover)."),
+    Key("tiering.interval_seconds", number(0.01, 3600), 1.0,
+        "One plan and its moves per interval; moves not done within it wait for the next (the backlog)."),
+    Key("tiering.bandwidth", parse_size, "256M",
+        "Migration budget in bytes per second (rows moved x row bytes), shared by all tables.",
+        attr="bandwidth_bytes_per_second"),
+    Key("tiering.hysteresis", number(0, 100), 0.25,
+        "LFU: a hot row displaces a cold one only when its heat exceeds the cold row's by this factor."),
+    Key("tiering.aging_intervals", integer(1, 1000), 4, "LFU: heat is halved every this many intervals."),
+    Key("tiering.policy", one_of(POLICIES), "lfu",
+        'Policy of the tables tiering.tables does not name: "lfu" (LFU with aging) or "lru" (promote '
+        "on access, evict the least recently used)."),
+    Key("tiering.tables", tables, {},
+        "Per-table settings: a [tiering.tables.NAME] table for each table that needs its own, e.g. "
+        '[tiering.tables.user_ids] with policy = "lfu", dram = "40%", cxl = "4G". Its keys:'),
+
+    Key("durability.wal", boolean, True,
+        "Log table creations, drops and row writes to state_dir/wal and replay them at start."),
+    Key("durability.fsync", one_of(FSYNC_POLICIES), "always",
+        '"always": a write is acknowledged once the log is fsynced (concurrent writers share one '
+        'fsync); "interval": fsync every fsync_interval_seconds (a crash loses at most that window); '
+        '"off": the OS flushes when it likes.'),
+    Key("durability.fsync_interval_seconds", number(0.001, 60), 0.05, 'The window of "interval".'),
+    Key("durability.checkpoints.interval_seconds", number(0, 86400 * 7), 600,
+        "Time between scheduled checkpoints; 0 = only on request (`embtier checkpoint`)."),
+    Key("durability.checkpoints.kind", one_of(CHECKPOINT_KINDS), "auto",
+        'Kind of the scheduled ones: "full", "incremental" (changes since the last checkpoint), '
+        '"differential" (since the last full) or "auto" (differential until auto_full_ratio says full).'),
+    Key("durability.checkpoints.quant_bits", one_of(QUANT_BITS), 0,
+        "Bits per value of the scheduled ones: 0 (exact; the only kind recovery uses), 8, 4, 3, 2 "
+        "(row-wise asymmetric)."),
+    Key("durability.checkpoints.quantizer", one_of(QUANTIZERS), "adaptive",
+        'How quantized checkpoints pick each row\'s range: "adaptive" or "minmax".'),
+    Key("durability.checkpoints.keep", integer(1, 1000), 2,
+        "The newest checkpoints kept, and as many exact ones, and the fallback (the newest exact one "
+        "that shares no file with the newest exact one's chain); the log is kept back to the fallback, "
+        "so one damaged checkpoint file never loses an acknowledged write."),
+    Key("durability.checkpoints.auto_full_ratio", number(0.01, 100), 1.0,
+        '"auto" writes a full checkpoint once the bytes written since the last full would pass this '
+        "times a full one's, or the log kept would."),
+
+    Key("fabric.offload", one_of(OFFLOADS), "switch",
+        'Where LookupPooled pools when a request does not say: "host" (the client pools the rows), '
+        '"device" (each CXL port pools its rows, the client adds the partials) or "switch" (the daemon '
+        "adds them)."),
+    Key("fabric.cxl_ports", integer(1, 64), 4,
+        "Ports an emulated CXL tier is split into (a real tier has one per CPU-less node it uses)."),
+    Key("fabric.rebalance_tolerance", number(0, 100), 0.1,
+        "How far above the mean the busiest CXL port's heat may be before the tiering engine moves "
+        "rows between ports to level it (0.1 = 10 %)."),
+    Key("fabric.device_link_bytes_per_second", number(1e6, 1e13), 31.5e9,
+        "Modelled (never measured) bandwidth of a CXL port's link to the switch: CXL 2.0 over PCIe 5.0 "
+        "x8, 32 GT/s x 8 lanes x 128/130 = 31.5 GB/s."),
+    Key("fabric.host_link_bytes_per_second", number(1e6, 1e13), 63.0e9,
+        "Modelled bandwidth of the switch's link to the host (x16: 63 GB/s)."),
+    Key("fabric.hop_latency_ns", number(0, 1e7), 40,
+        "Modelled latency of each hop: a CXL memory access through a pool costs 70-90 ns more than "
+        "local DRAM (Pond, ASPLOS'23), two hops of 40 ns."),
+
+    Key("kernels.kernel_threads", integer(1, 256), 1,
+        "Threads that split the bags of one lookup (the caller plus a pool)."),
+    Key("kernels.prefetch_distance", integer(0, 256), 16,
+        "Rows ahead that the lookup loops prefetch (0 turns prefetch off)."),
+    Key("kernels.heat_sample_shift", integer(0, 16), 3,
+        "Count 1 in 2^shift row accesses in the heat counters (0 counts all)."),
+    Key("kernels.scm_queue_depth", integer(1, 256), 64, "SCM reads in flight per lookup."),
+)
+
+TABLE_KEYS: tuple[Key, ...] = (
+    Key("policy", one_of(POLICIES), None, "This table's policy; default tiering.policy."),
+    Key("pin", one_of(("", *TIERS)), "",
+        '"dram", "cxl" or "scm": every row of the table lives there (creation fails if it cannot) and '
+        'the policy leaves it alone; "" (the default): none.'),
+    *(Key(tier, tier_limit, None, f"The table's own limit in {tier.upper()}: a size, or a share of the "
+          'tier ("25%", 0.25); none by default.') for tier in MEMORY_TIERS),
+)
+"""The keys of one [tiering.tables.NAME] table."""
+
+def key_names() -> list[str]:
+    """Every key's dotted name, a table's as tiering.tables.NAME.KEY."""
+    return [name for key in KEYS for name in
+            ([f"{key.name}.NAME.{k.name}" for k in TABLE_KEYS] if key.check is tables else [key.name])]
+
+
+def _default(name: str) -> Any:
+    """Key name's default as Config holds it: the defaults of the dataclasses below."""
+    key = next(key for key in KEYS if key.name == name)
+    return key.check(key.default, name, None)
+
+
+# ---- what the daemon reads: frozen dataclasses, filled from KEYS by build() -----------------------
+
+
 @dataclass(frozen=True)
 class MemoryTierConfig:
-    """A DRAM or CXL tier: anonymous memory bound to NUMA nodes.
+    """A DRAM or CXL tier ([tiers.dram], [tiers.cxl]): anonymous memory bound to NUMA nodes.
 
-    nodes (TOML tiers.cxl.node: "auto", an id or a list of ids) is None for auto-detection: every
-    CPU-less node with memory, or a tier emulated in DRAM when there is none."""
+    nodes is None for auto-detection (and for DRAM); emulated_latency_ns is CXL's only."""
 
     capacity_bytes: int
     huge_pages: bool
-    nodes: tuple[int, ...] | None = None  # CXL only: CPU-less nodes (one fabric port each); None = auto
-    emulated_latency_ns: int = 0  # CXL only: latency injected per row when the tier is emulated in DRAM
+    nodes: tuple[int, ...] | None = None
+    emulated_latency_ns: int = 0
 
 
 @dataclass(frozen=True)
 class ScmTierConfig:
-    """The SCM tier: one O_DIRECT file."""
+    """The SCM tier ([tiers.scm]): one O_DIRECT file."""
 
     capacity_bytes: int
     path: Path
-    read_align_bytes: int  # 0 = probe (512 where the device allows it, else 4096)
+    read_align_bytes: int
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Knobs of the native lookup kernels."""
+    """Knobs of the native lookup kernels ([kernels])."""
 
     kernel_threads: int
     prefetch_distance: int
@@ -155,28 +422,19 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class FabricConfig:
-    """The emulated CXL fabric of LookupPooled (daemon/fabric.py).
+    """The emulated CXL fabric of LookupPooled ([fabric], daemon/fabric.py)."""
 
-    offload: where pooling happens when a request does not say ("host", "device", "switch").
-    cxl_ports: devices an emulated CXL tier is split into (a real tier has one port per CPU-less
-    node it uses).  rebalance_tolerance: how far above the mean the busiest port's heat may be
-    before the tiering engine moves rows between ports (0.1 = 10 %).  The links are modelled,
-    never measured: device_link_bytes_per_second is one port's link to the switch (CXL 2.0 over
-    PCIe 5.0 x8: 32 GT/s x 8 lanes x 128/130 = 31.5 GB/s), host_link_bytes_per_second the switch's link to the host (x16: 63 GB/s), hop_latency_ns the
-    latency of each hop (a CXL memory access through a pool costs 70-90 ns more than local DRAM,
-    Pond, ASPLOS'23; two hops of 40 ns)."""
-
-    offload: str = "switch"
-    cxl_ports: int = 4
-    rebalance_tolerance: float = 0.1
-    device_link_bytes_per_second: float = 31.5e9
-    host_link_bytes_per_second: float = 63.0e9
-    hop_latency_ns: float = 40.0
+    offload: str = _default("fabric.offload")
+    cxl_ports: int = _default("fabric.cxl_ports")
+    rebalance_tolerance: float = _default("fabric.rebalance_tolerance")
+    device_link_bytes_per_second: float = _default("fabric.device_link_bytes_per_second")
+    host_link_bytes_per_second: float = _default("fabric.host_link_bytes_per_second")
+    hop_latency_ns: float = _default("fabric.hop_latency_ns")
 
 
 @dataclass(frozen=True)
 class TlsConfig:
-    """TLS on the TCP listeners (Unix sockets stay plaintext): PEM paths, None = not set.
+    """TLS on the TCP listeners ([server.tls]; Unix sockets stay plaintext): PEM paths, None = not set.
 
     cert and key on: TLS; client_ca as well: mutual TLS (clients must present
     a certificate signed by a CA in that bundle).
@@ -197,12 +455,7 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """The gRPC front: listeners (empty = the default socket and 127.0.0.1:50051), TLS, limits
-    and how long idle or silent connections are kept.
-
-    listen_interface names a network interface whose addresses are listened
-    on at listen_port as well, resolved when the daemon starts.
-    """
+    """The gRPC front ([server]): listeners, TLS, limits and how long idle or silent connections are kept."""
 
     listen: tuple[str, ...]
     metrics_listen: str
@@ -210,51 +463,40 @@ class ServerConfig:
     max_ids_per_request: int
     grace_seconds: float
     worker_threads: int
-    listen_interface: str = ""
-    listen_port: int = 50051
+    listen_interface: str = _default("server.listen_interface")
+    listen_port: int = _default("server.listen_port")
     tls: TlsConfig = TlsConfig()
-    idle_timeout_seconds: float = 300.0      # a connection without a call for this long is closed (0: never)
-    keepalive_seconds: float = 60.0          # ping a quiet client this often; one that does not answer is dropped
-    handshake_timeout_seconds: float = 10.0  # a connection that has not finished its TLS / HTTP/2 setup is dropped
+    idle_timeout_seconds: float = _default("server.idle_timeout_seconds")
+    keepalive_seconds: float = _default("server.keepalive_seconds")
+    handshake_timeout_seconds: float = _default("server.handshake_timeout_seconds")
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """Periodic checkpoints in <state_dir>/checkpoints (daemon/checkpoint.py).
+    """Periodic checkpoints in <state_dir>/checkpoints ([durability.checkpoints], durability/checkpoint.py)."""
 
-    interval_seconds: time between scheduled checkpoints (0 = only on request).
-    kind: "full", "incremental" (changes since the last checkpoint), "differential" (since the last
-    full) or "auto" (differential until the differentials written since the last full would pass
-    auto_full_ratio times a full checkpoint's bytes, then a full).  quant_bits: 0 = exact, or 8, 4, 3,
-    2 bits per value (row-wise asymmetric, quantizer "adaptive" or "minmax").  keep: the newest
-    checkpoints kept (with every checkpoint their chains need), and as many exact ones: the
-    write-ahead log is kept back to the oldest exact one kept."""
-
-    interval_seconds: float = 600.0
-    kind: str = "auto"
-    quant_bits: int = 0
-    quantizer: str = "adaptive"
-    keep: int = 2
-    auto_full_ratio: float = 1.0
+    interval_seconds: float = _default("durability.checkpoints.interval_seconds")
+    kind: str = _default("durability.checkpoints.kind")
+    quant_bits: int = _default("durability.checkpoints.quant_bits")
+    quantizer: str = _default("durability.checkpoints.quantizer")
+    keep: int = _default("durability.checkpoints.keep")
+    auto_full_ratio: float = _default("durability.checkpoints.auto_full_ratio")
 
 
 @dataclass(frozen=True)
 class DurabilityConfig:
-    """The write-ahead log of table creations, drops and row writes, in <state_dir>/wal.
+    """The write-ahead log of table creations, drops and row writes, in <state_dir>/wal ([durability])."""
 
-    fsync "always": a write is acknowledged once fsynced (concurrent writers share fsyncs);
-    "interval": fsync every fsync_interval_seconds (a crash loses at most that window);
-    "off": the OS flushes when it likes (a crash can lose any unflushed writes)."""
-
-    wal: bool = True
-    fsync: str = "always"
-    fsync_interval_seconds: float = 0.05
+    wal: bool = _default("durability.wal")
+    fsync: str = _default("durability.fsync")
+    fsync_interval_seconds: float = _default("durability.fsync_interval_seconds")
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
-
 
 
 @dataclass(frozen=True)
 class Config:
+    """The daemon's configuration, as build() makes it from a TOML document."""
+
     state_dir: Path
     server: ServerConfig
     tiering: TieringConfig
@@ -264,6 +506,9 @@ class Config:
     kernels: KernelConfig
     durability: DurabilityConfig = DurabilityConfig()
     fabric: FabricConfig = FabricConfig()
+
+
+# ---- loading --------------------------------------------------------------------------------------
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -277,68 +522,42 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def _section(doc: dict, path: str, allowed: set[str]) -> dict:
-    """The table at dotted path in doc, checked for unknown keys."""
-    section = doc
-    for key in path.split("."):
-        section = section.get(key, {})
-        if not isinstance(section, dict):
-            raise ConfigError(f"{path}: expected a table, got {section!r}")
-    unknown = set(section) - allowed
+def _sections() -> dict[str, set[str]]:
+    """Each table of the document ("" is the top level) -> the names it may hold."""
+    known: dict[str, set[str]] = {}
+    for key in KEYS:
+        parts = key.name.split(".")
+        for depth, part in enumerate(parts):
+            known.setdefault(".".join(parts[:depth]), set()).add(part)
+    return known
+
+
+def _refuse_unknown(table: dict, known: set[str] | dict, where: str) -> None:
+    unknown = set(table) - set(known)
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(allowed))}")
-    return section
+        head = f"{where}: unknown key(s)" if where else "unknown top-level key(s):"
+        raise ConfigError(f"{head} {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
 
 
-def _int(section: dict, key: str, field: str, lo: int, hi: int) -> int:
-    value = section[key]
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ConfigError(f"{field}: expected an integer in [{lo}, {hi}], got {value!r}")
-    return value
+def _table(doc: dict, path: str) -> dict:
+    """The table at dotted path in doc ({} where the document has none)."""
+    parts = path.split(".") if path else []
+    for depth, part in enumerate(parts):
+        doc = doc.get(part, {})
+        if not isinstance(doc, dict):
+            raise _expected(".".join(parts[:depth + 1]), "a table", doc)
+    return doc
 
 
-def _bool(section: dict, key: str, field: str) -> bool:
-    value = section[key]
-    if not isinstance(value, bool):
-        raise ConfigError(f"{field}: expected true or false, got {value!r}")
-    return value
+def _checked(doc: dict, available_bytes: int | None) -> dict[str, Any]:
+    """Every key's value in doc (or its default), checked: dotted name -> what Config holds."""
+    for section, names in _sections().items():
+        _refuse_unknown(_table(doc, section), names, section)
+    return {key.name: key.check(_table(doc, key.section).get(key.leaf, key.default), key.name, available_bytes)
+            for key in KEYS}
 
 
-def _nodes(value: Any, field: str) -> tuple[int, ...] | None:
-    """None for "auto", else the node ids of one id or a non-empty list of distinct ids, in order."""
-    if isinstance(value, str) and value == "auto":
-        return None
-    ids = list(value) if isinstance(value, list | tuple) else [value]
-    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise ConfigError(f"{field}: expected \"auto\", a NUMA node id or a non-empty list of node ids "
-                          f"(ids >= 0), got {value!r}")
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicates:
-        raise ConfigError(f"{field}: node id(s) {', '.join(map(str, duplicates))} listed more than once "
-                          f"in {value!r}")
-    return tuple(ids)
-
-
-def _pem_path(section: dict, key: str, field: str) -> Path | None:
-    """A PEM file path, or None for ""; the file must exist and be readable now."""
-    value = section[key]
-    if not isinstance(value, str):
-        raise ConfigError(f"{field}: expected a path to a PEM file, got {value!r}")
-    if not value:
-        return None
-    path = Path(value).expanduser()
-    if not path.is_file():
-        reason = "is not a file" if path.exists() else "does not exist"
-        raise ConfigError(f"{field}: {path} {reason}")
-    if not os.access(path, os.R_OK):
-        raise ConfigError(f"{field}: {path} is not readable by this user")
-    return path
-
-
-def _tls(section: dict) -> TlsConfig:
-    cert = _pem_path(section, "cert", "server.tls.cert")
-    key = _pem_path(section, "key", "server.tls.key")
-    client_ca = _pem_path(section, "client_ca", "server.tls.client_ca")
+def _tls(cert: Path | None, key: Path | None, client_ca: Path | None) -> TlsConfig:
     if (cert is None) != (key is None):
         given, missing = ("cert", "key") if key is None else ("key", "cert")
         raise ConfigError(f"server.tls.{given} is set but server.tls.{missing} is not: "
@@ -347,6 +566,57 @@ def _tls(section: dict) -> TlsConfig:
         raise ConfigError("server.tls.client_ca needs server.tls.cert and server.tls.key: "
                           "mutual TLS is TLS with client certificates")
     return TlsConfig(cert=cert, key=key, client_ca=client_ca)
+
+
+def _table_settings(table: dict[str, Any], policy: str, tier_bytes: dict[str, int]) -> TableSettings:
+    """A checked [tiering.tables.NAME]: its policy or the default one, shares of a tier in bytes."""
+    limits = {tier: int(tier_bytes[tier] * table[tier]) if isinstance(table[tier], float) else table[tier]
+              for tier in MEMORY_TIERS}
+    return TableSettings(policy=table["policy"] or policy, pin=table["pin"], capacity_bytes=limits)
+
+
+def build(doc: dict, available_bytes: int | None = None) -> Config:
+    """Checks a TOML document (a key it leaves out takes its default) into a Config."""
+    values = _checked(doc, available_bytes)
+
+    def section(path: str) -> dict[str, Any]:
+        """The checked keys of the table at path, by the name of the attribute each fills."""
+        return {key.attribute: values[key.name] for key in KEYS if key.section == path}
+
+    top, dram, cxl = section(""), MemoryTierConfig(**section("tiers.dram")), MemoryTierConfig(**section("tiers.cxl"))
+    scm, tiering = section("tiers.scm"), section("tiering")
+    tier_bytes = {"dram": dram.capacity_bytes, "cxl": cxl.capacity_bytes}
+    tiering["tables"] = {name: _table_settings(table, tiering["policy"], tier_bytes)
+                         for name, table in tiering["tables"].items()}
+    return Config(
+        **top,
+        server=ServerConfig(**section("server"), tls=_tls(**section("server.tls"))),
+        dram=dram,
+        cxl=cxl,
+        scm=ScmTierConfig(**{**scm, "path": scm["path"] or top["state_dir"] / "scm.dat"}),
+        tiering=TieringConfig(**tiering),
+        durability=DurabilityConfig(**section("durability"),
+                                    checkpoints=CheckpointConfig(**section("durability.checkpoints"))),
+        fabric=FabricConfig(**section("fabric")),
+        kernels=KernelConfig(**section("kernels")),
+    )
+
+
+def load(path: str | Path | None = None, overrides: dict | None = None,
+         available_bytes: int | None = None) -> Config:
+    """The defaults, under the file at path (if any), under overrides."""
+    doc: dict = {}
+    if path is not None:
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from e
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {e}") from e
+    return build(merge(doc, overrides or {}), available_bytes)
+
+
+# ---- interfaces and addresses (resolved when the daemon starts) ------------------------------------
 
 
 def interface_addresses(ifname: str) -> list[str]:
@@ -391,212 +661,84 @@ def tcp_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _server(section: dict, tls: dict) -> ServerConfig:
-    listen = section["listen"]
-    if isinstance(listen, str):
-        listen = [listen]
-    if not isinstance(listen, list) or not all(isinstance(a, str) and a for a in listen):
-        raise ConfigError(f"server.listen: expected a list of addresses (\"unix:///path\", \"host:port\"), "
-                          f"got {listen!r}")
-    grace = section["grace_seconds"]
-    if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
-        raise ConfigError(f"server.grace_seconds: expected a number >= 0, got {grace!r}")
-    interface = section["listen_interface"]
-    if (not isinstance(interface, str) or len(interface) > 15  # IFNAMSIZ - 1
-            or any(c.isspace() or c == "/" for c in interface)):
-        raise ConfigError(f"server.listen_interface: expected a network interface name (\"eth0\") "
-                          f"or \"\", got {interface!r}")
-    return ServerConfig(
-        listen=tuple(listen),
-        metrics_listen=str(section["metrics_listen"]),
-        max_message_bytes=parse_size(section["max_message_bytes"], "server.max_message_bytes"),
-        max_ids_per_request=_int(section, "max_ids_per_request", "server.max_ids_per_request", 1, 1 << 31),
-        grace_seconds=float(grace),
-        worker_threads=_int(section, "worker_threads", "server.worker_threads", 1, 1024),
-        listen_interface=interface,
-        listen_port=_int(section, "listen_port", "server.listen_port", 1, 65535),
-        tls=_tls(tls),
-        idle_timeout_seconds=_number(section, "idle_timeout_seconds", "server.idle_timeout_seconds", 0, 86400),
-        keepalive_seconds=_number(section, "keepalive_seconds", "server.keepalive_seconds", 1, 86400),
-        handshake_timeout_seconds=_number(section, "handshake_timeout_seconds", "server.handshake_timeout_seconds",
-                                          0.1, 3600),
-    )
+# ---- TOML text: the embedded default and the sample ------------------------------------------------
 
 
-def _number(section: dict, key: str, field: str, lo: float, hi: float) -> float:
-    value = section[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise ConfigError(f"{field}: expected a number in [{lo}, {hi}], got {value!r}")
-    return float(value)
+def _comment(text: str, indent: str = "# ") -> list[str]:
+    return textwrap.wrap(text, 100, initial_indent=indent, subsequent_indent=indent,
+                         break_long_words=False, break_on_hyphens=False)
 
 
-def _policy_name(value: Any, field: str) -> str:
-    if value not in POLICIES:
-        raise ConfigError(f"{field}: expected one of {', '.join(POLICIES)}, got {value!r}")
-    return value
+def render_toml(values: dict[str, Any] | None = None, notes: dict[str, str] | None = None) -> str:
+    """TOML text setting every key of KEYS, in order, to values[name] or else its default, each under
+    its description (and notes[name]) as a comment."""
+    values, notes = values or {}, notes or {}
+    lines: list[str] = []
+    current = ""
+    for key in KEYS:
+        doc = _comment(f"{key.doc} {notes.get(key.name, '')}".rstrip())
+        if key.check is tables:  # a table of tables with TABLE_KEYS each: described, none by default
+            lines += ["", *doc, *(line for k in TABLE_KEYS for line in _comment(f"{k.name}: {k.doc}", "#   ")),
+                      f"[{key.name}]"]
+            current = key.name
+            continue
+        if key.section != current:
+            lines += ["", f"[{key.section}]"]
+            current = key.section
+        lines += [*doc, f"{key.leaf} = {_toml(values.get(key.name, key.default))}"]
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
-def _table_capacity(value: Any, field: str, tier_bytes: int) -> int:
-    """A table's own limit in a tier: a size, or a share ("50%", 0.5) of the tier's capacity."""
-    if isinstance(value, float) or (isinstance(value, str) and _PERCENT_RE.match(value)):
-        share = value if isinstance(value, float) else float(_PERCENT_RE.match(value).group(1)) / 100
-        if not 0 <= share <= 1:
-            raise ConfigError(f"{field}: a share of the tier's capacity must be in [0, 1] (0% to 100%), "
-                              f"got {value!r}")
-        return int(tier_bytes * share)
-    return parse_size(value, field)
+DEFAULT_TOML = render_toml()
+"""The embedded default as TOML text: every key at its default, described."""
+
+SAMPLE_VALUES = {
+    "state_dir": "/var/lib/embtier",
+    "server.listen": ["unix:///run/embtier/embtierd.sock", "127.0.0.1:50051"],
+    "tiers.scm.path": "/srv/embtier-scm/scm.dat",
+}
+"""Where the sample for embtierd.service differs from the defaults: the unit's directories."""
+
+SAMPLE_NOTES = {
+    "state_dir": "Here: the unit's StateDirectory=.",
+    "server.listen": "Here: the socket in the unit's RuntimeDirectory= (members of group embtier may "
+                     "connect) and loopback TCP. Addresses beyond loopback also need the unit's "
+                     "IPAddressAllow= widened.",
+    "server.metrics_listen": "deploy/prometheus/prometheus.yml scrapes it.",
+    "server.grace_seconds": "Keep it below the unit's TimeoutStopSec=.",
+    "server.listen_interface": "Needs AF_NETLINK in the unit's RestrictAddressFamilies=.",
+    "server.tls.cert": "Files must be readable by user embtier, e.g. in /etc/embtier.",
+    "server.tls.key": "Mode 0640, group embtier.",
+    "tiers.scm.path": "Here: on the NVMe device mounted at /srv/embtier-scm (the unit's ReadWritePaths=).",
+}
+"""What the sample adds to a key's description for embtierd.service."""
+
+SAMPLE_HEADER = (
+    ("/etc/embtier/embtierd.toml: the configuration of embtierd run by embtierd.service, generated from "
+     "the schema in daemon/embtierd/config.py by `python -m embtierd.config --write-sample PATH` (change the "
+     "schema, not this file)."),
+    (f"Every key is here with its default, except {', '.join(SAMPLE_VALUES)}, which follow the unit's "
+     "directories. A key left out takes its default (`embtierd --config FILE --print-config` shows the "
+     "effective configuration)."),
+    ('Sizes are bytes (4294967296), human sizes ("512M", "4G") or a share of the memory available at '
+     'start ("25%", or a float in (0, 1]).'),
+)
 
 
-def _table_policy(name: str, section: Any, default_policy: str, tier_bytes: dict[str, int]) -> TableSettings:
-    path = f"tiering.tables.{name}"
-    if not isinstance(section, dict):
-        raise ConfigError(f"{path}: expected a table of policy, pin, dram, cxl; got {section!r}")
-    unknown = set(section) - {"policy", "pin", "dram", "cxl"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: cxl, dram, pin, policy")
-    pin = section.get("pin", "")
-    if pin not in ("", *TIERS):
-        raise ConfigError(f"{path}.pin: expected \"\" or one of {', '.join(TIERS)}, got {pin!r}")
-    capacity = {tier: _table_capacity(section[tier], f"{path}.{tier}", tier_bytes[tier]) if tier in section
-                else None for tier in MEMORY_TIERS}
-    return TableSettings(policy=_policy_name(section.get("policy", default_policy), f"{path}.policy"), pin=pin,
-                       capacity_bytes=capacity)
+def sample_toml() -> str:
+    """deploy/systemd/embtierd.toml: every key with its description, at SAMPLE_VALUES or its default."""
+    header = "\n#\n".join("\n".join(_comment(paragraph)) for paragraph in SAMPLE_HEADER)
+    return f"{header}\n\n{render_toml(SAMPLE_VALUES, SAMPLE_NOTES)}"
 
 
-def _tiering(section: dict, tier_bytes: dict[str, int]) -> TieringConfig:
-    policy = _policy_name(section["policy"], "tiering.policy")
-    tables = section["tables"]
-    if not isinstance(tables, dict):
-        raise ConfigError(f"tiering.tables: expected a table of per-table settings, got {tables!r}")
-    return TieringConfig(
-        enabled=_bool(section, "enabled", "tiering.enabled"),
-        interval_seconds=_number(section, "interval_seconds", "tiering.interval_seconds", 0.01, 3600),
-        bandwidth_bytes_per_second=parse_size(section["bandwidth"], "tiering.bandwidth"),
-        hysteresis=_number(section, "hysteresis", "tiering.hysteresis", 0, 100),
-        aging_intervals=_int(section, "aging_intervals", "tiering.aging_intervals", 1, 1000),
-        policy=policy,
-        tables={name: _table_policy(name, value, policy, tier_bytes) for name, value in tables.items()},
-    )
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m embtierd.config",
+                                     description="Write the sample configuration generated from the schema.")
+    parser.add_argument("--write-sample", metavar="PATH", required=True,
+                        help="where to write it (the repository's copy: deploy/systemd/embtierd.toml)")
+    Path(parser.parse_args(argv).write_sample).write_text(sample_toml())
+    return 0
 
 
-def _durability(section: dict, checkpoints: dict) -> DurabilityConfig:
-    fsync = section["fsync"]
-    if fsync not in FSYNC_POLICIES:
-        raise ConfigError(f"durability.fsync: expected one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
-    return DurabilityConfig(
-        wal=_bool(section, "wal", "durability.wal"),
-        fsync=fsync,
-        fsync_interval_seconds=_number(section, "fsync_interval_seconds", "durability.fsync_interval_seconds",
-                                       0.001, 60),
-        checkpoints=_checkpoints(checkpoints),
-    )
-
-
-def _fabric(section: dict) -> FabricConfig:
-    offload = section["offload"]
-    if offload not in OFFLOADS:
-        raise ConfigError(f"fabric.offload: expected one of {', '.join(OFFLOADS)}, got {offload!r}")
-    return FabricConfig(
-        offload=offload,
-        cxl_ports=_int(section, "cxl_ports", "fabric.cxl_ports", 1, 64),
-        rebalance_tolerance=_number(section, "rebalance_tolerance", "fabric.rebalance_tolerance", 0, 100),
-        device_link_bytes_per_second=_number(section, "device_link_bytes_per_second",
-                                             "fabric.device_link_bytes_per_second", 1e6, 1e13),
-        host_link_bytes_per_second=_number(section, "host_link_bytes_per_second",
-                                           "fabric.host_link_bytes_per_second", 1e6, 1e13),
-        hop_latency_ns=_number(section, "hop_latency_ns", "fabric.hop_latency_ns", 0, 1e7),
-    )
-
-
-def _checkpoints(section: dict) -> CheckpointConfig:
-    kind = section["kind"]
-    if kind not in CHECKPOINT_KINDS:
-        raise ConfigError(f"durability.checkpoints.kind: expected one of {', '.join(CHECKPOINT_KINDS)}, got {kind!r}")
-    bits = section["quant_bits"]
-    if isinstance(bits, bool) or bits not in QUANT_BITS:
-        raise ConfigError(f"durability.checkpoints.quant_bits: expected one of "
-                          f"{', '.join(map(str, QUANT_BITS))}, got {bits!r}")
-    quantizer = section["quantizer"]
-    if quantizer not in QUANTIZERS:
-        raise ConfigError(f"durability.checkpoints.quantizer: expected one of {', '.join(QUANTIZERS)}, "
-                          f"got {quantizer!r}")
-    return CheckpointConfig(
-        interval_seconds=_number(section, "interval_seconds", "durability.checkpoints.interval_seconds", 0, 86400 * 7),
-        kind=kind, quant_bits=bits, quantizer=quantizer,
-        keep=_int(section, "keep", "durability.checkpoints.keep", 1, 1000),
-        auto_full_ratio=_number(section, "auto_full_ratio", "durability.checkpoints.auto_full_ratio", 0.01, 100),
-    )
-
-
-def build(doc: dict, available_bytes: int | None = None) -> Config:
-    """Validates a merged TOML document into a Config."""
-    unknown = set(doc) - {"state_dir", "server", "tiers", "tiering", "kernels", "durability", "fabric"}
-    if unknown:
-        raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
-    _section(doc, "tiers", set(TIERS))
-    dram = _section(doc, "tiers.dram", {"capacity", "huge_pages"})
-    cxl = _section(doc, "tiers.cxl", {"capacity", "huge_pages", "node", "emulated_latency_ns"})
-    scm = _section(doc, "tiers.scm", {"capacity", "path", "read_align_bytes"})
-    tiering = _section(doc, "tiering", {"enabled", "interval_seconds", "bandwidth", "hysteresis", "aging_intervals",
-                                        "policy", "tables"})
-    durability = _section(doc, "durability", {"wal", "fsync", "fsync_interval_seconds", "checkpoints"})
-    checkpoints = _section(doc, "durability.checkpoints", {"interval_seconds", "kind", "quant_bits", "quantizer",
-                                                           "keep", "auto_full_ratio"})
-    fabric = _section(doc, "fabric", {"offload", "cxl_ports", "rebalance_tolerance",
-                                      "device_link_bytes_per_second", "host_link_bytes_per_second",
-                                      "hop_latency_ns"})
-    kern = _section(doc, "kernels", {"kernel_threads", "prefetch_distance", "heat_sample_shift", "scm_queue_depth"})
-    server = _section(doc, "server", {"listen", "metrics_listen", "max_message_bytes", "max_ids_per_request",
-                                      "grace_seconds", "worker_threads", "listen_interface", "listen_port",
-                                      "tls", "idle_timeout_seconds", "keepalive_seconds",
-                                      "handshake_timeout_seconds"})
-    tls = _section(doc, "server.tls", {"cert", "key", "client_ca"})
-    state_dir = Path(str(doc["state_dir"])).expanduser()
-    align = _int(scm, "read_align_bytes", "tiers.scm.read_align_bytes", 0, 4096)
-    if align not in (0, 512, 1024, 2048, 4096):
-        raise ConfigError(f"tiers.scm.read_align_bytes: expected 0 (probe), 512, 1024, 2048 or 4096, got {align}")
-    dram_config = MemoryTierConfig(
-        capacity_bytes=parse_size(dram["capacity"], "tiers.dram.capacity", available_bytes),
-        huge_pages=_bool(dram, "huge_pages", "tiers.dram.huge_pages"),
-    )
-    cxl_config = MemoryTierConfig(
-        capacity_bytes=parse_size(cxl["capacity"], "tiers.cxl.capacity", available_bytes),
-        huge_pages=_bool(cxl, "huge_pages", "tiers.cxl.huge_pages"),
-        nodes=_nodes(cxl["node"], "tiers.cxl.node"),
-        emulated_latency_ns=_int(cxl, "emulated_latency_ns", "tiers.cxl.emulated_latency_ns",
-                                 0, 1_000_000),
-    )
-    return Config(
-        state_dir=state_dir,
-        server=_server(server, tls),
-        dram=dram_config,
-        cxl=cxl_config,
-        scm=ScmTierConfig(
-            capacity_bytes=parse_size(scm["capacity"], "tiers.scm.capacity", available_bytes),
-            path=Path(str(scm["path"])) if scm["path"] else state_dir / "scm.dat",
-            read_align_bytes=align,
-        ),
-        tiering=_tiering(tiering, {"dram": dram_config.capacity_bytes, "cxl": cxl_config.capacity_bytes}),
-        durability=_durability(durability, checkpoints),
-        fabric=_fabric(fabric),
-        kernels=KernelConfig(
-            kernel_threads=_int(kern, "kernel_threads", "kernels.kernel_threads", 1, 256),
-            prefetch_distance=_int(kern, "prefetch_distance", "kernels.prefetch_distance", 0, 256),
-            heat_sample_shift=_int(kern, "heat_sample_shift", "kernels.heat_sample_shift", 0, 16),
-            scm_queue_depth=_int(kern, "scm_queue_depth", "kernels.scm_queue_depth", 1, 256),
-        ),
-    )
-
-
-def load(path: str | Path | None = None, overrides: dict | None = None,
-         available_bytes: int | None = None) -> Config:
-    """The embedded default, merged with the file at path (if any), then overrides."""
-    doc = tomllib.loads(DEFAULT_TOML)
-    if path is not None:
-        try:
-            doc = merge(doc, tomllib.loads(Path(path).read_text()))
-        except OSError as e:
-            raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from e
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"configuration file {path} is not valid TOML: {e}") from e
-    return build(merge(doc, overrides or {}), available_bytes)
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 
+from embtierd.errors import ConfigError
+
 __all__ = [
     "NumaNode",
     "Topology",
@@ -37,8 +39,9 @@ _RANGE_RE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 _NODE_DIR_RE = re.compile(r"node([0-9]+)")
 
 
-class TopologyError(Exception):
-    """The NUMA topology is unreadable, inconsistent, or does not allow a request."""
+class TopologyError(ConfigError):
+    """The NUMA topology is unreadable, inconsistent, or does not allow what the configuration asks
+    (tiers.cxl.node): met while the daemon starts, it stops it with one line, like any ConfigError."""
 
 
 @dataclass(frozen=True)
@@ -248,24 +251,29 @@ def pick_cxl_nodes(topo: Topology, configured: tuple[int, ...] | None) -> tuple[
 
     Configured ids are kept in the order given; each must exist and be CPU-less
     (CXL Type-3 memory is a CPU-less node) and appear once, else TopologyError
-    names the offending id. Without configuration, every CPU-less node that
-    reports memory is used, in id order; an empty tuple when the host has none
-    (the caller then emulates the CXL tier in DRAM).
+    names the key (tiers.cxl.node), its value and the offending id. Without
+    configuration, every CPU-less node that reports memory is used, in id order;
+    an empty tuple when the host has none (the caller then emulates the CXL tier
+    in DRAM).
     """
     if configured is None:
         return tuple(n.id for n in topo.nodes if not n.has_cpus and n.mem_total_bytes > 0)
+    setting = f"tiers.cxl.node = {configured[0] if len(configured) == 1 else list(configured)}"
     seen: set[int] = set()
     for node_id in configured:
         if node_id in seen:
-            raise TopologyError(f"configured CXL node {node_id} is listed twice in {list(configured)}; "
+            raise TopologyError(f"{setting}: CXL node {node_id} is listed twice; "
                                 "each CPU-less node is one port of the CXL fabric")
         seen.add(node_id)
-        node = topo.node(node_id)
+        try:
+            node = topo.node(node_id)
+        except TopologyError as exc:
+            raise TopologyError(f"{setting}: {exc}") from None
         if node.has_cpus:
-            cpuless = format_cpulist(topo.cpuless_nodes)
+            cpuless = format_cpulist(topo.cpuless_nodes) if topo.cpuless_nodes else "none"
             raise TopologyError(
-                f"configured CXL node {node_id} has CPUs ({format_cpulist(node.cpus)}); CXL Type-3 memory "
+                f"{setting}: NUMA node {node_id} has CPUs ({format_cpulist(node.cpus)}); CXL Type-3 memory "
                 f"appears as a CPU-less node (CPU-less nodes here: {cpuless}); "
-                "leave it unset to auto-detect or emulate CXL in DRAM"
+                '"auto" uses those, or emulates CXL in DRAM on a host without one'
             )
     return tuple(configured)

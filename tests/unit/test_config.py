@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -48,12 +55,20 @@ def test_file_then_overrides(tmp_path):
 
 @pytest.mark.parametrize("doc, message", [
     ({"tiers": {"dram": {"capacty": "1G"}}}, r"tiers.dram: unknown key\(s\) capacty"),
-    ({"bogus": 1}, r"unknown top-level key\(s\): bogus"),
+    ({"bogus": 1}, r"unknown top-level key\(s\): bogus; known: durability, fabric, kernels, server, state_dir, "),
     ({"kernels": {"kernel_threads": 0}}, r"kernels.kernel_threads: expected an integer in \[1, 256\], got 0"),
     ({"kernels": {"prefetch_distance": "far"}}, "kernels.prefetch_distance"),
     ({"tiers": {"cxl": {"node": -1}}}, 'tiers.cxl.node: expected "auto", a NUMA node id or a non-empty list'),
     ({"tiers": {"dram": {"huge_pages": "yes"}}}, "tiers.dram.huge_pages: expected true or false"),
-    ({"tiers": {"scm": {"read_align_bytes": 100}}}, "tiers.scm.read_align_bytes"),
+    ({"tiers": {"scm": {"read_align_bytes": 100}}}, "read_align_bytes: expected one of 0, 512, 1024, 2048, 4096, got 100$"),
+    ({"tiers": {"scm": {"read_align_bytes": 512.0}}}, "tiers.scm.read_align_bytes: .* got 512.0$"),
+    ({"tiering": {"interval_seconds": 0}}, r"^tiering.interval_seconds: expected a number in \[0.01, 3600\], got 0$"),
+    ({"fabric": {"hop_latency_ns": float("nan")}}, r"^fabric.hop_latency_ns: expected a number in \[0, 1e7\], got nan$"),
+    ({"server": {"grace_seconds": -1}}, r"^server.grace_seconds: expected a number >= 0, got -1$"),
+    ({"durability": {"checkpoints": {"quant_bits": False}}}, "quant_bits: expected one of 0, 2, 3, 4, 8, got False$"),
+    ({"state_dir": 5}, "^state_dir: expected a directory path, got 5$"),
+    ({"server": {"metrics_listen": 9464}}, '^server.metrics_listen: expected "host:port" or "", got 9464$'),
+    ({"tiers": {"scm": {"path": 5}}}, '^tiers.scm.path: expected a file path or "", got 5$'),
 ])
 def test_bad_values_name_the_key(doc, message):
     with pytest.raises(ConfigError, match=message):
@@ -109,6 +124,9 @@ def test_unreadable_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[tiers\n")
     with pytest.raises(ConfigError, match="is not valid TOML"):
+        config.load(bad)
+    bad.write_bytes(b"state_dir = '\xff'\n")
+    with pytest.raises(ConfigError, match=f"^configuration file {bad} is not valid TOML: 'utf-8' codec can't"):
         config.load(bad)
 
 
@@ -265,12 +283,12 @@ def test_tiering_tables():
     ({"policy": "fifo"}, "tiering.policy: expected one of lfu, lru, got 'fifo'$"),
     ({"policy": "LFU"}, "tiering.policy: expected one of lfu, lru, got 'LFU'$"),
     ({"tables": 5}, "tiering.tables: expected a table of per-table settings, got 5$"),
-    ({"tables": {"emb": "lru"}}, "tiering.tables.emb: expected a table of policy, pin, dram, cxl; got 'lru'$"),
+    ({"tables": {"emb": "lru"}}, "tiering.tables.emb: expected a table of policy, pin, dram, cxl, got 'lru'$"),
     ({"tables": {"emb": {"scm": "1G"}}}, r"tiering.tables.emb: unknown key\(s\) scm; known: cxl, dram, pin, policy$"),
     ({"tables": {"emb": {"policy": "mru"}}}, "tiering.tables.emb.policy: expected one of lfu, lru, got 'mru'$"),
-    ({"tables": {"emb": {"pin": "hbm"}}},
-     "tiering.tables.emb.pin: expected \"\" or one of dram, cxl, scm, got 'hbm'$"),
-    ({"tables": {"emb": {"pin": 1}}}, "tiering.tables.emb.pin: expected \"\" or one of dram, cxl, scm, got 1$"),
+    ({"tables": {"emb": {"pin": "hbm"}}}, "tiering.tables.emb.pin: expected one of \"\", dram, cxl, scm, got 'hbm'$"),
+    ({"tables": {"emb": {"pin": 1}}}, "tiering.tables.emb.pin: expected one of \"\", dram, cxl, scm, got 1$"),
+    ({"tables": {"emb": {"pin": "dram", "policy": 1}}}, "tiering.tables.emb.policy: expected one of lfu, lru, got 1$"),
     ({"tables": {"emb": {"dram": "lots"}}}, "tiering.tables.emb.dram: cannot read 'lots' as a size"),
     ({"tables": {"emb": {"cxl": -1}}}, "tiering.tables.emb.cxl: a size cannot be negative, got -1$"),
     ({"tables": {"emb": {"dram": 1.5}}}, (r"tiering.tables.emb.dram: a share of the tier's capacity must be in "
@@ -294,3 +312,137 @@ def test_the_default_socket_goes_in_systemds_runtime_directory(monkeypatch, tmp_
     assert server.default_socket(tmp_path) == tmp_path / "xdg" / "embtier" / "embtierd.sock"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     assert server.default_socket(tmp_path) == tmp_path / "embtierd.sock"
+
+
+# ---- the schema: one home for every key ----------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "deploy" / "systemd" / "embtierd.toml"
+
+# The effective configuration without a file (as --print-config shows it) on 8 GiB of available memory:
+# the defaults the daemon has always had.  A change here changes what every deployment runs with.
+DEFAULTS_ON_8_GIB = {
+    "state_dir": ".state",
+    "server": {"listen": [], "metrics_listen": "127.0.0.1:9464", "max_message_bytes": 256 << 20,
+               "max_ids_per_request": 4194304, "grace_seconds": 10.0, "worker_threads": 8, "listen_interface": "",
+               "listen_port": 50051, "tls": {"cert": None, "key": None, "client_ca": None},
+               "idle_timeout_seconds": 300.0, "keepalive_seconds": 60.0, "handshake_timeout_seconds": 10.0},
+    "tiering": {"enabled": True, "interval_seconds": 1.0, "bandwidth_bytes_per_second": 256 << 20,
+                "hysteresis": 0.25, "aging_intervals": 4, "policy": "lfu", "tables": {}},
+    "dram": {"capacity_bytes": 2 * GiB, "huge_pages": True, "nodes": None, "emulated_latency_ns": 0},
+    "cxl": {"capacity_bytes": 8 * GiB // 10, "huge_pages": True, "nodes": None, "emulated_latency_ns": 0},
+    "scm": {"capacity_bytes": 16 * GiB, "path": ".state/scm.dat", "read_align_bytes": 0},
+    "kernels": {"kernel_threads": 1, "prefetch_distance": 16, "heat_sample_shift": 3, "scm_queue_depth": 64},
+    "durability": {"wal": True, "fsync": "always", "fsync_interval_seconds": 0.05,
+                   "checkpoints": {"interval_seconds": 600.0, "kind": "auto", "quant_bits": 0,
+                                   "quantizer": "adaptive", "keep": 2, "auto_full_ratio": 1.0}},
+    "fabric": {"offload": "switch", "cxl_ports": 4, "rebalance_tolerance": 0.1,
+               "device_link_bytes_per_second": 31.5e9, "host_link_bytes_per_second": 63.0e9, "hop_latency_ns": 40.0},
+}
+
+
+def as_printed(cfg: config.Config) -> dict:
+    """cfg as --print-config prints it, read back."""
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def nested(name: str, value) -> dict:
+    """{"a": {"b": value}} for "a.b"."""
+    for part in reversed(name.split(".")):
+        value = {part: value}
+    return value
+
+
+def test_the_defaults_are_the_ones_the_daemon_always_had():
+    assert as_printed(config.load(available_bytes=8 * GiB)) == DEFAULTS_ON_8_GIB
+
+
+def test_default_toml_is_every_key_at_its_default():
+    doc = tomllib.loads(config.DEFAULT_TOML)
+    for key in config.KEYS:
+        value = doc
+        for part in key.name.split("."):
+            value = value[part]
+        assert value == key.default, key.name
+    assert config.build(doc, 8 * GiB) == config.load(available_bytes=8 * GiB)
+
+
+def test_dataclass_defaults_are_the_schemas():
+    """Code that builds a section itself (FabricConfig(), CheckpointConfig(keep=5), TieringConfig(...))
+    gets what a file without those keys gets: each dataclass of the default Config, made from its required
+    fields alone, is equal to it (tiering/config.py holds its own defaults; this keeps them to the schema)."""
+    instances = [config.load(available_bytes=GiB)]
+    for obj in instances:
+        required = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        assert type(obj)(**required) == obj, type(obj).__name__
+        instances += [getattr(obj, f.name) for f in dataclasses.fields(obj)
+                      if dataclasses.is_dataclass(getattr(obj, f.name))]
+    assert len(instances) == 11  # Config, its 8 sections, server.tls and durability.checkpoints
+    table = config.load(overrides={"tiering": {"tables": {"t": {}}}}, available_bytes=GiB).tiering.tables["t"]
+    assert table == TableSettings()
+
+
+@pytest.mark.parametrize("name", config.key_names())
+def test_every_key_refuses_a_wrong_type_naming_key_and_value(name):
+    name = name.replace(".NAME.", ".emb.")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(name)}: .*\[\{{\}}\]"):
+        config.load(overrides=nested(name, [{}]), available_bytes=GiB)
+
+
+def _sections() -> set[str]:
+    return {name.rpartition(".")[0] for name in config.key_names() if ".NAME." not in name}
+
+
+@pytest.mark.parametrize("section", sorted(_sections()))
+def test_every_table_refuses_unknown_keys(section):
+    doc = nested(section, {"bogus": 1}) if section else {"bogus": 1}
+    with pytest.raises(ConfigError, match=rf"{re.escape(section)}.*unknown .*\bbogus; known: "):
+        config.load(overrides=doc, available_bytes=GiB)
+
+
+def test_a_section_that_is_not_a_table_is_refused():
+    with pytest.raises(ConfigError, match=r"^tiers.cxl: expected a table, got 5$"):
+        config.load(overrides={"tiers": {"cxl": 5}}, available_bytes=GiB)
+    with pytest.raises(ConfigError, match=r"^durability: expected a table, got 'on'$"):
+        config.load(overrides={"durability": "on"}, available_bytes=GiB)
+
+
+def test_the_sample_on_disk_is_what_the_schema_generates():
+    assert SAMPLE.read_text() == config.sample_toml(), (
+        "deploy/systemd/embtierd.toml is stale: python -m embtierd.config --write-sample deploy/systemd/embtierd.toml")
+
+
+def test_write_sample_writes_the_generated_sample(tmp_path):
+    out = tmp_path / "embtierd.toml"
+    subprocess.run([sys.executable, "-m", "embtierd.config", "--write-sample", str(out)], check=True, timeout=60)
+    assert out.read_text() == config.sample_toml()
+
+
+def test_the_sample_is_the_defaults_but_for_the_units_directories():
+    known = set(config.key_names())
+    assert set(config.SAMPLE_VALUES) <= known and set(config.SAMPLE_NOTES) <= known
+    sample = config.load(SAMPLE, available_bytes=GiB)
+    assert sample.state_dir == Path("/var/lib/embtier") and sample.scm.path == Path("/srv/embtier-scm/scm.dat")
+    assert sample.server.listen == ("unix:///run/embtier/embtierd.sock", "127.0.0.1:50051")
+    moved = dataclasses.replace(sample, state_dir=Path(".state"), scm=dataclasses.replace(sample.scm, path=Path(
+        ".state/scm.dat")), server=dataclasses.replace(sample.server, listen=()))
+    assert moved == config.load(available_bytes=GiB)
+    for key in config.KEYS:  # each key under its description
+        assert f"{key.doc[:40]}" in " ".join(SAMPLE.read_text().replace("# ", "").split()), key.name
+
+
+def readme_configuration_table() -> dict[str, str]:
+    """Key -> default cell of README.md's "## Configuration" table."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| `")]
+    return {cells[0].removeprefix("| ").strip("`"): cells[1].strip("`") for cells in rows}
+
+
+def test_readme_documents_every_key_and_no_other():
+    table = readme_configuration_table()
+    assert list(table) == config.key_names()  # every key, none that does not exist, in the schema's order
+    for key in config.KEYS:
+        if key.default is not None and key.check is not config.tables:
+            assert tomllib.loads(f"v = {table[key.name]}")["v"] == key.default, key.name

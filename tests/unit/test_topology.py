@@ -7,6 +7,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from embtierd.errors import ConfigError
 from embtierd.topology import (
     NumaNode,
     Topology,
@@ -220,19 +221,20 @@ def test_pick_configured_list_with_cpu_node_names_it(tmp_path: Path) -> None:
     with pytest.raises(TopologyError) as excinfo:
         pick_cxl_nodes(topo, (2, 1))
     message = str(excinfo.value)
-    assert "node 1 has CPUs (4-7)" in message
+    assert message.startswith("tiers.cxl.node = [2, 1]: NUMA node 1 has CPUs (4-7)")
     assert "CPU-less nodes here: 2-4" in message
 
 
 def test_pick_configured_duplicate_raises(tmp_path: Path) -> None:
     topo = _two_sockets_three_cxl(tmp_path)
-    with pytest.raises(TopologyError, match=r"CXL node 2 is listed twice in \[2, 4, 2\]"):
+    with pytest.raises(TopologyError, match=r"^tiers.cxl.node = \[2, 4, 2\]: CXL node 2 is listed twice"):
         pick_cxl_nodes(topo, (2, 4, 2))
 
 
 def test_pick_configured_list_with_unknown_node_raises(tmp_path: Path) -> None:
     topo = _two_sockets_three_cxl(tmp_path)
-    with pytest.raises(TopologyError, match=r"NUMA node 7 does not exist on this host \(known nodes: 0-4\)"):
+    with pytest.raises(TopologyError, match=r"^tiers.cxl.node = \[2, 7\]: NUMA node 7 does not exist on this host "
+                                            r"\(known nodes: 0-4\)$"):
         pick_cxl_nodes(topo, (2, 7))
 
 
@@ -242,9 +244,14 @@ def test_pick_configured_node_with_cpus_raises(tmp_path: Path) -> None:
     with pytest.raises(TopologyError) as excinfo:
         pick_cxl_nodes(topo, (0,))
     message = str(excinfo.value)
-    assert "node 0 has CPUs" in message
-    assert "CPU-less" in message
-    assert "CPU-less nodes here: 2" in message
+    assert message.startswith("tiers.cxl.node = 0: NUMA node 0 has CPUs (0-1)")  # one id shown as written
+    assert "(CPU-less nodes here: 2);" in message
+
+
+def test_pick_configured_node_on_a_host_without_cpuless_nodes_says_so(tmp_path: Path) -> None:
+    make_sysfs(tmp_path, {0: ("0-1\n", 2048)}, online="0\n")
+    with pytest.raises(ConfigError, match=r"^tiers.cxl.node = 0: .*\(CPU-less nodes here: none\); \"auto\""):
+        pick_cxl_nodes(discover(tmp_path), (0,))
 
 
 def test_pick_configured_node_missing_raises(tmp_path: Path) -> None:
@@ -252,7 +259,7 @@ def test_pick_configured_node_missing_raises(tmp_path: Path) -> None:
     topo = discover(tmp_path)
     with pytest.raises(TopologyError) as excinfo:
         pick_cxl_nodes(topo, (1,))
-    assert "NUMA node 1 does not exist" in str(excinfo.value)
+    assert str(excinfo.value).startswith("tiers.cxl.node = 1: NUMA node 1 does not exist")
     assert "known nodes: 0,2" in str(excinfo.value)
 
 
