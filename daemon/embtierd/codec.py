@@ -27,37 +27,45 @@ def _i8_offset(dim: int) -> int:
     return (dim + 3) & ~3
 
 
-def check_storable(values: np.ndarray, dtype: str, field: str = "values") -> None:
+def check_storable(values: np.ndarray, dtype: str, field: str = "values", row_ids: np.ndarray | None = None) -> None:
     """InvalidArgumentError naming the first element of values ([n, dim] float32, row-major
     order) that a table of dtype cannot store: NaN or +-inf in any table, |x| > 65504 in float16;
     in int8, the first row whose range max - min is not finite in float32 (naming its first
-    non-finite element, or its min and max).  No numpy warning escapes."""
+    non-finite element, or its min and max).  An element is named field[r, c], or, given row_ids
+    (the table row each of values' rows is for), "field of row <id>, element c".  No numpy
+    warning escapes."""
     if not values.size:
         return
+
+    def at(r: int, c: int | None = None) -> str:
+        if row_ids is None:
+            return f"{field}[{r}]" if c is None else f"{field}[{r}, {c}]"
+        return f"{field} of row {int(row_ids[r])}" + ("" if c is None else f", element {c}")
+
     with np.errstate(over="ignore", invalid="ignore"):  # inf - inf, a range past float32's largest
         if dtype != "int8":
             _reject_first(values, ~(np.abs(values) <= FLOAT16_MAX) if dtype == "float16" else ~np.isfinite(values),
-                          field)
+                          at)
             return
         bad_rows = ~np.isfinite(values.max(axis=1) - values.min(axis=1))  # a NaN or inf in a row makes it so too
     if bad_rows.any():
         r = int(bad_rows.argmax())
         row = values[r : r + 1]
-        _reject_first(row, ~np.isfinite(row), field, r)
+        _reject_first(row, ~np.isfinite(row), lambda _, c: at(r, c))
         lo, hi = int(row.argmin()), int(row.argmax())
         raise InvalidArgumentError(
-            f"{field}[{r}] ranges from {row[0, lo]!s} ({field}[{r}, {lo}]) to {row[0, hi]!s} ({field}[{r}, {hi}]): "
+            f"{at(r)} ranges from {row[0, lo]!s} ({at(r, lo)}) to {row[0, hi]!s} ({at(r, hi)}): "
             "an int8 row's max - min must be finite in float32 (its quantization scale is float32)")
 
 
-def _reject_first(values: np.ndarray, bad: np.ndarray, field: str, first_row: int = 0) -> None:
-    """InvalidArgumentError for the first True of bad (a mask of values, whose rows are field's
-    from first_row on), if it has one."""
+def _reject_first(values: np.ndarray, bad: np.ndarray, at) -> None:
+    """InvalidArgumentError for the first True of bad (a mask of values) if it has one, its place
+    named by at(row, column)."""
     if bad.any():
         r, c = divmod(int(bad.argmax()), bad.shape[1])
         x = values[r, c]
         problem = "is not finite" if not np.isfinite(x) else f"does not fit float16 (largest {FLOAT16_MAX:g})"
-        raise InvalidArgumentError(f"{field}[{first_row + r}, {c}] = {x!s} {problem}")
+        raise InvalidArgumentError(f"{at(r, c)} = {x!s} {problem}")
 
 
 def encode(values: np.ndarray, dtype: str, stride: int) -> np.ndarray:

@@ -96,3 +96,8 @@ def test_the_field_is_named_and_empty_batches_pass():
     for dtype in DTYPES:
         codec.check_storable(np.zeros((0, 8), np.float32), dtype)
         codec.check_storable(np.zeros((3, 0), np.float32), dtype)
+
+
+def test_rows_can_be_named_by_the_table_row_they_are_for():
+    with pytest.raises(InvalidArgumentError, match=r"^sums of row 42, element 1 = 70000\.0 does not fit float16"):
+        codec.check_storable(np.array([[1, 2], [1, 70000]], np.float32), "float16", "sums", np.array([7, 42]))

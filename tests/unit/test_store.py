@@ -62,6 +62,18 @@ def test_write_assign_and_add(store):
     assert not np.array_equal(before, values[3])
 
 
+def test_an_add_whose_sum_a_float16_row_cannot_hold_is_refused_whole(store_factory):
+    s = store_factory()
+    s.create_table("h", 10, 4, dtype="float16")
+    s.write_rows("h", ids_of(3, 4), np.full((2, 4), 60000, dtype=np.float32))
+    before = s.read_encoded("h", np.arange(10, dtype=np.int64))
+    with pytest.raises(InvalidArgumentError, match=r"table 'h' of row 4, element 2 = 70000\.0 does not fit float16"):
+        s.write_rows("h", ids_of(3, 4), np.array([[0, 0, 0, 0], [0, 0, 10000, 0]], np.float32), mode="add")
+    with pytest.raises(InvalidArgumentError, match=r"^values\[1, 0\] = inf is not finite"):
+        s.write_rows("h", ids_of(3, 4), np.array([[0, 0, 0, 0], [np.inf, 0, 0, 0]], np.float32), mode="add")
+    np.testing.assert_array_equal(s.read_encoded("h", np.arange(10, dtype=np.int64)), before)  # nothing written
+
+
 def test_empty_requests(store):
     assert store.lookup("t", np.array([], dtype=np.int64)).shape == (0, 8)
     got = store.lookup_pooled("t", np.array([], dtype=np.int64), np.zeros(3, dtype=np.int32))

@@ -30,14 +30,13 @@ from embtier.wire import (
     name_of,
 )
 
-from embtierd import codec, fabric
+from embtierd import fabric
 from embtierd.config import ServerConfig
 from embtierd.durability.checkpoint import CheckpointInfo, check_request
 from embtierd.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
-    NotFoundError,
     RequestTooLargeError,
 )
 from embtierd.rpc.metrics import Metrics
@@ -232,24 +231,11 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             raise FailedPreconditionError("checkpoints need the write-ahead log (durability.wal = true)")
         return self.checkpoints
 
-    def _geometry_for_write(self, table: str) -> tuple[int, str, int]:
-        """store.geometry(table) as a write sees it: a table that a restore in flight has not put back
-        yet is looked up once the restore is done (store.handles waits for it, as writes do)."""
-        try:
-            return self.store.geometry(table)
-        except NotFoundError:
-            self.store.handles()
-            return self.store.geometry(table)
-
     def WriteRows(self, request, context):
         ids = id_array(request.ids, request.id_type)
         self._admit(context, ids.size)
         values = array(request.values, "<f4", "values")
         mode = enum_value(pb.WriteMode, WRITE_MODES, request.mode, "mode")
-        dim, dtype, _ = self._geometry_for_write(request.table)
-        if values.size == ids.size * dim:  # (otherwise the store names the mismatch)
-            # what ASSIGN stores must fit the table's dtype; ADD's values are increments, finite
-            codec.check_storable(values.reshape(ids.size, dim), dtype if mode == "assign" else "float32")
         version = self.store.write_rows(request.table, ids, values, mode, request.scale or 1.0)
         return pb.WriteRowsResponse(rows_written=ids.size, version=version)
 

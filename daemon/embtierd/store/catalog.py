@@ -390,11 +390,15 @@ class Store:
         if not math.isfinite(scale):
             raise InvalidArgumentError(f"scale must be finite, got {scale}")
         self._check_ids(table, ids)
+        # what an assignment stores must fit the table's dtype; an addition's increments must be finite
+        codec.check_storable(values, table.dtype if mode == "assign" else "float32")
         with table.write_lock:
             if table.retired == "restored":
                 return None
             table.check_live()
             rows, encoded = self._added_rows(table, ids, values, scale) if mode == "add" else (ids, values)
+            if mode == "add":  # ... and so must the sums
+                codec.check_storable(encoded, table.dtype, f"the sum of scale x values and table {name!r}", rows)
             encoded = codec.encode(encoded, table.dtype, table.stride)
             # logged once nothing but the store itself can fail (an SCM write: a device error)
             lsn = self.journal.log_write(name, table.generation, ids, values, mode, scale) if self.journal else 0
