@@ -1,14 +1,25 @@
 """The one module that calls the C kernels.
 
-Each function checks dtypes, contiguity and lengths before the call, and
-turns a negative return code into an EmbtierError whose message names the
-field and the offending value.  The C side checks bounds again, so nothing
-that reaches it can crash the process.  The cffi calls release the GIL.
+Each function checks what C cannot see: that every array is a numpy array of the right dtype,
+C-contiguous, and writable where C writes into it.  It then hands C each buffer with its real size
+(the array's own size, never one computed from what the call needs).  C checks pointers, the
+sizes of the buffers (ET_E_SIZE names the one too small), ids and lengths before it touches
+anything, and every placement entry before it indexes anything by it (ET_E_LOCATION for one that
+names no slot with storage: a corrupt map, or a bad entry to publish).  Every code C returns
+becomes an EmbtierError whose message names the field and the offending value, so nothing that
+reaches C can crash the process or make it read or write past an array.  (The one input C takes
+on trust is the memory behind a chunk's address, set_chunk: the tiers' arenas.)
+
+The placement map and the heat counters are C's, allocated with the table: NativeTable.loc is a
+read-only view of the map (placement changes only through publish, after write_slots copied the
+rows), NativeTable.heat a writable view of the counters (the tiering policy ages them in place).
+Both views keep the C table alive as long as they live.  The cffi calls release the GIL.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 from embtier import wire
@@ -22,6 +33,11 @@ DTYPES = dict(zip(wire.DTYPES, (lib.ET_DTYPE_F32, lib.ET_DTYPE_F16, lib.ET_DTYPE
 POOL_MODES = dict(zip(wire.POOL_MODES, (lib.ET_POOL_SUM, lib.ET_POOL_MEAN, lib.ET_POOL_MAX), strict=True))
 TIER_DRAM, TIER_CXL, TIER_SCM = lib.ET_TIER_DRAM, lib.ET_TIER_CXL, lib.ET_TIER_SCM  # = their index in wire.TIERS
 ISA_NAMES = {lib.ET_ISA_GENERIC: "generic", lib.ET_ISA_AVX2: "avx2", lib.ET_ISA_AVX512: "avx512"}
+# the buffer an ET_E_SIZE names (*err_pos), by its parameter name
+BUFFER_NAMES = {lib.ET_BUF_OUT: "out", lib.ET_BUF_TIER_ROWS: "tier_rows", lib.ET_BUF_PART_ROWS: "part_rows",
+                lib.ET_BUF_WEIGHTS: "weights", lib.ET_BUF_OUT_IDS: "out_ids", lib.ET_BUF_OUT_LENGTHS: "out_lengths",
+                lib.ET_BUF_OUT_WEIGHTS: "out_weights", lib.ET_BUF_ROWS: "rows", lib.ET_BUF_LOCS: "locs",
+                lib.ET_BUF_CODES: "codes", lib.ET_BUF_LO: "lo", lib.ET_BUF_SCALE: "scale"}
 
 
 def row_stride(dim: int, dtype: str) -> int:
@@ -34,70 +50,100 @@ def scm_chunk_bytes(stride: int, rows: int) -> int:
     return int(lib.et_scm_chunk_bytes(stride, rows))
 
 
-def require(arr: object, field: str, dtype: np.dtype, ndim: int) -> np.ndarray:
-    """arr itself if it is a C-contiguous ndarray of dtype and ndim, else InvalidArgumentError."""
+def require(arr: object, field: str, dtype: np.dtype, ndim: int | None = None, writable: bool = False) -> np.ndarray:
+    """arr itself if it is a C-contiguous ndarray of dtype (and of ndim dimensions, and writable,
+    when asked), else InvalidArgumentError."""
     if not isinstance(arr, np.ndarray):
         raise InvalidArgumentError(f"{field} must be a numpy array, got {type(arr).__name__}")
     if arr.dtype != dtype:
         raise InvalidArgumentError(f"{field} must have dtype {np.dtype(dtype).name}, got {arr.dtype.name}")
-    if arr.ndim != ndim:
+    if ndim is not None and arr.ndim != ndim:
         raise InvalidArgumentError(f"{field} must have {ndim} dimension(s), got shape {arr.shape}")
     if not arr.flags.c_contiguous:
         raise InvalidArgumentError(f"{field} must be C-contiguous (got strides {arr.strides}); "
                                    "pass np.ascontiguousarray(...)")
+    if writable and not arr.flags.writeable:
+        raise InvalidArgumentError(f"{field} must be writable (the kernel writes into it)")
     return arr
+
+
+def _optional(arr: np.ndarray | None, field: str, dtype: np.dtype, ndim: int | None = None,
+              writable: bool = False) -> np.ndarray | None:
+    """An optional array: None, or what require() accepts."""
+    return None if arr is None else require(arr, field, dtype, ndim, writable)
 
 
 def _ptr(ctype: str, arr: np.ndarray | None):
     return ffi.NULL if arr is None else ffi.from_buffer(ctype, arr, require_writable=False)
 
 
-def _wptr(ctype: str, arr: np.ndarray):
-    return ffi.from_buffer(ctype, arr, require_writable=True)
+def _wptr(ctype: str, arr: np.ndarray | None):
+    return ffi.NULL if arr is None else ffi.from_buffer(ctype, arr, require_writable=True)
 
 
-def _wptr_or_null(ctype: str, arr: np.ndarray | None):
-    return ffi.NULL if arr is None else _wptr(ctype, arr)
+def _size(arr: np.ndarray | None) -> int:
+    """Elements of an array handed to C (0 for None)."""
+    return 0 if arr is None else arr.size
 
 
-def _sized(arr: np.ndarray | None, size: int, field: str, dtype: np.dtype) -> np.ndarray | None:
-    """arr (None passes) if it is a contiguous 1-d dtype array of size elements, else InvalidArgumentError."""
-    if arr is not None:
-        require(arr, field, dtype, 1)
-        if arr.size != size:
-            raise InvalidArgumentError(f"{field} must have {size} entries, got {arr.size}")
-    return arr
+def _size_error(where: str, which: int, buffers: dict[str, np.ndarray | None], call: str) -> InvalidArgumentError:
+    """The error of an ET_E_SIZE: the buffer it names (which = *err_pos), its size, and the call."""
+    name = BUFFER_NAMES.get(which, f"buffer {which}")
+    arr = buffers.get(name)
+    size = "none" if arr is None else f"{arr.size} x {arr.dtype.name} (shape {arr.shape})"
+    return InvalidArgumentError(f"{where}: {name} does not fit the call: {size}, for {call}")
+
+
+def _c_view(owner, accessor: Callable, dtype: type, writable: bool) -> np.ndarray:
+    """A numpy view of an array C owns: accessor(owner, &entries) returns its pointer.  The view
+    holds a reference to owner (a cdata freed by ffi.gc), so C frees the array only after the view
+    is gone; a read-only view cannot be made writable."""
+    entries = ffi.new("int64_t *")
+    pointer = accessor(owner, entries)
+    keep = ffi.gc(pointer, lambda _pointer, _owner=owner: None)  # the destructor's default holds owner
+    buffer = memoryview(ffi.buffer(keep, entries[0] * np.dtype(dtype).itemsize))
+    return np.frombuffer(buffer if writable else buffer.toreadonly(), dtype=dtype)
 
 
 class NativeTable:
-    """A C table handle over a placement map and heat counters owned here."""
+    """A C table handle, with views of the placement map (read-only) and heat counters it owns."""
 
     def __init__(self, name: str, num_rows: int, dim: int, dtype: str, chunk_shift: int, max_chunks: int):
         self.name = name
         self.num_rows = num_rows
+        self.dim = dim
         self.max_chunks = max_chunks
         self.chunk_shift = chunk_shift
         self.nparts = 0  # fabric parts, once set_parts ran
-        self.loc = huge_array(num_rows, np.uint32)
-        self.heat = huge_array(num_rows, np.uint8)
-        handle = lib.et_table_new(num_rows, dim, DTYPES[dtype], chunk_shift, max_chunks,
-                                  _wptr("uint32_t *", self.loc), _wptr("uint8_t *", self.heat))
+        err = ffi.new("int *")
+        handle = lib.et_table_new(num_rows, dim, DTYPES[dtype], chunk_shift, max_chunks, err)
+        if handle == ffi.NULL and err[0] == lib.ET_E_NOMEM:
+            raise MemoryError(f"table {name!r}: cannot allocate the placement map and heat counters of "
+                              f"{num_rows} rows")
         if handle == ffi.NULL:
             raise InvalidArgumentError(
                 f"table {name!r}: cannot build a table of num_rows={num_rows}, dim={dim}, dtype={dtype}")
         self._h = ffi.gc(handle, lib.et_table_free)
+        self.stride = row_stride(dim, dtype)
         self.tier_shift = int(lib.et_table_tier_shift(handle))  # placement entry = (tier << tier_shift) | slot
+        self.loc = _c_view(self._h, lib.et_table_loc, np.uint32, writable=False)  # changed by publish only
+        self.heat = _c_view(self._h, lib.et_table_heat, np.uint8, writable=True)  # aged by the tiering policy
         self._dirty = np.zeros((num_rows + 63) // 64, dtype=np.uint64)  # rows written (et_write_rows sets bits)
-        lib.et_table_set_dirty(handle, _wptr("uint64_t *", self._dirty))
+        self._check(lib.et_table_set_dirty(handle, _wptr("uint64_t *", self._dirty), self._dirty.size), 0, "dirty")
 
     def set_chunk(self, tier: int, chunk: int, address: int) -> None:
-        self._check(lib.et_table_set_chunk(self._h, tier, chunk, ffi.cast("void *", address)), None, "chunk")
+        """Backs a DRAM or CXL chunk with the memory of a whole chunk (2^chunk_shift rows) at address;
+        address 0 takes its storage away."""
+        nbytes = self.stride << self.chunk_shift if address else 0
+        self._check(lib.et_table_set_chunk(self._h, tier, chunk, ffi.cast("void *", address), nbytes), 0, "chunk")
 
     def set_scm(self, fd: int, align_bytes: int) -> None:
-        self._check(lib.et_table_set_scm(self._h, fd, align_bytes), None, "scm")
+        self._check(lib.et_table_set_scm(self._h, fd, align_bytes), 0, "scm")
 
     def set_scm_chunk(self, chunk: int, file_offset: int) -> None:
-        self._check(lib.et_table_set_scm_chunk(self._h, chunk, file_offset), None, "scm chunk")
+        """Backs an SCM chunk with the file space of a whole chunk at file_offset (after set_scm)."""
+        nbytes = scm_chunk_bytes(self.stride, 1 << self.chunk_shift)
+        self._check(lib.et_table_set_scm_chunk(self._h, chunk, file_offset, nbytes), 0, "scm chunk")
 
     def configure(self, prefetch_distance: int, heat_sample_shift: int) -> None:
         lib.et_table_set_prefetch(self._h, prefetch_distance)
@@ -110,13 +156,13 @@ class NativeTable:
         if isinstance(ns, bool) or not isinstance(ns, int) or not 0 <= ns <= lib.ET_CXL_DELAY_MAX_NS:
             raise InvalidArgumentError(f"table {self.name!r}: injected CXL latency must be an integer number "
                                        f"of ns in [0, {lib.ET_CXL_DELAY_MAX_NS}], got {ns!r}")
-        self._check(lib.et_table_set_cxl_delay(self._h, ns), None, "cxl delay")
+        self._check(lib.et_table_set_cxl_delay(self._h, ns), 0, "cxl delay")
 
     def take_dirty(self) -> np.ndarray:
         """The bitmap of rows written since the last call (uint64 words, row r = bit r % 64 of word
         r // 64), cleared in the same step."""
         out = np.empty_like(self._dirty)
-        self._check(lib.et_table_take_dirty(self._h, _wptr("uint64_t *", out)), None, "dirty")
+        self._check(lib.et_table_take_dirty(self._h, _wptr("uint64_t *", out), out.size), 0, "dirty")
         return out
 
     def mark_dropped(self) -> None:
@@ -124,15 +170,12 @@ class NativeTable:
 
     def set_parts(self, nparts: int) -> None:
         """Gives the table nparts fabric parts (once); chunks are in part 0 until set_chunk_part."""
-        self._check(lib.et_table_set_parts(self._h, nparts), None, "parts")
-        entries = ffi.new("int64_t *")
-        pointer = lib.et_table_chunk_parts(self._h, entries)
-        self.chunk_parts = np.frombuffer(ffi.buffer(pointer, entries[0]), dtype=np.uint8)
-        self.chunk_parts.flags.writeable = False  # set through set_chunk_part, which checks the part
+        self._check(lib.et_table_set_parts(self._h, nparts), 0, "parts")
+        self.chunk_parts = _c_view(self._h, lib.et_table_chunk_parts, np.uint8, writable=False)  # set_chunk_part
         self.nparts = nparts
 
     def set_chunk_part(self, tier: int, chunk: int, part: int) -> None:
-        self._check(lib.et_table_set_chunk_part(self._h, tier, chunk, part), None, "chunk part")
+        self._check(lib.et_table_set_chunk_part(self._h, tier, chunk, part), 0, "chunk part")
 
     def parts_of_locs(self, locs: np.ndarray) -> np.ndarray:
         """The fabric part of each placement entry (uint8)."""
@@ -142,60 +185,90 @@ class NativeTable:
                part_rows: np.ndarray | None = None) -> None:
         """out = rows of ids; tier_rows (int64 [3], optional) receives the rows served per tier,
         part_rows (int64 [nparts], optional) per fabric part."""
+        require(ids, "ids", np.int64, 1)
+        require(out, "out", np.float32, writable=True)
+        _optional(tier_rows, "tier_rows", np.int64, writable=True)
+        _optional(part_rows, "part_rows", np.int64, writable=True)
         err = ffi.new("int64_t *")
-        _sized(part_rows, self.nparts, "part_rows", np.int64)
-        rc = lib.et_gather(self._h, _ptr("int64_t *", ids), ids.size, _wptr("float *", out),
-                           _wptr_or_null("int64_t *", tier_rows), _wptr_or_null("int64_t *", part_rows), err)
-        self._check(rc, ids, "ids", err[0])
+        rc = lib.et_gather(self._h, _ptr("int64_t *", ids), ids.size, _wptr("float *", out), out.size,
+                           _wptr("int64_t *", tier_rows), _size(tier_rows), _wptr("int64_t *", part_rows),
+                           _size(part_rows), err)
+        self._check(rc, err[0], "ids", ids, buffers={"out": out, "tier_rows": tier_rows, "part_rows": part_rows})
 
     def pool(self, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, mode: int,
              out: np.ndarray, tier_rows: np.ndarray | None = None, part_rows: np.ndarray | None = None) -> None:
-        _sized(part_rows, self.nparts, "part_rows", np.int64)
+        """out[b] = rows of bag b (lengths[b] ids each) pooled by mode (a POOL_MODES value), weighted
+        when weights (one per id) are given; tier_rows and part_rows as for gather."""
+        require(ids, "ids", np.int64, 1)
+        require(lengths, "lengths", np.int32, 1)
+        _optional(weights, "weights", np.float32, 1)
+        require(out, "out", np.float32, writable=True)
+        _optional(tier_rows, "tier_rows", np.int64, writable=True)
+        _optional(part_rows, "part_rows", np.int64, writable=True)
         err = ffi.new("int64_t *")
         rc = lib.et_pool(self._h, _ptr("int64_t *", ids), ids.size, _ptr("int32_t *", lengths), lengths.size,
-                         _ptr("float *", weights), mode, _wptr("float *", out),
-                         _wptr_or_null("int64_t *", tier_rows), _wptr_or_null("int64_t *", part_rows), err)
-        self._check(rc, ids, "ids", err[0], lengths)
+                         _ptr("float *", weights), _size(weights), mode, _wptr("float *", out), out.size,
+                         _wptr("int64_t *", tier_rows), _size(tier_rows), _wptr("int64_t *", part_rows),
+                         _size(part_rows), err)
+        self._check(rc, err[0], "ids", ids, lengths, buffers={"out": out, "weights": weights,
+                                                              "tier_rows": tier_rows, "part_rows": part_rows})
 
     def partition(self, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, out_ids: np.ndarray,
                   out_lengths: np.ndarray, out_weights: np.ndarray | None, part_rows: np.ndarray) -> None:
         """Orders ids by (fabric part, bag): see et_partition."""
-        _sized(out_ids, ids.size, "out_ids", np.int64)
-        _sized(out_lengths, self.nparts * lengths.size, "out_lengths", np.int32)
-        _sized(part_rows, self.nparts, "part_rows", np.int64)
-        if weights is not None:
-            _sized(weights, ids.size, "weights", np.float32)
-            _sized(out_weights, ids.size, "out_weights", np.float32)
+        require(ids, "ids", np.int64, 1)
+        require(lengths, "lengths", np.int32, 1)
+        _optional(weights, "weights", np.float32, 1)
+        require(out_ids, "out_ids", np.int64, writable=True)
+        require(out_lengths, "out_lengths", np.int32, writable=True)
+        _optional(out_weights, "out_weights", np.float32, writable=True)
+        require(part_rows, "part_rows", np.int64, writable=True)
         err = ffi.new("int64_t *")
         rc = lib.et_partition(self._h, _ptr("int64_t *", ids), ids.size, _ptr("int32_t *", lengths), lengths.size,
-                              _ptr("float *", weights), _wptr("int64_t *", out_ids), _wptr("int32_t *", out_lengths),
-                              _wptr_or_null("float *", out_weights), _wptr("int64_t *", part_rows), err)
-        self._check(rc, ids, "ids", err[0], lengths)
+                              _ptr("float *", weights), _size(weights), _wptr("int64_t *", out_ids), out_ids.size,
+                              _wptr("int32_t *", out_lengths), out_lengths.size, _wptr("float *", out_weights),
+                              _size(out_weights), _wptr("int64_t *", part_rows), part_rows.size, err)
+        self._check(rc, err[0], "ids", ids, lengths,
+                    buffers={"weights": weights, "out_ids": out_ids, "out_lengths": out_lengths,
+                             "out_weights": out_weights, "part_rows": part_rows})
 
     def write_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Stores encoded rows (uint8, stride bytes each) at the homes of ids."""
+        require(ids, "ids", np.int64, 1)
+        require(rows, "rows", np.uint8)
         err = ffi.new("int64_t *")
-        rc = lib.et_write_rows(self._h, _ptr("int64_t *", ids), ids.size, _ptr("uint8_t *", rows), err)
-        self._check(rc, ids, "ids", err[0])
+        rc = lib.et_write_rows(self._h, _ptr("int64_t *", ids), ids.size, _ptr("uint8_t *", rows), rows.nbytes, err)
+        self._check(rc, err[0], "ids", ids, buffers={"rows": rows})
 
     def write_slots(self, locs: np.ndarray, rows: np.ndarray) -> None:
         """Stores encoded rows in slots no row points at yet (the mover's copy step)."""
+        require(locs, "locs", np.uint32, 1)
+        require(rows, "rows", np.uint8)
         err = ffi.new("int64_t *")
-        rc = lib.et_write_slots(self._h, _ptr("uint32_t *", locs), locs.size, _ptr("uint8_t *", rows), err)
-        self._check(rc, None, "slots", err[0])
+        rc = lib.et_write_slots(self._h, _ptr("uint32_t *", locs), locs.size, _ptr("uint8_t *", rows), rows.nbytes,
+                                err)
+        self._check(rc, err[0], "locs", locs=locs, buffers={"rows": rows})
 
     def publish(self, ids: np.ndarray, locs: np.ndarray) -> None:
-        """Points ids at their new homes, atomically for lookups."""
+        """Points ids at their new homes (placement entries locs, one per id), atomically for lookups."""
+        require(ids, "ids", np.int64, 1)
+        require(locs, "locs", np.uint32, 1)
         err = ffi.new("int64_t *")
-        rc = lib.et_publish(self._h, _ptr("int64_t *", ids), _ptr("uint32_t *", locs), ids.size, err)
-        self._check(rc, ids, "ids", err[0])
+        rc = lib.et_publish(self._h, _ptr("int64_t *", ids), ids.size, _ptr("uint32_t *", locs), locs.size, err)
+        self._check(rc, err[0], "ids", ids, locs=locs, buffers={"locs": locs})
 
     def read_rows(self, ids: np.ndarray, out: np.ndarray) -> None:
+        """out (uint8, stride bytes a row) = the encoded rows of ids."""
+        require(ids, "ids", np.int64, 1)
+        require(out, "out", np.uint8, writable=True)
         err = ffi.new("int64_t *")
-        rc = lib.et_read_rows(self._h, _ptr("int64_t *", ids), ids.size, _wptr("uint8_t *", out), err)
-        self._check(rc, ids, "ids", err[0])
+        rc = lib.et_read_rows(self._h, _ptr("int64_t *", ids), ids.size, _wptr("uint8_t *", out), out.nbytes, err)
+        self._check(rc, err[0], "ids", ids, buffers={"rows": out})
 
-    def _check(self, rc: int, ids: np.ndarray | None, field: str, pos: int = 0,
-               lengths: np.ndarray | None = None) -> None:
+    def _check(self, rc: int, pos: int, field: str, ids: np.ndarray | None = None,
+               lengths: np.ndarray | None = None, locs: np.ndarray | None = None,
+               buffers: dict[str, np.ndarray | None] | None = None) -> None:
+        """Raises the EmbtierError of a kernel's return code; pos is its *err_pos, field what it names."""
         if rc == lib.ET_OK:
             return
         where = f"table {self.name!r}"
@@ -207,15 +280,26 @@ class NativeTable:
         if rc == lib.ET_E_LENGTHS:
             raise InvalidArgumentError(
                 f"lengths sum to {int(lengths.sum(dtype=np.int64))} but {ids.size} ids were given")
+        if rc == lib.ET_E_SIZE:
+            bags = "" if lengths is None else f" in {lengths.size} bags"
+            raise _size_error(where, pos, buffers or {}, f"{_size(ids)} ids{bags} of dim {self.dim} "
+                              f"({self.stride} bytes a row), {self.nparts} fabric parts")
         if rc == lib.ET_E_DROPPED:
             raise NotFoundError(f"{where} was dropped")
         if rc == lib.ET_E_IO:
             raise storage_error(OSError(pos, os.strerror(pos)), "the SCM file", f"{where}: SCM I/O")
+        if rc == lib.ET_E_LOCATION and locs is not None:  # (publish, write_slots: *err_pos is in locs)
+            raise EmbtierError(f"{where}: locs[{pos}] = {self._entry(int(locs[pos]))} names no slot with storage")
         if rc == lib.ET_E_LOCATION:
-            raise EmbtierError(f"{where}: {field}[{pos}] has a home with no storage (placement map corrupt)")
+            raise EmbtierError(f"{where}: {field}[{pos}] has a home with no storage (id {int(ids[pos])} at "
+                               f"{self._entry(int(self.loc[ids[pos]]))}: placement map corrupt)")
         if rc == lib.ET_E_NOMEM:
             raise EmbtierError(f"{where}: out of memory in a native {field} call")
         raise InvalidArgumentError(f"{where}: native call rejected its arguments ({field}, code {rc})")
+
+    def _entry(self, entry: int) -> str:
+        """A placement entry, spelt out."""
+        return f"{entry:#x} (tier {entry >> self.tier_shift}, slot {entry & ((1 << self.tier_shift) - 1)})"
 
 
 def _strerror(errno_value: int) -> str:
@@ -237,24 +321,11 @@ def mem_bind(address: int, nbytes: int, nodes: list[int]) -> int:
     address must be 4 KiB aligned; pages already placed are not moved."""
     words, maxnode = nodemask_words(nodes)
     mask = ffi.new("unsigned long[]", words) if words else ffi.NULL
-    return int(lib.et_mem_bind(ffi.cast("void *", address), nbytes, mask, maxnode))
+    return int(lib.et_mem_bind(ffi.cast("void *", address), nbytes, mask, len(words), maxnode))
 
 
 def mem_unmap(address: int, nbytes: int) -> None:
     lib.et_mem_unmap(ffi.cast("void *", address), nbytes)
-
-
-def huge_array(size: int, dtype: type) -> np.ndarray:
-    """A zeroed array in its own mapping with transparent huge pages requested.
-
-    For the per-row metadata the lookup kernels read at random: on 4 KiB pages
-    every access to a large placement map is a TLB miss (numpy's allocator
-    does not ask for huge pages).  The mapping is unmapped when the array dies.
-    """
-    nbytes = max(1, size * np.dtype(dtype).itemsize)
-    address, _ = mem_map(nbytes, True)
-    owner = ffi.gc(ffi.cast("void *", address), lambda p: lib.et_mem_unmap(p, nbytes))
-    return np.frombuffer(ffi.buffer(owner, nbytes), dtype=dtype, count=size)
 
 
 def set_kernel_threads(n: int) -> None:
@@ -311,15 +382,16 @@ def quantize(rows: np.ndarray, bits: int, adaptive: bool,
     lo, scale = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
     err = ffi.new("int64_t *", -1)
     method = lib.ET_QUANT_ADAPTIVE if adaptive else lib.ET_QUANT_MINMAX
-    rc = lib.et_quantize(_ptr("float *", rows), n, dim, bits, method, int(params_fp16),
-                         _wptr("uint8_t *", codes), _wptr("float *", lo), _wptr("float *", scale), err)
+    rc = lib.et_quantize(_ptr("float *", rows), rows.size, n, dim, bits, method, int(params_fp16),
+                         _wptr("uint8_t *", codes), codes.nbytes, _wptr("float *", lo), lo.size,
+                         _wptr("float *", scale), scale.size, err)
     if rc == lib.ET_E_ARG and err[0] >= 0:
         row = err[0]
         if not np.isfinite(rows[row]).all():
             raise InvalidArgumentError(f"rows[{row}] has a non-finite value")
         raise InvalidArgumentError(f"rows[{row}]: quantization parameters overflow float16 "
                                    f"(largest magnitude {float(np.abs(rows[row]).max())})")
-    _check_quant(rc, "quantize")
+    _check_quant(rc, "quantize", err[0], {"rows": rows, "codes": codes, "lo": lo, "scale": scale})
     return codes, lo, scale
 
 
@@ -338,19 +410,22 @@ def dequantize(codes: np.ndarray, lo: np.ndarray, scale: np.ndarray, dim: int, b
                                    f"got {lo.size} and {scale.size}")
     rows = np.empty((n, dim), dtype=np.float32)
     err = ffi.new("int64_t *", -1)
-    rc = lib.et_dequantize(_ptr("uint8_t *", codes), _ptr("float *", lo), _ptr("float *", scale), n, dim,
-                           bits, _wptr("float *", rows), err)
+    rc = lib.et_dequantize(_ptr("uint8_t *", codes), codes.nbytes, _ptr("float *", lo), lo.size,
+                           _ptr("float *", scale), scale.size, n, dim, bits, _wptr("float *", rows), rows.size, err)
     if rc == lib.ET_E_ARG and err[0] >= 0:
         row = err[0]
         raise InvalidArgumentError(
             f"row {row}: lo = {lo[row]}, scale = {scale[row]} are not quantization parameters "
             f"(finite, scale >= 0, lo + {2**bits - 1} * scale within float32)")
-    _check_quant(rc, "dequantize")
+    _check_quant(rc, "dequantize", err[0], {"rows": rows, "codes": codes, "lo": lo, "scale": scale})
     return rows
 
 
-def _check_quant(rc: int, call: str) -> None:
+def _check_quant(rc: int, call: str, pos: int, buffers: dict[str, np.ndarray]) -> None:
     if rc == lib.ET_E_NOMEM:
         raise EmbtierError(f"out of memory in native {call}")
+    if rc == lib.ET_E_SIZE:
+        rows = buffers["rows"]
+        raise _size_error(f"native {call}", pos, buffers, f"rows of shape {rows.shape}")
     if rc != lib.ET_OK:
         raise InvalidArgumentError(f"native {call} rejected its arguments (code {rc})")

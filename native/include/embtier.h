@@ -7,6 +7,19 @@
  * weights and outputs float32, rows in their storage encoding.
  * Every function returns ET_OK (0) or a negative ET_E_* code; where a
  * position is meaningful it is stored in *err_pos.
+ *
+ * The boundary checks itself.  Every caller buffer comes with its size:
+ * ids with their count n, lengths with bags, and every other buffer with a
+ * *_len (in its elements) or *_bytes argument, the size the caller really
+ * has.  A call checks, in this order: pointers and counts (ET_E_ARG),
+ * buffer sizes (ET_E_SIZE), ids (ET_E_ID_RANGE), lengths (ET_E_LENGTHS) -
+ * all before it touches anything -, the table (ET_E_DROPPED), then every
+ * placement entry it uses, before anything is indexed by it (ET_E_LOCATION;
+ * lookups and et_partition check an entry as they reach it, so their
+ * outputs are then unspecified; the calls that store rows or entries check
+ * them all first).
+ * Single-value out-parameters (err_pos, err, entries) must point at one
+ * value.
  */
 
 #define ET_OK 0
@@ -14,9 +27,27 @@
 #define ET_E_LENGTHS -2    /* a negative length (*err_pos = bag) or a sum != n (*err_pos = -1) */
 #define ET_E_IO -3         /* SCM read or write failed; *err_pos = errno */
 #define ET_E_NOMEM -4      /* allocation failed */
-#define ET_E_ARG -5        /* bad argument: dtype, mode, dim, tier or chunk index */
+#define ET_E_ARG -5        /* bad argument: NULL pointer, negative count, dtype, mode, dim, tier or chunk index */
 #define ET_E_DROPPED -6    /* the table was dropped */
-#define ET_E_LOCATION -7   /* the placement map names a slot without storage; *err_pos = position */
+#define ET_E_LOCATION -7   /* a placement entry names no slot with storage (a tier >= ET_NUM_TIERS, a chunk
+                              >= max_chunks or without storage, a slot past its chunk's storage);
+                              *err_pos = the position of the id (or of the entry in locs) */
+#define ET_E_SIZE -8       /* a buffer is smaller than the call needs (or, for weights and locs, does not
+                              hold one entry per id); *err_pos, in calls that have it, = the buffer's ET_BUF_* */
+
+/* The buffers an ET_E_SIZE names (by their parameter names). */
+#define ET_BUF_OUT 1
+#define ET_BUF_TIER_ROWS 2
+#define ET_BUF_PART_ROWS 3
+#define ET_BUF_WEIGHTS 4
+#define ET_BUF_OUT_IDS 5
+#define ET_BUF_OUT_LENGTHS 6
+#define ET_BUF_OUT_WEIGHTS 7
+#define ET_BUF_ROWS 8
+#define ET_BUF_LOCS 9
+#define ET_BUF_CODES 10
+#define ET_BUF_LO 11
+#define ET_BUF_SCALE 12
 
 #define ET_DTYPE_F32 0
 #define ET_DTYPE_F16 1
@@ -45,32 +76,54 @@ typedef struct et_table et_table;
 void *et_mem_map(uint64_t bytes, int huge, int *err, int *huge_err);
 int et_mem_unmap(void *addr, uint64_t bytes);
 /* Binds [addr, addr + bytes rounded up to 4 KiB pages) to the nodes of
- * nodemask (maxnode as for mbind) with MPOL_BIND; pages already placed stay
- * where they are.  Returns 0 or an errno: EINVAL when addr is not 4 KiB
- * aligned or bytes is 0, else mbind's (EINVAL for a node that does not exist). */
-int et_mem_bind(void *addr, uint64_t bytes, const unsigned long *nodemask, uint64_t maxnode);
+ * nodemask (nodemask_words unsigned longs; maxnode as for mbind, so the
+ * kernel reads maxnode - 1 bits of it) with MPOL_BIND; pages already placed
+ * stay where they are.  Returns 0 or an errno: EINVAL when addr is not
+ * 4 KiB aligned, bytes is 0 or the mask is shorter than maxnode - 1 bits,
+ * else mbind's (EINVAL for a node that does not exist). */
+int et_mem_bind(void *addr, uint64_t bytes, const unsigned long *nodemask, int64_t nodemask_words,
+                uint64_t maxnode);
 
 /* ---- tables ------------------------------------------------------------ */
-/* Bytes one row takes in storage (4-byte aligned; int8 rows carry scale and bias). */
+/* Bytes one row takes in storage (4-byte aligned; int8 rows carry scale and
+ * bias); -1 for an unknown dtype or a dim < 1 or too large for an int32 stride. */
 int32_t et_row_stride(int32_t dim, int32_t dtype);
 
-/* A table over caller-owned arrays: loc[num_rows] (placement map) and
- * heat[num_rows] (saturating access counters).  Slots of tier t live in
- * chunks of 2^chunk_shift rows, at most max_chunks per tier.  A placement
- * entry is (tier << tier_shift) | slot with tier_shift = chunk_shift +
+/* A table of num_rows rows (1 to 2^32).  It owns its placement map (one
+ * entry per row, zeroed) and its heat counters (saturating access counts,
+ * zeroed), both in mappings with transparent huge pages requested (the
+ * lookups read them at random).  Slots of tier t live in chunks of
+ * 2^chunk_shift rows, at most max_chunks per tier.  A placement entry is
+ * (tier << tier_shift) | slot with tier_shift = chunk_shift +
  * ceil(log2(max_chunks)), so that entry >> chunk_shift indexes the table of
- * chunk addresses directly; tier_shift must stay <= 30. */
+ * chunks directly; tier_shift must stay <= 30.  NULL on failure, with *err
+ * = ET_E_ARG (bad geometry or dtype) or ET_E_NOMEM. */
 et_table *et_table_new(int64_t num_rows, int32_t dim, int32_t dtype, int32_t chunk_shift,
-                       int64_t max_chunks, uint32_t *loc, uint8_t *heat);
+                       int64_t max_chunks, int *err);
 void et_table_free(et_table *t);
 int32_t et_table_tier_shift(et_table *t);
-/* Memory chunk (DRAM / CXL): rows of slots [chunk << shift, ...) start at base. */
-int et_table_set_chunk(et_table *t, int32_t tier, int64_t chunk, void *base);
-/* SCM: the O_DIRECT file descriptor, the read alignment (512 or 4096) and
- * the byte offset of each chunk (chunks start on a 4 KiB boundary). */
+/* The placement map, *entries (= num_rows) of them: read-only for the
+ * caller (only et_publish changes it), valid until et_table_free. */
+const uint32_t *et_table_loc(et_table *t, int64_t *entries);
+/* The heat counters, *entries (= num_rows) of them: the caller may age them
+ * in place; valid until et_table_free. */
+uint8_t *et_table_heat(et_table *t, int64_t *entries);
+/* Memory chunk (DRAM / CXL): the rows of slots [chunk << shift, ...) start at
+ * base, which holds `bytes` (the chunk's slots are the rows that fit, at most
+ * 2^chunk_shift); base NULL with bytes 0 takes the chunk's storage away.
+ * ET_E_ARG for a tier or chunk out of range or base NULL with bytes != 0 (or
+ * the reverse), ET_E_SIZE when bytes holds no row. */
+int et_table_set_chunk(et_table *t, int32_t tier, int64_t chunk, void *base, uint64_t bytes);
+/* SCM: the O_DIRECT file descriptor, the read alignment (512 or 4096); then
+ * the byte offset and size of each chunk's file space (offset on a 4 KiB
+ * boundary; the chunk's slots are the rows that fit, at most 2^chunk_shift;
+ * bytes 0 takes the space away).  ET_E_ARG for a chunk out of range, an
+ * unaligned offset, a range past 2^63 or no file yet, ET_E_SIZE when bytes
+ * holds no row. */
 int et_table_set_scm(et_table *t, int fd, int32_t align_bytes);
-int et_table_set_scm_chunk(et_table *t, int64_t chunk, uint64_t file_offset);
-/* Bytes of SCM file space a chunk of n rows needs (rows never straddle a 4 KiB block). */
+int et_table_set_scm_chunk(et_table *t, int64_t chunk, uint64_t file_offset, uint64_t bytes);
+/* Bytes of SCM file space a chunk of n rows needs (rows never straddle a 4
+ * KiB block); 0 for a stride or n < 1 or a size past 2^63. */
 uint64_t et_scm_chunk_bytes(int32_t stride, int64_t rows);
 /* After this every call on the table returns ET_E_DROPPED; waits for calls in flight. */
 void et_table_mark_dropped(et_table *t);
@@ -90,14 +143,16 @@ void et_table_set_prefetch(et_table *t, int32_t distance);
 #define ET_CXL_DELAY_MAX_NS 1000000
 int et_table_set_cxl_delay(et_table *t, uint32_t ns);
 
-/* Dirty tracking for incremental checkpoints: bits[(num_rows + 63) / 64]
- * (caller-owned; row r is bit r % 64 of word r / 64) gets the bit of every
- * row that et_write_rows stores; NULL turns tracking off.  Moves between
- * tiers (et_write_slots) change no value and set nothing. */
-int et_table_set_dirty(et_table *t, uint64_t *bits);
-/* Copies the dirty bits into out[(num_rows + 63) / 64] and clears them, as
- * one step with respect to writes (no write falls between copy and clear). */
-int et_table_take_dirty(et_table *t, uint64_t *out);
+/* Dirty tracking for incremental checkpoints: bits (caller-owned, `words`
+ * uint64 of them, at least (num_rows + 63) / 64, else ET_E_SIZE; row r is bit
+ * r % 64 of word r / 64) gets the bit of every row that et_write_rows stores;
+ * NULL turns tracking off.  Moves between tiers (et_write_slots) change no
+ * value and set nothing. */
+int et_table_set_dirty(et_table *t, uint64_t *bits, int64_t words);
+/* Copies the dirty bits into out (`words` uint64, at least (num_rows + 63) /
+ * 64, else ET_E_SIZE) and clears them, as one step with respect to writes
+ * (no write falls between copy and clear); ET_E_ARG when tracking is off. */
+int et_table_take_dirty(et_table *t, uint64_t *out, int64_t words);
 
 /* Fabric parts (the CXL fabric's devices: DRAM, each CXL port, SCM): every
  * chunk of the table belongs to one part, named when the chunk gets its
@@ -112,42 +167,52 @@ int et_table_set_chunk_part(et_table *t, int32_t tier, int64_t chunk, int32_t pa
 const uint8_t *et_table_chunk_parts(et_table *t, int64_t *entries);
 
 /* ---- kernels ------------------------------------------------------------ */
-/* out[n][dim] float32 = rows of ids.  tier_rows (NULL, or [ET_NUM_TIERS]) receives
- * how many of the rows were served from each tier, part_rows (NULL, or
- * [nparts] once et_table_set_parts ran) how many from each fabric part. */
-int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t *tier_rows, int64_t *part_rows,
-              int64_t *err_pos);
-/* out[bags][dim] float32 = pooled rows; lengths[bags] sum to n; weights NULL or [n].
- * mode ET_POOL_*: sum (of w*x), mean (sum / length), max (of w*x).  Empty bags are zeros. */
+/* out (out_len floats, at least n * dim) = rows of ids[n].  tier_rows (NULL,
+ * or tier_rows_len >= ET_NUM_TIERS) receives how many of the rows were
+ * served from each tier, part_rows (NULL, or part_rows_len >= nparts once
+ * et_table_set_parts ran) how many from each fabric part. */
+int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t out_len, int64_t *tier_rows,
+              int64_t tier_rows_len, int64_t *part_rows, int64_t part_rows_len, int64_t *err_pos);
+/* out (out_len floats, at least bags * dim) = pooled rows; lengths[bags] sum
+ * to n; weights NULL or weights_len == n.  mode ET_POOL_*: sum (of w*x),
+ * mean (sum / length), max (of w*x).  Empty bags are zeros.  tier_rows and
+ * part_rows as for et_gather. */
 int et_pool(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
-            const float *weights, int32_t mode, float *out, int64_t *tier_rows, int64_t *part_rows,
+            const float *weights, int64_t weights_len, int32_t mode, float *out, int64_t out_len,
+            int64_t *tier_rows, int64_t tier_rows_len, int64_t *part_rows, int64_t part_rows_len,
             int64_t *err_pos);
 /* Orders a request's positions by (fabric part, bag) for pooling per part, on
  * the calling thread (a counting sort: two passes over the ids):
- * out_ids[n] (and out_weights[n] when weights is given) hold the ids of part
- * 0's rows bag by bag, then part 1's, ...; out_lengths[nparts][bags] how many
- * of bag b's ids are on part p; part_rows[nparts] how many ids each part got.
+ * out_ids (>= n) and, when weights is given (weights_len == n), out_weights
+ * (>= n) hold the ids of part 0's rows bag by bag, then part 1's, ...;
+ * out_lengths (>= nparts * bags) how many of bag b's ids are on part p, at
+ * [p * bags + b]; part_rows (>= nparts) how many ids each part got.
  * Pooling out_ids over the nparts * bags lengths gives every part's partial
- * of every bag.  Checks ids and lengths like et_pool; unlike et_pool it reads
- * no row (so it neither checks that a row has storage nor counts heat: the
- * pooling call that follows does both). */
+ * of every bag.  Checks ids, lengths and placement entries like et_pool, but
+ * counts no heat (the pooling call that follows does). */
 int et_partition(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
-                 const float *weights, int64_t *out_ids, int32_t *out_lengths, float *out_weights,
-                 int64_t *part_rows, int64_t *err_pos);
-/* Stores n already-encoded rows (stride bytes each) at the homes of ids; a
- * later duplicate id wins.  Readers never see a half-written row. */
-int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t *err_pos);
-/* Copies the encoded rows of ids into rows[n][stride]. */
-int et_read_rows(et_table *t, const int64_t *ids, int64_t n, uint8_t *rows, int64_t *err_pos);
+                 const float *weights, int64_t weights_len, int64_t *out_ids, int64_t out_ids_len,
+                 int32_t *out_lengths, int64_t out_lengths_len, float *out_weights, int64_t out_weights_len,
+                 int64_t *part_rows, int64_t part_rows_len, int64_t *err_pos);
+/* Stores n already-encoded rows (rows_bytes >= n * stride) at the homes of
+ * ids; a later duplicate id wins.  Readers never see a half-written row. */
+int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t rows_bytes,
+                  int64_t *err_pos);
+/* Copies the encoded rows of ids into rows (rows_bytes >= n * stride). */
+int et_read_rows(et_table *t, const int64_t *ids, int64_t n, uint8_t *rows, int64_t rows_bytes, int64_t *err_pos);
 
-/* Moving rows (the mover's two steps).  et_write_slots stores encoded rows in
- * the slots named by placement entries that no row points at yet: it takes
- * no lock, so the caller must keep other writers of the table out.
- * et_publish then points ids at their new slots under the table's write
- * lock: a lookup sees the old home or the new one, both whole, and once it
- * returns no lookup still holds an old slot, so the old slots can be reused. */
-int et_write_slots(et_table *t, const uint32_t *locs, int64_t n, const uint8_t *rows, int64_t *err_pos);
-int et_publish(et_table *t, const int64_t *ids, const uint32_t *locs, int64_t n, int64_t *err_pos);
+/* Moving rows (the mover's two steps).  et_write_slots stores encoded rows
+ * (rows_bytes >= n * stride) in the slots named by placement entries that no
+ * row points at yet: it takes no lock, so the caller must keep other writers
+ * of the table out.  et_publish then points ids at their new slots (locs_len
+ * == ids_len) under the table's write lock: a lookup sees the old home or
+ * the new one, both whole, and once it returns no lookup still holds an old
+ * slot, so the old slots can be reused.  Both refuse an entry that names no
+ * slot with storage (ET_E_LOCATION, *err_pos = its position in locs). */
+int et_write_slots(et_table *t, const uint32_t *locs, int64_t n, const uint8_t *rows, int64_t rows_bytes,
+                   int64_t *err_pos);
+int et_publish(et_table *t, const int64_t *ids, int64_t ids_len, const uint32_t *locs, int64_t locs_len,
+               int64_t *err_pos);
 
 /* ---- process-wide ------------------------------------------------------- */
 /* Worker threads that split the bags of one call (1 = the caller alone). */
@@ -182,7 +247,8 @@ int et_set_scm_queue_depth(int32_t depth);
 #define ET_QUANT_ADAPTIVE_MAX_SHRINK_BINS 10 /* the range shrinks by at most 10/64 = 15.6 % of max - min */
 /* Bytes of one packed row, ceil(dim * bits / 8); ET_E_ARG for dim <= 0 or bits outside [2, 8]. */
 int64_t et_quant_row_bytes(int32_t dim, int32_t bits);
-/* rows[n][dim] float32 -> codes[n][et_quant_row_bytes], lo[n], scale[n]; bits
+/* rows (rows_len floats, at least n * dim) -> codes (codes_bytes, at least
+ * n * et_quant_row_bytes), lo (lo_len >= n), scale (scale_len >= n); bits
  * 2 to 8 (checkpoints use 2, 3, 4 and 8).  lo is rounded down and scale up,
  * to float, or with params_fp16 != 0 to values exact in IEEE half
  * precision, so lo + L * scale still covers the range chosen (for float
@@ -192,11 +258,14 @@ int64_t et_quant_row_bytes(int32_t dim, int32_t bits);
  * would be infinite: ET_E_ARG, *err_pos = the row (outputs then
  * unspecified).  Rows are split across the kernel threads; the output does
  * not depend on their number or on the instruction set. */
-int et_quantize(const float *rows, int64_t n, int32_t dim, int32_t bits, int32_t method, int32_t params_fp16,
-                uint8_t *codes, float *lo, float *scale, int64_t *err_pos);
-/* codes, lo, scale -> rows[n][dim] float32 = lo + q * scale (in double, then
- * rounded to float).  A row whose lo or scale is not finite, whose scale is
- * negative or whose lo + L * scale exceeds the float range: ET_E_ARG,
- * *err_pos = the row. */
-int et_dequantize(const uint8_t *codes, const float *lo, const float *scale, int64_t n, int32_t dim,
-                  int32_t bits, float *rows, int64_t *err_pos);
+int et_quantize(const float *rows, int64_t rows_len, int64_t n, int32_t dim, int32_t bits, int32_t method,
+                int32_t params_fp16, uint8_t *codes, int64_t codes_bytes, float *lo, int64_t lo_len, float *scale,
+                int64_t scale_len, int64_t *err_pos);
+/* codes (codes_bytes, at least n * et_quant_row_bytes), lo (lo_len >= n),
+ * scale (scale_len >= n) -> rows (rows_len floats, at least n * dim) =
+ * lo + q * scale (in double, then rounded to float).  A row whose lo or
+ * scale is not finite, whose scale is negative or whose lo + L * scale
+ * exceeds the float range: ET_E_ARG, *err_pos = the row. */
+int et_dequantize(const uint8_t *codes, int64_t codes_bytes, const float *lo, int64_t lo_len, const float *scale,
+                  int64_t scale_len, int64_t n, int32_t dim, int32_t bits, float *rows, int64_t rows_len,
+                  int64_t *err_pos);

@@ -8,14 +8,17 @@
  * could not contain, and because tests can force each lower path
  * (et_force_isa) and check all three on one machine.
  *
- * Every call validates ids and lengths before it touches a row, takes the
- * table's read lock (writes take the write lock, so no reader sees a row
- * half-written) and splits the bags across the kernel thread pool.  The
- * placement map adds one lookup per id that a plain embedding table does
- * not have; two paths keep it off the critical path:
+ * Every call checks its pointers, the sizes of its buffers, its ids and
+ * lengths before it touches a row, takes the table's read lock (writes take
+ * the write lock, so no reader sees a row half-written) and splits the bags
+ * across the kernel thread pool.  The placement map adds one lookup per id
+ * that a plain embedding table does not have, and every entry is checked
+ * (et_loc_valid: one compare-and-branch) before anything is indexed by it;
+ * two paths keep the map off the critical path:
  *  - a table with no SCM chunks resolves ids inside the row loop
- *    ("fused"), in a pipeline: placement entry prefetched, then resolved,
- *    then the row prefetched, each stage one prefetch distance apart;
+ *    ("fused"), in a pipeline: placement entry prefetched, then checked and
+ *    resolved, then the row prefetched, each stage one prefetch distance
+ *    apart;
  *  - a table with SCM chunks resolves all ids first, reads the request's
  *    SCM rows in one batch (scm_io.c), then pools.
  * Row prefetches go to L2 (prefetcht1): measured faster than prefetcht0 on
@@ -80,6 +83,7 @@ ET_ALWAYS_INLINE void et_count(const et_table *t, int64_t id) {
  * strided pass over the sampled positions only. */
 static int resolve_range(et_call *c, int part, int64_t p0, int64_t p1) {
     const et_table *t = c->t;
+    const et_map map = t->map;
     const int64_t *restrict ids = c->ids;
     const uint32_t *restrict loc = t->loc;
     const uint8_t **restrict rows = c->rows;
@@ -87,16 +91,14 @@ static int resolve_range(et_call *c, int part, int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; p++) {
         if (p + ET_RESOLVE_AHEAD < p1) __builtin_prefetch(&loc[ids[p + ET_RESOLVE_AHEAD]], 0, 3);
         const uint32_t l = loc[ids[p]];
-        const uint8_t *row = et_loc_row(t, l);
-        c->tier_rows[part][et_loc_tier(t, l) < ET_NUM_TIERS ? et_loc_tier(t, l) : 0]++;
-        if (c->part_rows) c->part_rows[(int64_t)part * t->nparts + et_loc_part(t, l)]++;
-        if (row) {
-        } else if (et_loc_tier(t, l) == ET_TIER_SCM) {
-            scm++;
-        } else {
+        if (!et_loc_valid(&map, l)) {
             c->err_pos[part] = p;
             return ET_E_LOCATION;
         }
+        const uint8_t *row = et_loc_row(&map, l);
+        c->tier_rows[part][et_loc_tier(t, l)]++;
+        if (c->part_rows) c->part_rows[(int64_t)part * t->nparts + et_loc_part(t, l)]++;
+        scm += !row;
         rows[p] = row;
     }
     c->scm_rows[part] = scm;
@@ -126,11 +128,8 @@ typedef struct {
     int64_t *tier_rows;  /* this part's [ET_NUM_TIERS] */
     int64_t *part_rows;  /* this part's [nparts], or NULL */
     const uint8_t *chunk_part;
-    uint8_t *const *mem_base;
-    uint32_t chunk_shift;
-    uint32_t chunk_mask;
+    et_map map;
     uint32_t tier_shift;
-    uint32_t stride;
     uint32_t lines;  /* cache lines a row can touch */
     int pf;
     int fused;
@@ -138,12 +137,11 @@ typedef struct {
 
 static et_ahead et_ahead_of(et_call *c, int part) {
     const et_table *t = c->t;
-    et_ahead a = {c->ids, t->loc, c->rows, c->tier_rows[part],
-                  c->part_rows ? c->part_rows + (int64_t)part * t->nparts : NULL, t->chunk_part,
-                  t->mem_base, (uint32_t)t->chunk_shift,
-                  t->chunk_mask, (uint32_t)t->tier_shift,
-                  (uint32_t)t->stride, ((uint32_t)t->stride + 63) / 64 + (t->stride % 64 != 0), t->prefetch,
-                  (c->phase & ET_PHASE_FUSED) != 0};
+    et_ahead a = {.ids = c->ids, .loc = t->loc, .rows = c->rows, .tier_rows = c->tier_rows[part],
+                  .part_rows = c->part_rows ? c->part_rows + (int64_t)part * t->nparts : NULL,
+                  .chunk_part = t->chunk_part, .map = t->map, .tier_shift = (uint32_t)t->tier_shift,
+                  .lines = ((uint32_t)t->stride + 63) / 64 + (t->stride % 64 != 0), .pf = t->prefetch,
+                  .fused = (c->phase & ET_PHASE_FUSED) != 0};
     return a;
 }
 
@@ -169,14 +167,14 @@ ET_ALWAYS_INLINE void et_prefetch_row(const et_ahead *a, const uint8_t *r) {
 }
 
 /* Resolves position q (< end) of a fused call: stores its row address;
- * 0 when q's home has no storage. */
+ * 0 when q's placement entry names no slot with storage.  Fused calls run
+ * while no SCM chunk has slots, so a valid entry is a memory row. */
 ET_ALWAYS_INLINE int et_resolve_one(const et_ahead *a, int64_t q) {
     const uint32_t l = a->loc[a->ids[q]];
-    const uint8_t *base = a->mem_base[l >> a->chunk_shift];
-    if (!base) return 0;
+    if (!et_loc_valid(&a->map, l)) return 0;
     a->tier_rows[l >> a->tier_shift]++;
-    if (a->part_rows) a->part_rows[a->chunk_part[l >> a->chunk_shift]]++;
-    a->rows[q] = base + (uint64_t)(l & a->chunk_mask) * a->stride;
+    if (a->part_rows) a->part_rows[a->chunk_part[l >> a->map.chunk_shift]]++;
+    a->rows[q] = et_loc_chunk(&a->map, l)->base + (uint64_t)(l & a->map.chunk_mask) * a->map.stride;
     return 1;
 }
 
@@ -375,6 +373,24 @@ static void run_part(void *arg, int part, int parts) {
 
 /* ---- validation and partitioning ---------------------------------------- */
 
+/* ET_E_SIZE naming buffer `which` (ET_BUF_*). */
+static int size_error(int which, int64_t *err_pos) {
+    *err_pos = which;
+    return ET_E_SIZE;
+}
+
+/* Checks that every placement entry a call will use names a slot with storage: locs[0..n), or the
+ * homes of ids[0..n) (checked ids) when locs is NULL. */
+static int check_entries(const et_table *t, const int64_t *ids, const uint32_t *locs, int64_t n,
+                         int64_t *err_pos) {
+    for (int64_t p = 0; p < n; p++)
+        if (!et_loc_valid(&t->map, locs ? locs[p] : t->loc[ids[p]])) {
+            *err_pos = p;
+            return ET_E_LOCATION;
+        }
+    return ET_OK;
+}
+
 static int check_ids(const int64_t *ids, int64_t n, int64_t num_rows, int64_t *err_pos) {
     for (int64_t s = 0; s < n; s += 4096) {
         int64_t e = s + 4096 < n ? s + 4096 : n;
@@ -456,10 +472,23 @@ static int resolve_all(et_call *c, int parts, void **staging, int64_t *err_pos) 
     return rc;
 }
 
-static int run_lookup(et_call *c, int64_t bags, int64_t *part_rows, int64_t *err_pos) {
-    et_table *t = c->t;
+/* Checks a lookup's pointers and buffer sizes: out holds bags x dim floats, weights one per id,
+ * tier_rows and part_rows a count per tier and per fabric part. */
+static int check_lookup(const et_call *c, int64_t bags, int64_t weights_len, int64_t out_len,
+                        const int64_t *tier_rows, int64_t tier_rows_len, const int64_t *part_rows,
+                        int64_t part_rows_len, int64_t *err_pos) {
+    const et_table *t = c->t;
     if (bags < 0 || c->n < 0 || (c->n > 0 && !c->ids) || (bags > 0 && !c->out) || (part_rows && !t->chunk_part))
         return ET_E_ARG;
+    if (c->weights && weights_len != c->n) return size_error(ET_BUF_WEIGHTS, err_pos);
+    if (!et_holds(out_len, bags, t->dim)) return size_error(ET_BUF_OUT, err_pos);
+    if (tier_rows && tier_rows_len < ET_NUM_TIERS) return size_error(ET_BUF_TIER_ROWS, err_pos);
+    if (part_rows && part_rows_len < t->nparts) return size_error(ET_BUF_PART_ROWS, err_pos);
+    return ET_OK;
+}
+
+static int run_lookup(et_call *c, int64_t bags, int64_t *part_rows, int64_t *err_pos) {
+    et_table *t = c->t;
     int rc = check_ids(c->ids, c->n, t->num_rows, err_pos);
     if (rc) return rc;
     int parts = plan_parts(c->n);
@@ -482,7 +511,7 @@ static int run_lookup(et_call *c, int64_t bags, int64_t *part_rows, int64_t *err
     void *staging = NULL;
     if (atomic_load(&t->dropped)) {
         rc = ET_E_DROPPED;
-    } else if (t->scm_fd < 0) {
+    } else if (t->scm_chunks == 0) {
         /* No SCM rows possible: each part resolves and pools its own range in one pass. */
         c->phase = ET_PHASE_FUSED;
         et_pool_run(run_part, c, parts);
@@ -517,30 +546,62 @@ static void report_tiers(const et_call *c, int64_t *tier_rows) {
     }
 }
 
-int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t *tier_rows, int64_t *part_rows,
-              int64_t *err_pos) {
+int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t out_len, int64_t *tier_rows,
+              int64_t tier_rows_len, int64_t *part_rows, int64_t part_rows_len, int64_t *err_pos) {
     et_call c = {.t = t, .ids = ids, .n = n, .out = out, .mode = ET_POOL_SUM, .gather = 1};
-    int rc = run_lookup(&c, n, part_rows, err_pos);
+    int rc = check_lookup(&c, n, 0, out_len, tier_rows, tier_rows_len, part_rows, part_rows_len, err_pos);
+    if (rc) return rc;
+    rc = run_lookup(&c, n, part_rows, err_pos);
     report_tiers(&c, tier_rows);
     return rc;
 }
 
 int et_pool(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
-            const float *weights, int32_t mode, float *out, int64_t *tier_rows, int64_t *part_rows,
+            const float *weights, int64_t weights_len, int32_t mode, float *out, int64_t out_len,
+            int64_t *tier_rows, int64_t tier_rows_len, int64_t *part_rows, int64_t part_rows_len,
             int64_t *err_pos) {
     if (mode < ET_POOL_SUM || mode > ET_POOL_MAX || (bags > 0 && !lengths)) return ET_E_ARG;
     et_call c = {.t = t, .ids = ids, .n = n, .lengths = lengths, .weights = weights, .out = out, .mode = mode};
-    int rc = run_lookup(&c, bags, part_rows, err_pos);
+    int rc = check_lookup(&c, bags, weights_len, out_len, tier_rows, tier_rows_len, part_rows, part_rows_len,
+                          err_pos);
+    if (rc) return rc;
+    rc = run_lookup(&c, bags, part_rows, err_pos);
     report_tiers(&c, tier_rows);
     return rc;
 }
 
+/* The counting pass of et_partition (lengths checked, under the read lock): each position's part,
+ * rows per (part, bag) and per part; ET_E_LOCATION for an entry that names no slot with storage. */
+static int count_parts(const et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
+                       uint8_t *part, int32_t *out_lengths, int64_t *part_rows, int64_t *err_pos) {
+    for (int64_t b = 0, p = 0; b < bags; b++)
+        for (int32_t k = 0; k < lengths[b]; k++, p++) {
+            if (p + ET_RESOLVE_AHEAD < n) __builtin_prefetch(&t->loc[ids[p + ET_RESOLVE_AHEAD]], 0, 3);
+            const uint32_t l = t->loc[ids[p]];
+            if (!et_loc_valid(&t->map, l)) {
+                *err_pos = p;
+                return ET_E_LOCATION;
+            }
+            const uint8_t pt = et_loc_part(t, l);
+            part[p] = pt;
+            out_lengths[(int64_t)pt * bags + b]++;
+            part_rows[pt]++;
+        }
+    return ET_OK;
+}
+
 int et_partition(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
-                 const float *weights, int64_t *out_ids, int32_t *out_lengths, float *out_weights,
-                 int64_t *part_rows, int64_t *err_pos) {
+                 const float *weights, int64_t weights_len, int64_t *out_ids, int64_t out_ids_len,
+                 int32_t *out_lengths, int64_t out_lengths_len, float *out_weights, int64_t out_weights_len,
+                 int64_t *part_rows, int64_t part_rows_len, int64_t *err_pos) {
     if (n < 0 || bags < 0 || (n > 0 && (!ids || !out_ids)) || (bags > 0 && (!lengths || !out_lengths)) ||
         !part_rows || (weights && !out_weights) || !t->chunk_part)
         return ET_E_ARG;
+    if (weights && weights_len != n) return size_error(ET_BUF_WEIGHTS, err_pos);
+    if (!et_holds(out_ids_len, n, 1)) return size_error(ET_BUF_OUT_IDS, err_pos);
+    if (!et_holds(out_lengths_len, bags, t->nparts)) return size_error(ET_BUF_OUT_LENGTHS, err_pos);
+    if (weights && !et_holds(out_weights_len, n, 1)) return size_error(ET_BUF_OUT_WEIGHTS, err_pos);
+    if (part_rows_len < t->nparts) return size_error(ET_BUF_PART_ROWS, err_pos);
     int rc = check_ids(ids, n, t->num_rows, err_pos);
     if (rc) return rc;
     int64_t total = 0;
@@ -566,16 +627,8 @@ int et_partition(et_table *t, const int64_t *ids, int64_t n, const int32_t *leng
     memset(part_rows, 0, (size_t)t->nparts * sizeof *part_rows);
     if (cells > 0) memset(out_lengths, 0, (size_t)cells * sizeof *out_lengths);
     pthread_rwlock_rdlock(&t->lock); /* the parts of one consistent placement */
-    rc = atomic_load(&t->dropped) ? ET_E_DROPPED : ET_OK;
-    if (rc == ET_OK)
-        for (int64_t b = 0, p = 0; b < bags; b++)
-            for (int32_t k = 0; k < lengths[b]; k++, p++) {
-                if (p + ET_RESOLVE_AHEAD < n) __builtin_prefetch(&t->loc[ids[p + ET_RESOLVE_AHEAD]], 0, 3);
-                const uint8_t pt = et_loc_part(t, t->loc[ids[p]]);
-                part[p] = pt;
-                out_lengths[(int64_t)pt * bags + b]++;
-                part_rows[pt]++;
-            }
+    rc = atomic_load(&t->dropped) ? ET_E_DROPPED
+                                  : count_parts(t, ids, n, lengths, bags, part, out_lengths, part_rows, err_pos);
     pthread_rwlock_unlock(&t->lock);
     if (rc == ET_OK) {
         int64_t offset = 0;
@@ -597,25 +650,20 @@ int et_partition(et_table *t, const int64_t *ids, int64_t n, const int32_t *leng
 
 /* ---- raw row access ----------------------------------------------------- */
 
-/* Checks that every memory-resident row of ids has storage. */
-static int check_homes(const et_table *t, const int64_t *ids, int64_t n, int64_t *err_pos) {
-    for (int64_t p = 0; p < n; p++) {
-        uint32_t l = t->loc[ids[p]];
-        if (et_loc_tier(t, l) == ET_TIER_SCM ? et_scm_offset(t, et_loc_slot(t, l)) == UINT64_MAX
-                                             : !et_loc_row(t, l)) {
-            *err_pos = p;
-            return ET_E_LOCATION;
-        }
-    }
-    return ET_OK;
+/* Checks the pointers and the rows buffer of a call that moves n rows (rows_bytes >= n * stride). */
+static int check_rows(const et_table *t, const void *index, int64_t n, const uint8_t *rows, int64_t rows_bytes,
+                      int64_t *err_pos) {
+    if (n < 0 || (n > 0 && (!index || !rows))) return ET_E_ARG;
+    return et_holds(rows_bytes, n, t->stride) ? ET_OK : size_error(ET_BUF_ROWS, err_pos);
 }
 
-int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t *err_pos) {
-    if (n < 0 || (n > 0 && (!ids || !rows))) return ET_E_ARG;
-    int rc = check_ids(ids, n, t->num_rows, err_pos);
+int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t rows_bytes,
+                  int64_t *err_pos) {
+    int rc = check_rows(t, ids, n, rows, rows_bytes, err_pos);
+    if (rc == ET_OK) rc = check_ids(ids, n, t->num_rows, err_pos);
     if (rc) return rc;
     pthread_rwlock_wrlock(&t->lock);
-    rc = atomic_load(&t->dropped) ? ET_E_DROPPED : check_homes(t, ids, n, err_pos);
+    rc = atomic_load(&t->dropped) ? ET_E_DROPPED : check_entries(t, ids, NULL, n, err_pos);
     /* Marked first: a write that fails part-way (an SCM run after another) may still have changed
      * some rows, and a checkpoint must not miss them (marking an unchanged row costs nothing). */
     if (rc == ET_OK && t->dirty)
@@ -625,18 +673,16 @@ int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *row
     if (rc == ET_OK) rc = et_scm_write(t, ids, NULL, n, rows, err_pos);
     if (rc == ET_OK)
         for (int64_t p = 0; p < n; p++) {
-            uint32_t l = t->loc[ids[p]];
-            if (et_loc_tier(t, l) != ET_TIER_SCM)
-                memcpy(et_loc_row(t, l), rows + (uint64_t)p * t->stride,
-                       (size_t)t->stride);
+            uint8_t *row = et_loc_row(&t->map, t->loc[ids[p]]);
+            if (row) memcpy(row, rows + (uint64_t)p * t->stride, (size_t)t->stride);
         }
     pthread_rwlock_unlock(&t->lock);
     return rc;
 }
 
-int et_read_rows(et_table *t, const int64_t *ids, int64_t n, uint8_t *rows, int64_t *err_pos) {
-    if (n < 0 || (n > 0 && (!ids || !rows))) return ET_E_ARG;
-    int rc = check_ids(ids, n, t->num_rows, err_pos);
+int et_read_rows(et_table *t, const int64_t *ids, int64_t n, uint8_t *rows, int64_t rows_bytes, int64_t *err_pos) {
+    int rc = check_rows(t, ids, n, rows, rows_bytes, err_pos);
+    if (rc == ET_OK) rc = check_ids(ids, n, t->num_rows, err_pos);
     if (rc) return rc;
     et_call c = {.t = t, .ids = ids, .n = n, .pos_start = {0, n}};
     c.rows = malloc((size_t)(n > 0 ? n : 1) * sizeof *c.rows);
@@ -654,43 +700,31 @@ int et_read_rows(et_table *t, const int64_t *ids, int64_t n, uint8_t *rows, int6
 
 /* ---- moving rows between tiers ----------------------------------------- */
 
-/* Checks that every entry of locs names a slot with storage. */
-static int check_slots(const et_table *t, const uint32_t *locs, int64_t n, int64_t *err_pos) {
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t l = locs[i];
-        uint32_t tier = et_loc_tier(t, l);
-        if (tier >= ET_NUM_TIERS || (tier == ET_TIER_SCM ? et_scm_offset(t, et_loc_slot(t, l)) == UINT64_MAX
-                                                          : !et_loc_row(t, l))) {
-            *err_pos = i;
-            return ET_E_LOCATION;
-        }
-    }
-    return ET_OK;
-}
-
-int et_write_slots(et_table *t, const uint32_t *locs, int64_t n, const uint8_t *rows, int64_t *err_pos) {
-    if (n < 0 || (n > 0 && (!locs || !rows))) return ET_E_ARG;
+int et_write_slots(et_table *t, const uint32_t *locs, int64_t n, const uint8_t *rows, int64_t rows_bytes,
+                   int64_t *err_pos) {
+    int rc = check_rows(t, locs, n, rows, rows_bytes, err_pos);
+    if (rc) return rc;
     if (atomic_load(&t->dropped)) return ET_E_DROPPED;
-    int rc = check_slots(t, locs, n, err_pos);
+    rc = check_entries(t, NULL, locs, n, err_pos);
     if (rc == ET_OK) rc = et_scm_write(t, NULL, locs, n, rows, err_pos);
     if (rc == ET_OK)
-        for (int64_t i = 0; i < n; i++)
-            if (et_loc_tier(t, locs[i]) != ET_TIER_SCM)
-                memcpy(et_loc_row(t, locs[i]), rows + (uint64_t)i * t->stride, (size_t)t->stride);
+        for (int64_t i = 0; i < n; i++) {
+            uint8_t *row = et_loc_row(&t->map, locs[i]);
+            if (row) memcpy(row, rows + (uint64_t)i * t->stride, (size_t)t->stride);
+        }
     return rc;
 }
 
-int et_publish(et_table *t, const int64_t *ids, const uint32_t *locs, int64_t n, int64_t *err_pos) {
-    if (n < 0 || (n > 0 && (!ids || !locs))) return ET_E_ARG;
-    int rc = check_ids(ids, n, t->num_rows, err_pos);
-    if (rc == ET_OK) rc = check_slots(t, locs, n, err_pos);
+int et_publish(et_table *t, const int64_t *ids, int64_t ids_len, const uint32_t *locs, int64_t locs_len,
+               int64_t *err_pos) {
+    if (ids_len < 0 || (ids_len > 0 && (!ids || !locs))) return ET_E_ARG;
+    if (locs_len != ids_len) return size_error(ET_BUF_LOCS, err_pos);
+    int rc = check_ids(ids, ids_len, t->num_rows, err_pos);
     if (rc) return rc;
     pthread_rwlock_wrlock(&t->lock);
-    if (atomic_load(&t->dropped)) {
-        rc = ET_E_DROPPED;
-    } else {
-        for (int64_t i = 0; i < n; i++) t->loc[ids[i]] = locs[i];
-    }
+    rc = atomic_load(&t->dropped) ? ET_E_DROPPED : check_entries(t, NULL, locs, ids_len, err_pos);
+    if (rc == ET_OK)
+        for (int64_t i = 0; i < ids_len; i++) t->loc[ids[i]] = locs[i];
     pthread_rwlock_unlock(&t->lock);
     return rc;
 }

@@ -1,5 +1,6 @@
-/* Anonymous memory for the DRAM and CXL tiers: 2 MiB aligned mappings,
- * bound to NUMA nodes with mbind and marked for transparent huge pages. */
+/* Anonymous memory for the DRAM and CXL tiers (and for the tables' placement
+ * maps and heat counters): 2 MiB aligned mappings, bound to NUMA nodes with
+ * mbind and marked for transparent huge pages. */
 #include "et_internal.h"
 
 #include <errno.h>
@@ -10,12 +11,13 @@
 #define ET_HUGE_PAGE (2ull << 20)
 #define ET_PAGE 4096ull
 #define ET_MPOL_BIND 2
+#define ET_MAX_MAP (1ull << 56) /* larger requests fail (ENOMEM) before their rounding could wrap */
 
 void *et_mem_map(uint64_t bytes, int huge, int *err, int *huge_err) {
     *err = 0;
     *huge_err = 0;
-    if (bytes == 0) {
-        *err = EINVAL;
+    if (bytes == 0 || bytes > ET_MAX_MAP) {
+        *err = bytes ? ENOMEM : EINVAL;
         return NULL;
     }
     uint64_t len = (bytes + ET_HUGE_PAGE - 1) & ~(ET_HUGE_PAGE - 1);
@@ -36,14 +38,20 @@ void *et_mem_map(uint64_t bytes, int huge, int *err, int *huge_err) {
     return start;
 }
 
-int et_mem_bind(void *addr, uint64_t bytes, const unsigned long *nodemask, uint64_t maxnode) {
+int et_mem_bind(void *addr, uint64_t bytes, const unsigned long *nodemask, int64_t nodemask_words,
+                uint64_t maxnode) {
     if (((uintptr_t)addr & (ET_PAGE - 1)) != 0 || bytes == 0 || bytes > UINT64_MAX - (ET_PAGE - 1))
         return EINVAL;
+    /* mbind reads maxnode - 1 bits of the mask (get_nodes() in mm/mempolicy.c starts with --maxnode). */
+    const uint64_t bits = maxnode > 0 ? maxnode - 1 : 0;
+    const uint64_t words = bits / 64 + (bits % 64 != 0);
+    if (nodemask && (nodemask_words < 0 || words > (uint64_t)nodemask_words)) return EINVAL;
     uint64_t len = (bytes + ET_PAGE - 1) & ~(ET_PAGE - 1);
     return syscall(SYS_mbind, addr, len, ET_MPOL_BIND, nodemask, maxnode, 0) == 0 ? 0 : errno;
 }
 
 int et_mem_unmap(void *addr, uint64_t bytes) {
+    if (bytes == 0 || bytes > ET_MAX_MAP) return ET_E_ARG;
     uint64_t len = (bytes + ET_HUGE_PAGE - 1) & ~(ET_HUGE_PAGE - 1);
     return munmap(addr, len) == 0 ? ET_OK : ET_E_ARG;
 }

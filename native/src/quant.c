@@ -487,13 +487,30 @@ static void quantize_part(void *arg, int part, int parts) {
     free(x);
 }
 
-int et_quantize(const float *rows, int64_t n, int32_t dim, int32_t bits, int32_t method, int32_t params_fp16,
-                uint8_t *codes, float *lo, float *scale, int64_t *err_pos) {
+/* ET_E_SIZE naming the first of a call's buffers that is too small: the rows (n x dim floats), the
+ * codes (n x row_bytes), lo or scale (n each). */
+static int check_sizes(int64_t n, int32_t dim, int64_t row_bytes, int64_t rows_len, int64_t codes_bytes,
+                       int64_t lo_len, int64_t scale_len, int64_t *err_pos) {
+    const int which = !et_holds(rows_len, n, dim)           ? ET_BUF_ROWS
+                      : !et_holds(codes_bytes, n, row_bytes) ? ET_BUF_CODES
+                      : !et_holds(lo_len, n, 1)              ? ET_BUF_LO
+                      : !et_holds(scale_len, n, 1)           ? ET_BUF_SCALE
+                                                             : 0;
+    if (!which) return ET_OK;
+    *err_pos = which;
+    return ET_E_SIZE;
+}
+
+int et_quantize(const float *rows, int64_t rows_len, int64_t n, int32_t dim, int32_t bits, int32_t method,
+                int32_t params_fp16, uint8_t *codes, int64_t codes_bytes, float *lo, int64_t lo_len, float *scale,
+                int64_t scale_len, int64_t *err_pos) {
     if (check_shape(n, dim, bits) || (method != ET_QUANT_MINMAX && method != ET_QUANT_ADAPTIVE) ||
         (n > 0 && (!rows || !codes || !lo || !scale || !err_pos)))
         return ET_E_ARG;
-    if (n == 0) return ET_OK;
-    et_quantize_call q = {.c = {.n = n, .dim = dim, .bits = bits, .row_bytes = et_quant_row_bytes(dim, bits)},
+    const int64_t row_bytes = et_quant_row_bytes(dim, bits);
+    int rc = check_sizes(n, dim, row_bytes, rows_len, codes_bytes, lo_len, scale_len, err_pos);
+    if (rc || n == 0) return rc;
+    et_quantize_call q = {.c = {.n = n, .dim = dim, .bits = bits, .row_bytes = row_bytes},
                           .rows = rows, .method = method, .fp16 = params_fp16, .codes = codes, .lo = lo,
                           .scale = scale};
     return run_parts(&q.c, quantize_part, err_pos);
@@ -509,11 +526,14 @@ static void dequantize_part(void *arg, int part, int parts) {
     record(&d->c, part, rc, row, r1);
 }
 
-int et_dequantize(const uint8_t *codes, const float *lo, const float *scale, int64_t n, int32_t dim,
-                  int32_t bits, float *rows, int64_t *err_pos) {
+int et_dequantize(const uint8_t *codes, int64_t codes_bytes, const float *lo, int64_t lo_len, const float *scale,
+                  int64_t scale_len, int64_t n, int32_t dim, int32_t bits, float *rows, int64_t rows_len,
+                  int64_t *err_pos) {
     if (check_shape(n, dim, bits) || (n > 0 && (!codes || !lo || !scale || !rows || !err_pos))) return ET_E_ARG;
-    if (n == 0) return ET_OK;
-    et_dequantize_call d = {.c = {.n = n, .dim = dim, .bits = bits, .row_bytes = et_quant_row_bytes(dim, bits)},
+    const int64_t row_bytes = et_quant_row_bytes(dim, bits);
+    int rc = check_sizes(n, dim, row_bytes, rows_len, codes_bytes, lo_len, scale_len, err_pos);
+    if (rc || n == 0) return rc;
+    et_dequantize_call d = {.c = {.n = n, .dim = dim, .bits = bits, .row_bytes = row_bytes},
                             .codes = codes, .lo = lo, .scale = scale, .rows = rows};
     return run_parts(&d.c, dequantize_part, err_pos);
 }

@@ -173,14 +173,13 @@ int et_scm_fetch(et_table *t, const int64_t *ids, const int64_t *pos, int64_t co
     scm_entry *entries = malloc((size_t)count * sizeof *entries);
     if (!entries) return ET_E_NOMEM;
     for (int64_t k = 0; k < count; k++) {
-        uint32_t l = t->loc[ids[pos[k]]];
-        uint64_t off = et_loc_tier(t, l) == ET_TIER_SCM ? et_scm_offset(t, et_loc_slot(t, l)) : UINT64_MAX;
-        if (off == UINT64_MAX) {
+        const uint32_t l = t->loc[ids[pos[k]]];
+        if (!et_loc_valid(&t->map, l) || et_loc_tier(t, l) != ET_TIER_SCM) {
             *err_pos = pos[k];
             free(entries);
             return ET_E_LOCATION;
         }
-        entries[k].off = off;
+        entries[k].off = et_scm_offset(t, l);
         entries[k].idx = pos[k];
     }
     qsort(entries, (size_t)count, sizeof *entries, cmp_entry);
@@ -234,7 +233,14 @@ int et_scm_write(et_table *t, const int64_t *ids, const uint32_t *locs, int64_t 
                  int64_t *err_pos) {
 #define ET_LOC_AT(p) (locs ? locs[p] : t->loc[ids[p]])
     int64_t count = 0;
-    for (int64_t p = 0; p < n; p++) count += et_loc_tier(t, ET_LOC_AT(p)) == ET_TIER_SCM;
+    for (int64_t p = 0; p < n; p++) {
+        const uint32_t l = ET_LOC_AT(p);
+        if (!et_loc_valid(&t->map, l)) {
+            *err_pos = p;
+            return ET_E_LOCATION;
+        }
+        count += et_loc_tier(t, l) == ET_TIER_SCM;
+    }
     if (count == 0) return ET_OK;
     scm_entry *entries = malloc((size_t)count * sizeof *entries);
     uint64_t row_blocks = et_scm_chunk_bytes(t->stride, 1);
@@ -246,16 +252,10 @@ int et_scm_write(et_table *t, const int64_t *ids, const uint32_t *locs, int64_t 
     }
     int64_t k = 0;
     for (int64_t p = 0; p < n; p++) {
-        uint32_t l = ET_LOC_AT(p);
+        const uint32_t l = ET_LOC_AT(p);
         if (et_loc_tier(t, l) != ET_TIER_SCM) continue;
-        entries[k].off = et_scm_offset(t, et_loc_slot(t, l));
+        entries[k].off = et_scm_offset(t, l);
         entries[k].idx = p;
-        if (entries[k].off == UINT64_MAX) {
-            *err_pos = p;
-            free(entries);
-            free(buf);
-            return ET_E_LOCATION;
-        }
         k++;
     }
     /* Sorted by offset, then by position: a later duplicate is applied last. */

@@ -10,7 +10,7 @@ from embtierd.store.catalog import Store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import make_config
+from tests.support import make_config
 
 NUM_ROWS = 600
 ROWS_PER_MEMORY_TIER = 200  # DRAM and CXL hold 200 rows each, SCM the other 200
@@ -170,16 +170,23 @@ def test_sampled_access_counting(store_factory):
 
 
 @pytest.mark.parametrize("dram", ["1M", "4K"])  # all rows in memory (fused resolve) / some on SCM (two passes)
-def test_corrupt_placement_is_an_error_not_a_crash(store_factory, dram):
+@pytest.mark.parametrize("tier", [native.TIER_CXL, 3])  # a CXL slot with no storage / a tier that does not exist
+def test_corrupt_placement_is_an_error_not_a_crash(store_factory, dram, tier):
+    from embtierd._native import ffi
     from embtierd.errors import EmbtierError
 
     store = store_factory(dram=dram, cxl="0", scm="4M")
     store.create_table("c", 1000, 8)
     table = store._tables["c"].native
-    table.loc[7] = (native.TIER_CXL << table.tier_shift) | 3  # a CXL slot with no storage
+    with pytest.raises(ValueError, match="read-only"):
+        table.loc[7] = 0  # placement changes through publish only
+    corrupt = ffi.cast("uint32_t *", ffi.from_buffer(table.loc))  # memory corruption, forged on the raw map
+    corrupt[7] = (tier << table.tier_shift) | 3
     ids = np.array([1, 7, 2], dtype=np.int64)
     for call in (lambda: store.lookup("c", ids),
-                 lambda: store.lookup_pooled("c", ids, np.array([3], dtype=np.int32))):
+                 lambda: store.lookup_pooled("c", ids, np.array([3], dtype=np.int32)),
+                 lambda: store.pool_partials("c", ids, np.array([3], dtype=np.int32)),
+                 lambda: store.read_encoded("c", ids)):
         with pytest.raises(EmbtierError, match=r"ids\[1\] has a home with no storage"):
             call()
     np.testing.assert_array_equal(store.lookup("c", np.array([1, 2], dtype=np.int64)), 0)
