@@ -34,7 +34,7 @@ from embtierd import config
 from embtierd.store.catalog import Store
 
 from tests.bench.bench_kernels import Sections
-from tests.e2e.conftest import start_daemon
+from tests.support import start_daemon
 
 TABLES = 8
 BAGS = 512

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from embtier import Client, EmbtierClientError
 
-from .conftest import daemon_args, run_cli, start_daemon
+from tests.support import daemon_args, run_cli, start_daemon
 
 TIERING = "[tiering]\nenabled = true\ninterval_seconds = 0.2\n"
 

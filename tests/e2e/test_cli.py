@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 from embtier import Client
 
-from .conftest import run_cli
+from tests.support import run_cli
 
 
 def run(daemon, *args: str) -> subprocess.CompletedProcess:

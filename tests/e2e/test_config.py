@@ -12,7 +12,7 @@ import pytest
 from embtierd import config
 from embtierd.topology import discover
 
-from .conftest import daemon_args
+from tests.support import daemon_args
 
 
 def run_daemon(tmp_path, config_text: str) -> subprocess.CompletedProcess:

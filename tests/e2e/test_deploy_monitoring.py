@@ -26,7 +26,7 @@ import pytest
 from embtier import Client, EmbtierClientError
 from embtier_tools.loadgen import LoadGenerator, Workload
 
-from .conftest import free_port, running_daemon
+from tests.support import free_port, running_daemon
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"

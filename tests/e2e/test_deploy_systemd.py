@@ -26,7 +26,7 @@ from embtier import Client, EmbtierClientError
 from embtier.client import wait_serving
 from embtierd import config
 
-from .conftest import free_port
+from tests.support import free_port
 
 SYSTEMD = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 UNIT = SYSTEMD / "embtierd.service"

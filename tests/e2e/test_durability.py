@@ -28,7 +28,7 @@ from embtier import Client, EmbtierClientError
 from embtier.v1 import embtier_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import daemon_args, run_cli, start_daemon
+from tests.support import daemon_args, run_cli, start_daemon
 
 ROWS, DIM, WRITERS = 4000, 8, 4
 CHURN_ROWS = 500

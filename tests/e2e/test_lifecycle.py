@@ -20,7 +20,7 @@ import pytest
 from embtier import Client, EmbtierClientError
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import running_daemon, start_daemon
+from tests.support import running_daemon, start_daemon
 
 
 def test_systemd_notify_ready_and_stopping(tmp_path):

@@ -14,7 +14,7 @@ from embtier import Client, EmbtierClientError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import running_daemon
+from tests.support import running_daemon
 
 HEALTH_CHECK = "grpc.health.v1.Health/Check"
 

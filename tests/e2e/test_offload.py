@@ -13,7 +13,7 @@ from embtier import Client, EmbtierClientError
 from embtier.v1 import embtier_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import start_daemon
+from tests.support import start_daemon
 
 ROWS, DIM = 100_000, 16   # 64-byte rows: 2 MiB of DRAM and of CXL hold 32768 each, the rest is on SCM
 

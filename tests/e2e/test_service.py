@@ -14,7 +14,7 @@ from embtier import Client, EmbtierClientError
 from embtier.v1 import embtier_pb2 as pb
 from embtier.v1 import embtier_pb2_grpc as pb_grpc
 
-from .conftest import start_daemon
+from tests.support import start_daemon
 
 
 @pytest.fixture(scope="module")

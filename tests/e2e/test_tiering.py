@@ -17,7 +17,7 @@ from embtier_tools.loadgen import ZipfIds
 from embtierd.tiering.simulate import SimConfig, simulate
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import run_cli, running_daemon
+from tests.support import run_cli, running_daemon
 
 TIERS = ("dram", "cxl", "scm")
 

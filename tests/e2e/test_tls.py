@@ -22,7 +22,7 @@ from embtierd.config import TlsConfig, interface_addresses
 from embtierd.errors import ConfigError
 from embtierd.rpc import tls
 
-from .conftest import daemon_args, free_port, start_daemon
+from tests.support import daemon_args, free_port, start_daemon
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 

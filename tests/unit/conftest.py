@@ -6,19 +6,11 @@ of every store is made inside it.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from embtierd import config, native
+from embtierd import native
 from embtierd.store.catalog import Store
 
-
-def make_config(state_dir, dram="64K", cxl="64K", scm="64M", fabric=None, **kernels):
-    return config.load(overrides={
-        "state_dir": str(state_dir),
-        "tiers": {"dram": {"capacity": dram}, "cxl": {"capacity": cxl}, "scm": {"capacity": scm}},
-        "kernels": kernels,
-        "fabric": fabric or {},
-    })
+from tests.support import AVAILABLE_ISAS, make_config
 
 
 @pytest.fixture
@@ -37,10 +29,6 @@ def store_factory(tmp_path):
     native.set_kernel_threads(1)
 
 
-_BEST_ISA = {name: code for code, name in native.ISA_NAMES.items()}[native.isa()]
-AVAILABLE_ISAS = [native.ISA_NAMES[code] for code in sorted(native.ISA_NAMES) if code <= _BEST_ISA]
-
-
 @pytest.fixture(params=AVAILABLE_ISAS)
 def isa(request):
     """Runs the test once per instruction set this CPU has, restoring the best one after."""
@@ -48,7 +36,3 @@ def isa(request):
     native.force_isa(request.param)
     yield request.param
     native.force_isa(best)
-
-
-def rng_values(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
-    return rng.standard_normal((n, dim), dtype=np.float32)

@@ -15,8 +15,7 @@ from embtierd.errors import InvalidArgumentError
 from embtierd.tiers import open_tiers
 from embtierd.topology import discover
 
-from .conftest import make_config
-from .test_topology import GIB, KIB, make_sysfs
+from tests.support import GIB, KIB, make_config, make_sysfs
 
 DELAY_NS = 200_000
 LAYOUTS = {  # 1000 rows of 32 bytes: rows 0-127 in DRAM, then CXL, then SCM

@@ -14,9 +14,7 @@ from embtierd.tiering.config import TieringConfig
 from embtierd.tiering.engine import TieringEngine
 from embtierd.topology import discover
 
-from .conftest import make_config
-from .test_mem_bind import MPOL_BIND, get_mempolicy
-from .test_topology import GIB, make_sysfs
+from tests.support import GIB, MPOL_BIND, assert_parts_match_addresses, get_mempolicy, make_config, make_sysfs
 
 
 def test_spreading_by_heat_balances_zipf_accesses_across_ports_and_fails_without_it(store_factory):
@@ -46,20 +44,7 @@ def test_spreading_by_heat_balances_zipf_accesses_across_ports_and_fails_without
     assert balance[0.1] <= 1.1 and balance[100.0] >= 2, balance  # the heat the levelling saw, before and after
 
 
-def assert_parts_match_addresses(store, name):
-    """Every row's fabric part is the port whose segment of the CXL arena holds its bytes."""
-    table = store._tables[name]
-    loc = table.native.loc
-    tier, slot = loc >> table.native.tier_shift, loc & ((1 << table.native.tier_shift) - 1)
-    cxl = store.tiers.cxl
-    space = table.slots.get(1)
-    expected = np.where(tier == 0, 0, 1 + store.cxl_ports).astype(np.int64)
-    if space is not None:
-        rows = np.flatnonzero(tier == 1)
-        offsets = np.array([e.offset for e in space.extents])[slot[rows] >> space.shift]
-        expected[rows] = 1 + np.array([cxl.port_of(int(o)) for o in np.unique(offsets)])[
-            np.searchsorted(np.unique(offsets), offsets)]
-    assert np.array_equal(store.parts_of(name, np.arange(table.num_rows)).astype(np.int64), expected)
+
 
 
 def test_deal_pours_heat_into_the_least_loaded_ports():

@@ -2,39 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import platform
 
 import pytest
 from embtierd import native
 
+from tests.support import MPOL_BIND, MPOL_DEFAULT, get_mempolicy
+
 MiB = 1 << 20
-MPOL_DEFAULT, MPOL_BIND = 0, 2
-MPOL_F_ADDR = 2
-SYS_GET_MEMPOLICY = {"x86_64": 239, "aarch64": 236}
-MASK_WORDS = 16  # room for 1024 nodes, more than any kernel's nr_node_ids here
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-def get_mempolicy(address: int) -> tuple[int, set[int]]:
-    """(mode, node ids) of the policy that covers address; skips the test where the syscall is refused."""
-    number = SYS_GET_MEMPOLICY.get(platform.machine())
-    if number is None:
-        pytest.skip(f"no get_mempolicy syscall number known for {platform.machine()}")
-    mode = ctypes.c_int(-1)
-    mask = (ctypes.c_ulong * MASK_WORDS)()
-    rc = _libc.syscall(ctypes.c_long(number), ctypes.byref(mode), mask, ctypes.c_ulong(64 * MASK_WORDS),
-                       ctypes.c_void_p(address), ctypes.c_ulong(MPOL_F_ADDR))
-    if rc != 0:
-        err = ctypes.get_errno()
-        if err in (errno.ENOSYS, errno.EPERM):
-            pytest.skip(f"get_mempolicy(2) refused here: {errno.errorcode[err]}")
-        raise OSError(err, f"get_mempolicy(MPOL_F_ADDR, {address:#x})")
-    nodes = {64 * w + b for w in range(MASK_WORDS) for b in range(64) if mask[w] >> b & 1}
-    return mode.value, nodes
 
 
 @pytest.fixture

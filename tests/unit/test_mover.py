@@ -12,7 +12,7 @@ from embtierd.errors import InvalidArgumentError
 from embtierd.tiering.config import TableSettings, TieringConfig
 from embtierd.tiering.engine import TieringEngine
 
-from .test_fabric import assert_parts_match_addresses
+from tests.support import assert_parts_match_addresses
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])

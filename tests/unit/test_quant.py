@@ -12,7 +12,7 @@ from embtierd.errors import InvalidArgumentError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from .conftest import AVAILABLE_ISAS
+from tests.support import AVAILABLE_ISAS
 
 BITS = (2, 3, 4, 8)
 DIMS = (1, 3, 7, 8, 33, 64)

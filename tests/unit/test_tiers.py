@@ -12,8 +12,7 @@ import numpy as np
 from embtierd.store.catalog import Store
 from embtierd.topology import discover
 
-from .conftest import make_config
-from .test_topology import GIB, KIB, make_sysfs
+from tests.support import GIB, KIB, make_config, make_sysfs
 
 
 def test_cpuless_node_backs_the_cxl_tier(tmp_path):

@@ -19,36 +19,7 @@ from embtierd.topology import (
     pick_cxl_nodes,
 )
 
-KIB = 1024
-GIB = 1024**3
-
-
-def make_sysfs(
-    root: Path,
-    nodes: dict[int, tuple[str, int | None]],
-    online: str | None = None,
-) -> Path:
-    """Write a fake ``devices/system/node`` tree under ``root``.
-
-    ``nodes`` maps node id -> (cpulist text, MemTotal in kB or None for no meminfo file).
-    ``online`` is the content of ``node/online``; None leaves the file out.
-    """
-    node_dir = root / "devices" / "system" / "node"
-    node_dir.mkdir(parents=True)
-    if online is not None:
-        (node_dir / "online").write_text(online)
-    for node_id, (cpulist, mem_kb) in nodes.items():
-        d = node_dir / f"node{node_id}"
-        d.mkdir()
-        (d / "cpulist").write_text(cpulist)
-        if mem_kb is not None:
-            (d / "meminfo").write_text(
-                f"Node {node_id} MemTotal:       {mem_kb} kB\n"
-                f"Node {node_id} MemFree:        {mem_kb // 2} kB\n"
-                f"Node {node_id} MemUsed:        {mem_kb - mem_kb // 2} kB\n"
-            )
-    return root
-
+from tests.support import GIB, KIB, make_sysfs
 
 # --- parse_cpulist / format_cpulist ---------------------------------------------------------------
 
