@@ -131,18 +131,17 @@ class NativeTable:
         self._dirty = np.zeros((num_rows + 63) // 64, dtype=np.uint64)  # rows written (et_write_rows sets bits)
         self._check(lib.et_table_set_dirty(handle, _wptr("uint64_t *", self._dirty), self._dirty.size), 0, "dirty")
 
-    def set_chunk(self, tier: int, chunk: int, address: int) -> None:
-        """Backs a DRAM or CXL chunk with the memory of a whole chunk (2^chunk_shift rows) at address;
-        address 0 takes its storage away."""
-        nbytes = self.stride << self.chunk_shift if address else 0
-        self._check(lib.et_table_set_chunk(self._h, tier, chunk, ffi.cast("void *", address), nbytes), 0, "chunk")
+    def set_chunk(self, tier: int, chunk: int, address: int, nbytes: int) -> None:
+        """Backs a DRAM or CXL chunk with nbytes of memory at address (the rows that fit are its
+        slots with storage; a chunk holds at most 2^chunk_shift); address 0 takes its storage away."""
+        self._check(lib.et_table_set_chunk(self._h, tier, chunk, ffi.cast("void *", address),
+                                           nbytes if address else 0), 0, "chunk")
 
     def set_scm(self, fd: int, align_bytes: int) -> None:
         self._check(lib.et_table_set_scm(self._h, fd, align_bytes), 0, "scm")
 
-    def set_scm_chunk(self, chunk: int, file_offset: int) -> None:
-        """Backs an SCM chunk with the file space of a whole chunk at file_offset (after set_scm)."""
-        nbytes = scm_chunk_bytes(self.stride, 1 << self.chunk_shift)
+    def set_scm_chunk(self, chunk: int, file_offset: int, nbytes: int) -> None:
+        """Backs an SCM chunk with nbytes of file space at file_offset (after set_scm)."""
         self._check(lib.et_table_set_scm_chunk(self._h, chunk, file_offset, nbytes), 0, "scm chunk")
 
     def configure(self, prefetch_distance: int, heat_sample_shift: int) -> None:

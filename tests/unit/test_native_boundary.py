@@ -33,7 +33,7 @@ def table():
     chunk_bytes = t.stride << CHUNK_SHIFT
     address, _ = native.mem_map(MAX_CHUNKS * chunk_bytes, False)
     for chunk in range(MAX_CHUNKS):
-        t.set_chunk(native.TIER_DRAM, chunk, address + chunk * chunk_bytes)
+        t.set_chunk(native.TIER_DRAM, chunk, address + chunk * chunk_bytes, chunk_bytes)
     t.set_parts(2)
     ids = np.arange(ROWS, dtype=np.int64)
     t.publish(ids, ids.astype(np.uint32))
@@ -221,3 +221,16 @@ def test_fuzz_every_entry_point_under_address_sanitizer(tmp_path):
                           timeout=600 + float(seconds or 0))
     report = f"exit {proc.returncode}\n{proc.stderr[-20000:]}\n{proc.stdout[-3000:]}"
     assert proc.returncode == 0 and "ERROR: AddressSanitizer" not in proc.stderr, report
+
+
+def test_a_chunk_cut_short_has_storage_for_its_rows_only(store_factory):
+    """A tier's last chunk backed with fewer rows than a chunk (the tier ran out of room) tells the
+    kernels so: an entry past its end is an error, never a row of whatever follows in the arena."""
+    store = store_factory(dram="4K", cxl="0", scm="4M")
+    store.create_table("p", 1000, 8)  # 128 rows in DRAM (4K / 32 bytes), the rest on SCM
+    table = store._tables["p"]
+    space = table.slots[native.TIER_DRAM]
+    assert space.held == [128] and table.chunk_shift > 7  # one chunk of DRAM, cut short
+    past_the_end = (native.TIER_DRAM << table.native.tier_shift) | 128
+    with pytest.raises(EmbtierError, match=r"locs\[0\] = 0x80 \(tier 0, slot 128\) names no slot with storage"):
+        table.native.publish(np.array([5], dtype=np.int64), np.array([past_the_end], dtype=np.uint32))

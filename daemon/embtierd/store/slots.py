@@ -68,14 +68,19 @@ class SlotSpace:
             return False
         self.chunk_port[chunk] = self.tier.port_of(extent.offset)
         self.table.set_chunk_part(self.tier.tier_id, chunk, self.first_part + int(self.chunk_port[chunk]))
-        if self.tier.tier_id == native.TIER_SCM:
-            self.table.set_scm(self.tier.fd, self.tier.read_align_bytes)
-            self.table.set_scm_chunk(chunk, extent.offset)
-        else:
-            self.table.set_chunk(self.tier.tier_id, chunk, self.tier.address(extent))
+        self._back(chunk, extent)
         self.extents.append(extent)
         self.held.append(rows)
         return True
+
+    def _back(self, chunk: int, extent: Extent) -> None:
+        """Tells the kernels what storage chunk has (its rows beyond the extent have none)."""
+        if self.tier.tier_id == native.TIER_SCM:
+            self.table.set_scm(self.tier.fd, self.tier.read_align_bytes)
+            self.table.set_scm_chunk(chunk, extent.offset, extent.length)
+        else:
+            address = self.tier.address(extent) if extent.length else 0  # (a chunk cut down to nothing)
+            self.table.set_chunk(self.tier.tier_id, chunk, address, extent.length)
 
     def take(self, count: int, port: int | None = None) -> np.ndarray:
         """Up to count free slots (uint32) on the port (any when None), fewer when it runs out of room."""
@@ -154,7 +159,7 @@ class SlotSpace:
             self.tier.release(extent)
             released += extent.length
             self.held.pop()
-            self.table.set_chunk(self.tier.tier_id, last, 0)
+            self.table.set_chunk(self.tier.tier_id, last, 0, 0)
         if self.extents and keep < self.held[chunk]:
             extent = self.extents[chunk]
             kept_bytes = self._bytes(keep)
@@ -162,6 +167,7 @@ class SlotSpace:
             released += extent.length - kept_bytes
             self.extents[chunk] = Extent(extent.offset, kept_bytes)
             self.held[chunk] = keep
+            self._back(chunk, self.extents[chunk])
         self.free = np.setdiff1d(self.free[self.kept(self.free, rows)], taken).astype(np.uint32)
         self.next = min(self.next, (chunk << self.shift) + keep)
         if self.next < (chunk << self.shift) + keep and taken.size:  # fresh slots handed out by the caller
