@@ -9,7 +9,6 @@ import contextlib
 import ctypes
 import errno
 import platform
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from embtier.client import wait_serving
-from embtier_tools.daemon import Daemon, command, launch
+from embtier_tools.daemon import Daemon, command, free_port, launch
 from embtierd import config, native
 
 # ---- stores ---------------------------------------------------------------------------------------
@@ -118,12 +117,6 @@ def get_mempolicy(address: int) -> tuple[int, set[int]]:
 # ---- real daemons -----------------------------------------------------------------------------------
 
 TIER_FLAGS = ("--dram-bytes", "2M", "--cxl-bytes", "2M", "--scm-bytes", "256M")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

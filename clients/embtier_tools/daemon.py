@@ -5,7 +5,9 @@ waiting until its health service says SERVING."""
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -15,6 +17,27 @@ from pathlib import Path
 from embtier.client import wait_serving
 
 LOG_NAME = "embtierd.log"
+# Ports handed to daemons come from below the kernel's ephemeral range (net.ipv4.ip_local_port_range,
+# 32768-60999 by default): a port bound and released there can be taken by any outgoing connection
+# before the daemon binds it; one below it is taken only by a listener that asks for it by number.
+LISTEN_PORTS = range(20000, 32768)
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now and that this process has not handed out before."""
+    for _ in range(1000):
+        port = random.choice(LISTEN_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {LISTEN_PORTS.start}-{LISTEN_PORTS.stop - 1}")
 
 
 def command(state_dir: Path, listen: Sequence[str], metrics_listen: str, *extra: str) -> list[str]:

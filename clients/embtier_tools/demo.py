@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import sys
 import urllib.request
 from pathlib import Path
@@ -20,7 +19,7 @@ from embtier.client import Client
 from embtier.wire import MEMORY_TIERS, TIERS
 from prometheus_client.parser import text_string_to_metric_families
 
-from .daemon import Daemon, start
+from .daemon import Daemon, free_port, start
 from .loadgen import LoadGenerator, Stats, Workload
 
 TABLES = {"user_ids": 1_000_000, "item_ids": 1_000_000, "context": 500_000}
@@ -31,12 +30,6 @@ OTHER_TIER_FLAGS = ["--cxl-bytes", "160M", "--scm-bytes", "2G"]
 # Each table's own share of DRAM and CXL (SetPolicy limits): without them the first table created takes it all.
 SHARES = {"user_ids": 0.4, "item_ids": 0.4, "context": 0.2}
 ALPHA = 1.05
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_daemon(state_dir: Path, metrics: str, tier_flags: list[str], cxl_latency_ns: int = 0) -> Daemon:
