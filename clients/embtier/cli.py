@@ -1,6 +1,6 @@
 """embtier: the command line of the embtier daemon.
 
-    embtier [--target ADDR] tables | describe T | create T --rows N --dim D | drop T
+    embtier [--target ADDR] tables | describe T | create T --rows N --dim D [--key-space K] | drop T
             | import T FILE.npy | lookup T ID... | tiers | heat T | policy T [--set ...]
             | record T --ids N -o FILE.npy | simulate FILE.npy [--dram SIZES] [--cxl SIZES]
             | bench --table T ... | checkpoint [--kind K --bits B] | checkpoints | restore ID
@@ -24,6 +24,7 @@ from .wire import (
     CHECKPOINT_KINDS,
     DTYPES,
     INITIALIZERS,
+    KEY_SPACES,
     POLICIES,
     POOL_MODES,
     QUANT_BITS,
@@ -54,7 +55,8 @@ def human_bytes(n: float) -> str:
 
 def format_table(info: TableInfo) -> str:
     tiers = ", ".join(f"{t} {info.rows_by_tier.get(t, 0)}" for t in TIERS)
-    return f"{info.name:24} {info.num_rows:>12} x {info.dim:<5} {info.dtype:8} v{info.version:<6} rows: {tiers}"
+    keys = "" if info.key_space == "dense" else f"  ({info.key_space} ids)"
+    return f"{info.name:24} {info.num_rows:>12} x {info.dim:<5} {info.dtype:8} v{info.version:<6} rows: {tiers}{keys}"
 
 
 def cmd_tables(c: Client, args) -> None:
@@ -72,11 +74,26 @@ def cmd_describe(c: Client, args) -> None:
         if tier == "cxl" and info.rows_by_port:
             print("        ports: " + ", ".join(f"{port} {n}" for port, n in info.rows_by_port.items()))
     print(f"  metadata {human_bytes(info.metadata_bytes)} ({info.metadata_bytes / info.num_rows:.2f} bytes/row)")
+    print(f"  keys {describe_keys(info)}")
+
+
+def describe_keys(info: TableInfo) -> str:
+    """What a table's ids are, and for a managed table how its map is doing."""
+    if info.key_space == "hashed":
+        return f"hashed (seed {info.key_seed}): any int64 id, row = embtier.keys.hashed_rows(id, {info.num_rows}, seed)"
+    if info.key_space != "managed":
+        return f"{info.key_space}: ids are rows in [0, {info.num_rows})"
+    per_id = f"{info.map_bytes / info.live_ids:.2f} bytes/live id" if info.live_ids else "no live ids"
+    return (f"managed: {info.live_ids} live ids of {info.num_rows}, {info.key_evictions} evicted "
+            f"({info.recent_key_evictions} written within the hour before), {info.unknown_ids} unknown looked up, "
+            f"default value {info.default_value:g}; map {human_bytes(info.map_bytes)} ({per_id}, "
+            f"{info.map_bytes / info.num_rows:.2f} bytes/row)")
 
 
 def cmd_create(c: Client, args) -> None:
     print(format_table(c.create_table(args.name, args.rows, args.dim, args.dtype, args.init, args.seed,
-                                      args.scale)))
+                                      args.scale, key_space=args.key_space, default_value=args.default_value,
+                                      key_seed=args.key_seed)))
 
 
 def cmd_drop(c: Client, args) -> None:
@@ -138,7 +155,8 @@ def cmd_record(c: Client, args) -> None:
     meta = {"table": args.name, "num_rows": trace.num_rows, "row_bytes": trace.row_bytes,
             "dram_rows": trace.dram_rows, "cxl_rows": trace.cxl_rows, "seconds": trace.seconds,
             "interval_seconds": trace.interval_seconds, "bandwidth_bytes_per_second": trace.bandwidth_bytes_per_second,
-            "heat_sample_shift": trace.heat_sample_shift, "policy": trace.policy}
+            "heat_sample_shift": trace.heat_sample_shift, "policy": trace.policy,
+            "key_space": trace.key_space, "key_seed": trace.key_seed}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     rate = trace.ids.size / trace.seconds if trace.seconds > 0 else float("nan")
     print(f"recorded {trace.ids.size} ids of {args.name} in {trace.seconds:.1f} s ({rate:,.0f} ids/s) -> {out} "
@@ -202,11 +220,14 @@ def cmd_restore(c: Client, args) -> None:
 def cmd_lookup(c: Client, args) -> None:
     ids = np.array(args.ids, dtype=np.int64)
     if args.pooled:
-        rows = c.lookup_pooled({args.name: (ids, np.array([ids.size], np.int32))}, mode=args.mode)[args.name]
+        out, _, unknown = c.lookup_pooled_counted({args.name: (ids, np.array([ids.size], np.int32))}, mode=args.mode)
+        rows, unknown = out[args.name], unknown[args.name]
     else:
-        rows = c.lookup(args.name, ids)
+        rows, unknown = c.lookup_counted(args.name, ids)
     np.set_printoptions(precision=5, suppress=True, linewidth=120)
     print(rows)
+    if unknown:
+        print(f"{unknown} of the {ids.size} ids are unknown to {args.name} (they read its default row)")
 
 
 def progress(done: int, total: int, start: float) -> None:
@@ -253,6 +274,11 @@ def parse_args(argv):
     s.add_argument("--init", default="zeros", choices=list(INITIALIZERS))
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--scale", type=float, default=0.0, help="uniform range; 0 = 1/sqrt(rows)")
+    s.add_argument("--key-space", default="dense", choices=list(KEY_SPACES),
+                   help="dense: ids are rows; hashed: any int64 id, hashed to a row; managed: any int64 id, a row "
+                        "of its own from its first write (the coldest id is evicted when full)")
+    s.add_argument("--default-value", type=float, default=0.0, help="managed: what unknown ids read")
+    s.add_argument("--key-seed", type=int, default=0, help="hashed: the hash's seed (0 to 2^64-1)")
     s = sub.add_parser("drop", help="drop a table")
     s.add_argument("name")
     s = sub.add_parser("import", help="write a .npy file [rows, dim] into a table, in chunks")

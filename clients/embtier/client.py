@@ -27,6 +27,7 @@ from .wire import (
     ID_ARRAYS,
     ID_TYPES,
     INITIALIZERS,
+    KEY_SPACES,
     OFFLOADS,
     POOL_MODES,
     QUANTIZERS,
@@ -85,6 +86,8 @@ class Trace:
     bandwidth_bytes_per_second: int
     heat_sample_shift: int
     policy: str
+    key_space: str = "dense"  # what the ids are: rows (dense), or keys the table hashes or maps (recorded raw)
+    key_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -219,11 +222,16 @@ class Client:
     def create_table(self, name: str, num_rows: int, dim: int, dtype: str = "float32",
                      initializer: str = "zeros", seed: int = 0, init_scale: float = 0.0, *,
                      policy: str | None = None, pin_tier: str | None = None, dram_capacity_bytes: int | None = None,
-                     cxl_capacity_bytes: int | None = None) -> TableInfo:
+                     cxl_capacity_bytes: int | None = None, key_space: str = "dense", default_value: float = 0.0,
+                     key_seed: int = 0) -> TableInfo:
         """A new table.  The keyword-only tiering settings are as for set_policy (None: the daemon's
-        configuration for this name)."""
+        configuration for this name).  key_space: "dense" (ids are rows), "hashed" (any int64 id, the
+        row embtier.keys.hashed_rows gives with key_seed) or "managed" (any int64 id, a row of its own
+        from its first write; unknown ids read default_value)."""
         request = pb.CreateTableRequest(name=name, num_rows=num_rows, dim=dim, dtype=DTYPES[dtype],
                                         initializer=INITIALIZERS[initializer], seed=seed, init_scale=init_scale,
+                                        key_space=KEY_SPACES[key_space], default_value=default_value,
+                                        key_seed=key_seed,
                                         **_policy_fields(policy, pin_tier, dram_capacity_bytes, cxl_capacity_bytes))
         return TableInfo.from_message(self._call("CreateTable", request, idempotent=False))
 
@@ -264,7 +272,8 @@ class Client:
                      num_rows=reply.num_rows, row_bytes=reply.row_bytes, dram_rows=reply.dram_rows,
                      cxl_rows=reply.cxl_rows, interval_seconds=reply.interval_seconds,
                      bandwidth_bytes_per_second=reply.bandwidth_bytes_per_second,
-                     heat_sample_shift=reply.heat_sample_shift, policy=reply.policy)
+                     heat_sample_shift=reply.heat_sample_shift, policy=reply.policy,
+                     key_space=name_of(KEY_SPACES, reply.key_space), key_seed=reply.key_seed)
 
     def checkpoint(self, kind: str = "full", quant_bits: int = 0, quantizer: str = "adaptive") -> Checkpoint:
         """Writes a checkpoint of every table: kind "full", "incremental", "differential" or "auto";
@@ -299,10 +308,15 @@ class Client:
 
     def lookup(self, table: str, ids, wire_dtype: str = "float32") -> np.ndarray:
         """[len(ids), dim] float32 rows (sent as float16 on the wire when asked)."""
+        return self.lookup_counted(table, ids, wire_dtype)[0]
+
+    def lookup_counted(self, table: str, ids, wire_dtype: str = "float32") -> tuple[np.ndarray, int]:
+        """lookup, and how many of the ids a managed table did not know (they read its default row)."""
         code, dt = WIRE_DTYPES[wire_dtype], np.dtype(WIRE_ARRAYS[wire_dtype])
         id_bytes, id_type = _ids(ids)
         reply = self._call("Lookup", pb.LookupRequest(table=table, ids=id_bytes, id_type=id_type, wire_dtype=code))
-        return np.frombuffer(reply.values, dtype=dt).reshape(reply.count, reply.dim).astype(np.float32, copy=False)
+        rows = np.frombuffer(reply.values, dtype=dt).reshape(reply.count, reply.dim).astype(np.float32, copy=False)
+        return rows, reply.unknown_ids
 
     def lookup_pooled(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
                       offload: str | None = None) -> dict[str, np.ndarray]:
@@ -317,6 +331,13 @@ class Client:
     def lookup_pooled_fabric(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
                              offload: str | None = None) -> tuple[dict[str, np.ndarray], FabricTraffic]:
         """lookup_pooled, and what the request moved across the emulated fabric (modelled)."""
+        out, traffic, _ = self.lookup_pooled_counted(features, mode, wire_dtype, offload)
+        return out, traffic
+
+    def lookup_pooled_counted(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
+                              offload: str | None = None) -> tuple[dict[str, np.ndarray], FabricTraffic, dict[str, int]]:
+        """lookup_pooled_fabric, and per table how many ids a managed table did not know (each
+        pooled its default row)."""
         code, dt = WIRE_DTYPES[wire_dtype], np.dtype(WIRE_ARRAYS[wire_dtype])
         if offload is not None and offload not in OFFLOADS:
             raise ValueError(f"offload must be one of {', '.join(OFFLOADS)} or None; got {offload!r}")
@@ -348,7 +369,7 @@ class Client:
         f = reply.fabric
         traffic = FabricTraffic(name_of(OFFLOADS, f.offload), dict(f.device_link_bytes), f.host_link_bytes,
                                 f.modelled_seconds)
-        return out, traffic
+        return out, traffic, {r.table: r.unknown_ids for r in reply.results}
 
 
 def wait_serving(target: str, proc=None, timeout: float = 60.0) -> None:

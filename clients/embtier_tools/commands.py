@@ -12,8 +12,24 @@ from pathlib import Path
 import numpy as np
 from embtier.cli import human_bytes
 from embtier.client import Client
+from embtier.keys import hashed_rows
 
 from embtier_tools.loadgen import LoadGenerator, Workload
+
+
+def rows_of_keys(ids: np.ndarray, num_rows: int, key_space: str, seed: int) -> np.ndarray:
+    """The rows a recorded trace's ids (a keyed table records them raw) read: a hashed table's are
+    the hash; a managed table's the rows its ids would take in order of first appearance (its
+    first writes, approximately), so that a trace of more distinct ids than rows shares rows in
+    turn (the evictions the trace would cause are not modelled); a dense table's are the ids."""
+    if key_space == "hashed":
+        return hashed_rows(np.asarray(ids, dtype=np.int64), num_rows, seed)
+    if key_space != "managed":
+        return ids
+    _, first, inverse = np.unique(np.asarray(ids, dtype=np.int64), return_index=True, return_inverse=True)
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+    return rank[inverse] % num_rows
 
 
 def simulate_trace(args) -> None:
@@ -53,6 +69,7 @@ def simulate_trace(args) -> None:
     if min(drams + cxls) < 0 or bandwidth < 0:
         raise SystemExit("embtier simulate: --dram, --cxl and --budget take sizes (\"none\" is for `embtier policy`)")
     policies = args.policy or [meta.get("policy", "lfu")]
+    trace = rows_of_keys(trace, num_rows, meta.get("key_space", "dense"), int(meta.get("key_seed", 0)))
     intervals = -(-trace.size // per_interval)
     warmup = min(args.warmup_intervals, max(0, intervals - 1))
     measured = np.asarray(trace[warmup * per_interval:])

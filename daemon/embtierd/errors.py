@@ -41,6 +41,13 @@ class TierFullError(EmbtierError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class KeyspaceFullError(EmbtierError):
+    """A managed table has no row for a new id: every live id is protected (written or read within
+    the current or the previous epoch), so none may be evicted; nothing was written."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
 class RequestTooLargeError(EmbtierError):
     """A request over the configured limits (ids per request, message size)."""
 

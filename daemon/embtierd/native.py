@@ -10,6 +10,11 @@ becomes an EmbtierError whose message names the field and the offending value, s
 reaches C can crash the process or make it read or write past an array.  (The one input C takes
 on trust is the memory behind a chunk's address, set_chunk: the tiers' arenas.)
 
+A table's key space (set_keys, once, before it is shared) says how the ids of a lookup with
+by_key=True become rows: DENSE ids are rows, HASHED ids are hashed (hash_rows), MANAGED ids are
+looked up in the table's map of ids to rows, which only plan_keys / apply_keys change (the store
+plans a write's rows, logs them, then applies them).
+
 The placement map and the heat counters are C's, allocated with the table: NativeTable.loc is a
 read-only view of the map (placement changes only through publish, after write_slots copied the
 rows), NativeTable.heat a writable view of the counters (the tiering policy ages them in place).
@@ -18,6 +23,7 @@ Both views keep the C table alive as long as they live.  The cffi calls release 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -25,7 +31,13 @@ import numpy as np
 from embtier import wire
 
 from embtierd._native import ffi, lib
-from embtierd.errors import EmbtierError, InvalidArgumentError, NotFoundError, storage_error
+from embtierd.errors import (
+    EmbtierError,
+    InvalidArgumentError,
+    KeyspaceFullError,
+    NotFoundError,
+    storage_error,
+)
 from embtierd.topology import nodemask_words
 
 # the kernels' codes of embtier.wire's names (in the same order)
@@ -37,7 +49,14 @@ ISA_NAMES = {lib.ET_ISA_GENERIC: "generic", lib.ET_ISA_AVX2: "avx2", lib.ET_ISA_
 BUFFER_NAMES = {lib.ET_BUF_OUT: "out", lib.ET_BUF_TIER_ROWS: "tier_rows", lib.ET_BUF_PART_ROWS: "part_rows",
                 lib.ET_BUF_WEIGHTS: "weights", lib.ET_BUF_OUT_IDS: "out_ids", lib.ET_BUF_OUT_LENGTHS: "out_lengths",
                 lib.ET_BUF_OUT_WEIGHTS: "out_weights", lib.ET_BUF_ROWS: "rows", lib.ET_BUF_LOCS: "locs",
-                lib.ET_BUF_CODES: "codes", lib.ET_BUF_LO: "lo", lib.ET_BUF_SCALE: "scale"}
+                lib.ET_BUF_CODES: "codes", lib.ET_BUF_LO: "lo", lib.ET_BUF_SCALE: "scale",
+                lib.ET_BUF_FRESH: "fresh"}
+# the kernels' codes of the key spaces (embtierd.keys.space names them)
+KEY_SPACES = {"dense": lib.ET_KEYS_DENSE, "hashed": lib.ET_KEYS_HASHED, "managed": lib.ET_KEYS_MANAGED}
+# et_keys_stats' figures, by their names in keys_stats()
+KEY_STATS = {"live": lib.ET_KEYS_STAT_LIVE, "evictions": lib.ET_KEYS_STAT_EVICTIONS,
+             "map_bytes": lib.ET_KEYS_STAT_BYTES, "capacity": lib.ET_KEYS_STAT_CAPACITY,
+             "unknown": lib.ET_KEYS_STAT_UNKNOWN, "epoch": lib.ET_KEYS_STAT_EPOCH}
 
 
 def row_stride(dim: int, dtype: str) -> int:
@@ -180,41 +199,148 @@ class NativeTable:
         """The fabric part of each placement entry (uint8)."""
         return self.chunk_parts[locs >> self.chunk_shift]
 
+    # ---- key spaces ----
+
+    def set_keys(self, kind: str, seed: int = 0, epoch_seconds: float = 0.0) -> None:
+        """Sets the key space (a KEY_SPACES name), once, before the table is shared: HASHED hashes
+        with seed (an unsigned 64-bit value), MANAGED starts a new protection epoch every
+        epoch_seconds (0: only keys_epoch starts one) and keeps its last row as the default row."""
+        if kind not in KEY_SPACES:
+            raise InvalidArgumentError(f"key space {kind!r} is not one of {sorted(KEY_SPACES)}")
+        if not 0 <= seed < 1 << 64:
+            raise InvalidArgumentError(f"key seed {seed} is not an unsigned 64-bit value")
+        if not (math.isfinite(epoch_seconds) and 0 <= epoch_seconds < 1e9):
+            raise InvalidArgumentError(f"key epoch {epoch_seconds} s is not in [0, 1e9)")
+        rc = lib.et_table_set_keys(self._h, KEY_SPACES[kind], seed, int(epoch_seconds * 1e9))
+        if rc == lib.ET_E_NOMEM:
+            raise MemoryError(f"table {self.name!r}: cannot allocate the id map of {self.num_rows - 1} rows")
+        if rc == lib.ET_E_ARG:
+            raise InvalidArgumentError(f"table {self.name!r}: cannot make it {kind} (num_rows={self.num_rows}; "
+                                       f"a managed table needs 2 rows or more, and the key space is set once)")
+        self._check(rc, 0, "keys")
+
+    def plan_keys(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows int64, fresh bool): the row each id has after a write of ids, and whether it takes
+        it now (a new id of a managed table); changes nothing (but marks live ids touched).
+        KeyspaceFullError when a new id finds no row."""
+        require(ids, "ids", np.int64, 1)
+        rows = np.empty(ids.size, np.int64)
+        fresh = np.empty(ids.size, np.uint8)
+        err = ffi.new("int64_t *")
+        rc = lib.et_keys_plan(self._h, _ptr("int64_t *", ids), ids.size, _wptr("int64_t *", rows), rows.size,
+                              _wptr("uint8_t *", fresh), fresh.size, err)
+        if rc == lib.ET_E_FULL:
+            stats = self.keys_stats()
+            raise KeyspaceFullError(
+                f"table {self.name!r} has no row for ids[{err[0]}] = {int(ids[err[0]])}: all {stats['capacity']} "
+                f"rows of its capacity hold ids written or read within the last two epochs, which are never "
+                f"evicted; create the table with more rows, or write fewer new ids per epoch")
+        self._check(rc, err[0], "ids", ids, buffers={"rows": rows, "fresh": fresh})
+        return rows, fresh.view(np.bool_)
+
+    def apply_keys(self, ids: np.ndarray, rows: np.ndarray) -> int:
+        """Makes rows[i] the row of ids[i] in a managed table's map (a plan's rows, or a replayed
+        record's); returns how many ids were evicted."""
+        require(ids, "ids", np.int64, 1)
+        require(rows, "rows", np.int64, 1)
+        evicted = ffi.new("int64_t *")
+        err = ffi.new("int64_t *", -1)  # (left -1 by the checks that name no position)
+        rc = lib.et_keys_apply(self._h, _ptr("int64_t *", ids), _ptr("int64_t *", rows), ids.size, rows.size,
+                               evicted, err)
+        if rc == lib.ET_E_ID_RANGE:
+            raise InvalidArgumentError(f"table {self.name!r}: rows[{err[0]}] = {int(rows[err[0]])} cannot be given "
+                                       f"to an id (capacity {self.keys_stats()['capacity']}, "
+                                       f"{self.keys_stats()['live']} rows live)")
+        if rc == lib.ET_E_ARG and ids.size == rows.size and 0 <= err[0] < ids.size:
+            raise InvalidArgumentError(f"table {self.name!r}: ids[{err[0]}] = {int(ids[err[0]])} cannot take "
+                                       f"rows[{err[0]}] = {int(rows[err[0]])}: the id or the row is given twice, "
+                                       f"or the id holds another row")
+        if rc == lib.ET_E_ARG:
+            raise InvalidArgumentError(f"table {self.name!r} is not managed: its map cannot be changed")
+        self._check(rc, err[0], "ids", buffers={"rows": rows})
+        return int(evicted[0])
+
+    def keys_stats(self) -> dict[str, int]:
+        """The managed map's figures (all 0 for other key spaces): live, evictions, map_bytes,
+        capacity, unknown (ids counted by lookups), epoch."""
+        stats = np.zeros(lib.ET_KEYS_STATS, np.int64)
+        self._check(lib.et_keys_stats(self._h, _wptr("int64_t *", stats), stats.size), 0, "keys")
+        return {name: int(stats[i]) for name, i in KEY_STATS.items()}
+
+    @property
+    def keys_of_rows(self) -> np.ndarray:
+        """A read-only view of the id of each live row of a managed table (empty otherwise), valid
+        until the map next changes: a copy is taken by whoever keeps it (checkpoints do)."""
+        entries = ffi.new("int64_t *")
+        ptr = lib.et_keys_of_rows(self._h, entries)
+        if ptr == ffi.NULL or entries[0] == 0:
+            return np.zeros(0, np.int64)
+        view = np.frombuffer(ffi.buffer(ptr, entries[0] * 8), np.int64)
+        view.flags.writeable = False
+        return view
+
+    def load_keys(self, keys: np.ndarray) -> None:
+        """Restores a managed map: keys[i] is the id of row i (live rows [0, len(keys)))."""
+        require(keys, "keys", np.int64, 1)
+        err = ffi.new("int64_t *", -1)  # (left -1 by the checks that name no position)
+        rc = lib.et_keys_load(self._h, _ptr("int64_t *", keys), keys.size, err)
+        if rc == lib.ET_E_ID_RANGE:
+            raise InvalidArgumentError(f"table {self.name!r}: {keys.size} ids do not fit its {err[0]} rows")
+        if rc == lib.ET_E_ARG and 0 <= err[0] < keys.size:
+            raise InvalidArgumentError(f"table {self.name!r}: keys[{err[0]}] = {int(keys[err[0]])} is given twice")
+        if rc == lib.ET_E_ARG:
+            raise InvalidArgumentError(f"table {self.name!r} is not managed: it has no map to load")
+        self._check(rc, err[0], "keys")
+
+    def keys_epoch(self) -> None:
+        """Starts a new protection epoch of a managed table now."""
+        self._check(lib.et_keys_epoch(self._h), 0, "keys")
+
+    # ---- lookups ----
+
     def gather(self, ids: np.ndarray, out: np.ndarray, tier_rows: np.ndarray | None = None,
-               part_rows: np.ndarray | None = None) -> None:
-        """out = rows of ids; tier_rows (int64 [3], optional) receives the rows served per tier,
-        part_rows (int64 [nparts], optional) per fabric part."""
+               part_rows: np.ndarray | None = None, by_key: bool = False, unknown: np.ndarray | None = None) -> None:
+        """out = rows of ids (keys, with by_key: see the module's doc); tier_rows (int64 [3],
+        optional) receives the rows served per tier, part_rows (int64 [nparts], optional) per fabric
+        part, unknown (int64 [1], optional) the managed ids with no row (served the default row)."""
         require(ids, "ids", np.int64, 1)
         require(out, "out", np.float32, writable=True)
         _optional(tier_rows, "tier_rows", np.int64, writable=True)
         _optional(part_rows, "part_rows", np.int64, writable=True)
+        _optional(unknown, "unknown", np.int64, writable=True)
         err = ffi.new("int64_t *")
         rc = lib.et_gather(self._h, _ptr("int64_t *", ids), ids.size, _wptr("float *", out), out.size,
                            _wptr("int64_t *", tier_rows), _size(tier_rows), _wptr("int64_t *", part_rows),
-                           _size(part_rows), err)
-        self._check(rc, err[0], "ids", ids, buffers={"out": out, "tier_rows": tier_rows, "part_rows": part_rows})
+                           _size(part_rows), int(by_key), _unknown_ptr(unknown), err)
+        self._check(rc, err[0], "ids", ids, buffers={"out": out, "tier_rows": tier_rows, "part_rows": part_rows},
+                    by_key=by_key)
 
     def pool(self, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, mode: int,
-             out: np.ndarray, tier_rows: np.ndarray | None = None, part_rows: np.ndarray | None = None) -> None:
+             out: np.ndarray, tier_rows: np.ndarray | None = None, part_rows: np.ndarray | None = None,
+             by_key: bool = False, unknown: np.ndarray | None = None) -> None:
         """out[b] = rows of bag b (lengths[b] ids each) pooled by mode (a POOL_MODES value), weighted
-        when weights (one per id) are given; tier_rows and part_rows as for gather."""
+        when weights (one per id) are given; tier_rows, part_rows, by_key and unknown as for gather."""
         require(ids, "ids", np.int64, 1)
         require(lengths, "lengths", np.int32, 1)
         _optional(weights, "weights", np.float32, 1)
         require(out, "out", np.float32, writable=True)
         _optional(tier_rows, "tier_rows", np.int64, writable=True)
         _optional(part_rows, "part_rows", np.int64, writable=True)
+        _optional(unknown, "unknown", np.int64, writable=True)
         err = ffi.new("int64_t *")
         rc = lib.et_pool(self._h, _ptr("int64_t *", ids), ids.size, _ptr("int32_t *", lengths), lengths.size,
                          _ptr("float *", weights), _size(weights), mode, _wptr("float *", out), out.size,
                          _wptr("int64_t *", tier_rows), _size(tier_rows), _wptr("int64_t *", part_rows),
-                         _size(part_rows), err)
+                         _size(part_rows), int(by_key), _unknown_ptr(unknown), err)
         self._check(rc, err[0], "ids", ids, lengths, buffers={"out": out, "weights": weights,
-                                                              "tier_rows": tier_rows, "part_rows": part_rows})
+                                                              "tier_rows": tier_rows, "part_rows": part_rows},
+                    by_key=by_key)
 
     def partition(self, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, out_ids: np.ndarray,
-                  out_lengths: np.ndarray, out_weights: np.ndarray | None, part_rows: np.ndarray) -> None:
-        """Orders ids by (fabric part, bag): see et_partition."""
+                  out_lengths: np.ndarray, out_weights: np.ndarray | None, part_rows: np.ndarray,
+                  by_key: bool = False, unknown: np.ndarray | None = None) -> None:
+        """Orders ids by (fabric part, bag): see et_partition (out_ids are rows: pool them with
+        by_key False); by_key and unknown as for gather."""
         require(ids, "ids", np.int64, 1)
         require(lengths, "lengths", np.int32, 1)
         _optional(weights, "weights", np.float32, 1)
@@ -222,14 +348,16 @@ class NativeTable:
         require(out_lengths, "out_lengths", np.int32, writable=True)
         _optional(out_weights, "out_weights", np.float32, writable=True)
         require(part_rows, "part_rows", np.int64, writable=True)
+        _optional(unknown, "unknown", np.int64, writable=True)
         err = ffi.new("int64_t *")
         rc = lib.et_partition(self._h, _ptr("int64_t *", ids), ids.size, _ptr("int32_t *", lengths), lengths.size,
                               _ptr("float *", weights), _size(weights), _wptr("int64_t *", out_ids), out_ids.size,
                               _wptr("int32_t *", out_lengths), out_lengths.size, _wptr("float *", out_weights),
-                              _size(out_weights), _wptr("int64_t *", part_rows), part_rows.size, err)
+                              _size(out_weights), _wptr("int64_t *", part_rows), part_rows.size, int(by_key),
+                              _unknown_ptr(unknown), err)
         self._check(rc, err[0], "ids", ids, lengths,
                     buffers={"weights": weights, "out_ids": out_ids, "out_lengths": out_lengths,
-                             "out_weights": out_weights, "part_rows": part_rows})
+                             "out_weights": out_weights, "part_rows": part_rows}, by_key=by_key)
 
     def write_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """Stores encoded rows (uint8, stride bytes each) at the homes of ids."""
@@ -266,8 +394,9 @@ class NativeTable:
 
     def _check(self, rc: int, pos: int, field: str, ids: np.ndarray | None = None,
                lengths: np.ndarray | None = None, locs: np.ndarray | None = None,
-               buffers: dict[str, np.ndarray | None] | None = None) -> None:
-        """Raises the EmbtierError of a kernel's return code; pos is its *err_pos, field what it names."""
+               buffers: dict[str, np.ndarray | None] | None = None, by_key: bool = False) -> None:
+        """Raises the EmbtierError of a kernel's return code; pos is its *err_pos, field what it names
+        (by_key: ids were keys, so a placement entry is the one of the row a key maps to)."""
         if rc == lib.ET_OK:
             return
         where = f"table {self.name!r}"
@@ -289,6 +418,9 @@ class NativeTable:
             raise storage_error(OSError(pos, os.strerror(pos)), "the SCM file", f"{where}: SCM I/O")
         if rc == lib.ET_E_LOCATION and locs is not None:  # (publish, write_slots: *err_pos is in locs)
             raise EmbtierError(f"{where}: locs[{pos}] = {self._entry(int(locs[pos]))} names no slot with storage")
+        if rc == lib.ET_E_LOCATION and (by_key or not 0 <= int(ids[pos]) < self.num_rows):
+            raise EmbtierError(f"{where}: {field}[{pos}] = {int(ids[pos])} maps to a row whose home has no storage "
+                               f"(placement map corrupt)")
         if rc == lib.ET_E_LOCATION:
             raise EmbtierError(f"{where}: {field}[{pos}] has a home with no storage (id {int(ids[pos])} at "
                                f"{self._entry(int(self.loc[ids[pos]]))}: placement map corrupt)")
@@ -299,6 +431,25 @@ class NativeTable:
     def _entry(self, entry: int) -> str:
         """A placement entry, spelt out."""
         return f"{entry:#x} (tier {entry >> self.tier_shift}, slot {entry & ((1 << self.tier_shift) - 1)})"
+
+
+def _unknown_ptr(unknown: np.ndarray | None):
+    """The C pointer of an unknown-ids counter (int64 [1]), or NULL."""
+    if unknown is not None and unknown.size != 1:
+        raise InvalidArgumentError(f"unknown must hold one int64 counter, got {unknown.size}")
+    return _wptr("int64_t *", unknown)
+
+
+def hash_rows(ids: np.ndarray, seed: int, num_rows: int) -> np.ndarray:
+    """The HASHED rows of ids for seed and num_rows (what a hashed table's lookups read)."""
+    require(ids, "ids", np.int64, 1)
+    if not 0 <= seed < 1 << 64:
+        raise InvalidArgumentError(f"key seed {seed} is not an unsigned 64-bit value")
+    rows = np.empty(ids.size, np.int64)
+    rc = lib.et_hash_rows(_ptr("int64_t *", ids), ids.size, seed, num_rows, _wptr("int64_t *", rows), rows.size)
+    if rc != lib.ET_OK:
+        raise InvalidArgumentError(f"cannot hash onto num_rows={num_rows} (1 to {1 << 32})")
+    return rows
 
 
 def _strerror(errno_value: int) -> str:

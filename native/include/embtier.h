@@ -18,8 +18,8 @@
  * lookups and et_partition check an entry as they reach it, so their
  * outputs are then unspecified; the calls that store rows or entries check
  * them all first).
- * Single-value out-parameters (err_pos, err, entries) must point at one
- * value.
+ * Single-value out-parameters (err_pos, err, entries, evicted; unknown when
+ * not NULL) must point at one value.
  */
 
 #define ET_OK 0
@@ -32,8 +32,11 @@
 #define ET_E_LOCATION -7   /* a placement entry names no slot with storage (a tier >= ET_NUM_TIERS, a chunk
                               >= max_chunks or without storage, a slot past its chunk's storage);
                               *err_pos = the position of the id (or of the entry in locs) */
-#define ET_E_SIZE -8       /* a buffer is smaller than the call needs (or, for weights and locs, does not
-                              hold one entry per id); *err_pos, in calls that have it, = the buffer's ET_BUF_* */
+#define ET_E_SIZE -8       /* a buffer is smaller than the call needs (or, for weights, locs and et_keys_apply's
+                              rows, does not hold one entry per id); *err_pos, in calls that have it, = the
+                              buffer's ET_BUF_* */
+#define ET_E_FULL -9       /* a MANAGED table has no row for a new id: every live id is protected (written or read
+                              within the current or the previous epoch); *err_pos = the position of that id */
 
 /* The buffers an ET_E_SIZE names (by their parameter names). */
 #define ET_BUF_OUT 1
@@ -48,6 +51,7 @@
 #define ET_BUF_CODES 10
 #define ET_BUF_LO 11
 #define ET_BUF_SCALE 12
+#define ET_BUF_FRESH 13
 
 #define ET_DTYPE_F32 0
 #define ET_DTYPE_F16 1
@@ -167,33 +171,46 @@ int et_table_set_chunk_part(et_table *t, int32_t tier, int64_t chunk, int32_t pa
 const uint8_t *et_table_chunk_parts(et_table *t, int64_t *entries);
 
 /* ---- kernels ------------------------------------------------------------ */
+/* The lookups take by_key (0 or 1, else ET_E_ARG): with 1, ids are the
+ * table's keys, translated to rows by its key space (et_table_set_keys:
+ * DENSE ids are rows and are checked as such, HASHED and MANAGED take any
+ * int64); with 0 they are rows, checked against num_rows.  unknown (NULL,
+ * or one value) receives, on success, how many ids were unknown: MANAGED
+ * ids never written or evicted, which read the default row (num_rows - 1)
+ * and are counted, never inserted (0 for other key spaces and by_key 0).
+ * Heat is counted for the rows read, the default row's too; a keyed lookup
+ * of a MANAGED table marks the rows of the known ids it read as touched. */
+
 /* out (out_len floats, at least n * dim) = rows of ids[n].  tier_rows (NULL,
  * or tier_rows_len >= ET_NUM_TIERS) receives how many of the rows were
  * served from each tier, part_rows (NULL, or part_rows_len >= nparts once
  * et_table_set_parts ran) how many from each fabric part. */
 int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t out_len, int64_t *tier_rows,
-              int64_t tier_rows_len, int64_t *part_rows, int64_t part_rows_len, int64_t *err_pos);
+              int64_t tier_rows_len, int64_t *part_rows, int64_t part_rows_len, int32_t by_key, int64_t *unknown,
+              int64_t *err_pos);
 /* out (out_len floats, at least bags * dim) = pooled rows; lengths[bags] sum
  * to n; weights NULL or weights_len == n.  mode ET_POOL_*: sum (of w*x),
  * mean (sum / length), max (of w*x).  Empty bags are zeros.  tier_rows and
  * part_rows as for et_gather. */
 int et_pool(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
             const float *weights, int64_t weights_len, int32_t mode, float *out, int64_t out_len,
-            int64_t *tier_rows, int64_t tier_rows_len, int64_t *part_rows, int64_t part_rows_len,
-            int64_t *err_pos);
+            int64_t *tier_rows, int64_t tier_rows_len, int64_t *part_rows, int64_t part_rows_len, int32_t by_key,
+            int64_t *unknown, int64_t *err_pos);
 /* Orders a request's positions by (fabric part, bag) for pooling per part, on
  * the calling thread (a counting sort: two passes over the ids):
  * out_ids (>= n) and, when weights is given (weights_len == n), out_weights
- * (>= n) hold the ids of part 0's rows bag by bag, then part 1's, ...;
+ * (>= n) hold the rows (never keys: pool them with by_key 0) of part 0 bag
+ * by bag, then part 1's, ...;
  * out_lengths (>= nparts * bags) how many of bag b's ids are on part p, at
  * [p * bags + b]; part_rows (>= nparts) how many ids each part got.
  * Pooling out_ids over the nparts * bags lengths gives every part's partial
  * of every bag.  Checks ids, lengths and placement entries like et_pool, but
- * counts no heat (the pooling call that follows does). */
+ * counts no heat (the pooling call that follows does); it counts unknown
+ * ids and marks touched rows as a keyed lookup does. */
 int et_partition(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
                  const float *weights, int64_t weights_len, int64_t *out_ids, int64_t out_ids_len,
                  int32_t *out_lengths, int64_t out_lengths_len, float *out_weights, int64_t out_weights_len,
-                 int64_t *part_rows, int64_t part_rows_len, int64_t *err_pos);
+                 int64_t *part_rows, int64_t part_rows_len, int32_t by_key, int64_t *unknown, int64_t *err_pos);
 /* Stores n already-encoded rows (rows_bytes >= n * stride) at the homes of
  * ids; a later duplicate id wins.  Readers never see a half-written row. */
 int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t rows_bytes,
@@ -213,6 +230,99 @@ int et_write_slots(et_table *t, const uint32_t *locs, int64_t n, const uint8_t *
                    int64_t *err_pos);
 int et_publish(et_table *t, const int64_t *ids, int64_t ids_len, const uint32_t *locs, int64_t locs_len,
                int64_t *err_pos);
+
+/* ---- key spaces ---------------------------------------------------------- */
+/* How a table's ids (keys) become rows, set once per table before it is
+ * shared (DENSE until then):
+ *  DENSE    ids are rows, in [0, num_rows).
+ *  HASHED   any int64 id; row = (fmix64(id + seed * 0x9E3779B97F4A7C15)
+ *           * num_rows) >> 64 (a 128-bit product; fmix64 is MurmurHash3's
+ *           finalizer, all arithmetic mod 2^64), as clients/embtier/keys.py.
+ *  MANAGED  any int64 id (INT64_MIN and INT64_MAX too).  Row num_rows - 1
+ *           is the default row, which unknown ids read and no id is given;
+ *           rows [0, capacity), capacity = num_rows - 1, are given to ids:
+ *           each distinct id gets its own row on its first write (plan,
+ *           then apply), never-used rows in order 0, 1, 2, ... (so the live
+ *           rows are always [0, live)), then, once capacity ids are live,
+ *           the row of the coldest unprotected live id (lowest heat), which
+ *           is forgotten (evicted).  An id is protected while it was written
+ *           or read by a keyed lookup within the current or the previous
+ *           epoch; the first plan or keyed lookup once epoch_ns have passed
+ *           since the epoch began (the clock is read once per call; 0 =
+ *           never by time) starts a new one (two, which protects no row,
+ *           once 2 epoch_ns have passed), and so does et_keys_epoch.
+ *           The map is keys[capacity] (the id of each live row), an index of
+ *           uint32 buckets (linear probing, 15/8 capacity + 1 of them, each
+ *           a row number with bits of the id's hash above it), one bit a row
+ *           for each of the two epochs and for the rows a plan in progress
+ *           chose, and a pool of eviction candidates (capacity / 64 + 1
+ *           rows): 15.9375 bytes a row of capacity and at most 40 more, so
+ *           under 16 from 1024 rows on (et_keys_stats
+ *           reports them).  Ids take rows only in
+ *           et_keys_apply, under the table's write lock; lookups read the
+ *           map under the read lock. */
+#define ET_KEYS_DENSE 0
+#define ET_KEYS_HASHED 1
+#define ET_KEYS_MANAGED 2
+/* Once, before the table is shared: ET_E_ARG for an unknown key space, a
+ * negative epoch_ns, a second call, or MANAGED with num_rows < 2; ET_E_NOMEM
+ * when the map cannot be allocated. */
+int et_table_set_keys(et_table *t, int32_t key_space, uint64_t seed, int64_t epoch_ns);
+/* For each of ids[n], the row it has after a write of the batch: rows
+ * (rows_len >= n) and fresh (fresh_len >= n, 1 or 0).  MANAGED: a live id's
+ * own row (fresh 0); a new id the row it would take (fresh 1, for each of
+ * its duplicates too, which get the same row): the next never-used row,
+ * else the coldest unprotected live row that is not the row of an id of
+ * this batch nor already taken by another new id of it.  It changes
+ * nothing a reader or a later plan sees, except that the live ids of the
+ * batch count as touched (protected), even when it fails.  ET_E_FULL when a
+ * new id finds no row: *err_pos = its position, and nothing is planned.
+ * HASHED: rows = the hash, fresh all 0; DENSE: rows = ids (ET_E_ID_RANGE,
+ * *err_pos = its position, for one outside [0, num_rows)), fresh all 0.
+ * Two plans of one table never run at once (a mutex; the store also plans
+ * under its own lock, as a plan is only meaningful until the next apply). */
+int et_keys_plan(et_table *t, const int64_t *ids, int64_t n, int64_t *rows, int64_t rows_len, uint8_t *fresh,
+                 int64_t fresh_len, int64_t *err_pos);
+/* MANAGED only (ET_E_ARG otherwise): makes rows[i] (rows_len == n, else
+ * ET_E_SIZE) the row of ids[i], in order, under the table's write lock; an
+ * id that held the row before is forgotten (counted in *evicted and in the
+ * table's evictions).  What a write-ahead log replay re-applies, so any
+ * rows are taken that keep the live rows [0, live): a row < live replaces
+ * its id, a row == live extends the live set.  Checked first, position by
+ * position, before anything changes: a row < 0, >= capacity or > the live
+ * rows so far ET_E_ID_RANGE; an id given two rows, a row given two ids, or
+ * an id live (before the call) at another row ET_E_ARG; *err_pos = the
+ * position.  Duplicates (the same id with the same row) are fine.  Marks
+ * the rows touched. */
+int et_keys_apply(et_table *t, const int64_t *ids, const int64_t *rows, int64_t n, int64_t rows_len,
+                  int64_t *evicted, int64_t *err_pos);
+/* stats (stats_len >= ET_KEYS_STATS, else ET_E_SIZE) = the map's figures, in
+ * the order of ET_KEYS_STAT_* (counts since the table was made or its keys
+ * loaded); all 0 for a table that is not MANAGED. */
+#define ET_KEYS_STAT_LIVE 0      /* ids with a row now */
+#define ET_KEYS_STAT_EVICTIONS 1 /* ids forgotten for new ones */
+#define ET_KEYS_STAT_BYTES 2     /* bytes the map allocated: keys, index, epoch bits, candidate pool */
+#define ET_KEYS_STAT_CAPACITY 3  /* rows ids can have: num_rows - 1 */
+#define ET_KEYS_STAT_UNKNOWN 4   /* unknown ids counted by successful lookups */
+#define ET_KEYS_STAT_EPOCH 5     /* protection epochs begun */
+#define ET_KEYS_STATS 6
+int et_keys_stats(et_table *t, int64_t *stats, int64_t stats_len);
+/* The id of each live row, *entries (= live) of them, read-only for the
+ * caller (checkpoints), valid until the next et_keys_apply or et_keys_load
+ * (the caller keeps them out while it reads); NULL (with *entries 0) for a
+ * table that is not MANAGED. */
+const int64_t *et_keys_of_rows(et_table *t, int64_t *entries);
+/* Restore (MANAGED only, else ET_E_ARG): the live rows become [0, n) with
+ * keys[i] the id of row i; evictions, unknown ids and epochs restart from 0
+ * with no id protected.  n > capacity: ET_E_ID_RANGE (*err_pos = capacity);
+ * a key given twice: ET_E_ARG (*err_pos = its second position); then
+ * ET_E_DROPPED.  Nothing changes on an error. */
+int et_keys_load(et_table *t, const int64_t *keys, int64_t n, int64_t *err_pos);
+/* Starts a new protection epoch now (nothing to do for a table that is not MANAGED). */
+int et_keys_epoch(et_table *t);
+/* rows (rows_len >= n, else ET_E_SIZE) = the HASHED rows of any ids[n] for
+ * seed and num_rows (1 to 2^32, else ET_E_ARG). */
+int et_hash_rows(const int64_t *ids, int64_t n, uint64_t seed, int64_t num_rows, int64_t *rows, int64_t rows_len);
 
 /* ---- process-wide ------------------------------------------------------- */
 /* Worker threads that split the bags of one call (1 = the caller alone). */

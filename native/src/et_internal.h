@@ -1,5 +1,6 @@
-/* Internal structures of the embtier kernels: the table handle, the SCM
- * staging of one request, and the thread pool interface. */
+/* Internal structures of the embtier kernels: the table handle, the map of
+ * a MANAGED table's ids, the SCM staging of one request, and the thread
+ * pool interface. */
 #ifndef ET_INTERNAL_H
 #define ET_INTERNAL_H
 
@@ -30,6 +31,40 @@ typedef struct {
     uint32_t stride;      /* bytes per stored row */
 } et_map;
 
+/* A MANAGED table's map of ids to rows (keys.c), in one mapping: keys, index, epoch bits, candidate pool.
+ * Lookups read keys and index under the table's read lock and set bits in touched[epoch & 1];
+ * et_keys_apply and et_keys_load change them under the write lock, the epoch advances under it too. */
+typedef struct {
+    int64_t *key;          /* [capacity]: the id of live row r (r < live) */
+    uint32_t *index;       /* [buckets]: ET_KEYS_EMPTY, or the row of a live id with bits of its hash above it
+                              (tag): linear probing from et_keys_home, no tombstones (backward-shift deletion) */
+    _Atomic uint64_t *touched[2]; /* [words] each, bit r % 64 of word r / 64 for row r: touched[epoch & 1] holds
+                                     the current epoch's rows, the other the previous epoch's */
+    uint64_t *chosen;      /* [words]: rows the plan in progress gave to new ids (et_keys_plan's alone) */
+    uint32_t *pool;        /* [pool_cap]: eviction candidates by heat, coldest first (et_keys_plan's alone) */
+    uint64_t buckets;
+    uint32_t row_mask;     /* a bucket's row: bucket & row_mask; its tag: the bits above */
+    int64_t capacity;
+    int64_t words;         /* of each touched bitmap: (capacity + 63) / 64 */
+    int64_t live;          /* ids with a row: rows [0, live) */
+    int64_t evictions;
+    atomic_int_least64_t unknown; /* unknown ids counted by successful lookups */
+    uint64_t epoch;        /* epochs begun (changed under the write lock) */
+    int64_t epoch_ns;      /* length of an epoch (0: only et_keys_epoch starts one) */
+    atomic_int_least64_t epoch_start_ns; /* when the current epoch began (CLOCK_MONOTONIC) */
+    uint64_t bytes;        /* of the mapping: what et_keys_stats reports */
+    uint64_t mapped;       /* the mapping's size as requested from et_mem_map */
+    /* the candidate pool: unprotected live rows of the lowest heat when it was filled, pool[pos, len)
+     * left, by heat: pool[level_start[h], level_start[h + 1]) had heat h */
+    int64_t pool_cap, pool_pos, pool_len;
+    uint64_t pool_epoch;   /* the epoch it was filled in: a new epoch makes it stale */
+    uint32_t pool_level;   /* heat of pool[pool_pos] when filled */
+    uint32_t level_start[257];
+    pthread_mutex_t plan_lock; /* one plan at a time: the pool is the plans' */
+} et_keymap;
+
+#define ET_KEYS_EMPTY UINT32_MAX /* an empty bucket: a row field of all ones, which no row has */
+
 struct et_table {
     int64_t num_rows;
     int32_t dim;
@@ -52,10 +87,67 @@ struct et_table {
     int32_t heat_mask;     /* count an access when ((position + salt) & heat_mask) == 0 */
     int32_t prefetch;
     uint32_t cxl_delay_ns; /* injected latency per CXL row served by a lookup (0 = off) */
+    int32_t key_space;     /* ET_KEYS_*: how lookups by key and plans translate ids */
+    int32_t keys_set;      /* et_table_set_keys ran */
+    uint64_t key_mix;      /* HASHED: seed * 0x9E3779B97F4A7C15 */
+    et_keymap *keys;       /* MANAGED: the map; NULL otherwise */
     atomic_int dropped;
-    pthread_rwlock_t lock; /* readers: lookups, raw reads, et_partition; writers: row writes, publish,
-                              chunk and chunk-part setters, SCM file, dirty take, drop */
+    pthread_rwlock_t lock; /* readers: lookups, raw reads, et_partition, plans; writers: row writes, publish,
+                              chunk and chunk-part setters, SCM file, dirty take, drop, key applies and loads,
+                              epoch changes */
 };
+
+/* ---- keys (keys.c) ---- */
+
+/* MurmurHash3's 64-bit finalizer. */
+static inline uint64_t et_fmix64(uint64_t x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    return x ^ (x >> 33);
+}
+
+/* (x * n) >> 64: x mapped onto [0, n) by a multiply-shift. */
+static inline uint64_t et_mulhi(uint64_t x, uint64_t n) { return (uint64_t)(((unsigned __int128)x * n) >> 64); }
+
+/* The HASHED row of id (clients/embtier/keys.py). */
+static inline int64_t et_hash_row(int64_t id, uint64_t mix, int64_t num_rows) {
+    return (int64_t)et_mulhi(et_fmix64((uint64_t)id + mix), (uint64_t)num_rows);
+}
+
+/* The index's hash of id, its home bucket and its tag (the hash bits a bucket keeps above the row:
+ * bits the home bucket does not depend on, as buckets < 2^33 take the top bits of h). */
+static inline uint64_t et_keys_hash(int64_t id) { return et_fmix64((uint64_t)id); }
+static inline uint64_t et_keys_home(const et_keymap *m, uint64_t h) { return et_mulhi(h, m->buckets); }
+static inline uint32_t et_keys_tag(const et_keymap *m, uint64_t h) { return (uint32_t)h & ~m->row_mask; }
+
+/* The row of id (hash h) in the map, or -1 when it has none. */
+static inline int64_t et_keys_find(const et_keymap *m, int64_t id, uint64_t h) {
+    const uint32_t tag = et_keys_tag(m, h);
+    for (uint64_t i = et_keys_home(m, h);;) {
+        const uint32_t b = m->index[i];
+        if (b == ET_KEYS_EMPTY) return -1;
+        if ((b & ~m->row_mask) == tag && m->key[b & m->row_mask] == id) return b & m->row_mask;
+        if (++i == m->buckets) i = 0;
+    }
+}
+
+/* Marks row r touched in bitmap bits (tested first: a row read again leaves its line clean). */
+static inline void et_keys_touch(_Atomic uint64_t *bits, int64_t r) {
+    const uint64_t bit = (uint64_t)1 << (r & 63);
+    if (!(atomic_load_explicit(&bits[r >> 6], memory_order_relaxed) & bit))
+        atomic_fetch_or_explicit(&bits[r >> 6], bit, memory_order_relaxed);
+}
+
+/* Before a plan or a keyed lookup of a MANAGED table takes its lock: starts a new epoch when the
+ * current one is over (reads the clock once). */
+void et_keys_tick(et_table *t);
+/* rows[p] = the row of keys[p] for p in [p0, p1) by the table's key space (HASHED or MANAGED; under
+ * the read lock), unknown MANAGED ids the default row, the rows of known ones marked touched;
+ * returns how many were unknown. */
+int64_t et_keys_translate(const et_table *t, const int64_t *keys, int64_t *rows, int64_t p0, int64_t p1);
+void et_keys_free(et_keymap *m);
 
 /* Rows per 4 KiB SCM block (0 when a row spans several blocks). */
 static inline int64_t et_scm_rows_per_block(int32_t stride) {

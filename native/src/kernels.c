@@ -54,6 +54,9 @@ typedef struct {
     uint32_t salt;
     int phase;             /* ET_PHASE_*: what run_part does */
     int count_heat;        /* lookups count accesses; raw reads do not */
+    const int64_t *keys;   /* a keyed lookup of a HASHED or MANAGED table: the keys, which each part
+                              translates into ids (the rows) before it resolves them; NULL otherwise */
+    int64_t unknown[ET_MAX_PARTS]; /* per part: keys with no row (MANAGED), read from the default row */
     const uint8_t **rows;  /* [n]: bytes of the row at each position, set by the resolve phase */
     int64_t scm_rows[ET_MAX_PARTS]; /* per part: positions left for the SCM batch (rows[p] == NULL) */
     int64_t tier_rows[ET_MAX_PARTS][ET_NUM_TIERS]; /* per part: rows served from each tier */
@@ -357,6 +360,9 @@ static void inject_cxl_delay(const et_call *c, int part) {
 static void run_part(void *arg, int part, int parts) {
     (void)parts;
     et_call *c = arg;
+    if (c->keys && (c->phase & (ET_PHASE_RESOLVE | ET_PHASE_FUSED))) /* a part reads only its own positions */
+        c->unknown[part] = et_keys_translate(c->t, c->keys, (int64_t *)c->ids, c->pos_start[part],
+                                             c->pos_start[part + 1]);
     if (c->count_heat && (c->phase & (ET_PHASE_RESOLVE | ET_PHASE_FUSED)))
         count_range(c, c->pos_start[part], c->pos_start[part + 1]);
     if (c->phase & ET_PHASE_RESOLVE) {
@@ -472,13 +478,14 @@ static int resolve_all(et_call *c, int parts, void **staging, int64_t *err_pos) 
     return rc;
 }
 
-/* Checks a lookup's pointers and buffer sizes: out holds bags x dim floats, weights one per id,
- * tier_rows and part_rows a count per tier and per fabric part. */
+/* Checks a lookup's arguments (by_key 0 or 1) and buffer sizes: out holds bags x dim floats, weights
+ * one per id, tier_rows and part_rows a count per tier and per fabric part. */
 static int check_lookup(const et_call *c, int64_t bags, int64_t weights_len, int64_t out_len,
                         const int64_t *tier_rows, int64_t tier_rows_len, const int64_t *part_rows,
-                        int64_t part_rows_len, int64_t *err_pos) {
+                        int64_t part_rows_len, int32_t by_key, int64_t *err_pos) {
     const et_table *t = c->t;
-    if (bags < 0 || c->n < 0 || (c->n > 0 && !c->ids) || (bags > 0 && !c->out) || (part_rows && !t->chunk_part))
+    if (bags < 0 || c->n < 0 || (c->n > 0 && !c->ids) || (bags > 0 && !c->out) || (part_rows && !t->chunk_part) ||
+        (uint32_t)by_key > 1)
         return ET_E_ARG;
     if (c->weights && weights_len != c->n) return size_error(ET_BUF_WEIGHTS, err_pos);
     if (!et_holds(out_len, bags, t->dim)) return size_error(ET_BUF_OUT, err_pos);
@@ -487,21 +494,34 @@ static int check_lookup(const et_call *c, int64_t bags, int64_t weights_len, int
     return ET_OK;
 }
 
-static int run_lookup(et_call *c, int64_t bags, int64_t *part_rows, int64_t *err_pos) {
+/* Whether a lookup with by_key (0 or 1, checked with the other arguments) translates its ids: a
+ * HASHED or MANAGED table's keys. */
+static int translates(const et_table *t, int32_t by_key) { return by_key && t->key_space != ET_KEYS_DENSE; }
+
+static int run_lookup(et_call *c, int64_t bags, int32_t by_key, int64_t *unknown, int64_t *part_rows,
+                      int64_t *err_pos) {
     et_table *t = c->t;
-    int rc = check_ids(c->ids, c->n, t->num_rows, err_pos);
+    const int translate = translates(t, by_key);
+    int rc = translate ? ET_OK : check_ids(c->ids, c->n, t->num_rows, err_pos);
     if (rc) return rc;
     int parts = plan_parts(c->n);
     rc = split_bags(c, bags, parts, err_pos);
     if (rc) return rc;
+    int64_t *translated = NULL;
+    if (translate) {
+        translated = malloc((size_t)(c->n > 0 ? c->n : 1) * sizeof *translated);
+        if (!translated) return ET_E_NOMEM;
+        c->keys = c->ids;
+        c->ids = translated;
+        if (t->keys) et_keys_tick(t);
+    }
     c->rows = malloc((size_t)(c->n > 0 ? c->n : 1) * sizeof *c->rows);
-    if (!c->rows) return ET_E_NOMEM;
-    if (part_rows) {
-        c->part_rows = calloc((size_t)parts * (size_t)t->nparts, sizeof *c->part_rows);
-        if (!c->part_rows) {
-            free(c->rows);
-            return ET_E_NOMEM;
-        }
+    if (part_rows) c->part_rows = calloc((size_t)parts * (size_t)t->nparts, sizeof *c->part_rows);
+    if (!c->rows || (part_rows && !c->part_rows)) {
+        free(c->rows);
+        free(c->part_rows);
+        free(translated);
+        return ET_E_NOMEM;
     }
     c->salt = atomic_fetch_add(&call_salt, 0x9e3779b9u);
     c->count_heat = 1;
@@ -525,6 +545,11 @@ static int run_lookup(et_call *c, int64_t bags, int64_t *part_rows, int64_t *err
         }
     }
     pthread_rwlock_unlock(&t->lock);
+    int64_t missed = 0;
+    for (int i = 0; i < parts; i++) missed += c->unknown[i];
+    if (rc == ET_OK && t->keys && missed) atomic_fetch_add(&t->keys->unknown, missed);
+    if (unknown) *unknown = rc == ET_OK ? missed : 0;
+    free(translated);
     free(staging);
     free(c->rows);
     if (part_rows) {
@@ -547,25 +572,26 @@ static void report_tiers(const et_call *c, int64_t *tier_rows) {
 }
 
 int et_gather(et_table *t, const int64_t *ids, int64_t n, float *out, int64_t out_len, int64_t *tier_rows,
-              int64_t tier_rows_len, int64_t *part_rows, int64_t part_rows_len, int64_t *err_pos) {
+              int64_t tier_rows_len, int64_t *part_rows, int64_t part_rows_len, int32_t by_key, int64_t *unknown,
+              int64_t *err_pos) {
     et_call c = {.t = t, .ids = ids, .n = n, .out = out, .mode = ET_POOL_SUM, .gather = 1};
-    int rc = check_lookup(&c, n, 0, out_len, tier_rows, tier_rows_len, part_rows, part_rows_len, err_pos);
+    int rc = check_lookup(&c, n, 0, out_len, tier_rows, tier_rows_len, part_rows, part_rows_len, by_key, err_pos);
     if (rc) return rc;
-    rc = run_lookup(&c, n, part_rows, err_pos);
+    rc = run_lookup(&c, n, by_key, unknown, part_rows, err_pos);
     report_tiers(&c, tier_rows);
     return rc;
 }
 
 int et_pool(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
             const float *weights, int64_t weights_len, int32_t mode, float *out, int64_t out_len,
-            int64_t *tier_rows, int64_t tier_rows_len, int64_t *part_rows, int64_t part_rows_len,
-            int64_t *err_pos) {
+            int64_t *tier_rows, int64_t tier_rows_len, int64_t *part_rows, int64_t part_rows_len, int32_t by_key,
+            int64_t *unknown, int64_t *err_pos) {
     if (mode < ET_POOL_SUM || mode > ET_POOL_MAX || (bags > 0 && !lengths)) return ET_E_ARG;
     et_call c = {.t = t, .ids = ids, .n = n, .lengths = lengths, .weights = weights, .out = out, .mode = mode};
     int rc = check_lookup(&c, bags, weights_len, out_len, tier_rows, tier_rows_len, part_rows, part_rows_len,
-                          err_pos);
+                          by_key, err_pos);
     if (rc) return rc;
-    rc = run_lookup(&c, bags, part_rows, err_pos);
+    rc = run_lookup(&c, bags, by_key, unknown, part_rows, err_pos);
     report_tiers(&c, tier_rows);
     return rc;
 }
@@ -593,16 +619,17 @@ static int count_parts(const et_table *t, const int64_t *ids, int64_t n, const i
 int et_partition(et_table *t, const int64_t *ids, int64_t n, const int32_t *lengths, int64_t bags,
                  const float *weights, int64_t weights_len, int64_t *out_ids, int64_t out_ids_len,
                  int32_t *out_lengths, int64_t out_lengths_len, float *out_weights, int64_t out_weights_len,
-                 int64_t *part_rows, int64_t part_rows_len, int64_t *err_pos) {
+                 int64_t *part_rows, int64_t part_rows_len, int32_t by_key, int64_t *unknown, int64_t *err_pos) {
     if (n < 0 || bags < 0 || (n > 0 && (!ids || !out_ids)) || (bags > 0 && (!lengths || !out_lengths)) ||
-        !part_rows || (weights && !out_weights) || !t->chunk_part)
+        !part_rows || (weights && !out_weights) || !t->chunk_part || (uint32_t)by_key > 1)
         return ET_E_ARG;
     if (weights && weights_len != n) return size_error(ET_BUF_WEIGHTS, err_pos);
     if (!et_holds(out_ids_len, n, 1)) return size_error(ET_BUF_OUT_IDS, err_pos);
     if (!et_holds(out_lengths_len, bags, t->nparts)) return size_error(ET_BUF_OUT_LENGTHS, err_pos);
     if (weights && !et_holds(out_weights_len, n, 1)) return size_error(ET_BUF_OUT_WEIGHTS, err_pos);
     if (part_rows_len < t->nparts) return size_error(ET_BUF_PART_ROWS, err_pos);
-    int rc = check_ids(ids, n, t->num_rows, err_pos);
+    const int translate = translates(t, by_key);
+    int rc = translate ? ET_OK : check_ids(ids, n, t->num_rows, err_pos);
     if (rc) return rc;
     int64_t total = 0;
     for (int64_t b = 0; b < bags; b++) {
@@ -619,17 +646,30 @@ int et_partition(et_table *t, const int64_t *ids, int64_t n, const int32_t *leng
     const int64_t cells = (int64_t)t->nparts * bags;
     uint8_t *part = malloc((size_t)(n > 0 ? n : 1));
     int64_t *next = malloc((size_t)(cells > 0 ? cells : 1) * sizeof *next);
-    if (!part || !next) {
+    int64_t *rows = translate ? malloc((size_t)(n > 0 ? n : 1) * sizeof *rows) : NULL;
+    if (!part || !next || (translate && !rows)) {
         free(part);
         free(next);
+        free(rows);
         return ET_E_NOMEM;
     }
     memset(part_rows, 0, (size_t)t->nparts * sizeof *part_rows);
     if (cells > 0) memset(out_lengths, 0, (size_t)cells * sizeof *out_lengths);
-    pthread_rwlock_rdlock(&t->lock); /* the parts of one consistent placement */
-    rc = atomic_load(&t->dropped) ? ET_E_DROPPED
-                                  : count_parts(t, ids, n, lengths, bags, part, out_lengths, part_rows, err_pos);
+    if (translate && t->keys) et_keys_tick(t);
+    int64_t missed = 0;
+    pthread_rwlock_rdlock(&t->lock); /* the parts of one consistent placement (and map) */
+    if (atomic_load(&t->dropped)) {
+        rc = ET_E_DROPPED;
+    } else {
+        if (translate) {
+            missed = et_keys_translate(t, ids, rows, 0, n);
+            ids = rows;
+        }
+        rc = count_parts(t, ids, n, lengths, bags, part, out_lengths, part_rows, err_pos);
+    }
     pthread_rwlock_unlock(&t->lock);
+    if (rc == ET_OK && t->keys && missed) atomic_fetch_add(&t->keys->unknown, missed);
+    if (unknown) *unknown = rc == ET_OK ? missed : 0;
     if (rc == ET_OK) {
         int64_t offset = 0;
         for (int64_t k = 0; k < cells; k++) {
@@ -645,6 +685,7 @@ int et_partition(et_table *t, const int64_t *ids, int64_t n, const int32_t *leng
     }
     free(part);
     free(next);
+    free(rows);
     return rc;
 }
 

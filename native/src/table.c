@@ -28,6 +28,7 @@ static void free_table(et_table *t) {
     free(t->map.chunks);
     free(t->scm_off);
     free(t->chunk_part);
+    et_keys_free(t->keys);
     free(t);
 }
 

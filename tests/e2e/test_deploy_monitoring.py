@@ -72,6 +72,10 @@ PANELS = {
     "Available memory": Sane(),
     "Fabric bytes/s by offload and link": Sane(),
     "Modelled fabric transfer p99 (modelled, not measured)": SECONDS,
+    "Live ids by managed table": Sane(),
+    "Key evictions/s by table": Sane(),
+    "Unknown ids/s by table": Sane(),
+    "Key map bytes per live id": Sane(0.0, 64.0),
 }
 RECORDING_RULES = {
     "embtier:rows_served:rate5m": Sane(),
@@ -84,7 +88,9 @@ RECORDING_RULES = {
     "embtier:tier_used_ratio": RATIO,
     "embtier:wal_fsync_duration_seconds:p99_rate5m": SECONDS,
 }
-ROWS = ("Traffic", "Tiers", "Tiering", "Pooled path", "Durability", "Process", "Fabric (PIFS emulation)")
+ROWS = ("Traffic", "Tiers", "Tiering", "Pooled path", "Durability", "Process", "Fabric (PIFS emulation)",
+        "Keys (managed tables)")
+MANAGED_ROWS = 2000  # the managed table "query": side traffic writes new ids past its capacity
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
@@ -192,14 +198,21 @@ def start_prometheus(directory: Path, target: str) -> tuple[subprocess.Popen, st
 
 
 def side_traffic(target: str, stop: threading.Event, failures: list[BaseException]) -> None:
-    """Raw lookups, writes (the log), a checkpoint and requests that fail, alongside the pooled load."""
+    """Raw lookups, writes (the log), a checkpoint and requests that fail, alongside the pooled load;
+    new raw ids into the managed table "query" (more than it holds: once its protection epochs pass,
+    it evicts) and lookups of them and of ids it never saw."""
     ids = np.arange(0, 60_000, 7, dtype=np.int64)
+    rng = np.random.default_rng(5)
     try:
         with Client(target, timeout=60) as c:
             c.checkpoint()
             while not stop.wait(0.3):
                 c.lookup("user", ids)
                 c.write_rows("item", ids[:64], np.ones((64, 16), np.float32), add=True, scale=0.01)
+                raw = rng.integers(-2**63, 2**63 - 1, 300, dtype=np.int64, endpoint=True)
+                c.write_rows("query", raw, np.ones((raw.size, 16), np.float32))
+                _, unknown = c.lookup_counted("query", np.concatenate([raw, raw + 1]))
+                assert unknown >= raw.size  # (raw + 1 were never written, short of a 1-in-2^55 chance)
                 for bad in (lambda: c.lookup("missing", ids), lambda: c.lookup("user", np.array([10**9]))):
                     with pytest.raises(EmbtierClientError):
                         bad()
@@ -222,6 +235,7 @@ def scraped(tmp_path_factory):
                 for name, rows in tables.items():
                     c.create_table(name, rows, 16, initializer="uniform", seed=len(name),
                                    dram_capacity_bytes=1 << 20, cxl_capacity_bytes=1 << 20)
+                c.create_table("query", MANAGED_ROWS, 16, key_space="managed", default_value=0.5)
             stop, failures = threading.Event(), []
             side = threading.Thread(target=side_traffic, args=(daemon.target, stop, failures))
             side.start()
@@ -284,7 +298,7 @@ def test_every_recording_rule_returns_data(scraped):
     per_table: dict[str, float] = {}
     for r in scraped.query("embtier:tier_hit_ratio:rate5m"):
         per_table[r["metric"]["table"]] = per_table.get(r["metric"]["table"], 0.0) + float(r["value"][1])
-    assert sorted(per_table) == ["item", "user"] and all(math.isclose(s, 1.0) for s in per_table.values())
+    assert sorted(per_table) == ["item", "query", "user"] and all(math.isclose(s, 1.0) for s in per_table.values())
 
 
 @needs_prometheus

@@ -32,7 +32,16 @@ from tests.support import daemon_args, run_cli, start_daemon
 
 ROWS, DIM, WRITERS = 4000, 8, 4
 CHURN_ROWS = 500
-CONFIG = '[tiering]\nenabled = false\n[durability]\nfsync = "always"\n[durability.checkpoints]\nkeep = 1000\n'
+# The managed table m: its raw ids (from the whole int64 range), twice as many as it has rows, so
+# that it fills and evicts; what an unknown id reads (no write's value: those are positive).
+MANAGED_ROWS, MANAGED_DEFAULT = 200, -0.5
+MANAGED_KEYS = np.unique(np.concatenate([
+    [np.iinfo(np.int64).min, np.iinfo(np.int64).max, -1, 0],
+    np.random.default_rng(7).integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, 2 * MANAGED_ROWS - 4,
+                                      dtype=np.int64)]))
+# (a short tiering interval: a managed table's ids are protected from eviction for one or two of them)
+CONFIG = ('[tiering]\nenabled = false\ninterval_seconds = 0.1\n[durability]\nfsync = "always"\n'
+          '[durability.checkpoints]\nkeep = 1000\n')
 
 
 def state_dir(tmp_path) -> tuple:
@@ -117,10 +126,11 @@ def check_exists(history: History, table: str, exists: bool, existed: bool, gold
 
 
 def check_rows(history: History, table: str, got: np.ndarray, before: np.ndarray | None,
-               golden: np.ndarray | None = None) -> None:
+               golden: np.ndarray | None = None, evicted: float | None = None) -> None:
     """Every row of table ([rows, dim], each row one value) holds a value its calls allow: writes,
     creations (zeros), restores of the golden checkpoint (golden; None when the golden checkpoint
-    has no such table: a restore drops it), or before when none certainly landed."""
+    has no such table: a restore drops it), or before when none certainly landed; or evicted, when
+    given (a full managed table's unknown ids, whose rows other ids took)."""
     assert np.all(got.min(axis=1) == got.max(axis=1)), f"table {table!r}: a torn row"
     got, n = got[:, 0], got.shape[0]
     events = history.of(table, ("write", "create")) + [
@@ -132,6 +142,8 @@ def check_rows(history: History, table: str, got: np.ndarray, before: np.ndarray
             rows = everywhere if e.rows is None else e.rows
             latest[rows] = np.maximum(latest[rows], e.start)
     ok = (latest == -math.inf) & (got == before) if before is not None else np.zeros(n, dtype=bool)
+    if evicted is not None:
+        ok |= got == evicted
     for e in events:
         if e.outcome == "failed" or (e.kind == "restore" and golden is None):
             continue
@@ -162,9 +174,9 @@ class Versions:
 
 
 def writer(target: str, history: History, versions: Versions, table: str, rows, seed: int, stop: threading.Event,
-           expected=()) -> None:
+           expected=(), keys: np.ndarray | None = None) -> None:
     """Writes random subsets of rows of table, each write filled with a fresh version, until stop
-    or the daemon is gone."""
+    or the daemon is gone; with keys (a managed table), row r is the raw id keys[r]."""
     rng = np.random.default_rng(seed)
     with Client(target, timeout=10) as c:
         while not stop.is_set():
@@ -172,8 +184,8 @@ def writer(target: str, history: History, versions: Versions, table: str, rows, 
             version = versions()
             try:
                 values = np.full((ids.size, DIM), version, dtype=np.float32)
-                history.run("write", table, functools.partial(c.write_rows, table, ids, values), ids, version,
-                            expected)
+                history.run("write", table, functools.partial(c.write_rows, table, ids if keys is None else keys[ids],
+                                                              values), ids, version, expected)
             except DaemonGone:
                 return
 
@@ -233,10 +245,23 @@ def table_state(target: str, table: str) -> np.ndarray | None:
         return c.lookup(table, np.arange(c.describe(table).num_rows)) if table in names else None
 
 
+def managed_state(target: str) -> tuple[np.ndarray, int]:
+    """(the values of table m's ids MANAGED_KEYS [keys, dim], its live ids), checking that its lookups
+    count as unknown exactly the ids that read the default row."""
+    with Client(target) as c:
+        got, unknown = c.lookup_counted("m", MANAGED_KEYS)
+        info = c.describe("m")
+    assert unknown == np.count_nonzero((got == MANAGED_DEFAULT).all(axis=1))
+    assert MANAGED_KEYS.size - unknown == info.live_ids <= MANAGED_ROWS  # (no other ids are written)
+    return got, info.live_ids
+
+
 def golden_checkpoint(target: str) -> tuple[int, np.ndarray]:
-    """Table w with a value of its own in every row (-1 - row), checkpointed: (its id, the values)."""
+    """Table w with a value of its own in every row (-1 - row), and the managed table m with no ids,
+    checkpointed: (its id, w's values)."""
     golden = -1.0 - np.arange(ROWS)
     with Client(target) as c:
+        c.create_table("m", MANAGED_ROWS, DIM, key_space="managed", default_value=MANAGED_DEFAULT)
         c.create_table("w", ROWS, DIM)
         c.write_rows("w", np.arange(ROWS), np.repeat(golden[:, None], DIM, axis=1).astype(np.float32))
         return c.checkpoint("full").id, golden
@@ -244,13 +269,17 @@ def golden_checkpoint(target: str) -> tuple[int, np.ndarray]:
 
 def test_acknowledged_changes_survive_sigkill_amid_churn_checkpoints_and_restores(tmp_path):
     """20 rounds: writers on w, a table dropped and re-created every 30 ms with writers of its own,
-    a table created per round, checkpoints of every kind, and in every other round a restore in
-    flight; each round ends with SIGKILL at a random moment."""
+    writers of raw ids into the managed table m (which fills, evicts, and refuses new ids while all
+    of its ids are protected), a table created per round, checkpoints of every kind, and in every
+    other round a restore in flight; each round ends with SIGKILL at a random moment."""
     state, config = state_dir(tmp_path)
     rng = np.random.default_rng(0)
     d = start_daemon(state, config=config)
     golden_id, golden = golden_checkpoint(d.target)
     before, before_c, created, versions, taken, writes = golden.copy(), None, set(), Versions(), [], 0
+    before_m, golden_m, evictions = np.full(MANAGED_KEYS.size, MANAGED_DEFAULT), np.full(MANAGED_KEYS.size,
+                                                                                       MANAGED_DEFAULT), 0
+    full = (grpc.StatusCode.RESOURCE_EXHAUSTED,)
     for round_ in range(20):
         history, stop, unexpected = History(), threading.Event(), []
         name = f"t{round_}"
@@ -259,6 +288,8 @@ def test_acknowledged_changes_survive_sigkill_amid_churn_checkpoints_and_restore
               for k in range(WRITERS)],
             *[(writer, d.target, history, versions, "c", np.arange(CHURN_ROWS), round_ * 10 + 5 + k, stop,
                (grpc.StatusCode.NOT_FOUND,)) for k in range(2)],
+            *[(writer, d.target, history, versions, "m", np.arange(k, MANAGED_KEYS.size, 2), round_ * 10 + 7 + k,
+               stop, full, MANAGED_KEYS) for k in range(2)],
             (churner, d.target, history, "c", stop),
             (_create_once, d.target, history, name),
             (checkpointer, d.target, taken, unexpected, stop),
@@ -276,15 +307,22 @@ def test_acknowledged_changes_survive_sigkill_amid_churn_checkpoints_and_restore
         with Client(d.target) as c:
             tables = {t.name for t in c.tables()}
         check_rows(history, "w", got_w, before, golden)
+        got_m, live = managed_state(d.target)
+        with Client(d.target) as c:
+            evictions += c.describe("m").key_evictions  # (counted since the replay began)
+        # a full table may have evicted any id not protected; one with room evicted none
+        check_rows(history, "m", got_m, before_m, golden_m, MANAGED_DEFAULT if live == MANAGED_ROWS else None)
+        before_m = got_m[:, 0]
         check_exists(history, "c", got_c is not None, before_c is not None)
         if got_c is not None:
             check_rows(history, "c", got_c, before_c)
         for table in created | {name}:
             check_exists(history, table, table in tables, table in created)
         created = {t for t in tables if t.startswith("t")}
-        assert tables <= {"w", "c", *created}
+        assert tables <= {"w", "m", "c", *created}
         before, before_c = got_w[:, 0], None if got_c is None else got_c[:, 0]
     assert writes > 200  # the writers really wrote, and were really cut off
+    assert evictions > 0  # m was full and evicted ids
     assert sum(taken) > 10  # and checkpoints were taken (and some cut off) among them
     assert d.stop() == 0, d.log()
 

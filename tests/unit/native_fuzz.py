@@ -1,17 +1,24 @@
 """Fuzz harness of the kernels' C boundary, run by test_native_boundary.py in a process of its own
 on an AddressSanitizer build of native/ (a cffi module in a directory; this file imports nothing
-of embtierd, so the real build stays out of the process).
+of embtierd, so the real build stays out of the process; the documented hash of HASHED tables is
+clients/embtier/keys.py's, loaded from its file).
 
 It calls every entry point with random tables (dtypes, dims, chunk geometry, valid or not), random
 storage (memory chunks of random sizes, SCM file space at random offsets, parts), placement entries
 forged straight into the map (random, past the last tier, past max_chunks, past a chunk's storage)
 or published, random ids (in range, negative, huge), lengths (negative, not summing up), buffers of
 random sizes (none, too small, right, larger; NULL now and then), and random dtypes, modes, tiers,
-chunk indexes, bits, instruction sets and thread counts.  Every call must return one of the
-boundary's codes, and the lookups, the partition and the row calls the very code (and position)
-that a model of the boundary's checks predicts, in its documented order (argument, size, id,
-lengths, dropped, placement entry).  An out-of-bounds access is the sanitizer's to report (the
-process then aborts).  Exits 1 on a wrong code, or when some entry point was never called.
+chunk indexes, bits, instruction sets and thread counts.  Some tables get a key space (DENSE,
+HASHED or MANAGED; and random invalid ones): their lookups then take keys (any int64) or rows
+(by_key 1 or 0, now and then an invalid by_key), and their managed maps are planned, applied
+(plans, and batches forged with bad rows), loaded, read back and advanced an epoch.  Every call
+must return one of the boundary's codes, and the lookups, the partition, the row calls and the
+key calls the very code (and position) that a model of the boundary's checks predicts, in its
+documented order (argument, size, id, lengths, dropped, placement entry).  The model of a managed
+map (ids -> rows, the rows touched in the current and the previous epoch) predicts the rows of
+known ids, unknown ids, when a plan finds no row (ET_E_FULL), evictions and the map after an
+apply or a load.  An out-of-bounds access is the sanitizer's to report (the process then aborts).
+Exits 1 on a wrong code, or when some entry point was never called.
 
   python native_fuzz.py MODULE_DIR MODULE WORK_DIR [--seed N] [--iterations N] [--seconds S]
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
+import importlib.util
 import os
 import sys
 import time
@@ -32,6 +40,36 @@ NUM_TIERS = 3
 SCM_BLOCK = 4096
 MAX_TABLES = 4
 SCM_FILE_BYTES = 4 << 20
+DENSE, HASHED, MANAGED = 0, 1, 2  # ET_KEYS_*
+KEY_SPACE_NAMES = {DENSE: "dense", HASHED: "hashed", MANAGED: "managed"}
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
+
+def holds(told: int, count: int, each: int = 1) -> bool:
+    """The model of et_holds: whether a buffer of told elements holds count items of each elements."""
+    return count <= 0 or (told >= 0 and count <= told // each)
+
+
+def first_repeat(values: list[int]) -> int | None:
+    """The first position whose value came before, or None."""
+    seen: set[int] = set()
+    for position, value in enumerate(values):
+        if value in seen:
+            return position
+        seen.add(value)
+    return None
+
+
+def load_hashed_rows():
+    """clients/embtier/keys.py's hashed_rows (the documented hash), without importing the client package."""
+    path = Path(__file__).resolve().parents[2] / "clients" / "embtier" / "keys.py"
+    spec = importlib.util.spec_from_file_location("embtier_keys", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.hashed_rows
+
+
+hashed_rows = load_hashed_rows()
 
 
 class Mismatch(Exception):
@@ -89,6 +127,81 @@ class Table:
         heat = lib.et_table_heat(handle, count)
         fz.expect(count[0] == num_rows, "et_table_heat", f"{count[0]} entries for {num_rows} rows")
         self.heat = np.frombuffer(ffi.buffer(heat, num_rows), dtype=np.uint8)
+        self.key_space, self.seed, self.keys_set = DENSE, 0, False
+        self.set_managed_map([])
+        self.epoch_ns = 0
+
+    @property
+    def capacity(self) -> int:
+        """Rows a MANAGED table can give ids (the last is the default row)."""
+        return self.num_rows - 1
+
+    @property
+    def default_row(self) -> int:
+        return self.num_rows - 1
+
+    @property
+    def epochs_known(self) -> bool:
+        """Whether epochs begin only at et_keys_epoch (no clock), so that the model knows them."""
+        return self.epoch_ns == 0
+
+    def set_managed_map(self, keys: list[int]) -> None:
+        """The model of a MANAGED map as a load leaves it: keys[r] the id of live row r, counts from 0,
+        no row touched."""
+        self.keys = list(keys)
+        self.row_of = {k: r for r, k in enumerate(self.keys)}
+        self.evictions = self.unknown = self.epoch = 0
+        self.touched = [set(), set()]  # rows touched in the current epoch, in the previous one
+
+    def touch(self, rows) -> None:
+        self.touched[0].update(rows)
+
+    def new_epoch(self) -> None:
+        self.touched = [set(), self.touched[0]]
+        self.epoch += 1
+
+    def translates(self, by_key: int) -> bool:
+        """Whether a lookup with by_key takes keys (of a HASHED or MANAGED table) rather than rows."""
+        return by_key == 1 and self.key_space != DENSE
+
+    def rows_of(self, ids: np.ndarray, by_key: int) -> np.ndarray | None:
+        """The rows a lookup of ids reads (None when they are rows and one is out of range); unknown
+        MANAGED keys read the default row."""
+        if not self.translates(by_key):
+            return ids if ((ids >= 0) & (ids < self.num_rows)).all() else None
+        if self.key_space == HASHED:
+            return hashed_rows(ids, self.num_rows, self.seed)
+        return np.fromiter((self.row_of.get(k, self.default_row) for k in ids.tolist()), np.int64, ids.size)
+
+    def apply(self, ids: list[int], rows: list[int]) -> int:
+        """A successful et_keys_apply: rows[i] becomes the row of ids[i] (a row == live extends the live
+        rows, another id's row forgets that id), every row touched; returns the ids forgotten."""
+        gone = 0
+        for key, row in zip(ids, rows):
+            if row == len(self.keys):
+                self.keys.append(key)
+            elif self.keys[row] != key:
+                del self.row_of[self.keys[row]]
+                self.keys[row] = key
+                gone += 1
+            self.row_of[key] = row
+        self.touch(rows)
+        self.evictions += gone
+        return gone
+
+    def apply_failure(self, ids: list[int], rows: list[int], codes) -> tuple[int, int | None]:
+        """What et_keys_apply's checks say of a batch, position by position, on the map before the call:
+        a row out of [0, capacity) or past the live rows so far ET_E_ID_RANGE; an id given two rows, a
+        row given two ids, an id live at another row ET_E_ARG; (ET_OK, None) when none fails."""
+        row_of, id_of, extended = {}, {}, len(self.keys)
+        for position, (key, row) in enumerate(zip(ids, rows)):
+            if not 0 <= row < self.capacity or row > extended:
+                return codes.ET_E_ID_RANGE, position
+            if row_of.setdefault(key, row) != row or id_of.setdefault(row, key) != key or \
+                    self.row_of.get(key, row) != row:
+                return codes.ET_E_ARG, position
+            extended += row == extended
+        return codes.ET_OK, None
 
     def index(self, entry: int) -> int:
         return entry >> self.chunk_shift
@@ -129,7 +242,7 @@ class Fuzzer:
         c = lib
         self.ok = c.ET_OK
         self.boundary_codes = {c.ET_OK, c.ET_E_ID_RANGE, c.ET_E_LENGTHS, c.ET_E_IO, c.ET_E_NOMEM, c.ET_E_ARG,
-                               c.ET_E_DROPPED, c.ET_E_LOCATION, c.ET_E_SIZE}
+                               c.ET_E_DROPPED, c.ET_E_LOCATION, c.ET_E_SIZE, c.ET_E_FULL}
         self.names = {getattr(c, name): name for name in dir(c) if name.startswith("ET_E_")} | {0: "ET_OK"}
 
     # ---- checks ------------------------------------------------------------------------------
@@ -154,13 +267,15 @@ class Fuzzer:
             self.expect(self.err[0] == pos, call, f"{self.names[rc]} at {self.err[0]}, the model expects {pos}")
 
     def first_failure(self, t: Table, arg: bool = False, size: bool = False, ids: np.ndarray | None = None,
-                      lengths: np.ndarray | None = None, n: int = 0, entries: np.ndarray | None = None):
-        """The outcome the boundary owes a call: its first failing check, in the documented order."""
+                      lengths: np.ndarray | None = None, n: int = 0, entries: np.ndarray | None = None,
+                      buffer: int | None = None):
+        """The outcome the boundary owes a call: its first failing check, in the documented order
+        (buffer: the ET_BUF_* an ET_E_SIZE names, where the model knows it)."""
         lib = self.lib
         if arg:
             return lib.ET_E_ARG, None
         if size:
-            return lib.ET_E_SIZE, None
+            return lib.ET_E_SIZE, buffer
         if ids is not None:
             bad = np.flatnonzero((ids < 0) | (ids >= t.num_rows))
             if bad.size:
@@ -195,8 +310,35 @@ class Fuzzer:
     def ids(self, t: Table, n: int) -> np.ndarray:
         ids = self.rng.integers(0, t.num_rows, n, dtype=np.int64)
         if n and self.chance(0.15):
-            ids[self.rng.integers(n)] = self.pick(-1, t.num_rows, t.num_rows + 5, 2**62, -2**63, 2**63 - 1)
+            ids[self.rng.integers(n)] = self.pick(-1, t.num_rows, t.num_rows + 5, 2**62, INT64_MIN, INT64_MAX)
         return ids
+
+    def random_keys(self, t: Table, n: int) -> np.ndarray:
+        """n keys of a keyed table: live ids of a managed one, small ids (a few thousand distinct, so
+        that maps fill and evict), any int64, the extremes."""
+        keys = self.rng.integers(-3000, 3000, n, dtype=np.int64)
+        kind = self.rng.integers(0, 8, n)
+        if t.keys:
+            live = np.flatnonzero(kind < 3)
+            keys[live] = np.array(t.keys, dtype=np.int64)[self.rng.integers(0, len(t.keys), live.size)]
+        anything = np.flatnonzero(kind == 3)
+        keys[anything] = self.rng.integers(INT64_MIN, INT64_MAX, anything.size, dtype=np.int64, endpoint=True)
+        extreme = np.flatnonzero(kind == 4)
+        keys[extreme] = self.rng.choice(np.array([INT64_MIN, INT64_MAX, INT64_MIN + 1, -1, 0]), extreme.size)
+        return keys
+
+    def by_key(self) -> int:
+        """A lookup's by_key: mostly 0 or 1, now and then a value that is neither."""
+        return int(self.pick(0, 1)) if self.chance(0.97) else int(self.pick(2, -1, 2**31 - 1, -2**31))
+
+    def request_ids(self, t: Table, n: int, by_key: int) -> np.ndarray:
+        """A lookup's ids: keys when by_key asks for them of a keyed table (sometimes anyway), else rows."""
+        keyed = by_key == 1 and t.key_space != DENSE
+        return self.random_keys(t, n) if keyed or (t.key_space != DENSE and self.chance(0.05)) else self.ids(t, n)
+
+    def key_count(self) -> int:
+        """How many ids a key call has: mostly a few, now and then some thousands."""
+        return int(self.pick(0, 1, self.rng.integers(2, 64), self.rng.integers(64, 600), self.rng.integers(600, 4000)))
 
     def lengths(self, n: int, bags: int) -> np.ndarray:
         cuts = np.sort(self.rng.integers(0, n + 1, max(bags - 1, 0)))
@@ -228,6 +370,10 @@ class Fuzzer:
     def optional(self, need: int, dtype: type) -> np.ndarray | None:
         return None if self.chance(0.4) else self.buffer(need, dtype)
 
+    def counter(self) -> np.ndarray | None:
+        """A single-value out-parameter that may be NULL (unknown): None, or one int64 of garbage."""
+        return None if self.chance(0.4) else self.rng.integers(INT64_MIN, INT64_MAX, 1, dtype=np.int64)
+
     # ---- tables ------------------------------------------------------------------------------
 
     def table(self) -> Table:
@@ -238,7 +384,7 @@ class Fuzzer:
     def new_table(self) -> None:
         lib, ffi = self.lib, self.ffi
         valid = self.chance(0.85)
-        num_rows = int(self.rng.integers(1, 3000)) if valid else self.pick(0, -5, 2**32 + 1, 2**62)
+        num_rows = int(self.rng.integers(1, self.pick(40, 3000, 3000))) if valid else self.pick(0, -5, 2**32 + 1, 2**62)
         dim = int(self.pick(1, 2, 3, 8, 16, 17, 33, 64, 70)) if valid else self.pick(0, -1, 2**30, 2**31 - 1, 5)
         dtype = int(self.rng.integers(0, 3)) if valid else self.pick(-1, 3, 7, 0)
         chunk_shift = int(self.rng.integers(0, 9)) if valid else self.pick(-1, 31, 29, 3)
@@ -259,6 +405,8 @@ class Fuzzer:
         self.serial += 1
         t = Table(self, handle, num_rows, dim, dtype, chunk_shift, max_chunks, self.work / f"scm{self.serial}")
         self.tables.append(t)
+        if self.chance(0.6):
+            self.set_keys(t, valid=True)
         if self.chance(0.8):
             self.set_parts(t, valid=True)
         for _ in range(int(self.rng.integers(0, 6))):
@@ -452,23 +600,26 @@ class Fuzzer:
             want = np.bincount(t.parts[entries.astype(np.int64) >> t.chunk_shift], minlength=t.nparts)
             self.expect(np.array_equal(part_rows[:t.nparts], want), call, f"part_rows {part_rows}, want {want}")
 
-    def lookup(self, t: Table, pooled: bool) -> None:
-        """et_gather or et_pool, every buffer of a random size."""
+    def lookup(self, t: Table, pooled: bool, n: int | None = None) -> None:
+        """et_gather or et_pool of n ids (a random count if None), every buffer of a random size."""
         lib = self.lib
-        n = self.count()
+        n = self.count() if n is None else n
         if n >= 16384 and self.chance(0.7):
             self.publish(t, every_row=True)  # (forged entries would stop most requests this large)
-        ids = self.ids(t, n)
+        by_key = self.by_key()
+        ids = self.request_ids(t, n, by_key)
         bags = n if not pooled else int(self.pick(0, 1, max(n // 4, 1), n, n + 3))
         lengths = self.lengths(n, bags) if pooled else None
         weights = (self.buffer(n, np.float32) if self.chance(0.5) else None) if pooled else None
         out = self.buffer(bags * t.dim, np.float32) if not self.chance(0.02) else None
         tier_rows, part_rows = self.counters(t)
+        unknown = self.counter()
         mode = int(self.rng.integers(0, 3)) if not pooled or self.chance(0.95) else int(self.pick(-1, 3))
         n_told = self.told(ids)
         bags_told = self.told(lengths) if pooled else n_told
         out_told, weights_told, tier_told, part_told = (self.told(a) for a in (out, weights, tier_rows, part_rows))
-        counters = (self.ptr("int64_t *", tier_rows), tier_told, self.ptr("int64_t *", part_rows), part_told)
+        counters = (self.ptr("int64_t *", tier_rows), tier_told, self.ptr("int64_t *", part_rows), part_told,
+                    by_key, self.ptr("int64_t *", unknown))
         if pooled:
             rc = lib.et_pool(t.h, self.ptr("int64_t *", ids), n_told, self.ptr("int32_t *", lengths), bags_told,
                              self.ptr("float *", weights), weights_told, mode, self.ptr("float *", out), out_told,
@@ -477,35 +628,55 @@ class Fuzzer:
             rc = lib.et_gather(t.h, self.ptr("int64_t *", ids), n_told, self.ptr("float *", out), out_told,
                                *counters, self.err)
         arg = (not 0 <= mode <= 2) or bags_told < 0 or n_told < 0 or (out is None and bags_told > 0) or \
-            (part_rows is not None and t.nparts == 0)
+            (part_rows is not None and t.nparts == 0) or by_key not in (0, 1)
         size = (weights is not None and weights_told != n_told) or \
             not (bags_told <= 0 or (out_told >= 0 and bags_told <= out_told // t.dim)) or \
             (tier_rows is not None and tier_told < NUM_TIERS) or (part_rows is not None and part_told < t.nparts)
         ids = ids[:max(n_told, 0)]
-        entries = t.loc[ids] if ((ids >= 0) & (ids < t.num_rows)).all() else None
+        rows = t.rows_of(ids, by_key)
+        entries = None if rows is None else t.loc[rows]
         lengths = None if lengths is None else lengths[:max(bags_told, 0)]
         call = "et_pool" if pooled else "et_gather"
-        self.verify(call, rc, self.first_failure(t, arg=arg, size=size, ids=ids, lengths=lengths, n=n_told,
-                                                 entries=entries))
+        expected = self.first_failure(t, arg=arg, size=size, ids=None if t.translates(by_key) else ids,
+                                      lengths=lengths, n=n_told, entries=entries)
+        self.verify(call, rc, expected)
+        self.keyed_read(call, t, rc, expected, by_key, rows, unknown)
         if entries is not None:
             self.check_counts(call, t, rc, entries, tier_rows, part_rows)
-            self.note_path(call, t, rc, entries)
+            self.note_path(call, t, rc, entries, by_key)
 
-    def note_path(self, call: str, t: Table, rc: int, entries: np.ndarray) -> None:
-        """Counts the calls that got through to the rows, by path: SCM rows (the batch read) or none (the
-        fused pipeline), on one kernel thread or several."""
+    def keyed_read(self, call: str, t: Table, rc: int, expected, by_key: int, rows: np.ndarray | None,
+                   unknown: np.ndarray | None) -> None:
+        """After a lookup or partition: a keyed read of a MANAGED table touches the rows of its known ids
+        once it got past the checks (to its placement entries), and on success counts its unknown ids
+        (the others count none)."""
+        lib = self.lib
+        managed = t.translates(by_key) and t.key_space == MANAGED
+        missed = int(np.count_nonzero(rows == t.default_row)) if managed else 0
+        if managed and (expected is None or expected[0] == lib.ET_E_LOCATION):
+            t.touch(rows[rows != t.default_row].tolist())
+        if rc != lib.ET_OK:
+            return
+        t.unknown += missed
+        self.expect(unknown is None or unknown[0] == missed, call, f"unknown {unknown}, the model counts {missed}")
+
+    def note_path(self, call: str, t: Table, rc: int, entries: np.ndarray, by_key: int = 0) -> None:
+        """Counts the calls that got through to the rows, by path: rows or keys (translated by a key
+        space), SCM rows (the batch read) or none (the fused pipeline), on one kernel thread or several."""
         if rc == self.lib.ET_OK:
+            ids = f"{KEY_SPACE_NAMES[t.key_space]} keys" if t.translates(by_key) else "rows"
             scm = "with SCM rows" if ((entries.astype(np.int64) >> t.tier_shift) == 2).any() else "memory rows"
             parts = "several threads" if entries.size >= 16384 and self.lib.et_kernel_threads() > 1 and \
                 call in ("et_gather", "et_pool") else "one thread"
-            self.paths[(call, scm, parts)] += 1
+            self.paths[(call, ids, scm, parts)] += 1
 
     def partition(self, t: Table) -> None:
         lib = self.lib
         n = self.count()
         if n >= 16384 and self.chance(0.7):
             self.publish(t, every_row=True)
-        ids = self.ids(t, n)
+        by_key = self.by_key()
+        ids = self.request_ids(t, n, by_key)
         bags = int(self.pick(0, 1, max(n // 4, 1), n))
         lengths = self.lengths(n, bags)
         weights = self.buffer(n, np.float32) if self.chance(0.5) else None
@@ -513,31 +684,31 @@ class Fuzzer:
         out_lengths = self.buffer(max(t.nparts, 1) * bags, np.int32)
         out_weights = self.buffer(n, np.float32) if weights is not None or self.chance(0.2) else None
         part_rows = self.buffer(t.nparts, np.int64) if not self.chance(0.03) else None
+        unknown = self.counter()
         told = [self.told(a) for a in (ids, lengths, weights, out_ids, out_lengths, out_weights, part_rows)]
         n_told, bags_told, weights_told, out_ids_told, out_lengths_told, out_weights_told, part_rows_told = told
         rc = lib.et_partition(t.h, self.ptr("int64_t *", ids), n_told, self.ptr("int32_t *", lengths), bags_told,
                               self.ptr("float *", weights), weights_told, self.ptr("int64_t *", out_ids), out_ids_told,
                               self.ptr("int32_t *", out_lengths), out_lengths_told, self.ptr("float *", out_weights),
-                              out_weights_told, self.ptr("int64_t *", part_rows), part_rows_told, self.err)
-
-        def holds(told: int, count: int, each: int) -> bool:
-            return count <= 0 or (told >= 0 and count <= told // each)
+                              out_weights_told, self.ptr("int64_t *", part_rows), part_rows_told, by_key,
+                              self.ptr("int64_t *", unknown), self.err)
         arg = n_told < 0 or bags_told < 0 or part_rows is None or (weights is not None and out_weights is None) or \
-            t.nparts == 0
+            t.nparts == 0 or by_key not in (0, 1)
         size = (weights is not None and weights_told != n_told) or not holds(out_ids_told, n_told, 1) or \
             not holds(out_lengths_told, bags_told, max(t.nparts, 1)) or \
             (weights is not None and not holds(out_weights_told, n_told, 1)) or part_rows_told < t.nparts
         ids = ids[:max(n_told, 0)]
-        ids_ok = ((ids >= 0) & (ids < t.num_rows)).all()
-        entries = t.loc[ids] if ids_ok else None
-        self.verify("et_partition", rc, self.first_failure(t, arg=arg, size=size, ids=ids,
-                                                           lengths=lengths[:max(bags_told, 0)], n=n_told,
-                                                           entries=entries))
+        rows = t.rows_of(ids, by_key)
+        entries = None if rows is None else t.loc[rows]
+        expected = self.first_failure(t, arg=arg, size=size, ids=None if t.translates(by_key) else ids,
+                                      lengths=lengths[:max(bags_told, 0)], n=n_told, entries=entries)
+        self.verify("et_partition", rc, expected)
+        self.keyed_read("et_partition", t, rc, expected, by_key, rows, unknown)
         if rc == lib.ET_OK:
-            self.note_path("et_partition", t, rc, entries)
+            self.note_path("et_partition", t, rc, entries, by_key)
             want = np.bincount(t.parts[entries.astype(np.int64) >> t.chunk_shift], minlength=t.nparts)
             self.expect(np.array_equal(part_rows[:t.nparts], want), "et_partition", f"part_rows {part_rows}")
-            self.expect(np.array_equal(np.sort(out_ids[:n_told]), np.sort(ids)), "et_partition", "out_ids")
+            self.expect(np.array_equal(np.sort(out_ids[:n_told]), np.sort(rows)), "et_partition", "out_ids (rows)")
 
     def dirty(self, t: Table) -> None:
         lib = self.lib
@@ -672,13 +843,265 @@ class Fuzzer:
                     f"{rc} for maxnode {maxnode}, {told} words, offset {offset}, {bind} bytes")
         self.verify("et_mem_unmap", lib.et_mem_unmap(addr, nbytes), (lib.ET_OK, None))
 
+    # ---- key spaces --------------------------------------------------------------------------
+
+    def set_keys(self, t: Table, valid: bool = False) -> None:
+        """et_table_set_keys: one of the three key spaces (valid), or any arguments (an unknown key
+        space, a negative epoch, a second call)."""
+        lib = self.lib
+        kind = int(self.pick(DENSE, HASHED, MANAGED, MANAGED) if valid else self.pick(0, 1, 2, -1, 3, 2**31 - 1))
+        seed = int(self.pick(0, 1, 2**64 - 1, self.rng.integers(0, 2**64, dtype=np.uint64)))
+        epoch_ns = (0 if self.chance(0.8) else int(self.pick(1000, 10**9))) if valid else \
+            int(self.pick(0, 1000, -1, INT64_MIN))
+        rc = lib.et_table_set_keys(t.h, kind, seed, epoch_ns)
+        arg = not DENSE <= kind <= MANAGED or epoch_ns < 0 or t.keys_set or (kind == MANAGED and t.num_rows < 2)
+        self.verify("et_table_set_keys", rc, (lib.ET_E_ARG, None) if arg else
+                    (lib.ET_E_DROPPED, None) if t.dropped else None)
+        if rc == lib.ET_OK:
+            t.key_space, t.seed, t.keys_set, t.epoch_ns = kind, seed, True, epoch_ns
+            t.set_managed_map([])
+
+    def churn(self, t: Table) -> None:
+        """Rounds of small plans (mostly applied), epochs, forged applies and small lookups: a small
+        MANAGED map fills, then its new ids take the rows of the ids that are not protected, or find none."""
+        for _ in range(int(self.rng.integers(1, 16))):
+            r = self.rng.random()
+            if r < 0.55:
+                self.plan(t, int(self.rng.integers(1, min(t.capacity // 3 + 2, 600))))
+            elif r < 0.75:
+                self.keys_epoch(t)
+            elif r < 0.85:
+                self.apply(t)
+            else:
+                self.lookup(t, pooled=False, n=int(self.rng.integers(1, 16)))
+
+    def plan(self, t: Table, n: int | None = None) -> None:
+        """et_keys_plan of n random ids (keys of a keyed table, rows of a dense one; a random count if
+        None); a plan that succeeds is mostly applied."""
+        lib, ffi = self.lib, self.ffi
+        n = self.key_count() if n is None else n
+        ids = self.random_keys(t, n) if t.key_space != DENSE else self.ids(t, n)
+        rows, fresh = self.buffer(n, np.int64), self.buffer(n, np.uint8)
+        n_told, rows_told, fresh_told = self.told(ids), self.told(rows), self.told(fresh)
+        pointers = [self.ptr("int64_t *", ids), self.ptr("int64_t *", rows), self.ptr("uint8_t *", fresh)]
+        null = self.chance(0.03)
+        if null:
+            pointers[self.rng.integers(3)] = ffi.NULL
+        rc = lib.et_keys_plan(t.h, pointers[0], n_told, pointers[1], rows_told, pointers[2], fresh_told, self.err)
+        ids = ids[:max(n_told, 0)]
+        short = lib.ET_BUF_ROWS if not holds(rows_told, n_told) else \
+            lib.ET_BUF_FRESH if not holds(fresh_told, n_told) else None
+        expected = self.first_failure(t, arg=n_told < 0 or (n_told > 0 and null), size=short is not None,
+                                      buffer=short, ids=ids if t.key_space == DENSE else None)
+        if t.key_space == MANAGED and expected is None:
+            return self.managed_plan(t, ids, rc, rows[:ids.size], fresh[:ids.size])
+        self.verify("et_keys_plan", rc, expected or (lib.ET_OK, None))
+        if rc == lib.ET_OK:
+            want = hashed_rows(ids, t.num_rows, t.seed) if t.key_space == HASHED else ids
+            self.expect(np.array_equal(rows[:ids.size], want) and not fresh[:ids.size].any(), "et_keys_plan",
+                        "rows of a dense or hashed table are not the ids or their hashes, or some are fresh")
+
+    def managed_plan(self, t: Table, ids: np.ndarray, rc: int, rows: np.ndarray, fresh: np.ndarray) -> None:
+        """The outcome of a MANAGED plan that passed the checks: the live ids of the batch are touched
+        (even when it fails); the distinct new ids, in order, take the never-used rows in order, then
+        rows of live ids that are not protected (touched in the current or the previous epoch): with
+        too few of them ET_E_FULL at the first new id left without a row."""
+        lib = self.lib
+        keys = ids.tolist()
+        known = [t.row_of[k] for k in keys if k in t.row_of]
+        t.touch(known)
+        new = list(dict.fromkeys(k for k in keys if k not in t.row_of))
+        first = {}
+        for position, key in enumerate(keys):
+            first.setdefault(key, position)
+        live = len(t.keys)
+        unused = t.capacity - live
+        free = {r for r in range(live) if r not in t.touched[0] and r not in t.touched[1]}
+        if t.epochs_known:
+            self.verify("et_keys_plan", rc, (lib.ET_E_FULL, first[new[unused + len(free)]])
+                        if len(new) > unused + len(free) else (lib.ET_OK, None))
+        else:  # (epochs that began by the clock: any live row may be free)
+            self.codes[("et_keys_plan", self.names.get(rc, rc))] += 1
+            self.expect(rc == lib.ET_OK or (rc == lib.ET_E_FULL and self.err[0] in {first[k] for k in new[unused:]}),
+                        "et_keys_plan", f"returned {self.names.get(rc, rc)} (err_pos {self.err[0]}) for "
+                        f"{len(new)} new ids, {unused} rows never used")
+            free = set(range(live)) - set(known)
+        if rc != lib.ET_OK:
+            return
+        want = t.rows_of(ids, 1)
+        is_new = want == t.default_row
+        self.expect(np.array_equal(fresh.astype(bool), is_new), "et_keys_plan", "fresh is not the new ids")
+        self.expect(np.array_equal(rows[~is_new], want[~is_new]), "et_keys_plan", "a live id's row is not its own")
+        given = {k: int(rows[first[k]]) for k in new}
+        self.expect(all(given.get(k, row) == row for k, row in zip(keys, rows.tolist())), "et_keys_plan",
+                    "duplicates of a new id got different rows")
+        taken = [given[k] for k in new]
+        self.expect(taken[:unused] == list(range(live, live + min(unused, len(new)))), "et_keys_plan",
+                    f"new ids took {taken[:8]}..., not the never-used rows from {live} on")
+        victims = taken[unused:]
+        self.expect(len(set(victims)) == len(victims) and set(victims) <= free, "et_keys_plan",
+                    f"new ids took rows {victims[:8]}... that are protected, the batch's, or taken twice")
+        if self.chance(0.8):
+            self.apply(t, ids, np.ascontiguousarray(rows))
+
+    def apply(self, t: Table, ids: np.ndarray | None = None, rows: np.ndarray | None = None) -> None:
+        """et_keys_apply of a plan's rows, or of a batch made from the model (often forged)."""
+        lib, ffi = self.lib, self.ffi
+        if ids is None:
+            ids, rows = self.apply_batch(t)
+        evicted = ffi.new("int64_t *") if self.chance(0.97) else None
+        n_told = self.told(ids)
+        rows_told = n_told if self.chance(0.9) else self.told(rows)
+        pointers = [self.ptr("int64_t *", ids), self.ptr("int64_t *", rows)]
+        null = n_told > 0 and self.chance(0.03)
+        if null:
+            pointers[self.rng.integers(2)] = ffi.NULL
+        rc = lib.et_keys_apply(t.h, *pointers, n_told, rows_told, evicted or ffi.NULL, self.err)
+        ids, rows = ids[:max(n_told, 0)].tolist(), rows[:max(n_told, 0)].tolist()
+        expected = self.first_failure(t, arg=n_told < 0 or null or evicted is None or t.key_space != MANAGED,
+                                      size=rows_told != n_told, buffer=lib.ET_BUF_ROWS)
+        self.verify("et_keys_apply", rc, expected or t.apply_failure(ids, rows, lib))
+        if rc == lib.ET_OK:
+            gone = t.apply(ids, rows)
+            self.expect(evicted[0] == gone, "et_keys_apply", f"evicted {evicted[0]}, the model {gone}")
+            self.keys_of_rows(t)
+
+    def apply_batch(self, t: Table) -> tuple[np.ndarray, np.ndarray]:
+        """ids and rows for et_keys_apply: live ids at their rows, new ids at the next row or at a live
+        row (evicting), repeats; half the time one position forged (a row out of range or past the
+        live rows, perhaps another position's row or id, perhaps an id live at another row)."""
+        live = extended = len(t.keys)
+        pairs: list[tuple[int, int]] = []
+        for _ in range(int(self.pick(0, 1, self.rng.integers(2, 40)))):
+            kind = self.rng.integers(4)
+            if kind == 0 and live:
+                row = int(self.rng.integers(live))
+                pairs.append((t.keys[row], row))
+            elif kind == 1 and extended < t.capacity:
+                pairs.append((self.new_key(t), extended))
+                extended += 1
+            elif kind == 2 and live:
+                pairs.append((self.new_key(t), int(self.rng.integers(live))))
+            elif pairs:
+                pairs.append(pairs[self.rng.integers(len(pairs))])
+        if pairs and self.chance(0.5):
+            i = int(self.rng.integers(len(pairs)))
+            key, row = pairs[i]
+            forged = self.rng.integers(4)
+            if forged == 0:
+                row = int(self.pick(-1, INT64_MIN, t.capacity, t.capacity + 7, extended + 1, INT64_MAX))
+            elif forged == 1:
+                row = pairs[self.rng.integers(len(pairs))][1]
+            elif forged == 2:
+                key = pairs[self.rng.integers(len(pairs))][0]
+            elif t.keys:
+                key = t.keys[self.rng.integers(len(t.keys))]
+            pairs[i] = (key, row)
+        return np.array([k for k, _ in pairs], np.int64), np.array([r for _, r in pairs], np.int64)
+
+    def new_key(self, t: Table) -> int:
+        """An id the model's map does not hold."""
+        while True:
+            key = int(self.pick(self.rng.integers(-3000, 3000), INT64_MIN, INT64_MAX,
+                                self.rng.integers(INT64_MIN, INT64_MAX, dtype=np.int64, endpoint=True)))
+            if key not in t.row_of:
+                return key
+
+    def keys_of_rows(self, t: Table) -> None:
+        """et_keys_of_rows: the model's id of every live row of a MANAGED map; nothing of another table."""
+        ffi = self.ffi
+        entries = ffi.new("int64_t *")
+        keys = self.lib.et_keys_of_rows(t.h, entries)
+        self.codes[("et_keys_of_rows", "NULL" if keys == ffi.NULL else "ids")] += 1
+        if t.key_space != MANAGED:
+            return self.expect(keys == ffi.NULL and entries[0] == 0, "et_keys_of_rows", f"{entries[0]} ids of a "
+                               f"table that is not managed")
+        got = np.frombuffer(ffi.buffer(keys, 8 * entries[0]), np.int64).tolist() if entries[0] else []
+        self.expect(got == t.keys, "et_keys_of_rows", f"{len(got)} ids, not the model's {len(t.keys)}")
+
+    def keys_stats(self, t: Table) -> None:
+        """et_keys_stats into a buffer of random size: the model's figures (all 0 but for MANAGED maps)."""
+        lib = self.lib
+        stats = None if self.chance(0.03) else self.buffer(lib.ET_KEYS_STATS, np.int64)
+        told = self.told(stats)
+        rc = lib.et_keys_stats(t.h, self.ptr("int64_t *", stats), told)
+        self.verify("et_keys_stats", rc, self.first_failure(t, arg=stats is None, size=told < lib.ET_KEYS_STATS)
+                    or (lib.ET_OK, None))
+        if rc != lib.ET_OK:
+            return
+        got = stats[:lib.ET_KEYS_STATS].tolist()
+        if t.key_space != MANAGED:
+            return self.expect(not any(got), "et_keys_stats", f"{got} of a table that is not managed")
+        want = {lib.ET_KEYS_STAT_LIVE: len(t.keys), lib.ET_KEYS_STAT_EVICTIONS: t.evictions,
+                lib.ET_KEYS_STAT_CAPACITY: t.capacity, lib.ET_KEYS_STAT_UNKNOWN: t.unknown}
+        self.expect(all(got[i] == v for i, v in want.items()), "et_keys_stats", f"{got}, the model has {want}")
+        epoch = got[lib.ET_KEYS_STAT_EPOCH]
+        self.expect(epoch == t.epoch if t.epochs_known else epoch >= t.epoch, "et_keys_stats",
+                    f"epoch {epoch}, the model counts {t.epoch}")
+        self.expect(0 < got[lib.ET_KEYS_STAT_BYTES] <= 15.9375 * t.capacity + 40, "et_keys_stats",
+                    f"{got[lib.ET_KEYS_STAT_BYTES]} bytes of map for {t.capacity} rows")
+
+    def load(self, t: Table) -> None:
+        """et_keys_load of some of the model's ids and new ones, now and then a repeat or more than fit."""
+        lib, ffi = self.lib, self.ffi
+        capacity = max(t.capacity, 0)
+        n = int(self.pick(0, self.rng.integers(0, capacity + 1), capacity, capacity + 1, len(t.keys)))
+        old = self.rng.permutation(np.array(t.keys, np.int64))[:self.rng.integers(0, n + 1)]
+        new = self.rng.integers(INT64_MIN, INT64_MAX, n - old.size, dtype=np.int64, endpoint=True)
+        keys = self.rng.permutation(np.concatenate([old, new]))
+        if n >= 2 and self.chance(0.2):
+            i, j = sorted(self.rng.choice(n, 2, replace=False))
+            keys[j] = keys[i]
+        n_told = self.told(keys)
+        null = n_told > 0 and self.chance(0.03)
+        rc = lib.et_keys_load(t.h, ffi.NULL if null else self.ptr("int64_t *", keys), n_told, self.err)
+        keys = keys[:max(n_told, 0)].tolist()
+        repeat = first_repeat(keys)
+        expected = (lib.ET_E_ARG, None) if n_told < 0 or null or t.key_space != MANAGED else \
+            (lib.ET_E_ID_RANGE, t.capacity) if n_told > t.capacity else \
+            (lib.ET_E_ARG, repeat) if repeat is not None else self.first_failure(t) or (lib.ET_OK, None)
+        self.verify("et_keys_load", rc, expected)
+        if rc == lib.ET_OK:
+            t.set_managed_map(keys)
+            self.keys_of_rows(t)
+
+    def keys_epoch(self, t: Table) -> None:
+        lib = self.lib
+        rc = lib.et_keys_epoch(t.h)
+        self.verify("et_keys_epoch", rc, (lib.ET_E_DROPPED if t.dropped else lib.ET_OK, None))
+        if rc == lib.ET_OK and t.key_space == MANAGED:
+            t.new_epoch()
+
+    def hash_rows(self) -> None:
+        """et_hash_rows of any ids, seeds and num_rows (0 and past 2^32 among them), into buffers of
+        random sizes: clients/embtier/keys.py's rows."""
+        lib, ffi = self.lib, self.ffi
+        n = int(self.pick(0, 1, self.rng.integers(2, 600), -1))
+        ids = self.rng.integers(INT64_MIN, INT64_MAX, max(n, 0), dtype=np.int64, endpoint=True)
+        seed = int(self.pick(0, 1, 2**64 - 1, self.rng.integers(0, 2**64, dtype=np.uint64)))
+        num_rows = int(self.pick(1, 7, self.rng.integers(1, 2**32, endpoint=True), 2**32, 0, -1, 2**32 + 1, INT64_MAX))
+        rows = self.buffer(max(n, 0), np.int64)
+        n_told, rows_told = n if n < 0 else self.told(ids), self.told(rows)
+        pointers = [self.ptr("int64_t *", ids), self.ptr("int64_t *", rows)]
+        null = n_told > 0 and self.chance(0.03)
+        if null:
+            pointers[self.rng.integers(2)] = ffi.NULL
+        rc = lib.et_hash_rows(pointers[0], n_told, seed, num_rows, pointers[1], rows_told)
+        arg = n_told < 0 or null or not 1 <= num_rows <= 2**32
+        self.verify("et_hash_rows", rc, (lib.ET_E_ARG if arg else lib.ET_E_SIZE if not holds(rows_told, n_told)
+                                         else lib.ET_OK, None))
+        if rc == lib.ET_OK:
+            want = hashed_rows(ids[:n_told], num_rows, seed)
+            self.expect(np.array_equal(rows[:n_told], want), "et_hash_rows", f"not keys.py's rows for seed {seed}, "
+                        f"num_rows {num_rows}")
+
     # ---- the run -----------------------------------------------------------------------------
 
     def step(self) -> None:
         if self.chance(0.04) or not self.tables:
             return self.new_table()
         t = self.table()
-        op = self.rng.integers(20)
+        op = self.rng.integers(24)
         if op < 4:
             self.lookup(t, pooled=True)
         elif op < 6:
@@ -702,9 +1125,18 @@ class Fuzzer:
         elif op < 16:
             self.settings(t)
         elif op < 17:
-            self.pick(self.process_wide, self.sizes, self.memory)()
+            self.pick(self.process_wide, self.sizes, self.memory, self.hash_rows)()
         elif op < 19:
             self.quantize()
+        elif op < 20:
+            self.plan(t)
+        elif op < 21:
+            self.churn(t) if t.key_space == MANAGED else self.plan(t)
+        elif op < 22:
+            self.apply(t)
+        elif op < 23:
+            self.pick(self.keys_stats, self.keys_of_rows, self.keys_epoch, self.keys_epoch, self.load,
+                      self.set_keys)(t)
         elif self.chance(0.1):
             self.drop(t)
         elif self.chance(0.1):
@@ -725,8 +1157,8 @@ class Fuzzer:
         for (call, code), count in sorted(self.codes.items(), key=str):
             print(f"  {call:28} {code!s:16} {count}")
         print("calls that read or wrote rows:")
-        for (call, scm, parts), count in sorted(self.paths.items()):
-            print(f"  {call:28} {scm:14} {parts:16} {count}")
+        for (call, ids, scm, parts), count in sorted(self.paths.items()):
+            print(f"  {call:28} {ids:13} {scm:14} {parts:16} {count}")
 
 
 def main() -> int:

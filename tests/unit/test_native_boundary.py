@@ -148,6 +148,8 @@ def test_an_invalid_entry_is_refused_where_it_is_used(table, tier, chunk, slot):
                  lambda: table.write_rows(ids, np.zeros((3, 32), np.uint8))):
         with pytest.raises(EmbtierError, match=rf"ids\[1\] has a home with no storage \(id 6 at {bad:#x}"):
             call()
+    with pytest.raises(EmbtierError, match=r"ids\[1\] = 6 maps to a row whose home has no storage"):
+        table.gather(ids, np.empty((3, 8), np.float32), by_key=True)  # (the keys of a dense table are its rows)
 
 
 def test_a_partial_chunk_holds_only_the_rows_its_memory_holds(table):

@@ -16,14 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 ENUMS = [(wire.DTYPES, pb.DType), (wire.ID_TYPES, pb.IdType), (wire.INITIALIZERS, pb.Initializer),
          (wire.POOL_MODES, pb.PoolingMode), (wire.WRITE_MODES, pb.WriteMode), (wire.OFFLOADS, pb.Offload),
-         (wire.CHECKPOINT_KINDS, pb.CheckpointKind), (wire.QUANTIZERS, pb.Quantizer)]
+         (wire.CHECKPOINT_KINDS, pb.CheckpointKind), (wire.QUANTIZERS, pb.Quantizer), (wire.KEY_SPACES, pb.KeySpace)]
 
 
 @pytest.mark.parametrize("mapping, enum", ENUMS, ids=[e.DESCRIPTOR.name for _, e in ENUMS])
 def test_every_enum_value_has_its_name(mapping, enum):
     assert sorted(mapping.values()) == sorted(enum.values())
     for name, code in mapping.items():
-        assert name == enum.Name(code).lower() and wire.name_of(mapping, code) == name
+        assert name == enum.Name(code).lower().removeprefix("key_space_") and wire.name_of(mapping, code) == name
 
 
 def test_the_wire_dtypes_are_the_storage_dtypes_that_travel():
@@ -40,7 +40,8 @@ def test_the_kernels_number_tiers_dtypes_and_pooling_modes_as_the_wire_orders_th
 def test_info_types_survive_their_messages():
     port = wire.PortInfo("cxl0", -1, 1 << 20, 4096)
     tier = wire.TierInfo("cxl", 1 << 20, 4096, -1, True, "", (port,))
-    table = wire.TableInfo("t", 10, 4, "float16", {"dram": 10}, {"dram": 80}, 3, 50, {"dram": False}, {"cxl0": 0})
+    table = wire.TableInfo("t", 10, 4, "float16", {"dram": 10}, {"dram": 80}, 3, 50, {"dram": False}, {"cxl0": 0},
+                           "managed", 0, 0.5, 7, 2, 160, 3, 1)
     policy = wire.TablePolicy("t", "lfu", "", -1, 1 << 20, 5, 0, 1.0, 256 << 20, True)
     for info in (port, tier, table, policy):
         assert type(info).from_message(info.to_message()) == info

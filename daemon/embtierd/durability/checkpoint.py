@@ -82,6 +82,7 @@ from embtierd.errors import (
     RecoveryError,
     storage_error,
 )
+from embtierd.keys.space import rows_inside
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,8 @@ class Checkpointer:
                 stride = {e["name"]: native.row_stride(e["dim"], e["dtype"]) for e in intact}
                 with self.store.frozen():
                     self.store.install([(e, self._batches(_layers(chain, e), stride[e["name"]]),
-                                         fmt.read_heat(self.root, chain[-1], e)) for e in intact])
+                                         fmt.read_heat(self.root, chain[-1], e), self._keys(_layers(chain, e)))
+                                        for e in intact])
                 log.warning("salvage: loaded checkpoint %d (up to record %d): %d of %d table(s) intact",
                             checkpoint_id, head["lsn"], len(intact), len(head["tables"]))
                 return Recovered(int(head["lsn"]), lost)
@@ -296,7 +298,7 @@ class Checkpointer:
     def _fold(self, name: str) -> _Changed:
         """The table's change bitmaps with the kernels' dirty bits folded in (which clears those)."""
         serial = self.store.serial(name)
-        num_rows = self.store.spec(name)["num_rows"]
+        num_rows = rows_inside(self.store.spec(name))
         changed = self._changed.get(serial)
         if changed is None:  # created since the last checkpoint: its creation marked every row
             changed = self._changed[serial] = _Changed(_words(num_rows), _words(num_rows))
@@ -316,7 +318,7 @@ class Checkpointer:
         for name, bitmaps in changed.items():
             spec = self.store.spec(name)
             row = _row_bytes(spec, quant_bits)
-            full += spec["num_rows"] * row
+            full += rows_inside(spec) * row
             differential += _popcount(bitmaps.since_full) * (row + 4)
         limit = self.settings.auto_full_ratio * full
         # a new full checkpoint also lets retention cut the log (kept back to the last chain's newest)
@@ -325,13 +327,17 @@ class Checkpointer:
 
     def _rows(self, name: str, kind: str, changed: _Changed) -> fmt.TableRows:
         spec = self.store.spec(name)
-        num_rows = spec["num_rows"]
+        num_rows = rows_inside(spec)
         if kind == "full":
             ids = np.arange(num_rows, dtype=np.int64)
         else:
             ids = _rows_of(changed.since_checkpoint if kind == "incremental" else changed.since_full, num_rows)
+        live, keys = self.store.keys_of(name)  # (a view: the store is frozen while it is read)
+        if keys is not None:  # the id of each row written (0 for the default row and rows no id holds)
+            held = ids < live
+            keys = np.where(held, keys[np.where(held, ids, 0)] if live else 0, 0)
         return fmt.TableRows(spec, ids.size == num_rows, ids, self.store.read_encoded(name, ids),
-                             self.store.heat(name).copy())
+                             self.store.heat(name).copy(), live, keys)
 
     def _write(self, snapshot: list[fmt.TableRows], kind: str, parent: int, lsn: int, quant_bits: int,
                quantizer: str, **extra) -> dict:
@@ -475,7 +481,7 @@ class Checkpointer:
                 raise NotFoundError(f"id: checkpoint {checkpoint_id} does not exist (see ListCheckpoints)")
             chain = self._verified_chain(checkpoint_id)
             tables = self._restored_tables(chain)
-            self.store.check_install([spec for spec, _, _ in tables])
+            self.store.check_install([spec for spec, *_ in tables])
             with self.store.frozen(), contextlib.ExitStack() as held:
                 lsn = self.store.journal.log_restore(checkpoint_id)
                 self._restore_sources.append((lsn, checkpoint_id))
@@ -522,8 +528,8 @@ class Checkpointer:
         table's storage encoding), without installing them."""
         out = {}
         with self._lock:
-            for entry, batches, _ in self._restored_tables(self._verified_chain(checkpoint_id)):
-                rows = np.empty((entry["num_rows"], native.row_stride(entry["dim"], entry["dtype"])), np.uint8)
+            for entry, batches, *_ in self._restored_tables(self._verified_chain(checkpoint_id)):
+                rows = np.empty((rows_inside(entry), native.row_stride(entry["dim"], entry["dtype"])), np.uint8)
                 for ids, part in batches:
                     rows[ids] = part
                 out[entry["name"]] = rows
@@ -559,10 +565,24 @@ class Checkpointer:
 
     def _restored_tables(self, chain: list[dict]):
         """For Store.install: per table of the chain's newest checkpoint, its spec, its rows as batches
-        (the newest whole entry, then every later entry), and its heat."""
+        (the newest whole entry, then every later entry), its heat, and a managed table's keys."""
         return [(entry, self._batches(_layers(chain, entry), native.row_stride(entry["dim"], entry["dtype"])),
-                 fmt.read_heat(self.root, chain[-1], entry))
+                 fmt.read_heat(self.root, chain[-1], entry), self._keys(_layers(chain, entry)))
                 for entry in chain[-1]["tables"]]
+
+    def _keys(self, layers) -> np.ndarray | None:
+        """The id of each live row of a managed table, from its layers (None for other tables): the
+        whole entry's, then each later entry's rows over them; the newest entry says how many rows
+        are live."""
+        if "live" not in layers[-1][1]:
+            return None
+        keys = np.zeros(rows_inside(layers[-1][1]), dtype=np.int64)
+        for manifest, entry in layers:
+            live, held = fmt.read_keys(self.root, manifest, entry)
+            ids = fmt.read_ids(self.root, manifest, entry)
+            below = ids < live
+            keys[ids[below]] = held[below]
+        return keys[:layers[-1][1]["live"]]
 
     def _batches(self, layers, stride: int):
         for manifest, entry in layers:
@@ -575,7 +595,7 @@ class Checkpointer:
         self._since_full_bytes = head["since_full_bytes"]
         self._changed = {}
         for entry in head["tables"]:
-            num_rows = entry["num_rows"]
+            num_rows = rows_inside(entry)
             layers = _layers(chain, entry)
             since_full = _words(num_rows)
             if layers[0][0] is not chain[0]:  # its whole copy came after the full one: every row is new since

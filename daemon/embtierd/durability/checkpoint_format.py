@@ -19,6 +19,9 @@ as [offset, length] in bytes:
     scale   quantized: per row, the step; value = lo + code * scale
     heat    the table's access counters (uint8 per row, zlib), so that a
             restored daemon puts the hot rows back in DRAM
+    keys    a managed table's: the id of each row the entry holds (int64,
+            aligned with its rows; meaningful for rows below the entry's
+            "live", the rows that had an id)
 
 A checkpoint is written into ckpt-<id>.tmp (each file fsynced), the
 manifest last, then the directory is fsynced, renamed to its final name
@@ -44,6 +47,7 @@ from embtier.wire import CHECKPOINT_KINDS, name_of
 from embtierd import codec, native
 from embtierd.durability.wal import fsync_directory
 from embtierd.errors import CorruptCheckpointError
+from embtierd.keys.space import rows_inside
 
 FORMAT_VERSION = 2
 FP16_LIMIT = 60000.0  # largest magnitude whose range parameters are stored as float16
@@ -59,6 +63,8 @@ class TableRows:
     ids: np.ndarray         # int64, ascending
     encoded: np.ndarray     # [len(ids), stride] uint8, the table's storage encoding
     heat: np.ndarray        # uint8 [num_rows]
+    live: int = 0                     # a managed table: its rows [0, live) have an id
+    keys: np.ndarray | None = None    # a managed table: the id of each row of ids (those below live)
 
 
 def directory(root: Path, checkpoint_id: int) -> Path:
@@ -101,9 +107,12 @@ class Writer:
         sections: list[tuple[str, np.ndarray | bytes]] = []
         entry = {**spec, "whole": table.whole, "rows": int(table.ids.size)}
         if not table.whole:
-            id_dtype = "<u4" if spec["num_rows"] <= 1 << 32 else "<u8"
+            id_dtype = "<u4" if rows_inside(spec) <= 1 << 32 else "<u8"
             sections.append(("ids", table.ids.astype(id_dtype)))
             entry["id_dtype"] = id_dtype
+        if table.keys is not None:
+            sections.append(("keys", table.keys.astype("<i8")))
+            entry["live"] = table.live
         if self.quant_bits == 0:
             sections.append(("rows", table.encoded))
         else:
@@ -230,7 +239,7 @@ def read_table(root: Path, manifest: dict, entry: dict, stride: int) -> tuple[np
         return data[offset:offset + length].view(dtype)
 
     n, dim = entry["rows"], entry["dim"]
-    ids = (np.arange(entry["num_rows"], dtype=np.int64) if entry["whole"]
+    ids = (np.arange(rows_inside(entry), dtype=np.int64) if entry["whole"]
            else section("ids", entry["id_dtype"]).astype(np.int64))
     if manifest["quant_bits"] == 0:
         rows = section("rows").reshape(n, stride)
@@ -257,8 +266,14 @@ def _read_section(root: Path, manifest: dict, entry: dict, name: str) -> bytes:
 def read_ids(root: Path, manifest: dict, entry: dict) -> np.ndarray:
     """The ids a table entry holds (int64, ascending)."""
     if entry["whole"]:
-        return np.arange(entry["num_rows"], dtype=np.int64)
+        return np.arange(rows_inside(entry), dtype=np.int64)
     return np.frombuffer(_read_section(root, manifest, entry, "ids"), dtype=entry["id_dtype"]).astype(np.int64)
+
+
+def read_keys(root: Path, manifest: dict, entry: dict) -> tuple[int, np.ndarray]:
+    """(live, the id of each row the entry holds: meaningful for rows below live) of a managed table."""
+    keys = np.frombuffer(_read_section(root, manifest, entry, "keys"), dtype="<i8").astype(np.int64)
+    return int(entry["live"]), keys
 
 
 def read_heat(root: Path, manifest: dict, entry: dict) -> np.ndarray:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from embtierd.errors import EmbtierError, StorageError, TierFullError
+from embtierd.keys.space import KeySpace
 from embtierd.tiering.config import TableSettings
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,9 @@ _HEADER = struct.Struct("<I")  # length of the JSON head of a WRITE record
 
 
 def encode_create(name: str, num_rows: int, dim: int, dtype: str, initializer: str, seed: int,
-                  init_scale: float, policy: TableSettings) -> bytes:
+                  init_scale: float, policy: TableSettings, keys: KeySpace) -> bytes:
     return json.dumps({"name": name, "num_rows": num_rows, "dim": dim, "dtype": dtype, "initializer": initializer,
-                       "seed": seed, "init_scale": init_scale, **policy.to_dict()}).encode()
+                       "seed": seed, "init_scale": init_scale, **policy.to_dict(), **keys.to_dict()}).encode()
 
 
 def encode_drop(name: str, generation: int) -> bytes:
@@ -66,21 +67,32 @@ def decode_drop(payload: bytes) -> tuple[str, int | None]:
     return payload.decode(), None
 
 
-def encode_write(name: str, generation: int, ids: np.ndarray, values: np.ndarray, mode: str, scale: float) -> bytes:
+def encode_write(name: str, generation: int, ids: np.ndarray, values: np.ndarray, mode: str, scale: float,
+                 plan: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
+    """A WRITE record: head, ids (int64), values (float32), and for a managed table the plan: the
+    row each id has or takes (int64) and whether it takes it now (uint8)."""
     head = json.dumps({"name": name, "generation": generation, "n": int(ids.size), "dim": int(values.shape[1]),
-                       "mode": mode, "scale": scale}).encode()
-    return b"".join((_HEADER.pack(len(head)), head, ids.astype("<i8", copy=False).tobytes(),
-                     values.astype("<f4", copy=False).tobytes()))
+                       "mode": mode, "scale": scale, "planned": plan is not None}).encode()
+    parts = [_HEADER.pack(len(head)), head, ids.astype("<i8", copy=False).tobytes(),
+             values.astype("<f4", copy=False).tobytes()]
+    if plan is not None:
+        parts += [plan[0].astype("<i8", copy=False).tobytes(), plan[1].astype(np.uint8).tobytes()]
+    return b"".join(parts)
 
 
-def decode_write(payload: bytes) -> tuple[dict, np.ndarray, np.ndarray]:
+def decode_write(payload: bytes) -> tuple[dict, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     (length,) = _HEADER.unpack_from(payload)
     head = json.loads(payload[_HEADER.size:_HEADER.size + length])
     start = _HEADER.size + length
     n, dim = head["n"], head["dim"]
     ids = np.frombuffer(payload, dtype="<i8", count=n, offset=start).astype(np.int64)
     values = np.frombuffer(payload, dtype="<f4", count=n * dim, offset=start + 8 * n).reshape(n, dim)
-    return head, ids, np.ascontiguousarray(values, dtype=np.float32)
+    plan = None
+    if head.get("planned"):
+        at = start + 8 * n + 4 * n * dim
+        plan = (np.frombuffer(payload, dtype="<i8", count=n, offset=at).astype(np.int64),
+                np.frombuffer(payload, dtype=np.uint8, count=n, offset=at + 8 * n).astype(bool))
+    return head, ids, np.ascontiguousarray(values, dtype=np.float32), plan
 
 
 def encode_restore(checkpoint_id: int) -> bytes:
@@ -105,8 +117,8 @@ class Journal:
         return self.wal.append(DROP, encode_drop(name, generation))
 
     def log_write(self, name: str, generation: int, ids: np.ndarray, values: np.ndarray, mode: str,
-                  scale: float) -> int:
-        return self.wal.append(WRITE, encode_write(name, generation, ids, values, mode, scale))
+                  scale: float, plan: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+        return self.wal.append(WRITE, encode_write(name, generation, ids, values, mode, scale, plan))
 
     def log_restore(self, checkpoint_id: int) -> int:
         return self.wal.append(RESTORE, encode_restore(checkpoint_id))
@@ -159,7 +171,8 @@ def _apply(store, record, counts: dict[str, int], restore) -> None:
     if record.kind == CREATE:
         spec = json.loads(record.payload)
         store.create_table(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"], spec["initializer"],
-                           spec["seed"], spec["init_scale"], TableSettings.from_dict(spec), generation=record.lsn)
+                           spec["seed"], spec["init_scale"], TableSettings.from_dict(spec), generation=record.lsn,
+                           keys=KeySpace.from_dict(spec))
         counts["create"] += 1
     elif record.kind == DROP:
         name, generation = decode_drop(record.payload)
@@ -167,9 +180,9 @@ def _apply(store, record, counts: dict[str, int], restore) -> None:
         store.drop_table(name)
         counts["drop"] += 1
     elif record.kind == WRITE:
-        head, ids, values = decode_write(record.payload)
+        head, ids, values, plan = decode_write(record.payload)
         _check_generation(store, head["name"], head.get("generation"))
-        store.write_rows(head["name"], ids, values, head["mode"], head["scale"])
+        store.write_rows(head["name"], ids, values, head["mode"], head["scale"], planned=plan)
         counts["write"] += 1
     elif record.kind == RESTORE:
         if restore is None:

@@ -62,12 +62,28 @@ class StoreCollector:
                                      labels=["table"])
         ports = GaugeMetricFamily("embtier_table_port_rows", "CXL rows of each table on each fabric port "
                                   "(spread by heat each tiering interval).", labels=["table", "port"])
+        keys = GaugeMetricFamily("embtier_table_keys", "Ids with a row in each managed table.", labels=["table"])
+        map_bytes = GaugeMetricFamily("embtier_table_key_map_bytes", "Bytes of each managed table's id -> row map.",
+                                      labels=["table"])
+        evictions = CounterMetricFamily("embtier_key_evictions", "Ids each managed table evicted to give their row "
+                                        "to a new id.", labels=["table"])
+        recent = CounterMetricFamily("embtier_key_recent_evictions", "Evictions of ids written within the hour "
+                                     "before, by managed table (a table too small for its live ids).",
+                                     labels=["table"])
+        unknown = CounterMetricFamily("embtier_unknown_ids", "Ids lookups found no row for (each read the default "
+                                      "row), by managed table.", labels=["table"])
         for info in self.store.tables():
             for tier, count in info.rows_by_tier.items():
                 rows.add_metric([info.name, tier], count)
             for port, count in info.rows_by_port.items():
                 ports.add_metric([info.name, port], count)
             metadata.add_metric([info.name], info.metadata_bytes)
+            if info.key_space == "managed":
+                keys.add_metric([info.name], info.live_ids)
+                map_bytes.add_metric([info.name], info.map_bytes)
+                evictions.add_metric([info.name], info.key_evictions)
+                recent.add_metric([info.name], info.recent_key_evictions)
+                unknown.add_metric([info.name], info.unknown_ids)
         rss = GaugeMetricFamily("embtier_process_resident_memory_bytes", "Resident memory of the daemon.")
         rss.add_metric([], self.process.memory_info().rss)
         available = GaugeMetricFamily("embtier_system_memory_available_bytes", "Memory available on the host.")
@@ -75,7 +91,8 @@ class StoreCollector:
         info = InfoMetricFamily("embtier_build", "Build of the daemon.")
         info.add_metric([], {"version": __version__, "isa": native.isa(),
                              "scm_io": "aio" if native.scm_async() else "pread"})
-        yield from (capacity, used, emulated, port_capacity, port_used, rows, ports, metadata, rss, available, info)
+        yield from (capacity, used, emulated, port_capacity, port_used, rows, ports, metadata, keys, map_bytes,
+                    evictions, recent, unknown, rss, available, info)
 
 
 class WalCollector:

@@ -19,6 +19,7 @@ from embtier.wire import (
     ID_ARRAYS,
     ID_TYPES,
     INITIALIZERS,
+    KEY_SPACES,
     MEMORY_TIERS,
     OFFLOADS,
     POOL_MODES,
@@ -39,6 +40,7 @@ from embtierd.errors import (
     InvalidArgumentError,
     RequestTooLargeError,
 )
+from embtierd.keys.space import KeySpace
 from embtierd.rpc.metrics import Metrics
 from embtierd.rpc.trace import TraceRecorder
 from embtierd.store.catalog import HEAT_BIN_NAMES, Store
@@ -145,11 +147,12 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
 
     def CreateTable(self, request, context):
         self._admit(context, 0)
+        keys = KeySpace(enum_value(pb.KeySpace, KEY_SPACES, request.key_space, "key_space"), request.key_seed,
+                        request.default_value)
         info = self.store.create_table(
             request.name, request.num_rows, request.dim, enum_value(pb.DType, DTYPES, request.dtype, "dtype"),
             enum_value(pb.Initializer, INITIALIZERS, request.initializer, "initializer"), request.seed,
-            request.init_scale,
-            table_policy(self.tiering.config.table_policy(request.name), request))
+            request.init_scale, table_policy(self.tiering.config.table_policy(request.name), request), keys=keys)
         return info.to_message()
 
     def DropTable(self, request, context):
@@ -204,7 +207,8 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             dram_rows=info.rows_by_tier["dram"], cxl_rows=info.rows_by_tier["cxl"],
             interval_seconds=config.interval_seconds, bandwidth_bytes_per_second=config.bandwidth_bytes_per_second,
             heat_sample_shift=self.store.config.kernels.heat_sample_shift,
-            policy=self.store.table_policy(request.table).policy)
+            policy=self.store.table_policy(request.table).policy, key_space=KEY_SPACES[info.key_space],
+            key_seed=info.key_seed)
 
     def Checkpoint(self, request, context):
         kind = enum_value(pb.CheckpointKind, CHECKPOINT_KINDS, request.kind, "kind")
@@ -245,12 +249,12 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         self._admit(context, ids.size)
         dim = self.store.geometry(request.table)[0]
         self._check_reply(ids.size * dim * dt.itemsize, f"{ids.size} rows x dim {dim} x {dt.itemsize} bytes")
-        tier_rows = np.zeros(3, dtype=np.int64)
-        rows = self.store.lookup(request.table, ids, tier_rows)
+        tier_rows, unknown = np.zeros(3, dtype=np.int64), np.zeros(1, dtype=np.int64)
+        rows = self.store.lookup(request.table, ids, tier_rows, unknown=unknown)
         self.traces.observe(request.table, ids)
         values = wire(rows, dt)
         self.metrics.served("Lookup", request.table, tier_rows, self.store.geometry(request.table)[2], len(values))
-        return pb.LookupResponse(values=values, dim=rows.shape[1], count=ids.size)
+        return pb.LookupResponse(values=values, dim=rows.shape[1], count=ids.size, unknown_ids=int(unknown[0]))
 
     def _check_pooled_reply(self, features, offload: str, itemsize: int) -> None:
         """Checks every feature's bags, then the reply's size, before any table is read: per feature,
@@ -283,19 +287,21 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         self._check_pooled_reply(features, offload, dt.itemsize)
         results = []
         for i, (table, ids, lengths, weights) in enumerate(features):
-            tier_rows = np.zeros(3, dtype=np.int64)
+            tier_rows, unknown = np.zeros(3, dtype=np.int64), np.zeros(1, dtype=np.int64)
             part_rows = np.zeros(len(names), dtype=np.int64)  # counted by the kernels as they resolve rows
             dim, _, row_bytes = self.store.geometry(table)
             result = pb.PooledResult(table=table, dim=dim, num_bags=lengths.size)
             if offload == "switch":
                 result.values = wire(self.store.lookup_pooled(table, ids, lengths, weights, mode, tier_rows,
-                                                              part_rows), dt)
+                                                              part_rows, unknown), dt)
             elif offload == "host":
-                result.rows = wire(self.store.lookup(table, ids, tier_rows, part_rows), dt)
+                result.rows = wire(self.store.lookup(table, ids, tier_rows, part_rows, unknown), dt)
             else:
-                present, partials = self.store.pool_partials(table, ids, lengths, weights, mode, tier_rows, part_rows)
+                present, partials = self.store.pool_partials(table, ids, lengths, weights, mode, tier_rows, part_rows,
+                                                             unknown)
                 result.parts.extend(names[p] for p in present)
                 result.partials = wire(partials, dt)
+            result.unknown_ids = int(unknown[0])
             self.traces.observe(table, ids)
             self.metrics.served("LookupPooled", table, tier_rows, row_bytes,
                                 len(result.values) + len(result.rows) + len(result.partials))

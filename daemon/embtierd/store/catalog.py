@@ -29,6 +29,7 @@ import logging
 import math
 import re
 import threading
+import time
 
 import numpy as np
 from embtier.wire import (
@@ -51,6 +52,7 @@ from embtierd.errors import (
     NotFoundError,
     TierFullError,
 )
+from embtierd.keys.space import KeySpace
 from embtierd.native import NativeTable, require
 from embtierd.store.mover import Mover
 from embtierd.store.table import MAX_DIM, MAX_ROWS, Table, check_settings, chunk_shift_for
@@ -60,10 +62,22 @@ from embtierd.topology import Topology, discover
 
 log = logging.getLogger(__name__)
 
+RECENT_MINUTES = 60         # an eviction of an id written this recently is counted apart (the alert)
 INIT_BATCH_ROWS = 1 << 16   # uniform init draws one generator stream per batch: values depend on seed only
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 HEAT_BINS = 9  # heat 0, 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64-127, 128-255
 HEAT_BIN_NAMES = ("0", "1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128-255")
+
+
+def _minute() -> int:
+    """Minutes on the monotonic clock, mod 2^16 (the age of a managed table's writes)."""
+    return int(time.monotonic() // 60) % (1 << 16)
+
+
+def _unknown_counter(unknown: np.ndarray | None) -> np.ndarray | None:
+    if unknown is not None and (unknown.dtype != np.int64 or unknown.shape != (1,)):
+        raise InvalidArgumentError(f"unknown must be an int64 array of shape (1,), got {unknown.dtype} {unknown.shape}")
+    return unknown
 
 
 def _tier_counter(tier_rows: np.ndarray | None) -> np.ndarray | None:
@@ -99,17 +113,21 @@ class Store:
 
     def create_table(self, name: str, num_rows: int, dim: int, dtype: str = "float32",
                      initializer: str = "zeros", seed: int = 0, init_scale: float = 0.0,
-                     policy: TableSettings | None = None, generation: int | None = None) -> TableInfo:
+                     policy: TableSettings | None = None, generation: int | None = None,
+                     keys: KeySpace | None = None) -> TableInfo:
         """A new table, its rows placed fastest tier first (within its policy's pin and limits) and initialised.
 
         uniform draws from [-init_scale, init_scale) (0 means 1/sqrt(num_rows), DLRM's choice),
-        reproducibly from seed.  policy defaults to the configuration's for this name.  generation:
-        the LSN of the CREATE record being replayed (live creations get the LSN they are logged at)."""
-        self._check_new_table(name, num_rows, dim, dtype, initializer, init_scale)
+        reproducibly from seed.  policy defaults to the configuration's for this name.  keys: its key
+        space (keys/space.py; dense by default).  generation: the LSN of the CREATE record being
+        replayed (live creations get the LSN they are logged at)."""
+        keys = keys or KeySpace()
+        keys.check()
+        self._check_new_table(name, num_rows, dim, dtype, initializer, init_scale, keys)
         policy = policy or self.config.tiering.table_policy(name)
         check_settings(policy)
-        self._check_fits(name, num_rows * native.row_stride(dim, dtype), policy.pin)
-        table = self._new_table(name, num_rows, dim, dtype, policy)
+        self._check_fits(name, keys.rows_inside(num_rows) * native.row_stride(dim, dtype), policy.pin)
+        table = self._new_table(name, num_rows, dim, dtype, policy, keys)
         with self._lock:
             if name in self._tables or name in self._creating:
                 raise AlreadyExistsError(f"table {name!r} already exists")
@@ -126,8 +144,8 @@ class Store:
         with self._lock:
             self._creating.discard(name)
             try:
-                lsn = self.journal.log_create(name, num_rows, dim, dtype, initializer, seed, init_scale, policy) \
-                    if self.journal else 0
+                lsn = self.journal.log_create(name, num_rows, dim, dtype, initializer, seed, init_scale, policy,
+                                              keys) if self.journal else 0
             except BaseException:
                 self.mover.release(table)
                 raise
@@ -140,8 +158,10 @@ class Store:
                  dict(zip(TIERS, table.rows_by_tier)))
         return self._info(table)
 
-    def _new_table(self, name: str, num_rows: int, dim: int, dtype: str, settings: TableSettings) -> Table:
-        """A table with no homes yet (see Mover.place)."""
+    def _new_table(self, name: str, num_rows: int, dim: int, dtype: str, settings: TableSettings,
+                   keys: KeySpace) -> Table:
+        """A table with no homes yet (see Mover.place); num_rows as the user sees it."""
+        num_rows = keys.rows_inside(num_rows)
         stride = native.row_stride(dim, dtype)
         shift = chunk_shift_for(stride, num_rows)
         # Chunks a tier may give the table: twice what num_rows needs, because a chunk cut short by a
@@ -149,7 +169,12 @@ class Store:
         # new chunk, plus two per CXL port, so that even a table of one chunk can spread over the ports.
         max_chunks = min(2 * -(-num_rows >> shift) + 2 * self.cxl_ports, (1 << 30) >> shift)
         table = Table(name, num_rows, dim, dtype, stride, shift,
-                      NativeTable(name, num_rows, dim, dtype, shift, max_chunks), settings=settings)
+                      NativeTable(name, num_rows, dim, dtype, shift, max_chunks), settings=settings, keys=keys)
+        if keys.keyed:
+            table.native.set_keys(keys.kind, keys.seed, self.config.tiering.interval_seconds)
+        if keys.managed:
+            # (rows not written since this process made the table count as written long ago)
+            table.written_minute = np.full(num_rows, (_minute() - RECENT_MINUTES) % (1 << 16), dtype=np.uint16)
         table.native.configure(self.config.kernels.prefetch_distance, self.config.kernels.heat_sample_shift)
         table.native.set_cxl_delay(self.tiers.cxl.injected_latency_ns)
         table.native.set_parts(len(self.part_names))  # each chunk's part is set as it gets storage (SlotSpace)
@@ -161,14 +186,16 @@ class Store:
         the tables, InvalidArgumentError for a bad tiering setting."""
         for spec in specs:
             check_settings(TableSettings.from_dict(spec))
-        need = sum(spec["num_rows"] * native.row_stride(spec["dim"], spec["dtype"]) for spec in specs)
+        need = sum(KeySpace.from_dict(spec).rows_inside(spec["num_rows"]) * native.row_stride(spec["dim"], spec["dtype"])
+                   for spec in specs)
         capacity = sum(tier.capacity_bytes for tier in self.tiers)
         if need > capacity:
             raise TierFullError(f"the restored tables need {need} bytes; the tiers hold {capacity}")
 
     def install(self, tables, hold: contextlib.ExitStack | None = None, generation: int | None = None) -> list[str]:
         """Replaces every table by the given ones, each (spec as from spec(), batches of (ids,
-        encoded rows) that together write every row, heat [num_rows]); returns their names.  Call
+        encoded rows) that together write every row, heat [rows inside], the keys of a managed table's
+        live rows or None); returns their names.  Call
         inside frozen(); with hold, each new table's write lock is taken before it is published and
         released when hold closes (so that writes wait until the caller is done, then go to the new
         tables).  Each new table's generation is the spec's (a checkpoint's), or generation when
@@ -176,20 +203,22 @@ class Store:
         TierFullError before anything changes when the tiers cannot hold them (check_install);
         InstallError if placing them still fails once the old tables are gone (then the store
         matches no durable state: the caller must stop serving)."""
-        self.check_install([spec for spec, _, _ in tables])
+        self.check_install([spec for spec, *_ in tables])
         for table in self._tables.values():
             table.retired = "restored"
             table.native.mark_dropped()
             self.mover.release(table)
         self._tables.clear()
         try:
-            for spec, batches, heat in tables:
+            for spec, batches, heat, keys in tables:
                 table = self._new_table(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"],
-                                        TableSettings.from_dict(spec))
+                                        TableSettings.from_dict(spec), KeySpace.from_dict(spec))
                 self.mover.place(table)
                 for ids, rows in batches:
                     self._write_encoded(table, ids, rows)
                 table.native.heat[:] = heat
+                if keys is not None:
+                    table.native.load_keys(keys)
                 table.native.take_dirty()
                 table.serial = next(self._serials)
                 table.generation = spec.get("generation", 0) if generation is None else generation
@@ -290,36 +319,40 @@ class Store:
     # ---- rows --------------------------------------------------------------
 
     def lookup(self, name: str, ids: np.ndarray, tier_rows: np.ndarray | None = None,
-               part_rows: np.ndarray | None = None) -> np.ndarray:
-        """[len(ids), dim] float32 rows.  tier_rows (int64 [3]: dram, cxl, scm), when given,
-        receives how many rows each tier served; part_rows (int64 [len(part_names)]) how many each
-        fabric part served (counted by the kernel as it resolves the rows)."""
+               part_rows: np.ndarray | None = None, unknown: np.ndarray | None = None) -> np.ndarray:
+        """[len(ids), dim] float32 rows of ids (the table's keys: rows of a dense table, raw ids of a
+        keyed one).  tier_rows (int64 [3]: dram, cxl, scm), when given, receives how many rows each
+        tier served; part_rows (int64 [len(part_names)]) how many each fabric part served (counted by
+        the kernel as it resolves the rows); unknown (int64 [1]) how many ids of a managed table had
+        no row (they read the default row)."""
         table = self._get(name)
         ids = require(ids, "ids", np.int64, 1)
         out = np.empty((ids.size, table.dim), dtype=np.float32)
-        table.native.gather(ids, out, _tier_counter(tier_rows), self._part_counter(part_rows))
+        table.native.gather(ids, out, _tier_counter(tier_rows), self._part_counter(part_rows),
+                            by_key=table.keys.keyed, unknown=_unknown_counter(unknown))
         return out
 
     def lookup_pooled(self, name: str, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None = None,
                       mode: str = "sum", tier_rows: np.ndarray | None = None,
-                      part_rows: np.ndarray | None = None) -> np.ndarray:
+                      part_rows: np.ndarray | None = None, unknown: np.ndarray | None = None) -> np.ndarray:
         """[len(lengths), dim] float32: bag b pools the next lengths[b] rows of ids (sum, mean or max
-        of weight * row; empty bags are zeros).  tier_rows and part_rows as for lookup."""
+        of weight * row; empty bags are zeros).  tier_rows, part_rows and unknown as for lookup."""
         table = self._get(name)
         ids, lengths, weights = self._check_pooling(ids, lengths, weights, mode)
         out = np.empty((lengths.size, table.dim), dtype=np.float32)
         table.native.pool(ids, lengths, weights, native.POOL_MODES[mode], out, _tier_counter(tier_rows),
-                          self._part_counter(part_rows))
+                          self._part_counter(part_rows), by_key=table.keys.keyed, unknown=_unknown_counter(unknown))
         return out
 
     def pool_partials(self, name: str, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None = None,
-                      mode: str = "sum", tier_rows: np.ndarray | None = None,
-                      part_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      mode: str = "sum", tier_rows: np.ndarray | None = None, part_rows: np.ndarray | None = None,
+                      unknown: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Each fabric part's partial of every bag (the device offload): (the parts with rows in the
         request, [len(parts), bags, dim] float32).  SUM and MEAN give partial sums (the total is
         divided by the bag's length afterwards), MAX partial maxima with -inf where a part has no row
         of the bag.  The ids are ordered by (part, bag) in C (et_partition) and pooled in one kernel
-        call over parts x bags bags.  tier_rows and part_rows as for lookup."""
+        call over parts x bags bags (et_partition hands back rows: a keyed table's ids are translated
+        once).  tier_rows, part_rows and unknown as for lookup."""
         table = self._get(name)
         ids, lengths, weights = self._check_pooling(ids, lengths, weights, mode)
         nparts, bags = len(self.part_names), lengths.size
@@ -328,7 +361,8 @@ class Store:
         ordered_weights = None if weights is None else np.empty_like(weights)
         counts = self._part_counter(part_rows)
         counts = np.zeros(nparts, dtype=np.int64) if counts is None else counts
-        table.native.partition(ids, lengths, weights, order, part_lengths, ordered_weights, counts)
+        table.native.partition(ids, lengths, weights, order, part_lengths, ordered_weights, counts,
+                               by_key=table.keys.keyed, unknown=_unknown_counter(unknown))
         present = np.flatnonzero(counts)
         part_lengths = np.ascontiguousarray(part_lengths.reshape(nparts, bags)[present])
         out = np.empty((present.size * bags, table.dim), dtype=np.float32)
@@ -359,20 +393,24 @@ class Store:
         return part_rows
 
     def write_rows(self, name: str, ids: np.ndarray, values: np.ndarray, mode: str = "assign",
-                   scale: float = 1.0) -> int:
-        """Stores values[i] at row ids[i] (assign: a later duplicate wins) or adds scale * values[i]
-        (add: duplicates accumulate); values is [len(ids), dim] float32, or flat as it came off the
-        wire.  Returns the table's new version.  A write waits while a
-        restore replaces the tables and then applies to the restored table; one that waited for a
-        table being dropped fails with NotFoundError and leaves no record."""
+                   scale: float = 1.0, planned: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+        """Stores values[i] at the row of ids[i] (assign: a later duplicate wins) or adds scale *
+        values[i] (add: duplicates accumulate); values is [len(ids), dim] float32, or flat as it came
+        off the wire.  ids are the table's keys: a managed table gives each new id a row (evicting its
+        coldest unprotected id when full: KeyspaceFullError when every live id is protected, and
+        nothing is written), a hashed one hashes them.  planned: (rows, fresh) a replayed record of a
+        managed table logged, applied as they are.  Returns the table's new version.  A write waits
+        while a restore replaces the tables and then applies to the restored table; one that waited
+        for a table being dropped fails with NotFoundError and leaves no record."""
         while True:
             with self._lock:  # (a restore holds it until the restored tables are in place)
                 table = self._get(name)
-            version = self._write(table, ids, values, mode, scale)
+            version = self._write(table, ids, values, mode, scale, planned)
             if version is not None:
                 return version
 
-    def _write(self, table: Table, ids: np.ndarray, values: np.ndarray, mode: str, scale: float) -> int | None:
+    def _write(self, table: Table, ids: np.ndarray, values: np.ndarray, mode: str, scale: float,
+               planned: tuple[np.ndarray, np.ndarray] | None) -> int | None:
         """write_rows on one table; None when a restore replaced it before the write got its lock."""
         name = table.name
         ids = require(ids, "ids", np.int64, 1)
@@ -389,21 +427,29 @@ class Store:
             raise InvalidArgumentError(f"mode must be one of {', '.join(WRITE_MODES)}; got {mode!r}")
         if not math.isfinite(scale):
             raise InvalidArgumentError(f"scale must be finite, got {scale}")
-        self._check_ids(table, ids)
+        if not table.keys.keyed:
+            self._check_ids(table, ids)
         # what an assignment stores must fit the table's dtype; an addition's increments must be finite
         codec.check_storable(values, table.dtype if mode == "assign" else "float32")
         with table.write_lock:
             if table.retired == "restored":
                 return None
             table.check_live()
-            rows, encoded = self._added_rows(table, ids, values, scale) if mode == "add" else (ids, values)
+            rows, fresh = planned if planned is not None else self._plan(table, ids)
             if mode == "add":  # ... and so must the sums
-                codec.check_storable(encoded, table.dtype, f"the sum of scale x values and table {name!r}", rows)
-            encoded = codec.encode(encoded, table.dtype, table.stride)
-            # logged once nothing but the store itself can fail (an SCM write: a device error)
-            lsn = self.journal.log_write(name, table.generation, ids, values, mode, scale) if self.journal else 0
-            table.native.write_rows(rows, encoded)
-            self.mover.written(table, rows)
+                targets, data = self._added_rows(table, rows, fresh, values, scale)
+                codec.check_storable(data, table.dtype, f"the sum of scale x values and table {name!r}", targets)
+            else:
+                targets, data = rows, values
+            encoded = codec.encode(data, table.dtype, table.stride)
+            # logged once nothing but the store itself can fail (an SCM write: a device error), with the
+            # rows a managed table's ids take: a replay cannot choose them again (eviction follows heat)
+            lsn = self.journal.log_write(name, table.generation, ids, values, mode, scale,
+                                         (rows, fresh) if table.keys.managed else None) if self.journal else 0
+            if table.keys.managed:
+                self._take_rows(table, ids, rows, fresh)
+            table.native.write_rows(targets, encoded)
+            self.mover.written(table, targets)
             table.version += 1
             version = table.version
         if lsn:
@@ -452,8 +498,8 @@ class Store:
     def spec(self, name: str) -> dict:
         """What re-creates the table empty: its shape and tiering settings."""
         table = self._get(name)
-        return {"name": name, "num_rows": table.num_rows, "dim": table.dim, "dtype": table.dtype,
-                "generation": table.generation, **table.settings.to_dict()}
+        return {"name": name, "num_rows": table.user_rows, "dim": table.dim, "dtype": table.dtype,
+                "generation": table.generation, **table.settings.to_dict(), **table.keys.to_dict()}
 
     def take_dirty(self, name: str) -> np.ndarray:
         """The table's rows written since the last call, as a bitmap (see NativeTable.take_dirty)."""
@@ -478,6 +524,14 @@ class Store:
         ids = require(ids, "ids", np.int64, 1)
         self._check_ids(table, ids)
         return table.native.parts_of_locs(table.native.loc[ids])
+
+    def keys_of(self, name: str) -> tuple[int, np.ndarray | None]:
+        """(live rows, the id of each: a read-only view) of a managed table; (0, None) of another."""
+        table = self._get(name)
+        if not table.keys.managed:
+            return 0, None
+        keys = table.native.keys_of_rows
+        return keys.size, keys
 
     def heat(self, name: str, writable: bool = False) -> np.ndarray:
         """The table's live access counters (a read-only view unless writable: the tiering policy ages them)."""
@@ -523,25 +577,29 @@ class Store:
                                 f"bytes in all)")
 
     @staticmethod
-    def _check_new_table(name, num_rows, dim, dtype, initializer, init_scale) -> None:
+    def _check_new_table(name, num_rows, dim, dtype, initializer, init_scale, keys: KeySpace) -> None:
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise InvalidArgumentError(f"name must be 1-128 characters of [A-Za-z0-9_.-], got {name!r}")
-        if not isinstance(num_rows, int) or not 1 <= num_rows <= MAX_ROWS:
-            raise InvalidArgumentError(f"num_rows must be in [1, {MAX_ROWS}], got {num_rows!r}")
+        most = MAX_ROWS - 1 if keys.managed else MAX_ROWS  # (a managed table's default row is one more)
+        if not isinstance(num_rows, int) or not 1 <= num_rows <= most:
+            raise InvalidArgumentError(f"num_rows must be in [1, {most}], got {num_rows!r}")
         if not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
             raise InvalidArgumentError(f"dim must be in [1, {MAX_DIM}], got {dim!r}")
         if dtype not in native.DTYPES:
             raise InvalidArgumentError(f"dtype must be one of {', '.join(native.DTYPES)}; got {dtype!r}")
         if initializer not in INITIALIZERS:
             raise InvalidArgumentError(f"initializer must be one of {', '.join(INITIALIZERS)}; got {initializer!r}")
+        if keys.managed and initializer != "zeros":
+            raise InvalidArgumentError(f"initializer = {initializer} applies to dense and hashed tables: a managed "
+                                       f"table's rows start as its default row (default_value)")
         if not math.isfinite(init_scale) or init_scale < 0:
             raise InvalidArgumentError(f"init_scale must be finite and >= 0, got {init_scale}")
 
     def _initialize(self, table: Table, initializer: str, seed: int, scale: float) -> None:
         for start in range(0, table.num_rows, INIT_BATCH_ROWS):
             n = min(INIT_BATCH_ROWS, table.num_rows - start)
-            if initializer == "zeros":
-                values = np.zeros((n, table.dim), dtype=np.float32)
+            if initializer == "zeros":  # (a managed table's rows start as its default row, what unknown ids read)
+                values = np.full((n, table.dim), table.keys.default_value, dtype=np.float32)
             else:
                 rng = np.random.default_rng([seed, start // INIT_BATCH_ROWS])
                 values = rng.random((n, table.dim), dtype=np.float32)
@@ -557,15 +615,45 @@ class Store:
             raise InvalidArgumentError(f"ids[{bad[0]}] = {ids[bad[0]]} is out of range [0, {table.num_rows}) "
                                        f"for table {table.name!r}")
 
-    def _added_rows(self, table: Table, ids: np.ndarray, values: np.ndarray, scale: float):
-        """(unique ids, current rows + scale * the sum of their values)."""
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
-        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if ids.size else np.array([], int)
-        unique = np.ascontiguousarray(sorted_ids[starts])
-        delta = np.add.reduceat(values[order], starts, axis=0) if ids.size else values
-        current = np.empty((unique.size, table.dim), dtype=np.float32)
-        table.native.gather(unique, current)
+    @staticmethod
+    def _plan(table: Table, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(the row of each id, and for a managed table whether the id takes it now; None otherwise)."""
+        if not table.keys.keyed:
+            return ids, None
+        rows, fresh = table.native.plan_keys(ids)
+        return rows, fresh if table.keys.managed else None
+
+    def _take_rows(self, table: Table, ids: np.ndarray, rows: np.ndarray, fresh: np.ndarray) -> None:
+        """Makes rows[i] the row of ids[i] in a managed table's map (the ids that held rows a new
+        id takes are evicted), counting evictions of ids written within the last hour.  The rows
+        taken from evicted ids are first reset to the default row, so that no lookup running
+        meanwhile reads an evicted id's values as the new id's (rows never used hold it already); the
+        caller then writes the new values."""
+        taken = np.sort(rows[fresh & (rows < table.native.keys_stats()["live"])])  # (np.unique: 10x slower)
+        taken = taken[np.r_[True, taken[1:] != taken[:-1]]] if taken.size else taken
+        if taken.size:
+            default = np.full((taken.size, table.dim), table.keys.default_value, dtype=np.float32)
+            table.native.write_rows(taken, codec.encode(default, table.dtype, table.stride))
+        table.native.apply_keys(ids, rows)
+        now = _minute()
+        if taken.size:
+            age = (now - table.written_minute[taken].astype(np.int64)) % (1 << 16)
+            table.recent_evictions += int(np.count_nonzero(age < RECENT_MINUTES))
+        table.written_minute[rows] = now
+
+    def _added_rows(self, table: Table, rows: np.ndarray, fresh: np.ndarray | None, values: np.ndarray, scale: float):
+        """(unique rows, current rows + scale * the sum of their values); a row an id takes now
+        (fresh) starts from the default row, not from what the id it evicts left there."""
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]]) if rows.size else np.array([], int)
+        unique = np.ascontiguousarray(sorted_rows[starts])
+        delta = np.add.reduceat(values[order], starts, axis=0) if rows.size else values
+        stored = np.empty((unique.size, table.stride), dtype=np.uint8)
+        table.native.read_rows(unique, stored)
+        current = codec.decode(stored, table.dtype, table.dim)
+        if fresh is not None:
+            current[fresh[order][starts]] = np.float32(table.keys.default_value)
         current += np.float32(scale) * delta
         return unique, current
 
@@ -576,9 +664,13 @@ class Store:
         chunk_table_entries = nt.chunk_parts.size  # one per chunk of each tier
         copies = table.scm_copy.nbytes + table.scm_dirty.nbytes if table.scm_copy is not None else 0
         metadata = nt.loc.nbytes + nt.heat.nbytes + 8 * (chunk_table_entries + nt.max_chunks) + copies
+        keyed = nt.keys_stats() if table.keys.managed else {}
         return TableInfo(
-            name=table.name, num_rows=table.num_rows, dim=table.dim, dtype=table.dtype,
+            name=table.name, num_rows=table.user_rows, dim=table.dim, dtype=table.dtype,
             rows_by_tier=dict(zip(names, table.rows_by_tier)), bytes_by_tier=bytes_by,
             emulated_by_tier={t.name: t.emulated for t in self.tiers},
             metadata_bytes=metadata + nt.chunk_parts.nbytes, version=table.version,
-            rows_by_port=dict(table.rows_by_port))
+            rows_by_port=dict(table.rows_by_port), key_space=table.keys.kind, key_seed=table.keys.seed,
+            default_value=table.keys.default_value, live_ids=keyed.get("live", 0),
+            key_evictions=keyed.get("evictions", 0), map_bytes=keyed.get("map_bytes", 0),
+            unknown_ids=keyed.get("unknown", 0), recent_key_evictions=table.recent_evictions)

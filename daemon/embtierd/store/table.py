@@ -20,6 +20,7 @@ import numpy as np
 from embtier.wire import MEMORY_TIERS, POLICIES, TIERS
 
 from embtierd.errors import InvalidArgumentError, NotFoundError
+from embtierd.keys.space import KeySpace
 from embtierd.native import NativeTable
 from embtierd.store.slots import SlotSpace
 from embtierd.tiering.config import TableSettings
@@ -40,6 +41,7 @@ class Table:
     chunk_shift: int
     native: NativeTable
     settings: TableSettings = field(default_factory=TableSettings)
+    keys: KeySpace = field(default_factory=KeySpace)  # num_rows counts a managed table's default row
     version: int = 0
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     serial: int = 0      # unique per table created: a dropped and re-created name gets a new one
@@ -52,11 +54,20 @@ class Table:
     scm_dirty: np.ndarray | None = None  # per row: written since its SCM copy was made
     rows_by_port: dict[str, int] = field(default_factory=dict)  # CXL rows per port, as of the last count
     port_load: np.ndarray | None = None  # heat on each CXL port: counted each interval, kept up by moves
+    # a managed table's writes: when each row was last written (monotonic minutes mod 2^16), and how
+    # many evictions took the row of an id written within the last hour
+    written_minute: np.ndarray | None = None
+    recent_evictions: int = 0
 
     def check_live(self) -> None:
         """NotFoundError once the table left the catalog (call under its write lock)."""
         if self.retired:
             raise NotFoundError(f"table {self.name!r} was {self.retired}")
+
+    @property
+    def user_rows(self) -> int:
+        """The rows a user sees: a managed table's default row is not one of them."""
+        return self.num_rows - 1 if self.keys.managed else self.num_rows
 
     def placement(self) -> np.ndarray:
         """Home tier of every row (0 dram, 1 cxl, 2 scm), uint8."""
