@@ -48,6 +48,7 @@ bench: build
 	fi
 	rc=0; \
 	$(PY) tests/bench/bench_kernels.py || rc=1; \
+	$(PY) tests/bench/bench_keyed.py || rc=1; \
 	$(PY) -m tests.bench.bench_service || rc=1; \
 	$(PY) -m tests.bench.bench_tiering || rc=1; \
 	exit $$rc
