@@ -31,6 +31,7 @@ from .wire import (
     OFFLOADS,
     POOL_MODES,
     QUANTIZERS,
+    TENANT_METADATA_KEY,
     WIRE_ARRAYS,
     WIRE_DTYPES,
     WRITE_MODES,
@@ -186,7 +187,9 @@ class Client:
     """A connection to one embtierd: `Client("unix:///run/embtier/embtierd.sock")` or `Client("host:50051")`."""
 
     def __init__(self, target: str, timeout: float | None = 30.0, tls: TlsOptions | None = None,
-                 retries: int = 4, backoff_seconds: float = 0.1):
+                 retries: int = 4, backoff_seconds: float = 0.1, tenant: str | None = None):
+        """timeout: each call's gRPC deadline in seconds (None: none, and a lookup gets its tenant's
+        default deadline); tenant: the tenant every call is made as (None: the default tenant)."""
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         self.channel = (grpc.secure_channel(target, tls.credentials(), options) if tls
@@ -195,6 +198,7 @@ class Client:
         self.timeout = timeout
         self.retries = retries
         self.backoff_seconds = backoff_seconds
+        self.metadata = () if tenant is None else ((TENANT_METADATA_KEY, tenant),)
 
     def close(self) -> None:
         self.channel.close()
@@ -209,7 +213,7 @@ class Client:
         attempts = self.retries + 1 if idempotent else 1
         for attempt in range(attempts):
             try:
-                return getattr(self.stub, method)(request, timeout=self.timeout)
+                return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
                     time.sleep(self.backoff_seconds * 2**attempt)

@@ -11,6 +11,7 @@ TablePolicy), each converted to and from its message in one place.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from embtier.v1 import embtier_pb2 as pb
@@ -32,6 +33,9 @@ CHECKPOINT_KINDS = {"full": pb.FULL, "incremental": pb.INCREMENTAL, "differentia
                     "auto": pb.AUTO}  # what a request asks for; a checkpoint written is one of the first three
 QUANTIZERS = {"adaptive": pb.ADAPTIVE, "minmax": pb.MINMAX}
 QUANT_BITS = (0, 2, 3, 4, 8)        # bits per value of a checkpoint; 0 = exact
+TENANT_METADATA_KEY = "embtier-tenant"  # gRPC metadata naming a request's tenant (none: the default tenant)
+TENANT_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # what a tenant's name may be
+TENANT_PRIORITIES = (0, 9)          # a tenant's priority, lowest to highest (served first)
 
 
 def name_of(mapping: dict[str, int], value: int) -> str:

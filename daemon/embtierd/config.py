@@ -30,7 +30,17 @@ from typing import Any
 
 import psutil
 from embtier.sizes import parse_bytes
-from embtier.wire import CHECKPOINT_KINDS, MEMORY_TIERS, OFFLOADS, POLICIES, QUANT_BITS, QUANTIZERS, TIERS
+from embtier.wire import (
+    CHECKPOINT_KINDS,
+    MEMORY_TIERS,
+    OFFLOADS,
+    POLICIES,
+    QUANT_BITS,
+    QUANTIZERS,
+    TENANT_NAME_RE,
+    TENANT_PRIORITIES,
+    TIERS,
+)
 
 from embtierd.durability.wal import FSYNC_POLICIES
 from embtierd.errors import ConfigError
@@ -198,19 +208,33 @@ def tier_limit(value: Any, name: str, _available: int | None) -> int | float:
     return share
 
 
-def tables(value: Any, name: str, available: int | None) -> dict[str, dict[str, Any]]:
-    """tiering.tables: table name -> its TABLE_KEYS, checked, those it leaves out at their defaults."""
+def _sub_tables(value: Any, name: str, available: int | None, keys: tuple[Key, ...], what: str,
+                name_re: re.Pattern | None = None) -> dict[str, dict[str, Any]]:
+    """A table of tables (tiering.tables, tenants): NAME -> its keys, checked, those it leaves out at
+    their defaults; name_re, when given, is what NAME must match."""
     if not isinstance(value, dict):
-        raise _expected(name, "a table of per-table settings", value)
+        raise _expected(name, f"a table of {what}", value)
     checked = {}
-    for table, settings in value.items():
-        where = f"{name}.{table}"
+    for sub, settings in value.items():
+        where = f"{name}.{sub}"
+        if name_re is not None and not name_re.fullmatch(sub):
+            raise ConfigError(f"{where}: a name of 1-64 characters of [A-Za-z0-9_.-] is needed, got {sub!r}")
         if not isinstance(settings, dict):
-            raise _expected(where, f"a table of {', '.join(k.name for k in TABLE_KEYS)}", settings)
-        _refuse_unknown(settings, {k.name for k in TABLE_KEYS}, where)
-        checked[table] = {k.name: k.check(settings[k.name], f"{where}.{k.name}", available) if k.name in settings
-                          else k.default for k in TABLE_KEYS}
+            raise _expected(where, f"a table of {', '.join(k.name for k in keys)}", settings)
+        _refuse_unknown(settings, {k.name for k in keys}, where)
+        checked[sub] = {k.name: k.check(settings[k.name], f"{where}.{k.name}", available) if k.name in settings
+                        else k.default for k in keys}
     return checked
+
+
+def tables(value: Any, name: str, available: int | None) -> dict[str, dict[str, Any]]:
+    """tiering.tables: table name -> its TABLE_KEYS."""
+    return _sub_tables(value, name, available, TABLE_KEYS, "per-table settings")
+
+
+def tenants(value: Any, name: str, available: int | None) -> dict[str, dict[str, Any]]:
+    """tenants: tenant name -> its TENANT_KEYS."""
+    return _sub_tables(value, name, available, TENANT_KEYS, "tenants", TENANT_NAME_RE)
 
 
 # ---- the schema ---------------------------------------------------------------------------------
@@ -362,6 +386,19 @@ KEYS: tuple[Key, ...] = (
     Key("kernels.heat_sample_shift", integer(0, 16), 3,
         "Count 1 in 2^shift row accesses in the heat counters (0 counts all)."),
     Key("kernels.scm_queue_depth", integer(1, 256), 64, "SCM reads in flight per lookup."),
+
+    Key("scheduler.enabled", boolean, True,
+        "Serve Lookup and LookupPooled from one queue in front of the kernels, highest tenant priority "
+        "first, then earliest deadline, refusing (DEADLINE_EXCEEDED) a request predicted to miss its "
+        "deadline; false: each runs on its gRPC thread as it arrives, deadlines only counted."),
+    Key("scheduler.kernel_workers", integer(1, 256), 2,
+        "Threads that run lookups from the queue (about one per core the kernels may use)."),
+    Key("scheduler.max_queued", integer(1, 65536), 512,
+        "Lookups waiting in the queue at most; one more is RESOURCE_EXHAUSTED."),
+    Key("tenants", tenants, {},
+        "Tenants (one per model or service), each a [tenants.NAME] table, named per request by the gRPC "
+        'metadata key "embtier-tenant" (a request without it is tenant "default", which a [tenants.default] '
+        "table may configure; another name not configured is INVALID_ARGUMENT). Its keys:"),
 )
 
 TABLE_KEYS: tuple[Key, ...] = (
@@ -374,10 +411,23 @@ TABLE_KEYS: tuple[Key, ...] = (
 )
 """The keys of one [tiering.tables.NAME] table."""
 
+TENANT_KEYS: tuple[Key, ...] = (
+    Key("priority", integer(*TENANT_PRIORITIES), 1,
+        "0-9: the queue serves a higher priority first; under overload lower ones are shed first."),
+    Key("deadline_ms", number(0.01, 3_600_000), 1000.0,
+        "The deadline of a request that sets none (a gRPC deadline wins), in milliseconds."),
+    Key("max_in_flight", integer(1, 1 << 20), 64,
+        "Lookups of the tenant queued or running at once; one more is RESOURCE_EXHAUSTED."),
+)
+"""The keys of one [tenants.NAME] table."""
+
+SUB_TABLES = {"tiering.tables": TABLE_KEYS, "tenants": TENANT_KEYS}
+"""The keys that hold a table of tables, and the keys of each."""
+
 def key_names() -> list[str]:
-    """Every key's dotted name, a table's as tiering.tables.NAME.KEY."""
+    """Every key's dotted name, a table's as tiering.tables.NAME.KEY (a tenant's tenants.NAME.KEY)."""
     return [name for key in KEYS for name in
-            ([f"{key.name}.NAME.{k.name}" for k in TABLE_KEYS] if key.check is tables else [key.name])]
+            ([f"{key.name}.NAME.{k.name}" for k in SUB_TABLES[key.name]] if key.name in SUB_TABLES else [key.name])]
 
 
 def _default(name: str) -> Any:
@@ -494,6 +544,37 @@ class DurabilityConfig:
 
 
 @dataclass(frozen=True)
+class SchedulerConfig:
+    """The queue of Lookup and LookupPooled in front of the kernels ([scheduler], tenancy/scheduler.py)."""
+
+    enabled: bool = _default("scheduler.enabled")
+    kernel_workers: int = _default("scheduler.kernel_workers")
+    max_queued: int = _default("scheduler.max_queued")
+
+
+DEFAULT_TENANT = "default"
+"""The tenant of a request that names none."""
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    """One tenant ([tenants.NAME]): how its lookups are queued and limited."""
+
+    name: str
+    priority: int = 1
+    deadline_seconds: float = 1.0
+    max_in_flight: int = 64
+
+
+def _tenants(tables: dict[str, dict[str, Any]]) -> dict[str, TenantConfig]:
+    """The checked [tenants.NAME] tables, and the default tenant (at its defaults unless configured)."""
+    out = {name: TenantConfig(name, t["priority"], t["deadline_ms"] / 1000.0, t["max_in_flight"])
+           for name, t in tables.items()}
+    out.setdefault(DEFAULT_TENANT, TenantConfig(DEFAULT_TENANT))
+    return out
+
+
+@dataclass(frozen=True)
 class Config:
     """The daemon's configuration, as build() makes it from a TOML document."""
 
@@ -506,6 +587,8 @@ class Config:
     kernels: KernelConfig
     durability: DurabilityConfig = DurabilityConfig()
     fabric: FabricConfig = FabricConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    tenants: dict[str, TenantConfig] = field(default_factory=lambda: _tenants({}))
 
 
 # ---- loading --------------------------------------------------------------------------------------
@@ -584,6 +667,7 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
         return {key.attribute: values[key.name] for key in KEYS if key.section == path}
 
     top, dram, cxl = section(""), MemoryTierConfig(**section("tiers.dram")), MemoryTierConfig(**section("tiers.cxl"))
+    tenant_tables = top.pop("tenants")
     scm, tiering = section("tiers.scm"), section("tiering")
     tier_bytes = {"dram": dram.capacity_bytes, "cxl": cxl.capacity_bytes}
     tiering["tables"] = {name: _table_settings(table, tiering["policy"], tier_bytes)
@@ -599,6 +683,8 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
                                     checkpoints=CheckpointConfig(**section("durability.checkpoints"))),
         fabric=FabricConfig(**section("fabric")),
         kernels=KernelConfig(**section("kernels")),
+        scheduler=SchedulerConfig(**section("scheduler")),
+        tenants=_tenants(tenant_tables),
     )
 
 
@@ -677,8 +763,9 @@ def render_toml(values: dict[str, Any] | None = None, notes: dict[str, str] | No
     current = ""
     for key in KEYS:
         doc = _comment(f"{key.doc} {notes.get(key.name, '')}".rstrip())
-        if key.check is tables:  # a table of tables with TABLE_KEYS each: described, none by default
-            lines += ["", *doc, *(line for k in TABLE_KEYS for line in _comment(f"{k.name}: {k.doc}", "#   ")),
+        if key.name in SUB_TABLES:  # a table of tables: described, none by default
+            lines += ["", *doc, *(line for k in SUB_TABLES[key.name] for line in _comment(f"{k.name}: {k.doc}",
+                                                                                           "#   ")),
                       f"[{key.name}]"]
             current = key.name
             continue

@@ -48,6 +48,12 @@ class KeyspaceFullError(EmbtierError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class OverloadedError(EmbtierError):
+    """A tenant over its max_in_flight, or the scheduler's queue full: nothing was run."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
 class RequestTooLargeError(EmbtierError):
     """A request over the configured limits (ids per request, message size)."""
 

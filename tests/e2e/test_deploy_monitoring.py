@@ -76,6 +76,10 @@ PANELS = {
     "Key evictions/s by table": Sane(),
     "Unknown ids/s by table": Sane(),
     "Key map bytes per live id": Sane(0.0, 64.0),
+    "Lookups/s by tenant and outcome": Sane(),
+    "SLO attainment by tenant": RATIO,
+    "Queue time p99 by tenant": SECONDS,
+    "Service time p99 by tenant": SECONDS,
 }
 RECORDING_RULES = {
     "embtier:rows_served:rate5m": Sane(),
@@ -87,9 +91,10 @@ RECORDING_RULES = {
     "embtier:migrations:rate5m": Sane(),
     "embtier:tier_used_ratio": RATIO,
     "embtier:wal_fsync_duration_seconds:p99_rate5m": SECONDS,
+    "embtier:tenant_slo_attainment:ratio_rate5m": RATIO,
 }
 ROWS = ("Traffic", "Tiers", "Tiering", "Pooled path", "Durability", "Process", "Fabric (PIFS emulation)",
-        "Keys (managed tables)")
+        "Keys (managed tables)", "Tenants (real-time serving)")
 MANAGED_ROWS = 2000  # the managed table "query": side traffic writes new ids past its capacity
 
 

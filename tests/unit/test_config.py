@@ -55,7 +55,8 @@ def test_file_then_overrides(tmp_path):
 
 @pytest.mark.parametrize("doc, message", [
     ({"tiers": {"dram": {"capacty": "1G"}}}, r"tiers.dram: unknown key\(s\) capacty"),
-    ({"bogus": 1}, r"unknown top-level key\(s\): bogus; known: durability, fabric, kernels, server, state_dir, "),
+    ({"bogus": 1}, (r"unknown top-level key\(s\): bogus; known: durability, fabric, kernels, scheduler, server, "
+                    r"state_dir, tenants, ")),
     ({"kernels": {"kernel_threads": 0}}, r"kernels.kernel_threads: expected an integer in \[1, 256\], got 0"),
     ({"kernels": {"prefetch_distance": "far"}}, "kernels.prefetch_distance"),
     ({"tiers": {"cxl": {"node": -1}}}, 'tiers.cxl.node: expected "auto", a NUMA node id or a non-empty list'),
@@ -338,6 +339,8 @@ DEFAULTS_ON_8_GIB = {
                                    "quantizer": "adaptive", "keep": 2, "auto_full_ratio": 1.0}},
     "fabric": {"offload": "switch", "cxl_ports": 4, "rebalance_tolerance": 0.1,
                "device_link_bytes_per_second": 31.5e9, "host_link_bytes_per_second": 63.0e9, "hop_latency_ns": 40.0},
+    "scheduler": {"enabled": True, "kernel_workers": 2, "max_queued": 512},
+    "tenants": {"default": {"name": "default", "priority": 1, "deadline_seconds": 1.0, "max_in_flight": 64}},
 }
 
 
@@ -378,9 +381,11 @@ def test_dataclass_defaults_are_the_schemas():
         assert type(obj)(**required) == obj, type(obj).__name__
         instances += [getattr(obj, f.name) for f in dataclasses.fields(obj)
                       if dataclasses.is_dataclass(getattr(obj, f.name))]
-    assert len(instances) == 11  # Config, its 8 sections, server.tls and durability.checkpoints
+    assert len(instances) == 12  # Config, its 9 sections, server.tls and durability.checkpoints
     table = config.load(overrides={"tiering": {"tables": {"t": {}}}}, available_bytes=GiB).tiering.tables["t"]
     assert table == TableSettings()
+    tenants = config.load(overrides={"tenants": {"t": {}}}, available_bytes=GiB).tenants
+    assert tenants == {"t": config.TenantConfig("t"), "default": config.TenantConfig("default")}
 
 
 @pytest.mark.parametrize("name", config.key_names())
@@ -444,5 +449,5 @@ def test_readme_documents_every_key_and_no_other():
     table = readme_configuration_table()
     assert list(table) == config.key_names()  # every key, none that does not exist, in the schema's order
     for key in config.KEYS:
-        if key.default is not None and key.check is not config.tables:
+        if key.default is not None and key.name not in config.SUB_TABLES:
             assert tomllib.loads(f"v = {table[key.name]}")["v"] == key.default, key.name

@@ -10,17 +10,26 @@ from embtierd.config import load
 from embtierd.errors import DeadlineExceededError, RequestTooLargeError
 from embtierd.rpc.metrics import Metrics
 from embtierd.rpc.service import EmbeddingStoreServicer
+from embtierd.tenancy.scheduler import Scheduler
+from embtierd.tenancy.tenants import Tenants
 from embtierd.tiering.engine import TieringEngine
 
 
 class Deadline:
-    """The one part of grpc.ServicerContext that admission reads."""
+    """The parts of grpc.ServicerContext that admission and the scheduler read: the time left, no
+    metadata (the default tenant), and a call that never ends early."""
 
     def __init__(self, remaining: float | None):
         self.remaining = remaining
 
     def time_remaining(self) -> float | None:
         return self.remaining
+
+    def invocation_metadata(self):
+        return ()
+
+    def add_callback(self, callback) -> bool:
+        return True
 
 
 @pytest.fixture
@@ -29,7 +38,11 @@ def servicer(store_factory):
     store.create_table("t", 100, 4)
     config = load(overrides={"server": {"max_ids_per_request": 10}})
     metrics = Metrics(store)
-    return EmbeddingStoreServicer(store, config.server, metrics, TieringEngine(store, config.tiering, metrics))
+    scheduler = Scheduler(config.scheduler, metrics.tenant_outcome)
+    scheduler.start()
+    yield EmbeddingStoreServicer(store, config.server, metrics, TieringEngine(store, config.tiering, metrics),
+                                 Tenants(config.tenants), scheduler)
+    scheduler.stop()
 
 
 def lookup(n: int) -> pb.LookupRequest:

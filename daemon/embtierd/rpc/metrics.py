@@ -106,6 +106,10 @@ class WalCollector:
                                 value=self.wal.durable_lsn)
 
 
+TENANT_OUTCOMES = ("met", "missed", "refused_deadline", "shed", "refused_in_flight", "refused_queue_full",
+                   "cancelled", "failed")
+
+
 class Metrics:
     def __init__(self, store, registry: CollectorRegistry | None = None):
         self.store = store
@@ -160,6 +164,20 @@ class Metrics:
                                          buckets=MODELLED_BUCKETS, registry=r)
         self.restore_seconds = Gauge("embtier_restore_duration_seconds",
                                      "Time the last start took to replay the write-ahead log.", registry=r)
+        self.tenant_requests = Counter(
+            "embtier_tenant_requests", "Lookups (Lookup, LookupPooled) by tenant and how they ended: met (answered "
+            "by their deadline), missed (answered after it), refused_deadline (predicted to miss it: refused before "
+            "running), shed (could no longer end in time when their turn came), refused_in_flight (the tenant's "
+            "max_in_flight), refused_queue_full, cancelled (the call ended while queued), failed (an error).",
+            ["tenant", "outcome"], registry=r)
+        self.tenant_queue_seconds = Histogram("embtier_tenant_queue_seconds", "Time lookups that ran waited in "
+                                              "the scheduler's queue, by tenant.", ["tenant"],
+                                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tenant_service_seconds = Histogram("embtier_tenant_service_seconds", "Time lookups took to run once "
+                                                "taken from the queue, by tenant.", ["tenant"],
+                                                buckets=LATENCY_BUCKETS, registry=r)
+        self.scheduler_queued = Gauge("embtier_scheduler_queued", "Lookups waiting in the scheduler's queue.",
+                                      registry=r)
         r.register(StoreCollector(store))
         self._tables_lock = threading.Lock()  # a table's series are counted, or forgotten, one at a time
         self._counted_tables: set[str] = set()  # the tables that have series here
@@ -187,6 +205,19 @@ class Metrics:
                     with contextlib.suppress(KeyError):
                         metric.remove(table)
             self._counted_tables &= live
+
+    def tenants(self, names) -> None:
+        """Starts every outcome series of each configured tenant at 0 (so that rates exist from the start)."""
+        for name in names:
+            for outcome in TENANT_OUTCOMES:
+                self.tenant_requests.labels(name, outcome)
+
+    def tenant_outcome(self, tenant: str, outcome: str, queue_seconds: float, service_seconds: float) -> None:
+        """How one lookup ended (a TENANT_OUTCOMES name); the times of one that ran."""
+        self.tenant_requests.labels(tenant, outcome).inc()
+        if outcome in ("met", "missed", "failed"):
+            self.tenant_queue_seconds.labels(tenant).observe(queue_seconds)
+            self.tenant_service_seconds.labels(tenant).observe(service_seconds)
 
     def migrated(self, moved: dict[tuple[str, str], int], moved_bytes: int) -> None:
         """Counts the moves of one table's interval, by (from, to) tier."""

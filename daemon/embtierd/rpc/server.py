@@ -44,6 +44,8 @@ from embtierd.rpc.interceptor_metrics import MetricsInterceptor
 from embtierd.rpc.metrics import Metrics
 from embtierd.rpc.service import EmbeddingStoreServicer
 from embtierd.store.catalog import Store
+from embtierd.tenancy.scheduler import Scheduler
+from embtierd.tenancy.tenants import Tenants
 from embtierd.tiering.engine import TieringEngine
 
 log = logging.getLogger(__name__)
@@ -185,12 +187,19 @@ class Daemon:
         self.tiering = TieringEngine(self.store, config.tiering, self.metrics)
         self.checkpoints: checkpoint.Checkpointer | None = None
         self.wal = self._recover(salvage) if config.durability.wal else None
+        self.scheduler = Scheduler(config.scheduler, self.metrics.tenant_outcome)
+        self.metrics.tenants(config.tenants)
+        self.metrics.scheduler_queued.set_function(lambda: self.scheduler.queued)
+        # With the scheduler, a lookup's gRPC thread waits while it is queued: the pool has a thread for
+        # each lookup the queue may hold, so that a call never waits for a thread in arrival order.
+        threads = config.server.worker_threads + (config.scheduler.max_queued if config.scheduler.enabled else 0)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.server.worker_threads, thread_name_prefix="rpc"),
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
             interceptors=[MetricsInterceptor(self.metrics, SERVICE_NAME), DrainInterceptor(self.draining),
                           ErrorInterceptor()],
             options=grpc_options(config.server))
-        servicer = EmbeddingStoreServicer(self.store, config.server, self.metrics, self.tiering)
+        servicer = EmbeddingStoreServicer(self.store, config.server, self.metrics, self.tiering,
+                                          Tenants(config.tenants), self.scheduler)
         servicer.checkpoints = self.checkpoints
         embtier_pb2_grpc.add_EmbeddingStoreServicer_to_server(servicer, self.server)
         self.health = health.HealthServicer()
@@ -256,6 +265,7 @@ class Daemon:
 
     def serve(self) -> int:
         self._bind()
+        self.scheduler.start()
         self.server.start()
         self._start_metrics()
         self.tiering.start()
@@ -287,6 +297,7 @@ class Daemon:
         self.draining.set()
         time.sleep(min(DRAIN_SECONDS, self.config.server.grace_seconds))
         self.server.stop(self.config.server.grace_seconds).wait()
+        self.scheduler.stop()
         self.tiering.stop()
         if self.checkpoints is not None:
             self.checkpoints.stop()

@@ -8,6 +8,7 @@ deadlines are checked before any work.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -44,6 +45,8 @@ from embtierd.keys.space import KeySpace
 from embtierd.rpc.metrics import Metrics
 from embtierd.rpc.trace import TraceRecorder
 from embtierd.store.catalog import HEAT_BIN_NAMES, Store
+from embtierd.tenancy.scheduler import Scheduler
+from embtierd.tenancy.tenants import Tenants
 from embtierd.tiering.config import TableSettings
 from embtierd.tiering.engine import TieringEngine
 
@@ -118,8 +121,11 @@ def checkpoint_info(info: CheckpointInfo) -> pb.CheckpointInfo:
 
 
 class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
-    def __init__(self, store: Store, limits: ServerConfig, metrics: Metrics, tiering: TieringEngine):
+    def __init__(self, store: Store, limits: ServerConfig, metrics: Metrics, tiering: TieringEngine,
+                 tenants: Tenants, scheduler: Scheduler):
         self.store = store
+        self.tenants = tenants
+        self.scheduler = scheduler  # Lookup and LookupPooled run through it; other calls do not
         self.max_ids = limits.max_ids_per_request
         self.metrics = metrics
         self.tiering = tiering
@@ -135,6 +141,12 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceededError("the request's deadline passed before it was served")
+
+    @staticmethod
+    def _deadline(context, tenant) -> float:
+        """Seconds left to the call's deadline: its gRPC deadline, or its tenant's default."""
+        remaining = context.time_remaining()
+        return tenant.deadline_seconds if remaining is None else remaining
 
     def _check_reply(self, nbytes: int, what: str, results: int = 0) -> None:
         """RESOURCE_EXHAUSTED before anything is allocated for a reply that could not be sent: nbytes
@@ -244,13 +256,17 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         return pb.WriteRowsResponse(rows_written=ids.size, version=version)
 
     def Lookup(self, request, context):
+        tenant = self.tenants.of(context)
         ids = id_array(request.ids, request.id_type)
         dt = np.dtype(WIRE_ARRAYS[enum_value(pb.DType, WIRE_DTYPES, request.wire_dtype, "wire_dtype")])
         self._admit(context, ids.size)
         dim = self.store.geometry(request.table)[0]
         self._check_reply(ids.size * dim * dt.itemsize, f"{ids.size} rows x dim {dim} x {dt.itemsize} bytes")
         tier_rows, unknown = np.zeros(3, dtype=np.int64), np.zeros(1, dtype=np.int64)
-        rows = self.store.lookup(request.table, ids, tier_rows, unknown=unknown)
+
+        def run():
+            return self.store.lookup(request.table, ids, tier_rows, unknown=unknown), {request.table: tier_rows}
+        rows = self.scheduler.run(tenant, self._deadline(context, tenant), [(request.table, ids.size)], run, context)
         self.traces.observe(request.table, ids)
         values = wire(rows, dt)
         self.metrics.served("Lookup", request.table, tier_rows, self.store.geometry(request.table)[2], len(values))
@@ -272,6 +288,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
                               f"is {max(nbytes)[1]}", len(nbytes))
 
     def LookupPooled(self, request, context):
+        tenant = self.tenants.of(context)
         features = [(f.table, id_array(f.ids, f.id_type, f"features[{i}]."),
                      array(f.lengths, "<i4", f"features[{i}].lengths"),
                      array(f.weights, "<f4", f"features[{i}].weights") if f.weights else None)
@@ -285,8 +302,19 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         traffic = fabric.Traffic(offload)
         names = self.store.part_names
         self._check_pooled_reply(features, offload, dt.itemsize)
-        results = []
-        for i, (table, ids, lengths, weights) in enumerate(features):
+        run = functools.partial(self._pooled, features, mode, dt, offload, names, traffic)
+        results = self.scheduler.run(tenant, self._deadline(context, tenant),
+                                     [(table, ids.size) for table, ids, _, _ in features], run, context)
+        modelled = traffic.modelled_seconds(config)
+        self.metrics.fabric(traffic, modelled)
+        return pb.LookupPooledResponse(results=results, fabric=pb.FabricAccounting(
+            offload=OFFLOADS[offload], device_link_bytes=traffic.device_link_bytes,
+            host_link_bytes=traffic.host_link_bytes, modelled_seconds=modelled))
+
+    def _pooled(self, features, mode: str, dt: np.dtype, offload: str, names: list[str], traffic: fabric.Traffic):
+        """The work of a LookupPooled (checked): its results, and the rows per tier read from each table."""
+        results, read = [], {}
+        for table, ids, lengths, weights in features:
             tier_rows, unknown = np.zeros(3, dtype=np.int64), np.zeros(1, dtype=np.int64)
             part_rows = np.zeros(len(names), dtype=np.int64)  # counted by the kernels as they resolve rows
             dim, _, row_bytes = self.store.geometry(table)
@@ -307,8 +335,5 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
                                 len(result.values) + len(result.rows) + len(result.partials))
             traffic.add_table(names, part_rows, lengths.size, dim, row_bytes, dt.itemsize)
             results.append(result)
-        modelled = traffic.modelled_seconds(config)
-        self.metrics.fabric(traffic, modelled)
-        return pb.LookupPooledResponse(results=results, fabric=pb.FabricAccounting(
-            offload=OFFLOADS[offload], device_link_bytes=traffic.device_link_bytes,
-            host_link_bytes=traffic.host_link_bytes, modelled_seconds=modelled))
+            read[table] = read[table] + tier_rows if table in read else tier_rows
+        return results, read

@@ -1,0 +1,1 @@
+"""Tenants and the queue of lookups in front of the kernels (tenants, scheduler)."""
