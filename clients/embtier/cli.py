@@ -3,7 +3,8 @@
     embtier [--target ADDR] tables | describe T | create T --rows N --dim D [--key-space K] | drop T
             | import T FILE.npy | lookup T ID... | tiers | heat T | policy T [--set ...]
             | record T --ids N -o FILE.npy | simulate FILE.npy [--dram SIZES] [--cxl SIZES]
-            | bench --table T ... | checkpoint [--kind K --bits B] | checkpoints | restore ID
+            | bench --table T ... | bench --scenario FILE [--load X] [--capacity]
+            | checkpoint [--kind K --bits B] | checkpoints | restore ID
             | fabric up|down|status|run|bench   (the shaped-link test bed; root)
 """
 
@@ -328,8 +329,15 @@ def parse_args(argv):
     s.add_argument("ids", type=int, nargs="+")
     s.add_argument("--pooled", action="store_true")
     s.add_argument("--mode", default="sum", choices=list(POOL_MODES))
-    s = sub.add_parser("bench", help="load generator: Zipf ids, pooled or raw lookups")
-    s.add_argument("--table", action="append", required=True, help="table to read (repeatable)")
+    s = sub.add_parser("bench", help="load generator: Zipf ids, pooled or raw lookups; or an XRBench-style "
+                       "usage scenario, scored (--scenario)")
+    workload = s.add_mutually_exclusive_group(required=True)
+    workload.add_argument("--table", action="append", help="table to read (repeatable)")
+    workload.add_argument("--scenario", help="a scenario file (deploy/scenarios/*.toml): its tenants at their "
+                          "frame rates and deadlines, its tables created if missing")
+    s.add_argument("--load", type=float, default=1.0, help="--scenario: factor on every frame rate")
+    s.add_argument("--capacity", action="store_true", help="--scenario: measure the requests/s of its mix "
+                   "closed-loop with --concurrency clients (and the --load that offers it) instead")
     s.add_argument("--duration", type=float, default=10.0)
     s.add_argument("--concurrency", type=int, default=4)
     s.add_argument("--bags", type=int, default=512)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from embtier.cli import human_bytes
-from embtier.client import Client
+from embtier.client import Client, TlsOptions
 from embtier.keys import hashed_rows
 
 from embtier_tools.loadgen import LoadGenerator, Workload
@@ -106,6 +106,11 @@ def print_tick(elapsed: float, tick) -> None:
 
 def bench(c: Client, args) -> None:
     """`embtier bench`: the load generator against a running daemon."""
+    if args.scenario:  # an XRBench-style usage scenario instead (embtier_tools.xrbench)
+        from embtier_tools import xrbench
+
+        xrbench.bench(c, args, TlsOptions(args.ca, args.cert, args.key) if args.ca else None)
+        return
     tables = {name: c.describe(name).num_rows for name in args.table}
     workload = Workload(tables, args.bags, args.pooling_factor, args.alpha, not args.raw)
     gen = LoadGenerator(args.target, workload, args.concurrency)

@@ -1,0 +1,758 @@
+"""XRBench-style usage scenarios against embtierd: the scenario files, the score, and the driver.
+
+XRBench (Kwon et al., "XRBench: An Extended Reality (XR) Machine Learning Benchmark Suite for the
+Metaverse", MLSys 2023) runs a usage scenario, a set of models each at a target frame rate, some
+cascaded on others, and scores how well a system keeps their deadlines.  Here each model is a
+tenant of the daemon (gRPC metadata "embtier-tenant") whose inference is one LookupPooled of a
+pooling shape of its own; deploy/scenarios/ holds three scenarios modelled on the paper's.
+
+Where the formulas and constants come from.  The paper's own text could not be read from here; the
+formulas below are those of the authors' reference implementation, github.com/XRBench/XRBench-MLSys2023
+("A version of XRBench-MAESTRO used for MLSys 2023 publication"): its ScoringModule
+(lib/include/heterogeneous-space-exploration/HET_scoring-module.hpp), InferenceLog.ComputeDelay
+(HET_logger.hpp), the deadlines of its LoadGenerator (HET_load-generator.hpp), the frame drops of its
+Runtime (HET_runtime.hpp) and "XRBench v0.1 default parameters" in XRBench-MAESTRO.cpp.  Its published
+summary for VR gaming (XRbench_evaluation/eval_data/summary/) agrees with them: its per-model figures
+give 86.466, its overall score is 86.466141 (the per-model figures are means of products, rounded).
+
+    deadline of frame i     = its capture time + 1/FPS (the next frame's arrival); a cascaded model's
+                              frame i is captured with its upstream's frame i, so the cascade shares it
+    real-time score RT      = 1 / (1 + exp(k * (completion - deadline))), times in ms, k = 15 per ms
+                              (0.5 at the deadline, 0.82 at 0.1 ms early, 3e-7 at 1 ms late)
+    energy score EN         = (E_max - E) / E_max, E_max = 1500 (mJ per inference)
+    inference score         = RT x EN  (the paper also names an accuracy score; the artefact has none)
+    frame-drop rate         = dropped frames / frames
+    QoE ("user-experience") = 1 - frame-drop rate
+    model score             = (sum of the inference scores of the frames served / frames) x QoE
+                              (a dropped frame scores 0 in the mean and counts again in the QoE)
+    scenario score          = 100 x the mean of the model scores; overall = mean over scenarios
+
+What is kept and what is fixed.  RT, the frame drops and QoE are kept as they are: they are what a
+daemon's scheduling changes.  EN is fixed at 1 (left out): nothing here measures the energy of a lookup,
+and an energy score without a measurement would be invented.  The accuracy score is fixed at 1: the
+daemon returns exact pooled rows (float32 on the wire), so it cannot change a model's accuracy.  The
+score of a run is therefore 100 x mean over tenants of QoE x (sum of RT over requests / frames).
+
+The driver.  Each tenant runs on a thread of its own with a channel of its own and at most one
+request in flight (a model serves one frame at a time).  A concurrent model releases frames on its
+own clock at FPS x load; a cascaded model's frame becomes ready when its upstream's request for that
+frame finishes, and exists only for the share `probability` of its upstream's frames (XRBench draws
+at random; here every (1/p)-th frame, evenly, so that short runs are reproducible).  A frame waits
+while the tenant's previous request is in flight; the oldest waiting frame goes next, and a frame
+whose deadline passes before it could be sent is DROPPED (never sent), as the artefact's runtime
+drops late frames, and so is a cascaded frame whose upstream request failed (it has no input).  A
+sent request carries its tenant and a gRPC timeout = the time left to its frame's deadline (the full
+1/FPS for a frame sent when captured).  A request that fails (DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
+...) or answers after its deadline is a deadline MISS: RT 0 for a failure (no result: the artefact's
+infinite delay), the sigmoid of its lateness for a late answer.  `load` multiplies every frame rate,
+never a deadline.  Requests are serialized before the clock starts and replies are not parsed, so
+the Python cost per request is one call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import queue
+import threading
+import time
+import tomllib
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Self
+
+import grpc
+import numpy as np
+from embtier.client import MAX_MESSAGE_BYTES, Client, EmbtierClientError, TlsOptions
+from embtier.v1 import embtier_pb2 as pb
+from embtier.wire import (
+    ID_TYPES,
+    POOL_MODES,
+    TENANT_METADATA_KEY,
+    TENANT_NAME_RE,
+    TENANT_PRIORITIES,
+    WIRE_DTYPES,
+)
+
+from embtier_tools.loadgen import ZipfIds
+
+RT_K_PER_MS = 15.0              # XRBench v0.1 default (XRBench-MAESTRO.cpp: rt_score_param_k)
+DEFAULT_ALPHA = 1.05            # Zipf exponent of a table's ids (as `embtier bench`)
+REQUESTS_PER_MODEL = 64         # distinct requests drawn per tenant before the clock starts
+_LOOKUP_POOLED = f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/LookupPooled"  # the method's path
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used; the message names the file and the field."""
+
+
+# ---- scenarios ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    rows: int
+    dim: int
+    alpha: float                # Zipf exponent of the ids read from it
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model of the scenario = one tenant of the daemon."""
+
+    name: str
+    fps: float                  # frames per second at load 1 (a cascaded model: its upstream's)
+    deadline_seconds: float     # after the frame's capture
+    tables: tuple[str, ...]     # read by every request, each with bags x ids_per_bag ids
+    bags: int
+    ids_per_bag: int
+    after: str | None           # the upstream model this one is cascaded on
+    probability: float          # share of the upstream's frames that this model runs on
+
+
+@dataclass(frozen=True)
+class TenantSettings:
+    """What the daemon's [tenants.NAME] table holds for one model."""
+
+    priority: int
+    deadline_ms: float
+    max_in_flight: int
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    seed: int
+    tables: dict[str, Table]
+    models: dict[str, Model]    # in file order
+    tenants: dict[str, TenantSettings]
+
+    @property
+    def mode(self) -> str:
+        """XRBench's execution mode: concurrent, cascaded, or cascaded-concurrent."""
+        roots = sum(m.after is None for m in self.models.values())
+        return "concurrent" if roots == len(self.models) else "cascaded" if roots == 1 else "cascaded-concurrent"
+
+    def frames_per_second(self, name: str, load: float = 1.0) -> float:
+        """Frames per second model name is offered at load (its fps x the probabilities up its cascade)."""
+        model, share = self.models[name], 1.0
+        while model.after is not None:
+            share *= model.probability
+            model = self.models[model.after]
+        return model.fps * load * share
+
+    def offered_rate(self, load: float = 1.0) -> float:
+        """Requests per second the scenario offers at load (every frame served)."""
+        return sum(self.frames_per_second(name, load) for name in self.models)
+
+
+_REQUIRED = object()
+
+
+class _Fields:
+    """The keys of one table of a scenario file, each read checked; errors name the field."""
+
+    def __init__(self, source: str, where: str, table: Any, known: Iterable[str]):
+        self.source, self.where = source, where
+        if not isinstance(table, dict):
+            self.fail("", f"must be a table, got {table!r}")
+        unknown = sorted(set(table) - set(known))
+        if unknown:
+            self.fail("", f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        self.table = table
+
+    def fail(self, key: str, problem: str):
+        field = f"{self.where}.{key}" if key else self.where
+        raise ScenarioError(f"{self.source}: {field}: {problem}")
+
+    def _value(self, key: str, default: Any) -> Any:
+        if key in self.table:
+            return self.table[key]
+        if default is _REQUIRED:
+            self.fail(key, "is required")
+        return default
+
+    def integer(self, key: str, low: int, high: int | None = None, default: Any = _REQUIRED) -> int:
+        value = self._value(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            self.fail(key, f"must be an integer {f'>= {low}' if high is None else f'in {low}..{high}'}, got {value!r}")
+        return value
+
+    def number(self, key: str, high: float | None = None, default: Any = _REQUIRED) -> float:
+        """A number > 0 (and <= high)."""
+        value = self._value(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= (high or math.inf):
+            self.fail(key, f"must be a number > 0{'' if high is None else f' and <= {high}'}, got {value!r}")
+        return float(value)
+
+    def string(self, key: str, default: Any = _REQUIRED) -> str:
+        value = self._value(key, default)
+        if not isinstance(value, str):
+            self.fail(key, f"must be a string, got {value!r}")
+        return value
+
+    def names(self, key: str, among: dict, what: str) -> tuple[str, ...]:
+        value = self._value(key, _REQUIRED)
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            self.fail(key, f"must be a non-empty list of {what} names, got {value!r}")
+        for name in value:
+            if name not in among:
+                self.fail(key, f"{name!r} is not a {what} of this file (known: {', '.join(among) or 'none'})")
+        return tuple(value)
+
+
+def _named_tables(source: str, doc: dict, section: str) -> dict[str, Any]:
+    tables = doc.get(section, {})
+    if not isinstance(tables, dict) or not tables:
+        raise ScenarioError(f"{source}: {section}: needs at least one [{section}.NAME] table")
+    for name in tables:
+        if not TENANT_NAME_RE.fullmatch(name):
+            raise ScenarioError(f"{source}: {section}.{name}: a name is 1-64 letters, digits, '_', '.' or '-'")
+    return tables
+
+
+def _model(source: str, name: str, table: Any, tables: dict[str, Table], upstream: Model | None) -> Model:
+    f = _Fields(source, f"models.{name}", table,
+                ("fps", "deadline_ms", "after", "probability", "tables", "bags", "ids_per_bag"))
+    if upstream is None:
+        if "probability" in table:
+            f.fail("probability", "is for a cascaded model (one with `after`)")
+        fps, probability = f.number("fps"), 1.0
+    else:
+        fps = f.number("fps", default=upstream.fps)
+        if fps != upstream.fps:
+            f.fail("fps", f"a cascaded model runs on its upstream's frames: {fps:g} differs from "
+                          f"models.{upstream.name}.fps = {upstream.fps:g}")
+        probability = f.number("probability", high=1.0, default=1.0)
+    return Model(name=name, fps=fps, deadline_seconds=f.number("deadline_ms", default=1000.0 / fps) / 1000.0,
+                 tables=f.names("tables", tables, "table"), bags=f.integer("bags", 1),
+                 ids_per_bag=f.integer("ids_per_bag", 1), after=upstream.name if upstream else None,
+                 probability=probability)
+
+
+def _models(source: str, doc: dict, tables: dict[str, Table]) -> dict[str, Model]:
+    """The [models.NAME] tables, each upstream read before the models cascaded on it."""
+    raw = _named_tables(source, doc, "models")
+    models: dict[str, Model] = {}
+
+    def read(name: str, chain: tuple[str, ...]) -> Model:
+        if name in models:
+            return models[name]
+        after = raw[name].get("after") if isinstance(raw[name], dict) else None
+        upstream = None
+        if after is not None:
+            if not isinstance(after, str) or after not in raw:
+                raise ScenarioError(f"{source}: models.{name}.after: {after!r} is not a model of this file "
+                                    f"(known: {', '.join(raw)})")
+            if after in chain:
+                raise ScenarioError(f"{source}: models.{name}.after: cascade loop "
+                                    f"{' -> '.join((*chain, after))}")
+            upstream = read(after, (*chain, after))
+        models[name] = _model(source, name, raw[name], tables, upstream)
+        return models[name]
+
+    for name in raw:
+        read(name, (name,))
+    return {name: models[name] for name in raw}
+
+
+def _tenants(source: str, doc: dict, models: dict[str, Model]) -> dict[str, TenantSettings]:
+    daemon = doc.get("daemon", {})
+    if not isinstance(daemon, dict) or set(daemon) - {"tenants"}:
+        raise ScenarioError(f"{source}: daemon: holds only [daemon.tenants.NAME] tables")
+    raw = daemon.get("tenants", {})
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{source}: daemon.tenants: must hold [daemon.tenants.NAME] tables")
+    missing = [name for name in models if name not in raw]
+    if missing:
+        raise ScenarioError(f"{source}: daemon.tenants.{missing[0]}: missing: every model is a tenant the daemon "
+                            f"must know (priority, deadline_ms, max_in_flight)")
+    tenants = {}
+    for name, table in raw.items():
+        if name not in models:
+            raise ScenarioError(f"{source}: daemon.tenants.{name}: no model of that name in [models]")
+        f = _Fields(source, f"daemon.tenants.{name}", table, ("priority", "deadline_ms", "max_in_flight"))
+        tenants[name] = TenantSettings(priority=f.integer("priority", *TENANT_PRIORITIES),
+                                       deadline_ms=f.number("deadline_ms"),
+                                       max_in_flight=f.integer("max_in_flight", 1))
+    return tenants
+
+
+def parse_scenario(text: str, source: str = "<scenario>") -> Scenario:
+    """A scenario from the text of its TOML file (source names it in errors)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ScenarioError(f"{source}: not valid TOML: {e}") from None
+    unknown = sorted(set(doc) - {"scenario", "tables", "models", "daemon"})
+    if unknown:
+        raise ScenarioError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; "
+                            f"known: daemon, models, scenario, tables")
+    head = _Fields(source, "scenario", doc.get("scenario", {}), ("name", "description", "seed"))
+    tables = {}
+    for name, table in _named_tables(source, doc, "tables").items():
+        f = _Fields(source, f"tables.{name}", table, ("rows", "dim", "alpha"))
+        tables[name] = Table(name, f.integer("rows", 1), f.integer("dim", 1), f.number("alpha", default=DEFAULT_ALPHA))
+    models = _models(source, doc, tables)
+    return Scenario(name=head.string("name"), description=head.string("description", ""),
+                    seed=head.integer("seed", 0, default=0), tables=tables, models=models,
+                    tenants=_tenants(source, doc, models))
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ScenarioError(f"{path}: cannot read it: {e.strerror}") from None
+    return parse_scenario(text, str(path))
+
+
+def daemon_config(scenario: Scenario) -> str:
+    """The daemon's [tenants.NAME] tables for the scenario, as TOML to append to its configuration."""
+    return "".join(f"[tenants.{name}]\npriority = {t.priority}\ndeadline_ms = {t.deadline_ms!r}\n"
+                   f"max_in_flight = {t.max_in_flight}\n\n" for name, t in scenario.tenants.items())
+
+
+# ---- the score (pure functions over arrays) -----------------------------------------------------
+
+
+def realtime_scores(finish_seconds: np.ndarray, deadline_seconds: np.ndarray, k_per_ms: float = RT_K_PER_MS
+                    ) -> np.ndarray:
+    """XRBench's RT = 1 / (1 + exp(k (completion - deadline))), the delay in ms; a failed request
+    (finish = inf) scores 0.  Written as (1 - tanh(x / 2)) / 2, which does not overflow."""
+    delay_ms = (np.asarray(finish_seconds, dtype=np.float64) - np.asarray(deadline_seconds, dtype=np.float64)) * 1e3
+    return 0.5 * (1.0 - np.tanh(0.5 * k_per_ms * delay_ms))
+
+
+def frame_drop_rate(dropped: int, frames: int) -> float:
+    """Dropped frames / frames; a model that had no frame at all has dropped everything (as the artefact)."""
+    return dropped / frames if frames else 1.0
+
+
+def qoe_score(dropped: int, frames: int) -> float:
+    return 1.0 - frame_drop_rate(dropped, frames)
+
+
+def model_score(rt: np.ndarray, dropped: int) -> float:
+    """XRBench's per-model score: the inference scores (RT here) of the frames sent, summed over every
+    frame (a dropped one adds 0), times QoE.  rt: one per request sent; dropped: frames never sent."""
+    frames = len(rt) + dropped
+    return float(np.sum(rt)) / frames * qoe_score(dropped, frames) if frames else 0.0
+
+
+def scenario_score(model_scores: Iterable[float]) -> float:
+    """100 x the mean of the model scores (overall, over scenarios: the mean of these)."""
+    scores = list(model_scores)
+    return 100.0 * sum(scores) / len(scores) if scores else 0.0
+
+
+# ---- the schedule -------------------------------------------------------------------------------
+
+
+class Frame(NamedTuple):
+    index: int                  # the frame number of the root model's clock
+    release: float              # capture time, seconds from the start of the run
+    deadline: float             # release + the model's deadline
+
+
+class FrameResult(NamedTuple):
+    index: int
+    release: float
+    deadline: float
+    issue: float                # when the request was sent (nan: DROPPED, never sent)
+    finish: float               # when its answer (or error) came back (nan: DROPPED)
+    code: str                   # "OK", a grpc.StatusCode name, or "DROPPED"
+
+
+DROPPED = "DROPPED"
+
+
+def release_times(fps: float, load: float, duration_seconds: float) -> np.ndarray:
+    """Capture times of a concurrent model's frames in [0, duration): every 1 / (fps x load) s."""
+    if load <= 0:
+        raise ValueError(f"load must be > 0, got {load}")
+    rate = fps * load
+    return np.arange(math.ceil(duration_seconds * rate - 1e-9)) / rate
+
+
+def triggered(n: int, probability: float) -> bool:
+    """Whether a cascaded model runs on the n-th (from 0) frame its upstream served: a share
+    `probability` of them, evenly spaced, the first included."""
+    return math.floor(n * probability + 1e-9) != math.floor((n - 1) * probability + 1e-9)
+
+
+def take_frame(pending: deque[Frame], now: float) -> tuple[Frame | None, list[Frame]]:
+    """(the oldest pending frame that can still make its deadline, the frames before it that cannot:
+    dropped); both are removed from pending."""
+    expired = []
+    while pending and pending[0].deadline <= now:
+        expired.append(pending.popleft())
+    return (pending.popleft() if pending else None), expired
+
+
+Send = Callable[[float | None], str]   # timeout in seconds (None: none) -> "OK" or the status code's name
+
+
+class _Runner:
+    """One model's thread: takes its frames (own clock, or its upstream's), sends them one at a time."""
+
+    def __init__(self, model: Model, send: Send, clock: Callable[[], float], releases: np.ndarray | None):
+        self.model, self.send, self.clock, self.releases = model, send, clock, releases
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # ((index, release), has_input); None: upstream done
+        self.downstream: list[_Runner] = []
+        self.offered: Counter[str] = Counter()  # per downstream: how many of our frames it was offered
+        self.results: list[FrameResult] = []
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        finally:  # even when it failed: its downstream stops waiting
+            for d in self.downstream:
+                d.inbox.put(None)
+
+    def _loop(self) -> None:
+        pending: deque[Frame] = deque()
+        released, upstream_done = 0, False
+        while True:
+            now = self.clock()
+            if self.releases is not None:
+                while released < len(self.releases) and self.releases[released] <= now:
+                    release = float(self.releases[released])
+                    pending.append(Frame(released, release, release + self.model.deadline_seconds))
+                    released += 1
+                done = released == len(self.releases)
+            else:
+                upstream_done = self._receive(pending, block=False) or upstream_done
+                done = upstream_done
+            frame, expired = take_frame(pending, now)
+            for f in expired:
+                self._drop(f)
+            if frame is not None:
+                self._serve(frame)
+            elif done:
+                return
+            elif self.releases is not None:
+                time.sleep(max(0.0, self.releases[released] - now))
+            else:
+                upstream_done = self._receive(pending, block=True)
+
+    def _receive(self, pending: deque[Frame], block: bool) -> bool:
+        """Moves what the upstream sent into pending (frames without input are dropped); True when
+        the upstream is done."""
+        while True:
+            try:
+                item = self.inbox.get(block=block)
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            (index, release), has_input = item
+            frame = Frame(index, release, release + self.model.deadline_seconds)
+            if has_input:
+                pending.append(frame)
+            else:
+                self._drop(frame)
+            block = False
+
+    def _drop(self, frame: Frame) -> None:
+        self.results.append(FrameResult(*frame, math.nan, math.nan, DROPPED))
+        self._hand_on(frame, has_input=False)
+
+    def _serve(self, frame: Frame) -> None:
+        issue = self.clock()
+        code = self.send(frame.deadline - issue)
+        self.results.append(FrameResult(*frame, issue, self.clock(), code))
+        self._hand_on(frame, has_input=code == "OK")
+
+    def _hand_on(self, frame: Frame, has_input: bool) -> None:
+        for d in self.downstream:
+            n = self.offered[d.model.name]
+            self.offered[d.model.name] += 1
+            if triggered(n, d.model.probability):
+                d.inbox.put(((frame.index, frame.release), has_input))
+
+
+def run_schedule(scenario: Scenario, senders: dict[str, Send], load: float, duration_seconds: float,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, list[FrameResult]]:
+    """Runs the scenario for duration_seconds of frame captures (then lets the last frames finish):
+    one thread per model, senders[model] sending one request of it.  Per model, its frames' results."""
+    start = clock() + 0.02  # every thread is up before the first frame
+
+    def since_start() -> float:
+        return clock() - start
+
+    runners = {name: _Runner(m, senders[name], since_start,
+                             release_times(m.fps, load, duration_seconds) if m.after is None else None)
+               for name, m in scenario.models.items()}
+    for runner in runners.values():
+        if runner.model.after is not None:
+            runners[runner.model.after].downstream.append(runner)
+    with ThreadPoolExecutor(len(runners), thread_name_prefix="xrbench") as pool:
+        running = {name: pool.submit(r.run) for name, r in runners.items()}
+    for name, future in running.items():
+        if future.exception() is not None:
+            raise RuntimeError(f"xrbench: tenant {name} failed: {future.exception()!r}") from future.exception()
+    return {name: r.results for name, r in runners.items()}
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TenantReport:
+    name: str
+    frames_per_second: float    # offered
+    frames: int
+    requests: int               # sent (frames - dropped)
+    dropped: int
+    deadline_met: int           # answered OK by the deadline
+    errors: dict[str, int]      # failed requests per status code
+    p50_ms: float               # latency of the requests answered OK (nan: none)
+    p99_ms: float
+    mean_rt: float              # mean real-time score of the requests sent (nan: none)
+    qoe: float
+    score: float                # XRBench model score, 0-1
+
+    @property
+    def deadline_met_fraction(self) -> float:
+        return self.deadline_met / self.requests if self.requests else math.nan
+
+    @property
+    def frame_drop_rate(self) -> float:
+        return frame_drop_rate(self.dropped, self.frames)
+
+
+@dataclass(frozen=True)
+class ScenarioReport:
+    scenario: str
+    mode: str
+    load: float
+    duration_seconds: float
+    offered_rate: float         # requests per second offered (every frame)
+    tenants: list[TenantReport]
+    score: float                # 0-100
+
+    @property
+    def requests(self) -> int:
+        return sum(t.requests for t in self.tenants)
+
+
+def tenant_report(name: str, frames_per_second: float, results: list[FrameResult],
+                  k_per_ms: float = RT_K_PER_MS) -> TenantReport:
+    """The scores and figures of one tenant's frames."""
+    sent = [r for r in results if r.code != DROPPED]
+    dropped = len(results) - len(sent)
+    ok = np.array([r.code == "OK" for r in sent], dtype=bool)
+    finish = np.array([r.finish for r in sent], dtype=np.float64)
+    deadline = np.array([r.deadline for r in sent], dtype=np.float64)
+    rt = realtime_scores(np.where(ok, finish, np.inf), deadline, k_per_ms)
+    latency_ms = (finish - np.array([r.issue for r in sent], dtype=np.float64))[ok] * 1e3
+    p50, p99 = np.percentile(latency_ms, [50, 99]) if latency_ms.size else (math.nan, math.nan)
+    return TenantReport(name=name, frames_per_second=frames_per_second, frames=len(results), requests=len(sent),
+                        dropped=dropped, deadline_met=int(np.sum(ok & (finish <= deadline))),
+                        errors=dict(Counter(r.code for r in sent if r.code != "OK")),
+                        p50_ms=float(p50), p99_ms=float(p99), mean_rt=float(rt.mean()) if rt.size else math.nan,
+                        qoe=qoe_score(dropped, len(results)), score=model_score(rt, dropped))
+
+
+def scenario_report(scenario: Scenario, results: dict[str, list[FrameResult]], load: float,
+                    duration_seconds: float) -> ScenarioReport:
+    tenants = [tenant_report(name, scenario.frames_per_second(name, load), results[name])
+               for name in scenario.models]
+    return ScenarioReport(scenario.name, scenario.mode, load, duration_seconds, scenario.offered_rate(load),
+                          tenants, scenario_score(t.score for t in tenants))
+
+
+def format_report(report: ScenarioReport) -> str:
+    lines = [(f"scenario {report.scenario} ({report.mode}) at load {report.load:g}: "
+              f"{report.offered_rate:.1f} requests/s offered for {report.duration_seconds:g} s, "
+              f"{report.requests / report.duration_seconds:.1f}/s sent"),
+             (f"{'tenant':24} {'fps':>7} {'frames':>7} {'requests':>8} {'met %':>6} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'drop %':>6} {'RT':>6} {'QoE':>6} {'score':>6}")]
+    for t in report.tenants:
+        lines.append(f"{t.name:24} {t.frames_per_second:7.1f} {t.frames:7d} {t.requests:8d} "
+                     f"{100 * t.deadline_met_fraction:6.1f} {t.p50_ms:8.2f} {t.p99_ms:8.2f} "
+                     f"{100 * t.frame_drop_rate:6.1f} {t.mean_rt:6.3f} {t.qoe:6.3f} {t.score:6.3f}")
+    for t in report.tenants:
+        if t.errors:
+            lines.append(f"  {t.name}: failed requests: "
+                         + ", ".join(f"{n} {code}" for code, n in sorted(t.errors.items())))
+    lines.append(f"score {report.score:.1f} / 100  (XRBench: 100 x mean over tenants of QoE x sum of real-time "
+                 f"scores / frames, k = {RT_K_PER_MS:g}/ms; energy and accuracy scores fixed at 1)")
+    return "\n".join(lines)
+
+
+# ---- against a daemon ---------------------------------------------------------------------------
+
+
+def ensure_tables(client: Client, scenario: Scenario) -> dict[str, int]:
+    """Creates the scenario's tables that the daemon does not have; {table: its number of rows} (a
+    table that exists keeps its own size)."""
+    rows = {}
+    for i, table in enumerate(scenario.tables.values()):
+        try:
+            rows[table.name] = client.describe(table.name).num_rows
+        except EmbtierClientError as e:
+            if e.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            client.create_table(table.name, table.rows, table.dim, initializer="uniform", seed=scenario.seed + i,
+                                init_scale=0.05)
+            rows[table.name] = table.rows
+    return rows
+
+
+def request_pool(model: Model, ids: dict[str, ZipfIds], rng: np.random.Generator, count: int) -> list[bytes]:
+    """count serialized LookupPooledRequests of the model's shape: bags x ids_per_bag Zipf ids per table."""
+    lengths = np.full(model.bags, model.ids_per_bag, dtype="<i4").tobytes()
+    n = model.bags * model.ids_per_bag
+    return [pb.LookupPooledRequest(
+        features=[pb.FeatureBags(table=t, ids=ids[t].draw(rng, n).astype("<i4").tobytes(), lengths=lengths,
+                                 id_type=ID_TYPES["int32"]) for t in model.tables],
+        mode=POOL_MODES["sum"], wire_dtype=WIRE_DTYPES["float32"]).SerializeToString() for _ in range(count)]
+
+
+def _channel(target: str, tls: TlsOptions | None) -> grpc.Channel:
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    return grpc.secure_channel(target, tls.credentials(), options) if tls else grpc.insecure_channel(target, options)
+
+
+class _Tenants:
+    """A channel per tenant and its requests, drawn before the clock starts; closed on leaving."""
+
+    def __init__(self, target: str, scenario: Scenario, rows: dict[str, int], tls: TlsOptions | None):
+        ids = {name: ZipfIds(rows[name], t.alpha, scenario.seed + i)
+               for i, (name, t) in enumerate(scenario.tables.items())}
+        self.channels = {name: _channel(target, tls) for name in scenario.models}
+        self.requests = {name: request_pool(m, ids, np.random.default_rng([scenario.seed, i]), REQUESTS_PER_MODEL)
+                         for i, (name, m) in enumerate(scenario.models.items())}
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for channel in self.channels.values():
+            channel.close()
+
+    def sender(self, name: str, channel: grpc.Channel | None = None) -> Send:
+        """Sends the tenant's next request with its metadata and a timeout: its status code's name.
+        Bytes in, bytes out: the reply is not parsed."""
+        call = (channel or self.channels[name]).unary_unary(_LOOKUP_POOLED)
+        requests, metadata = itertools.cycle(self.requests[name]), ((TENANT_METADATA_KEY, name),)
+
+        def send(timeout_seconds: float | None) -> str:
+            try:
+                call(next(requests), timeout=timeout_seconds, metadata=metadata)
+            except grpc.RpcError as e:
+                return e.code().name
+            return "OK"
+
+        return send
+
+    def warm_up(self) -> None:
+        """One untimed request per tenant (connections up, first-touch costs paid); a refusal here
+        (an unknown tenant, a missing table) is an error of the setup, not a deadline miss."""
+        for name in self.channels:
+            call = self.channels[name].unary_unary(_LOOKUP_POOLED)
+            try:
+                call(self.requests[name][0], timeout=30.0, metadata=((TENANT_METADATA_KEY, name),))
+            except grpc.RpcError as e:
+                hint = (" (is the scenario's [daemon.tenants] in the daemon's configuration? see "
+                        "xrbench.daemon_config)" if e.code() == grpc.StatusCode.INVALID_ARGUMENT else "")
+                raise RuntimeError(f"xrbench: the first request of tenant {name} failed: {e.code().name}: "
+                                   f"{e.details()}{hint}") from None
+
+
+def run_scenario(target: str, scenario: Scenario, rows: dict[str, int], load: float = 1.0,
+                 duration_seconds: float = 10.0, tls: TlsOptions | None = None) -> ScenarioReport:
+    """The scenario against the daemon at target (its tables already there: ensure_tables), scored."""
+    with _Tenants(target, scenario, rows, tls) as tenants:
+        tenants.warm_up()
+        results = run_schedule(scenario, {name: tenants.sender(name) for name in scenario.models}, load,
+                               duration_seconds)
+    return scenario_report(scenario, results, load, duration_seconds)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    clients: int
+    seconds: float
+    requests: int               # answered OK
+    errors: dict[str, int]
+    p50_ms: float
+    p99_ms: float
+    requests_per_second: float
+    load: float                 # the load factor at which the scenario offers requests_per_second
+
+
+def measure_capacity(target: str, scenario: Scenario, rows: dict[str, int], clients: int,
+                     duration_seconds: float = 3.0, tls: TlsOptions | None = None) -> Capacity:
+    """The scenario's mix (each tenant's requests in proportion to its frame rate) closed-loop: clients
+    threads, each sending its next request when the last answers, without timeouts, for duration_seconds.
+    Pass clients = the number of models to match the driver's concurrency (one request in flight each)."""
+    names = list(scenario.models)
+    rates = np.array([scenario.frames_per_second(n) for n in names])
+    mix = np.random.default_rng(scenario.seed).choice(len(names), size=4096, p=rates / rates.sum())
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    codes: list[Counter[str]] = [Counter() for _ in range(clients)]
+    stop = threading.Event()
+    with _Tenants(target, scenario, rows, tls) as tenants:
+        tenants.warm_up()
+
+        def client(k: int) -> None:
+            with _channel(target, tls) as channel:
+                senders = [tenants.sender(n, channel) for n in names]
+                for i in itertools.count(k * len(mix) // clients):
+                    if stop.is_set():
+                        return
+                    start = time.perf_counter()
+                    code = senders[mix[i % len(mix)]](None)
+                    codes[k][code] += 1
+                    if code == "OK":
+                        latencies[k].append(time.perf_counter() - start)
+
+        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        stop.wait(duration_seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - started
+    done = np.concatenate([np.asarray(x) for x in latencies]) * 1e3
+    total = sum(codes, Counter())
+    errors = {code: n for code, n in total.items() if code != "OK"}
+    p50, p99 = np.percentile(done, [50, 99]) if done.size else (math.nan, math.nan)
+    rate = done.size / seconds
+    return Capacity(clients, seconds, int(done.size), errors, float(p50), float(p99), rate,
+                    rate / scenario.offered_rate())
+
+
+def format_capacity(capacity: Capacity, scenario: Scenario) -> str:
+    errors = ", ".join(f"{n} {code}" for code, n in sorted(capacity.errors.items())) or "no errors"
+    return (f"capacity of scenario {scenario.name}: {capacity.requests_per_second:.0f} requests/s closed-loop with "
+            f"{capacity.clients} clients over {capacity.seconds:.1f} s (p50 {capacity.p50_ms:.2f} ms, "
+            f"p99 {capacity.p99_ms:.2f} ms; {errors}); the scenario offers that at --load {capacity.load:.2f} "
+            f"({scenario.offered_rate():.1f} requests/s at load 1)")
+
+
+def bench(client: Client, args, tls: TlsOptions | None) -> None:
+    """`embtier bench --scenario FILE [--load X] [--duration S] [--capacity]`."""
+    try:
+        scenario = load_scenario(args.scenario)
+        if args.load <= 0:
+            raise ScenarioError(f"--load must be > 0, got {args.load}")
+        rows = ensure_tables(client, scenario)
+        if args.capacity:
+            print(format_capacity(measure_capacity(args.target, scenario, rows, args.concurrency, args.duration, tls),
+                                  scenario))
+        else:
+            print(format_report(run_scenario(args.target, scenario, rows, args.load, args.duration, tls)))
+    except (ScenarioError, RuntimeError) as e:
+        raise SystemExit(f"embtier bench: {e}") from None

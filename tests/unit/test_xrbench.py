@@ -1,0 +1,328 @@
+"""XRBench scenarios (embtier_tools.xrbench): the score against values computed by hand from the
+formulas of XRBench's reference implementation, the scenario files and their errors, and the driver's
+schedule (release times, frame choice, cascades, drops) with fake senders in place of the daemon."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+import tomllib
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+from embtier_tools import xrbench
+from embtier_tools.xrbench import DROPPED, Frame, FrameResult
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "deploy" / "scenarios"
+
+# ---- the score ----------------------------------------------------------------------------------
+
+
+def test_realtime_score_is_the_sigmoid_of_the_delay_in_ms():
+    deadline = np.full(5, 1.0)
+    finish = np.array([1.0, 1.0 - 1e-4, 1.0 + 1e-3, 0.5, np.inf])  # on time, 0.1 ms early, 1 ms late, 500 ms early, failed
+    rt = xrbench.realtime_scores(finish, deadline)
+    expected = [0.5, 1 / (1 + math.exp(-1.5)), 1 / (1 + math.exp(15)), 1.0, 0.0]
+    np.testing.assert_allclose(rt, expected, rtol=1e-9, atol=1e-12)
+    assert rt[1] == pytest.approx(0.8175744762)
+    assert rt[2] == pytest.approx(3.059e-7, rel=1e-3)
+
+
+def test_realtime_score_k_is_a_parameter():
+    assert xrbench.realtime_scores(np.array([1.001]), np.array([1.0]), k_per_ms=1.0)[0] == \
+        pytest.approx(1 / (1 + math.e))
+
+
+def test_model_score_counts_dropped_frames_twice():
+    # 3 requests sent (RT 1, 0.5, 0) and 1 frame dropped: 4 frames, QoE 3/4
+    assert xrbench.frame_drop_rate(1, 4) == 0.25
+    assert xrbench.qoe_score(1, 4) == 0.75
+    assert xrbench.model_score(np.array([1.0, 0.5, 0.0]), dropped=1) == pytest.approx(1.5 / 4 * 0.75)
+    assert xrbench.model_score(np.ones(10), dropped=0) == 1.0
+
+
+def test_a_model_without_frames_scores_zero():
+    assert xrbench.frame_drop_rate(0, 0) == 1.0
+    assert xrbench.model_score(np.array([]), dropped=0) == 0.0
+
+
+def test_scenario_score_is_100_times_the_mean():
+    assert xrbench.scenario_score([1.0, 0.5]) == 75.0
+    # XRBench-MLSys2023's published VR-gaming summary: per model RT, EN, QoE -> overall 86.466141
+    per_model = [1.0 * 0.976447 * 1.0, 1.0 * 0.976719 * 1.0, 0.743658 * 0.861711 * 1.0]
+    assert xrbench.scenario_score(per_model) == pytest.approx(86.466141, abs=1e-4)
+
+
+def test_tenant_report_from_frame_results():
+    results = [
+        FrameResult(0, 0.0, 0.010, 0.000, 0.002, "OK"),                   # 8 ms early: RT 1
+        FrameResult(1, 0.010, 0.020, 0.010, 0.021, "OK"),                 # 1 ms late: a miss, RT ~3e-7
+        FrameResult(2, 0.020, 0.030, 0.020, 0.020, "DEADLINE_EXCEEDED"),  # refused: a miss, RT 0
+        FrameResult(3, 0.030, 0.040, math.nan, math.nan, DROPPED),
+    ]
+    t = xrbench.tenant_report("m", 100.0, results)
+    assert (t.frames, t.requests, t.dropped, t.deadline_met) == (4, 3, 1, 1)
+    assert t.errors == {"DEADLINE_EXCEEDED": 1}
+    assert t.deadline_met_fraction == pytest.approx(1 / 3)
+    assert t.frame_drop_rate == 0.25 and t.qoe == 0.75
+    rt = [1 / (1 + math.exp(-15 * 8)), 1 / (1 + math.exp(15)), 0.0]
+    assert t.mean_rt == pytest.approx(sum(rt) / 3)
+    assert t.score == pytest.approx(sum(rt) / 4 * 0.75)
+    assert (t.p50_ms, t.p99_ms) == (pytest.approx(6.5), pytest.approx(10.91))  # of the two answered OK
+
+
+# ---- scenario files -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, mode, models", [
+    ("social_interaction", "cascaded-concurrent",
+     {"eye_segmentation": 60, "gaze_estimation": 60, "depth_refinement": 30, "hand_tracking": 30}),
+    ("outdoor_activity", "cascaded-concurrent",
+     {"keyword_detection": 3, "speech_recognition": 3, "semantic_segmentation": 10, "object_detection": 30}),
+    ("ar_gaming", "concurrent", {"hand_tracking": 45, "depth_estimation": 30, "plane_detection": 15}),
+])
+def test_shipped_scenarios_load(name, mode, models):
+    s = xrbench.load_scenario(SCENARIOS / f"{name}.toml")
+    assert s.name == name and s.mode == mode
+    assert {m.name: m.fps for m in s.models.values()} == models
+    for m in s.models.values():
+        assert m.deadline_seconds == pytest.approx(1 / m.fps)  # XRBench: due when the next frame arrives
+        assert s.tenants[m.name].deadline_ms == pytest.approx(1000 / m.fps, abs=1e-3)
+    rendered = tomllib.loads(xrbench.daemon_config(s))
+    assert set(rendered) == {"tenants"} and set(rendered["tenants"]) == set(models)
+
+
+def test_cascades_of_the_shipped_scenarios():
+    social = xrbench.load_scenario(SCENARIOS / "social_interaction.toml")
+    assert social.models["gaze_estimation"].after == "eye_segmentation"
+    outdoor = xrbench.load_scenario(SCENARIOS / "outdoor_activity.toml")
+    asr = outdoor.models["speech_recognition"]
+    assert (asr.after, asr.probability) == ("keyword_detection", 0.2)
+    assert outdoor.frames_per_second("speech_recognition", load=2.0) == pytest.approx(1.2)
+    assert outdoor.offered_rate() == pytest.approx(3 + 0.6 + 10 + 30)
+
+
+def test_the_daemon_accepts_the_rendered_tenants():
+    config = pytest.importorskip("embtierd.config")
+    if not any(name.startswith("tenants.") for name in config.key_names()):
+        pytest.skip("this daemon has no [tenants] configuration yet")
+    for path in sorted(SCENARIOS.glob("*.toml")):
+        loaded = config.load(overrides=tomllib.loads(xrbench.daemon_config(xrbench.load_scenario(path))))
+        assert loaded is not None
+
+
+GOOD = """
+[scenario]
+name = "t"
+
+[tables.t1]
+rows = 100
+dim = 4
+
+[models.a]
+fps = 10
+tables = ["t1"]
+bags = 2
+ids_per_bag = 3
+
+[models.b]
+after = "a"
+tables = ["t1"]
+bags = 1
+ids_per_bag = 1
+
+[daemon.tenants.a]
+priority = 5
+deadline_ms = 100.0
+max_in_flight = 2
+
+[daemon.tenants.b]
+priority = 5
+deadline_ms = 100.0
+max_in_flight = 2
+"""
+
+
+def test_a_small_file_and_its_defaults():
+    s = xrbench.parse_scenario(GOOD)
+    b = s.models["b"]
+    assert (b.fps, b.probability, b.deadline_seconds, b.after) == (10.0, 1.0, 0.1, "a")
+    assert s.tables["t1"].alpha == xrbench.DEFAULT_ALPHA and s.seed == 0 and s.mode == "cascaded"
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("fps = 10\n", "", "models.a.fps: is required"),
+    ("fps = 10\n", 'fps = "fast"\n', "models.a.fps: must be a number > 0, got 'fast'"),
+    ("fps = 10\n", "fps = -1\n", "models.a.fps: must be a number > 0"),
+    ('after = "a"', 'after = "x"', "models.b.after: 'x' is not a model of this file"),
+    ("fps = 10\n", 'fps = 10\nafter = "b"\n', "models.b.after: cascade loop a -> b -> a"),
+    ('after = "a"\n', 'after = "a"\nfps = 30\n',
+     "models.b.fps: a cascaded model runs on its upstream's frames: 30 differs from models.a.fps = 10"),
+    ("fps = 10\n", "fps = 10\nprobability = 0.5\n", "models.a.probability: is for a cascaded model"),
+    ('after = "a"\n', 'after = "a"\nprobability = 1.5\n', "models.b.probability: must be a number > 0 and <= 1.0"),
+    ('tables = ["t1"]\nbags = 2', 'tables = ["nope"]\nbags = 2', "models.a.tables: 'nope' is not a table"),
+    ('tables = ["t1"]\nbags = 2', "tables = []\nbags = 2", "models.a.tables: must be a non-empty list"),
+    ("bags = 2", "bags = 0", "models.a.bags: must be an integer >= 1, got 0"),
+    ("bags = 2", "bags = true", "models.a.bags: must be an integer >= 1, got True"),
+    ("bags = 2", "bags = 2\ncolour = 1", "models.a: unknown key(s) colour"),
+    ("dim = 4", "dim = 4.5", "tables.t1.dim: must be an integer >= 1"),
+    ("rows = 100\n", "", "tables.t1.rows: is required"),
+    ('name = "t"', "", "scenario.name: is required"),
+    ("[daemon.tenants.b]\npriority = 5", "[daemon.tenants.c]\npriority = 5", "daemon.tenants.b: missing"),
+    ("priority = 5\ndeadline_ms = 100.0\nmax_in_flight = 2\n\n[daemon.tenants.b]",
+     "priority = 10\ndeadline_ms = 100.0\nmax_in_flight = 2\n\n[daemon.tenants.b]",
+     "daemon.tenants.a.priority: must be an integer in 0..9, got 10"),
+    ("max_in_flight = 2\n\n[daemon.tenants.b]", "max_in_flight = 0\n\n[daemon.tenants.b]",
+     "daemon.tenants.a.max_in_flight: must be an integer >= 1"),
+    ("[scenario]", "extra = 1\n[scenario]", "unknown top-level key(s) extra"),
+    ("[models.b]", "[models.b b]", "not valid TOML"),
+])
+def test_bad_files_name_the_field(old, new, message):
+    assert old in GOOD
+    with pytest.raises(xrbench.ScenarioError) as e:
+        xrbench.parse_scenario(GOOD.replace(old, new, 1), "bad.toml")
+    assert str(e.value).startswith("bad.toml: ") and message in str(e.value)
+
+
+def test_a_tenant_that_is_no_model():
+    text = GOOD + "\n[daemon.tenants.zz]\npriority = 1\ndeadline_ms = 1.0\nmax_in_flight = 1\n"
+    with pytest.raises(xrbench.ScenarioError, match="daemon.tenants.zz: no model of that name"):
+        xrbench.parse_scenario(text)
+
+
+def test_a_file_without_tables_or_models():
+    no_tables = GOOD.replace("[tables.t1]\nrows = 100\ndim = 4\n", "")
+    with pytest.raises(xrbench.ScenarioError, match=r"tables: needs at least one \[tables.NAME\] table"):
+        xrbench.parse_scenario(no_tables)
+
+
+def test_a_missing_file(tmp_path):
+    with pytest.raises(xrbench.ScenarioError, match="missing.toml: cannot read it"):
+        xrbench.load_scenario(tmp_path / "missing.toml")
+
+
+# ---- the schedule -------------------------------------------------------------------------------
+
+
+def test_release_times_scale_with_load():
+    np.testing.assert_allclose(xrbench.release_times(60, 1.0, 0.1), np.arange(6) / 60)
+    assert len(xrbench.release_times(60, 2.0, 0.1)) == 12
+    assert len(xrbench.release_times(3, 1.0, 1.0)) == 3
+    with pytest.raises(ValueError):
+        xrbench.release_times(60, 0.0, 1.0)
+
+
+def test_triggered_takes_an_even_share_first_included():
+    assert [n for n in range(15) if xrbench.triggered(n, 0.2)] == [0, 5, 10]
+    assert [n for n in range(6) if xrbench.triggered(n, 0.5)] == [0, 2, 4]
+    assert all(xrbench.triggered(n, 1.0) for n in range(10))
+    assert sum(xrbench.triggered(n, 0.3) for n in range(1000)) == 300
+
+
+def test_take_frame_drops_what_cannot_make_its_deadline():
+    pending = deque([Frame(0, 0.0, 1.0), Frame(1, 0.5, 1.5), Frame(2, 1.0, 2.0)])
+    frame, expired = xrbench.take_frame(pending, now=1.5)
+    assert frame == Frame(2, 1.0, 2.0) and expired == [Frame(0, 0.0, 1.0), Frame(1, 0.5, 1.5)]
+    assert not pending
+    assert xrbench.take_frame(deque(), 0.0) == (None, [])
+
+
+def scenario(after_probability: float | None = 1.0, fps: float = 60) -> xrbench.Scenario:
+    """up (fps) -> down, cascaded with after_probability (None: not cascaded), and side (30 FPS)."""
+    cascade = "" if after_probability is None else f'after = "up"\nprobability = {after_probability}\n'
+    models = "".join(f"[models.{name}]\n{extra}tables = [\"t\"]\nbags = 1\nids_per_bag = 1\n\n"
+                     f"[daemon.tenants.{name}]\npriority = 1\ndeadline_ms = 10.0\nmax_in_flight = 1\n\n"
+                     for name, extra in (("up", f"fps = {fps}\n"), ("down", cascade or f"fps = {fps}\n"),
+                                         ("side", "fps = 30\n")))
+    return xrbench.parse_scenario(f'[scenario]\nname = "s"\n\n[tables.t]\nrows = 10\ndim = 1\n\n{models}')
+
+
+class FakeDaemon:
+    """Senders that take latency_seconds and answer as answer(model, n-th call) says; logs each call."""
+
+    def __init__(self, latency_seconds: dict[str, float], answer=lambda model, n: "OK"):
+        self.latency, self.answer = latency_seconds, answer
+        self.calls: dict[str, list[tuple[float, float]]] = {}  # model -> (send time, timeout)
+        self.lock = threading.Lock()
+
+    def senders(self, s: xrbench.Scenario) -> dict[str, xrbench.Send]:
+        def sender(name):
+            def send(timeout):
+                with self.lock:
+                    calls = self.calls.setdefault(name, [])
+                    calls.append((time.perf_counter(), timeout))
+                    n = len(calls) - 1
+                time.sleep(self.latency.get(name, 0.001))
+                return self.answer(name, n)
+            return send
+        return {name: sender(name) for name in s.models}
+
+
+def by_index(results: list[FrameResult]) -> dict[int, FrameResult]:
+    return {r.index: r for r in results}
+
+
+def test_a_cascaded_frame_is_sent_after_its_upstream_frame_finished():
+    s = scenario()
+    results = xrbench.run_schedule(s, FakeDaemon({"up": 0.004}).senders(s), load=1.0, duration_seconds=0.5)
+    up, down = by_index(results["up"]), by_index(results["down"])
+    assert len(up) == 30 and len(results["side"]) == 15  # 60 and 30 FPS for 0.5 s
+    assert sorted(down) == sorted(i for i, r in up.items() if r.code == "OK")
+    for i, r in down.items():
+        assert r.release == up[i].release            # the cascade shares the frame's capture time
+        assert r.deadline == pytest.approx(up[i].release + 1 / 60)
+        assert r.code == DROPPED or r.issue >= up[i].finish
+    assert sum(r.code == "OK" for r in down.values()) >= 25  # 4 + 1 ms of 16.7: nearly all in time
+    assert all(r.issue >= r.release for r in results["up"] if r.code != DROPPED)
+
+
+def test_a_failed_upstream_request_drops_the_cascaded_frame():
+    s = scenario()
+    daemon = FakeDaemon({}, answer=lambda model, n: "RESOURCE_EXHAUSTED" if model == "up" and n % 2 else "OK")
+    results = xrbench.run_schedule(s, daemon.senders(s), load=1.0, duration_seconds=0.3)
+    up, down = by_index(results["up"]), by_index(results["down"])
+    assert sorted(down) == sorted(up)
+    for i, r in down.items():
+        assert (r.code == DROPPED) == (up[i].code != "OK")
+    assert len(daemon.calls["down"]) == sum(r.code == "OK" for r in up.values())
+
+
+def test_a_cascade_with_probability_runs_on_every_nth_frame():
+    s = scenario(after_probability=0.2)
+    results = xrbench.run_schedule(s, FakeDaemon({}).senders(s), load=1.0, duration_seconds=0.5)
+    assert sorted(by_index(results["down"])) == [0, 5, 10, 15, 20, 25]
+
+
+def test_concurrent_models_run_on_their_own_clocks():
+    s = scenario(after_probability=None)
+    results = xrbench.run_schedule(s, FakeDaemon({"up": 0.030}).senders(s), load=1.0, duration_seconds=0.3)
+    assert len(results["down"]) == 18 and all(r.code == "OK" for r in results["down"])  # up's slowness aside
+
+
+def test_a_frame_waits_for_the_previous_request_or_is_dropped():
+    s = scenario(after_probability=None)
+    daemon = FakeDaemon({"up": 0.025})  # longer than the 16.7 ms between frames and deadline
+    results = xrbench.run_schedule(s, daemon.senders(s), load=1.0, duration_seconds=0.5)
+    up = results["up"]
+    sent = [r for r in up if r.code != DROPPED]
+    assert len(up) == 30 and 0 < len(sent) < 30
+    assert len(daemon.calls["up"]) == len(sent)
+    for earlier, later in itertools.pairwise(sent):
+        assert later.issue >= earlier.finish               # one request in flight per tenant
+    for r in up:
+        if r.code == DROPPED:
+            assert any(q.issue < r.deadline <= q.finish + 0.002 for q in sent)  # expired behind one in flight
+
+
+def test_the_timeout_is_the_time_left_to_the_deadline():
+    s = scenario(after_probability=None)
+    daemon = FakeDaemon({})
+    results = xrbench.run_schedule(s, daemon.senders(s), load=2.0, duration_seconds=0.2)
+    assert len(results["side"]) == 12  # load 2: 60 frames/s instead of 30; the deadline stays 1/30 s
+    timeouts = [timeout for _, timeout in daemon.calls["side"]]
+    assert all(0 < t <= 1 / 30 for t in timeouts)
+    assert np.median(timeouts) > 1 / 30 - 0.002  # sent when captured: (nearly) the whole deadline left
