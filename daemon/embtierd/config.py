@@ -37,6 +37,7 @@ from embtier.wire import (
     POLICIES,
     QUANT_BITS,
     QUANTIZERS,
+    TABLE_NAME_RE,
     TENANT_NAME_RE,
     TENANT_PRIORITIES,
     TIERS,
@@ -44,7 +45,7 @@ from embtier.wire import (
 
 from embtierd.durability.wal import FSYNC_POLICIES
 from embtierd.errors import ConfigError
-from embtierd.tiering.config import TableSettings, TieringConfig
+from embtierd.tiering.config import TableGroup, TableSettings, TieringConfig
 
 # ---- checks: (value as TOML has it, dotted key, available memory or None) -> what Config holds ----
 
@@ -225,6 +226,15 @@ def _sub_tables(value: Any, name: str, available: int | None, keys: tuple[Key, .
         checked[sub] = {k.name: k.check(settings[k.name], f"{where}.{k.name}", available) if k.name in settings
                         else k.default for k in keys}
     return checked
+
+
+def table_names(value: Any, name: str, _available: int | None) -> tuple[str, ...]:
+    """A list of table names, each once."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and TABLE_NAME_RE.fullmatch(v) for v in value):
+        raise _expected(name, "a list of table names (1-128 characters of [A-Za-z0-9_.-])", value)
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{name}: {min(v for v in set(value) if value.count(v) > 1)!r} is listed twice")
+    return tuple(value)
 
 
 def tables(value: Any, name: str, available: int | None) -> dict[str, dict[str, Any]]:
@@ -418,6 +428,10 @@ TENANT_KEYS: tuple[Key, ...] = (
         "The deadline of a request that sets none (a gRPC deadline wins), in milliseconds."),
     Key("max_in_flight", integer(1, 1 << 20), 64,
         "Lookups of the tenant queued or running at once; one more is RESOURCE_EXHAUSTED."),
+    Key("tables", table_names, [], "The tables the tenant owns (a table belongs to one tenant at most)."),
+    *(Key(tier, tier_limit, None, f"The most of {tier.upper()} the tenant's tables hold together, given to "
+          'their hottest rows whichever table they are in: a size or a share of the tier ("30%", 0.3); none '
+          "by default.") for tier in MEMORY_TIERS),
 )
 """The keys of one [tenants.NAME] table."""
 
@@ -566,6 +580,21 @@ class TenantConfig:
     max_in_flight: int = 64
 
 
+def _groups(tenants: dict[str, dict[str, Any]], tier_bytes: dict[str, int]) -> tuple[TableGroup, ...]:
+    """The tenants that own tables and have a share of a memory tier, as the tiering engine's groups;
+    ConfigError for a table two tenants own."""
+    owner: dict[str, str] = {}
+    for name, t in tenants.items():
+        for table in t["tables"]:
+            if table in owner:
+                raise ConfigError(f"tenants.{name}.tables: table {table!r} is tenant {owner[table]!r}'s already "
+                                  f"(a table belongs to one tenant at most)")
+            owner[table] = name
+    return tuple(TableGroup(name, t["tables"], {tier: int(tier_bytes[tier] * t[tier]) if isinstance(t[tier], float)
+                                                else t[tier] for tier in MEMORY_TIERS})
+                 for name, t in tenants.items() if t["tables"] and any(t[tier] is not None for tier in MEMORY_TIERS))
+
+
 def _tenants(tables: dict[str, dict[str, Any]]) -> dict[str, TenantConfig]:
     """The checked [tenants.NAME] tables, and the default tenant (at its defaults unless configured)."""
     out = {name: TenantConfig(name, t["priority"], t["deadline_ms"] / 1000.0, t["max_in_flight"])
@@ -672,6 +701,7 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
     tier_bytes = {"dram": dram.capacity_bytes, "cxl": cxl.capacity_bytes}
     tiering["tables"] = {name: _table_settings(table, tiering["policy"], tier_bytes)
                          for name, table in tiering["tables"].items()}
+    tiering["groups"] = _groups(tenant_tables, tier_bytes)
     return Config(
         **top,
         server=ServerConfig(**section("server"), tls=_tls(**section("server.tls"))),

@@ -148,8 +148,11 @@ def test_an_unknown_tenant_is_invalid_argument_and_no_tenant_is_the_default(daem
     ("[tenants.a]\npriority = 10\n", "tenants.a.priority: expected an integer in [0, 9], got 10"),
     ("[tenants.a]\ndeadline_ms = 0\n", "tenants.a.deadline_ms: expected a number in [0.01, 3600000], got 0"),
     ('[tenants."a b"]\n', "tenants.a b: a name of 1-64 characters of [A-Za-z0-9_.-] is needed, got 'a b'"),
-    ("[tenants.a]\nshare = 1\n", "tenants.a: unknown key(s) share; known: deadline_ms, max_in_flight, priority"),
+    ("[tenants.a]\nshare = 1\n", "tenants.a: unknown key(s) share; known: cxl, deadline_ms, dram, max_in_flight, priority, tables"),
     ("[scheduler]\nkernel_workers = 0\n", "scheduler.kernel_workers: expected an integer in [1, 256], got 0"),
+    ('[tenants.a]\ntables = ["t"]\n[tenants.b]\ntables = ["t"]\n',
+     "tenants.b.tables: table 't' is tenant 'a''s already (a table belongs to one tenant at most)"),
+    ('[tenants.a]\ndram = "150%"\n', "tenants.a.dram"),
 ])
 def test_a_bad_tenant_configuration_stops_the_start_naming_the_key(tmp_path, section, message):
     config = tmp_path / "embtierd.toml"

@@ -329,7 +329,7 @@ DEFAULTS_ON_8_GIB = {
                "listen_port": 50051, "tls": {"cert": None, "key": None, "client_ca": None},
                "idle_timeout_seconds": 300.0, "keepalive_seconds": 60.0, "handshake_timeout_seconds": 10.0},
     "tiering": {"enabled": True, "interval_seconds": 1.0, "bandwidth_bytes_per_second": 256 << 20,
-                "hysteresis": 0.25, "aging_intervals": 4, "policy": "lfu", "tables": {}},
+                "hysteresis": 0.25, "aging_intervals": 4, "policy": "lfu", "tables": {}, "groups": []},
     "dram": {"capacity_bytes": 2 * GiB, "huge_pages": True, "nodes": None, "emulated_latency_ns": 0},
     "cxl": {"capacity_bytes": 8 * GiB // 10, "huge_pages": True, "nodes": None, "emulated_latency_ns": 0},
     "scm": {"capacity_bytes": 16 * GiB, "path": ".state/scm.dat", "read_align_bytes": 0},

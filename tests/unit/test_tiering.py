@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from embtier_tools.loadgen import ZipfIds
 from embtierd.errors import TierFullError
-from embtierd.tiering.config import TableSettings, TieringConfig
+from embtierd.tiering.config import TableGroup, TableSettings, TieringConfig
 from embtierd.tiering.engine import TieringEngine
 from embtierd.tiering.policy_base import plan_swaps
 from embtierd.tiering.policy_lfu import LfuPolicy
@@ -261,3 +261,38 @@ def test_dropped_table_leaves_the_engine_state(store_factory):
     store.drop_table("b")
     engine.run_once()
     assert engine.state("b") is None and engine.state("a") is not None
+
+
+def test_tenant_shares_hold_under_a_competing_tenants_hot_set_shift(store_factory):
+    """Tenant A (tables a1, a2) and tenant B (table b) each have half of DRAM: A's hot rows stay in
+    DRAM while B's hot set grows past its half and moves, and A's share follows A's hot set from one
+    of its tables to the other."""
+    store = store_factory(dram="64K", cxl="0", scm="32M", heat_sample_shift=0)  # 1024 DRAM rows
+    for name in ("a1", "a2", "b"):
+        store.create_table(name, 3000, 16)  # (a1 takes all of DRAM at creation)
+    half = 512 * ROW_BYTES
+    engine = engine_for(store, groups=(TableGroup("A", ("a1", "a2"), {"dram": half, "cxl": None}),
+                                       TableGroup("B", ("b",), {"dram": half, "cxl": None})))
+    rng = np.random.default_rng(0)
+    a1_hot, a2_hot = rng.choice(3000, 200, replace=False), rng.choice(3000, 200, replace=False)
+
+    def dram(name):
+        return np.flatnonzero(store.placement(name) == 0)
+
+    def settle(b_hot, b_times, a_sets):
+        for _ in range(6):
+            for name, hot in a_sets:
+                touch(store, name, hot, times=2)
+            touch(store, "b", b_hot, times=b_times)
+            engine.run_once()
+
+    settle(rng.choice(3000, 900, replace=False), 4, [("a1", a1_hot), ("a2", a2_hot)])  # B wants 900 rows
+    assert dram("a1").size + dram("a2").size <= 512 and dram("b").size <= 512
+    assert np.isin(a1_hot, dram("a1")).all() and np.isin(a2_hot, dram("a2")).all()
+    assert dram("b").size >= 400  # B has its half (A's cold rows gave theirs back)
+    settle(rng.choice(3000, 900, replace=False), 20, [("a1", a1_hot), ("a2", a2_hot)])  # B's hot set moves, hotter
+    assert np.isin(a1_hot, dram("a1")).all() and np.isin(a2_hot, dram("a2")).all()
+    assert dram("b").size <= 512
+    a2_more = np.union1d(a2_hot, rng.choice(3000, 300, replace=False))[:450]  # A's hot set moves to a2
+    settle(rng.choice(3000, 900, replace=False), 4, [("a2", a2_more)])
+    assert np.isin(a2_more, dram("a2")).all() and dram("a1").size + dram("a2").size <= 512

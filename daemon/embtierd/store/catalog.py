@@ -27,7 +27,6 @@ import contextlib
 import itertools
 import logging
 import math
-import re
 import threading
 import time
 
@@ -35,6 +34,7 @@ import numpy as np
 from embtier.wire import (
     INITIALIZERS,
     MEMORY_TIERS,
+    TABLE_NAME_RE,
     TIERS,
     WRITE_MODES,
     PortInfo,
@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 
 RECENT_MINUTES = 60         # an eviction of an id written this recently is counted apart (the alert)
 INIT_BATCH_ROWS = 1 << 16   # uniform init draws one generator stream per batch: values depend on seed only
-NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 HEAT_BINS = 9  # heat 0, 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64-127, 128-255
 HEAT_BIN_NAMES = ("0", "1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128-255")
 
@@ -578,7 +577,7 @@ class Store:
 
     @staticmethod
     def _check_new_table(name, num_rows, dim, dtype, initializer, init_scale, keys: KeySpace) -> None:
-        if not isinstance(name, str) or not NAME_RE.match(name):
+        if not isinstance(name, str) or not TABLE_NAME_RE.fullmatch(name):
             raise InvalidArgumentError(f"name must be 1-128 characters of [A-Za-z0-9_.-], got {name!r}")
         most = MAX_ROWS - 1 if keys.managed else MAX_ROWS  # (a managed table's default row is one more)
         if not isinstance(num_rows, int) or not 1 <= num_rows <= most:

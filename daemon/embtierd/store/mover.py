@@ -198,13 +198,16 @@ class Mover:
         table.native.publish(ids, new)
         self._account_ports(table, ids, old, new)
 
-    def trim(self, table: Table, tier: int) -> int:
-        """Gives the memory a table holds in a memory tier beyond its own limit there back to the tier
-        (so that a table whose limit was lowered leaves the room to others): the rows living beyond
-        the limit's worth of slots move into free slots below it, then whole chunks and the tail of
-        the last kept one are released.  Does nothing while the rows do not fit below the limit
-        (the policy demotes first).  Returns the bytes released."""
+    def trim(self, table: Table, tier: int, share: int | None = None) -> int:
+        """Gives the memory a table holds in a memory tier beyond its own limit there (or share, its
+        group's row limit this interval, when smaller) back to the tier (so that a table whose limit
+        was lowered leaves the room to others): the rows living beyond the limit's worth of slots
+        move into free slots below it, then whole chunks and the tail of the last kept one are
+        released.  Does nothing while the rows do not fit below the limit (the policy demotes
+        first).  Returns the bytes released."""
         limit = table.limit_rows(tier)
+        if share is not None:
+            limit = share if limit is None else min(limit, share)
         space = table.slots.get(tier)
         if limit is None or space is None:
             return 0

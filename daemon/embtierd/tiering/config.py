@@ -35,6 +35,17 @@ class TableSettings:
 
 
 @dataclass(frozen=True)
+class TableGroup:
+    """Tables that share memory (a tenant's): at most capacity_bytes of their rows, together, in each
+    memory tier (None = no share there), given each interval to the group's hottest rows across its
+    tables (tiering/groups.py)."""
+
+    name: str
+    tables: tuple[str, ...]
+    capacity_bytes: dict[str, int | None] = field(default_factory=lambda: {"dram": None, "cxl": None})
+
+
+@dataclass(frozen=True)
 class TieringConfig:
     enabled: bool
     interval_seconds: float
@@ -43,6 +54,7 @@ class TieringConfig:
     aging_intervals: int = 4         # LFU: heat is halved every this many intervals
     policy: str = "lfu"              # the policy of tables that tables does not name
     tables: dict[str, TableSettings] = field(default_factory=dict)  # per-table settings by table name
+    groups: tuple[TableGroup, ...] = ()  # tables sharing memory (the tenants with shares)
 
     def table_policy(self, name: str) -> TableSettings:
         return self.tables.get(name) or TableSettings(policy=self.policy)

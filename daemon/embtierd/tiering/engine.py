@@ -52,6 +52,7 @@ from embtierd.errors import NotFoundError
 from embtierd.store.catalog import Store
 from embtierd.store.table import Table
 from embtierd.tiering.config import TieringConfig
+from embtierd.tiering.groups import group_limits
 from embtierd.tiering.policies import make_policy
 from embtierd.tiering.policy_base import UNLIMITED, Policy, run_interval
 
@@ -115,16 +116,20 @@ class TieringEngine:
         # moves past the deadline wait for the next interval
         deadline = math.inf if unlimited else time.monotonic() + self.config.interval_seconds
         mover = self.store.mover
+        shares = group_limits(self.config.groups, tables) if self.config.groups else {}
         for table in tables:
             name, stride, pin = table.name, table.stride, table.settings.pin
             try:
                 state = self._table_state(table)
                 room = [mover.room_rows(table, 0), mover.room_rows(table, 1), UNLIMITED]
+                for tier, limit in enumerate(shares.get(name, ())):  # its group's share (a tenant's)
+                    if limit is not None:
+                        room[tier] = min(room[tier], limit - table.rows_by_tier[tier])
                 result = run_interval(state.policy, table.native.heat, table.placement(), room,
                                       max(0, budget_bytes) // stride, self._mover(table, deadline),
                                       TIERS.index(pin) if pin else None)
-                for tier in (0, 1):
-                    mover.trim(table, tier)  # memory over the table's own limit goes back to the tier
+                for tier in (0, 1):  # memory over the table's own limit (or share) goes back to the tier
+                    mover.trim(table, tier, shares[name][tier] if name in shares else None)
                 left = max(0, budget_bytes) // stride - result.rows_moved
                 traded = mover.spread_ports(table, left) if time.monotonic() < deadline else 0
             except NotFoundError:  # dropped or replaced meanwhile: its handle is retired
