@@ -402,7 +402,8 @@ KEYS: tuple[Key, ...] = (
         "first, then earliest deadline, refusing (DEADLINE_EXCEEDED) a request predicted to miss its "
         "deadline; false: each runs on its gRPC thread as it arrives, deadlines only counted."),
     Key("scheduler.kernel_workers", integer(1, 256), 2,
-        "Threads that run lookups from the queue (about one per core the kernels may use)."),
+        "Lookups that run at once, each on its own gRPC thread (about one per core the kernels may use); the "
+        "others wait in the queue."),
     Key("scheduler.max_queued", integer(1, 65536), 512,
         "Lookups waiting in the queue at most; one more is RESOURCE_EXHAUSTED."),
     Key("tenants", tenants, {},

@@ -1,9 +1,11 @@
 """The queue of lookups in front of the kernels: priority classes, then earliest deadline first.
 
 Lookup and LookupPooled calls (the service validates them first, on their gRPC threads) hand their
-work to Scheduler.run, which queues it and waits; a fixed set of kernel workers takes the queued
-work of the highest tenant priority, earliest deadline first, and runs it.  Writes and admin calls
-never enter the queue: they run on their gRPC threads as before, so lookups cannot starve them.
+work to Scheduler.run.  At most scheduler.kernel_workers lookups run at once, each on its own gRPC
+thread while it holds one of that many kernel slots: a lookup that finds a slot free and nobody
+waiting runs at once (no thread hand-off); the others wait in the queue, and each slot freed goes
+to the queued lookup of the highest tenant priority, earliest deadline first.  Writes and admin
+calls never enter the queue: they run on their gRPC threads as before, so lookups cannot starve them.
 
 Admission: a lookup is refused at once (DEADLINE_EXCEEDED, naming the prediction and the time
 left) when the work queued before it plus its own would end past its deadline; a worker refuses
@@ -45,37 +47,54 @@ START_COSTS = (20e-6, 5e-9, 10e-9, 1e-6)
 
 
 class CostModel:
-    """Predicted service time of a lookup from the rows it reads per tier, fitted to measurements."""
+    """Predicted service time of a lookup from the rows it reads per tier, fitted to measurements.
+    (Plain floats per call: a few microseconds; numpy only in the fit.)"""
 
     def __init__(self):
         self.coef = np.array(START_COSTS)
         self._x = np.zeros((WINDOW, 1 + NUM_TIERS))
         self._y = np.zeros(WINDOW)
         self._seen = 0
-        self._mix: dict[str, np.ndarray] = {}  # table -> share of its rows each tier served lately
+        self._mix: dict[str, tuple[float, float, float]] = {}  # table -> share of its rows each tier served lately
         self._lock = threading.Lock()
 
-    def rows(self, work: list[tuple[str, int]]) -> np.ndarray:
-        """Rows per tier a lookup of (table, ids) pairs is expected to read."""
-        with self._lock:
-            return sum((n * self._mix.get(table, _ALL_DRAM) for table, n in work), np.zeros(NUM_TIERS))
+    @property
+    def coef(self) -> np.ndarray:
+        """Seconds per lookup, then per DRAM, CXL and SCM row."""
+        return self._coef
 
-    def predict(self, rows: np.ndarray) -> float:
-        return float(self.coef[0] + self.coef[1:] @ rows)
+    @coef.setter
+    def coef(self, value) -> None:
+        self._coef = np.array(value, dtype=np.float64)
+        self._c = tuple(float(v) for v in self._coef)  # the same, as floats for predict
+
+    def rows(self, work: list[tuple[str, int]]) -> tuple[float, float, float]:
+        """Rows per tier a lookup of (table, ids) pairs is expected to read."""
+        d = c = s = 0.0
+        for table, n in work:
+            md, mc, ms = self._mix.get(table, ALL_DRAM)
+            d, c, s = d + n * md, c + n * mc, s + n * ms
+        return d, c, s
+
+    def predict(self, rows) -> float:
+        c0, c1, c2, c3 = self._c
+        return c0 + c1 * rows[0] + c2 * rows[1] + c3 * rows[2]
 
     def observe(self, tables: dict[str, np.ndarray], seconds: float) -> None:
-        """A lookup the workers ran: rows per tier it read from each table, and its service time."""
+        """A lookup that ran: rows per tier it read from each table, and its service time."""
+        d = c = s = 0.0
         with self._lock:
-            total = np.zeros(NUM_TIERS)
             for table, tier_rows in tables.items():
-                n = tier_rows.sum()
+                td, tc, ts = tier_rows.tolist()
+                n = td + tc + ts
                 if n:
-                    share = tier_rows / n
                     old = self._mix.get(table)
-                    self._mix[table] = share if old is None else (1 - MIX_WEIGHT) * old + MIX_WEIGHT * share
-                total += tier_rows
+                    share = (td / n, tc / n, ts / n)
+                    self._mix[table] = share if old is None else tuple(
+                        (1 - MIX_WEIGHT) * o + MIX_WEIGHT * x for o, x in zip(old, share, strict=True))
+                d, c, s = d + td, c + tc, s + ts
             i = self._seen % WINDOW
-            self._x[i] = (1.0, *total)
+            self._x[i] = (1.0, d, c, s)
             self._y[i] = seconds
             self._seen += 1
             if self._seen % REFIT_EVERY == 0:
@@ -95,7 +114,7 @@ class CostModel:
         self.coef = fitted
 
 
-_ALL_DRAM = np.array([1.0, 0.0, 0.0])
+ALL_DRAM = (1.0, 0.0, 0.0)  # the tier shares of a table no lookup read yet
 
 
 @dataclass(eq=False)
@@ -109,54 +128,47 @@ class Job:
     order: tuple = ()
     enqueued: float = 0.0
     started: float = 0.0
-    finished: float = 0.0
-    state: str = "queued"        # queued, running, done, shed, cancelled
-    result: Any = None
+    state: str = "queued"        # queued, running (holds a slot), done, shed, cancelled
     error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    turn: threading.Event = field(default_factory=threading.Event)  # set: it got a slot, or was refused
 
 
 class Scheduler:
-    """The queue and its kernel workers.  outcome(tenant, outcome, queue_s, service_s) is told how
-    every lookup ended (rpc/metrics.py counts them)."""
+    """The queue and its kernel slots.  outcome(tenant, outcome, queue_s, service_s) is told how every
+    lookup ended (rpc/metrics.py counts them)."""
 
     def __init__(self, config: SchedulerConfig, outcome: Callable[[str, str, float, float], None]):
         self.config = config
         self.cost = CostModel()
         self._outcome = outcome
+        self._slots = config.kernel_workers  # free ones
         self._heap: list[tuple[tuple, Job]] = []
         self._running: set[Job] = set()
         self._in_flight: dict[str, int] = {}
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._seq = itertools.count()
         self._stopping = False
-        self._workers = [threading.Thread(target=self._work, name=f"kernel-worker-{i}", daemon=True)
-                         for i in range(config.kernel_workers)]
 
     def start(self) -> None:
-        if self.config.enabled:
-            for w in self._workers:
-                w.start()
+        """(Nothing runs between calls: a lookup runs on its own gRPC thread once it holds a slot.)"""
 
     def stop(self) -> None:
-        """Lets the workers finish what is queued, then stops them."""
-        with self._cond:
+        """Refuses new lookups (UNAVAILABLE); those queued still get their turn."""
+        with self._lock:
             self._stopping = True
-            self._cond.notify_all()
-        for w in self._workers:
-            if w.is_alive():
-                w.join(timeout=30)
 
     @property
     def queued(self) -> int:
-        with self._cond:
-            return sum(job.state == "queued" for _, job in self._heap)
+        with self._lock:
+            return len(self._heap)
 
     def run(self, tenant: TenantConfig, remaining: float, work: list[tuple[str, int]],
             run: Callable[[], tuple[Any, dict[str, np.ndarray]]], context) -> Any:
-        """Queues run (a lookup of work: (table, ids) pairs) for tenant with remaining seconds to its
-        deadline, waits for a worker to run it and returns its result; refuses it as the module says.
-        With scheduler.enabled false, runs it here and now (and only counts whether it met its deadline)."""
+        """Runs run (a lookup of work: (table, ids) pairs) for tenant, with remaining seconds to its
+        deadline, once it holds one of the scheduler.kernel_workers slots, on the calling (gRPC)
+        thread, and returns its result; queues it while no slot is free (or others wait), refuses it
+        as the module says.  With scheduler.enabled false, runs it at once (and only counts whether
+        it met its deadline)."""
         now = time.monotonic()
         if not self.config.enabled:
             result, _ = run()
@@ -165,20 +177,24 @@ class Scheduler:
             return result
         job = Job(tenant, now + remaining, self.cost.predict(self.cost.rows(work)), run)
         job.order = (-tenant.priority, job.deadline, next(self._seq))
-        with self._cond:
+        with self._lock:
             if self._stopping:
                 raise UnavailableError("the daemon is shutting down")
             self._admit(job, now, remaining)
-            heapq.heappush(self._heap, (job.order, job))
-            job.enqueued = now
             self._in_flight[tenant.name] = self._in_flight.get(tenant.name, 0) + 1
-            self._cond.notify()
-        if not context.add_callback(lambda: self._cancel(job)):  # (the call already ended)
-            self._cancel(job)
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result
+            job.enqueued = now
+            if self._slots and not self._heap:  # a free slot and nobody waiting: no queue to keep
+                self._slots -= 1
+                self._start(job, now)
+            else:
+                heapq.heappush(self._heap, (job.order, job))
+        if job.state == "queued":
+            if not context.add_callback(lambda: self._cancel(job)):  # (the call already ended)
+                self._cancel(job)
+            job.turn.wait()
+            if job.error is not None:  # shed or cancelled while queued
+                raise job.error
+        return self._execute(job)
 
     def _admit(self, job: Job, now: float, remaining: float) -> None:
         """Refuses job (under the lock) when its tenant or the queue is full, or when what runs before
@@ -191,9 +207,11 @@ class Scheduler:
         if len(self._heap) >= self.config.max_queued:
             self._outcome(tenant.name, "refused_queue_full", 0.0, 0.0)
             raise OverloadedError(f"{len(self._heap)} lookups are queued, scheduler.max_queued: try again later")
-        before = sum(other.predicted for order, other in self._heap if order < job.order and other.state == "queued")
-        busy = sum(max(0.0, other.predicted - (now - other.started)) for other in self._running)
-        wait = (before + busy) / len(self._workers)
+        wait = 0.0
+        if not self._slots or self._heap:
+            before = sum(other.predicted for order, other in self._heap if order < job.order)
+            busy = sum(max(0.0, other.predicted - (now - other.started)) for other in self._running)
+            wait = (before + busy) / self.config.kernel_workers
         if wait + job.predicted > remaining:
             self._outcome(tenant.name, "refused_deadline", 0.0, 0.0)
             raise DeadlineExceededError(
@@ -201,9 +219,55 @@ class Scheduler:
                 f"+ service {1e3 * job.predicted:.2f} ms) vs {1e3 * remaining:.2f} ms left to the deadline: refused "
                 f"before it ran")
 
+    def _start(self, job: Job, now: float) -> None:
+        """job takes the slot it was given (under the lock)."""
+        job.state, job.started = "running", now
+        self._running.add(job)
+
+    def _execute(self, job: Job) -> Any:
+        """Runs job (which holds a slot), then hands its slot on."""
+        try:
+            result, tables = job.run()
+        except BaseException as e:  # noqa: BLE001 - raised below, once the slot is handed on
+            job.error, result, tables = e, None, {}
+        finished = time.monotonic()
+        service = finished - job.started
+        if tables:
+            self.cost.observe(tables, service)
+        with self._lock:
+            self._running.discard(job)
+            self._release(job)
+            job.state = "done"
+            self._hand_over()
+        outcome = "failed" if job.error is not None else "met" if finished <= job.deadline else "missed"
+        self._outcome(job.tenant.name, outcome, job.started - job.enqueued, service)
+        if job.error is not None:
+            raise job.error
+        return result
+
+    def _hand_over(self) -> None:
+        """A slot was freed (under the lock): it goes to the first queued lookup that can still end in
+        time; those that cannot are shed unrun."""
+        while self._heap:
+            _, job = heapq.heappop(self._heap)
+            now = time.monotonic()
+            if now + job.predicted <= job.deadline:
+                self._start(job, now)
+                job.turn.set()
+                return
+            job.state = "shed"
+            self._release(job)
+            job.error = DeadlineExceededError(
+                f"tenant {job.tenant.name!r}: shed after {1e3 * (now - job.enqueued):.2f} ms in the queue: "
+                f"predicted service {1e3 * job.predicted:.2f} ms vs {1e3 * (job.deadline - now):.2f} ms left to "
+                f"the deadline")
+            self._outcome(job.tenant.name, "shed", now - job.enqueued, 0.0)
+            job.turn.set()
+        self._slots += 1
+
     def _cancel(self, job: Job) -> None:
         """The call ended (cancelled, or its deadline passed) while job may still be queued."""
-        with self._cond:
+        with self._lock:
             if job.state != "queued":
                 return
             job.state = "cancelled"
@@ -212,7 +276,7 @@ class Scheduler:
             self._release(job)
         self._outcome(job.tenant.name, "cancelled", time.monotonic() - job.enqueued, 0.0)
         job.error = DeadlineExceededError(f"tenant {job.tenant.name!r}: the call ended while queued")
-        job.done.set()
+        job.turn.set()
 
     def _release(self, job: Job) -> None:
         left = self._in_flight[job.tenant.name] - 1
@@ -220,44 +284,3 @@ class Scheduler:
             self._in_flight[job.tenant.name] = left
         else:
             del self._in_flight[job.tenant.name]
-
-    def _next(self) -> Job | None:
-        """The next job to run (marked running), None to stop; sheds those that can no longer end in time."""
-        with self._cond:
-            while True:
-                while not self._heap and not self._stopping:
-                    self._cond.wait()
-                if not self._heap:
-                    return None
-                _, job = heapq.heappop(self._heap)
-                now = time.monotonic()
-                if now + job.predicted <= job.deadline:
-                    job.state, job.started = "running", now
-                    self._running.add(job)
-                    return job
-                job.state = "shed"
-                self._release(job)
-                job.error = DeadlineExceededError(
-                    f"tenant {job.tenant.name!r}: shed after {1e3 * (now - job.enqueued):.2f} ms in the queue: "
-                    f"predicted service {1e3 * job.predicted:.2f} ms vs {1e3 * (job.deadline - now):.2f} ms left to "
-                    f"the deadline")
-                self._outcome(job.tenant.name, "shed", now - job.enqueued, 0.0)
-                job.done.set()
-
-    def _work(self) -> None:
-        while (job := self._next()) is not None:
-            try:
-                job.result, tables = job.run()
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting call
-                job.error, tables = e, {}
-            job.finished = time.monotonic()
-            service = job.finished - job.started
-            if tables:
-                self.cost.observe(tables, service)
-            with self._cond:
-                self._running.discard(job)
-                self._release(job)
-                job.state = "done"
-            outcome = "failed" if job.error is not None else "met" if job.finished <= job.deadline else "missed"
-            self._outcome(job.tenant.name, outcome, job.started - job.enqueued, service)
-            job.done.set()
