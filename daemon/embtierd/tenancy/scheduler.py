@@ -26,8 +26,9 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,8 +53,7 @@ class CostModel:
 
     def __init__(self):
         self.coef = np.array(START_COSTS)
-        self._x = np.zeros((WINDOW, 1 + NUM_TIERS))
-        self._y = np.zeros(WINDOW)
+        self._window: deque[tuple[float, float, float, float]] = deque(maxlen=WINDOW)  # rows per tier, seconds
         self._seen = 0
         self._mix: dict[str, tuple[float, float, float]] = {}  # table -> share of its rows each tier served lately
         self._lock = threading.Lock()
@@ -83,19 +83,20 @@ class CostModel:
     def observe(self, tables: dict[str, np.ndarray], seconds: float) -> None:
         """A lookup that ran: rows per tier it read from each table, and its service time."""
         d = c = s = 0.0
+        w = MIX_WEIGHT
         with self._lock:
             for table, tier_rows in tables.items():
                 td, tc, ts = tier_rows.tolist()
                 n = td + tc + ts
                 if n:
                     old = self._mix.get(table)
-                    share = (td / n, tc / n, ts / n)
-                    self._mix[table] = share if old is None else tuple(
-                        (1 - MIX_WEIGHT) * o + MIX_WEIGHT * x for o, x in zip(old, share, strict=True))
+                    if old is None:
+                        self._mix[table] = (td / n, tc / n, ts / n)
+                    else:
+                        self._mix[table] = ((1 - w) * old[0] + w * td / n, (1 - w) * old[1] + w * tc / n,
+                                            (1 - w) * old[2] + w * ts / n)
                 d, c, s = d + td, c + tc, s + ts
-            i = self._seen % WINDOW
-            self._x[i] = (1.0, d, c, s)
-            self._y[i] = seconds
+            self._window.append((d, c, s, seconds))
             self._seen += 1
             if self._seen % REFIT_EVERY == 0:
                 self._fit()
@@ -105,8 +106,8 @@ class CostModel:
             self._mix.pop(table, None)
 
     def _fit(self) -> None:
-        n = min(self._seen, WINDOW)
-        x, y = self._x[:n], self._y[:n]
+        seen = np.array(self._window)
+        x, y = np.column_stack([np.ones(len(seen)), seen[:, :NUM_TIERS]]), seen[:, NUM_TIERS]
         used = np.flatnonzero(x.any(axis=0))  # (a tier no lookup read keeps its cost)
         coef, *_ = np.linalg.lstsq(x[:, used], y, rcond=None)
         fitted = self.coef.copy()
@@ -130,7 +131,7 @@ class Job:
     started: float = 0.0
     state: str = "queued"        # queued, running (holds a slot), done, shed, cancelled
     error: BaseException | None = None
-    turn: threading.Event = field(default_factory=threading.Event)  # set: it got a slot, or was refused
+    turn: threading.Event | None = None  # a queued lookup's: set when it gets a slot, or is refused
 
 
 class Scheduler:
@@ -187,6 +188,7 @@ class Scheduler:
                 self._slots -= 1
                 self._start(job, now)
             else:
+                job.turn = threading.Event()
                 heapq.heappush(self._heap, (job.order, job))
         if job.state == "queued":
             if not context.add_callback(lambda: self._cancel(job)):  # (the call already ended)
