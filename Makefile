@@ -51,6 +51,7 @@ bench: build
 	$(PY) tests/bench/bench_keyed.py || rc=1; \
 	$(PY) -m tests.bench.bench_service || rc=1; \
 	$(PY) -m tests.bench.bench_tiering || rc=1; \
+	$(PY) tests/bench/bench_realtime.py || rc=1; \
 	exit $$rc
 
 clean:

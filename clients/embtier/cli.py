@@ -3,7 +3,7 @@
     embtier [--target ADDR] tables | describe T | create T --rows N --dim D [--key-space K] | drop T
             | import T FILE.npy | lookup T ID... | tiers | heat T | policy T [--set ...]
             | record T --ids N -o FILE.npy | simulate FILE.npy [--dram SIZES] [--cxl SIZES]
-            | bench --table T ... | bench --scenario FILE [--load X] [--capacity]
+            | bench --table T ... | bench --scenario FILE [--streams N | --load X] [--capacity]
             | checkpoint [--kind K --bits B] | checkpoints | restore ID
             | fabric up|down|status|run|bench   (the shaped-link test bed; root)
 """
@@ -335,9 +335,12 @@ def parse_args(argv):
     workload.add_argument("--table", action="append", help="table to read (repeatable)")
     workload.add_argument("--scenario", help="a scenario file (deploy/scenarios/*.toml): its tenants at their "
                           "frame rates and deadlines, its tables created if missing")
-    s.add_argument("--load", type=float, default=1.0, help="--scenario: factor on every frame rate")
+    s.add_argument("--streams", type=int, help="--scenario: concurrent streams (users) of the scenario, each "
+                   "every model at its frame rate and deadline (default 1)")
+    s.add_argument("--load", type=float, help="--scenario: instead of --streams, X times the capacity in streams "
+                   "(measured first, as --capacity): round(X x capacity) streams")
     s.add_argument("--capacity", action="store_true", help="--scenario: measure the requests/s of its mix "
-                   "closed-loop with --concurrency clients (and the --load that offers it) instead")
+                   "closed-loop with --concurrency requests in flight (and the streams that offer it) instead")
     s.add_argument("--duration", type=float, default=10.0)
     s.add_argument("--concurrency", type=int, default=4)
     s.add_argument("--bags", type=int, default=512)

@@ -33,26 +33,54 @@ and an energy score without a measurement would be invented.  The accuracy score
 daemon returns exact pooled rows (float32 on the wire), so it cannot change a model's accuracy.  The
 score of a run is therefore 100 x mean over tenants of QoE x (sum of RT over requests / frames).
 
-The driver.  Each tenant runs on a thread of its own with a channel of its own and at most one
-request in flight (a model serves one frame at a time).  A concurrent model releases frames on its
-own clock at FPS x load; a cascaded model's frame becomes ready when its upstream's request for that
+Streams: how the load is scaled.  A shared inference host serves many users at once, each running
+the whole scenario; the driver offers load the same way, as a number of concurrent STREAMS.  Each
+stream is a full instance of the scenario: every model at its file's FPS with its file's deadline,
+its cascades within the stream, at most one request in flight per (stream, model), as a model serves
+one frame at a time.  The streams of a model all send as its tenant (the same metadata), so the
+daemon's queue holds up to streams x models requests and its priorities and deadlines decide which
+are served.  Frame rates and deadlines are never scaled.  A stream's clock is offset from the start
+of the run (stream_offsets: one offset in each of `streams` equal slices of the longest frame period,
+random within it, seeded by the scenario), so that the streams' frames do not all arrive at once;
+each stream captures frames for the run's duration from its offset.
+
+Capacity and --load.  The capacity of a daemon for a scenario (measure_capacity) is the requests/s it
+answers closed-loop on the scenario's mix (each tenant's requests in proportion to its frame rate, a
+fixed number of requests kept in flight, no timeouts) divided by the requests/s of one stream: the
+number of streams whose offered rate it could serve.  Load x is streams_at_load(x, capacity) =
+round(x x that number) streams, at least one (`embtier bench --load X` measures the capacity first).
+
+The driver.  Each (stream, model) is a lane.  A concurrent model's frames are released on its
+stream's clock; a cascaded model's frame becomes ready when its upstream lane's request for that
 frame finishes, and exists only for the share `probability` of its upstream's frames (XRBench draws
 at random; here every (1/p)-th frame, evenly, so that short runs are reproducible).  A frame waits
-while the tenant's previous request is in flight; the oldest waiting frame goes next, and a frame
+while its lane's previous request is in flight; the oldest waiting frame goes next, and a frame
 whose deadline passes before it could be sent is DROPPED (never sent), as the artefact's runtime
 drops late frames, and so is a cascaded frame whose upstream request failed (it has no input).  A
 sent request carries its tenant and a gRPC timeout = the time left to its frame's deadline (the full
-1/FPS for a frame sent when captured).  A request that fails (DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
-...) or answers after its deadline is a deadline MISS: RT 0 for a failure (no result: the artefact's
-infinite delay), the sigmoid of its lateness for a late answer.  `load` multiplies every frame rate,
-never a deadline.  Requests are serialized before the clock starts and replies are not parsed, so
-the Python cost per request is one call.
+deadline for a frame sent when captured).  A request that fails (DEADLINE_EXCEEDED,
+RESOURCE_EXHAUSTED, ...) or answers after its deadline is a deadline MISS: RT 0 for a failure (no
+result: the artefact's infinite delay), the sigmoid of its lateness for a late answer.  Results are
+reported per tenant over all its streams (the score above, unchanged), with the score of each stream
+alone beside them.
+
+Threads and the generator's own cost.  The load generator shares the host's cores with the daemon,
+so it is kept light.  Each lane is a thread of its own (streams x models threads, a few hundred at
+most) that sleeps until its next frame and sends it with a blocking call on its tenant's channel
+(one channel per tenant, shared by its streams); a blocking gRPC call waits for its answer on a
+completion queue of its own, in its own thread.  Asynchronous calls with one clock thread were
+measured too and cost about twice the CPU per request at these rates (1.0 against 0.5 ms at 400
+requests/s on 2 cores): each answer crosses the channel's polling thread before its callback runs.
+Requests are serialized before the clock starts and replies are not parsed, so the Python cost per
+request is one call.  A run reports the CPU time of this process over it: the generator's share of
+the host.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import os
 import queue
 import threading
 import time
@@ -105,7 +133,7 @@ class Model:
     """One model of the scenario = one tenant of the daemon."""
 
     name: str
-    fps: float                  # frames per second at load 1 (a cascaded model: its upstream's)
+    fps: float                  # frames per second of one stream (a cascaded model: its upstream's)
     deadline_seconds: float     # after the frame's capture
     tables: tuple[str, ...]     # read by every request, each with bags x ids_per_bag ids
     bags: int
@@ -138,17 +166,22 @@ class Scenario:
         roots = sum(m.after is None for m in self.models.values())
         return "concurrent" if roots == len(self.models) else "cascaded" if roots == 1 else "cascaded-concurrent"
 
-    def frames_per_second(self, name: str, load: float = 1.0) -> float:
-        """Frames per second model name is offered at load (its fps x the probabilities up its cascade)."""
+    def frames_per_second(self, name: str) -> float:
+        """Frames per second one stream offers model name (its fps x the probabilities up its cascade)."""
         model, share = self.models[name], 1.0
         while model.after is not None:
             share *= model.probability
             model = self.models[model.after]
-        return model.fps * load * share
+        return model.fps * share
 
-    def offered_rate(self, load: float = 1.0) -> float:
-        """Requests per second the scenario offers at load (every frame served)."""
-        return sum(self.frames_per_second(name, load) for name in self.models)
+    def offered_rate(self, streams: int = 1) -> float:
+        """Requests per second the scenario offers with streams streams (every frame served)."""
+        return streams * sum(self.frames_per_second(name) for name in self.models)
+
+    @property
+    def longest_period_seconds(self) -> float:
+        """The time between two frames of its slowest concurrent model (a cascade runs on its upstream's)."""
+        return 1.0 / min(m.fps for m in self.models.values() if m.after is None)
 
 
 _REQUIRED = object()
@@ -312,10 +345,12 @@ def load_scenario(path: str | Path) -> Scenario:
     return parse_scenario(text, str(path))
 
 
-def daemon_config(scenario: Scenario) -> str:
-    """The daemon's [tenants.NAME] tables for the scenario, as TOML to append to its configuration."""
+def daemon_config(scenario: Scenario, streams: int = 1) -> str:
+    """The daemon's [tenants.NAME] tables for the scenario run with up to streams streams, as TOML to
+    append to its configuration: max_in_flight is the file's, raised to streams where that is less
+    (the driver keeps one request per stream in flight for each tenant, which is never refused)."""
     return "".join(f"[tenants.{name}]\npriority = {t.priority}\ndeadline_ms = {t.deadline_ms!r}\n"
-                   f"max_in_flight = {t.max_in_flight}\n\n" for name, t in scenario.tenants.items())
+                   f"max_in_flight = {max(t.max_in_flight, streams)}\n\n" for name, t in scenario.tenants.items())
 
 
 # ---- the score (pure functions over arrays) -----------------------------------------------------
@@ -355,12 +390,14 @@ def scenario_score(model_scores: Iterable[float]) -> float:
 
 
 class Frame(NamedTuple):
-    index: int                  # the frame number of the root model's clock
+    stream: int
+    index: int                  # the frame number of the stream's root model clock
     release: float              # capture time, seconds from the start of the run
     deadline: float             # release + the model's deadline
 
 
 class FrameResult(NamedTuple):
+    stream: int
     index: int
     release: float
     deadline: float
@@ -370,14 +407,29 @@ class FrameResult(NamedTuple):
 
 
 DROPPED = "DROPPED"
+START_SECONDS = 0.05            # from starting the lanes' threads to the first frame: they are all up
 
 
-def release_times(fps: float, load: float, duration_seconds: float) -> np.ndarray:
-    """Capture times of a concurrent model's frames in [0, duration): every 1 / (fps x load) s."""
+def stream_offsets(scenario: Scenario, streams: int) -> np.ndarray:
+    """Each stream's clock offset in seconds from the start of the run: stream s's offset is random
+    (seeded by the scenario's seed) in the s-th of `streams` equal slices of the longest frame period,
+    so that the streams' frames spread over it."""
+    if streams < 1:
+        raise ValueError(f"streams must be >= 1, got {streams}")
+    jitter = np.random.default_rng([scenario.seed, streams]).random(streams)
+    return scenario.longest_period_seconds * (np.arange(streams) + jitter) / streams
+
+
+def streams_at_load(load: float, capacity_streams: float) -> int:
+    """The streams offered at load x the capacity (in streams): round(load x capacity), at least one."""
     if load <= 0:
         raise ValueError(f"load must be > 0, got {load}")
-    rate = fps * load
-    return np.arange(math.ceil(duration_seconds * rate - 1e-9)) / rate
+    return max(1, round(load * capacity_streams))
+
+
+def release_times(fps: float, duration_seconds: float, offset_seconds: float = 0.0) -> np.ndarray:
+    """Capture times of a concurrent model's frames in [offset, offset + duration): every 1 / fps s."""
+    return offset_seconds + np.arange(math.ceil(duration_seconds * fps - 1e-9)) / fps
 
 
 def triggered(n: int, probability: float) -> bool:
@@ -398,14 +450,17 @@ def take_frame(pending: deque[Frame], now: float) -> tuple[Frame | None, list[Fr
 Send = Callable[[float | None], str]   # timeout in seconds (None: none) -> "OK" or the status code's name
 
 
-class _Runner:
-    """One model's thread: takes its frames (own clock, or its upstream's), sends them one at a time."""
+class _Lane:
+    """One model of one stream, on a thread of its own: takes its frames (its stream's clock, or its
+    upstream lane's answers), sends them one at a time."""
 
-    def __init__(self, model: Model, send: Send, clock: Callable[[], float], releases: np.ndarray | None):
-        self.model, self.send, self.clock, self.releases = model, send, clock, releases
+    def __init__(self, stream: int, model: Model, send: Send, clock: Callable[[], float],
+                 releases: np.ndarray | None):
+        self.stream, self.model, self.send, self.clock = stream, model, send, clock
+        self.releases = releases.tolist() if releases is not None else None
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # ((index, release), has_input); None: upstream done
-        self.downstream: list[_Runner] = []
-        self.offered: Counter[str] = Counter()  # per downstream: how many of our frames it was offered
+        self.downstream: list[_Lane] = []   # the same stream's models cascaded on this one
+        self.offered: Counter[str] = Counter()  # per downstream model: how many of our frames it was offered
         self.results: list[FrameResult] = []
 
     def run(self) -> None:
@@ -422,8 +477,7 @@ class _Runner:
             now = self.clock()
             if self.releases is not None:
                 while released < len(self.releases) and self.releases[released] <= now:
-                    release = float(self.releases[released])
-                    pending.append(Frame(released, release, release + self.model.deadline_seconds))
+                    pending.append(self._frame(released, self.releases[released]))
                     released += 1
                 done = released == len(self.releases)
             else:
@@ -441,6 +495,9 @@ class _Runner:
             else:
                 upstream_done = self._receive(pending, block=True)
 
+    def _frame(self, index: int, release: float) -> Frame:
+        return Frame(self.stream, index, release, release + self.model.deadline_seconds)
+
     def _receive(self, pending: deque[Frame], block: bool) -> bool:
         """Moves what the upstream sent into pending (frames without input are dropped); True when
         the upstream is done."""
@@ -452,11 +509,10 @@ class _Runner:
             if item is None:
                 return True
             (index, release), has_input = item
-            frame = Frame(index, release, release + self.model.deadline_seconds)
             if has_input:
-                pending.append(frame)
+                pending.append(self._frame(index, release))
             else:
-                self._drop(frame)
+                self._drop(self._frame(index, release))
             block = False
 
     def _drop(self, frame: Frame) -> None:
@@ -477,27 +533,32 @@ class _Runner:
                 d.inbox.put(((frame.index, frame.release), has_input))
 
 
-def run_schedule(scenario: Scenario, senders: dict[str, Send], load: float, duration_seconds: float,
-                 clock: Callable[[], float] = time.perf_counter) -> dict[str, list[FrameResult]]:
-    """Runs the scenario for duration_seconds of frame captures (then lets the last frames finish):
-    one thread per model, senders[model] sending one request of it.  Per model, its frames' results."""
-    start = clock() + 0.02  # every thread is up before the first frame
+def run_schedule(scenario: Scenario, senders: dict[str, Send], duration_seconds: float,
+                 offsets_seconds: Iterable[float] = (0.0,), clock: Callable[[], float] = time.perf_counter
+                 ) -> dict[str, list[FrameResult]]:
+    """Runs one stream of the scenario per offset, each for duration_seconds of frame captures from
+    its offset (then lets the last requests finish): a thread per (stream, model), senders[model]
+    sending one request of model (thread-safe: every stream's thread of the model calls it).  Per
+    model, the results of its frames of every stream, stream by stream."""
+    offsets = [float(o) for o in offsets_seconds]
+    start = clock() + START_SECONDS
 
     def since_start() -> float:
         return clock() - start
 
-    runners = {name: _Runner(m, senders[name], since_start,
-                             release_times(m.fps, load, duration_seconds) if m.after is None else None)
-               for name, m in scenario.models.items()}
-    for runner in runners.values():
-        if runner.model.after is not None:
-            runners[runner.model.after].downstream.append(runner)
-    with ThreadPoolExecutor(len(runners), thread_name_prefix="xrbench") as pool:
-        running = {name: pool.submit(r.run) for name, r in runners.items()}
-    for name, future in running.items():
+    lanes = {(s, name): _Lane(s, m, senders[name], since_start,
+                              release_times(m.fps, duration_seconds, offset) if m.after is None else None)
+             for s, offset in enumerate(offsets) for name, m in scenario.models.items()}
+    for (s, _), lane in lanes.items():
+        if lane.model.after is not None:
+            lanes[s, lane.model.after].downstream.append(lane)
+    with ThreadPoolExecutor(len(lanes), thread_name_prefix="xrbench") as pool:
+        running = {key: pool.submit(lane.run) for key, lane in lanes.items()}
+    for (s, name), future in running.items():
         if future.exception() is not None:
-            raise RuntimeError(f"xrbench: tenant {name} failed: {future.exception()!r}") from future.exception()
-    return {name: r.results for name, r in runners.items()}
+            raise RuntimeError(f"xrbench: tenant {name}, stream {s} failed: {future.exception()!r}"
+                               ) from future.exception()
+    return {name: [r for s in range(len(offsets)) for r in lanes[s, name].results] for name in scenario.models}
 
 
 # ---- the report ---------------------------------------------------------------------------------
@@ -505,8 +566,10 @@ def run_schedule(scenario: Scenario, senders: dict[str, Send], load: float, dura
 
 @dataclass(frozen=True)
 class TenantReport:
+    """One model's frames over every stream."""
+
     name: str
-    frames_per_second: float    # offered
+    frames_per_second: float    # offered, all streams together
     frames: int
     requests: int               # sent (frames - dropped)
     dropped: int
@@ -531,15 +594,23 @@ class TenantReport:
 class ScenarioReport:
     scenario: str
     mode: str
-    load: float
-    duration_seconds: float
-    offered_rate: float         # requests per second offered (every frame)
+    streams: int
+    duration_seconds: float     # of frame captures
+    offered_rate: float         # requests per second offered (every frame of every stream)
     tenants: list[TenantReport]
+    stream_scores: list[float]  # the score of each stream's frames alone, 0-100
     score: float                # 0-100
+    elapsed_seconds: float      # the run's wall time: its threads' start to the last answer
+    generator_cpu_seconds: float  # CPU time of the load generator (this process) over the run
 
     @property
     def requests(self) -> int:
         return sum(t.requests for t in self.tenants)
+
+    @property
+    def generator_cpu_share(self) -> float:
+        """The load generator's share of the host's CPU time over the run (all its cores)."""
+        return self.generator_cpu_seconds / (self.elapsed_seconds * (os.cpu_count() or 1))
 
 
 def tenant_report(name: str, frames_per_second: float, results: list[FrameResult],
@@ -560,28 +631,52 @@ def tenant_report(name: str, frames_per_second: float, results: list[FrameResult
                         qoe=qoe_score(dropped, len(results)), score=model_score(rt, dropped))
 
 
-def scenario_report(scenario: Scenario, results: dict[str, list[FrameResult]], load: float,
-                    duration_seconds: float) -> ScenarioReport:
-    tenants = [tenant_report(name, scenario.frames_per_second(name, load), results[name])
+def results_score(results: list[FrameResult], k_per_ms: float = RT_K_PER_MS) -> float:
+    """XRBench's model score of these frames (0-1)."""
+    return tenant_report("", math.nan, results, k_per_ms).score
+
+
+def stream_scores(results: dict[str, list[FrameResult]], streams: int) -> list[float]:
+    """The scenario score of each stream's frames alone."""
+    by_stream: dict[tuple[int, str], list[FrameResult]] = {}
+    for name, rs in results.items():
+        for r in rs:
+            by_stream.setdefault((r.stream, name), []).append(r)
+    return [scenario_score(results_score(by_stream.get((s, name), [])) for name in results) for s in range(streams)]
+
+
+def scenario_report(scenario: Scenario, results: dict[str, list[FrameResult]], streams: int,
+                    duration_seconds: float, elapsed_seconds: float = math.nan,
+                    generator_cpu_seconds: float = math.nan) -> ScenarioReport:
+    tenants = [tenant_report(name, streams * scenario.frames_per_second(name), results[name])
                for name in scenario.models]
-    return ScenarioReport(scenario.name, scenario.mode, load, duration_seconds, scenario.offered_rate(load),
-                          tenants, scenario_score(t.score for t in tenants))
+    return ScenarioReport(scenario.name, scenario.mode, streams, duration_seconds, scenario.offered_rate(streams),
+                          tenants, stream_scores(results, streams), scenario_score(t.score for t in tenants),
+                          elapsed_seconds, generator_cpu_seconds)
 
 
 def format_report(report: ScenarioReport) -> str:
-    lines = [(f"scenario {report.scenario} ({report.mode}) at load {report.load:g}: "
-              f"{report.offered_rate:.1f} requests/s offered for {report.duration_seconds:g} s, "
-              f"{report.requests / report.duration_seconds:.1f}/s sent"),
-             (f"{'tenant':24} {'fps':>7} {'frames':>7} {'requests':>8} {'met %':>6} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'drop %':>6} {'RT':>6} {'QoE':>6} {'score':>6}")]
+    per_stream = report.offered_rate / report.streams
+    lines = [(f"scenario {report.scenario} ({report.mode}), {report.streams} stream{'s' * (report.streams > 1)}: "
+              f"{report.offered_rate:.1f} requests/s offered ({per_stream:.1f} a stream) for "
+              f"{report.duration_seconds:g} s, {report.requests / report.duration_seconds:.1f}/s sent"),
+             (f"{'tenant':24} {'frames/s':>8} {'frames':>7} {'requests':>8} {'met %':>6} {'p50 ms':>8} "
+              f"{'p99 ms':>8} {'drop %':>6} {'RT':>6} {'QoE':>6} {'score':>6}")]
     for t in report.tenants:
-        lines.append(f"{t.name:24} {t.frames_per_second:7.1f} {t.frames:7d} {t.requests:8d} "
+        lines.append(f"{t.name:24} {t.frames_per_second:8.1f} {t.frames:7d} {t.requests:8d} "
                      f"{100 * t.deadline_met_fraction:6.1f} {t.p50_ms:8.2f} {t.p99_ms:8.2f} "
                      f"{100 * t.frame_drop_rate:6.1f} {t.mean_rt:6.3f} {t.qoe:6.3f} {t.score:6.3f}")
     for t in report.tenants:
         if t.errors:
             lines.append(f"  {t.name}: failed requests: "
                          + ", ".join(f"{n} {code}" for code, n in sorted(t.errors.items())))
+    low, mid, high = np.percentile(report.stream_scores, [0, 50, 100])
+    lines.append(f"per-stream score: min {low:.1f}, median {mid:.1f}, max {high:.1f} over {report.streams} "
+                 f"stream{'s' * (report.streams > 1)}")
+    if report.requests and not math.isnan(report.generator_cpu_seconds):
+        lines.append(f"load generator (this process): {1e3 * report.generator_cpu_seconds / report.requests:.2f} ms "
+                     f"CPU per request sent, {100 * report.generator_cpu_share:.1f} % of the host's "
+                     f"{os.cpu_count()} CPUs over the run")
     lines.append(f"score {report.score:.1f} / 100  (XRBench: 100 x mean over tenants of QoE x sum of real-time "
                  f"scores / frames, k = {RT_K_PER_MS:g}/ms; energy and accuracy scores fixed at 1)")
     return "\n".join(lines)
@@ -640,8 +735,9 @@ class _Tenants:
             channel.close()
 
     def sender(self, name: str, channel: grpc.Channel | None = None) -> Send:
-        """Sends the tenant's next request with its metadata and a timeout: its status code's name.
-        Bytes in, bytes out: the reply is not parsed."""
+        """Sends the tenant's next request with its metadata and a timeout, blocking: its status code's
+        name.  Bytes in, bytes out: the reply is not parsed.  Thread-safe (the requests are cycled by
+        one C iterator)."""
         call = (channel or self.channels[name]).unary_unary(_LOOKUP_POOLED)
         requests, metadata = itertools.cycle(self.requests[name]), ((TENANT_METADATA_KEY, name),)
 
@@ -668,14 +764,18 @@ class _Tenants:
                                    f"{e.details()}{hint}") from None
 
 
-def run_scenario(target: str, scenario: Scenario, rows: dict[str, int], load: float = 1.0,
+def run_scenario(target: str, scenario: Scenario, rows: dict[str, int], streams: int = 1,
                  duration_seconds: float = 10.0, tls: TlsOptions | None = None) -> ScenarioReport:
-    """The scenario against the daemon at target (its tables already there: ensure_tables), scored."""
+    """streams streams of the scenario against the daemon at target (its tables already there:
+    ensure_tables), their clocks offset by stream_offsets, scored."""
+    offsets = stream_offsets(scenario, streams)
     with _Tenants(target, scenario, rows, tls) as tenants:
         tenants.warm_up()
-        results = run_schedule(scenario, {name: tenants.sender(name) for name in scenario.models}, load,
-                               duration_seconds)
-    return scenario_report(scenario, results, load, duration_seconds)
+        senders = {name: tenants.sender(name) for name in scenario.models}
+        cpu, started = time.process_time(), time.perf_counter()
+        results = run_schedule(scenario, senders, duration_seconds, offsets)
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return scenario_report(scenario, results, streams, duration_seconds, elapsed, cpu)
 
 
 @dataclass(frozen=True)
@@ -687,14 +787,14 @@ class Capacity:
     p50_ms: float
     p99_ms: float
     requests_per_second: float
-    load: float                 # the load factor at which the scenario offers requests_per_second
+    streams: float              # requests_per_second / the requests per second of one stream
 
 
 def measure_capacity(target: str, scenario: Scenario, rows: dict[str, int], clients: int,
                      duration_seconds: float = 3.0, tls: TlsOptions | None = None) -> Capacity:
     """The scenario's mix (each tenant's requests in proportion to its frame rate) closed-loop: clients
     threads, each sending its next request when the last answers, without timeouts, for duration_seconds.
-    Pass clients = the number of models to match the driver's concurrency (one request in flight each)."""
+    Its capacity in streams is the requests/s answered OK / the requests/s of one stream."""
     names = list(scenario.models)
     rates = np.array([scenario.frames_per_second(n) for n in names])
     mix = np.random.default_rng(scenario.seed).choice(len(names), size=4096, p=rates / rates.sum())
@@ -738,21 +838,30 @@ def format_capacity(capacity: Capacity, scenario: Scenario) -> str:
     errors = ", ".join(f"{n} {code}" for code, n in sorted(capacity.errors.items())) or "no errors"
     return (f"capacity of scenario {scenario.name}: {capacity.requests_per_second:.0f} requests/s closed-loop with "
             f"{capacity.clients} clients over {capacity.seconds:.1f} s (p50 {capacity.p50_ms:.2f} ms, "
-            f"p99 {capacity.p99_ms:.2f} ms; {errors}); the scenario offers that at --load {capacity.load:.2f} "
-            f"({scenario.offered_rate():.1f} requests/s at load 1)")
+            f"p99 {capacity.p99_ms:.2f} ms; {errors}) = {capacity.streams:.2f} streams of the scenario "
+            f"({scenario.offered_rate():.1f} requests/s a stream)")
 
 
 def bench(client: Client, args, tls: TlsOptions | None) -> None:
-    """`embtier bench --scenario FILE [--load X] [--duration S] [--capacity]`."""
+    """`embtier bench --scenario FILE [--streams N | --load X] [--duration S] [--capacity]`: --load X
+    measures the capacity first (as --capacity, for --duration s) and runs streams_at_load(X, it)."""
     try:
         scenario = load_scenario(args.scenario)
-        if args.load <= 0:
+        if args.streams is not None and args.load is not None:
+            raise ScenarioError("give --streams or --load, not both")
+        if args.streams is not None and args.streams < 1:
+            raise ScenarioError(f"--streams must be >= 1, got {args.streams}")
+        if args.load is not None and args.load <= 0:
             raise ScenarioError(f"--load must be > 0, got {args.load}")
         rows = ensure_tables(client, scenario)
-        if args.capacity:
-            print(format_capacity(measure_capacity(args.target, scenario, rows, args.concurrency, args.duration, tls),
-                                  scenario))
-        else:
-            print(format_report(run_scenario(args.target, scenario, rows, args.load, args.duration, tls)))
+        streams = args.streams or 1
+        if args.capacity or args.load is not None:
+            capacity = measure_capacity(args.target, scenario, rows, args.concurrency, args.duration, tls)
+            print(format_capacity(capacity, scenario), flush=True)
+            if args.capacity:
+                return
+            streams = streams_at_load(args.load, capacity.streams)
+            print(f"load {args.load:g} = {streams} stream{'s' * (streams > 1)}", flush=True)
+        print(format_report(run_scenario(args.target, scenario, rows, streams, args.duration, tls)))
     except (ScenarioError, RuntimeError) as e:
         raise SystemExit(f"embtier bench: {e}") from None

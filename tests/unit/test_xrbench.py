@@ -1,6 +1,7 @@
 """XRBench scenarios (embtier_tools.xrbench): the score against values computed by hand from the
 formulas of XRBench's reference implementation, the scenario files and their errors, and the driver's
-schedule (release times, frame choice, cascades, drops) with fake senders in place of the daemon."""
+schedule (streams and their clock offsets, release times, frame choice, one request in flight per
+stream and model, cascades within a stream, drops) with fake senders in place of the daemon."""
 
 from __future__ import annotations
 
@@ -59,10 +60,10 @@ def test_scenario_score_is_100_times_the_mean():
 
 def test_tenant_report_from_frame_results():
     results = [
-        FrameResult(0, 0.0, 0.010, 0.000, 0.002, "OK"),                   # 8 ms early: RT 1
-        FrameResult(1, 0.010, 0.020, 0.010, 0.021, "OK"),                 # 1 ms late: a miss, RT ~3e-7
-        FrameResult(2, 0.020, 0.030, 0.020, 0.020, "DEADLINE_EXCEEDED"),  # refused: a miss, RT 0
-        FrameResult(3, 0.030, 0.040, math.nan, math.nan, DROPPED),
+        FrameResult(0, 0, 0.0, 0.010, 0.000, 0.002, "OK"),                   # 8 ms early: RT 1
+        FrameResult(0, 1, 0.010, 0.020, 0.010, 0.021, "OK"),                 # 1 ms late: a miss, RT ~3e-7
+        FrameResult(0, 2, 0.020, 0.030, 0.020, 0.020, "DEADLINE_EXCEEDED"),  # refused: a miss, RT 0
+        FrameResult(0, 3, 0.030, 0.040, math.nan, math.nan, DROPPED),
     ]
     t = xrbench.tenant_report("m", 100.0, results)
     assert (t.frames, t.requests, t.dropped, t.deadline_met) == (4, 3, 1, 1)
@@ -73,6 +74,27 @@ def test_tenant_report_from_frame_results():
     assert t.mean_rt == pytest.approx(sum(rt) / 3)
     assert t.score == pytest.approx(sum(rt) / 4 * 0.75)
     assert (t.p50_ms, t.p99_ms) == (pytest.approx(6.5), pytest.approx(10.91))  # of the two answered OK
+    assert xrbench.results_score(results) == pytest.approx(t.score)
+
+
+def test_a_report_over_streams_scores_tenants_over_all_their_frames_and_each_stream_alone():
+    s = scenario(after_probability=None)
+    ok = [FrameResult(stream, i, 0.0, 0.010, 0.0, 0.001, "OK") for stream in (0, 1) for i in range(2)]
+    results = {"up": ok, "down": ok,
+               "side": [*ok[:2], FrameResult(1, 0, 0.0, 0.01, math.nan, math.nan, DROPPED),
+                        FrameResult(1, 1, 0.0, 0.01, 0.0, 0.002, "DEADLINE_EXCEEDED")]}
+    report = xrbench.scenario_report(s, results, streams=2, duration_seconds=1.0, elapsed_seconds=1.0,
+                                     generator_cpu_seconds=0.1)
+    side = report.tenants[2]
+    assert (side.name, side.frames, side.dropped, side.requests) == ("side", 4, 1, 3)
+    assert side.frames_per_second == 60.0 and report.offered_rate == 2 * (60 + 60 + 30)
+    assert side.score == pytest.approx(2 / 4 * 0.75)
+    assert report.score == pytest.approx(100 * (1 + 1 + 0.375) / 3)  # over tenants, unchanged by streams
+    assert report.stream_scores == [100.0, pytest.approx(100 * 2 / 3)]  # stream 1's side scores 0
+    text = xrbench.format_report(report)
+    assert text.startswith("scenario s (concurrent), 2 streams: 300.0 requests/s offered (150.0 a stream)")
+    assert "per-stream score: min 66.7, median 83.3, max 100.0 over 2 streams" in text
+    assert "ms CPU per request sent" in text and text.splitlines()[-1].startswith("score 79.2 / 100")
 
 
 # ---- scenario files -----------------------------------------------------------------------------
@@ -102,8 +124,17 @@ def test_cascades_of_the_shipped_scenarios():
     outdoor = xrbench.load_scenario(SCENARIOS / "outdoor_activity.toml")
     asr = outdoor.models["speech_recognition"]
     assert (asr.after, asr.probability) == ("keyword_detection", 0.2)
-    assert outdoor.frames_per_second("speech_recognition", load=2.0) == pytest.approx(1.2)
+    assert outdoor.frames_per_second("speech_recognition") == pytest.approx(0.6)
     assert outdoor.offered_rate() == pytest.approx(3 + 0.6 + 10 + 30)
+    assert outdoor.offered_rate(streams=3) == pytest.approx(3 * 43.6)
+    assert outdoor.longest_period_seconds == pytest.approx(1 / 3)
+
+
+def test_the_rendered_tenants_admit_one_request_per_stream():
+    s = xrbench.load_scenario(SCENARIOS / "ar_gaming.toml")
+    for streams, expected in ((1, 8), (8, 8), (40, 40)):
+        tenants = tomllib.loads(xrbench.daemon_config(s, streams))["tenants"]
+        assert {t["max_in_flight"] for t in tenants.values()} == {expected}
 
 
 def test_the_daemon_accepts_the_rendered_tenants():
@@ -208,12 +239,32 @@ def test_a_missing_file(tmp_path):
 # ---- the schedule -------------------------------------------------------------------------------
 
 
-def test_release_times_scale_with_load():
-    np.testing.assert_allclose(xrbench.release_times(60, 1.0, 0.1), np.arange(6) / 60)
-    assert len(xrbench.release_times(60, 2.0, 0.1)) == 12
-    assert len(xrbench.release_times(3, 1.0, 1.0)) == 3
+def test_release_times_from_an_offset():
+    np.testing.assert_allclose(xrbench.release_times(60, 0.1), np.arange(6) / 60)
+    np.testing.assert_allclose(xrbench.release_times(60, 0.1, 0.01), 0.01 + np.arange(6) / 60)
+    assert len(xrbench.release_times(60, 0.1, 0.5)) == 6   # the duration counts from the offset
+    assert len(xrbench.release_times(3, 1.0)) == 3
+
+
+def test_stream_offsets_spread_over_the_longest_period():
+    s = xrbench.load_scenario(SCENARIOS / "ar_gaming.toml")  # 45, 30 and 15 FPS: 1/15 s
+    offsets = xrbench.stream_offsets(s, 8)
+    slices = np.floor(offsets / (1 / 15) * 8)
+    assert slices.tolist() == list(range(8))       # one in each eighth of the period
+    assert np.all(offsets >= 0) and np.all(offsets < 1 / 15)
+    np.testing.assert_array_equal(offsets, xrbench.stream_offsets(s, 8))  # seeded
+    assert len(set(np.round(offsets % (1 / 15 / 8), 9))) == 8              # random within its slice
+    assert 0 <= xrbench.stream_offsets(s, 1)[0] < 1 / 15
     with pytest.raises(ValueError):
-        xrbench.release_times(60, 0.0, 1.0)
+        xrbench.stream_offsets(s, 0)
+
+
+def test_streams_at_load_is_the_rounded_share_of_the_capacity():
+    assert xrbench.streams_at_load(1.0, 9.3) == 9
+    assert xrbench.streams_at_load(0.5, 9.3) == 5 and xrbench.streams_at_load(1.2, 9.3) == 11
+    assert xrbench.streams_at_load(0.01, 3.0) == 1   # at least one
+    with pytest.raises(ValueError):
+        xrbench.streams_at_load(0.0, 3.0)
 
 
 def test_triggered_takes_an_even_share_first_included():
@@ -224,9 +275,9 @@ def test_triggered_takes_an_even_share_first_included():
 
 
 def test_take_frame_drops_what_cannot_make_its_deadline():
-    pending = deque([Frame(0, 0.0, 1.0), Frame(1, 0.5, 1.5), Frame(2, 1.0, 2.0)])
+    pending = deque([Frame(0, 0, 0.0, 1.0), Frame(0, 1, 0.5, 1.5), Frame(0, 2, 1.0, 2.0)])
     frame, expired = xrbench.take_frame(pending, now=1.5)
-    assert frame == Frame(2, 1.0, 2.0) and expired == [Frame(0, 0.0, 1.0), Frame(1, 0.5, 1.5)]
+    assert frame == Frame(0, 2, 1.0, 2.0) and expired == [Frame(0, 0, 0.0, 1.0), Frame(0, 1, 0.5, 1.5)]
     assert not pending
     assert xrbench.take_frame(deque(), 0.0) == (None, [])
 
@@ -242,7 +293,8 @@ def scenario(after_probability: float | None = 1.0, fps: float = 60) -> xrbench.
 
 
 class FakeDaemon:
-    """Senders that take latency_seconds and answer as answer(model, n-th call) says; logs each call."""
+    """Senders that take latency_seconds (per model) and answer as answer(model, n-th call) says; logs
+    each call."""
 
     def __init__(self, latency_seconds: dict[str, float], answer=lambda model, n: "OK"):
         self.latency, self.answer = latency_seconds, answer
@@ -262,67 +314,108 @@ class FakeDaemon:
         return {name: sender(name) for name in s.models}
 
 
-def by_index(results: list[FrameResult]) -> dict[int, FrameResult]:
-    return {r.index: r for r in results}
+def by_frame(results: list[FrameResult]) -> dict[tuple[int, int], FrameResult]:
+    return {(r.stream, r.index): r for r in results}
+
+
+def sent(results: list[FrameResult]) -> list[FrameResult]:
+    return [r for r in results if r.code != DROPPED]
 
 
 def test_a_cascaded_frame_is_sent_after_its_upstream_frame_finished():
-    s = scenario()
-    results = xrbench.run_schedule(s, FakeDaemon({"up": 0.004}).senders(s), load=1.0, duration_seconds=0.5)
-    up, down = by_index(results["up"]), by_index(results["down"])
+    sc = scenario()
+    results = xrbench.run_schedule(sc, FakeDaemon({"up": 0.004}).senders(sc), 0.5)
+    up, down = by_frame(results["up"]), by_frame(results["down"])
     assert len(up) == 30 and len(results["side"]) == 15  # 60 and 30 FPS for 0.5 s
-    assert sorted(down) == sorted(i for i, r in up.items() if r.code == "OK")
-    for i, r in down.items():
-        assert r.release == up[i].release            # the cascade shares the frame's capture time
-        assert r.deadline == pytest.approx(up[i].release + 1 / 60)
-        assert r.code == DROPPED or r.issue >= up[i].finish
+    assert sorted(down) == sorted(up)                # each up frame handed on, answered or not
+    for f, r in down.items():
+        assert r.release == up[f].release            # the cascade shares the frame's capture time
+        assert r.deadline == pytest.approx(up[f].release + 1 / 60)
+        assert r.code == DROPPED or (up[f].code == "OK" and r.issue >= up[f].finish)  # no input: dropped
     assert sum(r.code == "OK" for r in down.values()) >= 25  # 4 + 1 ms of 16.7: nearly all in time
-    assert all(r.issue >= r.release for r in results["up"] if r.code != DROPPED)
+    assert all(r.issue >= r.release for r in sent(results["up"]))
 
 
 def test_a_failed_upstream_request_drops_the_cascaded_frame():
-    s = scenario()
+    sc = scenario()
     daemon = FakeDaemon({}, answer=lambda model, n: "RESOURCE_EXHAUSTED" if model == "up" and n % 2 else "OK")
-    results = xrbench.run_schedule(s, daemon.senders(s), load=1.0, duration_seconds=0.3)
-    up, down = by_index(results["up"]), by_index(results["down"])
+    results = xrbench.run_schedule(sc, daemon.senders(sc), 0.3)
+    up, down = by_frame(results["up"]), by_frame(results["down"])
     assert sorted(down) == sorted(up)
-    for i, r in down.items():
-        assert (r.code == DROPPED) == (up[i].code != "OK")
+    for f, r in down.items():
+        assert (r.code == DROPPED) == (up[f].code != "OK")
     assert len(daemon.calls["down"]) == sum(r.code == "OK" for r in up.values())
 
 
 def test_a_cascade_with_probability_runs_on_every_nth_frame():
-    s = scenario(after_probability=0.2)
-    results = xrbench.run_schedule(s, FakeDaemon({}).senders(s), load=1.0, duration_seconds=0.5)
-    assert sorted(by_index(results["down"])) == [0, 5, 10, 15, 20, 25]
+    sc = scenario(after_probability=0.2)
+    results = xrbench.run_schedule(sc, FakeDaemon({}).senders(sc), 0.5)
+    assert [i for _, i in sorted(by_frame(results["down"]))] == [0, 5, 10, 15, 20, 25]
 
 
 def test_concurrent_models_run_on_their_own_clocks():
-    s = scenario(after_probability=None)
-    results = xrbench.run_schedule(s, FakeDaemon({"up": 0.030}).senders(s), load=1.0, duration_seconds=0.3)
+    sc = scenario(after_probability=None)
+    results = xrbench.run_schedule(sc, FakeDaemon({"up": 0.030}).senders(sc), 0.3)
     assert len(results["down"]) == 18 and all(r.code == "OK" for r in results["down"])  # up's slowness aside
 
 
 def test_a_frame_waits_for_the_previous_request_or_is_dropped():
-    s = scenario(after_probability=None)
+    sc = scenario(after_probability=None)
     daemon = FakeDaemon({"up": 0.025})  # longer than the 16.7 ms between frames and deadline
-    results = xrbench.run_schedule(s, daemon.senders(s), load=1.0, duration_seconds=0.5)
+    results = xrbench.run_schedule(sc, daemon.senders(sc), 0.5)
     up = results["up"]
-    sent = [r for r in up if r.code != DROPPED]
-    assert len(up) == 30 and 0 < len(sent) < 30
-    assert len(daemon.calls["up"]) == len(sent)
-    for earlier, later in itertools.pairwise(sent):
+    served = sent(up)
+    assert len(up) == 30 and 0 < len(served) < 30
+    assert len(daemon.calls["up"]) == len(served)
+    for earlier, later in itertools.pairwise(served):
         assert later.issue >= earlier.finish               # one request in flight per tenant
     for r in up:
         if r.code == DROPPED:
-            assert any(q.issue < r.deadline <= q.finish + 0.002 for q in sent)  # expired behind one in flight
+            assert any(q.issue < r.deadline <= q.finish + 0.002 for q in served)  # expired behind one in flight
 
 
 def test_the_timeout_is_the_time_left_to_the_deadline():
-    s = scenario(after_probability=None)
+    sc = scenario(after_probability=None)
     daemon = FakeDaemon({})
-    results = xrbench.run_schedule(s, daemon.senders(s), load=2.0, duration_seconds=0.2)
-    assert len(results["side"]) == 12  # load 2: 60 frames/s instead of 30; the deadline stays 1/30 s
+    results = xrbench.run_schedule(sc, daemon.senders(sc), 0.2)
+    assert len(results["side"]) == 6
     timeouts = [timeout for _, timeout in daemon.calls["side"]]
     assert all(0 < t <= 1 / 30 for t in timeouts)
     assert np.median(timeouts) > 1 / 30 - 0.002  # sent when captured: (nearly) the whole deadline left
+
+
+def test_streams_run_on_offset_clocks_one_request_in_flight_per_stream_and_model():
+    sc = scenario()
+    offsets = [0.0, 0.003, 0.0061]
+    daemon = FakeDaemon({"up": 0.008, "down": 0.002})  # up + down: 10 of their 16.7 ms
+    results = xrbench.run_schedule(sc, daemon.senders(sc), 0.5, offsets)
+    for name, fps in (("up", 60), ("side", 30)):
+        for stream, offset in enumerate(offsets):
+            mine = sorted((r for r in results[name] if r.stream == stream), key=lambda r: r.index)
+            assert len(mine) == len(xrbench.release_times(fps, 0.5, offset))
+            np.testing.assert_allclose([r.release for r in mine], offset + np.arange(len(mine)) / fps)
+            for earlier, later in itertools.pairwise(sent(mine)):
+                assert later.issue >= earlier.finish  # one in flight per (stream, model)
+    # the tenant has several requests in flight at once: one per stream
+    up = sent(results["up"])
+    overlapping = max(sum(r.issue <= q.issue < r.finish for r in up) for q in up)
+    assert overlapping == len(offsets)
+    assert len(daemon.calls["up"]) == len(up) and len(daemon.calls["down"]) == len(sent(results["down"]))
+    # cascades stay within their stream: each stream's down frame follows that stream's up frame
+    ups, downs = by_frame(results["up"]), by_frame(results["down"])
+    assert sorted(downs) == sorted(ups)
+    for f, r in downs.items():
+        assert r.release == ups[f].release
+        assert r.code == DROPPED or (ups[f].code == "OK" and r.issue >= ups[f].finish)  # no input: dropped
+    assert sum(r.code == "OK" for r in downs.values()) >= 0.9 * len(ups)
+
+
+def test_a_sender_that_raises_stops_the_run():
+    sc = scenario(after_probability=None)
+
+    def broken(timeout):
+        raise OSError("no channel")
+
+    senders = {**FakeDaemon({}).senders(sc), "side": broken}
+    with pytest.raises(RuntimeError, match="no channel"):
+        xrbench.run_schedule(sc, senders, 0.1)
