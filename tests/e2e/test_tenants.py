@@ -72,14 +72,20 @@ def in_thread(fn, *args) -> tuple[threading.Thread, dict]:
 
 
 def test_queued_lookups_run_by_priority_then_earliest_deadline(daemon):
-    blocker = in_thread(lookup, daemon.target, "low", 2000)  # 0.4 s on the one worker
-    time.sleep(0.1)
+    plan = [("low, late", "low", 5.0), ("low, soon", "low", 3.0), ("high", "high", 8.0)]
+    clients = {name: Client(daemon.target, timeout=timeout, tenant=tenant, retries=0) for name, tenant, timeout in plan}
+    for c in clients.values():  # connected beforehand: each call reaches the daemon when it is sent
+        c.lookup("t", [0])
+    blocker = in_thread(lookup, daemon.target, "low", 3000)  # 0.6 s on the one slot
+    time.sleep(0.15)
     calls = {}
-    for name, tenant, timeout in [("low, late", "low", 5.0), ("low, soon", "low", 3.0), ("high", "high", 8.0)]:
-        calls[name] = in_thread(lookup, daemon.target, tenant, 25, timeout)  # 5 ms each
-        time.sleep(0.03)
+    for name, _, _ in plan:
+        calls[name] = in_thread(clients[name].lookup, "t", np.arange(25))  # 5 ms each
+        time.sleep(0.05)
     for t, _ in [blocker, *calls.values()]:
         t.join(30)
+    for c in clients.values():
+        c.close()
     assert all("error" not in out for _, out in [blocker, *calls.values()])
     finished = sorted(calls, key=lambda name: calls[name][1]["at"])
     assert finished == ["high", "low, soon", "low, late"]
