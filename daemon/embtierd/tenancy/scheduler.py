@@ -184,13 +184,14 @@ class Scheduler:
             self._admit(job, now, remaining)
             self._in_flight[tenant.name] = self._in_flight.get(tenant.name, 0) + 1
             job.enqueued = now
-            if self._slots and not self._heap:  # a free slot and nobody waiting: no queue to keep
-                self._slots -= 1
-                self._start(job, now)
-            else:
+            queued = not self._slots or bool(self._heap)  # else a free slot and nobody waiting: run now
+            if queued:
                 job.turn = threading.Event()
                 heapq.heappush(self._heap, (job.order, job))
-        if job.state == "queued":
+            else:
+                self._slots -= 1
+                self._start(job, now)
+        if queued:  # (its state may change as soon as the lock is released: a slot, or shed)
             if not context.add_callback(lambda: self._cancel(job)):  # (the call already ended)
                 self._cancel(job)
             job.turn.wait()
