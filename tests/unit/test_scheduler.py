@@ -38,7 +38,6 @@ def scheduler():
     s = Scheduler(SchedulerConfig(enabled=True, kernel_workers=1, max_queued=8),
                   lambda tenant, outcome, q, t: outcomes.append((tenant, outcome)))
     s.outcomes = outcomes
-    s.start()
     yield s
     s.stop()
 
@@ -180,7 +179,6 @@ def test_the_cost_model_learns_per_tier_costs_and_table_mixes():
 def test_without_scheduling_lookups_run_at_once_and_are_only_counted():
     outcomes = []
     s = Scheduler(SchedulerConfig(enabled=False), lambda tenant, outcome, q, t: outcomes.append(outcome))
-    s.start()
     ran = []
     assert s.run(LOW, 5, [("t", 1)], work("a", ran), Call()) == "a"
 

@@ -39,7 +39,6 @@ def servicer(store_factory):
     config = load(overrides={"server": {"max_ids_per_request": 10}})
     metrics = Metrics(store)
     scheduler = Scheduler(config.scheduler, metrics.tenant_outcome)
-    scheduler.start()
     yield EmbeddingStoreServicer(store, config.server, metrics, TieringEngine(store, config.tiering, metrics),
                                  Tenants(config.tenants), scheduler)
     scheduler.stop()

@@ -265,7 +265,6 @@ class Daemon:
 
     def serve(self) -> int:
         self._bind()
-        self.scheduler.start()
         self.server.start()
         self._start_metrics()
         self.tiering.start()

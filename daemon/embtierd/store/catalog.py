@@ -73,12 +73,6 @@ def _minute() -> int:
     return int(time.monotonic() // 60) % (1 << 16)
 
 
-def _unknown_counter(unknown: np.ndarray | None) -> np.ndarray | None:
-    if unknown is not None and (unknown.dtype != np.int64 or unknown.shape != (1,)):
-        raise InvalidArgumentError(f"unknown must be an int64 array of shape (1,), got {unknown.dtype} {unknown.shape}")
-    return unknown
-
-
 def _tier_counter(tier_rows: np.ndarray | None) -> np.ndarray | None:
     if tier_rows is not None and (tier_rows.dtype != np.int64 or tier_rows.shape != (3,)):
         raise InvalidArgumentError(f"tier_rows must be an int64 array of shape (3,), got {tier_rows.dtype} "
@@ -328,7 +322,7 @@ class Store:
         ids = require(ids, "ids", np.int64, 1)
         out = np.empty((ids.size, table.dim), dtype=np.float32)
         table.native.gather(ids, out, _tier_counter(tier_rows), self._part_counter(part_rows),
-                            by_key=table.keys.keyed, unknown=_unknown_counter(unknown))
+                            by_key=table.keys.keyed, unknown=unknown)
         return out
 
     def lookup_pooled(self, name: str, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None = None,
@@ -340,7 +334,7 @@ class Store:
         ids, lengths, weights = self._check_pooling(ids, lengths, weights, mode)
         out = np.empty((lengths.size, table.dim), dtype=np.float32)
         table.native.pool(ids, lengths, weights, native.POOL_MODES[mode], out, _tier_counter(tier_rows),
-                          self._part_counter(part_rows), by_key=table.keys.keyed, unknown=_unknown_counter(unknown))
+                          self._part_counter(part_rows), by_key=table.keys.keyed, unknown=unknown)
         return out
 
     def pool_partials(self, name: str, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None = None,
@@ -361,7 +355,7 @@ class Store:
         counts = self._part_counter(part_rows)
         counts = np.zeros(nparts, dtype=np.int64) if counts is None else counts
         table.native.partition(ids, lengths, weights, order, part_lengths, ordered_weights, counts,
-                               by_key=table.keys.keyed, unknown=_unknown_counter(unknown))
+                               by_key=table.keys.keyed, unknown=unknown)
         present = np.flatnonzero(counts)
         part_lengths = np.ascontiguousarray(part_lengths.reshape(nparts, bags)[present])
         out = np.empty((present.size * bags, table.dim), dtype=np.float32)

@@ -101,10 +101,6 @@ class CostModel:
             if self._seen % REFIT_EVERY == 0:
                 self._fit()
 
-    def forget(self, table: str) -> None:
-        with self._lock:
-            self._mix.pop(table, None)
-
     def _fit(self) -> None:
         seen = np.array(self._window)
         x, y = np.column_stack([np.ones(len(seen)), seen[:, :NUM_TIERS]]), seen[:, NUM_TIERS]
@@ -149,9 +145,6 @@ class Scheduler:
         self._lock = threading.Lock()
         self._seq = itertools.count()
         self._stopping = False
-
-    def start(self) -> None:
-        """(Nothing runs between calls: a lookup runs on its own gRPC thread once it holds a slot.)"""
 
     def stop(self) -> None:
         """Refuses new lookups (UNAVAILABLE); those queued still get their turn."""
