@@ -82,6 +82,9 @@ def describe_keys(info: TableInfo) -> str:
     """What a table's ids are, and for a managed table how its map is doing."""
     if info.key_space == "hashed":
         return f"hashed (seed {info.key_seed}): any int64 id, row = embtier.keys.hashed_rows(id, {info.num_rows}, seed)"
+    if info.key_space == "mapped":
+        return (f"mapped (seed {info.key_seed}): {info.mapped_ids} listed ids, map {human_bytes(info.map_bytes)}; any "
+                f"other id hashes into rows [{info.mapping_hash_from}, {info.num_rows}) (embtier.keys.mapped_rows)")
     if info.key_space != "managed":
         return f"{info.key_space}: ids are rows in [0, {info.num_rows})"
     per_id = f"{info.map_bytes / info.live_ids:.2f} bytes/live id" if info.live_ids else "no live ids"
@@ -153,6 +156,7 @@ def cmd_record(c: Client, args) -> None:
     trace = c.record_trace(args.name, args.ids, args.timeout)
     out = Path(args.output)
     np.save(out, trace.ids)
+    np.save(out.with_suffix(".bags.npy"), trace.lengths)  # the bags the ids came in (embtier mapping build)
     meta = {"table": args.name, "num_rows": trace.num_rows, "row_bytes": trace.row_bytes,
             "dram_rows": trace.dram_rows, "cxl_rows": trace.cxl_rows, "seconds": trace.seconds,
             "interval_seconds": trace.interval_seconds, "bandwidth_bytes_per_second": trace.bandwidth_bytes_per_second,
@@ -160,8 +164,9 @@ def cmd_record(c: Client, args) -> None:
             "key_space": trace.key_space, "key_seed": trace.key_seed}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     rate = trace.ids.size / trace.seconds if trace.seconds > 0 else float("nan")
-    print(f"recorded {trace.ids.size} ids of {args.name} in {trace.seconds:.1f} s ({rate:,.0f} ids/s) -> {out} "
-          f"(+ {out.with_suffix('.json').name}: what `embtier simulate {out}` needs to replay it)")
+    print(f"recorded {trace.ids.size} ids in {trace.lengths.size} bags of {args.name} in {trace.seconds:.1f} s "
+          f"({rate:,.0f} ids/s) -> {out} (+ {out.with_suffix('.json').name}: what `embtier simulate {out}` needs to "
+          f"replay it; {out.with_suffix('.bags.npy').name}: the bags)")
 
 
 def cmd_simulate(args) -> None:

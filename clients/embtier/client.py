@@ -89,6 +89,20 @@ class Trace:
     policy: str
     key_space: str = "dense"  # what the ids are: rows (dense), or keys the table hashes or maps (recorded raw)
     key_seed: int = 0
+    lengths: np.ndarray | None = None  # int32: the bags the ids came in (a Lookup's ids are one bag)
+
+
+@dataclass(frozen=True)
+class TableMapping:
+    """A MAPPED table's mapping: ids[i] -> rows[i]; any other id hashes into [hash_from, num_rows)
+    with seed (embtier.keys.mapped_rows)."""
+
+    table: str
+    ids: np.ndarray
+    rows: np.ndarray
+    num_rows: int
+    hash_from: int
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -227,15 +241,21 @@ class Client:
                      initializer: str = "zeros", seed: int = 0, init_scale: float = 0.0, *,
                      policy: str | None = None, pin_tier: str | None = None, dram_capacity_bytes: int | None = None,
                      cxl_capacity_bytes: int | None = None, key_space: str = "dense", default_value: float = 0.0,
-                     key_seed: int = 0) -> TableInfo:
+                     key_seed: int = 0, mapping_ids=None, mapping_rows=None, mapping_hash_from: int = 0) -> TableInfo:
         """A new table.  The keyword-only tiering settings are as for set_policy (None: the daemon's
         configuration for this name).  key_space: "dense" (ids are rows), "hashed" (any int64 id, the
-        row embtier.keys.hashed_rows gives with key_seed) or "managed" (any int64 id, a row of its own
-        from its first write; unknown ids read default_value)."""
+        row embtier.keys.hashed_rows gives with key_seed), "managed" (any int64 id, a row of its own
+        from its first write; unknown ids read default_value) or "mapped" (mapping_ids[i] ->
+        mapping_rows[i], any other id hashed into [mapping_hash_from, num_rows) with key_seed:
+        embtier.keys.mapped_rows)."""
+        mapping = {}
+        if mapping_ids is not None or mapping_rows is not None:
+            mapping = {"mapping_ids": np.ascontiguousarray(mapping_ids, dtype="<i8").tobytes(),
+                       "mapping_rows": np.ascontiguousarray(mapping_rows, dtype="<i8").tobytes()}
         request = pb.CreateTableRequest(name=name, num_rows=num_rows, dim=dim, dtype=DTYPES[dtype],
                                         initializer=INITIALIZERS[initializer], seed=seed, init_scale=init_scale,
                                         key_space=KEY_SPACES[key_space], default_value=default_value,
-                                        key_seed=key_seed,
+                                        key_seed=key_seed, mapping_hash_from=mapping_hash_from, **mapping,
                                         **_policy_fields(policy, pin_tier, dram_capacity_bytes, cxl_capacity_bytes))
         return TableInfo.from_message(self._call("CreateTable", request, idempotent=False))
 
@@ -277,7 +297,23 @@ class Client:
                      cxl_rows=reply.cxl_rows, interval_seconds=reply.interval_seconds,
                      bandwidth_bytes_per_second=reply.bandwidth_bytes_per_second,
                      heat_sample_shift=reply.heat_sample_shift, policy=reply.policy,
-                     key_space=name_of(KEY_SPACES, reply.key_space), key_seed=reply.key_seed)
+                     key_space=name_of(KEY_SPACES, reply.key_space), key_seed=reply.key_seed,
+                     lengths=np.frombuffer(reply.lengths, dtype="<i4").astype(np.int32))
+
+    def export_mapping(self, table: str, page_ids: int = 0) -> TableMapping:
+        """A MAPPED table's mapping, read a page (page_ids listed ids; 0: as many as a reply holds) at a
+        time."""
+        ids, rows, offset, total = [], [], 0, None
+        while total is None or offset < total:
+            reply = self._call("ExportMapping", pb.ExportMappingRequest(table=table, offset=offset, max_ids=page_ids))
+            ids.append(np.frombuffer(reply.ids, dtype="<i8").astype(np.int64))
+            rows.append(np.frombuffer(reply.rows, dtype="<i8").astype(np.int64))
+            offset, total = offset + reply.count, reply.total
+            if reply.count == 0 and offset < total:
+                raise EmbtierClientError(grpc.StatusCode.INTERNAL, f"ExportMapping returned no ids at offset "
+                                         f"{offset} of {total}", "ExportMapping")
+        return TableMapping(table, np.concatenate(ids), np.concatenate(rows), reply.num_rows, reply.hash_from,
+                            reply.key_seed)
 
     def checkpoint(self, kind: str = "full", quant_bits: int = 0, quantizer: str = "adaptive") -> Checkpoint:
         """Writes a checkpoint of every table: kind "full", "incremental", "differential" or "auto";

@@ -44,3 +44,22 @@ def hashed_rows(ids, num_rows: int, seed: int = 0) -> np.ndarray:
         # (key * n) >> 64 in 64-bit pieces: key = hi * 2^32 + lo, both products below 2^64
         top = ((key >> _S32) * n + (((key & _MASK32) * n) >> _S32)) >> _S32
     return top.astype(np.int64)
+
+
+def mapped_rows(ids, listed_ids, listed_rows, num_rows: int, hash_from: int = 0, seed: int = 0) -> np.ndarray:
+    """The row of each id in a MAPPED table: a listed id's row is the one its mapping gives it
+    (listed_ids -> listed_rows, the ids distinct); any other id hashes into the rows from hash_from
+    on: hash_from + hashed_rows(id, num_rows - hash_from, seed).  (0 <= hash_from < num_rows.)"""
+    if not 0 <= hash_from < num_rows:
+        raise ValueError(f"hash_from must be in [0, num_rows = {num_rows}), got {hash_from}")
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    listed_ids = np.asarray(listed_ids, dtype=np.int64)
+    listed_rows = np.asarray(listed_rows, dtype=np.int64)
+    rows = hash_from + hashed_rows(ids, num_rows - hash_from, seed)
+    if listed_ids.size:
+        order = np.argsort(listed_ids, kind="stable")
+        keys = listed_ids[order]
+        at = np.minimum(np.searchsorted(keys, ids), keys.size - 1)
+        hit = keys[at] == ids
+        rows[hit] = listed_rows[order[at[hit]]]
+    return rows

@@ -27,7 +27,8 @@ INITIALIZERS = {"zeros": pb.ZEROS, "uniform": pb.UNIFORM}
 POOL_MODES = {"sum": pb.SUM, "mean": pb.MEAN, "max": pb.MAX}
 WRITE_MODES = {"assign": pb.ASSIGN, "add": pb.ADD}
 OFFLOADS = {"host": pb.HOST, "device": pb.DEVICE, "switch": pb.SWITCH}
-KEY_SPACES = {"dense": pb.KEY_SPACE_DENSE, "hashed": pb.KEY_SPACE_HASHED, "managed": pb.KEY_SPACE_MANAGED}
+KEY_SPACES = {"dense": pb.KEY_SPACE_DENSE, "hashed": pb.KEY_SPACE_HASHED, "managed": pb.KEY_SPACE_MANAGED,
+              "mapped": pb.KEY_SPACE_MAPPED}
 POLICIES = ("lfu", "lru")           # tiering policies (a string on the wire)
 CHECKPOINT_KINDS = {"full": pb.FULL, "incremental": pb.INCREMENTAL, "differential": pb.DIFFERENTIAL,
                     "auto": pb.AUTO}  # what a request asks for; a checkpoint written is one of the first three
@@ -99,13 +100,15 @@ class TableInfo:
     emulated_by_tier: dict[str, bool]
     rows_by_port: dict[str, int] = field(default_factory=dict)  # CXL rows per fabric port
     key_space: str = "dense"
-    key_seed: int = 0                # hashed
+    key_seed: int = 0                # hashed and mapped
     default_value: float = 0.0       # managed: what unknown ids read
     live_ids: int = 0                # managed: ids with a row now
     key_evictions: int = 0           # managed: so far
-    map_bytes: int = 0               # managed: the id -> row map
+    map_bytes: int = 0               # managed and mapped: the id -> row map
     unknown_ids: int = 0             # managed: ids lookups found unknown, so far
     recent_key_evictions: int = 0    # managed: evictions of ids written within the hour before, so far
+    mapped_ids: int = 0              # mapped: the ids its mapping lists
+    mapping_hash_from: int = 0       # mapped: unlisted ids hash into rows [mapping_hash_from, num_rows)
 
     @property
     def metadata_bytes_per_row(self) -> float:
@@ -118,7 +121,8 @@ class TableInfo:
                             rows_by_port=self.rows_by_port, key_space=KEY_SPACES[self.key_space],
                             key_seed=self.key_seed, default_value=self.default_value, live_ids=self.live_ids,
                             key_evictions=self.key_evictions, map_bytes=self.map_bytes, unknown_ids=self.unknown_ids,
-                            recent_key_evictions=self.recent_key_evictions)
+                            recent_key_evictions=self.recent_key_evictions, mapped_ids=self.mapped_ids,
+                            mapping_hash_from=self.mapping_hash_from)
 
     @classmethod
     def from_message(cls, m: pb.TableInfo) -> TableInfo:
@@ -127,7 +131,7 @@ class TableInfo:
         return cls(m.name, m.num_rows, m.dim, dtype, dict(m.rows_by_tier), dict(m.bytes_by_tier), m.version,
                    m.metadata_bytes, dict(m.emulated_by_tier), dict(sorted(m.rows_by_port.items())), key_space,
                    m.key_seed, m.default_value, m.live_ids, m.key_evictions, m.map_bytes, m.unknown_ids,
-                   m.recent_key_evictions)
+                   m.recent_key_evictions, m.mapped_ids, m.mapping_hash_from)
 
 
 @dataclass(frozen=True)

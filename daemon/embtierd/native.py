@@ -13,7 +13,8 @@ on trust is the memory behind a chunk's address, set_chunk: the tiers' arenas.)
 A table's key space (set_keys, once, before it is shared) says how the ids of a lookup with
 by_key=True become rows: DENSE ids are rows, HASHED ids are hashed (hash_rows), MANAGED ids are
 looked up in the table's map of ids to rows, which only plan_keys / apply_keys change (the store
-plans a write's rows, logs them, then applies them).
+plans a write's rows, logs them, then applies them); MAPPED ids are looked up in the mapping the
+table was given (set_mapping, instead of set_keys), the others hashed into its rows from hash_from on.
 
 The placement map and the heat counters are C's, allocated with the table: NativeTable.loc is a
 read-only view of the map (placement changes only through publish, after write_slots copied the
@@ -52,7 +53,8 @@ BUFFER_NAMES = {lib.ET_BUF_OUT: "out", lib.ET_BUF_TIER_ROWS: "tier_rows", lib.ET
                 lib.ET_BUF_CODES: "codes", lib.ET_BUF_LO: "lo", lib.ET_BUF_SCALE: "scale",
                 lib.ET_BUF_FRESH: "fresh"}
 # the kernels' codes of the key spaces (embtierd.keys.space names them)
-KEY_SPACES = {"dense": lib.ET_KEYS_DENSE, "hashed": lib.ET_KEYS_HASHED, "managed": lib.ET_KEYS_MANAGED}
+KEY_SPACES = {"dense": lib.ET_KEYS_DENSE, "hashed": lib.ET_KEYS_HASHED, "managed": lib.ET_KEYS_MANAGED,
+              "mapped": lib.ET_KEYS_MAPPED}
 # et_keys_stats' figures, by their names in keys_stats()
 KEY_STATS = {"live": lib.ET_KEYS_STAT_LIVE, "evictions": lib.ET_KEYS_STAT_EVICTIONS,
              "map_bytes": lib.ET_KEYS_STAT_BYTES, "capacity": lib.ET_KEYS_STAT_CAPACITY,
@@ -218,6 +220,54 @@ class NativeTable:
             raise InvalidArgumentError(f"table {self.name!r}: cannot make it {kind} (num_rows={self.num_rows}; "
                                        f"a managed table needs 2 rows or more, and the key space is set once)")
         self._check(rc, 0, "keys")
+
+    def set_mapping(self, seed: int, ids: np.ndarray, rows: np.ndarray, hash_from: int) -> None:
+        """Makes the table MAPPED (once, before it is shared, instead of set_keys): ids[i] -> rows[i],
+        any other id hashed with seed into rows [hash_from, num_rows).  Errors name the request's
+        fields: mapping_ids, mapping_rows, mapping_hash_from."""
+        require(ids, "mapping_ids", np.int64, 1)
+        require(rows, "mapping_rows", np.int64, 1)
+        if ids.size != rows.size:
+            raise InvalidArgumentError(f"mapping_ids has {ids.size} ids but mapping_rows has {rows.size} rows")
+        if not 0 <= seed < 1 << 64:
+            raise InvalidArgumentError(f"key seed {seed} is not an unsigned 64-bit value")
+        if not 0 <= hash_from < self.num_rows:
+            raise InvalidArgumentError(f"mapping_hash_from must be in [0, num_rows = {self.num_rows}), got {hash_from} "
+                                       f"(unlisted ids hash into rows [mapping_hash_from, num_rows))")
+        err = ffi.new("int64_t *", -1)
+        rc = lib.et_table_set_mapping(self._h, seed, _ptr("int64_t *", ids), _ptr("int64_t *", rows), ids.size,
+                                      hash_from, err)
+        if rc == lib.ET_E_ID_RANGE:
+            raise InvalidArgumentError(f"mapping_rows[{err[0]}] = {int(rows[err[0]])} is out of range [0, "
+                                       f"{self.num_rows}) (mapping_ids[{err[0]}] = {int(ids[err[0]])})")
+        if rc == lib.ET_E_ARG and 0 <= err[0] < ids.size:
+            first = int(np.flatnonzero(ids[:err[0]] == ids[err[0]])[0])
+            raise InvalidArgumentError(f"mapping_ids[{err[0]}] = {int(ids[err[0]])} repeats mapping_ids[{first}]: "
+                                       f"each id is listed once")
+        if rc == lib.ET_E_NOMEM:
+            raise MemoryError(f"table {self.name!r}: cannot allocate the map of {ids.size} listed ids")
+        if rc == lib.ET_E_ARG:
+            raise InvalidArgumentError(f"table {self.name!r}: cannot make it mapped ({ids.size} listed ids, at most "
+                                       f"2^32 - 2; the key space is set once)")
+        self._check(rc, err[0], "mapping_ids")
+
+    @property
+    def mapping(self) -> tuple[np.ndarray, np.ndarray]:
+        """(listed ids int64, their rows uint32): read-only views of a MAPPED table's mapping, in the
+        order given (empty for other tables); valid as long as the table (they keep it alive)."""
+        ids_ptr, rows_ptr = ffi.new("const int64_t **"), ffi.new("const uint32_t **")
+        entries = ffi.new("int64_t *")
+        lib.et_mapping_of(self._h, ids_ptr, rows_ptr, entries)
+        if entries[0] == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.uint32)
+
+        def view(pointer, dtype) -> np.ndarray:  # (holds the table: C frees the arrays only after the view)
+            keep = ffi.gc(pointer, lambda _pointer, _owner=self._h: None)
+            buffer = memoryview(ffi.buffer(keep, entries[0] * np.dtype(dtype).itemsize)).toreadonly()
+            return np.frombuffer(buffer, dtype=dtype)
+
+        ids, rows = view(ids_ptr[0], np.int64), view(rows_ptr[0], np.uint32)
+        return ids, rows
 
     def plan_keys(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows int64, fresh bool): the row each id has after a write of ids, and whether it takes

@@ -264,10 +264,30 @@ int et_publish(et_table *t, const int64_t *ids, int64_t ids_len, const uint32_t 
 #define ET_KEYS_DENSE 0
 #define ET_KEYS_HASHED 1
 #define ET_KEYS_MANAGED 2
+/*  MAPPED   any int64 id; a listed id's row is the one its mapping gives
+ *           it (et_table_set_mapping; several ids may share a row), any
+ *           other id's is hash_from + the HASHED row for seed and
+ *           num_rows - hash_from, so rows [hash_from, num_rows).  The
+ *           listed ids are kept in a MANAGED-style map that never changes
+ *           (keys and index, 15/8 buckets an id) plus a uint32 row each. */
+#define ET_KEYS_MAPPED 3
 /* Once, before the table is shared: ET_E_ARG for an unknown key space, a
  * negative epoch_ns, a second call, or MANAGED with num_rows < 2; ET_E_NOMEM
  * when the map cannot be allocated. */
 int et_table_set_keys(et_table *t, int32_t key_space, uint64_t seed, int64_t epoch_ns);
+/* Once, before the table is shared, instead of et_table_set_keys: makes the
+ * table MAPPED, ids[i] -> rows[i] for i < n, unlisted ids hashed by seed into
+ * [hash_from, num_rows).  Checked before anything changes, in this order:
+ * hash_from outside [0, num_rows), n < 0 or above 2^32 - 2, a NULL array, or
+ * a second call: ET_E_ARG with *err_pos = -1; rows[i] outside [0, num_rows):
+ * ET_E_ID_RANGE, *err_pos = i (the first); ET_E_DROPPED; ET_E_NOMEM; an id
+ * listed twice: ET_E_ARG, *err_pos = its second position. */
+int et_table_set_mapping(et_table *t, uint64_t seed, const int64_t *ids, const int64_t *rows, int64_t n,
+                         int64_t hash_from, int64_t *err_pos);
+/* A MAPPED table's listed ids (*ids) and their rows (*rows), *entries of
+ * each, in the order they were given, read-only and valid while the table
+ * is; *entries 0 (pointers NULL) for none or another key space. */
+void et_mapping_of(et_table *t, const int64_t **ids, const uint32_t **rows, int64_t *entries);
 /* For each of ids[n], the row it has after a write of the batch: rows
  * (rows_len >= n) and fresh (fresh_len >= n, 1 or 0).  MANAGED: a live id's
  * own row (fresh 0); a new id the row it would take (fresh 1, for each of
@@ -277,7 +297,7 @@ int et_table_set_keys(et_table *t, int32_t key_space, uint64_t seed, int64_t epo
  * nothing a reader or a later plan sees, except that the live ids of the
  * batch count as touched (protected), even when it fails.  ET_E_FULL when a
  * new id finds no row: *err_pos = its position, and nothing is planned.
- * HASHED: rows = the hash, fresh all 0; DENSE: rows = ids (ET_E_ID_RANGE,
+ * HASHED and MAPPED: rows = their rows, fresh all 0; DENSE: rows = ids (ET_E_ID_RANGE,
  * *err_pos = its position, for one outside [0, num_rows)), fresh all 0.
  * Two plans of one table never run at once (a mutex; the store also plans
  * under its own lock, as a plan is only meaningful until the next apply). */
@@ -298,7 +318,8 @@ int et_keys_apply(et_table *t, const int64_t *ids, const int64_t *rows, int64_t 
                   int64_t *evicted, int64_t *err_pos);
 /* stats (stats_len >= ET_KEYS_STATS, else ET_E_SIZE) = the map's figures, in
  * the order of ET_KEYS_STAT_* (counts since the table was made or its keys
- * loaded); all 0 for a table that is not MANAGED. */
+ * loaded); all 0 for a table that is not MANAGED, but that a MAPPED
+ * table's live = its listed ids and bytes = its map's. */
 #define ET_KEYS_STAT_LIVE 0      /* ids with a row now */
 #define ET_KEYS_STAT_EVICTIONS 1 /* ids forgotten for new ones */
 #define ET_KEYS_STAT_BYTES 2     /* bytes the map allocated: keys, index, epoch bits, candidate pool */

@@ -61,6 +61,8 @@ typedef struct {
     uint32_t pool_level;   /* heat of pool[pool_pos] when filled */
     uint32_t level_start[257];
     pthread_mutex_t plan_lock; /* one plan at a time: the pool is the plans' */
+    uint32_t *maps;        /* MAPPED: [capacity], the row of listed id key[i] (the map's entries are the listed
+                              ids, not rows; set once, read-only after); NULL for a MANAGED map */
 } et_keymap;
 
 #define ET_KEYS_EMPTY UINT32_MAX /* an empty bucket: a row field of all ones, which no row has */
@@ -89,8 +91,10 @@ struct et_table {
     uint32_t cxl_delay_ns; /* injected latency per CXL row served by a lookup (0 = off) */
     int32_t key_space;     /* ET_KEYS_*: how lookups by key and plans translate ids */
     int32_t keys_set;      /* et_table_set_keys ran */
-    uint64_t key_mix;      /* HASHED: seed * 0x9E3779B97F4A7C15 */
-    et_keymap *keys;       /* MANAGED: the map; NULL otherwise */
+    uint64_t key_mix;      /* HASHED and MAPPED: seed * 0x9E3779B97F4A7C15 */
+    int64_t hash_from;     /* MAPPED: ids not listed hash into rows [hash_from, num_rows) */
+    et_keymap *keys;       /* MANAGED: the map; MAPPED: the listed ids' map (NULL when none are listed); NULL
+                              otherwise */
     atomic_int dropped;
     pthread_rwlock_t lock; /* readers: lookups, raw reads, et_partition, plans; writers: row writes, publish,
                               chunk and chunk-part setters, SCM file, dirty take, drop, key applies and loads,
@@ -143,9 +147,9 @@ static inline void et_keys_touch(_Atomic uint64_t *bits, int64_t r) {
 /* Before a plan or a keyed lookup of a MANAGED table takes its lock: starts a new epoch when the
  * current one is over (reads the clock once). */
 void et_keys_tick(et_table *t);
-/* rows[p] = the row of keys[p] for p in [p0, p1) by the table's key space (HASHED or MANAGED; under
- * the read lock), unknown MANAGED ids the default row, the rows of known ones marked touched;
- * returns how many were unknown. */
+/* rows[p] = the row of keys[p] for p in [p0, p1) by the table's key space (HASHED, MANAGED or MAPPED;
+ * under the read lock), unknown MANAGED ids the default row, the rows of known ones marked touched;
+ * returns how many were unknown (MANAGED; 0 otherwise: every id has a row). */
 int64_t et_keys_translate(const et_table *t, const int64_t *keys, int64_t *rows, int64_t p0, int64_t p1);
 void et_keys_free(et_keymap *m);
 

@@ -495,7 +495,7 @@ static int check_lookup(const et_call *c, int64_t bags, int64_t weights_len, int
 }
 
 /* Whether a lookup with by_key (0 or 1, checked with the other arguments) translates its ids: a
- * HASHED or MANAGED table's keys. */
+ * HASHED, MANAGED or MAPPED table's keys. */
 static int translates(const et_table *t, int32_t by_key) { return by_key && t->key_space != ET_KEYS_DENSE; }
 
 static int run_lookup(et_call *c, int64_t bags, int32_t by_key, int64_t *unknown, int64_t *part_rows,

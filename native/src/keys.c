@@ -1,6 +1,9 @@
 /* Key spaces: how a table's ids become rows.  HASHED tables hash; MANAGED
  * tables keep a map that gives each distinct id a row of its own and, once
- * every row is taken, evicts the coldest id that is not protected.
+ * every row is taken, evicts the coldest id that is not protected; MAPPED
+ * tables keep a map, made once, of listed ids to the rows a mapping gives
+ * them (its entries are the listed ids, with a row each in maps[]), and
+ * hash the others into the rows from hash_from on.
  *
  * The map of a MANAGED table (et_keymap), in one mapping with huge pages
  * requested (lookups probe it at random):
@@ -44,6 +47,7 @@ static uint64_t align8(uint64_t bytes) { return (bytes + 7) & ~(uint64_t)7; }
 void et_keys_free(et_keymap *m) {
     if (!m) return;
     if (m->key) et_mem_unmap(m->key, m->mapped);
+    free(m->maps);
     pthread_mutex_destroy(&m->plan_lock);
     free(m);
 }
@@ -84,7 +88,8 @@ static et_keymap *new_map(int64_t capacity, int64_t epoch_ns) {
 }
 
 int et_table_set_keys(et_table *t, int32_t key_space, uint64_t seed, int64_t epoch_ns) {
-    if (key_space < ET_KEYS_DENSE || key_space > ET_KEYS_MANAGED || epoch_ns < 0 || t->keys_set ||
+    if (key_space < ET_KEYS_DENSE || key_space > ET_KEYS_MANAGED || epoch_ns < 0 || t->keys_set ||  /* (MAPPED:
+                                                                                      et_table_set_mapping) */
         (key_space == ET_KEYS_MANAGED && t->num_rows < 2))
         return ET_E_ARG;
     if (atomic_load(&t->dropped)) return ET_E_DROPPED;
@@ -128,6 +133,73 @@ static void index_remove(et_keymap *m, uint32_t row) {
     m->index[hole] = ET_KEYS_EMPTY;
 }
 
+/* index (buckets of m, all empty) = keys[0, n) at entries 0..n-1; ET_E_ARG with *err_pos = the second
+ * position of a key given twice (the index is then partly built). */
+static int build_index(const et_keymap *m, uint32_t *index, const int64_t *keys, int64_t n, int64_t *err_pos) {
+    for (int64_t i = 0; i < n; i++) {
+        const uint64_t h = et_keys_hash(keys[i]);
+        const uint32_t tag = et_keys_tag(m, h);
+        uint64_t b = et_keys_home(m, h);
+        for (; index[b] != ET_KEYS_EMPTY; b = next_bucket(m, b))
+            if ((index[b] & ~m->row_mask) == tag && keys[index[b] & m->row_mask] == keys[i]) {
+                *err_pos = i;
+                return ET_E_ARG;
+            }
+        index[b] = tag | (uint32_t)i;
+    }
+    return ET_OK;
+}
+
+/* ---- mappings (MAPPED) ------------------------------------------------------- */
+
+#define ET_MAPPING_MAX ((int64_t)UINT32_MAX - 1) /* entries, so that a bucket's row field never reads as empty */
+
+int et_table_set_mapping(et_table *t, uint64_t seed, const int64_t *ids, const int64_t *rows, int64_t n,
+                         int64_t hash_from, int64_t *err_pos) {
+    if (!err_pos) return ET_E_ARG;
+    *err_pos = -1;
+    if (n < 0 || n > ET_MAPPING_MAX || (n > 0 && (!ids || !rows)) || t->keys_set || hash_from < 0 ||
+        hash_from >= t->num_rows)
+        return ET_E_ARG;
+    for (int64_t i = 0; i < n; i++)
+        if ((uint64_t)rows[i] >= (uint64_t)t->num_rows) {
+            *err_pos = i;
+            return ET_E_ID_RANGE;
+        }
+    if (atomic_load(&t->dropped)) return ET_E_DROPPED;
+    et_keymap *m = NULL;
+    if (n > 0) {
+        m = new_map(n, 0);
+        if (m) m->maps = malloc((size_t)n * sizeof *m->maps);
+        if (!m || !m->maps) {
+            et_keys_free(m);
+            return ET_E_NOMEM;
+        }
+        int rc = build_index(m, m->index, ids, n, err_pos);
+        if (rc) {
+            et_keys_free(m);
+            return rc;
+        }
+        memcpy(m->key, ids, (size_t)n * sizeof *ids);
+        for (int64_t i = 0; i < n; i++) m->maps[i] = (uint32_t)rows[i];
+        m->live = n;
+        m->bytes += (uint64_t)n * sizeof *m->maps;
+    }
+    t->keys = m;
+    t->key_space = ET_KEYS_MAPPED;
+    t->key_mix = seed * 0x9E3779B97F4A7C15ull;
+    t->hash_from = hash_from;
+    t->keys_set = 1;
+    return ET_OK;
+}
+
+void et_mapping_of(et_table *t, const int64_t **ids, const uint32_t **rows, int64_t *entries) {
+    const int mapped = t->key_space == ET_KEYS_MAPPED && t->keys;
+    *ids = mapped ? t->keys->key : NULL;
+    *rows = mapped ? t->keys->maps : NULL;
+    *entries = mapped ? t->keys->live : 0;
+}
+
 /* ---- epochs ---------------------------------------------------------------- */
 
 /* Starts a new epoch (under the write lock): the previous epoch's bits are cleared and become the
@@ -154,7 +226,7 @@ void et_keys_tick(et_table *t) {
 
 int et_keys_epoch(et_table *t) {
     if (atomic_load(&t->dropped)) return ET_E_DROPPED;
-    if (!t->keys) return ET_OK;
+    if (t->key_space != ET_KEYS_MANAGED) return ET_OK;
     pthread_rwlock_wrlock(&t->lock);
     int rc = atomic_load(&t->dropped) ? ET_E_DROPPED : ET_OK;
     if (rc == ET_OK) advance_epoch(t->keys, now_ns());
@@ -176,6 +248,7 @@ static int is_protected(const et_keymap *m, int64_t r) {
  * home bucket names, and p is probed. */
 static int64_t probe(const et_keymap *m, const int64_t *keys, int64_t *rows, int64_t p0, int64_t p1,
                      _Atomic uint64_t *touched, int64_t missing) {
+    const uint32_t *maps = m->maps; /* MAPPED: an entry's row */
     int64_t misses = 0;
     uint64_t hashes[4 * ET_KEYS_AHEAD];
     const int64_t mask = 4 * ET_KEYS_AHEAD - 1;
@@ -193,13 +266,14 @@ static int64_t probe(const et_keymap *m, const int64_t *keys, int64_t *rows, int
             const uint32_t bucket = m->index[et_keys_home(m, hashes[b & mask])];
             if (bucket != ET_KEYS_EMPTY) { /* (a lookup reads the placement entry in a later pass: not here) */
                 __builtin_prefetch(&m->key[bucket & m->row_mask], 0, 3);
+                if (maps) __builtin_prefetch(&maps[bucket & m->row_mask], 0, 3);
                 if (touched) __builtin_prefetch(&touched[(bucket & m->row_mask) >> 6], 1, 3);
             }
         }
         const int64_t r = et_keys_find(m, keys[p], hashes[p & mask]);
         if (r >= 0) {
             if (touched) et_keys_touch(touched, r);
-            rows[p] = r;
+            rows[p] = maps ? maps[r] : r;
         } else {
             misses++;
             rows[p] = missing;
@@ -209,6 +283,18 @@ static int64_t probe(const et_keymap *m, const int64_t *keys, int64_t *rows, int
 }
 
 int64_t et_keys_translate(const et_table *t, const int64_t *keys, int64_t *rows, int64_t p0, int64_t p1) {
+    if (t->key_space == ET_KEYS_MAPPED) {
+        const uint64_t mix = t->key_mix;
+        const int64_t base = t->hash_from, span = t->num_rows - t->hash_from;
+        if (!t->keys) {
+            for (int64_t p = p0; p < p1; p++) rows[p] = base + et_hash_row(keys[p], mix, span);
+            return 0;
+        }
+        probe(t->keys, keys, rows, p0, p1, NULL, -1);
+        for (int64_t p = p0; p < p1; p++)
+            if (rows[p] < 0) rows[p] = base + et_hash_row(keys[p], mix, span);
+        return 0;
+    }
     if (t->key_space == ET_KEYS_HASHED) {
         const uint64_t mix = t->key_mix;
         const int64_t num_rows = t->num_rows;
@@ -415,7 +501,7 @@ int et_keys_plan(et_table *t, const int64_t *ids, int64_t n, int64_t *rows, int6
         memcpy(rows, ids, (size_t)n * sizeof *rows);
         return ET_OK;
     }
-    if (t->key_space == ET_KEYS_HASHED) {
+    if (t->key_space == ET_KEYS_HASHED || t->key_space == ET_KEYS_MAPPED) { /* (a MAPPED map never changes) */
         et_keys_translate(t, ids, rows, 0, n);
         return ET_OK;
     }
@@ -462,7 +548,7 @@ static int check_apply(const et_keymap *m, const int64_t *ids, const int64_t *ro
 
 int et_keys_apply(et_table *t, const int64_t *ids, const int64_t *rows, int64_t n, int64_t rows_len,
                   int64_t *evicted, int64_t *err_pos) {
-    if (n < 0 || (n > 0 && (!ids || !rows)) || !evicted || !t->keys) return ET_E_ARG;
+    if (n < 0 || (n > 0 && (!ids || !rows)) || !evicted || t->key_space != ET_KEYS_MANAGED) return ET_E_ARG;
     if (rows_len != n) {
         *err_pos = ET_BUF_ROWS;
         return ET_E_SIZE;
@@ -497,7 +583,7 @@ int et_keys_apply(et_table *t, const int64_t *ids, const int64_t *rows, int64_t 
 }
 
 int et_keys_load(et_table *t, const int64_t *keys, int64_t n, int64_t *err_pos) {
-    if (n < 0 || (n > 0 && !keys) || !t->keys) return ET_E_ARG;
+    if (n < 0 || (n > 0 && !keys) || t->key_space != ET_KEYS_MANAGED) return ET_E_ARG;
     et_keymap *m = t->keys;
     if (n > m->capacity) {
         *err_pos = m->capacity;
@@ -509,19 +595,7 @@ int et_keys_load(et_table *t, const int64_t *keys, int64_t n, int64_t *err_pos) 
     uint32_t *index = et_mem_map(index_bytes, 1, &err, &huge_err);
     if (!index) return ET_E_NOMEM;
     memset(index, 0xff, index_bytes);
-    int rc = ET_OK;
-    for (int64_t i = 0; i < n && rc == ET_OK; i++) {
-        const uint64_t h = et_keys_hash(keys[i]);
-        const uint32_t tag = et_keys_tag(m, h);
-        uint64_t b = et_keys_home(m, h);
-        for (; index[b] != ET_KEYS_EMPTY; b = next_bucket(m, b))
-            if ((index[b] & ~m->row_mask) == tag && keys[index[b] & m->row_mask] == keys[i]) {
-                *err_pos = i;
-                rc = ET_E_ARG;
-                break;
-            }
-        index[b] = tag | (uint32_t)i;
-    }
+    int rc = build_index(m, index, keys, n, err_pos);
     pthread_rwlock_wrlock(&t->lock);
     if (rc == ET_OK && atomic_load(&t->dropped)) rc = ET_E_DROPPED;
     if (rc == ET_OK) {
@@ -549,6 +623,11 @@ int et_keys_stats(et_table *t, int64_t *stats, int64_t stats_len) {
     memset(stats, 0, ET_KEYS_STATS * sizeof *stats);
     et_keymap *m = t->keys;
     if (!m) return ET_OK;
+    if (t->key_space == ET_KEYS_MAPPED) { /* (never changes) */
+        stats[ET_KEYS_STAT_LIVE] = m->live;
+        stats[ET_KEYS_STAT_BYTES] = (int64_t)m->bytes;
+        return ET_OK;
+    }
     pthread_rwlock_rdlock(&t->lock);
     stats[ET_KEYS_STAT_LIVE] = m->live;
     stats[ET_KEYS_STAT_EVICTIONS] = m->evictions;
@@ -561,8 +640,9 @@ int et_keys_stats(et_table *t, int64_t *stats, int64_t stats_len) {
 }
 
 const int64_t *et_keys_of_rows(et_table *t, int64_t *entries) {
-    *entries = t->keys ? t->keys->live : 0;
-    return t->keys ? t->keys->key : NULL;
+    const int managed = t->key_space == ET_KEYS_MANAGED;
+    *entries = managed ? t->keys->live : 0;
+    return managed ? t->keys->key : NULL;
 }
 
 int et_hash_rows(const int64_t *ids, int64_t n, uint64_t seed, int64_t num_rows, int64_t *rows, int64_t rows_len) {

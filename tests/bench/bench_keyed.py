@@ -19,8 +19,13 @@ NativeTable.keys_epoch), so that which ids may be evicted is the same on every r
     (initializer uniform, same seed: the same values in the same rows).  The hashed call gets int64
     keys (the managed table's ids, drawn the same way), the dense call their hashed rows
     (embtierd.native.hash_rows), so both read the same rows.
-  Every repetition draws a fresh batch and runs the four calls (dense for managed, managed, dense for
-  hashed, hashed) once each on it, the order rotated by one each repetition, after warm-up calls.
+  - MAPPED against DENSE (target >= 0.9): a mapped table initialised like the dense one whose mapping
+    lists 3/4 of the managed table's ids (ids[r] -> row r, r < 3N/4: a frequency mapping's shape);
+    the other quarter of the ids hash into rows [3N/4, N).  The mapped call gets those int64 keys,
+    the dense call the rows they map to (embtier.keys.mapped_rows), so both read the same rows.
+  Every repetition draws a fresh batch and runs the six calls (dense for managed, managed, dense for
+  hashed, hashed, dense for mapped, mapped) once each on it, the order rotated by one each
+  repetition, after warm-up calls.
   rows/s are from the median call time; ratio = the median over repetitions of dense time / keyed
   time (> 1: the keyed table is faster), with its 25-75 % quantiles; check = the keyed call's output
   is bitwise equal to the dense call's on the first batch, and how many managed ids were unknown.
@@ -91,8 +96,9 @@ LOAD_BATCH_ROWS = 1 << 20    # ids per write_rows call when loading the managed 
 INSERT_BATCHES = (65536, 4096)
 EPOCH_SECONDS = 3600         # tiering.interval_seconds: epochs advance only by keys_epoch
 I64 = np.iinfo(np.int64)
-DENSE, MANAGED, HASHED = "dense", "managed", "hashed"
-TARGETS = {MANAGED: 0.8, HASHED: 0.95}
+DENSE, MANAGED, HASHED, MAPPED = "dense", "managed", "hashed", "mapped"
+TARGETS = {MANAGED: 0.8, HASHED: 0.95, MAPPED: 0.9}
+LISTED_SHARE = 0.75          # of the ids the mapped table's mapping lists
 MAP_BYTES_TARGET = 16
 
 
@@ -129,8 +135,8 @@ def distinct_keys(count: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def store_for(plan: Plan, state: Path) -> Store:
-    """A store whose DRAM tier holds three tables of plan.rows rows (and the managed one's default row)."""
-    dram = 3 * (plan.rows + 1) * native.row_stride(DIM, DTYPE) + (64 << 20)
+    """A store whose DRAM tier holds four tables of plan.rows rows (and the managed one's default row)."""
+    dram = 4 * (plan.rows + 1) * native.row_stride(DIM, DTYPE) + (64 << 20)
     return Store(config.load(overrides={
         "state_dir": str(state),
         "tiers": {"dram": {"capacity": str(dram)}, "cxl": {"capacity": "0"}, "scm": {"capacity": "0"}},
@@ -148,11 +154,13 @@ def check_in_dram(store: Store, name: str) -> None:
 
 @dataclass
 class Keyed:
-    """The lookup tables' ids: ids[r] is the managed id whose row is the dense table's row r, and
-    hashed[r] the row of the hashed table (and of the dense one) that key ids[r] reads."""
+    """The lookup tables' ids: ids[r] is the managed id whose row is the dense table's row r, hashed[r]
+    the row of the hashed table (and of the dense one) that key ids[r] reads, mapped[r] the row of the
+    mapped table that key ids[r] reads."""
 
     ids: np.ndarray
     hashed: np.ndarray
+    mapped: np.ndarray
 
 
 def load_lookup_tables(store: Store, rows: int, rng: np.random.Generator) -> Keyed:
@@ -177,7 +185,15 @@ def load_lookup_tables(store: Store, rows: int, rng: np.random.Generator) -> Key
     if live != rows:
         raise RuntimeError(f"the managed table has {live} live ids after writing {rows} distinct ids")
     ids = np.array(of_rows)
-    return Keyed(ids, native.hash_rows(ids, HASH_SEED, rows))
+    listed = int(rows * LISTED_SHARE)
+    log(f"lookup tables: creating the mapped table ({listed} listed ids)")
+    store.create_table(MAPPED, rows, DIM, DTYPE, initializer="uniform", seed=INIT_SEED,
+                       keys=KeySpace("mapped", seed=HASH_SEED, hash_from=listed),
+                       mapping=(ids[:listed].copy(), np.arange(listed, dtype=np.int64)))
+    check_in_dram(store, MAPPED)
+    return Keyed(ids, native.hash_rows(ids, HASH_SEED, rows),
+                 np.concatenate([np.arange(listed, dtype=np.int64),
+                                 listed + native.hash_rows(ids[listed:], HASH_SEED, rows - listed)]))
 
 
 def drop_tables(store: Store) -> None:
@@ -233,13 +249,13 @@ def pooled_lookups(store: Store, keyed: Keyed, plan: Plan, dist: str, rng: np.ra
     draw = uniform_ids if dist == "uniform" else zipf_ids
     rows = draw(plan.rows, plan.warmup + plan.reps, rng)   # dense rows of the managed comparison
     batches = {"dense_m": rows, MANAGED: keyed.ids[rows], "dense_h": keyed.hashed[rows],
-               HASHED: keyed.ids[rows]}
+               HASHED: keyed.ids[rows], "dense_p": keyed.mapped[rows], MAPPED: keyed.ids[rows]}
     lengths = np.full(BAGS, BAG_LEN, dtype=np.int32)
 
     def pool(name: str, ids: np.ndarray, unknown: np.ndarray | None = None) -> np.ndarray:
         return store.lookup_pooled(name, ids, lengths, None, "sum", unknown=unknown)
 
-    tables = {"dense_m": DENSE, MANAGED: MANAGED, "dense_h": DENSE, HASHED: HASHED}
+    tables = {"dense_m": DENSE, MANAGED: MANAGED, "dense_h": DENSE, HASHED: HASHED, "dense_p": DENSE, MAPPED: MAPPED}
     for threads in THREADS:
         log(f"pooled lookups, {dist}, {threads} thread(s)")
         native.set_kernel_threads(threads)
@@ -249,13 +265,14 @@ def pooled_lookups(store: Store, keyed: Keyed, plan: Plan, dist: str, rng: np.ra
             times = interleave(parts, plan.warmup, plan.reps)
             unknown = np.zeros(1, dtype=np.int64)
             checks = {MANAGED: pool(MANAGED, batches[MANAGED][0], unknown),
-                      HASHED: pool(HASHED, batches[HASHED][0])}
+                      HASHED: pool(HASHED, batches[HASHED][0]), MAPPED: pool(MAPPED, batches[MAPPED][0])}
             same = {MANAGED: np.array_equal(checks[MANAGED], pool(DENSE, batches["dense_m"][0])),
-                    HASHED: np.array_equal(checks[HASHED], pool(DENSE, batches["dense_h"][0]))}
+                    HASHED: np.array_equal(checks[HASHED], pool(DENSE, batches["dense_h"][0])),
+                    MAPPED: np.array_equal(checks[MAPPED], pool(DENSE, batches["dense_p"][0]))}
         finally:
             native.set_kernel_threads(1)
         lines = []
-        for kind, dense in ((MANAGED, "dense_m"), (HASHED, "dense_h")):
+        for kind, dense in ((MANAGED, "dense_m"), (HASHED, "dense_h"), (MAPPED, "dense_p")):
             ratio, (q25, q75) = ratio_stats(times[dense], times[kind])
             verdict = "ok exact" if same[kind] else "FAIL"
             if kind == MANAGED:

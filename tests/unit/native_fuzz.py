@@ -40,8 +40,9 @@ NUM_TIERS = 3
 SCM_BLOCK = 4096
 MAX_TABLES = 4
 SCM_FILE_BYTES = 4 << 20
-DENSE, HASHED, MANAGED = 0, 1, 2  # ET_KEYS_*
-KEY_SPACE_NAMES = {DENSE: "dense", HASHED: "hashed", MANAGED: "managed"}
+DENSE, HASHED, MANAGED, MAPPED = 0, 1, 2, 3  # ET_KEYS_*
+KEY_SPACE_NAMES = {DENSE: "dense", HASHED: "hashed", MANAGED: "managed", MAPPED: "mapped"}
+MAPPING_MAX = 2**32 - 2  # listed ids a mapping may have
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 
 
@@ -60,16 +61,16 @@ def first_repeat(values: list[int]) -> int | None:
     return None
 
 
-def load_hashed_rows():
-    """clients/embtier/keys.py's hashed_rows (the documented hash), without importing the client package."""
+def load_keys():
+    """clients/embtier/keys.py (the documented hash and mapping rule), without importing the client package."""
     path = Path(__file__).resolve().parents[2] / "clients" / "embtier" / "keys.py"
     spec = importlib.util.spec_from_file_location("embtier_keys", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.hashed_rows
+    return module
 
 
-hashed_rows = load_hashed_rows()
+hashed_rows, mapped_rows = load_keys().hashed_rows, load_keys().mapped_rows
 
 
 class Mismatch(Exception):
@@ -128,6 +129,7 @@ class Table:
         fz.expect(count[0] == num_rows, "et_table_heat", f"{count[0]} entries for {num_rows} rows")
         self.heat = np.frombuffer(ffi.buffer(heat, num_rows), dtype=np.uint8)
         self.key_space, self.seed, self.keys_set = DENSE, 0, False
+        self.listed, self.listed_rows, self.hash_from = [], [], 0  # a MAPPED table's mapping
         self.set_managed_map([])
         self.epoch_ns = 0
 
@@ -171,6 +173,8 @@ class Table:
             return ids if ((ids >= 0) & (ids < self.num_rows)).all() else None
         if self.key_space == HASHED:
             return hashed_rows(ids, self.num_rows, self.seed)
+        if self.key_space == MAPPED:
+            return mapped_rows(ids, self.listed, self.listed_rows, self.num_rows, self.hash_from, self.seed)
         return np.fromiter((self.row_of.get(k, self.default_row) for k in ids.tolist()), np.int64, ids.size)
 
     def apply(self, ids: list[int], rows: list[int]) -> int:
@@ -406,7 +410,7 @@ class Fuzzer:
         t = Table(self, handle, num_rows, dim, dtype, chunk_shift, max_chunks, self.work / f"scm{self.serial}")
         self.tables.append(t)
         if self.chance(0.6):
-            self.set_keys(t, valid=True)
+            self.set_mapping(t, valid=self.chance(0.7)) if self.chance(0.2) else self.set_keys(t, valid=True)
         if self.chance(0.8):
             self.set_parts(t, valid=True)
         for _ in range(int(self.rng.integers(0, 6))):
@@ -861,6 +865,62 @@ class Fuzzer:
             t.key_space, t.seed, t.keys_set, t.epoch_ns = kind, seed, True, epoch_ns
             t.set_managed_map([])
 
+    def set_mapping(self, t: Table, valid: bool = False) -> None:
+        """et_table_set_mapping: distinct ids with rows in range and hash_from in [0, num_rows) (valid), or
+        now and then a repeated id, a row out of range, a bad hash_from, a bad count or a NULL."""
+        lib, ffi = self.lib, self.ffi
+        n = int(self.pick(0, 1, self.rng.integers(2, 400), 2000))
+        ids = self.rng.integers(INT64_MIN, INT64_MAX, n, dtype=np.int64, endpoint=True)
+        if self.chance(0.3):
+            ids = np.concatenate([ids, [INT64_MIN, INT64_MAX]])
+        ids = self.rng.permutation(np.unique(ids))
+        rows = self.rng.integers(0, t.num_rows, ids.size, dtype=np.int64)
+        hash_from = int(self.rng.integers(0, t.num_rows))
+        seed = int(self.pick(0, 1, 2**64 - 1, self.rng.integers(0, 2**64, dtype=np.uint64)))
+        n_told, null = ids.size, False
+        if not valid:
+            r = self.rng.random()
+            if r < 0.15 and ids.size >= 2:
+                i, j = sorted(self.rng.choice(ids.size, 2, replace=False))
+                ids[j] = ids[i]
+            elif r < 0.3 and ids.size:
+                rows[self.rng.integers(ids.size)] = int(self.pick(-1, t.num_rows, INT64_MAX, INT64_MIN))
+            elif r < 0.45:
+                hash_from = int(self.pick(-1, t.num_rows, INT64_MAX))
+            elif r < 0.55:
+                n_told = int(self.pick(-1, MAPPING_MAX + 1, INT64_MIN))
+            elif r < 0.65 and ids.size:
+                null = True
+        pointers = [self.ptr("int64_t *", ids), self.ptr("int64_t *", rows)]
+        if null:
+            pointers[self.rng.integers(2)] = ffi.NULL
+        rc = lib.et_table_set_mapping(t.h, seed, pointers[0], pointers[1], n_told, hash_from, self.err)
+        out = (rows < 0) | (rows >= t.num_rows)
+        repeat = first_repeat(ids.tolist())
+        expected = (lib.ET_E_ARG, -1) if (n_told < 0 or n_told > MAPPING_MAX or null or t.keys_set or
+                                          not 0 <= hash_from < t.num_rows) else \
+            (lib.ET_E_ID_RANGE, int(np.flatnonzero(out)[0])) if out.any() else \
+            (lib.ET_E_DROPPED, None) if t.dropped else \
+            (lib.ET_E_ARG, repeat) if repeat is not None else (lib.ET_OK, None)
+        self.verify("et_table_set_mapping", rc, expected)
+        if rc == lib.ET_OK:
+            t.key_space, t.seed, t.keys_set = MAPPED, seed, True
+            t.listed, t.listed_rows, t.hash_from = ids.tolist(), rows.tolist(), hash_from
+            self.mapping_of(t)
+
+    def mapping_of(self, t: Table) -> None:
+        """et_mapping_of: a MAPPED table's listed ids and rows as given; nothing of another table."""
+        ffi = self.ffi
+        ids, rows, entries = ffi.new("const int64_t **"), ffi.new("const uint32_t **"), ffi.new("int64_t *")
+        self.lib.et_mapping_of(t.h, ids, rows, entries)
+        n = entries[0]
+        self.codes[("et_mapping_of", "mapping" if n else "none")] += 1
+        got_ids = np.frombuffer(ffi.buffer(ids[0], 8 * n), np.int64).tolist() if n else []
+        got_rows = np.frombuffer(ffi.buffer(rows[0], 4 * n), np.uint32).tolist() if n else []
+        want = (t.listed, t.listed_rows) if t.key_space == MAPPED else ([], [])
+        self.expect((got_ids, got_rows) == want and (n > 0 or (ids[0] == ffi.NULL and rows[0] == ffi.NULL)),
+                    "et_mapping_of", f"{n} entries, the model has {len(want[0])}")
+
     def churn(self, t: Table) -> None:
         """Rounds of small plans (mostly applied), epochs, forged applies and small lookups: a small
         MANAGED map fills, then its new ids take the rows of the ids that are not protected, or find none."""
@@ -897,7 +957,7 @@ class Fuzzer:
             return self.managed_plan(t, ids, rc, rows[:ids.size], fresh[:ids.size])
         self.verify("et_keys_plan", rc, expected or (lib.ET_OK, None))
         if rc == lib.ET_OK:
-            want = hashed_rows(ids, t.num_rows, t.seed) if t.key_space == HASHED else ids
+            want = t.rows_of(ids, 1)
             self.expect(np.array_equal(rows[:ids.size], want) and not fresh[:ids.size].any(), "et_keys_plan",
                         "rows of a dense or hashed table are not the ids or their hashes, or some are fresh")
 
@@ -1030,6 +1090,13 @@ class Fuzzer:
         if rc != lib.ET_OK:
             return
         got = stats[:lib.ET_KEYS_STATS].tolist()
+        if t.key_space == MAPPED:  # its listed ids and its map's bytes, nothing else
+            listed = len(t.listed)
+            return self.expect(got[lib.ET_KEYS_STAT_LIVE] == listed and (got[lib.ET_KEYS_STAT_BYTES] > 16 * listed
+                                                                         if listed else not any(got)) and
+                               not any(v for i, v in enumerate(got) if i not in (lib.ET_KEYS_STAT_LIVE,
+                                                                                 lib.ET_KEYS_STAT_BYTES)),
+                               "et_keys_stats", f"{got} of a mapped table listing {listed} ids")
         if t.key_space != MANAGED:
             return self.expect(not any(got), "et_keys_stats", f"{got} of a table that is not managed")
         want = {lib.ET_KEYS_STAT_LIVE: len(t.keys), lib.ET_KEYS_STAT_EVICTIONS: t.evictions,
@@ -1136,7 +1203,7 @@ class Fuzzer:
             self.apply(t)
         elif op < 23:
             self.pick(self.keys_stats, self.keys_of_rows, self.keys_epoch, self.keys_epoch, self.load,
-                      self.set_keys)(t)
+                      self.set_keys, self.set_mapping, self.mapping_of)(t)
         elif self.chance(0.1):
             self.drop(t)
         elif self.chance(0.1):

@@ -1,8 +1,8 @@
 """Key spaces in the kernels (native/src/keys.c), through NativeTable and the Store, against a
 pure-Python model of the contract (native/include/embtier.h, "key spaces"): a MANAGED map gives new
 ids rows in order, once full evicts the coldest id that is not protected, and serves unknown ids its
-default row; HASHED rows are embtier.keys.hashed_rows; a keyed lookup reads what the same lookup of
-the model's rows reads."""
+default row; HASHED rows are embtier.keys.hashed_rows, MAPPED rows embtier.keys.mapped_rows; a keyed
+lookup reads what the same lookup of the model's rows reads."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from embtier.keys import hashed_rows
+from embtier.keys import hashed_rows, mapped_rows
 from embtierd import native
 from embtierd.errors import InvalidArgumentError, KeyspaceFullError
 from embtierd.keys.space import KeySpace
@@ -31,7 +31,8 @@ def make_table():
     values [num_rows, DIM] written when given."""
     made = []
 
-    def make(num_rows: int, kind: str = "managed", seed: int = 0, values: np.ndarray | None = None):
+    def make(num_rows: int, kind: str = "managed", seed: int = 0, values: np.ndarray | None = None,
+             mapping: tuple[np.ndarray, np.ndarray, int] | None = None):
         chunks = -(-num_rows >> CHUNK_SHIFT)
         table = native.NativeTable(kind, num_rows, DIM, "float32", CHUNK_SHIFT, chunks)
         chunk_bytes = table.stride << CHUNK_SHIFT
@@ -43,7 +44,10 @@ def make_table():
             table.set_chunk_part(native.TIER_DRAM, chunk, chunk % 2)
         rows = np.arange(num_rows, dtype=np.int64)
         table.publish(rows, rows.astype(np.uint32))
-        table.set_keys(kind, seed)
+        if kind == "mapped":
+            table.set_mapping(seed, *mapping)
+        else:
+            table.set_keys(kind, seed)
         if values is not None:
             table.write_rows(rows, values.view(np.uint8))
         return table
@@ -389,6 +393,39 @@ def test_the_map_takes_under_16_bytes_a_row_from_1024_rows_on(capacity):
         assert stats["map_bytes"] / capacity <= 16
 
 
+def test_a_mapping_is_set_once_checked_whole_and_never_changed(make_table):
+    """set_mapping's refusals name the first bad position and leave the table unmapped; a mapped table's
+    map refuses the MANAGED calls, reports its listed ids and bytes, and plans rows without fresh ids."""
+    ids, rows = int64s(INT64_MIN, 5, INT64_MAX, -7), int64s(0, 9, 9, 3)
+    table = native.NativeTable("m", 10, 1, "float32", 4, 1)
+    for bad_ids, bad_rows, hash_from, message in [
+            (int64s(1, 2, 1, 2), int64s(0, 0, 0, 0), 0, r"mapping_ids\[2\] = 1 repeats mapping_ids\[0\]"),
+            (int64s(1, 2, 3), int64s(0, 10, -1), 0, r"mapping_rows\[1\] = 10 is out of range \[0, 10\)"),
+            (int64s(1), int64s(0, 1), 0, "mapping_ids has 1 ids but mapping_rows has 2 rows"),
+            (int64s(1), int64s(0), 10, r"mapping_hash_from must be in \[0, num_rows = 10\), got 10"),
+            (int64s(1), int64s(0), -1, "got -1")]:
+        with pytest.raises(InvalidArgumentError, match=message):
+            table.set_mapping(0, bad_ids, bad_rows, hash_from)
+    table.set_mapping(3, ids, rows, 8)
+    with pytest.raises(InvalidArgumentError, match="the key space is set once"):
+        table.set_mapping(3, ids, rows, 8)
+    with pytest.raises(InvalidArgumentError, match="the key space is set once"):
+        table.set_keys("hashed")
+    with pytest.raises(InvalidArgumentError, match="not managed"):
+        table.apply_keys(int64s(1), int64s(0))
+    with pytest.raises(InvalidArgumentError, match="not managed"):
+        table.load_keys(int64s(1))
+    listed, their_rows = table.mapping
+    assert listed.tolist() == ids.tolist() and their_rows.tolist() == rows.tolist()
+    assert table.keys_of_rows.size == 0
+    stats = table.keys_stats()
+    assert stats["live"] == 4 and stats["map_bytes"] >= 4 * (8 + 4 + 4) and stats["capacity"] == 0
+    queries = int64s(5, -7, INT64_MIN, INT64_MAX, 0, 1, 2, -100)
+    planned, fresh = table.plan_keys(queries)
+    assert planned.tolist() == mapped_rows(queries, ids, rows, 10, 8, 3).tolist() and not fresh.any()
+    assert set(planned[4:].tolist()) <= {8, 9}
+
+
 # ---- hashed rows and keyed lookups ----------------------------------------------------------------
 
 
@@ -419,23 +456,25 @@ def keyed_request(rng: np.random.Generator, live: np.ndarray, n: int) -> tuple[n
     return keys, np.diff(np.concatenate([[0], cuts, [n]])).astype(np.int32)
 
 
-@pytest.mark.parametrize("kind", ["hashed", "managed"])
+@pytest.mark.parametrize("kind", ["hashed", "managed", "mapped"])
 def test_keyed_lookups_read_the_rows_of_their_keys(make_table, kind):
     """gather, pool and partition by key equal numpy (gather), the same call on the model's rows
     (pool) and a stable numpy sort by (fabric part, bag) of those rows (partition)."""
     rng = np.random.default_rng(5)
     num_rows, seed = 3000, 2**64 - 1
     values = rng.standard_normal((num_rows, DIM), dtype=np.float32)
-    table = make_table(num_rows, kind, seed, values)
-    model = MapModel(num_rows - 1)
     live = np.unique(rng.integers(INT64_MIN, INT64_MAX, 2500, dtype=np.int64, endpoint=True))
+    mapping = (live, rng.integers(0, num_rows, live.size).astype(np.int64), 1000)  # (listed ids, rows, hash_from)
+    table = make_table(num_rows, kind, seed, values, mapping)
+    model = MapModel(num_rows - 1)
     if kind == "managed":
         assert model.write(table, live)
     native.set_kernel_threads(2)  # a request of 20000 ids is split across both
     counted = 0
     for n in (0, 1, 100, 20000):
         keys, lengths = keyed_request(rng, live, n)
-        rows = hashed_rows(keys, num_rows, seed) if kind == "hashed" else model.read(keys)
+        rows = (hashed_rows(keys, num_rows, seed) if kind == "hashed" else model.read(keys) if kind == "managed"
+                else mapped_rows(keys, mapping[0], mapping[1], num_rows, mapping[2], seed))
         missed = int(np.count_nonzero(rows == num_rows - 1)) if kind == "managed" else 0
         unknown = np.zeros(1, np.int64)
         out = np.empty((n, DIM), np.float32)

@@ -337,7 +337,7 @@ class Checkpointer:
             held = ids < live
             keys = np.where(held, keys[np.where(held, ids, 0)] if live else 0, 0)
         return fmt.TableRows(spec, ids.size == num_rows, ids, self.store.read_encoded(name, ids),
-                             self.store.heat(name).copy(), live, keys)
+                             self.store.heat(name).copy(), live, keys, self.store.mapping_of(name))
 
     def _write(self, snapshot: list[fmt.TableRows], kind: str, parent: int, lsn: int, quant_bits: int,
                quantizer: str, **extra) -> dict:
@@ -570,10 +570,12 @@ class Checkpointer:
                  fmt.read_heat(self.root, chain[-1], entry), self._keys(_layers(chain, entry)))
                 for entry in chain[-1]["tables"]]
 
-    def _keys(self, layers) -> np.ndarray | None:
-        """The id of each live row of a managed table, from its layers (None for other tables): the
-        whole entry's, then each later entry's rows over them; the newest entry says how many rows
-        are live."""
+    def _keys(self, layers) -> np.ndarray | tuple[np.ndarray, np.ndarray] | None:
+        """The id of each live row of a managed table, from its layers: the whole entry's, then each
+        later entry's rows over them; the newest entry says how many rows are live.  A mapped table's
+        mapping (the newest entry's).  None for other tables."""
+        if "mapped" in layers[-1][1]:
+            return fmt.read_mapping(self.root, *layers[-1])
         if "live" not in layers[-1][1]:
             return None
         keys = np.zeros(rows_inside(layers[-1][1]), dtype=np.int64)

@@ -22,6 +22,10 @@ as [offset, length] in bytes:
     keys    a managed table's: the id of each row the entry holds (int64,
             aligned with its rows; meaningful for rows below the entry's
             "live", the rows that had an id)
+    mapping_ids, mapping_rows
+            a mapped table's mapping, in every entry of the table (it never
+            changes: the newest entry's is the table's): its "mapped"
+            listed ids (int64) and the row of each (uint32)
 
 A checkpoint is written into ckpt-<id>.tmp (each file fsynced), the
 manifest last, then the directory is fsynced, renamed to its final name
@@ -65,6 +69,7 @@ class TableRows:
     heat: np.ndarray        # uint8 [num_rows]
     live: int = 0                     # a managed table: its rows [0, live) have an id
     keys: np.ndarray | None = None    # a managed table: the id of each row of ids (those below live)
+    mapping: tuple[np.ndarray, np.ndarray] | None = None  # a mapped table: (listed ids, their rows)
 
 
 def directory(root: Path, checkpoint_id: int) -> Path:
@@ -113,6 +118,10 @@ class Writer:
         if table.keys is not None:
             sections.append(("keys", table.keys.astype("<i8")))
             entry["live"] = table.live
+        if table.mapping is not None:
+            ids, rows = table.mapping
+            sections += [("mapping_ids", ids.astype("<i8")), ("mapping_rows", rows.astype("<u4"))]
+            entry["mapped"] = int(ids.size)
         if self.quant_bits == 0:
             sections.append(("rows", table.encoded))
         else:
@@ -274,6 +283,16 @@ def read_keys(root: Path, manifest: dict, entry: dict) -> tuple[int, np.ndarray]
     """(live, the id of each row the entry holds: meaningful for rows below live) of a managed table."""
     keys = np.frombuffer(_read_section(root, manifest, entry, "keys"), dtype="<i8").astype(np.int64)
     return int(entry["live"]), keys
+
+
+def read_mapping(root: Path, manifest: dict, entry: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(listed ids, their rows), int64 each, of a mapped table's entry."""
+    ids = np.frombuffer(_read_section(root, manifest, entry, "mapping_ids"), dtype="<i8").astype(np.int64)
+    rows = np.frombuffer(_read_section(root, manifest, entry, "mapping_rows"), dtype="<u4").astype(np.int64)
+    if ids.size != entry["mapped"] or rows.size != ids.size:
+        raise CorruptCheckpointError(f"checkpoint {manifest['id']}: {entry['file']}'s mapping holds {ids.size} ids "
+                                     f"and {rows.size} rows; its manifest says {entry['mapped']}")
+    return ids, rows
 
 
 def read_heat(root: Path, manifest: dict, entry: dict) -> np.ndarray:

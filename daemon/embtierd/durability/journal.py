@@ -11,8 +11,11 @@ before it is logged leaves no record, and an append that fails applies
 nothing.  A write is acknowledged only once the log is durable (Journal.wait,
 group commit across writers).
 
+A mapped table's CREATE is a CREATE_MAPPED record: its spec and its
+mapping (the listed ids and their rows), which never changes after.
+
 Generations: every table carries the LSN of the record that made it (its
-CREATE, or the RESTORE that installed it; checkpoints save it), and DROP and
+CREATE or CREATE_MAPPED, or the RESTORE that installed it; checkpoints save it), and DROP and
 WRITE records name it, so a replay can never apply a write to a later table
 of the same name: such a record is reported, never applied.
 
@@ -38,8 +41,8 @@ from embtierd.tiering.config import TableSettings
 
 log = logging.getLogger(__name__)
 
-CREATE, DROP, WRITE, RESTORE = 1, 2, 3, 4
-KIND_NAMES = {CREATE: "CREATE", DROP: "DROP", WRITE: "WRITE", RESTORE: "RESTORE"}
+CREATE, DROP, WRITE, RESTORE, CREATE_MAPPED = 1, 2, 3, 4, 5
+KIND_NAMES = {CREATE: "CREATE", DROP: "DROP", WRITE: "WRITE", RESTORE: "RESTORE", CREATE_MAPPED: "CREATE_MAPPED"}
 
 
 class ReplayError(StorageError):
@@ -50,9 +53,28 @@ _HEADER = struct.Struct("<I")  # length of the JSON head of a WRITE record
 
 
 def encode_create(name: str, num_rows: int, dim: int, dtype: str, initializer: str, seed: int,
-                  init_scale: float, policy: TableSettings, keys: KeySpace) -> bytes:
-    return json.dumps({"name": name, "num_rows": num_rows, "dim": dim, "dtype": dtype, "initializer": initializer,
+                  init_scale: float, policy: TableSettings, keys: KeySpace,
+                  mapping: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[int, bytes]:
+    """(record kind, payload): a CREATE record is its spec as JSON; a mapped table's is a CREATE_MAPPED
+    record, the spec's JSON (length first, as a WRITE's head) then the mapping's ids and rows (int64)."""
+    head = json.dumps({"name": name, "num_rows": num_rows, "dim": dim, "dtype": dtype, "initializer": initializer,
                        "seed": seed, "init_scale": init_scale, **policy.to_dict(), **keys.to_dict()}).encode()
+    if mapping is None:
+        return CREATE, head
+    ids, rows = mapping
+    return CREATE_MAPPED, b"".join([_HEADER.pack(len(head)), head, ids.astype("<i8", copy=False).tobytes(),
+                                    rows.astype("<i8", copy=False).tobytes()])
+
+
+def decode_create_mapped(payload: bytes) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+    """(spec, (listed ids, their rows)) of a CREATE_MAPPED record."""
+    (length,) = _HEADER.unpack_from(payload)
+    start = _HEADER.size + length
+    spec = json.loads(payload[_HEADER.size:start])
+    n = (len(payload) - start) // 16
+    ids = np.frombuffer(payload, dtype="<i8", count=n, offset=start).astype(np.int64)
+    rows = np.frombuffer(payload, dtype="<i8", count=n, offset=start + 8 * n).astype(np.int64)
+    return spec, (ids, rows)
 
 
 def encode_drop(name: str, generation: int) -> bytes:
@@ -111,7 +133,7 @@ class Journal:
         self.wal = wal
 
     def log_create(self, *args, **kwargs) -> int:
-        return self.wal.append(CREATE, encode_create(*args, **kwargs))
+        return self.wal.append(*encode_create(*args, **kwargs))
 
     def log_drop(self, name: str, generation: int) -> int:
         return self.wal.append(DROP, encode_drop(name, generation))
@@ -168,11 +190,12 @@ def _check_generation(store, name: str, generation: int | None) -> None:
 
 
 def _apply(store, record, counts: dict[str, int], restore) -> None:
-    if record.kind == CREATE:
-        spec = json.loads(record.payload)
+    if record.kind in (CREATE, CREATE_MAPPED):
+        spec, mapping = (json.loads(record.payload), None) if record.kind == CREATE else decode_create_mapped(
+            record.payload)
         store.create_table(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"], spec["initializer"],
                            spec["seed"], spec["init_scale"], TableSettings.from_dict(spec), generation=record.lsn,
-                           keys=KeySpace.from_dict(spec))
+                           keys=KeySpace.from_dict(spec), mapping=mapping)
         counts["create"] += 1
     elif record.kind == DROP:
         name, generation = decode_drop(record.payload)

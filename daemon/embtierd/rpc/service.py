@@ -131,7 +131,8 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         self.tiering = tiering
         self.checkpoints = None  # the daemon's checkpoint.Checkpointer, when it has a write-ahead log
         self.traces = TraceRecorder()
-        self.max_trace_ids = (limits.max_message_bytes - 4096) // 8  # a recorded trace travels in one reply
+        self.max_trace_ids = (limits.max_message_bytes - 4096) // 12  # a trace (8 bytes an id, at most 4 of
+        # bag lengths) travels in one reply
         self.max_message_bytes = limits.max_message_bytes
 
     def _admit(self, context, n_ids: int) -> None:
@@ -160,12 +161,39 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
     def CreateTable(self, request, context):
         self._admit(context, 0)
         keys = KeySpace(enum_value(pb.KeySpace, KEY_SPACES, request.key_space, "key_space"), request.key_seed,
-                        request.default_value)
+                        request.default_value, request.mapping_hash_from)
+        mapping = None
+        if keys.mapped or request.mapping_ids or request.mapping_rows:
+            mapping = (array(request.mapping_ids, "<i8", "mapping_ids"), array(request.mapping_rows, "<i8", "mapping_rows"))
+            if mapping[0].size != mapping[1].size:
+                raise InvalidArgumentError(f"mapping_ids has {mapping[0].size} ids but mapping_rows has "
+                                           f"{mapping[1].size} rows: one row per listed id")
         info = self.store.create_table(
             request.name, request.num_rows, request.dim, enum_value(pb.DType, DTYPES, request.dtype, "dtype"),
             enum_value(pb.Initializer, INITIALIZERS, request.initializer, "initializer"), request.seed,
-            request.init_scale, table_policy(self.tiering.config.table_policy(request.name), request), keys=keys)
+            request.init_scale, table_policy(self.tiering.config.table_policy(request.name), request), keys=keys,
+            mapping=mapping)
         return info.to_message()
+
+    def ExportMapping(self, request, context):
+        mapping = self.store.mapping_of(request.table)
+        if mapping is None:
+            kind = self.store.describe(request.table).key_space
+            raise FailedPreconditionError(f"table {request.table!r} is {kind}, not mapped: it has no mapping to export")
+        ids, rows = mapping
+        if not 0 <= request.offset <= ids.size:
+            raise InvalidArgumentError(f"offset = {request.offset} is outside [0, {ids.size}] (the mapping lists "
+                                       f"{ids.size} ids)")
+        if request.max_ids < 0:
+            raise InvalidArgumentError(f"max_ids must be >= 0 (0: as many as a reply holds), got {request.max_ids}")
+        fits = max(1, (self.max_message_bytes - REPLY_OVERHEAD_BYTES) // 16)
+        count = min(ids.size - request.offset, request.max_ids or fits, fits)
+        page = slice(request.offset, request.offset + count)
+        info = self.store.describe(request.table)
+        return pb.ExportMappingResponse(
+            table=request.table, ids=ids[page].astype("<i8").tobytes(), rows=rows[page].astype("<i8").tobytes(),
+            count=count, offset=request.offset, total=ids.size, num_rows=info.num_rows,
+            hash_from=info.mapping_hash_from, key_seed=info.key_seed)
 
     def DropTable(self, request, context):
         self.store.drop_table(request.name)
@@ -211,9 +239,10 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         recording = self.traces.record(request.table, request.max_ids, request.timeout_seconds or 60.0,
                                        self.max_trace_ids)
         info = self.store.describe(request.table)
-        ids = recording.ids()
+        ids, lengths = recording.ids(), recording.lengths()
         config = self.tiering.config
         return pb.RecordTraceResponse(
+            lengths=lengths.astype("<i4", copy=False).tobytes(), bags=lengths.size,
             table=request.table, ids=ids.astype("<i8", copy=False).tobytes(), count=ids.size,
             seconds=recording.seconds, num_rows=num_rows, row_bytes=self.store.geometry(request.table)[2],
             dram_rows=info.rows_by_tier["dram"], cxl_rows=info.rows_by_tier["cxl"],
@@ -330,7 +359,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
                 result.parts.extend(names[p] for p in present)
                 result.partials = wire(partials, dt)
             result.unknown_ids = int(unknown[0])
-            self.traces.observe(table, ids)
+            self.traces.observe(table, ids, lengths)
             self.metrics.served("LookupPooled", table, tier_rows, row_bytes,
                                 len(result.values) + len(result.rows) + len(result.partials))
             traffic.add_table(names, part_rows, lengths.size, dim, row_bytes, dt.itemsize)

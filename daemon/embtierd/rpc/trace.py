@@ -1,6 +1,10 @@
 """Id traces recorded on request: the ids of the next lookups of a table, for
 `embtier simulate` to replay against candidate tier sizes.
 
+A recording keeps the bags the ids came in too (a LookupPooled feature's
+bags, a Lookup's ids as one bag): co-access within bags is what a learned
+mapping is built from (embtier mapping build).
+
 The lookup path pays one dict probe per request while nothing records, and
 one array copy per request while a recording runs.
 """
@@ -19,13 +23,15 @@ class Recording:
     def __init__(self, max_ids: int):
         self.max_ids = max_ids
         self.parts: list[np.ndarray] = []
+        self.bags: list[np.ndarray] = []   # int32 lengths, summing to the ids of parts
         self.count = 0
         self.first: float | None = None
         self.last: float | None = None
         self.full = threading.Event()
         self.lock = threading.Lock()
 
-    def add(self, ids: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, lengths: np.ndarray | None = None) -> None:
+        """ids in bags of lengths (None: one bag), checked by the caller to sum to the ids."""
         with self.lock:
             take = min(ids.size, self.max_ids - self.count)
             if take <= 0:
@@ -34,6 +40,15 @@ class Recording:
             self.first = self.first if self.first is not None else now
             self.last = now
             self.parts.append(ids[:take].astype(np.int64, copy=True))
+            if lengths is None:
+                self.bags.append(np.array([take], dtype=np.int32))
+            else:  # the bags up to the cut, the last one cut short
+                ends = np.cumsum(lengths, dtype=np.int64)
+                kept = int(np.searchsorted(ends, take)) + 1 if take < ids.size else lengths.size
+                bags = lengths[:kept].astype(np.int32, copy=True)
+                if kept:
+                    bags[-1] -= int(ends[kept - 1]) - take
+                self.bags.append(bags)
             self.count += take
             if self.count >= self.max_ids:
                 self.full.set()
@@ -41,6 +56,11 @@ class Recording:
     def ids(self) -> np.ndarray:
         with self.lock:
             return np.concatenate(self.parts) if self.parts else np.empty(0, dtype=np.int64)
+
+    def lengths(self) -> np.ndarray:
+        """The bags of ids(), int32 lengths summing to its size."""
+        with self.lock:
+            return np.concatenate(self.bags) if self.bags else np.empty(0, dtype=np.int32)
 
     @property
     def seconds(self) -> float:
@@ -54,11 +74,11 @@ class TraceRecorder:
         self._recordings: dict[str, Recording] = {}
         self._lock = threading.Lock()
 
-    def observe(self, table: str, ids: np.ndarray) -> None:
-        """Called by the lookup path with each request's ids."""
+    def observe(self, table: str, ids: np.ndarray, lengths: np.ndarray | None = None) -> None:
+        """Called by the lookup path with each request's ids, and the bags they came in (None: one)."""
         recording = self._recordings.get(table)
         if recording is not None:
-            recording.add(ids)
+            recording.add(ids, lengths)
 
     def record(self, table: str, max_ids: int, timeout_seconds: float, limit: int) -> Recording:
         """Records until max_ids ids arrived or timeout_seconds passed; returns the recording.

@@ -107,20 +107,27 @@ class Store:
     def create_table(self, name: str, num_rows: int, dim: int, dtype: str = "float32",
                      initializer: str = "zeros", seed: int = 0, init_scale: float = 0.0,
                      policy: TableSettings | None = None, generation: int | None = None,
-                     keys: KeySpace | None = None) -> TableInfo:
+                     keys: KeySpace | None = None, mapping: tuple[np.ndarray, np.ndarray] | None = None
+                     ) -> TableInfo:
         """A new table, its rows placed fastest tier first (within its policy's pin and limits) and initialised.
 
         uniform draws from [-init_scale, init_scale) (0 means 1/sqrt(num_rows), DLRM's choice),
         reproducibly from seed.  policy defaults to the configuration's for this name.  keys: its key
-        space (keys/space.py; dense by default).  generation: the LSN of the CREATE record being
-        replayed (live creations get the LSN they are logged at)."""
+        space (keys/space.py; dense by default); mapping: a mapped table's (listed ids, their rows),
+        int64 each.  generation: the LSN of the CREATE record being replayed (live creations get the
+        LSN they are logged at)."""
         keys = keys or KeySpace()
         keys.check()
         self._check_new_table(name, num_rows, dim, dtype, initializer, init_scale, keys)
+        if mapping is not None and not keys.mapped:
+            raise InvalidArgumentError(f"mapping_ids and mapping_rows apply to mapped tables only; this one is "
+                                       f"{keys.kind}")
+        if keys.mapped:
+            mapping = mapping or (np.zeros(0, np.int64), np.zeros(0, np.int64))
         policy = policy or self.config.tiering.table_policy(name)
         check_settings(policy)
         self._check_fits(name, keys.rows_inside(num_rows) * native.row_stride(dim, dtype), policy.pin)
-        table = self._new_table(name, num_rows, dim, dtype, policy, keys)
+        table = self._new_table(name, num_rows, dim, dtype, policy, keys, mapping)
         with self._lock:
             if name in self._tables or name in self._creating:
                 raise AlreadyExistsError(f"table {name!r} already exists")
@@ -138,7 +145,7 @@ class Store:
             self._creating.discard(name)
             try:
                 lsn = self.journal.log_create(name, num_rows, dim, dtype, initializer, seed, init_scale, policy,
-                                              keys) if self.journal else 0
+                                              keys, mapping) if self.journal else 0
             except BaseException:
                 self.mover.release(table)
                 raise
@@ -152,8 +159,9 @@ class Store:
         return self._info(table)
 
     def _new_table(self, name: str, num_rows: int, dim: int, dtype: str, settings: TableSettings,
-                   keys: KeySpace) -> Table:
-        """A table with no homes yet (see Mover.place); num_rows as the user sees it."""
+                   keys: KeySpace, mapping: tuple[np.ndarray, np.ndarray] | None = None) -> Table:
+        """A table with no homes yet (see Mover.place); num_rows as the user sees it; mapping: a mapped
+        table's (listed ids, their rows)."""
         num_rows = keys.rows_inside(num_rows)
         stride = native.row_stride(dim, dtype)
         shift = chunk_shift_for(stride, num_rows)
@@ -163,7 +171,11 @@ class Store:
         max_chunks = min(2 * -(-num_rows >> shift) + 2 * self.cxl_ports, (1 << 30) >> shift)
         table = Table(name, num_rows, dim, dtype, stride, shift,
                       NativeTable(name, num_rows, dim, dtype, shift, max_chunks), settings=settings, keys=keys)
-        if keys.keyed:
+        if keys.mapped:
+            ids, rows = mapping if mapping is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+            table.native.set_mapping(keys.seed, np.ascontiguousarray(ids, np.int64),
+                                     np.ascontiguousarray(rows, np.int64), keys.hash_from)
+        elif keys.keyed:
             table.native.set_keys(keys.kind, keys.seed, self.config.tiering.interval_seconds)
         if keys.managed:
             # (rows not written since this process made the table count as written long ago)
@@ -188,7 +200,7 @@ class Store:
     def install(self, tables, hold: contextlib.ExitStack | None = None, generation: int | None = None) -> list[str]:
         """Replaces every table by the given ones, each (spec as from spec(), batches of (ids,
         encoded rows) that together write every row, heat [rows inside], the keys of a managed table's
-        live rows or None); returns their names.  Call
+        live rows, a mapped table's mapping (listed ids, their rows), or None); returns their names.  Call
         inside frozen(); with hold, each new table's write lock is taken before it is published and
         released when hold closes (so that writes wait until the caller is done, then go to the new
         tables).  Each new table's generation is the spec's (a checkpoint's), or generation when
@@ -204,13 +216,14 @@ class Store:
         self._tables.clear()
         try:
             for spec, batches, heat, keys in tables:
+                space = KeySpace.from_dict(spec)
                 table = self._new_table(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"],
-                                        TableSettings.from_dict(spec), KeySpace.from_dict(spec))
+                                        TableSettings.from_dict(spec), space, keys if space.mapped else None)
                 self.mover.place(table)
                 for ids, rows in batches:
                     self._write_encoded(table, ids, rows)
                 table.native.heat[:] = heat
-                if keys is not None:
+                if keys is not None and space.managed:
                     table.native.load_keys(keys)
                 table.native.take_dirty()
                 table.serial = next(self._serials)
@@ -526,6 +539,12 @@ class Store:
         keys = table.native.keys_of_rows
         return keys.size, keys
 
+    def mapping_of(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """A mapped table's mapping, (listed ids int64, their rows uint32) as read-only views in the
+        order given; None for another table."""
+        table = self._get(name)
+        return table.native.mapping if table.keys.mapped else None
+
     def heat(self, name: str, writable: bool = False) -> np.ndarray:
         """The table's live access counters (a read-only view unless writable: the tiering policy ages them)."""
         view = self._get(name).native.heat.view()
@@ -657,13 +676,15 @@ class Store:
         chunk_table_entries = nt.chunk_parts.size  # one per chunk of each tier
         copies = table.scm_copy.nbytes + table.scm_dirty.nbytes if table.scm_copy is not None else 0
         metadata = nt.loc.nbytes + nt.heat.nbytes + 8 * (chunk_table_entries + nt.max_chunks) + copies
-        keyed = nt.keys_stats() if table.keys.managed else {}
+        keyed = nt.keys_stats() if table.keys.managed or table.keys.mapped else {}
+        managed = keyed if table.keys.managed else {}
         return TableInfo(
             name=table.name, num_rows=table.user_rows, dim=table.dim, dtype=table.dtype,
             rows_by_tier=dict(zip(names, table.rows_by_tier)), bytes_by_tier=bytes_by,
             emulated_by_tier={t.name: t.emulated for t in self.tiers},
             metadata_bytes=metadata + nt.chunk_parts.nbytes, version=table.version,
             rows_by_port=dict(table.rows_by_port), key_space=table.keys.kind, key_seed=table.keys.seed,
-            default_value=table.keys.default_value, live_ids=keyed.get("live", 0),
-            key_evictions=keyed.get("evictions", 0), map_bytes=keyed.get("map_bytes", 0),
-            unknown_ids=keyed.get("unknown", 0), recent_key_evictions=table.recent_evictions)
+            default_value=table.keys.default_value, live_ids=managed.get("live", 0),
+            key_evictions=managed.get("evictions", 0), map_bytes=keyed.get("map_bytes", 0),
+            unknown_ids=managed.get("unknown", 0), recent_key_evictions=table.recent_evictions,
+            mapped_ids=keyed.get("live", 0) if table.keys.mapped else 0, mapping_hash_from=table.keys.hash_from)

@@ -1,0 +1,200 @@
+"""MAPPED tables end to end: a real daemon serving ids through a mapping given at creation.
+
+Lookups, pooled lookups and writes follow embtier.keys.mapped_rows (listed ids to their rows,
+the others hashed into the rows from mapping_hash_from on); ExportMapping gives back exactly
+the mapping created, in pages; the mapping survives a SIGKILL (log replay), a checkpoint and a
+restore; bad mappings are INVALID_ARGUMENT naming the first bad position; recorded traces keep
+their bags."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from embtier import Client, EmbtierClientError
+from embtier.keys import mapped_rows
+
+from tests.support import run_cli, running_daemon, start_daemon
+
+I64 = np.iinfo(np.int64)
+ROWS, DIM = 1000, 4
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    with running_daemon(tmp_path_factory.mktemp("mapped"), "[tiering]\nenabled = false\n") as d, \
+            Client(d.target) as c:
+        yield d, c
+
+
+def a_mapping(rng: np.random.Generator, listed: int, rows: int, hash_from: int) -> tuple[np.ndarray, np.ndarray]:
+    """listed distinct ids from the whole int64 range (both ends among them), each given a row in
+    [0, rows): many share one, some in the hashed range too."""
+    ids = np.unique(np.concatenate([[I64.min, I64.max], rng.integers(I64.min, I64.max, listed, dtype=np.int64)]))
+    rng.shuffle(ids)
+    return ids, rng.integers(0, max(1, hash_from // 4) if hash_from else rows, ids.size).astype(np.int64)
+
+
+def queries(rng: np.random.Generator, listed: np.ndarray, n: int) -> np.ndarray:
+    """Half listed ids, half others (never listed with overwhelming odds), shuffled."""
+    return rng.permutation(np.concatenate([rng.choice(listed, n // 2), rng.integers(I64.min, I64.max, n - n // 2)]))
+
+
+@pytest.mark.parametrize("seed, hash_from", [(0, 0), (7, 600), (2**64 - 1, 999)])
+def test_lookups_and_pooled_lookups_read_the_rows_mapped_rows_gives(daemon, seed, hash_from):
+    """A mapped table and a dense twin of the same initial values: mapped[id] == dense[mapped_rows(id)],
+    raw and pooled (every offload mode), and the describe figures."""
+    _, c = daemon
+    rng = np.random.default_rng(seed % 1000)
+    ids, rows = a_mapping(rng, 300, ROWS, hash_from)
+    name = f"mapped{seed}"
+    info = c.create_table(name, ROWS, DIM, initializer="uniform", seed=11, key_space="mapped", key_seed=seed,
+                          mapping_ids=ids, mapping_rows=rows, mapping_hash_from=hash_from)
+    assert (info.key_space, info.key_seed, info.mapped_ids, info.mapping_hash_from) == ("mapped", seed, ids.size,
+                                                                                        hash_from)
+    assert info.map_bytes >= 12 * ids.size
+    twin = f"twin{seed}"
+    c.create_table(twin, ROWS, DIM, initializer="uniform", seed=11)
+    q = queries(rng, ids, 4000)
+    want = mapped_rows(q, ids, rows, ROWS, hash_from, seed)
+    unlisted = ~np.isin(q, ids)
+    assert want[unlisted].min() >= hash_from  # unlisted ids stay in the hashed range
+    got, unknown = c.lookup_counted(name, q)
+    np.testing.assert_array_equal(got, c.lookup(twin, want))
+    assert unknown == 0
+    lengths = rng.integers(0, 9, 200).astype(np.int32)
+    bag_ids = q[:lengths.sum()]
+    twin_pooled = c.lookup_pooled({twin: (mapped_rows(bag_ids, ids, rows, ROWS, hash_from, seed), lengths)})[twin]
+    for offload in ("host", "device", "switch"):
+        pooled = c.lookup_pooled({name: (bag_ids, lengths)}, offload=offload)[name]
+        np.testing.assert_allclose(pooled, twin_pooled, rtol=1e-5, atol=1e-6)
+
+
+def test_writes_through_ids_that_share_a_row_are_read_through_each_other(daemon):
+    _, c = daemon
+    ids = np.array([10, 20, 30, -5], np.int64)
+    c.create_table("shared", 50, 2, key_space="mapped", mapping_ids=ids, mapping_rows=np.array([3, 3, 4, 49]),
+                   mapping_hash_from=40)
+    c.write_rows("shared", [10], np.full((1, 2), 7, np.float32))
+    np.testing.assert_array_equal(c.lookup("shared", [20, 10, 30]), [[7, 7], [7, 7], [0, 0]])
+    other = np.int64(123456789)
+    c.write_rows("shared", [other], np.full((1, 2), 2, np.float32), add=True)
+    home = mapped_rows([other], ids, [3, 3, 4, 49], 50, 40)[0]
+    assert 40 <= home < 50
+    probe = np.arange(-10**6, 10**6, 997, dtype=np.int64)
+    same = probe[(mapped_rows(probe, ids, [3, 3, 4, 49], 50, 40) == home) & ~np.isin(probe, ids)][:3]
+    assert same.size == 3
+    np.testing.assert_array_equal(c.lookup("shared", same), np.full((3, 2), 2))
+
+
+def test_export_returns_the_mapping_as_created_in_pages(daemon):
+    d, c = daemon
+    rng = np.random.default_rng(4)
+    ids, rows = a_mapping(rng, 2500, ROWS, 500)
+    c.create_table("exported", ROWS, DIM, key_space="mapped", key_seed=5, mapping_ids=ids, mapping_rows=rows,
+                   mapping_hash_from=500)
+    for page in (0, 999, 1):
+        if page == 1:
+            got = c.export_mapping("exported", page_ids=1000)  # three pages: 1000, 1000, 502
+        else:
+            got = c.export_mapping("exported", page_ids=page)
+        np.testing.assert_array_equal(got.ids, ids)
+        np.testing.assert_array_equal(got.rows, rows)
+        assert (got.num_rows, got.hash_from, got.seed) == (ROWS, 500, 5)
+    empty = c.create_table("empty_mapping", 10, 2, key_space="mapped", mapping_hash_from=3)
+    assert empty.mapped_ids == 0
+    none = c.export_mapping("empty_mapping")
+    assert none.ids.size == 0 and none.hash_from == 3
+    np.testing.assert_array_equal(c.lookup("empty_mapping", [1, 2]), np.zeros((2, 2)))
+    with pytest.raises(EmbtierClientError) as err:
+        c.export_mapping("twin0")
+    assert err.value.code.name == "FAILED_PRECONDITION" and "'twin0' is dense, not mapped" in err.value.message
+    described = run_cli(d.target, "describe", "exported")
+    assert described.returncode == 0, described.stderr
+    assert f"mapped (seed 5): {ids.size} listed ids" in described.stdout
+    assert "any other id hashes into rows [500, 1000)" in described.stdout
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"mapping_ids": [1, 2, 3, 2], "mapping_rows": [0, 1, 2, 3]}, "mapping_ids[3] = 2 repeats mapping_ids[1]"),
+    ({"mapping_ids": [1, 2, 3], "mapping_rows": [0, 100, 200]}, "mapping_rows[1] = 100 is out of range [0, 100)"),
+    ({"mapping_ids": [1, 2, 3], "mapping_rows": [0, -1, 5]}, "mapping_rows[1] = -1 is out of range [0, 100)"),
+    ({"mapping_ids": [1, 2, 3], "mapping_rows": [0, 1]}, "mapping_ids has 3 ids but mapping_rows has 2 rows"),
+    ({"mapping_ids": [1], "mapping_rows": [0], "mapping_hash_from": 100},
+     "mapping_hash_from must be in [0, num_rows = 100), got 100"),
+    ({"mapping_ids": [1], "mapping_rows": [0], "key_space": "hashed"},
+     "mapping_ids and mapping_rows apply to mapped tables only; this one is hashed"),
+    ({"mapping_hash_from": 5, "key_space": "dense"}, "mapping_hash_from = 5 applies to mapped tables only"),
+])
+def test_bad_mappings_are_refused_naming_the_first_bad_position(daemon, fields, message):
+    _, c = daemon
+    fields = {"key_space": "mapped", **fields}
+    with pytest.raises(EmbtierClientError) as err:
+        c.create_table("bad_mapping", 100, 2, **fields)
+    assert err.value.code.name == "INVALID_ARGUMENT", err.value
+    assert message in err.value.message
+    assert "bad_mapping" not in [t.name for t in c.tables()]  # nothing was made
+
+
+def test_mappings_survive_sigkill_checkpoint_and_restore(tmp_path):
+    """Created (a CREATE_MAPPED record), written, SIGKILLed: the restart replays the mapping; a
+    checkpoint, a drop and a new table of the same name with another mapping, a restore: the first
+    mapping and its rows are back, in lookups and in the export."""
+    state = tmp_path / "s"
+    rng = np.random.default_rng(9)
+    ids, rows = a_mapping(rng, 5000, ROWS, 700)
+    q = queries(rng, ids, 3000)
+    values = rng.standard_normal((q.size, DIM)).astype(np.float32)
+    d = start_daemon(state)
+    with Client(d.target) as c:
+        c.create_table("m", ROWS, DIM, key_space="mapped", key_seed=3, mapping_ids=ids, mapping_rows=rows,
+                       mapping_hash_from=700)
+        c.write_rows("m", q, values)
+        before = c.lookup("m", q)
+    d.proc.kill()
+    d.proc.wait(timeout=30)
+    d = start_daemon(state)
+    with Client(d.target) as c:
+        np.testing.assert_array_equal(c.lookup("m", q), before)
+        first = c.checkpoint("full").id
+        c.write_rows("m", q[:10], values[:10] + 1)
+        c.checkpoint("incremental")
+        c.drop_table("m")
+        c.create_table("m", ROWS, DIM, key_space="mapped", mapping_ids=ids[:5], mapping_rows=np.zeros(5, np.int64))
+        c.restore(first)
+        np.testing.assert_array_equal(c.lookup("m", q), before)
+        got = c.export_mapping("m")
+        np.testing.assert_array_equal(got.ids, ids)
+        np.testing.assert_array_equal(got.rows, rows)
+    assert d.stop() == 0, d.log()
+    d = start_daemon(state)  # the restore, replayed from the log onto the checkpoints
+    with Client(d.target) as c:
+        np.testing.assert_array_equal(c.lookup("m", q), before)
+        assert c.describe("m").mapped_ids == ids.size
+    assert d.stop() == 0, d.log()
+
+
+def test_recorded_traces_keep_their_bags(daemon, tmp_path):
+    d, c = daemon
+    c.create_table("traced", 100, 2)
+    lengths = np.array([3, 0, 2, 5], np.int32)
+    ids = np.arange(10, dtype=np.int64)
+    out = tmp_path / "trace.npy"
+    recorder = threading.Thread(target=lambda: run_cli(d.target, "record", "traced", "--ids", "14", "-o", str(out)))
+    recorder.start()
+    for _ in range(200):  # until the recording runs and takes these
+        c.lookup_pooled({"traced": (ids, lengths)})
+        c.lookup("traced", ids[:4])
+        if not recorder.is_alive():
+            break
+    recorder.join(timeout=60)
+    trace, bags = np.load(out), np.load(tmp_path / "trace.bags.npy")
+    assert trace.size == 14 and bags.sum() == 14
+    # every bag is one a request sent: a pooled request's four bags, or a raw lookup's 4 ids as one
+    starts = np.concatenate([[0], np.cumsum(bags)[:-1]])
+    for start, n in zip(starts.tolist(), bags.tolist(), strict=True):
+        bag = trace[start:start + n]
+        assert n in (0, 2, 3, 4, 5) or start + n == 14, bags
+        if n:
+            assert np.array_equal(bag, np.arange(bag[0], bag[0] + n)), (bag, bags)
