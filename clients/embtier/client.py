@@ -339,11 +339,12 @@ class Client:
 
     # ---- rows --------------------------------------------------------------
 
-    def write_rows(self, table: str, ids, values, add: bool = False, scale: float = 1.0) -> int:
-        """Assigns values[i] to row ids[i], or adds scale * values[i] with add=True; returns the table version."""
+    def write_rows(self, table: str, ids, values, add: bool = False, scale: float = 1.0, by_row: bool = False) -> int:
+        """Assigns values[i] to the row of ids[i], or adds scale * values[i] with add=True; returns the table
+        version.  by_row: ids are rows of a hashed or mapped table, not its keys (importing rows trained offline)."""
         id_bytes, id_type = _ids(ids)
         request = pb.WriteRowsRequest(table=table, ids=id_bytes, id_type=id_type, values=_bytes(values, "<f4"),
-                                      mode=WRITE_MODES["add" if add else "assign"], scale=scale)
+                                      mode=WRITE_MODES["add" if add else "assign"], scale=scale, by_row=by_row)
         return self._call("WriteRows", request, idempotent=not add).version
 
     def lookup(self, table: str, ids, wire_dtype: str = "float32") -> np.ndarray:

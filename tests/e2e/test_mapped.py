@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 from embtier import Client, EmbtierClientError
-from embtier.keys import mapped_rows
+from embtier.keys import hashed_rows, mapped_rows
 
 from tests.support import run_cli, running_daemon, start_daemon
 
@@ -198,3 +198,34 @@ def test_recorded_traces_keep_their_bags(daemon, tmp_path):
         assert n in (0, 2, 3, 4, 5) or start + n == 14, bags
         if n:
             assert np.array_equal(bag, np.arange(bag[0], bag[0] + n)), (bag, bags)
+
+
+def test_rows_trained_offline_are_imported_by_row_and_replayed(tmp_path):
+    """by_row writes put values at rows of a mapped or hashed table (what a trainer has), which its ids
+    then read; a managed table refuses them; a SIGKILL and restart replays them as rows."""
+    state = tmp_path / "s"
+    rng = np.random.default_rng(2)
+    trained = rng.standard_normal((50, 3)).astype(np.float32)
+    ids = np.array([-1, 7, 2**40], np.int64)
+    d = start_daemon(state)
+    with Client(d.target) as c:
+        c.create_table("imp", 50, 3, key_space="mapped", key_seed=1, mapping_ids=ids, mapping_rows=[49, 0, 0],
+                       mapping_hash_from=10)
+        c.create_table("imp_hashed", 50, 3, key_space="hashed", key_seed=4)
+        c.create_table("imp_managed", 50, 3, key_space="managed")
+        c.write_rows("imp", np.arange(50), trained, by_row=True)
+        c.write_rows("imp_hashed", np.arange(50), trained, by_row=True)
+        with pytest.raises(EmbtierClientError) as err:
+            c.write_rows("imp_managed", [0], trained[:1], by_row=True)
+        assert err.value.code.name == "INVALID_ARGUMENT" and "table 'imp_managed' is managed" in err.value.message
+        with pytest.raises(EmbtierClientError) as err:
+            c.write_rows("imp", [3, 50], trained[:2], by_row=True)
+        assert err.value.code.name == "INVALID_ARGUMENT" and "ids[1] = 50 is out of range [0, 50)" in err.value.message
+    d.proc.kill()
+    d.proc.wait(timeout=30)
+    d = start_daemon(state)
+    q = np.concatenate([ids, rng.integers(I64.min, I64.max, 100)])
+    with Client(d.target) as c:
+        np.testing.assert_array_equal(c.lookup("imp", q), trained[mapped_rows(q, ids, [49, 0, 0], 50, 10, 1)])
+        np.testing.assert_array_equal(c.lookup("imp_hashed", q), trained[hashed_rows(q, 50, 4)])
+    assert d.stop() == 0, d.log()

@@ -90,11 +90,13 @@ def decode_drop(payload: bytes) -> tuple[str, int | None]:
 
 
 def encode_write(name: str, generation: int, ids: np.ndarray, values: np.ndarray, mode: str, scale: float,
-                 plan: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
+                 plan: tuple[np.ndarray, np.ndarray] | None = None, by_row: bool = False) -> bytes:
     """A WRITE record: head, ids (int64), values (float32), and for a managed table the plan: the
-    row each id has or takes (int64) and whether it takes it now (uint8)."""
+    row each id has or takes (int64) and whether it takes it now (uint8).  by_row: the ids are rows of
+    a keyed table (the head says so only then)."""
     head = json.dumps({"name": name, "generation": generation, "n": int(ids.size), "dim": int(values.shape[1]),
-                       "mode": mode, "scale": scale, "planned": plan is not None}).encode()
+                       "mode": mode, "scale": scale, "planned": plan is not None,
+                       **({"by_row": True} if by_row else {})}).encode()
     parts = [_HEADER.pack(len(head)), head, ids.astype("<i8", copy=False).tobytes(),
              values.astype("<f4", copy=False).tobytes()]
     if plan is not None:
@@ -139,8 +141,8 @@ class Journal:
         return self.wal.append(DROP, encode_drop(name, generation))
 
     def log_write(self, name: str, generation: int, ids: np.ndarray, values: np.ndarray, mode: str,
-                  scale: float, plan: tuple[np.ndarray, np.ndarray] | None = None) -> int:
-        return self.wal.append(WRITE, encode_write(name, generation, ids, values, mode, scale, plan))
+                  scale: float, plan: tuple[np.ndarray, np.ndarray] | None = None, by_row: bool = False) -> int:
+        return self.wal.append(WRITE, encode_write(name, generation, ids, values, mode, scale, plan, by_row))
 
     def log_restore(self, checkpoint_id: int) -> int:
         return self.wal.append(RESTORE, encode_restore(checkpoint_id))
@@ -205,7 +207,8 @@ def _apply(store, record, counts: dict[str, int], restore) -> None:
     elif record.kind == WRITE:
         head, ids, values, plan = decode_write(record.payload)
         _check_generation(store, head["name"], head.get("generation"))
-        store.write_rows(head["name"], ids, values, head["mode"], head["scale"], planned=plan)
+        store.write_rows(head["name"], ids, values, head["mode"], head["scale"], planned=plan,
+                         by_row=head.get("by_row", False))
         counts["write"] += 1
     elif record.kind == RESTORE:
         if restore is None:

@@ -281,7 +281,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         self._admit(context, ids.size)
         values = array(request.values, "<f4", "values")
         mode = enum_value(pb.WriteMode, WRITE_MODES, request.mode, "mode")
-        version = self.store.write_rows(request.table, ids, values, mode, request.scale or 1.0)
+        version = self.store.write_rows(request.table, ids, values, mode, request.scale or 1.0, by_row=request.by_row)
         return pb.WriteRowsResponse(rows_written=ids.size, version=version)
 
     def Lookup(self, request, context):

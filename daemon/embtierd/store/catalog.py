@@ -399,24 +399,26 @@ class Store:
         return part_rows
 
     def write_rows(self, name: str, ids: np.ndarray, values: np.ndarray, mode: str = "assign",
-                   scale: float = 1.0, planned: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+                   scale: float = 1.0, planned: tuple[np.ndarray, np.ndarray] | None = None,
+                   by_row: bool = False) -> int:
         """Stores values[i] at the row of ids[i] (assign: a later duplicate wins) or adds scale *
         values[i] (add: duplicates accumulate); values is [len(ids), dim] float32, or flat as it came
         off the wire.  ids are the table's keys: a managed table gives each new id a row (evicting its
         coldest unprotected id when full: KeyspaceFullError when every live id is protected, and
         nothing is written), a hashed one hashes them.  planned: (rows, fresh) a replayed record of a
-        managed table logged, applied as they are.  Returns the table's new version.  A write waits
+        managed table logged, applied as they are.  by_row: the ids are rows of a dense, hashed or mapped
+        table (an import of rows trained offline), in [0, num_rows).  Returns the table's new version.  A write waits
         while a restore replaces the tables and then applies to the restored table; one that waited
         for a table being dropped fails with NotFoundError and leaves no record."""
         while True:
             with self._lock:  # (a restore holds it until the restored tables are in place)
                 table = self._get(name)
-            version = self._write(table, ids, values, mode, scale, planned)
+            version = self._write(table, ids, values, mode, scale, planned, by_row)
             if version is not None:
                 return version
 
     def _write(self, table: Table, ids: np.ndarray, values: np.ndarray, mode: str, scale: float,
-               planned: tuple[np.ndarray, np.ndarray] | None) -> int | None:
+               planned: tuple[np.ndarray, np.ndarray] | None, by_row: bool = False) -> int | None:
         """write_rows on one table; None when a restore replaced it before the write got its lock."""
         name = table.name
         ids = require(ids, "ids", np.int64, 1)
@@ -433,7 +435,10 @@ class Store:
             raise InvalidArgumentError(f"mode must be one of {', '.join(WRITE_MODES)}; got {mode!r}")
         if not math.isfinite(scale):
             raise InvalidArgumentError(f"scale must be finite, got {scale}")
-        if not table.keys.keyed:
+        if by_row and table.keys.managed:
+            raise InvalidArgumentError(f"by_row applies to dense, hashed and mapped tables; table {name!r} is managed: "
+                                       f"its rows belong to its ids (write by id)")
+        if by_row or not table.keys.keyed:
             self._check_ids(table, ids)
         # what an assignment stores must fit the table's dtype; an addition's increments must be finite
         codec.check_storable(values, table.dtype if mode == "assign" else "float32")
@@ -441,7 +446,7 @@ class Store:
             if table.retired == "restored":
                 return None
             table.check_live()
-            rows, fresh = planned if planned is not None else self._plan(table, ids)
+            rows, fresh = planned if planned is not None else (ids, None) if by_row else self._plan(table, ids)
             if mode == "add":  # ... and so must the sums
                 targets, data = self._added_rows(table, rows, fresh, values, scale)
                 codec.check_storable(data, table.dtype, f"the sum of scale x values and table {name!r}", targets)
@@ -451,7 +456,7 @@ class Store:
             # logged once nothing but the store itself can fail (an SCM write: a device error), with the
             # rows a managed table's ids take: a replay cannot choose them again (eviction follows heat)
             lsn = self.journal.log_write(name, table.generation, ids, values, mode, scale,
-                                         (rows, fresh) if table.keys.managed else None) if self.journal else 0
+                                         (rows, fresh) if table.keys.managed else None, by_row) if self.journal else 0
             if table.keys.managed:
                 self._take_rows(table, ids, rows, fresh)
             table.native.write_rows(targets, encoded)
