@@ -6,6 +6,7 @@
             | bench --table T ... | bench --scenario FILE [--streams N | --load X] [--capacity]
             | checkpoint [--kind K --bits B] | checkpoints | restore ID
             | fabric up|down|status|run|bench   (the shaped-link test bed; root)
+            | mapping build --trace FILE.npy --kind K --rows N -o FILE.npz | mapping stats | mapping export T
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +261,121 @@ def cmd_import(c: Client, args) -> None:
     sys.stderr.write("\n")
 
 
+class StageBar:
+    """progress(stage, done, total) callbacks drawn as a bar on stderr, one line per stage."""
+
+    WIDTH = 40
+
+    def __init__(self) -> None:
+        self.stage: str | None = None
+        self.started = self.drawn = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if stage != self.stage:
+            self.close()
+            self.stage, self.started = stage, now
+        elif done < total and now - self.drawn < 0.1:
+            return
+        self.drawn = now
+        filled = int(self.WIDTH * done / max(total, 1))
+        sys.stderr.write(f"\r{stage:<20} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total}  "
+                         f"{now - self.started:.1f} s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        """Ends the current stage's line."""
+        if self.stage is not None:
+            sys.stderr.write("\n")
+            self.stage = None
+
+
+def cmd_mapping_build(args) -> None:
+    from embtier_tools import mapping
+
+    if args.from_table and args.kind != "learned":
+        raise ValueError(f"--from-table gives learned its vectors; --kind is {args.kind}")
+    if args.frequent_share is not None and args.kind == "hash":
+        raise ValueError("--frequent-share is for the frequency and learned kinds")
+    trace = mapping.load_trace(args.trace)
+    options = {} if args.frequent_share is None else {"frequent_share": args.frequent_share}
+    bar = StageBar()
+    started = time.monotonic()
+    with ExitStack() as stack:
+        stack.callback(bar.close)
+        if args.from_table:
+            client = stack.enter_context(connect(args))
+            options["vectors"] = lambda ids: client.lookup(args.from_table, ids)
+        built = mapping.BUILDERS[args.kind](trace, args.rows, seed=args.seed, progress=bar, **options)
+    built.save(args.output)
+    print(f"{args.kind} mapping onto {built.num_rows} rows from {trace.ids.size} accesses: {built.ids.size} ids listed, "
+          f"any other id hashed into rows [{built.hash_from}, {built.num_rows}) with seed {built.seed}; "
+          f"{time.monotonic() - started:.1f} s -> {args.output}")
+
+
+def cmd_mapping_stats(args) -> None:
+    from embtier_tools import mapping
+
+    trace = mapping.load_trace(args.trace)
+    built = mapping.Mapping.load(args.mapping)
+    groups = mapping.load_groups(args.groups) if args.groups else None
+    print(f"{args.mapping}: {built.kind} mapping, {built.ids.size} ids listed, any other id hashed into rows "
+          f"[{built.hash_from}, {built.num_rows}) with seed {built.seed}")
+    print(mapping.format_stats(mapping.stats(built, trace, groups)))
+
+
+def cmd_mapping_export(args) -> None:
+    from embtier_tools import mapping
+
+    with connect(args) as client:
+        exported = client.export_mapping(args.name)
+    table = mapping.Mapping(exported.ids, exported.rows, exported.num_rows, exported.hash_from, exported.seed,
+                            "exported")
+    table.save(args.output)
+    print(f"{args.name}: {table.ids.size} ids listed, any other id hashed into rows [{table.hash_from}, "
+          f"{table.num_rows}) with seed {table.seed} -> {args.output}")
+
+
+MAPPING_COMMANDS = {"build": cmd_mapping_build, "stats": cmd_mapping_stats, "export": cmd_mapping_export}
+
+
+def cmd_mapping(args) -> None:
+    """`embtier mapping ...`: build and stats run offline; export and build --from-table ask the daemon."""
+    try:
+        MAPPING_COMMANDS[args.mapping_command](args)
+    except ValueError as e:
+        raise SystemExit(f"embtier mapping {args.mapping_command}: {e}") from None
+
+
+def add_mapping_commands(sub) -> None:
+    from embtier_tools.mapping import BUILDERS
+
+    s = sub.add_parser("build", help="a mapping built from a recorded trace (FILE.npy and its FILE.bags.npy), "
+                       "for `embtier create --key-space mapped --mapping FILE`")
+    s.add_argument("--trace", required=True, help="FILE.npy of ids from `embtier record`; co-access is counted "
+                   "within the bags of FILE.bags.npy")
+    s.add_argument("--kind", required=True, choices=list(BUILDERS),
+                   help="hash: the hashing trick (nothing listed); frequency: the most frequent ids a row each, the "
+                   "others hashed into the rest; learned: as frequency, the other ids seen clustered into the rest "
+                   "by co-access (or by --from-table's rows), so that ids used alike share rows")
+    s.add_argument("--rows", type=int, required=True, help="rows of the table the mapping is for")
+    s.add_argument("--frequent-share", type=float, help="frequency, learned: the share of the rows that the most "
+                   "frequent ids get, one each (default 0.5)")
+    s.add_argument("--seed", type=int, default=0, help="the hash's seed (0 to 2^64-1; learned: also of its random "
+                   "vectors)")
+    s.add_argument("--from-table", metavar="T", help="learned: embed the ids by table T's rows (read from the "
+                   "daemon) instead of by their co-access")
+    s.add_argument("-o", "--output", required=True, help="the mapping file (.npz)")
+    s = sub.add_parser("stats", help="how a mapping's rows are shared by the ids of a trace")
+    s.add_argument("--trace", required=True, help="FILE.npy of ids")
+    s.add_argument("--mapping", required=True, help="a mapping file (.npz, from build or export)")
+    s.add_argument("--groups", help=".npz with arrays ids and groups (integers): how the colliding pairs fall "
+                   "within groups, against chance")
+    s = sub.add_parser("export", help="the mapping of a mapped table, into a mapping file")
+    s.add_argument("name")
+    s.add_argument("-o", "--output", required=True, help="the mapping file (.npz)")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="embtier", description="Command line of the embtier daemon.")
     p.add_argument("--target", default=os.environ.get("EMBTIER_TARGET") or default_target(),
@@ -352,6 +469,15 @@ def parse_args(argv):
     s.add_argument("--pooling-factor", type=int, default=32)
     s.add_argument("--alpha", type=float, default=1.05)
     s.add_argument("--raw", action="store_true", help="Lookup the raw rows instead of LookupPooled")
+    s = sub.add_parser("mapping", help="id -> row mappings of mapped tables: build one from a recorded trace, "
+                       "measure its collisions, export a table's",
+                       description="Mappings of mapped tables (listed ids -> rows, any other id hashed into the "
+                       "rows from hash_from on). Record a trace (embtier record T --ids N -o trace.npy), build "
+                       "a mapping from it (embtier mapping build --trace trace.npy --kind learned --rows N -o "
+                       "m.npz), compare kinds (embtier mapping stats --trace trace.npy --mapping m.npz), create "
+                       "the table with it (embtier create T2 ... --key-space mapped --mapping m.npz). The "
+                       "kinds and the file are described in embtier_tools/mapping.py.")
+    add_mapping_commands(s.add_subparsers(dest="mapping_command", required=True))
     s = sub.add_parser("fabric", help="the shaped-link test bed (root): host and switch network namespaces "
                        "joined by a veth pair shaped with tc")
     fabric_sub = s.add_subparsers(dest="fabric_command", required=True)
@@ -398,6 +524,11 @@ COMMANDS = {"tables": cmd_tables, "describe": cmd_describe, "create": cmd_create
             "checkpoints": cmd_checkpoints, "restore": cmd_restore}
 
 
+def connect(args) -> Client:
+    tls = TlsOptions(args.ca, args.cert, args.key) if args.ca else None
+    return Client(args.target, timeout=args.timeout, tls=tls)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "simulate":  # offline: no daemon needed
@@ -406,8 +537,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fabric":  # the test bed: no daemon to connect to
         return cmd_fabric(args)
     try:
-        tls = TlsOptions(args.ca, args.cert, args.key) if args.ca else None
-        with Client(args.target, timeout=args.timeout, tls=tls) as client:
+        if args.command == "mapping":
+            cmd_mapping(args)
+            return 0
+        with connect(args) as client:
             COMMANDS[args.command](client, args)
     except EmbtierClientError as e:
         print(f"embtier: {e}", file=sys.stderr)
