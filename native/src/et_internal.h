@@ -61,9 +61,26 @@ typedef struct {
     uint32_t pool_level;   /* heat of pool[pool_pos] when filled */
     uint32_t level_start[257];
     pthread_mutex_t plan_lock; /* one plan at a time: the pool is the plans' */
-    uint32_t *maps;        /* MAPPED: [capacity], the row of listed id key[i] (the map's entries are the listed
-                              ids, not rows; set once, read-only after); NULL for a MANAGED map */
 } et_keymap;
+
+/* A MAPPED table's listed ids (keys.c), set once and read-only after: an open-addressing table of
+ * 16-byte slots, each a listed id and its row (a probe compares and reads one slot, most often within
+ * one cache line: linear probing from the multiply-shift of the id's hash onto the slots, 3/2 slots an
+ * id), and the mapping as it was given (ids[n], rows[n]: what exports and checkpoints read). */
+typedef struct {
+    int64_t key;
+    uint32_t row;
+    uint32_t full;         /* 0: an empty slot */
+} et_mapslot;
+
+typedef struct {
+    et_mapslot *slot;      /* [slots] */
+    uint64_t slots;
+    int64_t *ids;          /* [n], as given */
+    uint32_t *rows;        /* [n] */
+    int64_t n;
+    uint64_t bytes;        /* of the slots and the arrays: what et_keys_stats reports */
+} et_mapping;
 
 #define ET_KEYS_EMPTY UINT32_MAX /* an empty bucket: a row field of all ones, which no row has */
 
@@ -93,8 +110,8 @@ struct et_table {
     int32_t keys_set;      /* et_table_set_keys ran */
     uint64_t key_mix;      /* HASHED and MAPPED: seed * 0x9E3779B97F4A7C15 */
     int64_t hash_from;     /* MAPPED: ids not listed hash into rows [hash_from, num_rows) */
-    et_keymap *keys;       /* MANAGED: the map; MAPPED: the listed ids' map (NULL when none are listed); NULL
-                              otherwise */
+    et_keymap *keys;       /* MANAGED: the map; NULL otherwise */
+    et_mapping *mapping;   /* MAPPED: its listed ids (NULL when none are listed); NULL otherwise */
     atomic_int dropped;
     pthread_rwlock_t lock; /* readers: lookups, raw reads, et_partition, plans; writers: row writes, publish,
                               chunk and chunk-part setters, SCM file, dirty take, drop, key applies and loads,
@@ -152,6 +169,7 @@ void et_keys_tick(et_table *t);
  * returns how many were unknown (MANAGED; 0 otherwise: every id has a row). */
 int64_t et_keys_translate(const et_table *t, const int64_t *keys, int64_t *rows, int64_t p0, int64_t p1);
 void et_keys_free(et_keymap *m);
+void et_mapping_free(et_mapping *m);
 
 /* Rows per 4 KiB SCM block (0 when a row spans several blocks). */
 static inline int64_t et_scm_rows_per_block(int32_t stride) {

@@ -1,9 +1,9 @@
 /* Key spaces: how a table's ids become rows.  HASHED tables hash; MANAGED
  * tables keep a map that gives each distinct id a row of its own and, once
  * every row is taken, evicts the coldest id that is not protected; MAPPED
- * tables keep a map, made once, of listed ids to the rows a mapping gives
- * them (its entries are the listed ids, with a row each in maps[]), and
- * hash the others into the rows from hash_from on.
+ * tables keep a table, made once, of listed ids to the rows a mapping gives
+ * them (et_mapping: 16-byte slots of id and row), and hash the others into
+ * the rows from hash_from on.
  *
  * The map of a MANAGED table (et_keymap), in one mapping with huge pages
  * requested (lookups probe it at random):
@@ -47,7 +47,6 @@ static uint64_t align8(uint64_t bytes) { return (bytes + 7) & ~(uint64_t)7; }
 void et_keys_free(et_keymap *m) {
     if (!m) return;
     if (m->key) et_mem_unmap(m->key, m->mapped);
-    free(m->maps);
     pthread_mutex_destroy(&m->plan_lock);
     free(m);
 }
@@ -152,7 +151,51 @@ static int build_index(const et_keymap *m, uint32_t *index, const int64_t *keys,
 
 /* ---- mappings (MAPPED) ------------------------------------------------------- */
 
-#define ET_MAPPING_MAX ((int64_t)UINT32_MAX - 1) /* entries, so that a bucket's row field never reads as empty */
+#define ET_MAPPING_MAX ((int64_t)UINT32_MAX - 1) /* listed ids, at most */
+
+void et_mapping_free(et_mapping *m) {
+    if (!m) return;
+    if (m->slot) et_mem_unmap(m->slot, m->slots * sizeof *m->slot);
+    free(m->ids);
+    free(m->rows);
+    free(m);
+}
+
+static uint64_t mapping_home(const et_mapping *m, uint64_t h) { return et_mulhi(h, m->slots); }
+
+/* A mapping of ids[n] -> rows[n] (checked: rows in range), or NULL with *rc = ET_E_NOMEM, or ET_E_ARG
+ * with *err_pos = the second position of an id listed twice. */
+static et_mapping *new_mapping(const int64_t *ids, const int64_t *rows, int64_t n, int *rc, int64_t *err_pos) {
+    *rc = ET_E_NOMEM;
+    et_mapping *m = calloc(1, sizeof *m);
+    if (!m) return NULL;
+    m->n = n;
+    m->slots = (uint64_t)n + (uint64_t)n / 2 + 1;
+    int err, huge_err;
+    m->slot = et_mem_map(m->slots * sizeof *m->slot, 1, &err, &huge_err); /* (zeroed: every slot empty) */
+    m->ids = malloc((size_t)n * sizeof *m->ids);
+    m->rows = malloc((size_t)n * sizeof *m->rows);
+    if (!m->slot || !m->ids || !m->rows) {
+        et_mapping_free(m);
+        return NULL;
+    }
+    m->bytes = m->slots * sizeof *m->slot + (uint64_t)n * (sizeof *m->ids + sizeof *m->rows);
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t s = mapping_home(m, et_keys_hash(ids[i]));
+        for (; m->slot[s].full; s = s + 1 == m->slots ? 0 : s + 1)
+            if (m->slot[s].key == ids[i]) {
+                *err_pos = i;
+                *rc = ET_E_ARG;
+                et_mapping_free(m);
+                return NULL;
+            }
+        m->slot[s] = (et_mapslot){ids[i], (uint32_t)rows[i], 1};
+        m->ids[i] = ids[i];
+        m->rows[i] = (uint32_t)rows[i];
+    }
+    *rc = ET_OK;
+    return m;
+}
 
 int et_table_set_mapping(et_table *t, uint64_t seed, const int64_t *ids, const int64_t *rows, int64_t n,
                          int64_t hash_from, int64_t *err_pos) {
@@ -167,25 +210,10 @@ int et_table_set_mapping(et_table *t, uint64_t seed, const int64_t *ids, const i
             return ET_E_ID_RANGE;
         }
     if (atomic_load(&t->dropped)) return ET_E_DROPPED;
-    et_keymap *m = NULL;
-    if (n > 0) {
-        m = new_map(n, 0);
-        if (m) m->maps = malloc((size_t)n * sizeof *m->maps);
-        if (!m || !m->maps) {
-            et_keys_free(m);
-            return ET_E_NOMEM;
-        }
-        int rc = build_index(m, m->index, ids, n, err_pos);
-        if (rc) {
-            et_keys_free(m);
-            return rc;
-        }
-        memcpy(m->key, ids, (size_t)n * sizeof *ids);
-        for (int64_t i = 0; i < n; i++) m->maps[i] = (uint32_t)rows[i];
-        m->live = n;
-        m->bytes += (uint64_t)n * sizeof *m->maps;
-    }
-    t->keys = m;
+    int rc = ET_OK;
+    et_mapping *m = n > 0 ? new_mapping(ids, rows, n, &rc, err_pos) : NULL;
+    if (rc) return rc;
+    t->mapping = m;
     t->key_space = ET_KEYS_MAPPED;
     t->key_mix = seed * 0x9E3779B97F4A7C15ull;
     t->hash_from = hash_from;
@@ -194,10 +222,39 @@ int et_table_set_mapping(et_table *t, uint64_t seed, const int64_t *ids, const i
 }
 
 void et_mapping_of(et_table *t, const int64_t **ids, const uint32_t **rows, int64_t *entries) {
-    const int mapped = t->key_space == ET_KEYS_MAPPED && t->keys;
-    *ids = mapped ? t->keys->key : NULL;
-    *rows = mapped ? t->keys->maps : NULL;
-    *entries = mapped ? t->keys->live : 0;
+    const et_mapping *m = t->key_space == ET_KEYS_MAPPED ? t->mapping : NULL;
+    *ids = m ? m->ids : NULL;
+    *rows = m ? m->rows : NULL;
+    *entries = m ? m->n : 0;
+}
+
+/* rows[p] for p in [p0, p1) of a MAPPED table with listed ids: a pipeline, the home slot of p + AHEAD
+ * prefetched while p is probed; an id not listed hashes into [hash_from, num_rows). */
+static void probe_mapping(const et_table *t, const int64_t *keys, int64_t *rows, int64_t p0, int64_t p1) {
+    const et_mapping *m = t->mapping;
+    const uint64_t mix = t->key_mix;
+    const int64_t base = t->hash_from, span = t->num_rows - t->hash_from;
+    uint64_t homes[2 * ET_KEYS_AHEAD];
+    const int64_t mask = 2 * ET_KEYS_AHEAD - 1;
+    for (int64_t q = p0; q < p1 && q < p0 + ET_KEYS_AHEAD; q++) {
+        homes[q & mask] = mapping_home(m, et_keys_hash(keys[q]));
+        __builtin_prefetch(&m->slot[homes[q & mask]], 0, 3);
+    }
+    for (int64_t p = p0; p < p1; p++) {
+        const int64_t a = p + ET_KEYS_AHEAD;
+        if (a < p1) {
+            homes[a & mask] = mapping_home(m, et_keys_hash(keys[a]));
+            __builtin_prefetch(&m->slot[homes[a & mask]], 0, 3);
+        }
+        const int64_t id = keys[p];
+        int64_t row = -1;
+        for (uint64_t s = homes[p & mask]; m->slot[s].full; s = s + 1 == m->slots ? 0 : s + 1)
+            if (m->slot[s].key == id) {
+                row = m->slot[s].row;
+                break;
+            }
+        rows[p] = row >= 0 ? row : base + et_hash_row(id, mix, span);
+    }
 }
 
 /* ---- epochs ---------------------------------------------------------------- */
@@ -248,7 +305,6 @@ static int is_protected(const et_keymap *m, int64_t r) {
  * home bucket names, and p is probed. */
 static int64_t probe(const et_keymap *m, const int64_t *keys, int64_t *rows, int64_t p0, int64_t p1,
                      _Atomic uint64_t *touched, int64_t missing) {
-    const uint32_t *maps = m->maps; /* MAPPED: an entry's row */
     int64_t misses = 0;
     uint64_t hashes[4 * ET_KEYS_AHEAD];
     const int64_t mask = 4 * ET_KEYS_AHEAD - 1;
@@ -266,14 +322,13 @@ static int64_t probe(const et_keymap *m, const int64_t *keys, int64_t *rows, int
             const uint32_t bucket = m->index[et_keys_home(m, hashes[b & mask])];
             if (bucket != ET_KEYS_EMPTY) { /* (a lookup reads the placement entry in a later pass: not here) */
                 __builtin_prefetch(&m->key[bucket & m->row_mask], 0, 3);
-                if (maps) __builtin_prefetch(&maps[bucket & m->row_mask], 0, 3);
                 if (touched) __builtin_prefetch(&touched[(bucket & m->row_mask) >> 6], 1, 3);
             }
         }
         const int64_t r = et_keys_find(m, keys[p], hashes[p & mask]);
         if (r >= 0) {
             if (touched) et_keys_touch(touched, r);
-            rows[p] = maps ? maps[r] : r;
+            rows[p] = r;
         } else {
             misses++;
             rows[p] = missing;
@@ -284,15 +339,13 @@ static int64_t probe(const et_keymap *m, const int64_t *keys, int64_t *rows, int
 
 int64_t et_keys_translate(const et_table *t, const int64_t *keys, int64_t *rows, int64_t p0, int64_t p1) {
     if (t->key_space == ET_KEYS_MAPPED) {
-        const uint64_t mix = t->key_mix;
-        const int64_t base = t->hash_from, span = t->num_rows - t->hash_from;
-        if (!t->keys) {
+        if (t->mapping) {
+            probe_mapping(t, keys, rows, p0, p1);
+        } else {
+            const uint64_t mix = t->key_mix;
+            const int64_t base = t->hash_from, span = t->num_rows - t->hash_from;
             for (int64_t p = p0; p < p1; p++) rows[p] = base + et_hash_row(keys[p], mix, span);
-            return 0;
         }
-        probe(t->keys, keys, rows, p0, p1, NULL, -1);
-        for (int64_t p = p0; p < p1; p++)
-            if (rows[p] < 0) rows[p] = base + et_hash_row(keys[p], mix, span);
         return 0;
     }
     if (t->key_space == ET_KEYS_HASHED) {
@@ -621,13 +674,13 @@ int et_keys_stats(et_table *t, int64_t *stats, int64_t stats_len) {
     if (stats_len < ET_KEYS_STATS) return ET_E_SIZE;
     if (atomic_load(&t->dropped)) return ET_E_DROPPED;
     memset(stats, 0, ET_KEYS_STATS * sizeof *stats);
-    et_keymap *m = t->keys;
-    if (!m) return ET_OK;
-    if (t->key_space == ET_KEYS_MAPPED) { /* (never changes) */
-        stats[ET_KEYS_STAT_LIVE] = m->live;
-        stats[ET_KEYS_STAT_BYTES] = (int64_t)m->bytes;
+    if (t->mapping) { /* (never changes) */
+        stats[ET_KEYS_STAT_LIVE] = t->mapping->n;
+        stats[ET_KEYS_STAT_BYTES] = (int64_t)t->mapping->bytes;
         return ET_OK;
     }
+    et_keymap *m = t->keys;
+    if (!m) return ET_OK;
     pthread_rwlock_rdlock(&t->lock);
     stats[ET_KEYS_STAT_LIVE] = m->live;
     stats[ET_KEYS_STAT_EVICTIONS] = m->evictions;

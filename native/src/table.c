@@ -29,6 +29,7 @@ static void free_table(et_table *t) {
     free(t->scm_off);
     free(t->chunk_part);
     et_keys_free(t->keys);
+    et_mapping_free(t->mapping);
     free(t);
 }
 
