@@ -97,9 +97,25 @@ def describe_keys(info: TableInfo) -> str:
 
 
 def cmd_create(c: Client, args) -> None:
+    mapping, key_space, key_seed = {}, args.key_space, args.key_seed
+    if args.mapping:  # a mapped table: the file's mapping, seed and rows
+        from embtier_tools.mapping import Mapping
+
+        try:
+            m = Mapping.load(args.mapping)
+        except ValueError as e:
+            raise SystemExit(f"embtier create: --mapping {e}") from None
+        if m.num_rows != args.rows:
+            raise SystemExit(f"embtier create: --mapping {args.mapping} maps onto {m.num_rows} rows, not --rows "
+                             f"{args.rows}")
+        if key_space not in ("dense", "mapped") or (args.key_seed and args.key_seed != m.seed):
+            raise SystemExit("embtier create: --mapping makes a mapped table with the file's seed; drop "
+                             "--key-space and --key-seed, or give the file's")
+        mapping = {"mapping_ids": m.ids, "mapping_rows": m.rows, "mapping_hash_from": m.hash_from}
+        key_space, key_seed = "mapped", m.seed
     print(format_table(c.create_table(args.name, args.rows, args.dim, args.dtype, args.init, args.seed,
-                                      args.scale, key_space=args.key_space, default_value=args.default_value,
-                                      key_seed=args.key_seed)))
+                                      args.scale, key_space=key_space, default_value=args.default_value,
+                                      key_seed=key_seed, **mapping)))
 
 
 def cmd_drop(c: Client, args) -> None:
@@ -164,6 +180,13 @@ def cmd_record(c: Client, args) -> None:
             "interval_seconds": trace.interval_seconds, "bandwidth_bytes_per_second": trace.bandwidth_bytes_per_second,
             "heat_sample_shift": trace.heat_sample_shift, "policy": trace.policy,
             "key_space": trace.key_space, "key_seed": trace.key_seed}
+    if trace.key_space == "mapped":  # what `embtier simulate` maps the ids to rows with
+        from embtier_tools.mapping import Mapping
+
+        exported = c.export_mapping(args.name)
+        Mapping(exported.ids, exported.rows, exported.num_rows, exported.hash_from, exported.seed,
+                "exported").save(out.with_suffix(".mapping.npz"))
+        meta["mapping_file"] = out.with_suffix(".mapping.npz").name
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     rate = trace.ids.size / trace.seconds if trace.seconds > 0 else float("nan")
     print(f"recorded {trace.ids.size} ids in {trace.lengths.size} bags of {args.name} in {trace.seconds:.1f} s "
@@ -399,9 +422,13 @@ def parse_args(argv):
     s.add_argument("--scale", type=float, default=0.0, help="uniform range; 0 = 1/sqrt(rows)")
     s.add_argument("--key-space", default="dense", choices=list(KEY_SPACES),
                    help="dense: ids are rows; hashed: any int64 id, hashed to a row; managed: any int64 id, a row "
-                        "of its own from its first write (the coldest id is evicted when full)")
+                        "of its own from its first write (the coldest id is evicted when full); mapped: give "
+                        "--mapping")
     s.add_argument("--default-value", type=float, default=0.0, help="managed: what unknown ids read")
     s.add_argument("--key-seed", type=int, default=0, help="hashed: the hash's seed (0 to 2^64-1)")
+    s.add_argument("--mapping", metavar="FILE.npz",
+                   help="a mapped table with this mapping (from `embtier mapping build` or `export`): its listed "
+                        "ids, rows, seed and hashed range; --rows must be the file's")
     s = sub.add_parser("drop", help="drop a table")
     s.add_argument("name")
     s = sub.add_parser("import", help="write a .npy file [rows, dim] into a table, in chunks")

@@ -17,11 +17,14 @@ from embtier.keys import hashed_rows
 from embtier_tools.loadgen import LoadGenerator, Workload
 
 
-def rows_of_keys(ids: np.ndarray, num_rows: int, key_space: str, seed: int) -> np.ndarray:
+def rows_of_keys(ids: np.ndarray, num_rows: int, key_space: str, seed: int, mapping=None) -> np.ndarray:
     """The rows a recorded trace's ids (a keyed table records them raw) read: a hashed table's are
-    the hash; a managed table's the rows its ids would take in order of first appearance (its
-    first writes, approximately), so that a trace of more distinct ids than rows shares rows in
-    turn (the evictions the trace would cause are not modelled); a dense table's are the ids."""
+    the hash; a mapped table's its mapping's (an embtier_tools.mapping.Mapping); a managed table's
+    the rows its ids would take in order of first appearance (its first writes, approximately), so
+    that a trace of more distinct ids than rows shares rows in turn (the evictions the trace would
+    cause are not modelled); a dense table's are the ids."""
+    if key_space == "mapped":
+        return mapping.rows_of(ids)
     if key_space == "hashed":
         return hashed_rows(np.asarray(ids, dtype=np.int64), num_rows, seed)
     if key_space != "managed":
@@ -69,7 +72,17 @@ def simulate_trace(args) -> None:
     if min(drams + cxls) < 0 or bandwidth < 0:
         raise SystemExit("embtier simulate: --dram, --cxl and --budget take sizes (\"none\" is for `embtier policy`)")
     policies = args.policy or [meta.get("policy", "lfu")]
-    trace = rows_of_keys(trace, num_rows, meta.get("key_space", "dense"), int(meta.get("key_seed", 0)))
+    mapping = None
+    if meta.get("key_space") == "mapped":  # `embtier record` saved the table's mapping beside the trace
+        from embtier_tools.mapping import Mapping
+
+        if "mapping_file" not in meta:
+            raise SystemExit(f"embtier simulate: {meta_path} is of a mapped table but names no mapping file")
+        try:
+            mapping = Mapping.load(meta_path.with_name(meta["mapping_file"]))
+        except ValueError as e:
+            raise SystemExit(f"embtier simulate: {e}") from None
+    trace = rows_of_keys(trace, num_rows, meta.get("key_space", "dense"), int(meta.get("key_seed", 0)), mapping)
     intervals = -(-trace.size // per_interval)
     warmup = min(args.warmup_intervals, max(0, intervals - 1))
     measured = np.asarray(trace[warmup * per_interval:])

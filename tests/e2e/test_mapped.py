@@ -8,7 +8,10 @@ their bags."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -181,14 +184,16 @@ def test_recorded_traces_keep_their_bags(daemon, tmp_path):
     lengths = np.array([3, 0, 2, 5], np.int32)
     ids = np.arange(10, dtype=np.int64)
     out = tmp_path / "trace.npy"
-    recorder = threading.Thread(target=lambda: run_cli(d.target, "record", "traced", "--ids", "14", "-o", str(out)))
+    recorded = []
+    recorder = threading.Thread(target=lambda: recorded.append(
+        run_cli(d.target, "record", "traced", "--ids", "14", "--timeout", "60", "-o", str(out))))
     recorder.start()
-    for _ in range(200):  # until the recording runs and takes these
+    deadline = time.monotonic() + 60
+    while recorder.is_alive() and time.monotonic() < deadline:  # until the recording has taken 14 ids
         c.lookup_pooled({"traced": (ids, lengths)})
         c.lookup("traced", ids[:4])
-        if not recorder.is_alive():
-            break
     recorder.join(timeout=60)
+    assert recorded and recorded[0].returncode == 0, recorded and recorded[0].stderr
     trace, bags = np.load(out), np.load(tmp_path / "trace.bags.npy")
     assert trace.size == 14 and bags.sum() == 14
     # every bag is one a request sent: a pooled request's four bags, or a raw lookup's 4 ids as one
@@ -229,3 +234,61 @@ def test_rows_trained_offline_are_imported_by_row_and_replayed(tmp_path):
         np.testing.assert_array_equal(c.lookup("imp", q), trained[mapped_rows(q, ids, [49, 0, 0], 50, 10, 1)])
         np.testing.assert_array_equal(c.lookup("imp_hashed", q), trained[hashed_rows(q, 50, 4)])
     assert d.stop() == 0, d.log()
+
+
+def test_the_mapping_workflow_through_the_command_line(daemon, tmp_path):
+    """record (ids and bags) -> mapping build (learned) -> create --mapping -> lookups follow the file's
+    mapping -> mapping export gives the file's mapping back."""
+    from embtier_tools.mapping import Mapping
+
+    d, c = daemon
+    c.create_table("source", 4000, 2, key_space="hashed")
+    rng = np.random.default_rng(8)
+    groups = rng.choice(1 << 40, (20, 30), replace=False).astype(np.int64)  # 20 groups of 30 ids
+    out = tmp_path / "trace.npy"
+    recorded = []
+    recorder = threading.Thread(target=lambda: recorded.append(
+        run_cli(d.target, "record", "source", "--ids", "6000", "--timeout", "60", "-o", str(out))))
+    recorder.start()
+    deadline = time.monotonic() + 60
+    while recorder.is_alive() and time.monotonic() < deadline:  # bags of 10 ids of one group each
+        picks = groups[rng.integers(0, 20, 50)[:, None], rng.integers(0, 30, (50, 10))].ravel()
+        c.lookup_pooled({"source": (picks, np.full(50, 10, np.int32))})
+    recorder.join(timeout=60)
+    assert recorded and recorded[0].returncode == 0, recorded and recorded[0].stderr
+    built = run_cli(d.target, "mapping", "build", "--trace", str(out), "--kind", "learned", "--rows", "100",
+                    "--frequent-share", "0.2", "-o", str(tmp_path / "m.npz"))
+    assert built.returncode == 0, built.stderr
+    m = Mapping.load(tmp_path / "m.npz")
+    assert m.ids.size == 600 and m.hash_from == 20  # every id seen is listed; 20 frequent ones own a row
+    made = run_cli(d.target, "create", "learned", "--rows", "100", "--dim", "2", "--init", "uniform",
+                   "--mapping", str(tmp_path / "m.npz"))
+    assert made.returncode == 0, made.stderr
+    c.create_table("learned_twin", 100, 2, initializer="uniform")
+    q = np.concatenate([groups.ravel(), rng.integers(I64.min, I64.max, 50)])
+    np.testing.assert_array_equal(c.lookup("learned", q), c.lookup("learned_twin", m.rows_of(q)))
+    exported = run_cli(d.target, "mapping", "export", "learned", "-o", str(tmp_path / "e.npz"))
+    assert exported.returncode == 0, exported.stderr
+    e = Mapping.load(tmp_path / "e.npz")
+    np.testing.assert_array_equal(e.ids, m.ids)
+    np.testing.assert_array_equal(e.rows, m.rows)
+    assert (e.num_rows, e.hash_from, e.seed) == (m.num_rows, m.hash_from, m.seed)
+    wrong = run_cli(d.target, "create", "wrong", "--rows", "99", "--dim", "2", "--mapping", str(tmp_path / "m.npz"))
+    assert wrong.returncode != 0 and "maps onto 100 rows, not --rows 99" in wrong.stderr
+    # a trace of the mapped table carries its mapping, which `embtier simulate` maps the ids with
+    second = tmp_path / "mapped_trace.npy"
+    recorded.clear()
+    recorder = threading.Thread(target=lambda: recorded.append(
+        run_cli(d.target, "record", "learned", "--ids", "2000", "--timeout", "60", "-o", str(second))))
+    recorder.start()
+    deadline = time.monotonic() + 60
+    while recorder.is_alive() and time.monotonic() < deadline:
+        c.lookup("learned", q)
+    recorder.join(timeout=60)
+    assert recorded and recorded[0].returncode == 0, recorded and recorded[0].stderr
+    kept = Mapping.load(tmp_path / "mapped_trace.mapping.npz")
+    np.testing.assert_array_equal(kept.rows_of(q), m.rows_of(q))
+    simulated = subprocess.run([sys.executable, "-m", "embtier.cli", "simulate", str(second), "--ids-per-interval",
+                                "500", "--dram", "1K"], capture_output=True, text=True, timeout=120, check=False)
+    assert simulated.returncode == 0, simulated.stderr
+    assert "2000 ids over 100 rows" in simulated.stdout, simulated.stdout
