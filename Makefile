@@ -49,6 +49,7 @@ bench: build
 	rc=0; \
 	$(PY) tests/bench/bench_kernels.py || rc=1; \
 	$(PY) tests/bench/bench_keyed.py || rc=1; \
+	$(PY) tests/bench/bench_mapping_build.py || rc=1; \
 	$(PY) -m tests.bench.bench_service || rc=1; \
 	$(PY) -m tests.bench.bench_tiering || rc=1; \
 	$(PY) tests/bench/bench_realtime.py || rc=1; \
