@@ -1,7 +1,8 @@
 """embtier: the command line of the embtier daemon.
 
     embtier [--target ADDR] tables | describe T | create T --rows N --dim D [--key-space K] | drop T
-            | import T FILE.npy | lookup T ID... | tiers | heat T | policy T [--set ...]
+            | import T FILE.npy | import-torch MODEL.pt [--tensor KEY=T] | lookup T ID... | tiers | heat T
+            | policy T [--set ...]
             | record T --ids N -o FILE.npy | simulate FILE.npy [--dram SIZES] [--cxl SIZES]
             | bench --table T ... | bench --scenario FILE [--streams N | --load X] [--capacity]
             | checkpoint [--kind K --bits B] | checkpoints | restore ID
@@ -284,6 +285,40 @@ def cmd_import(c: Client, args) -> None:
     sys.stderr.write("\n")
 
 
+def cmd_import_torch(c: Client, args) -> None:
+    try:
+        from .torch import tables as transfer
+    except ImportError as e:
+        raise SystemExit(f"embtier import-torch needs torch ({e}): pip install 'embtier[torch]'") from None
+    chosen = dict(args.tensor) if args.tensor else None
+    bar = StageBar()
+    try:
+        found = transfer.tables_in_file(args.file, chosen)
+        for table, weight in found.items():
+            name = args.prefix + table
+            rows, dim = weight.shape
+            started = time.monotonic()
+            created = transfer.ensure_table(c, name, rows, dim, args.dtype or transfer.default_storage(weight))
+            transfer.write_table(c, name, weight, bar)
+            bar.close()
+            seconds = time.monotonic() - started
+            print(f"{name}: {rows} x {dim} {str(weight.dtype).removeprefix('torch.')} -> "
+                  f"{'new' if created else 'existing'} {c.describe(name).dtype} table in {seconds:.1f} s "
+                  f"({rows / max(seconds, 1e-9):,.0f} rows/s)")
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"embtier import-torch: {e}") from None
+    finally:
+        bar.close()
+
+
+def tensor_choice(text: str) -> tuple[str, str]:
+    """KEY=TABLE -> (KEY, TABLE)."""
+    key, _, table = text.rpartition("=")
+    if not key or not table:
+        raise argparse.ArgumentTypeError(f"expected KEY=TABLE, got {text!r}")
+    return key, table
+
+
 class StageBar:
     """progress(stage, done, total) callbacks drawn as a bar on stderr, one line per stage."""
 
@@ -437,6 +472,15 @@ def parse_args(argv):
     s.add_argument("--create", action="store_true", help="create the table first, shaped like the file")
     s.add_argument("--dtype", default="float32", choices=list(DTYPES))
     s.add_argument("--chunk-rows", type=int, default=65536)
+    s = sub.add_parser("import-torch", help="write the embedding tables of a saved PyTorch or TorchRec "
+                       "state_dict into tables (streamed; tables created as needed, or must match)")
+    s.add_argument("file", metavar="MODEL.pt", help="torch.save(model.state_dict(), MODEL.pt); every "
+                   "embedding_bags.NAME.weight (TorchRec's EmbeddingBagCollection) becomes table NAME")
+    s.add_argument("--tensor", action="append", type=tensor_choice, metavar="KEY=TABLE",
+                   help="instead, load the 2-D tensor KEY as table TABLE (repeatable)")
+    s.add_argument("--prefix", default="", help="the tables' names start with this")
+    s.add_argument("--dtype", choices=list(DTYPES), help="storage of the tables it creates (default: float16 "
+                   "for float16 weights, else float32)")
     s = sub.add_parser("heat", help="heat histogram of a table, per tier")
     s.add_argument("name")
     s = sub.add_parser("policy", help="a table's tiering policy; with options, change it")
@@ -546,7 +590,8 @@ def parse_args(argv):
 
 
 COMMANDS = {"tables": cmd_tables, "describe": cmd_describe, "create": cmd_create, "drop": cmd_drop,
-            "tiers": cmd_tiers, "heat": cmd_heat, "lookup": cmd_lookup, "import": cmd_import, "bench": cmd_bench,
+            "tiers": cmd_tiers, "heat": cmd_heat, "lookup": cmd_lookup, "import": cmd_import,
+            "import-torch": cmd_import_torch, "bench": cmd_bench,
             "policy": cmd_policy, "record": cmd_record, "checkpoint": cmd_checkpoint,
             "checkpoints": cmd_checkpoints, "restore": cmd_restore}
 
