@@ -118,7 +118,8 @@ BAD_REQUESTS = [
     ("WriteRows", pb.WriteRowsRequest(table="bad", ids=ids(1), values=b"\0" * 16, mode=3),
      grpc.StatusCode.INVALID_ARGUMENT, "mode = 3 is not a value of WriteMode; use ASSIGN or ADD"),
     ("CreateTable", pb.CreateTableRequest(name="k", num_rows=10, dim=4, key_space=7), grpc.StatusCode.INVALID_ARGUMENT,
-     "key_space = 7 is not a value of KeySpace; use KEY_SPACE_DENSE, KEY_SPACE_HASHED or KEY_SPACE_MANAGED"),
+     ("key_space = 7 is not a value of KeySpace; use KEY_SPACE_DENSE, KEY_SPACE_HASHED, KEY_SPACE_MANAGED or "
+      "KEY_SPACE_MAPPED")),
     ("CreateTable", pb.CreateTableRequest(name="k", num_rows=10, dim=4, key_space=pb.KEY_SPACE_MANAGED,
                                           default_value=float("nan")), grpc.StatusCode.INVALID_ARGUMENT,
      "default_value must be finite, got nan"),
@@ -126,7 +127,7 @@ BAD_REQUESTS = [
                                           default_value=float("-inf")), grpc.StatusCode.INVALID_ARGUMENT,
      "default_value must be finite, got -inf"),
     ("CreateTable", pb.CreateTableRequest(name="k", num_rows=10, dim=4, key_space=pb.KEY_SPACE_MANAGED, key_seed=5),
-     grpc.StatusCode.INVALID_ARGUMENT, "key_seed = 5 applies to hashed tables only; this one is managed"),
+     grpc.StatusCode.INVALID_ARGUMENT, "key_seed = 5 applies to hashed and mapped tables only; this one is managed"),
     ("CreateTable", pb.CreateTableRequest(name="k", num_rows=10, dim=4, default_value=2.5),
      grpc.StatusCode.INVALID_ARGUMENT, r"default_value = 2.5 applies to managed tables only"),
     ("CreateTable", pb.CreateTableRequest(name="init", num_rows=10, dim=4, initializer=9),

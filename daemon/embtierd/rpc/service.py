@@ -131,8 +131,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         self.tiering = tiering
         self.checkpoints = None  # the daemon's checkpoint.Checkpointer, when it has a write-ahead log
         self.traces = TraceRecorder()
-        self.max_trace_ids = (limits.max_message_bytes - 4096) // 12  # a trace (8 bytes an id, at most 4 of
-        # bag lengths) travels in one reply
+        self.max_trace_ids = (limits.max_message_bytes - 4096) // 8  # a recorded trace travels in one reply
         self.max_message_bytes = limits.max_message_bytes
 
     def _admit(self, context, n_ids: int) -> None:

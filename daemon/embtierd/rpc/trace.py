@@ -20,8 +20,10 @@ from embtierd.errors import FailedPreconditionError, InvalidArgumentError
 
 
 class Recording:
-    def __init__(self, max_ids: int):
+    def __init__(self, max_ids: int, max_bytes: int | None = None):
         self.max_ids = max_ids
+        self.max_bytes = max_bytes  # of ids (8 each) and bag lengths (4 each) together: what one reply carries
+        self.nbags = 0
         self.parts: list[np.ndarray] = []
         self.bags: list[np.ndarray] = []   # int32 lengths, summing to the ids of parts
         self.count = 0
@@ -34,7 +36,13 @@ class Recording:
         """ids in bags of lengths (None: one bag), checked by the caller to sum to the ids."""
         with self.lock:
             take = min(ids.size, self.max_ids - self.count)
+            bags = 1 if lengths is None else lengths.size
+            if self.max_bytes is not None and 8 * (self.count + take) + 4 * (self.nbags + bags) > self.max_bytes:
+                # the reply would not hold it all: as many ids as surely fit (a bag each at worst), then full
+                take = min(take, (self.max_bytes - 8 * self.count - 4 * self.nbags) // 12)
+                self.max_ids = self.count + max(take, 0)
             if take <= 0:
+                self.full.set()
                 return
             now = time.monotonic()
             self.first = self.first if self.first is not None else now
@@ -49,6 +57,7 @@ class Recording:
                 if kept:
                     bags[-1] -= int(ends[kept - 1]) - take
                 self.bags.append(bags)
+            self.nbags += self.bags[-1].size
             self.count += take
             if self.count >= self.max_ids:
                 self.full.set()
@@ -82,13 +91,14 @@ class TraceRecorder:
 
     def record(self, table: str, max_ids: int, timeout_seconds: float, limit: int) -> Recording:
         """Records until max_ids ids arrived or timeout_seconds passed; returns the recording.
-        limit: the most ids one reply can carry."""
+        limit: the most ids one reply can carry (8 bytes each), beside their bags' lengths (4 bytes a
+        bag): a recording that would pass 8 x limit bytes in all ends sooner, with fewer ids."""
         if not 1 <= max_ids <= limit:
             raise InvalidArgumentError(f"max_ids = {max_ids} is outside [1, {limit}] (the most one reply can "
                                        f"carry under server.max_message_bytes)")
         if not 0 < timeout_seconds <= 86400:
             raise InvalidArgumentError(f"timeout_seconds must be in (0, 86400], got {timeout_seconds}")
-        recording = Recording(max_ids)
+        recording = Recording(max_ids, 8 * limit)
         with self._lock:
             if table in self._recordings:
                 raise FailedPreconditionError(f"a trace of table {table!r} is already being recorded")
