@@ -196,7 +196,7 @@ class RemoteEmbeddingBagCollection(torch.nn.Module):
             dtype = self.storage_dtype or transfer.storage_dtype(table.config.data_type)
             try:
                 transfer.ensure_table(self.client, table.remote, *shape, dtype)
-            except ValueError as e:
+            except transfer.TableMismatch as e:
                 error_msgs.append(str(e))
                 continue
             transfer.write_table(self.client, table.remote, weight, self.progress)

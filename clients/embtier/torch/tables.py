@@ -22,6 +22,10 @@ STORAGE_DTYPES = {"FP32": "float32", "BF16": "float32", "FP16": "float16", "INT8
 Progress = Callable[[str, int, int], None]   # (table, rows done, rows in all)
 
 
+class TableMismatch(ValueError):
+    """A table of the daemon that the weights do not fit."""
+
+
 def storage_dtype(data_type) -> str:
     """The daemon's dtype for a TorchRec DataType (bfloat16 rows are exact in float32)."""
     name = getattr(data_type, "name", str(data_type))
@@ -50,7 +54,7 @@ def ensure_table(client: Client, name: str, num_rows: int, dim: int, dtype: str)
         client.create_table(name, num_rows, dim, dtype=dtype)
         return True
     if (info.num_rows, info.dim, info.key_space) != (num_rows, dim, "dense"):
-        raise ValueError(f"embtier table {name!r} is {info.num_rows} x {info.dim} with {info.key_space} ids; "
+        raise TableMismatch(f"embtier table {name!r} is {info.num_rows} x {info.dim} with {info.key_space} ids; "
                          f"the weights are {num_rows} x {dim} (dense ids): drop it or load another name")
     return False
 
