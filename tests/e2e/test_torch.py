@@ -326,3 +326,13 @@ def test_dataloader_loop_and_threads(client):
     for t in threads:
         t.join(timeout=120)
     assert not failures, failures
+
+
+def test_dlrm_example_serves_the_predictions_it_trained(daemon, capsys):
+    """The example end to end on the test's daemon: trained in process, tables exported, served with
+    them in embtier; it exits 0 only when the predictions equal the in-process model's."""
+    from embtier_tools.examples import dlrm
+
+    assert dlrm.main(["--target", daemon.target, "--rows", "4000", "--steps", "5", "--batch", "64",
+                      "--eval-batches", "3", "--torch-threads", str(torch.get_num_threads())]) == 0
+    assert "largest |p(in process) - p(embtier)| = 0.00e+00" in capsys.readouterr().out
