@@ -114,6 +114,8 @@ def cmd_create(c: Client, args) -> None:
                              "--key-space and --key-seed, or give the file's")
         mapping = {"mapping_ids": m.ids, "mapping_rows": m.rows, "mapping_hash_from": m.hash_from}
         key_space, key_seed = "mapped", m.seed
+    elif args.mapping_from:
+        mapping, key_space = {"mapping_from": args.mapping_from}, "mapped"
     print(format_table(c.create_table(args.name, args.rows, args.dim, args.dtype, args.init, args.seed,
                                       args.scale, key_space=key_space, default_value=args.default_value,
                                       key_seed=key_seed, **mapping)))
@@ -464,6 +466,8 @@ def parse_args(argv):
     s.add_argument("--mapping", metavar="FILE.npz",
                    help="a mapped table with this mapping (from `embtier mapping build` or `export`): its listed "
                         "ids, rows, seed and hashed range; --rows must be the file's")
+    s.add_argument("--mapping-from", metavar="TABLE",
+                   help="a mapped table with the mapping of mapped table TABLE (e.g. the model's previous version)")
     s = sub.add_parser("drop", help="drop a table")
     s.add_argument("name")
     s = sub.add_parser("import", help="write a .npy file [rows, dim] into a table, in chunks")

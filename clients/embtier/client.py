@@ -241,13 +241,14 @@ class Client:
                      initializer: str = "zeros", seed: int = 0, init_scale: float = 0.0, *,
                      policy: str | None = None, pin_tier: str | None = None, dram_capacity_bytes: int | None = None,
                      cxl_capacity_bytes: int | None = None, key_space: str = "dense", default_value: float = 0.0,
-                     key_seed: int = 0, mapping_ids=None, mapping_rows=None, mapping_hash_from: int = 0) -> TableInfo:
+                     key_seed: int = 0, mapping_ids=None, mapping_rows=None, mapping_hash_from: int = 0,
+                     mapping_from: str = "") -> TableInfo:
         """A new table.  The keyword-only tiering settings are as for set_policy (None: the daemon's
         configuration for this name).  key_space: "dense" (ids are rows), "hashed" (any int64 id, the
         row embtier.keys.hashed_rows gives with key_seed), "managed" (any int64 id, a row of its own
         from its first write; unknown ids read default_value) or "mapped" (mapping_ids[i] ->
         mapping_rows[i], any other id hashed into [mapping_hash_from, num_rows) with key_seed:
-        embtier.keys.mapped_rows)."""
+        embtier.keys.mapped_rows; or mapping_from, the name of a mapped table whose mapping to take)."""
         mapping = {}
         if mapping_ids is not None or mapping_rows is not None:
             mapping = {"mapping_ids": np.ascontiguousarray(mapping_ids, dtype="<i8").tobytes(),
@@ -255,7 +256,8 @@ class Client:
         request = pb.CreateTableRequest(name=name, num_rows=num_rows, dim=dim, dtype=DTYPES[dtype],
                                         initializer=INITIALIZERS[initializer], seed=seed, init_scale=init_scale,
                                         key_space=KEY_SPACES[key_space], default_value=default_value,
-                                        key_seed=key_seed, mapping_hash_from=mapping_hash_from, **mapping,
+                                        key_seed=key_seed, mapping_hash_from=mapping_hash_from,
+                                        mapping_from=mapping_from, **mapping,
                                         **_policy_fields(policy, pin_tier, dram_capacity_bytes, cxl_capacity_bytes))
         return TableInfo.from_message(self._call("CreateTable", request, idempotent=False))
 

@@ -292,3 +292,32 @@ def test_the_mapping_workflow_through_the_command_line(daemon, tmp_path):
                                 "500", "--dram", "1K"], capture_output=True, text=True, timeout=120, check=False)
     assert simulated.returncode == 0, simulated.stderr
     assert "2000 ids over 100 rows" in simulated.stdout, simulated.stdout
+
+
+def test_a_new_table_takes_the_mapping_of_another(daemon):
+    d, c = daemon
+    ids, rows = np.array([3, 1, 2], np.int64), np.array([0, 0, 5], np.int64)
+    c.create_table("v1", 20, 2, key_space="mapped", key_seed=9, mapping_ids=ids, mapping_rows=rows,
+                   mapping_hash_from=6)
+    made = run_cli(d.target, "create", "v2", "--rows", "30", "--dim", "2", "--mapping-from", "v1")
+    assert made.returncode == 0, made.stderr
+    info = c.describe("v2")
+    assert (info.key_space, info.key_seed, info.mapping_hash_from, info.mapped_ids) == ("mapped", 9, 6, 3)
+    got = c.export_mapping("v2")
+    np.testing.assert_array_equal(got.ids, ids)
+    np.testing.assert_array_equal(got.rows, rows)
+    c.write_rows("v2", np.arange(30), np.arange(60, dtype=np.float32).reshape(30, 2), by_row=True)
+    c.create_table("plain", 5, 2)
+    q = np.array([3, 1, 2, 10**12, -4], np.int64)
+    np.testing.assert_array_equal(c.lookup("v2", q)[:, 0], 2 * mapped_rows(q, ids, rows, 30, 6, 9))
+    for fields, code, message in [
+            ({"mapping_from": "v1"}, "INVALID_ARGUMENT", "mapping_from = 'v1' makes a mapped table; key_space is dense"),
+            ({"key_space": "mapped", "mapping_from": "plain"}, "INVALID_ARGUMENT", "'plain' is a dense table"),
+            ({"key_space": "mapped", "mapping_from": "nope"}, "NOT_FOUND", "nope"),
+            ({"key_space": "mapped", "mapping_from": "v1", "key_seed": 3}, "INVALID_ARGUMENT",
+             "key_seed = 3 differs from the 9 of table 'v1'"),
+            ({"key_space": "mapped", "mapping_from": "v1", "mapping_ids": [1], "mapping_rows": [0]}, "INVALID_ARGUMENT",
+             "not both")]:
+        with pytest.raises(EmbtierClientError) as err:
+            c.create_table("v3", 30, 2, **fields)
+        assert err.value.code.name == code and message in err.value.message, err.value

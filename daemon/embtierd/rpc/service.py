@@ -162,7 +162,9 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         keys = KeySpace(enum_value(pb.KeySpace, KEY_SPACES, request.key_space, "key_space"), request.key_seed,
                         request.default_value, request.mapping_hash_from)
         mapping = None
-        if keys.mapped or request.mapping_ids or request.mapping_rows:
+        if request.mapping_from:
+            keys, mapping = self._mapping_from(request, keys)
+        elif keys.mapped or request.mapping_ids or request.mapping_rows:
             mapping = (array(request.mapping_ids, "<i8", "mapping_ids"), array(request.mapping_rows, "<i8", "mapping_rows"))
             if mapping[0].size != mapping[1].size:
                 raise InvalidArgumentError(f"mapping_ids has {mapping[0].size} ids but mapping_rows has "
@@ -173,6 +175,25 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             request.init_scale, table_policy(self.tiering.config.table_policy(request.name), request), keys=keys,
             mapping=mapping)
         return info.to_message()
+
+    def _mapping_from(self, request, keys: KeySpace) -> tuple[KeySpace, tuple[np.ndarray, np.ndarray]]:
+        """The key space and mapping of a CreateTable that names mapping_from: the source table's."""
+        source = request.mapping_from
+        if not keys.mapped:
+            raise InvalidArgumentError(f"mapping_from = {source!r} makes a mapped table; key_space is {keys.kind}")
+        if request.mapping_ids or request.mapping_rows:
+            raise InvalidArgumentError(f"give mapping_from = {source!r} or mapping_ids and mapping_rows, not both")
+        mapping = self.store.mapping_of(source)
+        info = self.store.describe(source)
+        if mapping is None:
+            raise InvalidArgumentError(f"mapping_from = {source!r} is a {info.key_space} table: it has no mapping")
+        for field, given, theirs in (("key_seed", keys.seed, info.key_seed),
+                                     ("mapping_hash_from", keys.hash_from, info.mapping_hash_from)):
+            if given and given != theirs:
+                raise InvalidArgumentError(f"{field} = {given} differs from the {theirs} of table {source!r} (mapping_from "
+                                           f"takes its mapping whole; leave {field} 0)")
+        return (KeySpace("mapped", info.key_seed, keys.default_value, info.mapping_hash_from),
+                (mapping[0].copy(), mapping[1].astype(np.int64)))
 
     def ExportMapping(self, request, context):
         mapping = self.store.mapping_of(request.table)
