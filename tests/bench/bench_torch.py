@@ -25,7 +25,10 @@ of, and in-process latency jumps from 1 ms to tens of ms on this shared host).
 Per pooling factor: warm-up batches, then R batches, each run through every way once, the order
 rotated by one each batch (the host is shared and noisy: the compared calls are interleaved in
 time).  A call is the whole forward (MLPs and embeddings) under torch.inference_mode, closed
-loop, one request at a time.  samples/s = 256 x R / the summed call times; p50 and p99 of the call
+loop, one request at a time.  Then each way from 4 threads at once (closed loop, one model shared
+by the threads), in rounds of a few seconds a way, the order rotated each round: samples/s the
+median over rounds, "x in process" the median of the rounds' ratios (min-max beside it), "x 1
+thread" against the same way one call at a time.  samples/s = 256 x R / the summed call times; p50 and p99 of the call
 times; "x in process" = the median over batches of in-process time / this way's time (< 1:
 slower than in process), with its 25-75 % quantiles; check = the largest |difference| of the
 predicted probabilities from in process's, over the first batches.  Each section prints its lines
@@ -34,8 +37,8 @@ one runs, and the exit status is 1.
 
 Run as a script (it imports bench_kernels from its own directory):
   .venv/bin/python tests/bench/bench_torch.py [--quick] [--dir D]
-The full run takes about four minutes on 2 cores (a minute of it making and loading the 1.4 GB of
-tables); --quick (tables of 1M rows and less, fewer batches) under a minute.
+The full run takes about two and a half minutes on 2 cores (20 s of it loading the 1.4 GiB of
+tables); --quick (tables of 1M rows and less, fewer batches and rounds) about half a minute.
 """
 
 from __future__ import annotations
@@ -293,7 +296,7 @@ def run(plan: Plan, state: Path, sections: Sections) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tables of 1M rows and less, 40 batches (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="tables of 1M rows and less, 40 batches (about 30 s)")
     parser.add_argument("--dir", default="/var/tmp", help="parent of the daemon's state directory")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -336,3 +336,25 @@ def test_dlrm_example_serves_the_predictions_it_trained(daemon, capsys):
     assert dlrm.main(["--target", daemon.target, "--rows", "4000", "--steps", "5", "--batch", "64",
                       "--eval-batches", "3", "--torch-threads", str(torch.get_num_threads())]) == 0
     assert "largest |p(in process) - p(embtier)| = 0.00e+00" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(TORCHREC is None, reason="TorchRec does not import")
+def test_drop_in_for_torchrecs_own_dlrm(client):
+    """TorchRec's DLRM with its collection swapped for the remote one (as the README shows) predicts
+    what it predicted in process."""
+    from torchrec.models.dlrm import DLRM
+
+    tables = [torchrec.EmbeddingBagConfig(num_embeddings=rows, embedding_dim=8, name=f"dlrm_{i}",
+                                          feature_names=[f"f{i}"]) for i, rows in enumerate((1000, 500, 300))]
+    model = DLRM(torchrec.EmbeddingBagCollection(tables), dense_in_features=5, dense_arch_layer_sizes=[16, 8],
+                 over_arch_layer_sizes=[16, 1]).eval()
+    keys = ["f0", "f1", "f2"]
+    values, lengths, _ = an_input(np.random.default_rng(8), keys)
+    kjt = torchrec.KeyedJaggedTensor.from_lengths_sync(keys, values, lengths)
+    dense = torch.randn(BATCH, 5)
+    with torch.inference_mode():
+        in_process = model(dense, kjt)
+    ebc = model.sparse_arch.embedding_bag_collection
+    model.sparse_arch.embedding_bag_collection = RemoteEmbeddingBagCollection.from_module(ebc, client)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(dense, kjt), in_process)
