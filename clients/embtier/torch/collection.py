@@ -73,7 +73,6 @@ class RemoteEmbeddingBagCollection(torch.nn.Module):
         self.progress = progress
         self._tables = [RemoteTable(t, table_prefix + t.name, tuple(features_of(t)), POOLINGS[t.pooling.name])
                         for t in tables]
-        self._configs = list(tables)
         self._names = embedding_names(tables)
         self._dims = [t.config.embedding_dim for t in self._tables for _ in t.features]
         self._features = {f for t in self._tables for f in t.features}
@@ -90,7 +89,7 @@ class RemoteEmbeddingBagCollection(torch.nn.Module):
         return remote
 
     def embedding_bag_configs(self) -> list:
-        return self._configs
+        return [t.config for t in self._tables]
 
     def is_weighted(self) -> bool:
         return self._is_weighted
