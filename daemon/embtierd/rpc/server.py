@@ -38,9 +38,7 @@ from embtierd.config import Config, ServerConfig, interface_addresses, tcp_addre
 from embtierd.durability import checkpoint, recovery
 from embtierd.durability.wal import WriteAheadLog
 from embtierd.rpc import tls as tls_mod
-from embtierd.rpc.interceptor_drain import DrainInterceptor
-from embtierd.rpc.interceptor_errors import ErrorInterceptor
-from embtierd.rpc.interceptor_metrics import MetricsInterceptor
+from embtierd.rpc.interceptor import CallInterceptor
 from embtierd.rpc.metrics import Metrics
 from embtierd.rpc.service import EmbeddingStoreServicer
 from embtierd.store.catalog import Store
@@ -195,8 +193,7 @@ class Daemon:
         threads = config.server.worker_threads + (config.scheduler.max_queued if config.scheduler.enabled else 0)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-            interceptors=[MetricsInterceptor(self.metrics, SERVICE_NAME), DrainInterceptor(self.draining),
-                          ErrorInterceptor()],
+            interceptors=[CallInterceptor(self.metrics, SERVICE_NAME, self.draining)],
             options=grpc_options(config.server))
         servicer = EmbeddingStoreServicer(self.store, config.server, self.metrics, self.tiering,
                                           Tenants(config.tenants), self.scheduler)

@@ -2,7 +2,7 @@
 
 Arrays arrive and leave as raw little-endian bytes and become numpy views
 without copies; nothing here loops over elements.  Errors are raised as
-EmbtierError and mapped to status codes by interceptor_errors; limits and
+EmbtierError and mapped to status codes by rpc/interceptor.py; limits and
 deadlines are checked before any work.
 """
 
