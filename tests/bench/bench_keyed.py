@@ -83,6 +83,7 @@ from bench_kernels import (
     uniform_ids,
     zipf_ids,
 )
+from embtier.keys import mapped_rows
 from embtierd import config, native
 from embtierd.keys.space import KeySpace
 from embtierd.store.catalog import Store
@@ -192,8 +193,7 @@ def load_lookup_tables(store: Store, rows: int, rng: np.random.Generator) -> Key
                        mapping=(ids[:listed].copy(), np.arange(listed, dtype=np.int64)))
     check_in_dram(store, MAPPED)
     return Keyed(ids, native.hash_rows(ids, HASH_SEED, rows),
-                 np.concatenate([np.arange(listed, dtype=np.int64),
-                                 listed + native.hash_rows(ids[listed:], HASH_SEED, rows - listed)]))
+                 mapped_rows(ids, ids[:listed], np.arange(listed), rows, listed, HASH_SEED))
 
 
 def drop_tables(store: Store) -> None:

@@ -70,7 +70,8 @@ def load_keys():
     return module
 
 
-hashed_rows, mapped_rows = load_keys().hashed_rows, load_keys().mapped_rows
+_keys = load_keys()
+hashed_rows, mapped_rows = _keys.hashed_rows, _keys.mapped_rows
 
 
 class Mismatch(Exception):

@@ -166,9 +166,6 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             keys, mapping = self._mapping_from(request, keys)
         elif keys.mapped or request.mapping_ids or request.mapping_rows:
             mapping = (array(request.mapping_ids, "<i8", "mapping_ids"), array(request.mapping_rows, "<i8", "mapping_rows"))
-            if mapping[0].size != mapping[1].size:
-                raise InvalidArgumentError(f"mapping_ids has {mapping[0].size} ids but mapping_rows has "
-                                           f"{mapping[1].size} rows: one row per listed id")
         info = self.store.create_table(
             request.name, request.num_rows, request.dim, enum_value(pb.DType, DTYPES, request.dtype, "dtype"),
             enum_value(pb.Initializer, INITIALIZERS, request.initializer, "initializer"), request.seed,

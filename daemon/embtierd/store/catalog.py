@@ -122,8 +122,6 @@ class Store:
         if mapping is not None and not keys.mapped:
             raise InvalidArgumentError(f"mapping_ids and mapping_rows apply to mapped tables only; this one is "
                                        f"{keys.kind}")
-        if keys.mapped:
-            mapping = mapping or (np.zeros(0, np.int64), np.zeros(0, np.int64))
         policy = policy or self.config.tiering.table_policy(name)
         check_settings(policy)
         self._check_fits(name, keys.rows_inside(num_rows) * native.row_stride(dim, dtype), policy.pin)
