@@ -242,13 +242,14 @@ class Client:
                      policy: str | None = None, pin_tier: str | None = None, dram_capacity_bytes: int | None = None,
                      cxl_capacity_bytes: int | None = None, key_space: str = "dense", default_value: float = 0.0,
                      key_seed: int = 0, mapping_ids=None, mapping_rows=None, mapping_hash_from: int = 0,
-                     mapping_from: str = "") -> TableInfo:
+                     mapping_from: str = "", receiving: bool = False) -> TableInfo:
         """A new table.  The keyword-only tiering settings are as for set_policy (None: the daemon's
         configuration for this name).  key_space: "dense" (ids are rows), "hashed" (any int64 id, the
         row embtier.keys.hashed_rows gives with key_seed), "managed" (any int64 id, a row of its own
         from its first write; unknown ids read default_value) or "mapped" (mapping_ids[i] ->
         mapping_rows[i], any other id hashed into [mapping_hash_from, num_rows) with key_seed:
-        embtier.keys.mapped_rows; or mapping_from, the name of a mapped table whose mapping to take)."""
+        embtier.keys.mapped_rows; or mapping_from, the name of a mapped table whose mapping to take).
+        receiving: a dense table that a shard move fills (write_rows with fill=True)."""
         mapping = {}
         if mapping_ids is not None or mapping_rows is not None:
             mapping = {"mapping_ids": np.ascontiguousarray(mapping_ids, dtype="<i8").tobytes(),
@@ -257,7 +258,7 @@ class Client:
                                         initializer=INITIALIZERS[initializer], seed=seed, init_scale=init_scale,
                                         key_space=KEY_SPACES[key_space], default_value=default_value,
                                         key_seed=key_seed, mapping_hash_from=mapping_hash_from,
-                                        mapping_from=mapping_from, **mapping,
+                                        mapping_from=mapping_from, receiving=receiving, **mapping,
                                         **_policy_fields(policy, pin_tier, dram_capacity_bytes, cxl_capacity_bytes))
         return TableInfo.from_message(self._call("CreateTable", request, idempotent=False))
 
@@ -344,10 +345,19 @@ class Client:
     def write_rows(self, table: str, ids, values, add: bool = False, scale: float = 1.0, by_row: bool = False) -> int:
         """Assigns values[i] to the row of ids[i], or adds scale * values[i] with add=True; returns the table
         version.  by_row: ids are rows of a hashed or mapped table, not its keys (importing rows trained offline)."""
+        return self._write(table, ids, values, add, scale, by_row, False).version
+
+    def fill_rows(self, table: str, ids, values) -> int:
+        """Copies rows into a receiving table (create_table receiving=True): values[i] lands on row ids[i]
+        only where no plain write has set it since the table was made; returns how many rows it wrote."""
+        return self._write(table, ids, values, False, 1.0, False, True).rows_written
+
+    def _write(self, table: str, ids, values, add: bool, scale: float, by_row: bool, fill: bool):
         id_bytes, id_type = _ids(ids)
         request = pb.WriteRowsRequest(table=table, ids=id_bytes, id_type=id_type, values=_bytes(values, "<f4"),
-                                      mode=WRITE_MODES["add" if add else "assign"], scale=scale, by_row=by_row)
-        return self._call("WriteRows", request, idempotent=not add).version
+                                      mode=WRITE_MODES["add" if add else "assign"], scale=scale, by_row=by_row,
+                                      fill=fill)
+        return self._call("WriteRows", request, idempotent=not add)
 
     def lookup(self, table: str, ids, wire_dtype: str = "float32") -> np.ndarray:
         """[len(ids), dim] float32 rows (sent as float16 on the wire when asked)."""

@@ -24,3 +24,16 @@ def parse_bytes(value: int | str) -> int:
     if size < 0:
         raise ValueError(f"a size cannot be negative, got {value!r}")
     return size
+
+
+def row_stride(dim: int, dtype: str) -> int:
+    """Bytes one stored row of a table takes on a daemon (what a client planning capacity needs): the
+    kernels' layout (native/src/table.c et_row_stride, held to it by tests/unit/test_wire.py): float32
+    4 bytes a value; float16 2, padded to 4; int8 1, padded to 4, plus its scale and bias (8)."""
+    if dtype == "float32":
+        return dim * 4
+    if dtype == "float16":
+        return (dim * 2 + 3) & ~3
+    if dtype == "int8":
+        return ((dim + 3) & ~3) + 8
+    raise ValueError(f"dtype must be float32, float16 or int8; got {dtype!r}")

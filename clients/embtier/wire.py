@@ -35,6 +35,9 @@ CHECKPOINT_KINDS = {"full": pb.FULL, "incremental": pb.INCREMENTAL, "differentia
 QUANTIZERS = {"adaptive": pb.ADAPTIVE, "minmax": pb.MINMAX}
 QUANT_BITS = (0, 2, 3, 4, 8)        # bits per value of a checkpoint; 0 = exact
 TENANT_METADATA_KEY = "embtier-tenant"  # gRPC metadata naming a request's tenant (none: the default tenant)
+# gRPC metadata of a cluster client's request: the shard plan version it routed by.  A daemon whose plan
+# is newer answers FAILED_PRECONDITION with its version in the trailing metadata under the same key.
+PLAN_METADATA_KEY = "embtier-plan-version"
 TABLE_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,128}")  # what a table's name may be
 TENANT_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # what a tenant's name may be
 TENANT_PRIORITIES = (0, 9)          # a tenant's priority, lowest to highest (served first)

@@ -9,8 +9,10 @@ import os
 import sys
 from dataclasses import asdict
 
+from embtier.cluster.coord import parse_cluster
+
 from embtierd import config as config_mod
-from embtierd.errors import EmbtierError
+from embtierd.errors import ConfigError, EmbtierError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -23,6 +25,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dram-bytes", metavar="SIZE", help="DRAM tier capacity (e.g. 512M, 4G, 25%%)")
     p.add_argument("--cxl-bytes", metavar="SIZE", help="CXL tier capacity")
     p.add_argument("--scm-bytes", metavar="SIZE", help="SCM tier capacity")
+    p.add_argument("--cluster", metavar="NAME@HOST:PORT[,HOST:PORT...]",
+                   help="be a host of cluster NAME, coordinated through the etcd at these endpoints")
+    p.add_argument("--node-id", metavar="ID", help="this daemon's id in the cluster (default: the host name)")
+    p.add_argument("--advertise", metavar="HOST:PORT",
+                   help="the address the cluster's clients reach this daemon at (default: the first TCP --listen)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
     p.add_argument("--salvage", action="store_true",
@@ -46,6 +53,18 @@ def overrides(args: argparse.Namespace) -> dict:
              (("dram", args.dram_bytes), ("cxl", args.cxl_bytes), ("scm", args.scm_bytes)) if value is not None}
     if tiers:
         out["tiers"] = tiers
+    cluster = {}
+    if args.cluster is not None:
+        try:
+            cluster["name"], cluster["endpoints"] = parse_cluster(args.cluster)
+        except ValueError as e:
+            raise ConfigError(f"--cluster: {e}") from None
+    if args.node_id is not None:
+        cluster["node_id"] = args.node_id
+    if args.advertise is not None:
+        cluster["advertise"] = args.advertise
+    if cluster:
+        out["cluster"] = cluster
     return out
 
 

@@ -178,6 +178,21 @@ def listen_addresses(value: Any, name: str, _available: int | None) -> tuple[str
     return tuple(addresses)
 
 
+def etcd_endpoints(value: Any, name: str, _available: int | None) -> tuple[str, ...]:
+    """A list of etcd endpoints, each "host:port"."""
+    endpoints = [value] if isinstance(value, str) else value
+    if not isinstance(endpoints, list) or not all(
+            isinstance(e, str) and e.rpartition(":")[0] and e.rpartition(":")[2].isdigit() for e in endpoints):
+        raise _expected(name, 'a list of etcd endpoints ("host:port")', value)
+    return tuple(endpoints)
+
+
+def cluster_name(value: Any, name: str, _available: int | None) -> str:
+    if not isinstance(value, str) or (value and not TABLE_NAME_RE.fullmatch(value)):
+        raise _expected(name, 'a cluster name (letters, digits, "_", ".", "-") or ""', value)
+    return value
+
+
 def interface_name(value: Any, name: str, _available: int | None) -> str:
     if (not isinstance(value, str) or len(value) > 15  # IFNAMSIZ - 1
             or any(c.isspace() or c == "/" for c in value)):
@@ -406,6 +421,16 @@ KEYS: tuple[Key, ...] = (
         "others wait in the queue."),
     Key("scheduler.max_queued", integer(1, 65536), 512,
         "Lookups waiting in the queue at most; one more is RESOURCE_EXHAUSTED."),
+    Key("cluster.name", cluster_name, "",
+        "The cluster this daemon is a host of (tables sharded over several daemons, coordinated through "
+        'etcd; embtierd --cluster NAME@HOST:PORT sets it and the endpoints); "" (the default): none.'),
+    Key("cluster.endpoints", etcd_endpoints, ["127.0.0.1:2379"], "The cluster's etcd endpoints (host:port)."),
+    Key("cluster.node_id", string("a node id or \"\""), "",
+        'This daemon\'s id in the cluster (stable across restarts); "": the host name.'),
+    Key("cluster.advertise", string('"host:port" or ""'), "",
+        'The address the cluster\'s clients reach this daemon at; "": the first TCP listen address.'),
+    Key("cluster.lease_seconds", integer(1, 300), 5,
+        "The registration's lease: a daemon not heard from for this long leaves the plan's live set."),
     Key("tenants", tenants, {},
         "Tenants (one per model or service), each a [tenants.NAME] table, named per request by the gRPC "
         'metadata key "embtier-tenant" (a request without it is tenant "default", which a [tenants.default] '
@@ -473,6 +498,17 @@ class ScmTierConfig:
     capacity_bytes: int
     path: Path
     read_align_bytes: int
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Membership of a cluster ([cluster], daemon/embtierd/cluster/)."""
+
+    name: str = _default("cluster.name")
+    endpoints: tuple[str, ...] = tuple(_default("cluster.endpoints"))
+    node_id: str = _default("cluster.node_id")
+    advertise: str = _default("cluster.advertise")
+    lease_seconds: int = _default("cluster.lease_seconds")
 
 
 @dataclass(frozen=True)
@@ -618,6 +654,7 @@ class Config:
     durability: DurabilityConfig = DurabilityConfig()
     fabric: FabricConfig = FabricConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    cluster: ClusterConfig = ClusterConfig()
     tenants: dict[str, TenantConfig] = field(default_factory=lambda: _tenants({}))
 
 
@@ -715,6 +752,7 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
         fabric=FabricConfig(**section("fabric")),
         kernels=KernelConfig(**section("kernels")),
         scheduler=SchedulerConfig(**section("scheduler")),
+        cluster=ClusterConfig(**section("cluster")),
         tenants=_tenants(tenant_tables),
     )
 

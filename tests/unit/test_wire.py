@@ -61,13 +61,25 @@ def imports(path: Path) -> list[tuple[str, bool]]:
 
 
 def test_the_packages_import_each_other_only_through_the_wire_contract():
-    # the daemon takes the generated stubs, the vocabulary and human sizes from the client package, nothing else
+    # the daemon takes the generated stubs, the vocabulary, human sizes and the cluster's layout in etcd from
+    # the client package, nothing else
     for path in (ROOT / "daemon" / "embtierd").rglob("*.py"):
         for module, _ in imports(path):
             if module.split(".")[0] in ("embtier", "embtier_tools"):
-                assert module in ("embtier", "embtier.v1", "embtier.wire", "embtier.sizes"), (path, module)
+                assert module in ("embtier", "embtier.v1", "embtier.wire", "embtier.sizes", "embtier.cluster.coord"), \
+                    (path, module)
     # the client library never imports the daemon, and the tools only where a tool command runs
     for path in (ROOT / "clients" / "embtier").rglob("*.py"):
         for module, top_level in imports(path):
             assert module.split(".")[0] != "embtierd", (path, module)
             assert not (module.startswith("embtier_tools") and top_level), (path, module)
+
+
+def test_the_clients_row_stride_is_the_kernels():
+    from embtier.sizes import row_stride
+    from embtierd import native
+    for dtype in ("float32", "float16", "int8"):
+        for dim in (*range(1, 70), 127, 128, 129, 1000, 4096):
+            assert row_stride(dim, dtype) == native.row_stride(dim, dtype), (dim, dtype)
+    with pytest.raises(ValueError, match="dtype must be"):
+        row_stride(8, "bfloat16")

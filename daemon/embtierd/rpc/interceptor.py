@@ -7,6 +7,9 @@
 - draining on shutdown: once the daemon is stopping, new calls get UNAVAILABLE ("shutting
   down", so clients retry elsewhere or later) while the calls already running finish; health
   checks still answer (NOT_SERVING).
+- the plan fence of a cluster host (cluster/fence.py): a request routed by an older shard plan
+  than the daemon's is refused (FAILED_PRECONDITION, the daemon's version in the trailing
+  metadata); the others are counted while they run.
 - error mapping, in one place: every EmbtierError becomes its gRPC status with its message;
   anything else is logged and becomes INTERNAL, and the daemon keeps serving.
 
@@ -22,7 +25,9 @@ import threading
 import time
 
 import grpc
+from embtier.wire import PLAN_METADATA_KEY
 
+from embtierd.cluster.fence import PlanFence, StalePlanError
 from embtierd.errors import EmbtierError
 from embtierd.rpc.metrics import Metrics
 
@@ -40,8 +45,10 @@ def method_label(full_method: str, own_service: str) -> str:
 
 
 class CallInterceptor(grpc.ServerInterceptor):
-    def __init__(self, metrics: Metrics, own_service: str, draining: threading.Event):
+    def __init__(self, metrics: Metrics, own_service: str, draining: threading.Event,
+                 fence: PlanFence | None = None):
         self.metrics = metrics
+        self.fence = fence
         self.own_service = own_service
         self.draining = draining
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # full method -> its wrapped handler
@@ -63,15 +70,24 @@ class CallInterceptor(grpc.ServerInterceptor):
         latency = self.metrics.latency.labels(method)
         requests = self.metrics.requests
         draining = None if full_method.startswith(HEALTH_PREFIX) else self.draining
+        fence = None if full_method.startswith(HEALTH_PREFIX) else self.fence
 
         def call(request, context):
             start = time.perf_counter()
             failed = True
+            token = None
             try:
                 if draining is not None and draining.is_set():
                     context.abort(grpc.StatusCode.UNAVAILABLE, "embtierd is shutting down")
                 try:
+                    if fence is not None:
+                        version = fence.requested(context.invocation_metadata())
+                        if version is not None:
+                            token = fence.enter(version)
                     reply = behavior(request, context)
+                except StalePlanError as e:
+                    context.set_trailing_metadata(((PLAN_METADATA_KEY, str(e.current)),))
+                    context.abort(STATUS[e.status], str(e))
                 except EmbtierError as e:
                     context.abort(STATUS[e.status], str(e))
                 except MemoryError:
@@ -83,6 +99,8 @@ class CallInterceptor(grpc.ServerInterceptor):
                 failed = False
                 return reply
             finally:
+                if token is not None:
+                    fence.exit(token)
                 latency.observe(time.perf_counter() - start)
                 code = context.code() or (grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK)
                 requests.labels(method, code.name).inc()

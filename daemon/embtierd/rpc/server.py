@@ -34,6 +34,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from embtierd.cluster.fence import PlanFence
+from embtierd.cluster.member import Membership, memory_pool_rate, scm_pool_rate
 from embtierd.config import Config, ServerConfig, interface_addresses, tcp_address
 from embtierd.durability import checkpoint, recovery
 from embtierd.durability.wal import WriteAheadLog
@@ -190,10 +192,12 @@ class Daemon:
         self.metrics.scheduler_queued.set_function(lambda: self.scheduler.queued)
         # With the scheduler, a lookup's gRPC thread waits while it is queued: the pool has a thread for
         # each lookup the queue may hold, so that a call never waits for a thread in arrival order.
+        self.fence = PlanFence() if config.cluster.name else None
+        self.membership: Membership | None = None
         threads = config.server.worker_threads + (config.scheduler.max_queued if config.scheduler.enabled else 0)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-            interceptors=[CallInterceptor(self.metrics, SERVICE_NAME, self.draining)],
+            interceptors=[CallInterceptor(self.metrics, SERVICE_NAME, self.draining, self.fence)],
             options=grpc_options(config.server))
         servicer = EmbeddingStoreServicer(self.store, config.server, self.metrics, self.tiering,
                                           Tenants(config.tenants), self.scheduler)
@@ -267,6 +271,7 @@ class Daemon:
         self.tiering.start()
         if self.checkpoints is not None:
             self.checkpoints.start()
+        self._join_cluster()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s", SERVICE_NAME, ", ".join(self.addresses))
@@ -281,6 +286,21 @@ class Daemon:
         self.shutdown()
         return self._exit_code
 
+    def _join_cluster(self) -> None:
+        cluster = self.config.cluster
+        if not cluster.name:
+            return
+        address = cluster.advertise or next((a for a in self.addresses if not is_unix(a)), "")
+        if not address:
+            raise OSError("cluster.advertise: the daemon has no TCP listen address to advertise; give one")
+        capacity = {t.name: t.capacity_bytes for t in self.store.tier_infos()}
+        rates = {"dram": memory_pool_rate(), "scm": scm_pool_rate(self.config.state_dir)}
+        rates["cxl"] = rates["dram"]  # (an emulated tier is DRAM; a real one would be probed on its node)
+        self.membership = Membership(cluster, address, capacity,
+                                     lambda: {t.name: t.used_bytes for t in self.store.tier_infos()}, rates,
+                                     self.fence)
+        self.membership.start()
+
     def _fatal(self) -> None:
         """Stops serving with a failure status (the service manager restarts the daemon)."""
         self._exit_code = 70  # EX_SOFTWARE
@@ -289,6 +309,8 @@ class Daemon:
     def shutdown(self) -> None:
         log.info("shutting down: finishing calls in flight (grace %.1f s)", self.config.server.grace_seconds)
         sd_notify("STOPPING=1")
+        if self.membership is not None:  # out of the live set first: clients go to the other replicas
+            self.membership.stop()
         self.health.enter_graceful_shutdown()
         self.draining.set()
         time.sleep(min(DRAIN_SECONDS, self.config.server.grace_seconds))

@@ -170,7 +170,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             request.name, request.num_rows, request.dim, enum_value(pb.DType, DTYPES, request.dtype, "dtype"),
             enum_value(pb.Initializer, INITIALIZERS, request.initializer, "initializer"), request.seed,
             request.init_scale, table_policy(self.tiering.config.table_policy(request.name), request), keys=keys,
-            mapping=mapping)
+            mapping=mapping, receiving=request.receiving)
         return info.to_message()
 
     def _mapping_from(self, request, keys: KeySpace) -> tuple[KeySpace, tuple[np.ndarray, np.ndarray]]:
@@ -298,6 +298,12 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         self._admit(context, ids.size)
         values = array(request.values, "<f4", "values")
         mode = enum_value(pb.WriteMode, WRITE_MODES, request.mode, "mode")
+        if request.fill:
+            if mode != "assign" or request.by_row:
+                raise InvalidArgumentError(f"fill copies rows with mode assign (by row is implied); got mode {mode}"
+                                           f"{' and by_row' if request.by_row else ''}")
+            version, written = self.store.fill_rows(request.table, ids, values)
+            return pb.WriteRowsResponse(rows_written=written, version=version)
         version = self.store.write_rows(request.table, ids, values, mode, request.scale or 1.0, by_row=request.by_row)
         return pb.WriteRowsResponse(rows_written=ids.size, version=version)
 

@@ -47,6 +47,7 @@ from embtierd.config import Config
 from embtierd.errors import (
     AlreadyExistsError,
     EmbtierError,
+    FailedPreconditionError,
     InstallError,
     InvalidArgumentError,
     NotFoundError,
@@ -107,17 +108,21 @@ class Store:
     def create_table(self, name: str, num_rows: int, dim: int, dtype: str = "float32",
                      initializer: str = "zeros", seed: int = 0, init_scale: float = 0.0,
                      policy: TableSettings | None = None, generation: int | None = None,
-                     keys: KeySpace | None = None, mapping: tuple[np.ndarray, np.ndarray] | None = None
-                     ) -> TableInfo:
+                     keys: KeySpace | None = None, mapping: tuple[np.ndarray, np.ndarray] | None = None,
+                     receiving: bool = False) -> TableInfo:
         """A new table, its rows placed fastest tier first (within its policy's pin and limits) and initialised.
 
         uniform draws from [-init_scale, init_scale) (0 means 1/sqrt(num_rows), DLRM's choice),
         reproducibly from seed.  policy defaults to the configuration's for this name.  keys: its key
         space (keys/space.py; dense by default); mapping: a mapped table's (listed ids, their rows),
         int64 each.  generation: the LSN of the CREATE record being replayed (live creations get the
-        LSN they are logged at)."""
+        LSN they are logged at).  receiving: the table receives a moved shard (write_rows' fill), so
+        it remembers which rows plain writes set (in memory only: a restart forgets it)."""
         keys = keys or KeySpace()
         keys.check()
+        if receiving and keys.kind != "dense":
+            raise InvalidArgumentError(f"receiving applies to dense tables (the shards a move fills); this one is "
+                                       f"{keys.kind}")
         self._check_new_table(name, num_rows, dim, dtype, initializer, init_scale, keys)
         if mapping is not None and not keys.mapped:
             raise InvalidArgumentError(f"mapping_ids and mapping_rows apply to mapped tables only; this one is "
@@ -126,6 +131,8 @@ class Store:
         check_settings(policy)
         self._check_fits(name, keys.rows_inside(num_rows) * native.row_stride(dim, dtype), policy.pin)
         table = self._new_table(name, num_rows, dim, dtype, policy, keys, mapping)
+        if receiving:
+            table.plain_written = np.zeros(num_rows, dtype=bool)
         with self._lock:
             if name in self._tables or name in self._creating:
                 raise AlreadyExistsError(f"table {name!r} already exists")
@@ -408,16 +415,29 @@ class Store:
         table (an import of rows trained offline), in [0, num_rows).  Returns the table's new version.  A write waits
         while a restore replaces the tables and then applies to the restored table; one that waited
         for a table being dropped fails with NotFoundError and leaves no record."""
+        return self._write_retrying(name, ids, values, mode, scale, planned, by_row)[0]
+
+    def fill_rows(self, name: str, ids: np.ndarray, values: np.ndarray) -> tuple[int, int]:
+        """Copies rows into a receiving table (create_table): assigns values[i] to row ids[i] only where
+        no plain write has set that row, so that a copy never overwrites a newer write.  Returns (the
+        table's version, the rows written)."""
+        return self._write_retrying(name, ids, values, "assign", 1.0, None, False, fill=True)
+
+    def _write_retrying(self, name: str, ids: np.ndarray, values: np.ndarray, mode: str, scale: float,
+                        planned: tuple[np.ndarray, np.ndarray] | None, by_row: bool,
+                        fill: bool = False) -> tuple[int, int]:
         while True:
             with self._lock:  # (a restore holds it until the restored tables are in place)
                 table = self._get(name)
-            version = self._write(table, ids, values, mode, scale, planned, by_row)
-            if version is not None:
-                return version
+            done = self._write(table, ids, values, mode, scale, planned, by_row, fill)
+            if done is not None:
+                return done
 
     def _write(self, table: Table, ids: np.ndarray, values: np.ndarray, mode: str, scale: float,
-               planned: tuple[np.ndarray, np.ndarray] | None, by_row: bool = False) -> int | None:
-        """write_rows on one table; None when a restore replaced it before the write got its lock."""
+               planned: tuple[np.ndarray, np.ndarray] | None, by_row: bool = False,
+               fill: bool = False) -> tuple[int, int] | None:
+        """write_rows (or fill_rows) on one table: (version, rows written); None when a restore replaced it
+        before the write got its lock."""
         name = table.name
         ids = require(ids, "ids", np.int64, 1)
         if isinstance(values, np.ndarray) and values.ndim == 1:  # as it came off the wire
@@ -436,6 +456,9 @@ class Store:
         if by_row and table.keys.managed:
             raise InvalidArgumentError(f"by_row applies to dense, hashed and mapped tables; table {name!r} is managed: "
                                        f"its rows belong to its ids (write by id)")
+        if fill and (mode != "assign" or table.keys.keyed):
+            raise InvalidArgumentError(f"fill copies rows into a dense table with mode assign; table {name!r} is "
+                                       f"{table.keys.kind} and the mode {mode}")
         if by_row or not table.keys.keyed:
             self._check_ids(table, ids)
         # what an assignment stores must fit the table's dtype; an addition's increments must be finite
@@ -444,6 +467,14 @@ class Store:
             if table.retired == "restored":
                 return None
             table.check_live()
+            if fill:
+                if table.plain_written is None:
+                    raise FailedPreconditionError(f"table {name!r} is not receiving a move (fill needs a table "
+                                                  f"created with receiving, in this run of the daemon)")
+                keep = ~table.plain_written[ids]
+                ids, values = ids[keep], values[keep]
+                if not ids.size:
+                    return table.version, 0
             rows, fresh = planned if planned is not None else (ids, None) if by_row else self._plan(table, ids)
             if mode == "add":  # ... and so must the sums
                 targets, data = self._added_rows(table, rows, fresh, values, scale)
@@ -459,11 +490,13 @@ class Store:
                 self._take_rows(table, ids, rows, fresh)
             table.native.write_rows(targets, encoded)
             self.mover.written(table, targets)
+            if table.plain_written is not None and not fill:
+                table.plain_written[targets] = True
             table.version += 1
             version = table.version
         if lsn:
             self.journal.wait(lsn)  # acknowledged once durable (group commit with concurrent writers)
-        return version
+        return version, ids.size
 
     def move_rows(self, name: str, ids: np.ndarray, tier: str) -> int:
         """Moves rows to a new home in tier (rows already there stay); returns how many moved.
