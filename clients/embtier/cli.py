@@ -8,6 +8,9 @@
             | checkpoint [--kind K --bits B] | checkpoints | restore ID
             | fabric up|down|status|run|bench   (the shaped-link test bed; root)
             | mapping build --trace FILE.npy --kind K --rows N -o FILE.npz | mapping stats | mapping export T
+    embtier --cluster NAME@HOST:PORT[,...] tables | describe T | create T ... [--sharding S --shards N
+            --replicas R] | drop T | import T FILE.npy | lookup T ID... | checkpoint
+            | cluster status | cluster plan [--workload FILE.toml] [--apply]
 """
 
 from __future__ import annotations
@@ -116,6 +119,8 @@ def cmd_create(c: Client, args) -> None:
         key_space, key_seed = "mapped", m.seed
     elif args.mapping_from:
         mapping, key_space = {"mapping_from": args.mapping_from}, "mapped"
+    if args.cluster:
+        mapping.update(sharding=args.sharding, shards=args.shards, replicas=args.replicas)
     print(format_table(c.create_table(args.name, args.rows, args.dim, args.dtype, args.init, args.seed,
                                       args.scale, key_space=key_space, default_value=args.default_value,
                                       key_seed=key_seed, **mapping)))
@@ -225,11 +230,14 @@ CHECKPOINT_HEADER = f"{'id':>6} {'kind':<22} {'values':<16} {'rows':>12} {'bytes
 
 
 def cmd_checkpoint(c: Client, args) -> None:
-    info = c.checkpoint(args.kind, args.bits, args.quantizer)
-    print(CHECKPOINT_HEADER)
-    print(describe_checkpoint(info))
-    print(f"in {info.duration_seconds:.2f} s (writes held {info.snapshot_seconds * 1e3:.1f} ms), covering the log "
-          f"up to record {info.lsn}")
+    taken = c.checkpoint(args.kind, args.bits, args.quantizer)
+    for node, info in (taken.items() if isinstance(taken, dict) else [("", taken)]):  # (a cluster: each daemon's)
+        print(f"{node}:" if node else CHECKPOINT_HEADER)
+        if node:
+            print(CHECKPOINT_HEADER)
+        print(describe_checkpoint(info))
+        print(f"in {info.duration_seconds:.2f} s (writes held {info.snapshot_seconds * 1e3:.1f} ms), covering the "
+              f"log up to record {info.lsn}")
 
 
 def cmd_checkpoints(c: Client, args) -> None:
@@ -440,6 +448,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="embtier", description="Command line of the embtier daemon.")
     p.add_argument("--target", default=os.environ.get("EMBTIER_TARGET") or default_target(),
                    help="daemon address: unix:///path or host:port (default: %(default)s)")
+    p.add_argument("--cluster", default=os.environ.get("EMBTIER_CLUSTER"), metavar="NAME@HOST:PORT[,...]",
+                   help="a cluster of daemons (its name and etcd endpoints) instead of one --target")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
     p.add_argument("--ca", help="PEM CA that signed the daemon's certificate (TLS over TCP)")
     p.add_argument("--cert", help="PEM client certificate (mutual TLS)")
@@ -468,6 +478,10 @@ def parse_args(argv):
                         "ids, rows, seed and hashed range; --rows must be the file's")
     s.add_argument("--mapping-from", metavar="TABLE",
                    help="a mapped table with the mapping of mapped table TABLE (e.g. the model's previous version)")
+    s.add_argument("--sharding", choices=["table", "row", "column"],
+                   help="--cluster: how to shard it (default: whole on one daemon when it fits, else row-wise)")
+    s.add_argument("--shards", type=int, default=0, help="--cluster: how many shards (default: one per daemon)")
+    s.add_argument("--replicas", type=int, default=1, help="--cluster: copies of each shard (default: 1)")
     s = sub.add_parser("drop", help="drop a table")
     s.add_argument("name")
     s = sub.add_parser("import", help="write a .npy file [rows, dim] into a table, in chunks")
@@ -553,6 +567,16 @@ def parse_args(argv):
                        "the table with it (embtier create T2 ... --key-space mapped --mapping m.npz). The "
                        "kinds and the file are described in embtier_tools/mapping.py.")
     add_mapping_commands(s.add_subparsers(dest="mapping_command", required=True))
+    s = sub.add_parser("cluster", help="a cluster of daemons (needs --cluster): status, and plans by the cost "
+                       "model", description=cluster_doc())
+    cluster_sub = s.add_subparsers(dest="cluster_command", required=True)
+    cluster_sub.add_parser("status", help="live daemons, the plan in force, shards and replicas")
+    c = cluster_sub.add_parser("plan", help="place the tables by the cost model; print predicted load and memory "
+                               "per daemon and why each table got its sharding")
+    c.add_argument("--workload", metavar="FILE.toml", help="per table: pooling factor, request rate, replicas, a "
+                   "recorded trace; new tables with their num_rows and dim")
+    c.add_argument("--replicas", type=int, default=1, help="copies of each shard where the workload gives none")
+    c.add_argument("--apply", action="store_true", help="put the plan into effect (moving rows while serving)")
     s = sub.add_parser("fabric", help="the shaped-link test bed (root): host and switch network namespaces "
                        "joined by a veth pair shaped with tc")
     fabric_sub = s.add_subparsers(dest="fabric_command", required=True)
@@ -600,8 +624,23 @@ COMMANDS = {"tables": cmd_tables, "describe": cmd_describe, "create": cmd_create
             "checkpoints": cmd_checkpoints, "restore": cmd_restore}
 
 
-def connect(args) -> Client:
+CLUSTER_COMMANDS = ("tables", "describe", "create", "drop", "lookup", "import", "checkpoint", "cluster")
+
+
+def cluster_doc() -> str:
+    from embtier_tools import cluster_cli
+    return cluster_cli.__doc__
+
+
+def connect(args):
+    """A Client of --target, or with --cluster a ClusterClient (the same methods, routed by the shard plan)."""
     tls = TlsOptions(args.ca, args.cert, args.key) if args.ca else None
+    if args.cluster:
+        from .cluster.client import ClusterClient
+        try:
+            return ClusterClient(args.cluster, timeout=args.timeout, tls=tls)
+        except ValueError as e:
+            raise SystemExit(f"embtier: --cluster: {e}") from None
     return Client(args.target, timeout=args.timeout, tls=tls)
 
 
@@ -612,13 +651,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "fabric":  # the test bed: no daemon to connect to
         return cmd_fabric(args)
+    if args.command == "cluster" and not args.cluster:
+        raise SystemExit("embtier cluster: give --cluster NAME@HOST:PORT (or set EMBTIER_CLUSTER)")
+    if args.cluster and args.command not in CLUSTER_COMMANDS:
+        raise SystemExit(f"embtier {args.command}: not offered with --cluster (it offers "
+                         f"{', '.join(CLUSTER_COMMANDS)}); give --target to run it on one daemon")
+    if not args.cluster and args.command == "create" and (args.sharding or args.shards or args.replicas != 1):
+        raise SystemExit("embtier create: --sharding, --shards and --replicas need --cluster")
     try:
         if args.command == "mapping":
             cmd_mapping(args)
             return 0
         with connect(args) as client:
+            if args.command == "cluster":
+                from embtier_tools import cluster_cli
+                return cluster_cli.main(client, args)
             COMMANDS[args.command](client, args)
-    except EmbtierClientError as e:
+    except (EmbtierClientError, ConnectionError) as e:  # (ConnectionError: a cluster's etcd unreachable)
         print(f"embtier: {e}", file=sys.stderr)
         return 1
     return 0

@@ -10,7 +10,7 @@ WriteRows with add=True is not, since a retry could apply the update twice.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -201,11 +201,13 @@ class Client:
     """A connection to one embtierd: `Client("unix:///run/embtier/embtierd.sock")` or `Client("host:50051")`."""
 
     def __init__(self, target: str, timeout: float | None = 30.0, tls: TlsOptions | None = None,
-                 retries: int = 4, backoff_seconds: float = 0.1, tenant: str | None = None):
+                 retries: int = 4, backoff_seconds: float = 0.1, tenant: str | None = None,
+                 channel_options: Sequence[tuple[str, int]] = ()):
         """timeout: each call's gRPC deadline in seconds (None: none, and a lookup gets its tenant's
-        default deadline); tenant: the tenant every call is made as (None: the default tenant)."""
+        default deadline); tenant: the tenant every call is made as (None: the default tenant);
+        channel_options: more gRPC channel arguments."""
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *channel_options]
         self.channel = (grpc.secure_channel(target, tls.credentials(), options) if tls
                         else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.EmbeddingStoreStub(self.channel)

@@ -45,7 +45,7 @@ def pooled_model(table: np.ndarray, ids, lengths, weights, mode: str) -> np.ndar
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory) -> ClusterBed:
     base = tmp_path_factory.mktemp("cluster")
-    with ClusterBed(3, f"etc{next(_SERIAL)}", base) as bed:
+    with ClusterBed(3, f"ecl{next(_SERIAL)}", base) as bed:
         bed.cluster = "c0"
         for i in range(3):
             start(bed, i)
@@ -53,8 +53,10 @@ def bed(tmp_path_factory) -> ClusterBed:
 
 
 def start(bed: ClusterBed, i: int, state_dir: Path | None = None):
-    args = (*TIER_FLAGS, "--dram-bytes", "64M", "--cluster", f"{bed.cluster}@{bed.etcd_endpoint(i)}",
-            "--node-id", f"n{i}", "--advertise", bed.target(i))
+    config = bed.base_dir / "cluster.toml"
+    config.write_text(f"[cluster]\nlease_seconds = {LEASE}\n")
+    args = (*TIER_FLAGS, "--dram-bytes", "64M", "--config", str(config), "--cluster",
+            f"{bed.cluster}@{bed.etcd_endpoint(i)}", "--node-id", f"n{i}", "--advertise", bed.target(i))
     daemon = bed.start_daemon(i, state_dir, extra_args=args)
     return daemon
 
@@ -208,3 +210,144 @@ def test_move_under_load_loses_no_acknowledged_write(bed, client):
     with pytest.raises(EmbtierClientError) as e:  # the old shard is gone
         Client(nodes[old.replicas[0].node].address, retries=0).describe(old.name)
     assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+class Load:
+    """Writers and readers of table name through their own ClusterClients, recording every acknowledged
+    write, every failure and the slowest request."""
+
+    def __init__(self, bed, name: str, rows: int, dim: int, ids_for_reads=None):
+        self.bed, self.name, self.rows, self.dim = bed, name, rows, dim
+        self.ids_for_reads = ids_for_reads
+        self.acked: dict[int, float] = {}
+        self.errors: list = []
+        self.slowest = 0.0
+        self.requests = 0
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._write, args=(21,)), threading.Thread(target=self._read)]
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+    def _timed(self, fn):
+        start = time.monotonic()
+        try:
+            fn()
+            self.requests += 1
+        except EmbtierClientError as e:
+            self.errors.append((time.monotonic(), e))
+            return False
+        finally:
+            self.slowest = max(self.slowest, time.monotonic() - start)
+        return True
+
+    def _write(self, seed: int):
+        rng = np.random.default_rng(seed)
+        with cluster_client(self.bed) as w:
+            while not self.stop.is_set():
+                ids = np.unique(rng.integers(0, self.rows, 32))
+                value = float(rng.integers(1, 1 << 20))
+                if self._timed(lambda: w.write_rows(self.name, ids, np.full((ids.size, self.dim), value, np.float32))):
+                    for i in ids:
+                        self.acked[int(i)] = value
+
+    def _read(self):
+        rng = np.random.default_rng(5)
+        with cluster_client(self.bed) as r:
+            while not self.stop.is_set():
+                pool = self.ids_for_reads if self.ids_for_reads is not None else np.arange(self.rows)
+                ids = rng.choice(pool, 256)
+                self._timed(lambda: r.lookup_pooled({self.name: (ids, np.full(8, 32, np.int32))}))
+
+
+def restart(bed, i: int) -> None:
+    start(bed, i, bed.base_dir / f"host{i}")
+
+
+def test_sigkilled_daemon_with_replicas_loses_no_write_and_fails_no_request(bed, client):
+    rows, dim = 3000, 8
+    client.create_table("rep", rows, dim, sharding="row", shards=3, replicas=2)
+    base = fill(client, "rep", rows, dim, seed=12)
+    victim = 1
+    with Load(bed, "rep", rows, dim) as load:
+        time.sleep(0.5)
+        bed.kill(victim)
+        killed = time.monotonic()
+        time.sleep(2 * LEASE + 1)
+    assert not load.errors, load.errors[:3]
+    assert load.requests > 20 and load.slowest < LEASE + 1.5, (load.requests, load.slowest)
+    assert f"n{victim}" not in client.nodes()
+    want = base.copy()
+    for i, v in load.acked.items():
+        want[i] = v
+    np.testing.assert_array_equal(client.lookup("rep", np.arange(rows)), want)
+    assert time.monotonic() - killed < 60
+    restart(bed, victim)  # (a new incarnation: its old copies do not count until a plan refills them)
+    wait_registered(client, f"n{victim}")
+    np.testing.assert_array_equal(client.lookup("rep", np.arange(rows)), want)
+
+
+def wait_registered(client, node: str) -> None:
+    deadline = time.monotonic() + 30
+    while node not in client.nodes():
+        assert time.monotonic() < deadline, f"{node} did not register"
+        time.sleep(0.1)
+        client.refresh()
+
+
+def test_without_replicas_only_the_dead_daemons_shards_fail(bed, client):
+    rows, dim = 900, 4
+    client.create_table("solo", rows, dim, sharding="row", shards=3)
+    table = fill(client, "solo", rows, dim, seed=13)
+    shards = client.plan.tables["solo"].layout.shards
+    victim_shard = shards[2]
+    victim = int(victim_shard.replicas[0].node[1:])
+    others = [n for n in ("n0", "n1", "n2") if n != f"n{victim}"]
+    client.create_table("safe", 50, dim, sharding="table")
+    safe = fill(client, "safe", 50, dim, seed=14)
+    assert client.plan.tables["safe"].layout.shards[0].replicas[0].node in others or True
+    bed.kill(victim)
+    for wait in (0.0, LEASE + 1.0):  # before and after its lease expired
+        time.sleep(wait)
+        start = time.monotonic()
+        with pytest.raises(EmbtierClientError) as e:
+            client.lookup("solo", np.arange(rows))
+        assert time.monotonic() - start < 2.0
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert victim_shard.name in e.value.message and f"n{victim}" in e.value.message, e.value.message
+        ids = np.arange(rows)[np.arange(rows) % 3 != 2]  # rows of the other two shards
+        np.testing.assert_array_equal(client.lookup("solo", ids), table[ids])
+        lengths = np.full(ids.size // 10, 10, np.int32)
+        np.testing.assert_allclose(client.lookup_pooled({"solo": (ids[:lengths.sum()], lengths)})["solo"],
+                                   pooled_model(table, ids[:lengths.sum()], lengths, None, "sum"), rtol=1e-5)
+        if client.plan.tables["safe"].layout.shards[0].replicas[0].node != f"n{victim}":
+            np.testing.assert_array_equal(client.lookup("safe", np.arange(50)), safe)
+    restart(bed, victim)
+    wait_registered(client, f"n{victim}")
+
+
+def test_etcd_unreachable_daemons_serve_the_last_plan(bed, client):
+    client.create_table("e", 100, 4, sharding="row")
+    table = fill(client, "e", 100, 4, seed=15)
+    bed.etcd.pause()
+    try:
+        time.sleep(LEASE + 1)  # past a lease period: the daemons cannot renew, and keep serving
+        np.testing.assert_array_equal(client.lookup("e", np.arange(100)), table)
+        client.write_rows("e", [7], np.full((1, 4), 3.0, np.float32))
+        with pytest.raises(Exception):
+            client.create_table("e2", 10, 4)  # resharding and creation wait for etcd
+    finally:
+        bed.etcd.resume()
+    deadline = time.monotonic() + 30
+    while len(client.coord.nodes()) < 3:  # the daemons register anew (their leases expired meanwhile)
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    table[7] = 3.0
+    client.refresh()

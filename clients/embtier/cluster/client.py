@@ -52,6 +52,9 @@ from embtier.wire import PLAN_METADATA_KEY, TENANT_METADATA_KEY, TableInfo
 FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 STALE_RE = re.compile(r"stale plan: .* serves version (\d+)")
 STALE_RETRIES = 5
+# a daemon that comes back is reached again within a second (gRPC's default backoff grows to 2 minutes)
+RECONNECT = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+             ("grpc.max_reconnect_backoff_ms", 1000))
 
 
 class ClusterError(EmbtierClientError):
@@ -90,9 +93,10 @@ class ClusterClient:
         self._lock = threading.Lock()
         self._plan: Plan | None = None
         self._nodes: dict[str, NodeInfo] = {}
-        self._clients: dict[tuple[str, str], Client] = {}  # (node, address) -> a client without plan metadata
+        self._clients: dict[tuple[str, str, str], Client] = {}  # (node, address, incarnation) -> a client
         self._routed_clients: dict[tuple[str, int, int], Client] = {}  # ... and with a plan version's
         self._in_flight: dict[str, int] = {}
+        self._missed: set[tuple[str, str]] = set()  # replicas a write skipped, recorded in etcd
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cluster")
         self._stop = threading.Event()
         self.refresh()
@@ -147,7 +151,7 @@ class ClusterClient:
         info = self._nodes.get(node)
         if info is None:
             raise _unavailable(f"node {node!r} is not live in cluster {self.coord.cluster!r}", "connect")
-        key = (node, info.address)
+        key = (node, info.address, info.incarnation)
         client = self._clients.get(key)
         if client is None:
             with self._lock:
@@ -155,7 +159,7 @@ class ClusterClient:
                 if client is None:
                     attempt = self.attempt_timeout or max(1.0, info.lease_seconds)
                     client = Client(info.address, timeout=min(attempt, self.timeout or attempt), tls=self.tls,
-                                    retries=0, tenant=self.tenant)
+                                    retries=0, tenant=self.tenant, channel_options=RECONNECT)
                     self._clients[key] = client
         return client
 
@@ -378,31 +382,30 @@ class ClusterClient:
                 for p in self._split(t, lay, ids, "WriteRows"):
                     rows = values if p.picked is None else values[p.picked]
                     part = np.ascontiguousarray(rows[:, p.shard.columns[0]:p.shard.columns[1]])
-                    for r in p.shard.replicas:
-                        if self.live(r):
-                            jobs.append(self._pool.submit(self._write_replica, plan, t, p.shard, r, p.local, part,
-                                                          add, scale))
                     if not any(self.live(r) for r in p.shard.replicas):
                         raise _unavailable(f"no live replica for {self._describe_down(t, p.shard)}", "WriteRows")
+                    for r in p.shard.replicas:
+                        jobs.append(self._pool.submit(self._write_replica, plan, t, p.shard, r, p.local, part,
+                                                      add, scale))
             return sum(f.result() for f in jobs)
 
         return self._routed("WriteRows", op)
 
     def _write_replica(self, plan: Plan, t: TablePlan, shard: Shard, r: Replica, ids: np.ndarray, values: np.ndarray,
                        add: bool, scale: float) -> int:
-        """1 once replica r acknowledged the write, 0 once it left the live set without (a write that
-        did not reach it is then not one the cluster counts on it)."""
+        """1 once replica r acknowledged the write, 0 once it is out of the live set and the write that
+        skipped it is recorded (coord.record_missed: that copy no longer counts)."""
         deadline = time.monotonic() + (self.timeout or 30.0)
         delay = 0.05
         while True:
+            if not self.live(r) and self._skip(r):
+                return 0
             try:
                 self._call(r.node, plan, lambda c: c.write_rows(shard.name, ids, values, add=add, scale=scale))
                 return 1
             except EmbtierClientError as e:
                 if e.code not in FAILOVER_CODES or add and e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise
-                if not self.live(r):
-                    return 0
                 if time.monotonic() > deadline:
                     raise _unavailable(f"write to {self._describe_down(t, shard)} not acknowledged by {r.node}: "
                                        f"{e.message}", "WriteRows") from None
@@ -412,6 +415,26 @@ class ClusterClient:
                     self.refresh()
                 except CoordinationUnavailable:
                     pass
+
+    def _skip(self, r: Replica) -> bool:
+        """Whether a write may be acknowledged without replica r, which is not live in this client's view:
+        yes when its node came back under another incarnation (that copy is gone for good) or once the
+        missed write is recorded in etcd while the node is unregistered; no when the node turned out to
+        be registered (the view was old: the write must reach it) or etcd does not answer."""
+        if (r.node, r.incarnation) in self._missed:
+            return True
+        info = self._nodes.get(r.node)
+        if info is not None and info.incarnation != r.incarnation:
+            return True
+        try:
+            if self.coord.record_missed(r.node, r.incarnation):
+                with self._lock:
+                    self._missed.add((r.node, r.incarnation))
+                return True
+            self.refresh()
+        except CoordinationUnavailable:
+            pass
+        return False
 
     # ---- tables ----------------------------------------------------------------------------------
 
@@ -443,14 +466,22 @@ class ClusterClient:
                          emulated_by_tier=emulated, key_space=t.key_space, key_seed=t.key_seed,
                          default_value=t.default_value)
 
-    def create_table(self, name: str, num_rows: int, dim: int, dtype: str = "float32", *, key_space: str = "dense",
-                     key_seed: int = 0, default_value: float = 0.0, sharding: str | None = None, shards: int = 0,
-                     replicas: int = 1, initializer: str = "zeros", seed: int = 0, init_scale: float = 0.0) -> TableInfo:
+    def create_table(self, name: str, num_rows: int, dim: int, dtype: str = "float32", initializer: str = "zeros",
+                     seed: int = 0, init_scale: float = 0.0, *, key_space: str = "dense", key_seed: int = 0,
+                     default_value: float = 0.0, sharding: str | None = None, shards: int = 0, replicas: int = 1,
+                     **unsupported) -> TableInfo:
         """A new table in the cluster: its shards made on their daemons, then a new plan that names it.
         sharding: "table", "row" or "column" (None: table-wise on the daemon with the most free memory
         when it fits there, else row-wise over every live daemon); shards: how many (0: one per live
-        daemon); replicas: copies of each shard, on distinct daemons.  (embtier cluster plan chooses
-        placements with the cost model; this places one table at a time.)"""
+        daemon); replicas: copies of each shard, on distinct daemons.  A uniform initializer draws each
+        shard from its own seed (seed + shard index).  (`embtier cluster plan` chooses placements with
+        the cost model; this places one table at a time.)  Mapped tables and per-table tiering
+        settings are not offered across a cluster (INVALID_ARGUMENT)."""
+        given = {k: v for k, v in unsupported.items() if v not in (None, 0, "", False)}
+        if given or key_space == "mapped":
+            raise ClusterError(grpc.StatusCode.INVALID_ARGUMENT, f"create {name!r}: "
+                               f"{', '.join(given) or 'key_space mapped'} not offered by a cluster (create it on "
+                               f"one daemon)", "CreateTable")
         from embtier.cluster import placement
 
         def attempt() -> Plan:
@@ -459,7 +490,10 @@ class ClusterClient:
                 raise ClusterError(grpc.StatusCode.ALREADY_EXISTS, f"table {name!r} exists in cluster "
                                    f"{self.coord.cluster!r}", "CreateTable")
             t = TablePlan(name, num_rows, dim, dtype, key_space, key_seed, default_value)
-            lay, reason = placement.place_one(t, self._nodes, plan.version + 1, sharding, shards, replicas)
+            try:
+                lay, reason = placement.place_one(t, self._nodes, plan.version + 1, sharding, shards, replicas)
+            except ValueError as e:
+                raise ClusterError(grpc.StatusCode.INVALID_ARGUMENT, f"create {name!r}: {e}", "CreateTable") from None
             t = TablePlan(name, num_rows, dim, dtype, key_space, key_seed, default_value, lay, None, reason)
             placement.materialize(self, t, lay, initializer=initializer, seed=seed, init_scale=init_scale)
             new = plan.successor({**plan.tables, name: t}, plan.predicted)

@@ -6,6 +6,17 @@
                                            changed; versions count up from 1 (12 digits, zero-padded)
     /embtier/<cluster>/plan/current        the version in force, as a decimal string; changed only
                                            by compare-and-swap from the version it replaces
+    /embtier/<cluster>/missed/<node id>/<incarnation>
+                                           written by a client before it acknowledges a write that
+                                           skipped that copy (the node was not live): the copy is
+                                           stale for good, and the node takes a new incarnation
+
+The last two keys decide, atomically, whether a daemon that lost its lease may come back with
+its copies still counting: a client records a missed write only while the node is unregistered
+(a transaction on the node's key), and a daemon re-registers its incarnation only while no
+missed write is recorded for it (a transaction on the missed key).  So an etcd outage (no one
+could skip the daemon) costs nothing, and a partitioned daemon that writes went on without comes
+back under a new incarnation.
 
 etcd is reached through its v3 HTTP gateway with etcd3gw (OpenStack's client: maintained,
 plain HTTP + JSON, so no second copy of etcd's protobuf stubs next to ours).  Every endpoint of
@@ -22,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import etcd3gw
 import requests
 from etcd3gw.exceptions import Etcd3Exception
+from etcd3gw.utils import _encode
 
 from embtier.cluster.plan import Plan
 
@@ -118,6 +130,27 @@ class Coordination:
             info = NodeInfo.from_json(value)
             out[info.id] = info
         return out
+
+    def missed_key(self, node: str, incarnation: str) -> str:
+        return f"{self.prefix}/missed/{node}/{incarnation}"
+
+    def _put_if_absent(self, absent: str, key: str, value: str, lease=None) -> bool:
+        put = {"key": _encode(key), "value": _encode(value)}
+        if lease is not None:
+            put["lease"] = lease.id
+        txn = {"compare": [{"key": _encode(absent), "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
+               "success": [{"request_put": put}], "failure": []}
+        return bool(self._do(lambda c: c.transaction(txn)).get("succeeded", False))
+
+    def record_missed(self, node: str, incarnation: str) -> bool:
+        """Records that a write is acknowledged without node's copy (incarnation), unless node is registered
+        now (then False: it is live again, and the write must reach it)."""
+        return self._put_if_absent(self.node_key(node), self.missed_key(node, incarnation), "1")
+
+    def register_unless_missed(self, info: NodeInfo, lease) -> bool:
+        """Registers info unless a write that skipped its incarnation was recorded (then False)."""
+        return self._put_if_absent(self.missed_key(info.id, info.incarnation), self.node_key(info.id),
+                                   info.to_json(), lease)
 
     def grant(self, ttl_seconds: int):
         return self._do(lambda c: c.lease(ttl_seconds))

@@ -78,6 +78,19 @@ def place_one(t: TablePlan, nodes: dict[str, NodeInfo], version: int, sharding: 
     return make_layout(t, version, sharding, reps), reason
 
 
+def _on_node(client: ClusterClient, node: str, fn, seconds: float = 10.0):
+    """fn(a client of node), again while node answers UNAVAILABLE (not reached yet: a daemon that just
+    came back, a channel still backing off) for up to seconds."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return fn(client.node_client(node))
+        except EmbtierClientError as e:
+            if e.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def materialize(client: ClusterClient, t: TablePlan, lay: Layout, receiving: bool = False, initializer: str = "zeros",
                 seed: int = 0, init_scale: float = 0.0) -> None:
     """Makes lay's shards of table t on each of their replicas (dense tables, but for a table-wise managed
@@ -85,10 +98,10 @@ def materialize(client: ClusterClient, t: TablePlan, lay: Layout, receiving: boo
     key_space = "dense" if t.row_keyed else t.key_space
     for shard in lay.shards:
         for r in shard.replicas:
-            client.node_client(r.node).create_table(
-                shard.name, shard.num_rows, shard.dim, t.dtype, initializer, seed + shard.index, init_scale,
+            _on_node(client, r.node, lambda c, s=shard: c.create_table(
+                s.name, s.num_rows, s.dim, t.dtype, initializer, seed + s.index, init_scale,
                 key_space=key_space, default_value=t.default_value,
-                key_seed=0 if t.row_keyed else t.key_seed, receiving=receiving)
+                key_seed=0 if t.row_keyed else t.key_seed, receiving=receiving))
 
 
 def drop_shards(client: ClusterClient, lay: Layout) -> None:
@@ -96,7 +109,7 @@ def drop_shards(client: ClusterClient, lay: Layout) -> None:
     for shard in lay.shards:
         for r in shard.replicas:
             try:
-                client.node_client(r.node).drop_table(shard.name)
+                _on_node(client, r.node, lambda c, s=shard: c.drop_table(s.name), seconds=2.0)
             except EmbtierClientError as e:
                 if e.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
                     raise

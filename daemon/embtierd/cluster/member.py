@@ -8,10 +8,10 @@ older plans to finish) and then reported in the registration, which is how a mov
 daemon has taken up the plan that dual-writes a shard.
 
 etcd unreachable: the daemon keeps serving by the last plan it took up, and keeps trying.  A
-lease that expired meanwhile (the cluster took the daemon out of its live set, and writes went
-on without it) is replaced by a new one under a NEW incarnation: the plan's replicas name the
-incarnation they were filled in, so this daemon's copies count again only after a later plan
-fills them anew.  An orderly shutdown revokes the lease: the daemon leaves the live set at once.
+lease that expired meanwhile is replaced by a new one; the daemon keeps its incarnation unless a
+client recorded a write that skipped it (coord.py: the node was out of the live set and writes
+went on without it), and then takes a NEW incarnation: the plan's replicas name the incarnation
+they were filled in, so its copies count again only after a later plan fills them anew.  An orderly shutdown revokes the lease: the daemon leaves the live set at once.
 """
 
 from __future__ import annotations
@@ -95,10 +95,15 @@ class Membership:
         self.registered = threading.Event()
 
     def _register(self) -> None:
-        """A new lease and a new incarnation."""
+        """A new lease; the same incarnation when no write skipped this node meanwhile, else a new one."""
         self._lease = self.coord.grant(self.config.lease_seconds)
-        self.info = replace(self.info, incarnation=uuid.uuid4().hex[:12], used_bytes=self._used())
-        self.coord.register(self.info, self._lease)
+        self.info = replace(self.info, used_bytes=self._used())
+        if not self.info.incarnation or not self.coord.register_unless_missed(self.info, self._lease):
+            if self.info.incarnation:
+                log.warning("cluster %s: writes went on without this node while it was out: registering a new "
+                            "incarnation (its copies count again once a plan refills them)", self.config.name)
+            self.info = replace(self.info, incarnation=uuid.uuid4().hex[:12])
+            self.coord.register(self.info, self._lease)
         self.registered.set()
         log.info("cluster %s: registered as node %s (incarnation %s) at %s, lease %d s", self.config.name,
                  self.info.id, self.info.incarnation, self.info.address, self.config.lease_seconds)
@@ -115,8 +120,7 @@ class Membership:
     def _step(self) -> None:
         if self._lease is None or self.coord.refresh(self._lease) <= 0:
             if self._lease is not None:
-                log.warning("cluster %s: the lease expired; registering anew (a new incarnation: this node's "
-                            "shards count again once a plan refills them)", self.config.name)
+                log.warning("cluster %s: the lease expired; registering anew", self.config.name)
             self._register()
         self._follow_plan()
 
