@@ -111,4 +111,9 @@ def main(client: ClusterClient, args) -> int:
     if args.apply:
         final = apply_plan(client, target)
         print(f"applied: plan version {final.version} is in force", file=sys.stderr)
+        for t in final.tables.values():
+            lost = [s.name for s in t.layout.shards if not any(client.live(r) for r in s.replicas)]
+            if lost:
+                print(f"table {t.name} stays as it was: no live replica of {', '.join(lost)} to copy from "
+                      f"(restart its daemon under its old incarnation, or drop and re-create it)", file=sys.stderr)
     return 0

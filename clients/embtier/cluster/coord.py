@@ -181,17 +181,20 @@ class Coordination:
         return self.plan(version) if version else None
 
     def publish(self, plan: Plan) -> bool:
-        """Writes plan (version = the current one + 1, parent = the current one) and makes it current
-        by compare-and-swap; False when another plan became current first (nothing changed then but
-        an orphan plan document, which no one reads)."""
+        """Writes plan (version = parent + 1) and makes it current, in one transaction that holds only
+        while the current version is still plan.parent; False when another plan became current first
+        (nothing changed then).  (A plan document left by a transaction whose answer was lost, which was
+        never current, is overwritten.)"""
         plan.check()
         if plan.version != plan.parent + 1:
             raise ValueError(f"plan version {plan.version} must follow its parent {plan.parent}")
-        if not self._do(lambda c: c.create(self.plan_key(plan.version), plan.to_json())):
-            return False  # that version exists already: someone else published it
-        if plan.parent == 0:
-            return self._do(lambda c: c.create(self.current_key, str(plan.version)))
-        return self._do(lambda c: c.replace(self.current_key, str(plan.parent), str(plan.version)))
+        current = _encode(self.current_key)
+        compare = ({"key": current, "result": "EQUAL", "target": "CREATE", "create_revision": 0} if plan.parent == 0
+                   else {"key": current, "result": "EQUAL", "target": "VALUE", "value": _encode(str(plan.parent))})
+        txn = {"compare": [compare], "failure": [],
+               "success": [{"request_put": {"key": _encode(self.plan_key(plan.version)), "value": _encode(plan.to_json())}},
+                           {"request_put": {"key": current, "value": _encode(str(plan.version))}}]}
+        return bool(self._do(lambda c: c.transaction(txn)).get("succeeded", False))
 
     def watch_current(self):
         """(events iterator, cancel) of changes to the current plan pointer."""

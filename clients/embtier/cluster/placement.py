@@ -149,12 +149,13 @@ def copy_rows(client: ClusterClient, plan: Plan, t: TablePlan) -> int:
 
 def apply_plan(client: ClusterClient, target: Plan, timeout: float = 120.0) -> Plan:
     """Puts target (a plan made from the current one: its successor, as the planner makes it) into
-    effect, moving every table whose layout changed (see the module's doc); returns the final plan."""
+    effect, moving every table whose layout changed (see the module's doc); returns the final plan.
+    A table with a shard that no live replica holds stays as it is (logged: nothing to copy from)."""
     current = client.refresh() or Plan(client.coord.cluster, 0)
     if target.parent != current.version:
         raise ValueError(f"the plan was made from version {target.parent}; the current one is {current.version}: "
                          f"plan again")
-    moving, tables = {}, {}
+    moving, tables, stuck = {}, {}, []
     for name, t in target.tables.items():
         old = current.tables.get(name)
         if old is None:  # a new table: made, and in the plan at once
@@ -166,6 +167,13 @@ def apply_plan(client: ClusterClient, target: Plan, timeout: float = 120.0) -> P
             if not old.row_keyed:
                 raise ValueError(f"table {name!r} is {old.key_space}: its rows cannot be moved (only dense and "
                                  f"hashed tables are); keep its layout")
+            unreadable = [s.name for s in old.layout.shards if not any(client.live(r) for r in s.replicas)]
+            if unreadable:  # nowhere to copy those rows from: the table stays as it is
+                log.warning("table %s stays where it is: shard(s) %s have no live replica to copy from", name,
+                            ", ".join(unreadable))
+                stuck.append(name)
+                tables[name] = old
+                continue
             materialize(client, t, t.layout, receiving=True)
             moving[name] = t.layout
             tables[name] = replace(old, next=t.layout, reason=t.reason)
