@@ -175,17 +175,18 @@ def check_layout(t: TablePlan, lay: Layout) -> None:
     else:
         if lay.split not in SPLITS:
             raise PlanError(f"{where}: row-wise split {lay.split!r} is not one of {', '.join(SPLITS)}")
+        if lay.split == "range":
+            bounds = [lay.shards[0].rows[0]] + [s.rows[1] for s in lay.shards]
+            if bounds[0] != 0 or bounds[-1] != t.num_rows or any(
+                    s.rows[0] != b or s.rows[1] <= s.rows[0] for s, b in zip(lay.shards, bounds)):
+                raise PlanError(f"{where}: range shards must cover rows [0, {t.num_rows}) in order, none empty")
         for k, s in enumerate(lay.shards):
             if s.index != k or s.columns != (0, t.dim):
                 raise PlanError(f"{where}: row shard {s.name!r} must be shard {k} with every column")
             want = (t.num_rows - k + n - 1) // n if lay.split == "mod" else s.rows[1] - s.rows[0]
-            if s.num_rows != want or want < 0:
-                raise PlanError(f"{where}: row shard {s.name!r} holds {s.num_rows} rows; its split gives {want}")
-        if lay.split == "range":
-            bounds = [lay.shards[0].rows[0]] + [s.rows[1] for s in lay.shards]
-            if bounds[0] != 0 or bounds[-1] != t.num_rows or any(
-                    s.rows[0] != b for s, b in zip(lay.shards, bounds)):
-                raise PlanError(f"{where}: range shards must cover rows [0, {t.num_rows}) in order")
+            if s.num_rows != want or want < 1:
+                raise PlanError(f"{where}: row shard {s.name!r} holds {s.num_rows} rows; its split gives {want} "
+                                f"(a row-wise table needs at least a row per shard)")
 
 
 def shard_name(table: str, version: int, sharding: str, k: int, n: int, columns: tuple[int, int]) -> str:
