@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.embtier-installed
 NATIVE := $(wildcard native/include/*.h native/src/*.c native/src/*.h) native/build_ffi.py
 
-.PHONY: build test demo bench stateful clean
+.PHONY: build test demo demo-cluster bench stateful clean
 
 $(PY):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "embtier needs Python >= 3.11")'
@@ -27,6 +27,13 @@ test: build
 # The main job: the daemon on its embedded default configuration serving a demo workload (about a minute).
 demo: build
 	$(PY) -m embtier_tools.demo --state-dir $(CURDIR)/.state/demo
+
+# Several hosts as one store: etcd and three daemons (network namespaces as root, else loopback ports), tables
+# placed by the cost model, a Zipf load, one daemon killed half-way (about a minute; needs etcd: apt-get install
+# etcd-server).
+demo-cluster: build
+	@command -v etcd >/dev/null || { echo "make demo-cluster needs etcd (apt-get install etcd-server)"; exit 1; }
+	$(PY) -m embtier_tools.cluster_demo --state-dir $(CURDIR)/.state/demo-cluster
 
 # The durability property test of `make test`, with many more examples (EXAMPLES=n; about 5 s each).
 EXAMPLES ?= 300
