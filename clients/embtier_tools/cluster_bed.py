@@ -3,15 +3,16 @@ processes and one real etcd that all of them reach.
 
 Namespace mode ("netns", root only) gives every host i a network namespace of its own, joined to
 the root namespace by a veth pair on a /30 of 169.254.0.0/16 (the fabric test bed uses
-169.254.100.0/30; this bed uses 169.254.200.0/30 upwards):
+169.254.100.0/30; this bed uses 169.254.(B+i).0/30, B the first of 200, 201, ... whose block no
+other bed up at the same time holds):
 
     root namespace                                              <prefix>-n<i>
-      etcd on 127.0.0.1:P and on every 169.254.(200+i).1:P        lo (up)
-      tests and clients                                           embtierd on 169.254.(200+i).2:50051
-      <short>-r<i>  169.254.(200+i).1/30  <====== veth ======>  <short>-n<i>  169.254.(200+i).2/30
+      etcd on 127.0.0.1:P and on every 169.254.(B+i).1:P          lo (up)
+      tests and clients                                           embtierd on 169.254.(B+i).2:50051
+      <short>-r<i>  169.254.(B+i).1/30  <====== veth ======>  <short>-n<i>  169.254.(B+i).2/30
 
-Clients in the root namespace dial 169.254.(200+i).2 directly; the daemon of host i dials etcd on
-169.254.(200+i).1.  partition(i) sets the root end of host i's veth down, so host i reaches
+Clients in the root namespace dial 169.254.(B+i).2 directly; the daemon of host i dials etcd on
+169.254.(B+i).1.  partition(i) sets the root end of host i's veth down, so host i reaches
 neither etcd nor any client (and no client reaches it) while its daemon keeps running; heal(i) sets
 it up again.  The veth ends get no IPv6 link-local address.
 
@@ -35,6 +36,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,7 +64,7 @@ from embtier_tools.fabric import (
 
 Mode = Literal["netns", "loopback"]
 LOOPBACK = "127.0.0.1"
-FIRST_SUBNET_OCTET = 200         # host i owns 169.254.(200+i).0/30
+FIRST_SUBNET_OCTET = 200         # host i owns 169.254.(B+i).0/30, B from 200 up (see _free_block)
 MAX_HOSTS = 256 - FIRST_SUBNET_OCTET - 1
 ETCD_LOG_NAME = "etcd.log"
 OWNED_DIR_FLAGS = ("--state-dir", "--data-dir")  # a process with one of these under base_dir is the bed's
@@ -222,6 +224,7 @@ class ClusterBed:
         self.prefix = prefix
         self.base_dir = Path(base_dir).resolve()
         self.mode: Mode = "netns" if netns else "loopback"
+        self._first_octet = self._free_block(n) if netns else FIRST_SUBNET_OCTET
         self.stop_timeout_seconds = stop_timeout_seconds
         self.etcd: Etcd | None = Etcd(self.base_dir / "etcd", self._etcd_hosts()) if etcd else None
         self.daemons: dict[int, Daemon] = {}
@@ -248,9 +251,21 @@ class ClusterBed:
         self._check_host(i)
         return f"{self._short}-n{i}"
 
+    def _subnet_address(self, i: int, last_octet: int) -> str:
+        return f"169.254.{self._first_octet + i}.{last_octet}"
+
     @staticmethod
-    def _subnet_address(i: int, last_octet: int) -> str:
-        return f"169.254.{FIRST_SUBNET_OCTET + i}.{last_octet}"
+    def _free_block(n: int) -> int:
+        """The first third octet o >= FIRST_SUBNET_OCTET (then below it, above the fabric's 100) such that
+        no address of the root namespace lies in 169.254.o.0 - 169.254.(o+n-1).255: two beds up at once
+        (a test and a benchmark) get blocks of their own, or their routes would cross."""
+        with IPRoute() as ipr:
+            used = {int(a.get_attr("IFA_ADDRESS").split(".")[2]) for a in ipr.get_addr(family=socket.AF_INET)
+                    if a.get_attr("IFA_ADDRESS", "").startswith("169.254.")}
+        for first in (*range(FIRST_SUBNET_OCTET, 256 - n), *range(101, FIRST_SUBNET_OCTET - n + 1)):
+            if not used & set(range(first, first + n)):
+                return first
+        raise ClusterBedError(f"no free block of {n} /24s in 169.254.0.0/16 for the bed's veths")
 
     def address(self, i: int) -> str:
         """Where host i's daemon listens and clients in the root namespace reach it."""

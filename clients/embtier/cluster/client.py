@@ -244,7 +244,10 @@ class ClusterClient:
                     results.update(f.result())
                 except EmbtierClientError as e:
                     if e.code not in FAILOVER_CODES:
-                        raise
+                        info = self._nodes.get(node)
+                        raise ClusterError(e.code, f"{e.message} (daemon {node} at "
+                                           f"{info.address if info else '?'}, plan version {plan.version})",
+                                           e.method) from None
                     failed.add(node)
                     errors.append(f"{node}: {e.code.name} {e.message}")
             pending = []

@@ -114,14 +114,20 @@ class Membership:
             self.fence.advance(version)
             log.info("cluster %s: plan version %d taken up", self.config.name, version)
         if self.info.plan_version != self.fence.version:
-            self.info = replace(self.info, plan_version=self.fence.version, used_bytes=self._used())
-            self.coord.register(self.info, self._lease)
+            self._update(plan_version=self.fence.version)
+
+    def _update(self, **changes) -> None:
+        """Re-puts the registration (the same lease) with changes and the tiers' use now."""
+        self.info = replace(self.info, used_bytes=self._used(), **changes)
+        self.coord.register(self.info, self._lease)
 
     def _step(self) -> None:
         if self._lease is None or self.coord.refresh(self._lease) <= 0:
             if self._lease is not None:
                 log.warning("cluster %s: the lease expired; registering anew", self.config.name)
             self._register()
+        elif self._used() != self.info.used_bytes:
+            self._update()  # the planner reads what each daemon has free
         self._follow_plan()
 
     def start(self) -> None:
