@@ -40,7 +40,7 @@ EXAMPLES ?= 300
 stateful: build
 	EMBTIER_STATEFUL_EXAMPLES=$(EXAMPLES) $(PY) -m pytest -q tests/e2e/test_durability_model.py
 
-# Benchmarks are not part of the tests; torch and fio are only needed here (torch: the CPU build on this
+# Benchmarks are not part of the tests; torch, fio and etcd (the cluster benchmark) are only needed here (torch: the CPU build on this
 # disk; fio: the kernel benchmark's SCM comparison, installed with apt-get as .ci/run installs packages; as
 # non-root, or if apt-get fails, the kernel benchmark runs without it and says so). Every benchmark runs,
 # even after one fails; the target fails at the end if any did.
@@ -53,6 +53,11 @@ bench: build
 			echo "make bench: apt-get could not install fio: the kernel benchmark skips its fio comparison"; \
 		fi; \
 	fi
+	@if ! command -v etcd >/dev/null; then \
+		if [ "$$(id -u)" -ne 0 ] || ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server; }; then \
+			echo "make bench: etcd is not installed (apt-get install etcd-server, as root): the cluster benchmark will fail"; \
+		fi; \
+	fi
 	rc=0; \
 	$(PY) tests/bench/bench_kernels.py || rc=1; \
 	$(PY) tests/bench/bench_keyed.py || rc=1; \
@@ -62,6 +67,7 @@ bench: build
 	$(PY) -m tests.bench.bench_tiering || rc=1; \
 	$(PY) tests/bench/bench_realtime.py || rc=1; \
 	$(PY) tests/bench/bench_torch.py || rc=1; \
+	$(PY) tests/bench/bench_cluster.py || rc=1; \
 	exit $$rc
 
 clean:

@@ -55,6 +55,10 @@ from embtierd.native import DTYPES, KEY_SPACES, row_stride
 SPLIT_TOLERANCE = 0.05        # a split must lower the slowest node by more than this to beat fewer shards
 KEEP_TOLERANCE = 0.10         # a previous layout stays while the slowest node is within this of a fresh plan's
 MIN_COLUMNS_PER_SHARD = 8
+# A daemon's fixed CPU per call it serves, whatever its size (gRPC, protobuf, thread hand-offs): 1.2-1.3 ms
+# per LookupPooled on the 2-core development VM at pooling factor 1 to 32 (bench_cluster).  Every shard a
+# request reaches costs its daemon one, which is what keeps small and moderately loaded tables whole.
+CALL_SECONDS = 1.2e-3
 PROFILE_SEGMENTS = 24         # a shard's heat curve, hottest rows first, in this many geometric steps
 
 
@@ -136,6 +140,7 @@ class _Piece:
     stride: int
     segments: tuple[tuple[int, float], ...]   # (rows, ids per second), hottest first
     output_bytes_per_second: float
+    calls_per_second: float = 0.0             # the requests that reach it, each a call on its node
 
     @property
     def bytes(self) -> int:
@@ -209,7 +214,7 @@ class _Model:
     """The cost model over one set of tables and nodes."""
 
     def __init__(self, tables: list[TableSpec], nodes: dict[str, NodeInfo], link_bytes_per_second: float,
-                 wire_bytes: int):
+                 wire_bytes: int, call_seconds: float = 0.0):
         if link_bytes_per_second <= 0 or wire_bytes <= 0:
             raise ValueError(f"link_bytes_per_second and wire_bytes must be > 0; got {link_bytes_per_second}, "
                              f"{wire_bytes}")
@@ -221,6 +226,7 @@ class _Model:
         self.nodes = nodes
         self.link = link_bytes_per_second
         self.wire_bytes = wire_bytes
+        self.call_seconds = call_seconds
         self.access = {t.name: _Access(t) for t in tables if t.trace is not None and len(t.trace)}
         self._pieces: dict[tuple, _Piece] = {}
 
@@ -248,7 +254,7 @@ class _Model:
             seen = access.counts[picked]
             segments = _segments(seen, rows, spec.ids_per_second * share / access.total)
         output = spec.bags_per_second * shard.dim * self.wire_bytes * share
-        return _Piece(row_stride(shard.dim, spec.dtype), segments, output)
+        return _Piece(row_stride(shard.dim, spec.dtype), segments, output, spec.requests_per_second * share)
 
     def node_load(self, node: str, free: dict[str, int], pieces: list[_Piece]) -> NodeLoad:
         """The node's load with these pieces: the hottest rows fill its free DRAM, then CXL, then SCM
@@ -271,6 +277,7 @@ class _Model:
                 left -= take
                 if left > 0:
                     level += 1
+        compute += sum(p.calls_per_second for p in pieces) * self.call_seconds
         output = sum(p.output_bytes_per_second for p in pieces)
         return NodeLoad(node, compute, output / self.link, used, dict(free))
 
@@ -344,10 +351,10 @@ def _used_of(used: int, free: int) -> str:
 
 
 def predict(plan: Plan, tables: list[TableSpec], nodes: dict[str, NodeInfo], previous: Plan | None = None,
-            link_bytes_per_second: float = 1.25e9, wire_bytes: int = 4) -> Report:
+            link_bytes_per_second: float = 1.25e9, wire_bytes: int = 4, call_seconds: float = CALL_SECONDS) -> Report:
     """The cost model applied to any plan (the reads of each table's serving layout; the memory of
     a layout being filled too).  ValueError names a table the plan lacks or a node not in nodes."""
-    model = _Model(tables, nodes, link_bytes_per_second, wire_bytes)
+    model = _Model(tables, nodes, link_bytes_per_second, wire_bytes, call_seconds)
     pieces: dict[str, list[_Piece]] = {n: [] for n in nodes}
     for spec in tables:
         if spec.name not in plan.tables:
@@ -545,11 +552,12 @@ def _same_placement(a: Layout, b: Layout) -> bool:
 
 
 def plan(tables: list[TableSpec], nodes: dict[str, NodeInfo], previous: Plan | None, cluster: str,
-         link_bytes_per_second: float = 1.25e9, wire_bytes: int = 4) -> tuple[Plan, Report]:
+         link_bytes_per_second: float = 1.25e9, wire_bytes: int = 4,
+         call_seconds: float = CALL_SECONDS) -> tuple[Plan, Report]:
     """The next plan for tables over the live nodes (see the module's doc), and its report."""
     if len({t.name for t in tables}) != len(tables):
         raise ValueError("tables: a name appears twice")
-    model = _Model(tables, nodes, link_bytes_per_second, wire_bytes)
+    model = _Model(tables, nodes, link_bytes_per_second, wire_bytes, call_seconds)
     free = {n: _free_bytes(info, previous) for n, info in sorted(nodes.items())}
     version = previous.version + 1 if previous is not None else 1
 

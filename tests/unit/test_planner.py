@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from embtier.cluster.coord import NodeInfo
 from embtier.cluster.plan import Plan, Replica, TablePlan, make_layout, with_layout
-from embtier_tools.planner import TableSpec, greedy_table_wise, plan, predict, shard_bytes
+from embtier_tools.planner import CALL_SECONDS, TableSpec, greedy_table_wise, plan, predict, shard_bytes
 
 G = 1 << 30
 
@@ -80,7 +80,7 @@ def test_a_skewed_trace_gets_range_bounds_that_balance_its_accesses():
     rng = np.random.default_rng(1)
     ids = 6 * rng.integers(0, 1000, 50_000)  # every id a multiple of 6: "mod" over 2 or 3 gets one shard all
     spec = TableSpec("skewed", 300_000_000, 12, requests_per_second=1000, pooling_factor=50, trace=ids)
-    planned, _ = plan([spec], make_nodes(dram=2 * G, cxl=4 * G, scm=12 * G), None, "c")
+    planned, _ = plan([spec], make_nodes(dram=2 * G, cxl=4 * G, scm=12 * G), None, "c", call_seconds=0.0)
     lay = planned.tables["skewed"].layout
     assert lay.sharding == "row" and lay.split == "range"
     shares = [np.mean((ids >= s.rows[0]) & (ids < s.rows[1])) for s in lay.shards]
@@ -172,19 +172,20 @@ def tiny_node(name: str, dram: int) -> NodeInfo:
 
 def test_the_compute_of_a_shard_follows_the_formula():
     # 100 rows x 4 float32 (16 B a row), 10 requests/s x 2 bags x 5 ids: 100 ids/s, 1600 B/s read.
-    # DRAM holds 1000 of its 1600 B: 5/8 of the reads (1000 B/s) at 1000 B/s, 3/8 (600 B/s) at 100 B/s.
+    # DRAM holds 1000 of its 1600 B: 5/8 of the reads (1000 B/s) at 1000 B/s, 3/8 (600 B/s) at 100 B/s;
+    # and each of the 10 requests a second is a call on the node (CALL_SECONDS of fixed work).
     spec = TableSpec("t", 100, 4, requests_per_second=10, bags_per_request=2, pooling_factor=5)
     nodes = {"n0": tiny_node("n0", 1000)}
     report = predict(one_table_plan(spec, "table", ["n0"]), [spec], nodes, link_bytes_per_second=320.0)
     x = report.nodes["n0"]
-    assert x.compute_seconds_per_second == pytest.approx(1000 / 1000 + 600 / 100)
+    assert x.compute_seconds_per_second == pytest.approx(1000 / 1000 + 600 / 100 + 10 * CALL_SECONDS)
     assert x.communication_seconds_per_second == pytest.approx(20 * 4 * 4 / 320)  # bags/s x dim x 4 B
     assert x.bytes_by_tier == {"dram": 1000, "cxl": 0, "scm": 600}
     # row-wise over two nodes: 50 rows and 50 ids/s each (800 B/s, all in DRAM); each sends whole bags
     nodes["n1"] = tiny_node("n1", 1000)
     report = predict(one_table_plan(spec, "row", ["n0", "n1"]), [spec], nodes, link_bytes_per_second=320.0)
-    for x in report.nodes.values():
-        assert x.compute_seconds_per_second == pytest.approx(800 / 1000)
+    for x in report.nodes.values():  # (every request reaches both shards: a call on each node)
+        assert x.compute_seconds_per_second == pytest.approx(800 / 1000 + 10 * CALL_SECONDS)
         assert x.communication_seconds_per_second == pytest.approx(1.0)
     # replicated: its reads are shared, its memory is not
     report = predict(Plan("c", 1, tables={"t": with_layout(
@@ -192,7 +193,7 @@ def test_the_compute_of_a_shard_follows_the_formula():
                                             [[Replica("n0", "a"), Replica("n1", "a")]]))}), [spec], nodes,
         link_bytes_per_second=320.0)
     for x in report.nodes.values():
-        assert x.compute_seconds_per_second == pytest.approx((1000 / 1000 + 600 / 100) / 2)
+        assert x.compute_seconds_per_second == pytest.approx((1000 / 1000 + 600 / 100 + 10 * CALL_SECONDS) / 2)
         assert x.bytes == 1600
 
 
@@ -200,5 +201,5 @@ def test_a_trace_puts_the_hot_rows_in_dram():
     # every recorded read hits rows 0..9 (160 B): they fit DRAM, so all the compute is at DRAM's rate
     spec = TableSpec("t", 100, 4, requests_per_second=10, bags_per_request=2, pooling_factor=5,
                      trace=np.arange(1000) % 10)
-    report = predict(one_table_plan(spec, "table", ["n0"]), [spec], {"n0": tiny_node("n0", 1000)})
+    report = predict(one_table_plan(spec, "table", ["n0"]), [spec], {"n0": tiny_node("n0", 1000)}, call_seconds=0)
     assert report.nodes["n0"].compute_seconds_per_second == pytest.approx(1600 / 1000)

@@ -27,7 +27,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -118,7 +118,7 @@ class ClusterClient:
             with self._lock:
                 self._nodes = nodes
                 self._plan = plan
-            if plan is not None and plan.version >= at_least or time.monotonic() > deadline:
+            if at_least == 0 or plan is not None and plan.version >= at_least or time.monotonic() > deadline:
                 return plan
             time.sleep(0.05)
 
@@ -215,6 +215,18 @@ class ClusterClient:
 
     # ---- reads -----------------------------------------------------------------------------------
 
+    def _submit(self, inline: bool, fn, *args) -> Future:
+        """fn(*args) on the pool, or here when it is the only call (a hand-off to a thread costs more than
+        it saves then)."""
+        if not inline:
+            return self._pool.submit(fn, *args)
+        done: Future = Future()
+        try:
+            done.set_result(fn(*args))
+        except Exception as e:  # (delivered by result(), as from the pool)
+            done.set_exception(e)
+        return done
+
     def _pick(self, t: TablePlan, shard: Shard, avoid: set[str], method: str) -> str:
         """The least-loaded live replica of shard not in avoid."""
         live = [r.node for r in shard.replicas if self.live(r) and r.node not in avoid]
@@ -236,8 +248,8 @@ class ClusterClient:
             for t, shard, mode, what in pending:
                 node = self._pick(t, shard, avoid.setdefault(shard.name, set()), method)
                 calls.setdefault((node, mode), _Call(node, mode, {})).features[shard.name] = what
-            futures = {key: self._pool.submit(self._call, c.node, plan, lambda cl, c=c: send(cl, c.mode, c.features))
-                       for key, c in calls.items()}
+            futures = {key: self._submit(len(calls) == 1, self._call, c.node, plan,
+                                         lambda cl, c=c: send(cl, c.mode, c.features)) for key, c in calls.items()}
             failed: set[str] = set()
             for (node, _), f in futures.items():
                 try:

@@ -194,6 +194,10 @@ class Daemon:
         # each lookup the queue may hold, so that a call never waits for a thread in arrival order.
         self.fence = PlanFence() if config.cluster.name else None
         self.membership: Membership | None = None
+        self.advertise = config.cluster.advertise or next((a for a in self.addresses if not is_unix(a)), "")
+        if config.cluster.name and not self.advertise:
+            raise OSError("cluster.advertise: the daemon has no TCP listen address to advertise; give one "
+                          "(--advertise HOST:PORT)")
         threads = config.server.worker_threads + (config.scheduler.max_queued if config.scheduler.enabled else 0)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
@@ -290,13 +294,10 @@ class Daemon:
         cluster = self.config.cluster
         if not cluster.name:
             return
-        address = cluster.advertise or next((a for a in self.addresses if not is_unix(a)), "")
-        if not address:
-            raise OSError("cluster.advertise: the daemon has no TCP listen address to advertise; give one")
         capacity = {t.name: t.capacity_bytes for t in self.store.tier_infos()}
         rates = {"dram": memory_pool_rate(), "scm": scm_pool_rate(self.config.state_dir)}
         rates["cxl"] = rates["dram"]  # (an emulated tier is DRAM; a real one would be probed on its node)
-        self.membership = Membership(cluster, address, capacity,
+        self.membership = Membership(cluster, self.advertise, capacity,
                                      lambda: {t.name: t.used_bytes for t in self.store.tier_infos()}, rates,
                                      self.fence)
         self.membership.start()
