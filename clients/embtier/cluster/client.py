@@ -27,7 +27,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -215,18 +215,6 @@ class ClusterClient:
 
     # ---- reads -----------------------------------------------------------------------------------
 
-    def _submit(self, inline: bool, fn, *args) -> Future:
-        """fn(*args) on the pool, or here when it is the only call (a hand-off to a thread costs more than
-        it saves then)."""
-        if not inline:
-            return self._pool.submit(fn, *args)
-        done: Future = Future()
-        try:
-            done.set_result(fn(*args))
-        except Exception as e:  # (delivered by result(), as from the pool)
-            done.set_exception(e)
-        return done
-
     def _pick(self, t: TablePlan, shard: Shard, avoid: set[str], method: str) -> str:
         """The least-loaded live replica of shard not in avoid."""
         live = [r.node for r in shard.replicas if self.live(r) and r.node not in avoid]
@@ -236,24 +224,25 @@ class ClusterClient:
         return min(live, key=lambda n: self._in_flight.get(n, 0))
 
     def _read(self, plan: Plan, method: str, tasks: list[tuple[TablePlan, Shard, str, tuple]],
-              send: Callable[[Client, str, dict[str, tuple]], dict[str, Any]]) -> dict[str, Any]:
+              send: Callable[[Client, str, dict[str, tuple]], Callable[[], dict[str, Any]]]) -> dict[str, Any]:
         """Runs tasks (table, shard, mode, what to send) on one live replica per shard, one call per
-        daemon and mode, in parallel, failing over to another replica on UNAVAILABLE; results by shard name."""
+        daemon and mode, all sent before any is waited for (gRPC's own completion queue: no thread
+        hand-off), failing over to another replica on UNAVAILABLE; results by shard name.  send
+        starts a daemon's call and returns the function that waits for it."""
         results: dict[str, Any] = {}
         avoid: dict[str, set[str]] = {}
         pending = tasks
-        errors: list[str] = []
         while pending:
             calls: dict[tuple[str, str], _Call] = {}
             for t, shard, mode, what in pending:
                 node = self._pick(t, shard, avoid.setdefault(shard.name, set()), method)
                 calls.setdefault((node, mode), _Call(node, mode, {})).features[shard.name] = what
-            futures = {key: self._submit(len(calls) == 1, self._call, c.node, plan,
-                                         lambda cl, c=c: send(cl, c.mode, c.features)) for key, c in calls.items()}
+            started = {key: self._start(c.node, plan, lambda cl, c=c: send(cl, c.mode, c.features))
+                       for key, c in calls.items()}
             failed: set[str] = set()
-            for (node, _), f in futures.items():
+            for (node, _), finish in started.items():
                 try:
-                    results.update(f.result())
+                    results.update(finish())
                 except EmbtierClientError as e:
                     if e.code not in FAILOVER_CODES:
                         info = self._nodes.get(node)
@@ -261,7 +250,6 @@ class ClusterClient:
                                            f"{info.address if info else '?'}, plan version {plan.version})",
                                            e.method) from None
                     failed.add(node)
-                    errors.append(f"{node}: {e.code.name} {e.message}")
             pending = []
             for t, shard, mode, what in tasks:
                 if shard.name not in results:
@@ -270,6 +258,26 @@ class ClusterClient:
                         avoid[shard.name].add(node)
                         pending.append((t, shard, mode, what))
         return results
+
+    def _start(self, node: str, plan: Plan, send: Callable[[Client], Callable[[], Any]]) -> Callable[[], Any]:
+        """send(a client of node carrying plan's version) started, counted in node's requests in flight
+        until the returned function (which waits for it) returns or raises."""
+        try:
+            finish = self._call(node, plan, send)
+        except EmbtierClientError as e:
+            def fail(error: EmbtierClientError = e):
+                raise error
+            return fail
+        with self._lock:
+            self._in_flight[node] = self._in_flight.get(node, 0) + 1
+
+        def wait():
+            try:
+                return finish()
+            finally:
+                with self._lock:
+                    self._in_flight[node] -= 1
+        return wait
 
     def lookup(self, table: str, ids, wire_dtype: str = "float32") -> np.ndarray:
         return self.lookup_counted(table, ids, wire_dtype)[0]
@@ -290,8 +298,9 @@ class ClusterClient:
         parts = self._split(t, lay, ids, "Lookup")
         tasks = [(t, p.shard, "", (p.local,)) for p in parts]
 
-        def send(client: Client, _mode: str, features: dict[str, tuple]) -> dict:
-            return {name: client.lookup_counted(name, what[0], wire_dtype) for name, what in features.items()}
+        def send(client: Client, _mode: str, features: dict[str, tuple]) -> Callable[[], dict]:
+            started = {name: client.lookup_counted_start(name, what[0], wire_dtype) for name, what in features.items()}
+            return lambda: {name: finish() for name, finish in started.items()}
 
         got = self._read(plan, "Lookup", tasks, send)
         out = np.empty((ids.size, t.dim), dtype=np.float32)
@@ -358,12 +367,15 @@ class ClusterClient:
 
             traffic = [0, 0.0]
 
-            def send(client: Client, part_mode: str, feats: dict[str, tuple]) -> dict:
-                out, tr, unknown = client.lookup_pooled_counted(feats, part_mode, wire_dtype, offload)
-                with self._lock:
+            def send(client: Client, part_mode: str, feats: dict[str, tuple]) -> Callable[[], dict]:
+                started = client.lookup_pooled_start(feats, part_mode, wire_dtype, offload)
+
+                def finish() -> dict:
+                    out, tr, unknown = started()
                     traffic[0] += tr.host_link_bytes
                     traffic[1] = max(traffic[1], tr.modelled_seconds)
-                return {name: (out[name], unknown.get(name, 0)) for name in feats}
+                    return {name: (out[name], unknown.get(name, 0)) for name in feats}
+                return finish
 
             got = self._read(plan, "LookupPooled", tasks, send)
             out, unknown = {}, {}
