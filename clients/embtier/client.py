@@ -10,7 +10,7 @@ WriteRows with add=True is not, since a retry could apply the update twice.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -365,13 +365,49 @@ class Client:
         """[len(ids), dim] float32 rows (sent as float16 on the wire when asked)."""
         return self.lookup_counted(table, ids, wire_dtype)[0]
 
+    def lookup_distinct(self, table: str, ids, wire_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+        """(rows, index): the rows of the distinct ids in ascending id order, [k, dim] float32, each sent
+        once, and for each of ids its row in them (int32 [len(ids)]): rows[index] is lookup(table, ids).
+        Pool them with index as the bags' ids (torch's embedding_bag(index, rows, offsets))."""
+        request, _ = self._lookup_request(table, ids, wire_dtype)
+        request.distinct = True
+        reply = self._call("Lookup", request)
+        dt = np.dtype(WIRE_ARRAYS[wire_dtype])
+        rows = np.frombuffer(reply.values, dtype=dt).reshape(reply.count, reply.dim).astype(np.float32, copy=False)
+        return rows, np.frombuffer(reply.index, dtype="<i4")
+
     def lookup_counted(self, table: str, ids, wire_dtype: str = "float32") -> tuple[np.ndarray, int]:
         """lookup, and how many of the ids a managed table did not know (they read its default row)."""
+        request, decode = self._lookup_request(table, ids, wire_dtype)
+        return decode(self._call("Lookup", request))
+
+    def lookup_counted_start(self, table: str, ids, wire_dtype: str = "float32") -> Callable[[], tuple[np.ndarray, int]]:
+        """lookup_counted sent without waiting (no retries): the function that waits for its answer."""
+        request, decode = self._lookup_request(table, ids, wire_dtype)
+        return self._start("Lookup", request, decode)
+
+    @staticmethod
+    def _lookup_request(table: str, ids, wire_dtype: str):
         code, dt = WIRE_DTYPES[wire_dtype], np.dtype(WIRE_ARRAYS[wire_dtype])
         id_bytes, id_type = _ids(ids)
-        reply = self._call("Lookup", pb.LookupRequest(table=table, ids=id_bytes, id_type=id_type, wire_dtype=code))
-        rows = np.frombuffer(reply.values, dtype=dt).reshape(reply.count, reply.dim).astype(np.float32, copy=False)
-        return rows, reply.unknown_ids
+
+        def decode(reply) -> tuple[np.ndarray, int]:
+            rows = np.frombuffer(reply.values, dtype=dt).reshape(reply.count, reply.dim).astype(np.float32, copy=False)
+            return rows, reply.unknown_ids
+        return pb.LookupRequest(table=table, ids=id_bytes, id_type=id_type, wire_dtype=code), decode
+
+    def _start(self, method: str, request, decode: Callable):
+        """The call sent, not waited for: a function that waits and returns decode(reply), or raises
+        EmbtierClientError."""
+        future = getattr(self.stub, method).future(request, timeout=self.timeout, metadata=self.metadata)
+
+        def finish():
+            try:
+                reply = future.result()
+            except grpc.RpcError as e:
+                raise EmbtierClientError(e.code(), e.details() or "", method) from None
+            return decode(reply)
+        return finish
 
     def lookup_pooled(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
                       offload: str | None = None) -> dict[str, np.ndarray]:
@@ -393,6 +429,17 @@ class Client:
                               offload: str | None = None) -> tuple[dict[str, np.ndarray], FabricTraffic, dict[str, int]]:
         """lookup_pooled_fabric, and per table how many ids a managed table did not know (each
         pooled its default row)."""
+        request, decode = self._pooled_request(features, mode, wire_dtype, offload)
+        return decode(self._call("LookupPooled", request))
+
+    def lookup_pooled_start(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
+                            offload: str | None = None) -> Callable[[], tuple[dict, FabricTraffic, dict[str, int]]]:
+        """lookup_pooled_counted sent without waiting (no retries): the function that waits for its answer."""
+        request, decode = self._pooled_request(features, mode, wire_dtype, offload)
+        return self._start("LookupPooled", request, decode)
+
+    @staticmethod
+    def _pooled_request(features: Mapping[str, tuple], mode: str, wire_dtype: str, offload: str | None):
         code, dt = WIRE_DTYPES[wire_dtype], np.dtype(WIRE_ARRAYS[wire_dtype])
         if offload is not None and offload not in OFFLOADS:
             raise ValueError(f"offload must be one of {', '.join(OFFLOADS)} or None; got {offload!r}")
@@ -408,23 +455,25 @@ class Client:
         request = pb.LookupPooledRequest(features=bags, mode=POOL_MODES[mode], wire_dtype=code)
         if offload is not None:
             request.offload = OFFLOADS[offload]
-        reply = self._call("LookupPooled", request)
-        out = {}
-        for r in reply.results:
-            lengths, weights = inputs[r.table]
-            if r.values:  # switch: pooled by the daemon
-                out[r.table] = np.frombuffer(r.values, dtype=dt).reshape(r.num_bags, r.dim).astype(
-                    np.float32, copy=False)
-            elif r.parts:  # device: add the ports' partials here
-                partials = np.frombuffer(r.partials, dtype=dt).reshape(len(r.parts), r.num_bags, r.dim)
-                out[r.table] = combine_partials(partials.astype(np.float32, copy=False), lengths, mode)
-            else:  # host: pool the rows here (none at all when every bag is empty)
-                rows = np.frombuffer(r.rows, dtype=dt).reshape(-1, r.dim).astype(np.float32, copy=False)
-                out[r.table] = pool_rows(rows, lengths, weights, mode)
-        f = reply.fabric
-        traffic = FabricTraffic(name_of(OFFLOADS, f.offload), dict(f.device_link_bytes), f.host_link_bytes,
-                                f.modelled_seconds)
-        return out, traffic, {r.table: r.unknown_ids for r in reply.results}
+
+        def decode(reply) -> tuple[dict[str, np.ndarray], FabricTraffic, dict[str, int]]:
+            out = {}
+            for r in reply.results:
+                lengths, weights = inputs[r.table]
+                if r.values:  # switch: pooled by the daemon
+                    out[r.table] = np.frombuffer(r.values, dtype=dt).reshape(r.num_bags, r.dim).astype(
+                        np.float32, copy=False)
+                elif r.parts:  # device: add the ports' partials here
+                    partials = np.frombuffer(r.partials, dtype=dt).reshape(len(r.parts), r.num_bags, r.dim)
+                    out[r.table] = combine_partials(partials.astype(np.float32, copy=False), lengths, mode)
+                else:  # host: pool the rows here (none at all when every bag is empty)
+                    rows = np.frombuffer(r.rows, dtype=dt).reshape(-1, r.dim).astype(np.float32, copy=False)
+                    out[r.table] = pool_rows(rows, lengths, weights, mode)
+            f = reply.fabric
+            traffic = FabricTraffic(name_of(OFFLOADS, f.offload), dict(f.device_link_bytes), f.host_link_bytes,
+                                    f.modelled_seconds)
+            return out, traffic, {r.table: r.unknown_ids for r in reply.results}
+        return request, decode
 
 
 def wait_serving(target: str, proc=None, timeout: float = 60.0) -> None:

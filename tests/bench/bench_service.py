@@ -5,9 +5,16 @@
    in-process store (the native kernel plus its Python wrapper), 8 tables x
    512 bags x pooling factor 32, dim 64 float32.
 2. PIFS vs Pond: LookupPooled (the daemon gathers and pools next to the data,
-   only pooled vectors travel) against Lookup of the raw rows with pooling
-   in the client (np.add.reduceat), for pooling factors 1, 8, 32, 128, with
-   512 bags x 8 tables x dim 64: latency p50 / p99 and bytes on the wire.
+   only pooled vectors travel) against Lookup of the raw rows pooled in the
+   client, for pooling factors 1, 8, 32, 128, with 512 bags x 8 tables x dim
+   64: latency p50 / p99 and bytes on the wire.  The raw baseline three ways:
+   pooled with np.add.reduceat (how this benchmark pooled before: ~13x
+   slower than a reshape-and-sum, so it flattered the pooled path), pooled
+   with the fastest thing the host has (torch's embedding_bag, FBGEMM's
+   kernel, when torch is installed, as `make bench` does; else a
+   reshape-and-sum of the equal-length bags), and with distinct rows
+   (Lookup.distinct: each distinct id's row travels once with an index, and
+   embedding_bag pools by the index).
 
 The host is shared and noisy, so the compared calls are interleaved
 repetition by repetition and ratios are medians of per-repetition ratios.
@@ -56,7 +63,7 @@ def requests_for(tables: dict[str, int], pooling_factor: int, count: int, seed: 
 
 
 def raw_then_pool(client: Client, features: dict) -> dict[str, np.ndarray]:
-    """The Pond baseline: pull every row to the host, pool there."""
+    """The Pond baseline as this benchmark first measured it: every row to the host, np.add.reduceat there."""
     out = {}
     for table, (ids, lengths) in features.items():
         rows = client.lookup(table, ids)
@@ -65,13 +72,47 @@ def raw_then_pool(client: Client, features: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def wire_bytes(features: dict, pooled: bool) -> tuple[int, int]:
+try:
+    import torch
+    import torch.nn.functional as torch_f
+except ImportError:  # (make bench installs it)
+    torch = None
+
+
+def host_pool(rows: np.ndarray, index: np.ndarray | None, lengths: np.ndarray) -> np.ndarray:
+    """The fastest pooling the host has: torch's embedding_bag (sum) of rows by index (None: in order),
+    or without torch a reshape-and-sum (every bag here has the same length)."""
+    if torch is None:
+        picked = rows if index is None else rows[index]
+        return picked.reshape(lengths.size, -1, rows.shape[1]).sum(axis=1)
+    offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
+    idx = torch.arange(rows.shape[0]) if index is None else torch.from_numpy(index.astype(np.int64))
+    return torch_f.embedding_bag(idx, torch.from_numpy(rows), offsets, mode="sum").numpy()
+
+
+def raw_fast(client: Client, features: dict) -> dict[str, np.ndarray]:
+    """The Pond baseline at its best without deduplication: every row to the host, the fastest pooling there."""
+    return {table: host_pool(client.lookup(table, ids), None, lengths) for table, (ids, lengths) in features.items()}
+
+
+def raw_distinct(client: Client, features: dict) -> dict[str, np.ndarray]:
+    """The Pond baseline deduplicated, as the pooled path is: each distinct row travels once."""
+    out = {}
+    for table, (ids, lengths) in features.items():
+        rows, index = client.lookup_distinct(table, ids)
+        out[table] = host_pool(rows, index, lengths)
+    return out
+
+
+def wire_bytes(features: dict, pooled: bool, distinct: bool = False) -> tuple[int, int]:
     """(request, response) bytes of array payload for one request (the client sends ids as int32 when they fit)."""
     id_bytes = sum(f[0].size * (4 if f[0].max() < 2**31 else 8) for f in features.values())
     ids = sum(f[0].size for f in features.values())
     bags = sum(f[1].size for f in features.values())
     if pooled:
         return id_bytes + bags * 4, bags * DIM * 4
+    if distinct:
+        return id_bytes, sum(np.unique(f[0]).size for f in features.values()) * DIM * 4 + ids * 4
     return id_bytes, ids * DIM * 4
 
 
@@ -101,27 +142,31 @@ def service_overhead(client: Client, store: Store, tables: dict[str, int], reps:
           f"(q25 {np.quantile(ratios, .25):.2f}, q75 {np.quantile(ratios, .75):.2f}); target <= 3", flush=True)
 
 
+RAW_WAYS = (("reduceat", raw_then_pool), ("fast", raw_fast), ("distinct", raw_distinct))
+
+
 def pooled_vs_raw(client: Client, tables: dict[str, int], reps: int, pf: int) -> None:
-    """One line of section 2: pooled (PIFS-style) vs raw rows + host pooling (Pond-style) at pooling factor pf."""
+    """One line of section 2: pooled (PIFS-style) vs raw rows + host pooling (Pond-style) three ways, at
+    pooling factor pf, the four interleaved in an order rotated each repetition."""
     reqs = requests_for(tables, pf, reps, seed=pf)
-    check = raw_then_pool(client, reqs[0])
     pooled0 = client.lookup_pooled(reqs[0])
-    assert all(np.allclose(check[t], pooled0[t], rtol=1e-4, atol=1e-5) for t in tables), "modes differ"
-    pooled_t, raw_t, speedups = [], [], []
+    for name, way in RAW_WAYS:
+        check = way(client, reqs[0])
+        assert all(np.allclose(check[t], pooled0[t], rtol=1e-4, atol=1e-4) for t in tables), f"{name} differs"
+    paths = [("pooled", client.lookup_pooled), *((name, lambda f, w=way: w(client, f)) for name, way in RAW_WAYS)]
+    times: dict[str, list[float]] = {name: [] for name, _ in paths}
     for i, f in enumerate(reqs):
-        order = (lambda f=f: client.lookup_pooled(f), lambda f=f: raw_then_pool(client, f))
-        if i % 2:
-            order = order[::-1]
-        first, second = timed(order[0]), timed(order[1])
-        a, b = (first, second) if i % 2 == 0 else (second, first)
-        pooled_t.append(a)
-        raw_t.append(b)
-        speedups.append(b / a)
+        for k in range(len(paths)):
+            name, fn = paths[(i + k) % len(paths)]
+            times[name].append(timed(lambda fn=fn, f=f: fn(f)))
+    pooled = np.array(times["pooled"])
+    gain = {name: float(np.median(np.array(times[name]) / pooled)) for name, _ in RAW_WAYS}
     pq, pr = wire_bytes(reqs[0], True)
     rq, rr = wire_bytes(reqs[0], False)
-    print(f"   {pf:>4} {pct(pooled_t, 50):8.2f} ms {pct(pooled_t, 99):6.2f} ms {pct(raw_t, 50):7.2f} ms "
-          f"{pct(raw_t, 99):6.2f} ms {statistics.median(speedups):12.2f}x "
-          f"{(pq + pr) / 2**20:11.2f} MiB {(rq + rr) / 2**20:9.2f} MiB {(rq + rr) / (pq + pr):10.1f}x", flush=True)
+    dq, dr = wire_bytes(reqs[0], False, distinct=True)
+    print(f"   {pf:>4} {pct(pooled, 50):8.2f} ms {pct(times['reduceat'], 50):9.2f} ms {pct(times['fast'], 50):8.2f} ms "
+          f"{pct(times['distinct'], 50):9.2f} ms {gain['reduceat']:9.2f}x {gain['fast']:7.2f}x {gain['distinct']:9.2f}x "
+          f"{(pq + pr) / 2**20:9.2f} {(rq + rr) / 2**20:9.2f} {(dq + dr) / 2**20:9.2f} MiB", flush=True)
 
 
 def main() -> int:
@@ -147,8 +192,11 @@ def main() -> int:
                   f"daemon on a Unix socket, one client", flush=True)
             sections.run("1. service overhead", service_overhead, client, store, tables, reps)
             print("\n2. LookupPooled vs Lookup + pooling in the client")
-            print(f"   {'PF':>4} {'pooled p50':>11} {'p99':>9} {'raw p50':>10} {'p99':>9} {'speed-up p50':>13} "
-                  f"{'pooled bytes':>14} {'raw bytes':>12} {'bytes ratio':>11}", flush=True)
+            print(f"   raw pooled by: reduceat (the old baseline), fast ({'torch embedding_bag' if torch else 'reshape-and-sum'}"
+                  f"), distinct (Lookup.distinct + the same); gain = raw / pooled latency, median of interleaved reps",
+                  flush=True)
+            print(f"   {'PF':>4} {'pooled p50':>11} {'reduceat':>12} {'fast':>11} {'distinct':>12} {'gain old':>10} "
+                  f"{'fast':>8} {'distinct':>10} {'bytes: pooled':>13} {'raw':>9} {'distinct':>9}", flush=True)
             for pf in POOLING_FACTORS:
                 sections.run(f"2. pooling factor {pf}", pooled_vs_raw, client, tables, reps, pf)
             print("   target at PF 32: pooled >= 3.89x lower latency than raw (PIFS-Rec's gain over Pond)", flush=True)

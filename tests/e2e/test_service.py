@@ -350,3 +350,23 @@ def test_a_reply_too_large_to_send_is_refused_before_it_is_built(daemon, client,
     pooled = client.lookup_pooled({"wide": (np.arange(4), np.array([2, 2], np.int32))})["wide"]  # still serving
     assert pooled.shape == (2, 16384)
     client.drop_table("wide")
+
+
+def test_distinct_lookup_sends_each_row_once(client, stub):
+    client.create_table("distinct", 5000, 8, initializer="uniform", seed=3)
+    table = client.lookup("distinct", np.arange(5000))
+    ids = np.random.default_rng(4).zipf(1.3, 4000) % 5000
+    rows, index = client.lookup_distinct("distinct", ids)
+    want = np.unique(ids)
+    assert rows.shape == (want.size, 8) and index.dtype == np.int32 and index.shape == ids.shape
+    np.testing.assert_array_equal(rows, table[want])  # ascending id order
+    np.testing.assert_array_equal(rows[index], table[ids])
+    reply = stub.Lookup(pb.LookupRequest(table="distinct", ids=ids.astype("<i8").tobytes(), distinct=True))
+    plain = stub.Lookup(pb.LookupRequest(table="distinct", ids=ids.astype("<i8").tobytes()))
+    assert reply.count == want.size and len(reply.values) == want.size * 8 * 4 < len(plain.values) / 2
+    empty = stub.Lookup(pb.LookupRequest(table="distinct", ids=b"", distinct=True))
+    assert (empty.count, empty.values, empty.index) == (0, b"", b"")
+    with pytest.raises(EmbtierClientError) as e:
+        client.lookup_distinct("distinct", [1, 5000])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "5000" in e.value.message
+    client.drop_table("distinct")

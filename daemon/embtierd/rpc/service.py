@@ -314,15 +314,23 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         self._admit(context, ids.size)
         dim = self.store.geometry(request.table)[0]
         self._check_reply(ids.size * dim * dt.itemsize, f"{ids.size} rows x dim {dim} x {dt.itemsize} bytes")
+        index = b""
+        gathered = ids
+        if request.distinct:
+            gathered, inverse = np.unique(ids, return_inverse=True)
+            index = inverse.astype("<i4").tobytes()
         tier_rows, unknown = np.zeros(3, dtype=np.int64), np.zeros(1, dtype=np.int64)
 
         def run():
-            return self.store.lookup(request.table, ids, tier_rows, unknown=unknown), {request.table: tier_rows}
-        rows = self.scheduler.run(tenant, self._deadline(context, tenant), [(request.table, ids.size)], run, context)
+            return self.store.lookup(request.table, gathered, tier_rows, unknown=unknown), {request.table: tier_rows}
+        rows = self.scheduler.run(tenant, self._deadline(context, tenant), [(request.table, gathered.size)], run,
+                                  context)
         self.traces.observe(request.table, ids)
         values = wire(rows, dt)
-        self.metrics.served("Lookup", request.table, tier_rows, self.store.geometry(request.table)[2], len(values))
-        return pb.LookupResponse(values=values, dim=rows.shape[1], count=ids.size, unknown_ids=int(unknown[0]))
+        self.metrics.served("Lookup", request.table, tier_rows, self.store.geometry(request.table)[2],
+                            len(values) + len(index))
+        return pb.LookupResponse(values=values, dim=rows.shape[1], count=gathered.size, unknown_ids=int(unknown[0]),
+                                 index=index)
 
     def _check_pooled_reply(self, features, offload: str, itemsize: int) -> None:
         """Checks every feature's bags, then the reply's size, before any table is read: per feature,
