@@ -64,6 +64,7 @@ bench: build
 	$(PY) tests/bench/bench_mapping_build.py || rc=1; \
 	$(PY) tests/bench/bench_mapping.py || rc=1; \
 	$(PY) -m tests.bench.bench_service || rc=1; \
+	$(PY) tests/bench/bench_throughput.py || rc=1; \
 	$(PY) -m tests.bench.bench_tiering || rc=1; \
 	$(PY) tests/bench/bench_realtime.py || rc=1; \
 	$(PY) tests/bench/bench_torch.py || rc=1; \

@@ -73,8 +73,12 @@ def raw_then_pool(client: Client, features: dict) -> dict[str, np.ndarray]:
 
 
 try:
+    import warnings
+
     import torch
     import torch.nn.functional as torch_f
+    # the received rows are read-only numpy views of the reply; embedding_bag only reads them
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 except ImportError:  # (make bench installs it)
     torch = None
 
