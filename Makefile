@@ -40,17 +40,23 @@ EXAMPLES ?= 300
 stateful: build
 	EMBTIER_STATEFUL_EXAMPLES=$(EXAMPLES) $(PY) -m pytest -q tests/e2e/test_durability_model.py
 
-# Benchmarks are not part of the tests; torch, fio and etcd (the cluster benchmark) are only needed here (torch: the CPU build on this
-# disk; fio: the kernel benchmark's SCM comparison, installed with apt-get as .ci/run installs packages; as
-# non-root, or if apt-get fails, the kernel benchmark runs without it and says so). Every benchmark runs,
-# even after one fails; the target fails at the end if any did.
+# Benchmarks are not part of the tests; torch, fio, etcd and Redis are only needed here (torch: the CPU build on
+# this disk; fio: the kernel benchmark's SCM comparison; etcd: the cluster benchmark; redis-server with the
+# redis and hiredis packages: the Redis comparison). The system packages are installed with apt-get as .ci/run
+# installs packages; as non-root, or if apt-get fails, the benchmark that needs one says so. Every benchmark
+# runs, even after one fails; the target fails at the end if any did.
 bench: build
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 redis hiredis
 	@if ! command -v fio >/dev/null; then \
 		if [ "$$(id -u)" -ne 0 ]; then \
 			echo "make bench: fio is not installed and installing it needs root: the kernel benchmark skips its fio comparison"; \
 		elif ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio; }; then \
 			echo "make bench: apt-get could not install fio: the kernel benchmark skips its fio comparison"; \
+		fi; \
+	fi
+	@if ! command -v redis-server >/dev/null; then \
+		if [ "$$(id -u)" -ne 0 ] || ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }; then \
+			echo "make bench: redis-server is not installed (apt-get install redis-server, as root): the Redis comparison is skipped"; \
 		fi; \
 	fi
 	@if ! command -v etcd >/dev/null; then \
@@ -65,6 +71,7 @@ bench: build
 	$(PY) tests/bench/bench_mapping.py || rc=1; \
 	$(PY) -m tests.bench.bench_service || rc=1; \
 	$(PY) tests/bench/bench_throughput.py || rc=1; \
+	$(PY) tests/bench/bench_redis.py || rc=1; \
 	$(PY) -m tests.bench.bench_tiering || rc=1; \
 	$(PY) tests/bench/bench_realtime.py || rc=1; \
 	$(PY) tests/bench/bench_torch.py || rc=1; \
