@@ -83,7 +83,7 @@ from embtier_tools.loadgen import ZipfIds
 from embtierd import config, native
 from embtierd.store.catalog import Store
 from embtierd.tiering.config import TieringConfig
-from embtierd.tiering.engine import MOVE_BATCH_ROWS, TieringEngine
+from embtierd.tiering.engine import MOVE_BATCH_ROWS, TieringEngine, lower_priority
 from embtierd.tiering.policies import make_policy
 from embtierd.tiering.policy_base import UNLIMITED, run_interval
 from embtierd.tiering.simulate import SimConfig, SimResult, oracle_hit_ratios, simulate
@@ -422,7 +422,8 @@ def migration_interference(tiered: TieredTable, rng: np.random.Generator) -> lis
         return time.perf_counter() - start, moved
 
     reps = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiering") as background:
+    # the engine's thread in the daemon runs at a lower priority; so does this one (and the control's reads)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiering", initializer=lower_priority) as background:
         for rep in range(plan.migration_reps):
             before = idle_window()
             during, (seconds, moved) = beside(engine_interval)

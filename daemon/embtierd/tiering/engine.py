@@ -24,6 +24,11 @@ What the budget left undone is the migration backlog.
 Moves run in batches of MOVE_BATCH_ROWS (WriteRows to a table waits for
 at most one batch) and none starts after the interval's time is up: what is
 left joins the backlog, and serving is never starved by a long interval.
+The batches are paced at the bandwidth (Pacer): an interval's budget is
+spread over the interval rather than spent in a burst at its start, so
+that promotions read SCM at a steady rate beside the lookups'; the engine's
+thread runs at a lower CPU priority (nice 10) than the serving threads, and
+the next interval starts one interval after the last one started.
 
 SCM and promotions: a row has one home, which lookups and WriteRows use.
 A row promoted out of SCM (read with the lookup path's batched O_DIRECT
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -59,6 +65,34 @@ from embtierd.tiering.policy_base import UNLIMITED, Policy, run_interval
 log = logging.getLogger(__name__)
 
 MOVE_BATCH_ROWS = 8192  # rows per move_rows call: WriteRows to the table waits at most one batch
+ENGINE_NICE = 10        # the engine thread's CPU priority below the serving threads' (Linux: per thread)
+
+
+def lower_priority() -> None:
+    """Lowers the calling thread's CPU priority to ENGINE_NICE (the engine's thread, and whatever does its
+    work the same way)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENGINE_NICE)
+    except OSError as e:  # (a sandbox may refuse it: the engine then runs at the serving threads' priority)
+        log.info("tiering: could not lower the engine thread's priority: %s", e)
+
+
+class Pacer:
+    """Spends an interval's moves at bytes_per_second: after each batch, waits until the bytes moved
+    so far are due (never past the deadline)."""
+
+    def __init__(self, bytes_per_second: float, deadline: float):
+        self.rate = bytes_per_second
+        self.deadline = deadline
+        self.start = time.monotonic()
+        self.spent = 0
+
+    def moved(self, nbytes: int) -> None:
+        self.spent += nbytes
+        now = time.monotonic()
+        due = min(self.start + self.spent / self.rate, self.deadline)
+        if due > now:
+            time.sleep(due - now)
 
 
 @dataclass
@@ -116,6 +150,7 @@ class TieringEngine:
         # moves past the deadline wait for the next interval
         deadline = math.inf if unlimited else time.monotonic() + self.config.interval_seconds
         mover = self.store.mover
+        pacer = None if unlimited else Pacer(self.config.bandwidth_bytes_per_second, deadline)
         shares = group_limits(self.config.groups, tables) if self.config.groups else {}
         for table in tables:
             name, stride, pin = table.name, table.stride, table.settings.pin
@@ -126,7 +161,7 @@ class TieringEngine:
                     if limit is not None:
                         room[tier] = min(room[tier], limit - table.rows_by_tier[tier])
                 result = run_interval(state.policy, table.native.heat, table.placement(), room,
-                                      max(0, budget_bytes) // stride, self._mover(table, deadline),
+                                      max(0, budget_bytes) // stride, self._mover(table, deadline, pacer),
                                       TIERS.index(pin) if pin else None)
                 for tier in (0, 1):  # memory over the table's own limit (or share) goes back to the tier
                     mover.trim(table, tier, shares[name][tier] if name in shares else None)
@@ -149,8 +184,8 @@ class TieringEngine:
                                           {name: s.backlog_rows for name, s in self._state.items()})
         return moved
 
-    def _mover(self, table: Table, deadline: float):
-        """The plan's mover for one table: Mover.move in batches, none started after deadline."""
+    def _mover(self, table: Table, deadline: float, pacer: Pacer | None = None):
+        """The plan's mover for one table: Mover.move in batches, paced, none started after deadline."""
         def move(rows: np.ndarray, tier: int) -> int:
             done = 0
             for first in range(0, rows.size, MOVE_BATCH_ROWS):
@@ -159,6 +194,8 @@ class TieringEngine:
                 batch = np.ascontiguousarray(rows[first:first + MOVE_BATCH_ROWS], dtype=np.int64)
                 n = self.store.mover.move(table, batch, tier)
                 done += n
+                if pacer is not None:
+                    pacer.moved(n * table.stride)
                 if n < batch.size:
                     break
             return done
@@ -179,7 +216,10 @@ class TieringEngine:
             return
 
         def loop():
-            while not self._stop.wait(self.config.interval_seconds):
+            lower_priority()
+            started = time.monotonic()
+            while not self._stop.wait(max(0.0, started + self.config.interval_seconds - time.monotonic())):
+                started = time.monotonic()
                 try:
                     self.run_once()
                 except Exception:
