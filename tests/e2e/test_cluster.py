@@ -16,10 +16,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from embtier import ClusterClient
 from embtier.client import Client, EmbtierClientError
-from embtier.cluster.client import ClusterClient
-from embtier.cluster.placement import apply_plan, make_layout
-from embtier.cluster.plan import Replica, with_layout
+from embtier.cluster.placement import apply_plan
+from embtier.cluster.plan import Replica, make_layout, with_layout
 from embtier.wire import PLAN_METADATA_KEY
 from embtier_tools.cluster_bed import ClusterBed
 
@@ -98,6 +98,9 @@ def test_pooled_and_raw_equal_numpy(client, sharding, mode):
         got = client.lookup_pooled({name: (ids, lengths, w)}, mode=mode)[name]
         np.testing.assert_allclose(got, pooled_model(table, ids, lengths, w, mode), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(client.lookup(name, ids), table[ids])
+    half = client.lookup_pooled({name: (ids, lengths)}, mode=mode, wire_dtype="float16")[name]  # reduced precision
+    np.testing.assert_allclose(half, pooled_model(table, ids, lengths, None, mode), rtol=2e-3, atol=2e-2)
+    np.testing.assert_allclose(client.lookup(name, ids, wire_dtype="float16"), table[ids], rtol=1e-3, atol=1e-3)
     info = client.describe(name)
     assert (info.num_rows, info.dim, sum(info.rows_by_tier.values())) == (1000, 16, 1000)
     layout = client.plan.tables[name].layout
