@@ -524,6 +524,7 @@ class ClusterClient:
             t = TablePlan(name, num_rows, dim, dtype, key_space, key_seed, default_value, lay, None, reason)
             placement.materialize(self, t, lay, initializer=initializer, seed=seed, init_scale=init_scale)
             new = plan.successor({**plan.tables, name: t}, plan.predicted)
+            # (etcd unreachable: the shards stay, since the publish's answer may be lost with the plan in force)
             if not self.coord.publish(new):
                 placement.drop_shards(self, lay)
                 return None

@@ -132,7 +132,7 @@ class Store:
         self._check_fits(name, keys.rows_inside(num_rows) * native.row_stride(dim, dtype), policy.pin)
         table = self._new_table(name, num_rows, dim, dtype, policy, keys, mapping)
         if receiving:
-            table.plain_written = np.zeros(num_rows, dtype=bool)
+            table.plain_written = np.zeros((num_rows + 7) // 8, dtype=np.uint8)  # a bit per row
         with self._lock:
             if name in self._tables or name in self._creating:
                 raise AlreadyExistsError(f"table {name!r} already exists")
@@ -471,7 +471,7 @@ class Store:
                 if table.plain_written is None:
                     raise FailedPreconditionError(f"table {name!r} is not receiving a move (fill needs a table "
                                                   f"created with receiving, in this run of the daemon)")
-                keep = ~table.plain_written[ids]
+                keep = (table.plain_written[ids >> 3] >> (ids & 7).astype(np.uint8)) & 1 == 0
                 ids, values = ids[keep], values[keep]
                 if not ids.size:
                     return table.version, 0
@@ -491,7 +491,7 @@ class Store:
             table.native.write_rows(targets, encoded)
             self.mover.written(table, targets)
             if table.plain_written is not None and not fill:
-                table.plain_written[targets] = True
+                np.bitwise_or.at(table.plain_written, targets >> 3, (1 << (targets & 7)).astype(np.uint8))
             table.version += 1
             version = table.version
         if lsn:

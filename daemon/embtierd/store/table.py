@@ -58,7 +58,8 @@ class Table:
     # many evictions took the row of an id written within the last hour
     written_minute: np.ndarray | None = None
     recent_evictions: int = 0
-    # a receiving table's rows set by plain writes (not fills): in memory only (catalog.write_rows' fill)
+    # a receiving table's rows set by plain writes (not fills), a bit per row (row r: bit r & 7 of byte r >> 3):
+    # in memory only (catalog.fill_rows)
     plain_written: np.ndarray | None = None
 
     def check_live(self) -> None:
