@@ -197,7 +197,32 @@ def _bytes(arr, dtype: str) -> bytes:
     return np.ascontiguousarray(arr, dtype=np.dtype(dtype)).tobytes()
 
 
-class Client:
+class LookupShorthands:
+    """The lookups every client offers in terms of its lookup_counted and lookup_pooled_counted (Client
+    for one daemon, ClusterClient for a cluster)."""
+
+    def lookup(self, table: str, ids, wire_dtype: str = "float32") -> np.ndarray:
+        """[len(ids), dim] float32 rows (sent as float16 on the wire when asked)."""
+        return self.lookup_counted(table, ids, wire_dtype)[0]
+
+    def lookup_pooled(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
+                      offload: str | None = None) -> dict[str, np.ndarray]:
+        """{table: (ids, lengths[, weights])} -> {table: [bags, dim] float32}.
+
+        offload: where pooling happens: "switch" (the daemon pools, one vector per bag travels),
+        "device" (each fabric port pools its rows, the partials travel and are added here), "host"
+        (the rows travel and are pooled here), None = the daemon's default.  The results are the same
+        up to float summation order; lookup_pooled_fabric also returns the fabric accounting."""
+        return self.lookup_pooled_fabric(features, mode, wire_dtype, offload)[0]
+
+    def lookup_pooled_fabric(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
+                             offload: str | None = None) -> tuple[dict[str, np.ndarray], FabricTraffic]:
+        """lookup_pooled, and what the request moved across the emulated fabric (modelled)."""
+        out, traffic, _ = self.lookup_pooled_counted(features, mode, wire_dtype, offload)
+        return out, traffic
+
+
+class Client(LookupShorthands):
     """A connection to one embtierd: `Client("unix:///run/embtier/embtierd.sock")` or `Client("host:50051")`."""
 
     def __init__(self, target: str, timeout: float | None = 30.0, tls: TlsOptions | None = None,
@@ -361,10 +386,6 @@ class Client:
                                       fill=fill)
         return self._call("WriteRows", request, idempotent=not add)
 
-    def lookup(self, table: str, ids, wire_dtype: str = "float32") -> np.ndarray:
-        """[len(ids), dim] float32 rows (sent as float16 on the wire when asked)."""
-        return self.lookup_counted(table, ids, wire_dtype)[0]
-
     def lookup_distinct(self, table: str, ids, wire_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
         """(rows, index): the rows of the distinct ids in ascending id order, [k, dim] float32, each sent
         once, and for each of ids its row in them (int32 [len(ids)]): rows[index] is lookup(table, ids).
@@ -408,22 +429,6 @@ class Client:
                 raise EmbtierClientError(e.code(), e.details() or "", method) from None
             return decode(reply)
         return finish
-
-    def lookup_pooled(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
-                      offload: str | None = None) -> dict[str, np.ndarray]:
-        """{table: (ids, lengths[, weights])} -> {table: [bags, dim] float32}.
-
-        offload: where pooling happens: "switch" (the daemon pools, one vector per bag travels),
-        "device" (each fabric port pools its rows, the partials travel and are added here), "host"
-        (the rows travel and are pooled here), None = the daemon's default.  The results are the same
-        up to float summation order; lookup_pooled_fabric also returns the fabric accounting."""
-        return self.lookup_pooled_fabric(features, mode, wire_dtype, offload)[0]
-
-    def lookup_pooled_fabric(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
-                             offload: str | None = None) -> tuple[dict[str, np.ndarray], FabricTraffic]:
-        """lookup_pooled, and what the request moved across the emulated fabric (modelled)."""
-        out, traffic, _ = self.lookup_pooled_counted(features, mode, wire_dtype, offload)
-        return out, traffic
 
     def lookup_pooled_counted(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
                               offload: str | None = None) -> tuple[dict[str, np.ndarray], FabricTraffic, dict[str, int]]:

@@ -233,31 +233,7 @@ class Mix:
 
 def drive(client: ClusterClient, requests: list[dict], threads: int, seconds: float) -> int:
     """Requests completed by threads looping over requests for seconds; the first error is raised."""
-    done = [0] * threads
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def loop(k: int) -> None:
-        i = k
-        try:
-            while not stop.is_set():
-                client.lookup_pooled(requests[i % len(requests)])
-                done[k] += 1
-                i += 1
-        except BaseException as e:  # noqa: BLE001 - raised by drive
-            errors.append(e)
-            stop.set()
-
-    workers = [threading.Thread(target=loop, args=(k,)) for k in range(threads)]
-    for w in workers:
-        w.start()
-    stop.wait(seconds)
-    stop.set()
-    for w in workers:
-        w.join()
-    if errors:
-        raise errors[0]
-    return sum(done)
+    return len(latency_window(lambda b: client.lookup_pooled(requests[b]), len(requests), threads, seconds))
 
 
 @dataclass

@@ -34,7 +34,7 @@ from typing import Any, Self
 import grpc
 import numpy as np
 
-from embtier.client import Client, EmbtierClientError, FabricTraffic, TlsOptions
+from embtier.client import Client, EmbtierClientError, FabricTraffic, LookupShorthands, TlsOptions
 from embtier.cluster.coord import Coordination, CoordinationUnavailable, NodeInfo, parse_cluster
 from embtier.cluster.plan import (
     Layout,
@@ -47,7 +47,7 @@ from embtier.cluster.plan import (
     merge_pooled,
     split_ids,
 )
-from embtier.wire import PLAN_METADATA_KEY, TENANT_METADATA_KEY, TableInfo
+from embtier.wire import PLAN_METADATA_KEY, POOL_MODES, TENANT_METADATA_KEY, TableInfo
 
 FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 STALE_RE = re.compile(r"stale plan: .* serves version (\d+)")
@@ -74,7 +74,7 @@ class _Call:
     features: dict[str, tuple]
 
 
-class ClusterClient:
+class ClusterClient(LookupShorthands):
     """`ClusterClient("prod@10.0.0.1:2379,10.0.0.2:2379")`: the cluster named prod, its etcd endpoints."""
 
     def __init__(self, cluster: str, timeout: float | None = 30.0, tls: TlsOptions | None = None,
@@ -193,25 +193,33 @@ class ClusterClient:
         raise ClusterError(grpc.StatusCode.FAILED_PRECONDITION, f"the plan kept changing: {STALE_RETRIES} attempts "
                            f"were refused as stale", method)
 
-    def _call(self, node: str, plan: Plan, fn: Callable[[Client], Any]) -> Any:
-        """fn(a client of node whose requests carry plan's version), counted in node's requests in flight."""
+    def _client_for(self, node: str, plan: Plan) -> Client:
+        """A client of node whose requests carry plan's version (the node's channel, its own metadata)."""
         base = self.node_client(node)
         key = (node, id(base), plan.version)
         client = self._routed_clients.get(key)
         if client is None:
-            client = copy.copy(base)  # the same channel, its own metadata
+            client = copy.copy(base)
             client.metadata = self._metadata(plan)
             with self._lock:
                 if len(self._routed_clients) > 64:
                     self._routed_clients.clear()
                 self._routed_clients[key] = client
+        return client
+
+    def _count(self, node: str, n: int) -> None:
+        """Changes node's requests in flight by n (what _pick balances by)."""
         with self._lock:
-            self._in_flight[node] = self._in_flight.get(node, 0) + 1
+            self._in_flight[node] = self._in_flight.get(node, 0) + n
+
+    def _call(self, node: str, plan: Plan, fn: Callable[[Client], Any]) -> Any:
+        """fn(a client of node carrying plan's version), counted in node's requests in flight."""
+        client = self._client_for(node, plan)
+        self._count(node, 1)
         try:
             return fn(client)
         finally:
-            with self._lock:
-                self._in_flight[node] -= 1
+            self._count(node, -1)
 
     # ---- reads -----------------------------------------------------------------------------------
 
@@ -263,24 +271,24 @@ class ClusterClient:
         """send(a client of node carrying plan's version) started, counted in node's requests in flight
         until the returned function (which waits for it) returns or raises."""
         try:
-            finish = self._call(node, plan, send)
+            client = self._client_for(node, plan)
+            self._count(node, 1)
         except EmbtierClientError as e:
             def fail(error: EmbtierClientError = e):
                 raise error
             return fail
-        with self._lock:
-            self._in_flight[node] = self._in_flight.get(node, 0) + 1
+        try:
+            finish = send(client)
+        except BaseException:
+            self._count(node, -1)
+            raise
 
         def wait():
             try:
                 return finish()
             finally:
-                with self._lock:
-                    self._in_flight[node] -= 1
+                self._count(node, -1)
         return wait
-
-    def lookup(self, table: str, ids, wire_dtype: str = "float32") -> np.ndarray:
-        return self.lookup_counted(table, ids, wire_dtype)[0]
 
     def lookup_counted(self, table: str, ids, wire_dtype: str = "float32") -> tuple[np.ndarray, int]:
         """[len(ids), dim] float32 rows, and how many ids a managed table did not know."""
@@ -321,21 +329,12 @@ class ClusterClient:
         except ValueError as e:
             raise ClusterError(grpc.StatusCode.INVALID_ARGUMENT, str(e), method) from None
 
-    def lookup_pooled(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
-                      offload: str | None = None) -> dict[str, np.ndarray]:
-        return self.lookup_pooled_counted(features, mode, wire_dtype, offload)[0]
-
-    def lookup_pooled_fabric(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
-                             offload: str | None = None) -> tuple[dict[str, np.ndarray], FabricTraffic]:
-        out, traffic, _ = self.lookup_pooled_counted(features, mode, wire_dtype, offload)
-        return out, traffic
-
     def lookup_pooled_counted(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
                               offload: str | None = None) -> tuple[dict[str, np.ndarray], FabricTraffic, dict[str, int]]:
         """{table: (ids, lengths[, weights])} -> {table: [bags, dim] float32}, pooled by the shards'
         daemons and merged here; the fabric accounting is added over the daemons."""
-        if mode not in ("sum", "mean", "max"):
-            raise ValueError(f"mode must be sum, mean or max; got {mode!r}")
+        if mode not in POOL_MODES:
+            raise ValueError(f"mode must be one of {', '.join(POOL_MODES)}; got {mode!r}")
         inputs = {}
         for table, arrays in features.items():
             ids, lengths, *rest = arrays
@@ -582,8 +581,4 @@ class ClusterClient:
         self.close()
 
 
-def live_replicas(shard: Shard, nodes: Mapping[str, NodeInfo]) -> list[Replica]:
-    return [r for r in shard.replicas if r.node in nodes and nodes[r.node].incarnation == r.incarnation]
-
-
-__all__: Sequence[str] = ("ClusterClient", "ClusterError", "live_replicas")
+__all__: Sequence[str] = ("ClusterClient", "ClusterError")

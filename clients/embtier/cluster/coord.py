@@ -195,7 +195,3 @@ class Coordination:
                "success": [{"request_put": {"key": _encode(self.plan_key(plan.version)), "value": _encode(plan.to_json())}},
                            {"request_put": {"key": current, "value": _encode(str(plan.version))}}]}
         return bool(self._do(lambda c: c.transaction(txn)).get("succeeded", False))
-
-    def watch_current(self):
-        """(events iterator, cancel) of changes to the current plan pointer."""
-        return self._do(lambda c: c.watch(self.current_key))

@@ -92,7 +92,6 @@ class Membership:
         self._lease = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.registered = threading.Event()
 
     def _register(self) -> None:
         """A new lease; the same incarnation when no write skipped this node meanwhile, else a new one."""
@@ -104,7 +103,6 @@ class Membership:
                             "incarnation (its copies count again once a plan refills them)", self.config.name)
             self.info = replace(self.info, incarnation=uuid.uuid4().hex[:12])
             self.coord.register(self.info, self._lease)
-        self.registered.set()
         log.info("cluster %s: registered as node %s (incarnation %s) at %s, lease %d s", self.config.name,
                  self.info.id, self.info.incarnation, self.info.address, self.config.lease_seconds)
 
