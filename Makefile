@@ -70,6 +70,7 @@ bench: build
 	$(PY) tests/bench/bench_mapping_build.py || rc=1; \
 	$(PY) tests/bench/bench_mapping.py || rc=1; \
 	$(PY) -m tests.bench.bench_service || rc=1; \
+	$(PY) -m tests.bench.bench_checkpoint --only wal || rc=1; \
 	$(PY) tests/bench/bench_throughput.py || rc=1; \
 	$(PY) tests/bench/bench_redis.py || rc=1; \
 	$(PY) -m tests.bench.bench_tiering || rc=1; \

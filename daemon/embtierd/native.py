@@ -629,3 +629,52 @@ def _check_quant(rc: int, call: str, pos: int, buffers: dict[str, np.ndarray]) -
         raise _size_error(f"native {call}", pos, buffers, f"rows of shape {rows.shape}")
     if rc != lib.ET_OK:
         raise InvalidArgumentError(f"native {call} rejected its arguments (code {rc})")
+
+
+class GroupCommit:
+    """The write-ahead log's appends and group commit in C (et_commit_*): the GIL is released while a
+    record is checksummed and written and while an fdatasync runs or is waited for.  The log
+    (durability/wal.py) keeps the files; this holds the fd appended to, the last LSN appended and
+    the last known durable."""
+
+    def __init__(self, durable_lsn: int) -> None:
+        handle = lib.et_commit_new(durable_lsn)
+        if handle == ffi.NULL:
+            raise MemoryError("et_commit_new: out of memory")
+        self._h = ffi.gc(handle, lib.et_commit_free)
+
+    def switch(self, fd: int, appended_lsn: int, durable_lsn: int) -> None:
+        """Appends go to fd from now on (-1: the log is closed); records up to durable_lsn are durable."""
+        rc = lib.et_commit_switch(self._h, fd, appended_lsn, durable_lsn)
+        if rc != lib.ET_OK:
+            raise ValueError(f"et_commit_switch(fd {fd}, appended {appended_lsn}, durable {durable_lsn}) refused")
+
+    def append(self, lsn: int, kind: int, parts: list, used_bytes: int) -> None:
+        """Writes the record of LSN lsn whose payload is parts (bytes-like, C-contiguous) in order;
+        OSError when the write fails (the file is then cut back to used_bytes)."""
+        buffers = [ffi.from_buffer("uint8_t[]", part) for part in parts]
+        sizes = ffi.new("int64_t[]", [len(b) for b in buffers])
+        err = ffi.new("int64_t *")
+        rc = lib.et_commit_append(self._h, lsn, kind, ffi.new("uint8_t *[]", buffers), sizes, len(buffers),
+                                  used_bytes, ffi.NULL, err)
+        if rc == lib.ET_E_IO:
+            raise OSError(int(err[0]), os.strerror(int(err[0])))
+        if rc != lib.ET_OK:
+            raise ValueError(f"write-ahead log record {lsn}: et_commit_append refused it (code {rc}: kind {kind}, "
+                             f"{len(parts)} part(s) of {sum(len(b) for b in buffers)} bytes)")
+
+    def wait(self, lsn: int) -> float:
+        """Returns once lsn is durable; the seconds of the fdatasyncs this call led (0: it led none).
+        OSError when the fdatasync it led failed."""
+        seconds = ffi.new("double *")
+        err = ffi.new("int64_t *")
+        rc = lib.et_commit_wait(self._h, lsn, seconds, err)
+        if rc == lib.ET_E_IO:
+            raise OSError(int(err[0]), os.strerror(int(err[0])))
+        if rc != lib.ET_OK:
+            raise ValueError(f"write-ahead log record {lsn} was never appended, or the log is closed")
+        return float(seconds[0])
+
+    @property
+    def durable_lsn(self) -> int:
+        return int(lib.et_commit_durable(self._h))

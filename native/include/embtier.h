@@ -402,3 +402,33 @@ int et_quantize(const float *rows, int64_t rows_len, int64_t n, int32_t dim, int
 int et_dequantize(const uint8_t *codes, int64_t codes_bytes, const float *lo, int64_t lo_len, const float *scale,
                   int64_t scale_len, int64_t n, int32_t dim, int32_t bits, float *rows, int64_t rows_len,
                   int64_t *err_pos);
+
+/* The write-ahead log's appends and group commit (daemon/embtierd/durability/wal.py keeps the
+ * segment files and documents the record: a 21-byte header <IIIQB, magic 0x4C415745, payload
+ * length, CRC-32, LSN, kind, then the payload; the CRC covers the packed LSN and kind, then the
+ * payload).  An et_commit holds the fd appended to, the last LSN appended and the last known
+ * durable; et_commit_new gives NULL when allocation fails. */
+typedef struct et_commit et_commit;
+et_commit *et_commit_new(int64_t durable_lsn);
+void et_commit_free(et_commit *c);
+/* Appends go to fd from now on (the caller keeps it open while it is current, and a segment it
+ * switches away from has been fsynced: durable_lsn says how far that made the log durable);
+ * fd -1: the log is closed, appends and waits that need an fdatasync get ET_E_ARG. */
+int et_commit_switch(et_commit *c, int32_t fd, int64_t appended_lsn, int64_t durable_lsn);
+/* Writes one record whose payload is the nparts (at most 16) buffers parts[i] of part_bytes[i]
+ * bytes, in order, with writev (again after a short write); *crc_out (when not NULL) = its CRC.
+ * The caller serializes appends and gives the LSNs in order.  A payload over 2^32 - 1 bytes:
+ * ET_E_SIZE.  A failed write cuts the file back to used_bytes (its size before the call), so no
+ * part of the record stays: ET_E_IO, *err_pos = errno. */
+int et_commit_append(et_commit *c, int64_t lsn, int32_t kind, const uint8_t *const *parts, const int64_t *part_bytes,
+                     int32_t nparts, int64_t used_bytes, uint32_t *crc_out, int64_t *err_pos);
+/* Returns once every record up to lsn is durable: group commit.  The first caller that finds lsn
+ * not durable fdatasyncs everything appended so far while later callers wait for it, and all of
+ * them return together.  *fsync_seconds = how long the fdatasyncs this call led took (0 when it
+ * led none).  ET_E_IO, *err_pos = errno, when the fdatasync this call led failed (nothing is
+ * marked durable; a later call tries again); ET_E_ARG for an LSN never appended or a closed log. */
+int et_commit_wait(et_commit *c, int64_t lsn, double *fsync_seconds, int64_t *err_pos);
+/* The last LSN known durable. */
+int64_t et_commit_durable(et_commit *c);
+/* zlib's crc32(crc, data, bytes) (the IEEE polynomial), for checking et_commit_append's records. */
+uint32_t et_crc32(uint32_t crc, const uint8_t *data, int64_t bytes);

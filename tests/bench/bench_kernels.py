@@ -24,11 +24,13 @@ comparison is made between calls interleaved in time, and ratios are taken per r
   (> 1 = faster than torch best), printed with its 25-75 % quantile range.  R id batches are
   drawn per dist (R x 32 MiB of f32 rows gathered, more than the 260 MiB L3).  Results are
   checked against torch once per case and dist.
-  For 8M x 64 f32 at 1 thread an extra line times ours with heat_sample_shift=0 (heat counted on
-  every access; the default counts 1 access in 8), interleaved with the rest; its ratio is
-  against ours with the default sampling (the tracking overhead).  It reads the same table as
-  ours, so it runs on id batches of its own (same distribution, same hot rows): on ours' batch
-  it would find most rows still in L3 from ours' call just before.  (The torch workers and numpy
+  For 8M x 64 f32 two extra lines time ours with heat_sample_shift=0 (heat counted on every
+  access; the default counts 1 access in 8; at 1 thread) and with heat_sample_shift=16 (1 access
+  in 65536: tracking as good as off; at 1 and 2 threads), interleaved with the rest; their ratio
+  is against ours with the default sampling, and the note "tracking overhead" is how much longer
+  ours takes than ours with tracking off.  Each reads the same table as ours, so it runs on id
+  batches of its own (same distribution, same hot rows): on ours' batch it would find most rows
+  still in L3 from ours' call just before.  (The torch workers and numpy
   hold copies of their own, so they cannot warm the cache for one another or for us.)
 * Read-bandwidth reference: torch.sum over a 2 GiB float32 tensor in both torch workers (1 and 2
   threads) and numpy a.sum() in this process (1 thread), interleaved; GB/s from the median.
@@ -503,7 +505,7 @@ def measure_table(store: Store, cfg: config.Config, case: TableCase, plan: Plan,
     # The tracking-overhead participant reads the same table as ours, so it gets batches of its own
     # (drawn with the same hot rows): on the same batch the second of the two would find the rows in L3.
     tracking_case = case.dim == 64 and case.dtype == "float32"
-    drawn = batches + (plan.reps if tracking_case else 0)
+    drawn = batches + (2 * plan.reps if tracking_case else 0)
     ids = {"uniform": uniform_ids(case.rows, drawn, rng), "zipf": zipf_ids(case.rows, drawn, rng)}
     distinct = np.unique(ids["zipf"][0]).size / IDS_PER_CALL
     case_notes = [f"{case.label}: a zipf batch has {100 * distinct:.0f}% distinct rows"]
@@ -522,6 +524,7 @@ def measure_table(store: Store, cfg: config.Config, case: TableCase, plan: Plan,
     ours_table = store._tables[name].native
     default_knobs = (cfg.kernels.prefetch_distance, cfg.kernels.heat_sample_shift)
     every_knobs = (cfg.kernels.prefetch_distance, 0)
+    off_knobs = (cfg.kernels.prefetch_distance, 16)
     lengths = np.full(BAGS, BAG_LEN, dtype=np.int32)
 
     def pool(batch: np.ndarray) -> np.ndarray:
@@ -546,6 +549,8 @@ def measure_table(store: Store, cfg: config.Config, case: TableCase, plan: Plan,
             track = tracking_case and threads == 1
             if track:
                 parts["every"] = timed(pool, ids[dist][plan.reps:], lambda: ours_table.configure(*every_knobs))
+            if tracking_case:
+                parts["off"] = timed(pool, ids[dist][2 * plan.reps:], lambda: ours_table.configure(*off_knobs))
             for w in workers:
                 parts[f"fp{int(w.thp)}"] = worker_timer(w, f"fp:{dist}", threads)
                 if q8:
@@ -572,6 +577,12 @@ def measure_table(store: Store, cfg: config.Config, case: TableCase, plan: Plan,
                 ratio, spread = ratio_stats(best, times["every"])
                 notes.append(f"{label}: ours with heat on every access vs torch best: {ratio:.2f} "
                              f"({spread[0]:.2f}-{spread[1]:.2f})")
+            if tracking_case:
+                specs.append(("ours, heat on 1 access in 65536 (tracking off)", "off", ours_bytes, "", "ours",
+                              f"ours (1 in {1 << default_knobs[1]})"))
+                ratio, spread = ratio_stats(times["ours"], times["off"])
+                notes.append(f"{label}, {threads} thr: tracking overhead (ours / ours with tracking off): "
+                             f"{ratio - 1:+.1%} ({spread[0] - 1:+.1%} to {spread[1] - 1:+.1%}; target <= 3 %)")
             impl = "torch embedding_bag" + (" (f32 weights)" if q8 else "")
             torch_bytes = case.dim * (2 if case.dtype == "float16" else 4)
             specs += [(impl, "fp0", torch_bytes, "", "best", TORCH_BEST),

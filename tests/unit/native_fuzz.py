@@ -30,8 +30,10 @@ import collections
 import importlib
 import importlib.util
 import os
+import struct
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -1163,6 +1165,92 @@ class Fuzzer:
             self.expect(np.array_equal(rows[:n_told], want), "et_hash_rows", f"not keys.py's rows for seed {seed}, "
                         f"num_rows {num_rows}")
 
+    def wal(self) -> None:
+        """et_commit_* on a log file of the harness's own, and et_crc32: the record written is the documented
+        one (header, zlib's CRC-32 over the packed LSN and kind then the payload), byte for byte."""
+        lib, ffi = self.lib, self.ffi
+        data = self.rng.integers(0, 256, int(self.pick(0, 1, 7, 4097)), dtype=np.uint8)
+        start, seed = int(self.rng.integers(0, data.size + 1)), int(self.rng.integers(0, 2**32))
+        how = self.pick("data", "data", "null", "negative")
+        got = lib.et_crc32(seed, ffi.NULL if how == "null" else self.ptr("uint8_t *", data[start:]),
+                           -1 if how == "negative" else data.size - start)
+        want = zlib.crc32(data[start:].tobytes(), seed) if how == "data" else seed
+        self.expect(got == want, "et_crc32", f"{got:#x} for {data.size - start} bytes ({how}) from {seed:#x}, "
+                                             f"expected {want:#x}")
+        durable = int(self.pick(0, 3, 1000))
+        c = lib.et_commit_new(durable)
+        self.expect(c != ffi.NULL, "et_commit_new", "NULL")
+        if self.chance(0.1):
+            return lib.et_commit_free(self.pick(c, ffi.NULL))  # (a leak of the other is harmless here)
+        path = self.work / f"wal-{self.serial}.log"
+        self.serial += 1
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
+        appended = durable
+        try:
+            fd_arg, appended_arg, durable_arg = self.pick((fd, durable, durable), (fd, durable + 2, durable),
+                                                          (-2, durable, durable), (fd, durable, durable + 1),
+                                                          (fd, -1, -1))
+            null = self.chance(0.1)
+            rc = lib.et_commit_switch(ffi.NULL if null else c, fd_arg, appended_arg, durable_arg)
+            bad = null or fd_arg < -1 or appended_arg < 0 or durable_arg < 0 or durable_arg > appended_arg
+            self.verify("et_commit_switch", rc, (lib.ET_E_ARG if bad else lib.ET_OK, None))
+            if rc != lib.ET_OK:
+                self.verify("et_commit_switch", lib.et_commit_switch(c, fd, durable, durable), (lib.ET_OK, None))
+            else:
+                appended = appended_arg
+            expected = b""
+            for _ in range(int(self.rng.integers(0, 6))):
+                nparts = int(self.pick(0, 1, 3, 16, 17, -1))
+                parts = [self.rng.integers(0, 256, int(self.pick(0, 1, 100, 5000)), dtype=np.uint8)
+                         for _ in range(max(nparts, 0))]
+                sizes = [p.size for p in parts]
+                pointers = [self.ptr("uint8_t *", p) for p in parts]
+                arg = nparts < 0 or nparts > 16
+                size = False
+                if parts and self.chance(0.2):
+                    k = int(self.rng.integers(len(parts)))
+                    how = self.pick("null", "negative", "huge")
+                    if how == "null":
+                        pointers[k], arg = ffi.NULL, arg or sizes[k] > 0
+                    elif how == "negative":
+                        sizes[k], arg = -1, True
+                    else:
+                        sizes[k], size = 2**32, True
+                lsn = int(self.pick(appended + 1, appended + 1, -1))
+                kind = int(self.pick(0, 7, 255, 256, -1))
+                arg = arg or lsn < 0 or not 0 <= kind <= 255
+                crc = ffi.new("uint32_t *")
+                rc = lib.et_commit_append(c, lsn, kind, ffi.new("uint8_t *[]", pointers) if parts else ffi.NULL,
+                                          ffi.new("int64_t[]", sizes) if parts else ffi.NULL, nparts,
+                                          len(expected), crc, self.err)
+                self.verify("et_commit_append", rc, (lib.ET_E_ARG if arg else lib.ET_E_SIZE if size else lib.ET_OK,
+                                                     None))
+                if rc == lib.ET_OK:
+                    payload = b"".join(p.tobytes() for p in parts)
+                    want_crc = zlib.crc32(payload, zlib.crc32(struct.pack("<QB", lsn, kind)))
+                    expected += struct.pack("<IIIQB", 0x4C415745, len(payload), want_crc, lsn, kind) + payload
+                    self.expect(crc[0] == want_crc, "et_commit_append", f"CRC {crc[0]:#x}, zlib says {want_crc:#x}")
+                    appended = lsn
+            self.expect(path.read_bytes() == expected, "et_commit_append", "the file is not the records appended")
+            seconds = ffi.new("double *")
+            for lsn in (durable, appended, appended + 1):
+                rc = lib.et_commit_wait(c, lsn, seconds, self.err)
+                self.verify("et_commit_wait", rc, (lib.ET_E_ARG if lsn > appended else lib.ET_OK, None))
+                if rc == lib.ET_OK:
+                    self.expect(lib.et_commit_durable(c) >= lsn, "et_commit_durable", f"below {lsn} after a wait")
+            self.verify("et_commit_switch", lib.et_commit_switch(c, -1, appended, lib.et_commit_durable(c)),
+                        (lib.ET_OK, None))
+            rc = lib.et_commit_append(c, appended + 1, 1, ffi.NULL, ffi.NULL, 0, len(expected), ffi.NULL, self.err)
+            self.verify("et_commit_append", rc, (lib.ET_E_ARG, None))  # closed
+            self.verify("et_commit_wait", lib.et_commit_wait(c, appended, seconds, self.err), (lib.ET_OK, None))
+            self.verify("et_commit_wait", lib.et_commit_wait(ffi.NULL, appended, seconds, self.err),
+                        (lib.ET_E_ARG, None))
+            self.expect(lib.et_commit_durable(ffi.NULL) == lib.ET_E_ARG, "et_commit_durable", "NULL handle")
+        finally:
+            os.close(fd)
+            path.unlink()
+            lib.et_commit_free(c)
+
     # ---- the run -----------------------------------------------------------------------------
 
     def step(self) -> None:
@@ -1193,7 +1281,7 @@ class Fuzzer:
         elif op < 16:
             self.settings(t)
         elif op < 17:
-            self.pick(self.process_wide, self.sizes, self.memory, self.hash_rows)()
+            self.pick(self.process_wide, self.sizes, self.memory, self.hash_rows, self.wal)()
         elif op < 19:
             self.quantize()
         elif op < 20:

@@ -94,14 +94,21 @@ def encode_write(name: str, generation: int, ids: np.ndarray, values: np.ndarray
     """A WRITE record: head, ids (int64), values (float32), and for a managed table the plan: the
     row each id has or takes (int64) and whether it takes it now (uint8).  by_row: the ids are rows of
     a keyed table (the head says so only then)."""
+    return b"".join(write_parts(name, generation, ids, values, mode, scale, plan, by_row))
+
+
+def write_parts(name: str, generation: int, ids: np.ndarray, values: np.ndarray, mode: str, scale: float,
+                plan: tuple[np.ndarray, np.ndarray] | None = None, by_row: bool = False) -> list:
+    """encode_write's payload as the buffers it is the concatenation of (the arrays themselves, not copies,
+    where they are already little-endian and contiguous)."""
     head = json.dumps({"name": name, "generation": generation, "n": int(ids.size), "dim": int(values.shape[1]),
                        "mode": mode, "scale": scale, "planned": plan is not None,
                        **({"by_row": True} if by_row else {})}).encode()
-    parts = [_HEADER.pack(len(head)), head, ids.astype("<i8", copy=False).tobytes(),
-             values.astype("<f4", copy=False).tobytes()]
+    parts = [_HEADER.pack(len(head)), head, np.ascontiguousarray(ids, dtype="<i8"),
+             np.ascontiguousarray(values, dtype="<f4")]
     if plan is not None:
-        parts += [plan[0].astype("<i8", copy=False).tobytes(), plan[1].astype(np.uint8).tobytes()]
-    return b"".join(parts)
+        parts += [np.ascontiguousarray(plan[0], dtype="<i8"), plan[1].astype(np.uint8)]
+    return parts
 
 
 def decode_write(payload: bytes) -> tuple[dict, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
@@ -142,7 +149,7 @@ class Journal:
 
     def log_write(self, name: str, generation: int, ids: np.ndarray, values: np.ndarray, mode: str,
                   scale: float, plan: tuple[np.ndarray, np.ndarray] | None = None, by_row: bool = False) -> int:
-        return self.wal.append(WRITE, encode_write(name, generation, ids, values, mode, scale, plan, by_row))
+        return self.wal.append_parts(WRITE, write_parts(name, generation, ids, values, mode, scale, plan, by_row))
 
     def log_restore(self, checkpoint_id: int) -> int:
         return self.wal.append(RESTORE, encode_restore(checkpoint_id))

@@ -9,10 +9,13 @@ segment still says where the log continues.  A record is a 21-byte header
 (struct ``<IIIQB``: magic, payload length, CRC-32, LSN, kind) followed by the
 payload; the CRC covers the packed LSN and kind, then the payload.
 
-Durability: ``append`` only ``os.write``\\ s the record (page cache).  Under the
+Durability: ``append`` only writes the record (page cache).  Under the
 "always" policy ``wait_durable`` does group commit: the first waiter whose LSN
-is not yet durable becomes the leader and fsyncs everything appended so far,
-the others wait on a condition and all of them return together.  "interval"
+is not yet durable becomes the leader and fdatasyncs everything appended so
+far, the others wait for it and all of them return together.  Both run in C
+(native.GroupCommit) with the GIL released: a record's checksum and write
+take no Python time from other writers, and a leader's fdatasync ends, and
+wakes its group, without waiting for the GIL.  "interval"
 fsyncs from a background thread; "off" leaves flushing to the OS.  A segment
 is fsynced before the next one is started, and the directory is fsynced when a
 segment is created or deleted.
@@ -48,6 +51,7 @@ from pathlib import Path
 from typing import BinaryIO, Self
 
 from embtierd.errors import storage_error
+from embtierd.native import GroupCommit
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +180,7 @@ class WriteAheadLog:
         self._policy = fsync
         self._segment_bytes = segment_bytes
         self._on_fsync = on_fsync
-        self._append_lock = threading.Lock()  # order: _append_lock, then _durable_cond
-        self._durable_cond = threading.Condition()
-        self._syncing = False
+        self._append_lock = threading.Lock()
         self._closed = False
         self._bytes_written = 0
         self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -186,7 +188,8 @@ class WriteAheadLog:
         self._segments, self._last_lsn = self._recover()
         self._replay_last_lsn = self._last_lsn
         self._fd, self._segment_used_bytes = self._open_current()
-        self._durable_lsn = self._last_lsn
+        self._commit = GroupCommit(self._last_lsn)
+        self._commit.switch(self._fd, self._last_lsn, self._last_lsn)
         self._stop = threading.Event()
         self._interval_thread: threading.Thread | None = None
         if fsync == "interval":
@@ -294,38 +297,31 @@ class WriteAheadLog:
 
     def append(self, kind: int, payload: bytes) -> int:
         """Writes one record to the page cache (not yet durable) and returns its LSN."""
+        return self.append_parts(kind, [payload])
+
+    def append_parts(self, kind: int, parts: list) -> int:
+        """append() of the record whose payload is parts (bytes-like, C-contiguous) one after the
+        other, without joining them first."""
         if not 0 <= kind <= 255:
             raise ValueError(f"WAL record kind must be 0..255, got {kind}")
-        payload = bytes(payload)
-        if len(payload) > MAX_PAYLOAD_BYTES:
-            raise ValueError(f"WAL payload of {len(payload)} bytes is over {MAX_PAYLOAD_BYTES}")
+        parts = [memoryview(part).cast("B") for part in parts]
+        payload_bytes = sum(part.nbytes for part in parts)
+        if payload_bytes > MAX_PAYLOAD_BYTES:
+            raise ValueError(f"WAL payload of {payload_bytes} bytes is over {MAX_PAYLOAD_BYTES}")
         with self._append_lock:
             self._check_open()
             lsn = self._last_lsn + 1
-            record = encode_record(lsn, kind, payload)
             try:
                 if self._segment_used_bytes >= self._segment_bytes:
                     self._roll()
-                self._write_whole(record)
+                self._commit.append(lsn, kind, parts, self._segment_used_bytes)
             except OSError as e:
                 raise storage_error(e, self._segments[-1].path, f"appending record {lsn} to the write-ahead log") \
                     from e
             self._last_lsn = lsn
-            self._segment_used_bytes += len(record)
-            self._bytes_written += len(record)
+            self._segment_used_bytes += HEADER.size + payload_bytes
+            self._bytes_written += HEADER.size + payload_bytes
             return lsn
-
-    def _write_whole(self, record: bytes) -> None:
-        """os.write the record; on failure cut the segment back so no torn record stays behind."""
-        view = memoryview(record)
-        written = 0
-        try:
-            while written < len(record):
-                written += os.write(self._fd, view[written:])
-        except BaseException:
-            if written:
-                os.ftruncate(self._fd, self._segment_used_bytes)
-            raise
 
     def roll(self) -> None:
         """Starts a new segment now (when the current one holds records), so that a checkpoint's
@@ -344,9 +340,9 @@ class WriteAheadLog:
         segment = _Segment(self._last_lsn + 1, segment_path(self._directory, self._last_lsn + 1))
         self._fsync_fd(self._fd)
         fd = self._create_segment_file(segment.path)
+        self._commit.switch(fd, self._last_lsn, self._last_lsn)
         os.close(self._fd)
         self._fd = fd
-        self._mark_durable(self._last_lsn)
         self._segments.append(segment)
         self._segment_used_bytes = 0
 
@@ -362,55 +358,14 @@ class WriteAheadLog:
         self._sync_through(self.last_lsn)
 
     def _sync_through(self, lsn: int) -> None:
-        """Group commit: lead an fsync or wait for the leader's, until lsn is durable."""
+        """Group commit (in C): lead an fdatasync or wait for the leader's, until lsn is durable."""
         try:
-            self._sync_through_unmapped(lsn)
+            seconds = self._commit.wait(lsn)
         except OSError as e:
             raise storage_error(e, self._segments[-1].path, f"making record {lsn} of the write-ahead log durable") \
                 from e
-
-    def _sync_through_unmapped(self, lsn: int) -> None:
-        with self._durable_cond:
-            while self._durable_lsn < lsn:
-                if self._syncing:
-                    self._durable_cond.wait()
-                else:
-                    self._lead_sync()
-
-    def _lead_sync(self) -> None:
-        """As leader (condition held): fsync without the condition, then wake all waiters."""
-        self._syncing = True
-        self._durable_cond.release()
-        try:
-            synced_lsn = self._fsync_appended()
-        finally:
-            self._durable_cond.acquire()
-            self._syncing = False
-            self._durable_cond.notify_all()
-        self._durable_lsn = max(self._durable_lsn, synced_lsn)
-
-    def _fsync_appended(self) -> int:
-        """fsyncs the current segment; returns the last LSN that fsync covers.
-
-        Earlier segments were fsynced when they were rolled.  A dup of the fd is synced, so a
-        concurrent roll that closes the fd does no harm and appends continue meanwhile.
-        """
-        with self._append_lock:
-            self._check_open()
-            synced_lsn = self._last_lsn
-            fd = os.dup(self._fd)
-        try:
-            self._fsync_fd(fd)
-        finally:
-            os.close(fd)
-        return synced_lsn
-
-    def _mark_durable(self, lsn: int) -> None:
-        """Records that every LSN up to lsn is durable and wakes the waiters."""
-        with self._durable_cond:
-            if lsn > self._durable_lsn:
-                self._durable_lsn = lsn
-                self._durable_cond.notify_all()
+        if seconds and self._on_fsync is not None:
+            self._on_fsync(seconds)
 
     def _fsync_fd(self, fd: int) -> None:
         """os.fsync, reporting its latency to on_fsync."""
@@ -490,7 +445,7 @@ class WriteAheadLog:
     @property
     def durable_lsn(self) -> int:
         """The highest LSN known to be on stable storage."""
-        return self._durable_lsn
+        return self._commit.durable_lsn
 
     @property
     def last_lsn(self) -> int:
@@ -512,6 +467,7 @@ class WriteAheadLog:
         self.sync()
         with self._append_lock:
             self._closed = True
+            self._commit.switch(-1, self._last_lsn, self._commit.durable_lsn)
             os.close(self._fd)
 
     def __enter__(self) -> Self:
