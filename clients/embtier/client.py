@@ -5,10 +5,14 @@ work); failures raise EmbtierClientError carrying the status code and the
 daemon's message.  Calls that are safe to repeat are retried on UNAVAILABLE
 with exponential backoff (a daemon restarting, a socket not there yet);
 WriteRows with add=True is not, since a retry could apply the update twice.
+
+On a Unix socket to a daemon with server.shared_memory on, lookup_pooled passes
+ids and pooled values through shared memory (embtier.shm) instead of the wire.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +23,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .shm import SharedMemory, SharedMemoryError, aligned, side_socket
 from .v1 import embtier_pb2 as pb
 from .v1 import embtier_pb2_grpc as pb_grpc
 from .wire import (
@@ -227,10 +232,12 @@ class Client(LookupShorthands):
 
     def __init__(self, target: str, timeout: float | None = 30.0, tls: TlsOptions | None = None,
                  retries: int = 4, backoff_seconds: float = 0.1, tenant: str | None = None,
-                 channel_options: Sequence[tuple[str, int]] = ()):
+                 channel_options: Sequence[tuple[str, int]] = (), shared_memory: bool | None = None):
         """timeout: each call's gRPC deadline in seconds (None: none, and a lookup gets its tenant's
         default deadline); tenant: the tenant every call is made as (None: the default tenant);
-        channel_options: more gRPC channel arguments."""
+        channel_options: more gRPC channel arguments; shared_memory: pass lookup_pooled's ids and
+        results through shared memory on a Unix socket (None: when the daemon offers it; True: insist,
+        FAILED_PRECONDITION when it cannot; False: never)."""
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *channel_options]
         self.channel = (grpc.secure_channel(target, tls.credentials(), options) if tls
@@ -240,8 +247,34 @@ class Client(LookupShorthands):
         self.retries = retries
         self.backoff_seconds = backoff_seconds
         self.metadata = () if tenant is None else ((TENANT_METADATA_KEY, tenant),)
+        self._shm_path = side_socket(target) if shared_memory is not False else None
+        self._shm_required = bool(shared_memory)
+        if shared_memory and self._shm_path is None:
+            raise ValueError(f"shared_memory needs a Unix socket target (unix:///path), not {target!r}")
+        self._shm: SharedMemory | None = None
+        self._shm_tried = False
+        self._shm_lock = threading.Lock()
+        self._dims: dict[str, int] = {}
+
+    @property
+    def shared_memory(self) -> SharedMemory | None:
+        """The connection to the daemon's shared-memory side socket, made on first use; None when the
+        target is not a Unix socket, shared memory is off there or the client was told not to use it."""
+        if self._shm is None and self._shm_path is not None and not self._shm_tried:
+            with self._shm_lock:
+                if not self._shm_tried:
+                    try:
+                        self._shm = SharedMemory(self._shm_path)
+                    except OSError as e:
+                        if self._shm_required:
+                            raise EmbtierClientError(grpc.StatusCode.FAILED_PRECONDITION, f"shared memory: cannot "
+                                                     f"connect to {self._shm_path}: {e}", "SharedMemory") from None
+                    self._shm_tried = True
+        return self._shm
 
     def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
         self.channel.close()
 
     def __enter__(self) -> Self:
@@ -434,8 +467,77 @@ class Client(LookupShorthands):
                               offload: str | None = None) -> tuple[dict[str, np.ndarray], FabricTraffic, dict[str, int]]:
         """lookup_pooled_fabric, and per table how many ids a managed table did not know (each
         pooled its default row)."""
+        channel = self.shared_memory if offload in (None, "switch") else None
+        if channel is not None:
+            done = self._pooled_shared(channel, features, mode, wire_dtype)
+            if done is not None:
+                return done
         request, decode = self._pooled_request(features, mode, wire_dtype, offload)
         return decode(self._call("LookupPooled", request))
+
+    def _dim(self, table: str) -> int:
+        if table not in self._dims:
+            self._dims[table] = self.describe(table).dim
+        return self._dims[table]
+
+    def _pooled_shared(self, channel: SharedMemory, features: Mapping[str, tuple], mode: str, wire_dtype: str):
+        """lookup_pooled_counted through shared memory (offload SWITCH); None when it cannot be used for this
+        request (a table it cannot describe, a region the daemon refuses): the caller sends it on the wire."""
+        dt = np.dtype(WIRE_ARRAYS[wire_dtype])
+        try:
+            dims = {table: self._dim(table) for table in features}
+        except EmbtierClientError:
+            return None  # (the wire request reports what is wrong)
+        arrays, end = [], 0
+        for table, (ids, lengths, *rest) in features.items():
+            weights = rest[0] if rest and rest[0] is not None else None
+            parts = {"ids": np.ascontiguousarray(ids, dtype="<i8"), "lengths": np.ascontiguousarray(lengths, "<i4"),
+                     "weights": None if weights is None else np.ascontiguousarray(weights, "<f4")}
+            placed = {}
+            for name, arr in parts.items():
+                if arr is not None:
+                    placed[name] = (end, arr)
+                    end = aligned(end + arr.nbytes)
+            out_bytes = parts["lengths"].size * dims[table] * dt.itemsize
+            placed["out"] = (end, out_bytes)
+            end = aligned(end + out_bytes)
+            arrays.append((table, placed))
+        try:
+            region = channel.lease(end)
+        except SharedMemoryError:
+            return None
+        try:
+            view = np.frombuffer(region.mapping, dtype=np.uint8)
+            bags = []
+            for table, placed in arrays:
+                bag = pb.FeatureBags(table=table, id_type=ID_TYPES["int64"])
+                for name, (offset, arr) in placed.items():
+                    size = arr if name == "out" else arr.nbytes
+                    if name != "out":
+                        view[offset:offset + size] = arr.view(np.uint8).reshape(-1)
+                    getattr(bag, f"{name}_shm").CopyFrom(pb.SharedSlice(region=region.name, token=region.token,
+                                                                        offset=offset, size=size))
+                bags.append(bag)
+            del view
+            request = pb.LookupPooledRequest(features=bags, mode=POOL_MODES[mode], wire_dtype=WIRE_DTYPES[wire_dtype],
+                                             offload=OFFLOADS["switch"])
+            reply = self._call("LookupPooled", request)
+            out = {}
+            for r, (_, placed) in zip(reply.results, arrays, strict=True):
+                values = (np.frombuffer(region.mapping, dtype=dt, count=r.num_bags * r.dim, offset=placed["out"][0])
+                          if r.in_shm else np.frombuffer(r.values, dtype=dt))
+                out[r.table] = values.reshape(r.num_bags, r.dim).astype(np.float32, copy=True)
+                del values
+            f = reply.fabric
+            traffic = FabricTraffic(name_of(OFFLOADS, f.offload), dict(f.device_link_bytes), f.host_link_bytes,
+                                    f.modelled_seconds)
+            return out, traffic, {r.table: r.unknown_ids for r in reply.results}
+        except EmbtierClientError as e:
+            if e.code == grpc.StatusCode.INVALID_ARGUMENT and "out_shm" in e.message:
+                self._dims.clear()  # a table was made again with another dim: ask afresh next time
+            raise
+        finally:
+            channel.release(region)
 
     def lookup_pooled_start(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
                             offload: str | None = None) -> Callable[[], tuple[dict, FabricTraffic, dict[str, int]]]:

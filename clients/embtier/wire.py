@@ -26,6 +26,11 @@ ID_ARRAYS = {"int64": "<i8", "int32": "<i4"}
 INITIALIZERS = {"zeros": pb.ZEROS, "uniform": pb.UNIFORM}
 POOL_MODES = {"sum": pb.SUM, "mean": pb.MEAN, "max": pb.MAX}
 WRITE_MODES = {"assign": pb.ASSIGN, "add": pb.ADD}
+# Same-host shared memory: the side socket where a client registers regions is the daemon's gRPC Unix
+# socket's path + SHM_SOCKET_SUFFIX (SOCK_SEQPACKET; JSON messages of at most SHM_MESSAGE_BYTES, a
+# region's memfd passed with SCM_RIGHTS).
+SHM_SOCKET_SUFFIX = ".shm"
+SHM_MESSAGE_BYTES = 4096
 OFFLOADS = {"host": pb.HOST, "device": pb.DEVICE, "switch": pb.SWITCH}
 KEY_SPACES = {"dense": pb.KEY_SPACE_DENSE, "hashed": pb.KEY_SPACE_HASHED, "managed": pb.KEY_SPACE_MANAGED,
               "mapped": pb.KEY_SPACE_MAPPED}

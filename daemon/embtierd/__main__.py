@@ -22,6 +22,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="listen address, repeatable: unix:///path or host:port")
     p.add_argument("--state-dir", help="directory for the SCM file and state")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="Prometheus /metrics endpoint ('' turns it off)")
+    p.add_argument("--shared-memory", action="store_true",
+                   help="let clients on the Unix socket pass LookupPooled's ids and results through shared memory")
     p.add_argument("--dram-bytes", metavar="SIZE", help="DRAM tier capacity (e.g. 512M, 4G, 25%%)")
     p.add_argument("--cxl-bytes", metavar="SIZE", help="CXL tier capacity")
     p.add_argument("--scm-bytes", metavar="SIZE", help="SCM tier capacity")
@@ -47,6 +49,8 @@ def overrides(args: argparse.Namespace) -> dict:
         server["listen"] = args.listen
     if args.metrics_listen is not None:
         server["metrics_listen"] = args.metrics_listen
+    if args.shared_memory:
+        server["shared_memory"] = True
     if server:
         out["server"] = server
     tiers = {name: {"capacity": value} for name, value in

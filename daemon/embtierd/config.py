@@ -316,6 +316,11 @@ KEYS: tuple[Key, ...] = (
         "Ping a connection quiet this long; one whose peer does not answer within 20 s is closed."),
     Key("server.handshake_timeout_seconds", number(0.1, 3600), 10.0,
         "A connection that has not finished its TLS and HTTP/2 setup by then is closed."),
+    Key("server.shared_memory", boolean, False,
+        "Same-host shared memory for LookupPooled: clients on the Unix socket register memfd regions over "
+        'its side socket (the socket\'s path + ".shm", same mode) and pass ids and results through them '
+        "(daemon/embtierd/rpc/shm.py); the client library uses it on its own when it is on."),
+    Key("server.shared_memory_max_bytes", parse_size, "1G", "The largest shared-memory region a client may register."),
     Key("server.tls.cert", pem_file, "",
         "PEM server certificate chain; with key, TCP listeners speak TLS (Unix sockets stay plaintext)."),
     Key("server.tls.key", pem_file, "",
@@ -570,6 +575,8 @@ class ServerConfig:
     idle_timeout_seconds: float = _default("server.idle_timeout_seconds")
     keepalive_seconds: float = _default("server.keepalive_seconds")
     handshake_timeout_seconds: float = _default("server.handshake_timeout_seconds")
+    shared_memory: bool = _default("server.shared_memory")
+    shared_memory_max_bytes: int = _default("server.shared_memory_max_bytes")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,12 @@ class NotFoundError(EmbtierError):
     status = "NOT_FOUND"
 
 
+class PermissionDeniedError(EmbtierError):
+    """The caller may not do this."""
+
+    status = "PERMISSION_DENIED"
+
+
 class AlreadyExistsError(EmbtierError):
     """A table of that name exists."""
 
@@ -55,7 +61,7 @@ class OverloadedError(EmbtierError):
 
 
 class RequestTooLargeError(EmbtierError):
-    """A request over the configured limits (ids per request, message size)."""
+    """A request over the configured limits (ids per request, message size, shared-memory regions)."""
 
     status = "RESOURCE_EXHAUSTED"
 

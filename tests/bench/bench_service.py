@@ -3,7 +3,9 @@
 1. Service overhead: LookupPooled through gRPC (a real embtierd process, Unix
    socket, the embtier client) against the same pooling done by the
    in-process store (the native kernel plus its Python wrapper), 8 tables x
-   512 bags x pooling factor 32, dim 64 float32.
+   512 bags x pooling factor 32, dim 64 float32: with ids and pooled values
+   on the wire, and through same-host shared memory (the daemon runs with
+   --shared-memory; the wire client is told not to use it).
 2. PIFS vs Pond: LookupPooled (the daemon gathers and pools next to the data,
    only pooled vectors travel) against Lookup of the raw rows pooled in the
    client, for pooling factors 1, 8, 32, 128, with 512 bags x 8 tables x dim
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -124,26 +125,34 @@ def pct(values, q):
     return float(np.percentile(values, q) * 1e3)
 
 
-def service_overhead(client: Client, store: Store, tables: dict[str, int], reps: int) -> None:
-    """Section 1: LookupPooled through gRPC against the in-process store, at pooling factor 32."""
+def service_overhead(client: Client, shared: Client, store: Store, tables: dict[str, int], reps: int) -> None:
+    """Section 1: LookupPooled through gRPC (on the wire, and through shared memory) against the in-process
+    store, at pooling factor 32, the three interleaved in an order rotated each repetition."""
+    if shared.shared_memory is None:
+        raise RuntimeError("the shared-memory client found no side socket: is the daemon's shared memory on?")
     reqs = requests_for(tables, 32, reps, seed=1)
     for f in reqs[:2]:
         client.lookup_pooled(f)
-    grpc_t, local_t, ratios = [], [], []
-    for f in reqs:
-        a = timed(lambda f=f: client.lookup_pooled(f))
-        b = timed(lambda f=f: [store.lookup_pooled(t, ids, lengths) for t, (ids, lengths) in f.items()])
-        grpc_t.append(a)
-        local_t.append(b)
-        ratios.append(a / b)
-    got = client.lookup_pooled(reqs[0])
+        shared.lookup_pooled(f)
+    paths = [("wire", client.lookup_pooled), ("shm", shared.lookup_pooled),
+             ("local", lambda f: [store.lookup_pooled(t, ids, lengths) for t, (ids, lengths) in f.items()])]
+    times: dict[str, list[float]] = {name: [] for name, _ in paths}
+    for i, f in enumerate(reqs):
+        for k in range(len(paths)):
+            name, fn = paths[(i + k) % len(paths)]
+            times[name].append(timed(lambda fn=fn, f=f: fn(f)))
     want = {t: store.lookup_pooled(t, ids, lengths) for t, (ids, lengths) in reqs[0].items()}
-    assert all(np.allclose(got[t], want[t], rtol=1e-5, atol=1e-6) for t in tables), "results differ"
+    for got in (client.lookup_pooled(reqs[0]), shared.lookup_pooled(reqs[0])):
+        assert all(np.allclose(got[t], want[t], rtol=1e-5, atol=1e-6) for t in tables), "results differ"
+    local = np.array(times["local"])
     print("\n1. service overhead, pooling factor 32 (131072 ids, 8 tables per request)")
-    print(f"   in-process store.lookup_pooled x 8 : p50 {pct(local_t, 50):8.2f} ms")
-    print(f"   LookupPooled through gRPC          : p50 {pct(grpc_t, 50):8.2f} ms")
-    print(f"   overhead ratio gRPC / in-process   : {statistics.median(ratios):.2f} "
-          f"(q25 {np.quantile(ratios, .25):.2f}, q75 {np.quantile(ratios, .75):.2f}); target <= 3", flush=True)
+    print(f"   in-process store.lookup_pooled x 8     : p50 {pct(local, 50):8.2f} ms")
+    for name, label, target in (("wire", "LookupPooled through gRPC, on the wire", "3"),
+                                ("shm", "LookupPooled, shared memory", "1.2")):
+        ratios = np.array(times[name]) / local
+        print(f"   {label:<39}: p50 {pct(times[name], 50):8.2f} ms   / in-process {np.median(ratios):.2f} "
+              f"(q25 {np.quantile(ratios, .25):.2f}, q75 {np.quantile(ratios, .75):.2f}); target <= {target}",
+              flush=True)
 
 
 RAW_WAYS = (("reduceat", raw_then_pool), ("fast", raw_fast), ("distinct", raw_distinct))
@@ -183,18 +192,20 @@ def main() -> int:
     tables = {f"t{i}": rows for i in range(TABLES)}
     sections = Sections()
     state = Path(tempfile.mkdtemp(prefix="embtier-bench-svc-", dir=args.dir))
-    daemon = start_daemon(state / "daemon", "--dram-bytes", "3G", "--cxl-bytes", "0", "--scm-bytes", "64M")
+    daemon = start_daemon(state / "daemon", "--dram-bytes", "3G", "--cxl-bytes", "0", "--scm-bytes", "64M",
+                          "--shared-memory")
     store = Store(config.load(overrides={"state_dir": str(state / "inproc"), "tiers": {
         "dram": {"capacity": "3G"}, "cxl": {"capacity": "0"}, "scm": {"capacity": "64M"}}}))
     try:
-        with Client(daemon.target, timeout=300) as client:
+        with Client(daemon.target, timeout=300, shared_memory=False) as client, \
+                Client(daemon.target, timeout=300, shared_memory=True) as shared:
             for i, t in enumerate(tables):
                 client.create_table(t, rows, DIM, initializer="uniform", seed=i)
                 store.create_table(t, rows, DIM, initializer="uniform", seed=i)
             print(f"embtier service benchmark{' (quick)' if args.quick else ''}: {TABLES} tables x {rows} rows x "
                   f"dim {DIM} float32 in DRAM, {BAGS} bags per table, Zipf(1.05) ids, {reps} interleaved reps, "
                   f"daemon on a Unix socket, one client", flush=True)
-            sections.run("1. service overhead", service_overhead, client, store, tables, reps)
+            sections.run("1. service overhead", service_overhead, client, shared, store, tables, reps)
             print("\n2. LookupPooled vs Lookup + pooling in the client")
             print(f"   raw pooled by: reduceat (the old baseline), fast ({'torch embedding_bag' if torch else 'reshape-and-sum'}"
                   f"), distinct (Lookup.distinct + the same); gain = raw / pooled latency, median of interleaved reps",

@@ -39,6 +39,7 @@ from embtierd.cluster.member import Membership, memory_pool_rate, scm_pool_rate
 from embtierd.config import Config, ServerConfig, interface_addresses, tcp_address
 from embtierd.durability import checkpoint, recovery
 from embtierd.durability.wal import WriteAheadLog
+from embtierd.rpc import shm
 from embtierd.rpc import tls as tls_mod
 from embtierd.rpc.interceptor import CallInterceptor
 from embtierd.rpc.metrics import Metrics
@@ -206,6 +207,9 @@ class Daemon:
         servicer = EmbeddingStoreServicer(self.store, config.server, self.metrics, self.tiering,
                                           Tenants(config.tenants), self.scheduler)
         servicer.checkpoints = self.checkpoints
+        self.side_servers: list[shm.SideServer] = []
+        self.shm = shm.Registry(config.server.shared_memory_max_bytes) if config.server.shared_memory else None
+        servicer.shm = self.shm
         embtier_pb2_grpc.add_EmbeddingStoreServicer_to_server(servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -246,6 +250,12 @@ class Daemon:
             if address.startswith("unix://"):  # members of the daemon's group may connect (umask 077 made it 0700)
                 os.chmod(address[len("unix://"):], SOCKET_MODE)
             log.info("listening on %s (%s)", address, security)
+            if self.shm is not None and address.startswith("unix://"):
+                self.side_servers.append(shm.SideServer(shm.side_socket_path(Path(address[len("unix://"):])),
+                                                        self.shm, SOCKET_MODE))
+        if self.shm is not None and not self.side_servers:
+            log.warning("server.shared_memory is on, but the daemon listens on no Unix socket (unix://PATH): "
+                        "no client can register a region")
 
     def _start_metrics(self) -> None:
         address = self.config.server.metrics_listen
@@ -316,6 +326,8 @@ class Daemon:
         self.draining.set()
         time.sleep(min(DRAIN_SECONDS, self.config.server.grace_seconds))
         self.server.stop(self.config.server.grace_seconds).wait()
+        for side in self.side_servers:
+            side.close()
         self.scheduler.stop()
         self.tiering.stop()
         if self.checkpoints is not None:

@@ -42,6 +42,7 @@ from embtierd.errors import (
     RequestTooLargeError,
 )
 from embtierd.keys.space import KeySpace
+from embtierd.rpc import shm
 from embtierd.rpc.metrics import Metrics
 from embtierd.rpc.trace import TraceRecorder
 from embtierd.store.catalog import HEAT_BIN_NAMES, Store
@@ -65,6 +66,8 @@ def enum_value(enum, mapping: dict[str, int], value: int, field: str) -> str:
         raise InvalidArgumentError(f"{field} = {enum.Name(value)} ({value}) is not allowed here; use {allowed}")
     raise InvalidArgumentError(f"{field} = {value} is not a value of {enum.DESCRIPTOR.name}; use {allowed}")
 
+
+SHM_FIELDS = ("ids_shm", "lengths_shm", "weights_shm", "out_shm")  # FeatureBags' shared-memory slices
 
 def array(buf: bytes, dtype: str, field: str) -> np.ndarray:
     """A read-only view of buf as a 1-D little-endian array."""
@@ -130,6 +133,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         self.metrics = metrics
         self.tiering = tiering
         self.checkpoints = None  # the daemon's checkpoint.Checkpointer, when it has a write-ahead log
+        self.shm: shm.Registry | None = None  # the shared-memory regions, when server.shared_memory is on
         self.traces = TraceRecorder()
         self.max_trace_ids = (limits.max_message_bytes - 4096) // 8  # a recorded trace travels in one reply
         self.max_message_bytes = limits.max_message_bytes
@@ -332,27 +336,43 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         return pb.LookupResponse(values=values, dim=rows.shape[1], count=gathered.size, unknown_ids=int(unknown[0]),
                                  index=index)
 
-    def _check_pooled_reply(self, features, offload: str, itemsize: int) -> None:
+    def _check_pooled_reply(self, features, offload: str, itemsize: int, outs: list | None = None) -> None:
         """Checks every feature's bags, then the reply's size, before any table is read: per feature,
         one vector per bag (switch), one per id (host), or one per bag and fabric part with rows of
-        the request (device, which also keeps a length per bag and part while it pools)."""
+        the request (device, which also keeps a length per bag and part while it pools).  A feature
+        whose values go to shared memory (outs[i]) needs an out_shm slice of their size instead."""
         nbytes, parts = [], len(self.store.part_names)
         for i, (table, ids, lengths, weights) in enumerate(features):
             check_bags(ids, lengths, weights, f"features[{i}].")
             dim = self.store.geometry(table)[0]
             vectors = {"switch": lengths.size, "host": ids.size, "device": min(parts, ids.size) * lengths.size}[offload]
             work = parts * lengths.size * 4 if offload == "device" else 0
+            if outs and outs[i] is not None:
+                where, ref, region = outs[i]
+                if shm.check_slice(where, ref, region, itemsize)[1] < vectors * dim:
+                    raise InvalidArgumentError(f"{where}: size {ref.size} bytes; the pooled values take "
+                                               f"{vectors} bags x dim {dim} x {itemsize} = {vectors * dim * itemsize}")
+                continue
             nbytes.append((vectors * dim * itemsize + work, f"features[{i}]: {vectors} vectors x dim {dim}"))
         if nbytes:
             self._check_reply(sum(n for n, _ in nbytes), f"{offload} offload, {itemsize}-byte values; the largest "
                               f"is {max(nbytes)[1]}", len(nbytes))
 
     def LookupPooled(self, request, context):
+        slices = [(f"features[{i}].{name}", getattr(f, name)) for i, f in enumerate(request.features)
+                  for name in SHM_FIELDS if f.HasField(name)]
+        if not slices:
+            return self._lookup_pooled(request, context, {})
+        if self.shm is None:
+            raise FailedPreconditionError(f"{slices[0][0]}: shared memory is off on this daemon "
+                                          "(server.shared_memory, --shared-memory)")
+        with self.shm.using(slices) as regions:
+            return self._lookup_pooled(request, context, regions)
+
+    def _lookup_pooled(self, request, context, regions: dict[str, shm.Region]):
+        """LookupPooled, with regions the shared-memory regions its slices name, held in use ({} for none)."""
         tenant = self.tenants.of(context)
-        features = [(f.table, id_array(f.ids, f.id_type, f"features[{i}]."),
-                     array(f.lengths, "<i4", f"features[{i}].lengths"),
-                     array(f.weights, "<f4", f"features[{i}].weights") if f.weights else None)
-                    for i, f in enumerate(request.features)]
+        features = [self._feature_bags(i, f, regions) for i, f in enumerate(request.features)]
         self._admit(context, sum(ids.size for _, ids, _, _ in features))
         mode = enum_value(pb.PoolingMode, POOL_MODES, request.mode, "mode")
         dt = np.dtype(WIRE_ARRAYS[enum_value(pb.DType, WIRE_DTYPES, request.wire_dtype, "wire_dtype")])
@@ -361,8 +381,13 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
                    else config.offload)
         traffic = fabric.Traffic(offload)
         names = self.store.part_names
-        self._check_pooled_reply(features, offload, dt.itemsize)
-        run = functools.partial(self._pooled, features, mode, dt, offload, names, traffic)
+        outs = [(f"features[{i}].out_shm", f.out_shm, regions[f"features[{i}].out_shm"])
+                if f.HasField("out_shm") else None for i, f in enumerate(request.features)]
+        if offload != "switch" and any(outs):
+            raise InvalidArgumentError(f"out_shm takes the pooled values of offload SWITCH; this request's offload is "
+                                       f"{offload.upper()}")
+        self._check_pooled_reply(features, offload, dt.itemsize, outs)
+        run = functools.partial(self._pooled, features, mode, dt, offload, names, traffic, outs)
         results = self.scheduler.run(tenant, self._deadline(context, tenant),
                                      [(table, ids.size) for table, ids, _, _ in features], run, context)
         modelled = traffic.modelled_seconds(config)
@@ -371,17 +396,41 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             offload=OFFLOADS[offload], device_link_bytes=traffic.device_link_bytes,
             host_link_bytes=traffic.host_link_bytes, modelled_seconds=modelled))
 
-    def _pooled(self, features, mode: str, dt: np.dtype, offload: str, names: list[str], traffic: fabric.Traffic):
-        """The work of a LookupPooled (checked): its results, and the rows per tier read from each table."""
+    @staticmethod
+    def _feature_bags(i: int, f, regions: dict[str, shm.Region]) -> tuple:
+        """(table, ids, lengths, weights) of request.features[i], from its bytes or its shared-memory slices."""
+        def field(name: str, dtype: str) -> np.ndarray | None:
+            where = f"features[{i}].{name}"
+            if not f.HasField(f"{name}_shm"):
+                data = getattr(f, name)
+                if name == "ids":
+                    return id_array(data, f.id_type, f"features[{i}].")
+                return array(data, dtype, where) if data or name == "lengths" else None
+            if getattr(f, name):
+                raise InvalidArgumentError(f"{where} and {where}_shm are both set; send one")
+            if name == "ids":
+                dtype = ID_ARRAYS[enum_value(pb.IdType, ID_TYPES, f.id_type, f"features[{i}].id_type")]
+            values = shm.read_slice(f"{where}_shm", getattr(f, f"{name}_shm"), regions[f"{where}_shm"], dtype)
+            return values.astype(np.int64) if name == "ids" and values.dtype != np.int64 else values
+        return f.table, field("ids", "<i8"), field("lengths", "<i4"), field("weights", "<f4")
+
+    def _pooled(self, features, mode: str, dt: np.dtype, offload: str, names: list[str], traffic: fabric.Traffic,
+                outs: list | None = None):
+        """The work of a LookupPooled (checked): its results, and the rows per tier read from each table.
+        outs[i]: (field, slice, region) where feature i's pooled values go, or None (into the reply)."""
         results, read = [], {}
-        for table, ids, lengths, weights in features:
+        for k, (table, ids, lengths, weights) in enumerate(features):
             tier_rows, unknown = np.zeros(3, dtype=np.int64), np.zeros(1, dtype=np.int64)
             part_rows = np.zeros(len(names), dtype=np.int64)  # counted by the kernels as they resolve rows
             dim, _, row_bytes = self.store.geometry(table)
             result = pb.PooledResult(table=table, dim=dim, num_bags=lengths.size)
             if offload == "switch":
-                result.values = wire(self.store.lookup_pooled(table, ids, lengths, weights, mode, tier_rows,
-                                                              part_rows, unknown), dt)
+                pooled = self.store.lookup_pooled(table, ids, lengths, weights, mode, tier_rows, part_rows, unknown)
+                if outs and outs[k] is not None:
+                    shm.write_slice(*outs[k], pooled.astype(dt, copy=False))
+                    result.in_shm = True
+                else:
+                    result.values = wire(pooled, dt)
             elif offload == "host":
                 result.rows = wire(self.store.lookup(table, ids, tier_rows, part_rows, unknown), dt)
             else:
