@@ -559,7 +559,8 @@ class Client(LookupShorthands):
                                        weights=b"" if weights is None else _bytes(weights, "<f4")))
             inputs[table] = (np.asarray(lengths, dtype=np.int64),
                              None if weights is None else np.asarray(weights, dtype=np.float32))
-        request = pb.LookupPooledRequest(features=bags, mode=POOL_MODES[mode], wire_dtype=code)
+        # distinct: under HOST offload each distinct id's row travels once (the daemon ignores it otherwise)
+        request = pb.LookupPooledRequest(features=bags, mode=POOL_MODES[mode], wire_dtype=code, distinct=True)
         if offload is not None:
             request.offload = OFFLOADS[offload]
 
@@ -575,6 +576,8 @@ class Client(LookupShorthands):
                     out[r.table] = combine_partials(partials.astype(np.float32, copy=False), lengths, mode)
                 else:  # host: pool the rows here (none at all when every bag is empty)
                     rows = np.frombuffer(r.rows, dtype=dt).reshape(-1, r.dim).astype(np.float32, copy=False)
+                    if r.index:  # each distinct id's row came once
+                        rows = rows[np.frombuffer(r.index, dtype="<i4")]
                     out[r.table] = pool_rows(rows, lengths, weights, mode)
             f = reply.fabric
             traffic = FabricTraffic(name_of(OFFLOADS, f.offload), dict(f.device_link_bytes), f.host_link_bytes,

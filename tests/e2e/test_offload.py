@@ -1,6 +1,7 @@
 """LookupPooled's offload modes through a real daemon: host, device and switch give the pooled
 arrays of a numpy reference (sum, mean, max, weights, empty bags, float16 on the wire), the fabric
-accounting of each request equals its closed form, and ports show in describe and the metrics."""
+accounting of each request equals its closed form, host sends each distinct row once when asked
+(the client always asks), and ports show in describe and the metrics."""
 
 from __future__ import annotations
 
@@ -80,6 +81,31 @@ def test_fabric_bytes_equal_their_closed_form(daemon):
     hop = 2 * 40e-9  # the default hop latency, twice
     assert host.modelled_seconds == pytest.approx(hop + 3 * row / 31.5e9 + 5 * DIM * 4 / 63e9)
     assert switch.modelled_seconds == pytest.approx(hop + partial / 31.5e9 + 3 * DIM * 4 / 63e9)
+
+
+def test_host_offload_sends_each_distinct_row_once(daemon):
+    d, table = daemon
+    ids = np.array([7, 3, 7, 7, 90_000, 3, 90_000, 11])
+    lengths = np.array([4, 0, 4], dtype=np.int32)
+    weights = np.linspace(-1, 1, ids.size, dtype=np.float32)
+    bag = pb.FeatureBags(table="t", ids=ids.astype("<i8").tobytes(), lengths=lengths.tobytes())
+    with Client(d.target) as c:
+        got, traffic = c.lookup_pooled_fabric({"t": (ids, lengths, weights)}, offload="host")
+        np.testing.assert_allclose(got["t"], reference(table, ids, lengths, weights, "sum"), rtol=1e-5, atol=1e-6)
+        assert traffic.host_link_bytes == 4 * DIM * 4  # 4 distinct rows, not 8
+        assert traffic.device_link_bytes == {"dram": 3 * DIM * 4, "scm": DIM * 4}
+        for distinct in (True, False):
+            reply = c.stub.LookupPooled(pb.LookupPooledRequest(features=[bag], offload=pb.HOST, distinct=distinct))
+            r = reply.results[0]
+            rows = np.frombuffer(r.rows, dtype="<f4").reshape(-1, DIM)
+            if distinct:
+                np.testing.assert_array_equal(rows, table[[3, 7, 11, 90_000]])
+                np.testing.assert_array_equal(np.frombuffer(r.index, dtype="<i4"), [1, 0, 1, 1, 3, 0, 3, 2])
+            else:
+                np.testing.assert_array_equal(rows, table[ids])
+                assert not r.index
+        switch = c.stub.LookupPooled(pb.LookupPooledRequest(features=[bag], offload=pb.SWITCH, distinct=True))
+        assert not switch.results[0].index and switch.results[0].values  # distinct is HOST's only
 
 
 def test_ports_show_in_describe_and_metrics_and_bad_offload_is_refused(daemon):

@@ -387,7 +387,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             raise InvalidArgumentError(f"out_shm takes the pooled values of offload SWITCH; this request's offload is "
                                        f"{offload.upper()}")
         self._check_pooled_reply(features, offload, dt.itemsize, outs)
-        run = functools.partial(self._pooled, features, mode, dt, offload, names, traffic, outs)
+        run = functools.partial(self._pooled, features, mode, dt, offload, names, traffic, outs, request.distinct)
         results = self.scheduler.run(tenant, self._deadline(context, tenant),
                                      [(table, ids.size) for table, ids, _, _ in features], run, context)
         modelled = traffic.modelled_seconds(config)
@@ -415,9 +415,10 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
         return f.table, field("ids", "<i8"), field("lengths", "<i4"), field("weights", "<f4")
 
     def _pooled(self, features, mode: str, dt: np.dtype, offload: str, names: list[str], traffic: fabric.Traffic,
-                outs: list | None = None):
+                outs: list | None = None, distinct: bool = False):
         """The work of a LookupPooled (checked): its results, and the rows per tier read from each table.
-        outs[i]: (field, slice, region) where feature i's pooled values go, or None (into the reply)."""
+        outs[i]: (field, slice, region) where feature i's pooled values go, or None (into the reply);
+        distinct: HOST sends each distinct id's row once, with an index."""
         results, read = [], {}
         for k, (table, ids, lengths, weights) in enumerate(features):
             tier_rows, unknown = np.zeros(3, dtype=np.int64), np.zeros(1, dtype=np.int64)
@@ -432,7 +433,11 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
                 else:
                     result.values = wire(pooled, dt)
             elif offload == "host":
-                result.rows = wire(self.store.lookup(table, ids, tier_rows, part_rows, unknown), dt)
+                gathered = ids
+                if distinct:
+                    gathered, inverse = np.unique(ids, return_inverse=True)
+                    result.index = inverse.astype("<i4").tobytes()
+                result.rows = wire(self.store.lookup(table, gathered, tier_rows, part_rows, unknown), dt)
             else:
                 present, partials = self.store.pool_partials(table, ids, lengths, weights, mode, tier_rows, part_rows,
                                                              unknown)
@@ -441,7 +446,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
             result.unknown_ids = int(unknown[0])
             self.traces.observe(table, ids, lengths)
             self.metrics.served("LookupPooled", table, tier_rows, row_bytes,
-                                len(result.values) + len(result.rows) + len(result.partials))
+                                len(result.values) + len(result.rows) + len(result.partials) + len(result.index))
             traffic.add_table(names, part_rows, lengths.size, dim, row_bytes, dt.itemsize)
             results.append(result)
             read[table] = read[table] + tier_rows if table in read else tier_rows
