@@ -649,14 +649,36 @@ class GroupCommit:
         if rc != lib.ET_OK:
             raise ValueError(f"et_commit_switch(fd {fd}, appended {appended_lsn}, durable {durable_lsn}) refused")
 
-    def append(self, lsn: int, kind: int, parts: list, used_bytes: int) -> None:
+    def append(self, lsn: int, kind: int, parts: list, used_bytes: int,
+               write: tuple[NativeTable, np.ndarray, np.ndarray] | None = None) -> EmbtierError | None:
         """Writes the record of LSN lsn whose payload is parts (bytes-like, C-contiguous) in order;
-        OSError when the write fails (the file is then cut back to used_bytes)."""
+        OSError when the write fails (the file is then cut back to used_bytes).  write: (table, ids,
+        encoded rows) to store in the same call once the record is written (et_write_rows_logged;
+        bad ids or sizes are refused before the record is written); what storing them raised
+        (the record is in the log then) is returned, not raised, so that the caller can count the
+        record first."""
         buffers = [ffi.from_buffer("uint8_t[]", part) for part in parts]
         sizes = ffi.new("int64_t[]", [len(b) for b in buffers])
         err = ffi.new("int64_t *")
-        rc = lib.et_commit_append(self._h, lsn, kind, ffi.new("uint8_t *[]", buffers), sizes, len(buffers),
-                                  used_bytes, ffi.NULL, err)
+        if write is None:
+            rc, logged = lib.et_commit_append(self._h, lsn, kind, ffi.new("uint8_t *[]", buffers), sizes,
+                                              len(buffers), used_bytes, ffi.NULL, err), True
+        else:
+            table, ids, rows = write
+            require(ids, "ids", np.int64, 1)
+            require(rows, "rows", np.uint8)
+            done = ffi.new("int32_t *")
+            rc = lib.et_write_rows_logged(table._h, _ptr("int64_t *", ids), ids.size, _ptr("uint8_t *", rows),
+                                          rows.nbytes, self._h, lsn, kind, ffi.new("uint8_t *[]", buffers), sizes,
+                                          len(buffers), used_bytes, done, err)
+            logged = bool(done[0])
+            if rc != lib.ET_OK and (logged or rc != lib.ET_E_IO):  # the table's code, not the log's
+                try:
+                    table._check(rc, err[0], "ids", ids, buffers={"rows": rows})
+                except EmbtierError as e:
+                    if logged:
+                        return e
+                    raise
         if rc == lib.ET_E_IO:
             raise OSError(int(err[0]), os.strerror(int(err[0])))
         if rc != lib.ET_OK:

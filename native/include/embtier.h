@@ -430,5 +430,14 @@ int et_commit_append(et_commit *c, int64_t lsn, int32_t kind, const uint8_t *con
 int et_commit_wait(et_commit *c, int64_t lsn, double *fsync_seconds, int64_t *err_pos);
 /* The last LSN known durable. */
 int64_t et_commit_durable(et_commit *c);
+/* A logged row write in one call: checks the rows and ids as et_write_rows does, then appends
+ * the record (et_commit_append), then stores the rows (et_write_rows).  *logged = 1 once the
+ * record is written: a code returned after that is et_write_rows' (the record stays in the
+ * log); before it, nothing was written anywhere (a bad argument, size or id, or
+ * et_commit_append's code). */
+int et_write_rows_logged(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t rows_bytes,
+                         et_commit *c, int64_t lsn, int32_t kind, const uint8_t *const *parts,
+                         const int64_t *part_bytes, int32_t nparts, int64_t used_bytes, int32_t *logged,
+                         int64_t *err_pos);
 /* zlib's crc32(crc, data, bytes) (the IEEE polynomial), for checking et_commit_append's records. */
 uint32_t et_crc32(uint32_t crc, const uint8_t *data, int64_t bytes);

@@ -721,6 +721,20 @@ int et_write_rows(et_table *t, const int64_t *ids, int64_t n, const uint8_t *row
     return rc;
 }
 
+int et_write_rows_logged(et_table *t, const int64_t *ids, int64_t n, const uint8_t *rows, int64_t rows_bytes,
+                         et_commit *c, int64_t lsn, int32_t kind, const uint8_t *const *parts,
+                         const int64_t *part_bytes, int32_t nparts, int64_t used_bytes, int32_t *logged,
+                         int64_t *err_pos) {
+    if (!logged) return ET_E_ARG;
+    *logged = 0;
+    int rc = check_rows(t, ids, n, rows, rows_bytes, err_pos);
+    if (rc == ET_OK) rc = check_ids(ids, n, t->num_rows, err_pos);
+    if (rc == ET_OK) rc = et_commit_append(c, lsn, kind, parts, part_bytes, nparts, used_bytes, NULL, err_pos);
+    if (rc) return rc;
+    *logged = 1;
+    return et_write_rows(t, ids, n, rows, rows_bytes, err_pos);
+}
+
 int et_read_rows(et_table *t, const int64_t *ids, int64_t n, uint8_t *rows, int64_t rows_bytes, int64_t *err_pos) {
     int rc = check_rows(t, ids, n, rows, rows_bytes, err_pos);
     if (rc == ET_OK) rc = check_ids(ids, n, t->num_rows, err_pos);

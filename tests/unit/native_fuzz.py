@@ -576,14 +576,40 @@ class Fuzzer:
         self.verify("et_write_slots", rc, self.first_failure(t, arg=n_told < 0, size=size, entries=locs[:n_told]))
 
     def rows_call(self, t: Table, write: bool) -> None:
-        """et_write_rows or et_read_rows of random ids."""
+        """et_write_rows (now and then et_write_rows_logged: the model is the same, and the record is in the
+        log exactly when the checks before it passed) or et_read_rows of random ids."""
         n = self.count() % 2000
         ids = self.ids(t, n)
         rows = self.buffer(n * t.stride, np.uint8)
         n_told, rows_told = self.told(ids), self.told(rows)
         call = "et_write_rows" if write else "et_read_rows"
-        rc = getattr(self.lib, call)(t.h, self.ptr("int64_t *", ids), n_told, self.ptr("uint8_t *", rows),
-                                     rows_told, self.err)
+        logged = write and self.chance(0.3)
+        if logged:  # the same write with its log record first, in one call
+            call = "et_write_rows_logged"
+            path = self.work / f"logged-{self.serial}.log"
+            self.serial += 1
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
+            c = self.lib.et_commit_new(0)
+            self.lib.et_commit_switch(c, fd, 0, 0)
+            done = self.ffi.new("int32_t *")
+            payload = self.rng.integers(0, 256, 40, dtype=np.uint8)
+            try:
+                rc = self.lib.et_write_rows_logged(t.h, self.ptr("int64_t *", ids), n_told, self.ptr("uint8_t *", rows),
+                                                   rows_told, c, 1, 3, self.ffi.new("uint8_t *[]", [self.ptr(
+                                                       "uint8_t *", payload)]), self.ffi.new("int64_t[]", [40]), 1, 0,
+                                                   done, self.err)
+                self.expect(path.stat().st_size == (21 + 40 if done[0] else 0), call,
+                            f"logged {done[0]} but the log has {path.stat().st_size} bytes")
+                self.expect(bool(done[0]) == (rc not in (self.lib.ET_E_ARG, self.lib.ET_E_SIZE,
+                                                         self.lib.ET_E_ID_RANGE)), call,
+                            f"logged {done[0]} with code {self.names.get(rc, rc)}")
+            finally:
+                self.lib.et_commit_free(c)
+                os.close(fd)
+                path.unlink()
+        else:
+            rc = getattr(self.lib, call)(t.h, self.ptr("int64_t *", ids), n_told, self.ptr("uint8_t *", rows),
+                                         rows_told, self.err)
         size = n_told > 0 and not (rows_told >= 0 and n_told <= rows_told // t.stride)
         valid_ids = ids[:max(n_told, 0)]
         entries = t.loc[valid_ids] if ((valid_ids >= 0) & (valid_ids < t.num_rows)).all() else None

@@ -148,8 +148,12 @@ class Journal:
         return self.wal.append(DROP, encode_drop(name, generation))
 
     def log_write(self, name: str, generation: int, ids: np.ndarray, values: np.ndarray, mode: str,
-                  scale: float, plan: tuple[np.ndarray, np.ndarray] | None = None, by_row: bool = False) -> int:
-        return self.wal.append_parts(WRITE, write_parts(name, generation, ids, values, mode, scale, plan, by_row))
+                  scale: float, plan: tuple[np.ndarray, np.ndarray] | None = None, by_row: bool = False,
+                  store: tuple | None = None) -> int:
+        """store: (NativeTable, rows, encoded values) written in the same C call as the record (see
+        WriteAheadLog.append_parts)."""
+        return self.wal.append_parts(WRITE, write_parts(name, generation, ids, values, mode, scale, plan, by_row),
+                                     store)
 
     def log_restore(self, checkpoint_id: int) -> int:
         return self.wal.append(RESTORE, encode_restore(checkpoint_id))

@@ -299,9 +299,11 @@ class WriteAheadLog:
         """Writes one record to the page cache (not yet durable) and returns its LSN."""
         return self.append_parts(kind, [payload])
 
-    def append_parts(self, kind: int, parts: list) -> int:
+    def append_parts(self, kind: int, parts: list, write: tuple | None = None) -> int:
         """append() of the record whose payload is parts (bytes-like, C-contiguous) one after the
-        other, without joining them first."""
+        other, without joining them first.  write: (NativeTable, ids, encoded rows) the same C call
+        stores once the record is written (native.GroupCommit.append); what that raises comes out
+        of here after the record is counted."""
         if not 0 <= kind <= 255:
             raise ValueError(f"WAL record kind must be 0..255, got {kind}")
         parts = [memoryview(part).cast("B") for part in parts]
@@ -314,14 +316,16 @@ class WriteAheadLog:
             try:
                 if self._segment_used_bytes >= self._segment_bytes:
                     self._roll()
-                self._commit.append(lsn, kind, parts, self._segment_used_bytes)
+                failed = self._commit.append(lsn, kind, parts, self._segment_used_bytes, write)
             except OSError as e:
                 raise storage_error(e, self._segments[-1].path, f"appending record {lsn} to the write-ahead log") \
                     from e
             self._last_lsn = lsn
             self._segment_used_bytes += HEADER.size + payload_bytes
             self._bytes_written += HEADER.size + payload_bytes
-            return lsn
+        if failed is not None:
+            raise failed
+        return lsn
 
     def roll(self) -> None:
         """Starts a new segment now (when the current one holds records), so that a checkpoint's

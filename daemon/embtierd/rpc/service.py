@@ -434,7 +434,7 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
                     result.values = wire(pooled, dt)
             elif offload == "host":
                 gathered = ids
-                if distinct:
+                if distinct and self.store.key_space(table) != "managed":
                     gathered, inverse = np.unique(ids, return_inverse=True)
                     result.index = inverse.astype("<i4").tobytes()
                 result.rows = wire(self.store.lookup(table, gathered, tier_rows, part_rows, unknown), dt)

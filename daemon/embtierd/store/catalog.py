@@ -301,6 +301,10 @@ class Store:
         table = self._get(name)
         return table.dim, table.dtype, table.stride
 
+    def key_space(self, name: str) -> str:
+        """A table's key space ("dense", "hashed", "managed" or "mapped")."""
+        return self._get(name).keys.kind
+
     def describe(self, name: str) -> TableInfo:
         return self._info(self._get(name))
 
@@ -484,11 +488,16 @@ class Store:
             encoded = codec.encode(data, table.dtype, table.stride)
             # logged once nothing but the store itself can fail (an SCM write: a device error), with the
             # rows a managed table's ids take: a replay cannot choose them again (eviction follows heat)
+            # One C call writes the record and the rows, unless a managed table's ids take their rows
+            # in between, or the table has rows on SCM (the log's lock would be held for the device).
+            fused = self.journal is not None and not table.keys.managed and not table.rows_by_tier[native.TIER_SCM]
             lsn = self.journal.log_write(name, table.generation, ids, values, mode, scale,
-                                         (rows, fresh) if table.keys.managed else None, by_row) if self.journal else 0
+                                         (rows, fresh) if table.keys.managed else None, by_row,
+                                         (table.native, targets, encoded) if fused else None) if self.journal else 0
             if table.keys.managed:
                 self._take_rows(table, ids, rows, fresh)
-            table.native.write_rows(targets, encoded)
+            if not fused:
+                table.native.write_rows(targets, encoded)
             self.mover.written(table, targets)
             if table.plain_written is not None and not fill:
                 np.bitwise_or.at(table.plain_written, targets >> 3, (1 << (targets & 7)).astype(np.uint8))
