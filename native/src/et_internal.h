@@ -99,6 +99,7 @@ struct et_table {
     uint64_t *dirty;       /* caller-owned bitmap of rows written since it was last taken, or NULL */
     uint64_t *scm_off;     /* [max_chunks]: file offset of each SCM chunk (meaningful where it has slots) */
     int64_t scm_chunks;    /* SCM chunks with slots: while 0, no placement entry can name an SCM row */
+    int64_t cxl_chunks;    /* CXL chunks with slots: while it and scm_chunks are 0, every valid entry is DRAM */
     uint8_t *chunk_part;   /* [map.entries]: the fabric part of every chunk (< nparts), or NULL */
     int32_t nparts;        /* fabric parts (et_table_set_parts); 0 before */
     int scm_fd;

@@ -61,6 +61,9 @@ typedef struct {
     int64_t scm_rows[ET_MAX_PARTS]; /* per part: positions left for the SCM batch (rows[p] == NULL) */
     int64_t tier_rows[ET_MAX_PARTS][ET_NUM_TIERS]; /* per part: rows served from each tier */
     int64_t *part_rows;    /* NULL, or [parts][t->nparts]: per part, rows served from each fabric part */
+    int dram_only;         /* a fused call on a table whose only rows are in DRAM chunks of one fabric part
+                              (dram_part): the rows are counted per part once, not one by one */
+    int dram_part;
     int64_t bag_start[ET_MAX_PARTS + 1];
     int64_t pos_start[ET_MAX_PARTS + 1];
     int err[ET_MAX_PARTS];
@@ -140,7 +143,7 @@ typedef struct {
 
 static et_ahead et_ahead_of(et_call *c, int part) {
     const et_table *t = c->t;
-    et_ahead a = {.ids = c->ids, .loc = t->loc, .rows = c->rows, .tier_rows = c->tier_rows[part],
+    et_ahead a = {.ids = c->ids, .loc = t->loc, .rows = c->rows, .tier_rows = c->dram_only ? NULL : c->tier_rows[part],
                   .part_rows = c->part_rows ? c->part_rows + (int64_t)part * t->nparts : NULL,
                   .chunk_part = t->chunk_part, .map = t->map, .tier_shift = (uint32_t)t->tier_shift,
                   .lines = ((uint32_t)t->stride + 63) / 64 + (t->stride % 64 != 0), .pf = t->prefetch,
@@ -175,8 +178,10 @@ ET_ALWAYS_INLINE void et_prefetch_row(const et_ahead *a, const uint8_t *r) {
 ET_ALWAYS_INLINE int et_resolve_one(const et_ahead *a, int64_t q) {
     const uint32_t l = a->loc[a->ids[q]];
     if (!et_loc_valid(&a->map, l)) return 0;
-    a->tier_rows[l >> a->tier_shift]++;
-    if (a->part_rows) a->part_rows[a->chunk_part[l >> a->map.chunk_shift]]++;
+    if (a->tier_rows) { /* (NULL: a DRAM-only call, counted at the end) */
+        a->tier_rows[l >> a->tier_shift]++;
+        if (a->part_rows) a->part_rows[a->chunk_part[l >> a->map.chunk_shift]]++;
+    }
     a->rows[q] = et_loc_chunk(&a->map, l)->base + (uint64_t)(l & a->map.chunk_mask) * a->map.stride;
     return 1;
 }
@@ -374,6 +379,11 @@ static void run_part(void *arg, int part, int parts) {
     case ET_ISA_AVX2: part_avx2(c, part); break;
     default: part_generic(c, part); break;
     }
+    if (c->dram_only && !c->err[part]) { /* every position of the part was a DRAM row */
+        const int64_t rows = c->pos_start[part + 1] - c->pos_start[part];
+        c->tier_rows[part][ET_TIER_DRAM] = rows;
+        if (c->part_rows) c->part_rows[(int64_t)part * c->t->nparts + c->dram_part] = rows;
+    }
     if (!c->err[part]) inject_cxl_delay(c, part);
 }
 
@@ -498,6 +508,23 @@ static int check_lookup(const et_call *c, int64_t bags, int64_t weights_len, int
  * HASHED, MANAGED or MAPPED table's keys. */
 static int translates(const et_table *t, int32_t by_key) { return by_key && t->key_space != ET_KEYS_DENSE; }
 
+/* Whether every valid placement entry of a table names a DRAM row of one fabric part (*part; 0
+ * without parts): no CXL or SCM chunk has slots, and the DRAM chunks with slots share a part.  Read
+ * under the table's lock, which the setters of chunks and parts take for writing. */
+static int dram_only(const et_table *t, int *part) {
+    *part = -1;
+    if (t->cxl_chunks || t->scm_chunks) return 0;
+    if (!t->chunk_part) return (*part = 0, 1);
+    for (int64_t k = 0; k < t->max_chunks; k++) {
+        const uint32_t e = (uint32_t)((ET_TIER_DRAM << (t->tier_shift - t->chunk_shift)) | k);
+        if (!t->map.chunks[e].slots) continue;
+        if (*part >= 0 && t->chunk_part[e] != *part) return 0;
+        *part = t->chunk_part[e];
+    }
+    if (*part < 0) *part = 0;
+    return 1;
+}
+
 static int run_lookup(et_call *c, int64_t bags, int32_t by_key, int64_t *unknown, int64_t *part_rows,
                       int64_t *err_pos) {
     et_table *t = c->t;
@@ -534,6 +561,7 @@ static int run_lookup(et_call *c, int64_t bags, int32_t by_key, int64_t *unknown
     } else if (t->scm_chunks == 0) {
         /* No SCM rows possible: each part resolves and pools its own range in one pass. */
         c->phase = ET_PHASE_FUSED;
+        c->dram_only = dram_only(t, &c->dram_part);
         et_pool_run(run_part, c, parts);
         rc = part_error(c, parts, err_pos);
     } else {

@@ -140,8 +140,10 @@ int et_table_set_chunk(et_table *t, int32_t tier, int64_t chunk, void *base, uin
     if (base && bytes < (uint64_t)t->stride) return ET_E_SIZE;
     pthread_rwlock_wrlock(&t->lock);
     et_chunk *c = &t->map.chunks[chunk_index(t, tier, chunk)];
+    const uint32_t slots = chunk_slots(t, bytes / (uint64_t)t->stride);
+    if (tier == ET_TIER_CXL) t->cxl_chunks += (slots != 0) - (c->slots != 0);
     c->base = base;
-    c->slots = chunk_slots(t, bytes / (uint64_t)t->stride);
+    c->slots = slots;
     pthread_rwlock_unlock(&t->lock);
     return ET_OK;
 }
