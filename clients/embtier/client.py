@@ -47,6 +47,7 @@ from .wire import (
 )
 
 MAX_MESSAGE_BYTES = 256 << 20
+SHM_RETRY_SECONDS = 5.0  # after a failed connection to the shared-memory side socket
 
 
 class EmbtierClientError(Exception):
@@ -252,24 +253,25 @@ class Client(LookupShorthands):
         if shared_memory and self._shm_path is None:
             raise ValueError(f"shared_memory needs a Unix socket target (unix:///path), not {target!r}")
         self._shm: SharedMemory | None = None
-        self._shm_tried = False
+        self._shm_next_try = 0.0  # (monotonic seconds) when to try connecting to the side socket again
         self._shm_lock = threading.Lock()
         self._dims: dict[str, int] = {}
 
     @property
     def shared_memory(self) -> SharedMemory | None:
         """The connection to the daemon's shared-memory side socket, made on first use; None when the
-        target is not a Unix socket, shared memory is off there or the client was told not to use it."""
-        if self._shm is None and self._shm_path is not None and not self._shm_tried:
+        target is not a Unix socket, shared memory is off there or the client was told not to use it.
+        A failed connection is tried again SHM_RETRY_SECONDS later (the daemon may be restarting)."""
+        if self._shm is None and self._shm_path is not None and time.monotonic() >= self._shm_next_try:
             with self._shm_lock:
-                if not self._shm_tried:
+                if self._shm is None and time.monotonic() >= self._shm_next_try:
                     try:
                         self._shm = SharedMemory(self._shm_path)
                     except OSError as e:
+                        self._shm_next_try = time.monotonic() + SHM_RETRY_SECONDS
                         if self._shm_required:
                             raise EmbtierClientError(grpc.StatusCode.FAILED_PRECONDITION, f"shared memory: cannot "
                                                      f"connect to {self._shm_path}: {e}", "SharedMemory") from None
-                    self._shm_tried = True
         return self._shm
 
     def close(self) -> None:
@@ -504,7 +506,10 @@ class Client(LookupShorthands):
             arrays.append((table, placed))
         try:
             region = channel.lease(end)
-        except SharedMemoryError:
+        except SharedMemoryError:  # refused (a region too large for the daemon): this request goes on the wire
+            return None
+        except OSError:  # the side connection is gone (the daemon restarted): reconnect on the next call
+            self._forget_shared_memory(channel)
             return None
         try:
             view = np.frombuffer(region.mapping, dtype=np.uint8)
@@ -535,9 +540,22 @@ class Client(LookupShorthands):
         except EmbtierClientError as e:
             if e.code == grpc.StatusCode.INVALID_ARGUMENT and "out_shm" in e.message:
                 self._dims.clear()  # a table was made again with another dim: ask afresh next time
+            if e.code == grpc.StatusCode.NOT_FOUND and "shared-memory region" in e.message:
+                self._forget_shared_memory(channel)  # a daemon that restarted knows no region of ours
+                return None
             raise
+        except ValueError:  # the region was unmapped under us (another call found the connection gone)
+            return None
         finally:
             channel.release(region)
+
+    def _forget_shared_memory(self, channel: SharedMemory) -> None:
+        """Drops a side connection that stopped working; the next lookup_pooled connects afresh."""
+        with self._shm_lock:
+            if self._shm is channel:
+                self._shm, self._shm_next_try = None, 0.0
+                self._dims.clear()
+        channel.close()
 
     def lookup_pooled_start(self, features: Mapping[str, tuple], mode: str = "sum", wire_dtype: str = "float32",
                             offload: str | None = None) -> Callable[[], tuple[dict, FabricTraffic, dict[str, int]]]:

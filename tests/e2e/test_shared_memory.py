@@ -226,3 +226,25 @@ def test_a_region_cannot_be_unregistered_by_another_connection(daemon):
     finally:
         first.close()
         second.close()
+
+
+def test_the_client_gets_over_a_daemon_restart(tmp_path):
+    """The regions die with the daemon: the next call goes on the wire and the one after it registers
+    afresh with the new daemon (same state directory, same socket)."""
+    state = tmp_path / "restart"
+    d = start_daemon(state, "--shared-memory")
+    ids, lengths = np.arange(8), np.array([3, 5], np.int32)
+    with Client(d.target) as c:
+        c.create_table("t", 16, 4, initializer="uniform", seed=3)
+        want = c.lookup_pooled({"t": (ids, lengths)})["t"]
+        first = c.shared_memory
+        assert first is not None and first.status()
+        assert d.stop() == 0, d.log()
+        d = start_daemon(state, "--shared-memory")
+        try:
+            for _ in range(2):
+                np.testing.assert_array_equal(c.lookup_pooled({"t": (ids, lengths)})["t"], want)
+            assert c.shared_memory is not None and c.shared_memory is not first
+            assert c.shared_memory.status()[0]["in_use"] == 0
+        finally:
+            assert d.stop() == 0, d.log()

@@ -69,6 +69,7 @@ def enum_value(enum, mapping: dict[str, int], value: int, field: str) -> str:
 
 SHM_FIELDS = ("ids_shm", "lengths_shm", "weights_shm", "out_shm")  # FeatureBags' shared-memory slices
 
+
 def array(buf: bytes, dtype: str, field: str) -> np.ndarray:
     """A read-only view of buf as a 1-D little-endian array."""
     dt = np.dtype(dtype)
