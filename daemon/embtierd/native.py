@@ -661,8 +661,8 @@ class GroupCommit:
         sizes = ffi.new("int64_t[]", [len(b) for b in buffers])
         err = ffi.new("int64_t *")
         if write is None:
-            rc, logged = lib.et_commit_append(self._h, lsn, kind, ffi.new("uint8_t *[]", buffers), sizes,
-                                              len(buffers), used_bytes, ffi.NULL, err), True
+            rc = lib.et_commit_append(self._h, lsn, kind, ffi.new("uint8_t *[]", buffers), sizes, len(buffers),
+                                      used_bytes, ffi.NULL, err)
         else:
             table, ids, rows = write
             require(ids, "ids", np.int64, 1)
