@@ -342,7 +342,11 @@ class Checkpointer:
     def _write(self, snapshot: list[fmt.TableRows], kind: str, parent: int, lsn: int, quant_bits: int,
                quantizer: str, **extra) -> dict:
         ids = fmt.list_ids(self.root)
-        writer = fmt.Writer(self.root, (ids[-1] if ids else 0) + 1, quant_bits, quantizer)
+        checkpoint_id = (ids[-1] if ids else 0) + 1
+        try:  # (its directory: on a full device even that can fail)
+            writer = fmt.Writer(self.root, checkpoint_id, quant_bits, quantizer)
+        except OSError as e:
+            raise storage_error(e, self.root, f"writing checkpoint {checkpoint_id}") from e
         try:
             for table in snapshot:
                 writer.add(table)

@@ -1,0 +1,218 @@
+"""Disk faults under a real daemon: a state device that fills up, and an SCM region that returns EIO.
+
+The devices are real: an ext4 file system in an image file, loop-mounted (the log, the checkpoints
+and the SCM file on it, as on a host whose state disk fills), and for the SCM read errors a loop
+device with direct I/O whose backing image is cut short under the SCM file's last blocks: the
+block layer then fails every read of that region with EIO, as a failing disk sector does, and
+putting the cut bytes back heals it.  (device-mapper's error target would do the same for a region
+in the middle; kernels built without it, as this VM kind's, still have loop.)  The tests need root
+and loop devices and are skipped, saying why, where there are none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from embtier import Client, EmbtierClientError
+
+from tests.support import kill_daemons_started_since, start_daemon
+
+ROWS, DIM = 4000, 16
+BATCH = 200  # rows of one write: 12.8 KB of values, more than a file system block
+CONFIG = ('[tiering]\nenabled = false\n[durability]\nfsync = "always"\n'
+          '[durability.checkpoints]\ninterval_seconds = 0\nkeep = 4\n')
+
+
+def run(*command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+
+
+@contextlib.contextmanager
+def ext4_device(directory: Path, size_bytes: int) -> Iterator[tuple[Path, Path]]:
+    """(mount point, backing image) of an ext4 file system of size_bytes in an image under directory,
+    on a loop device with direct I/O (reads past the image's end fail with EIO; see the module
+    docstring); the daemons started meanwhile are killed, then it is unmounted and detached, however
+    the block ends."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a loop device needs root")
+    if shutil.which("losetup") is None or shutil.which("mkfs.ext4") is None:
+        pytest.skip("losetup (util-linux) and mkfs.ext4 (e2fsprogs) are needed")
+    image, mount = directory / "device.img", directory / "device"
+    with open(image, "wb") as f:
+        f.truncate(size_bytes)
+    done = run("losetup", "--direct-io=on", "--show", "-f", str(image))
+    if done.returncode != 0:
+        pytest.skip(f"no loop device here: losetup: {done.stderr.strip()}")
+    loop = done.stdout.strip()
+    try:
+        done = run("mkfs.ext4", "-q", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop)
+        assert done.returncode == 0, done.stderr
+        mount.mkdir()
+        done = run("mount", "-o", "noatime", loop, str(mount))
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount an ext4 loop device here: {done.stderr.strip()}")
+        try:
+            with kill_daemons_started_since():
+                yield mount, image
+        finally:
+            umounted = run("umount", str(mount))
+            assert umounted.returncode == 0 or run("umount", "-l", str(mount)).returncode == 0, umounted.stderr
+    finally:
+        run("losetup", "-d", loop)
+
+
+class Filler:
+    """A file that takes the free space of a device, a piece at a time (so that writers running
+    meanwhile see it shrink), to the last byte; remove() gives the space back."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fill(self, piece_bytes: int = 1 << 20, pause_seconds: float = 0.002) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for size in (piece_bytes, 4096, 1):
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, b"\xa5" * size)
+                        time.sleep(pause_seconds if size == piece_bytes else 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def remove(self) -> None:
+        self.path.unlink()
+
+
+class Writer(threading.Thread):
+    """Writes batches of BATCH rows, call k assigning value k, one call after the other, and applies
+    to its model exactly the calls acknowledged; keeps every failure."""
+
+    def __init__(self, target: str, model: np.ndarray, first_value: int):
+        super().__init__(daemon=True)
+        self.target, self.model, self.value = target, model, first_value
+        self.acked, self.failures = 0, []
+        self.stop = threading.Event()
+        self.rng = np.random.default_rng(first_value)
+
+    def run(self) -> None:
+        with Client(self.target) as c:
+            while not self.stop.is_set():
+                self.value += 1
+                ids = self.rng.choice(ROWS, BATCH, replace=False)
+                try:
+                    c.write_rows("w", ids, np.full((BATCH, DIM), self.value, np.float32))
+                except EmbtierClientError as e:
+                    self.failures.append(e)
+                    time.sleep(0.005)
+                    continue
+                self.model[ids] = self.value
+                self.acked += 1
+
+    def until(self, condition, timeout_seconds: float = 20) -> None:
+        deadline = time.monotonic() + timeout_seconds
+        while not condition():
+            assert time.monotonic() < deadline and self.is_alive(), (self.acked, self.failures[-1:])
+            time.sleep(0.01)
+
+
+def full_device_error(e: EmbtierClientError, path: Path) -> bool:
+    """Whether e is the RESOURCE_EXHAUSTED of a full device that names path."""
+    return e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and f"no space left on the device of {path}" in e.message
+
+
+def assert_serves(c: Client, model: np.ndarray) -> None:
+    """Lookup and LookupPooled answer from exactly the model's rows."""
+    np.testing.assert_array_equal(c.lookup("w", np.arange(ROWS)), model)
+    rng = np.random.default_rng(3)
+    ids, lengths = rng.integers(0, ROWS, 640), np.full(20, 32, np.int32)
+    expected = np.add.reduceat(model[ids], np.arange(0, 640, 32), axis=0)
+    np.testing.assert_allclose(c.lookup_pooled({"w": (ids, lengths)})["w"], expected, rtol=1e-6)
+
+
+def files_digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_full_state_device_refuses_writes_by_path_keeps_serving_and_loses_nothing(tmp_path):
+    with ext4_device(tmp_path, 24 << 20) as (device, _):
+        state = device / "s"
+        state.mkdir()
+        config = state / "embtierd.toml"
+        config.write_text(CONFIG)
+        filler = Filler(device / "filler")
+        model = np.zeros((ROWS, DIM), np.float32)
+        d = start_daemon(state, "--scm-bytes", "4M", config=config)
+        with Client(d.target) as c:
+            c.create_table("w", ROWS, DIM)
+            writer = Writer(d.target, model, 0)
+            writer.start()
+            writer.until(lambda: writer.acked >= 20)
+            writer.stop.set()
+            writer.join()
+            assert c.checkpoint("full").id == 1
+            at_checkpoint = model.copy()
+            checkpoint_files = files_digest(state / "checkpoints")
+
+            # the device fills while the writer writes: its writes go from acknowledged to refused
+            writer = Writer(d.target, model, 1000)
+            writer.start()
+            writer.until(lambda: writer.acked >= 10)
+            filler.fill()
+            writer.until(lambda: len(writer.failures) >= 5)
+            writer.stop.set()
+            writer.join()
+            assert all(full_device_error(e, state / "wal") for e in writer.failures), writer.failures
+
+            # full: writes and checkpoints refused, naming the path; lookups go on
+            for call, path in [(lambda: c.write_rows("w", np.arange(BATCH), np.full((BATCH, DIM), -1, np.float32)),
+                                state / "wal"),
+                               (lambda: c.checkpoint("full"), state / "checkpoints")]:
+                with pytest.raises(EmbtierClientError) as err:
+                    call()
+                assert full_device_error(err.value, path), err.value
+            assert_serves(c, model)
+            assert files_digest(state / "checkpoints") == checkpoint_files  # nothing left of the failed one
+            assert [(k.id, k.damage) for k in c.checkpoints()] == [(1, "")]
+
+        # a crash while the device is full: the restarted daemon serves every acknowledged write
+        d.proc.kill()
+        d.proc.wait(timeout=30)
+        d = start_daemon(state, "--scm-bytes", "4M", config=config)
+        with Client(d.target) as c:
+            assert_serves(c, model)
+            with pytest.raises(EmbtierClientError) as err:
+                c.write_rows("w", np.arange(BATCH), np.full((BATCH, DIM), -1, np.float32))
+            assert full_device_error(err.value, state / "wal"), err.value
+
+            # room again: the next write goes through, with no restart and nothing done to the daemon
+            filler.remove()
+            writer = Writer(d.target, model, 2000)
+            writer.start()
+            writer.until(lambda: writer.acked >= 10)
+            writer.stop.set()
+            writer.join()
+            assert writer.failures == []
+            assert_serves(c, model)
+            assert c.checkpoint("full").id == 2
+
+        d.proc.kill()
+        d.proc.wait(timeout=30)
+        d = start_daemon(state, "--scm-bytes", "4M", config=config)
+        with Client(d.target) as c:
+            assert_serves(c, model)
+            c.restore(1)  # the checkpoint taken before the device filled is whole and restorable
+            assert_serves(c, at_checkpoint)
+        assert d.stop() == 0, d.log()
