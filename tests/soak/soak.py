@@ -83,6 +83,7 @@ from embtier.client import Client
 from tests.support import DaemonProcess, start_daemon
 
 SAMPLE_SECONDS = 10.0
+CONTROL_TIMEOUT_SECONDS = 120.0  # deadline of the control loop's checkpoints and restores (the load's: 30 s)
 WARMUP_SECONDS = 50.0
 RESTORE_EVERY_SECONDS = 300.0
 CHECKPOINT_EVERY_SECONDS = 20.0
@@ -94,6 +95,7 @@ FD_GROWTH, FD_PEAK = 8, 32
 THREAD_GROWTH, THREAD_PEAK = 4, 16
 P99_FACTOR, P99_SLACK_SECONDS = 3.0, 0.020
 BOUNDED_KINDS = ("lookup", "pooled", "write")
+SCRAPED = ("embtier_wal_bytes_total", "embtier_migrations_total")
 KINDS = ("lookup", "pooled", "write", "create", "drop", "checkpoint", "restore")
 
 STEADY, STEADY_ROWS, STEADY_DIM = "steady", 100_000, 32
@@ -157,12 +159,12 @@ def disk_bytes(directory: Path) -> int:
     return total
 
 
-def scrape(metrics_address: str, name: str) -> float:
-    """Sum of every series of one metric on the daemon's /metrics."""
+def scrape(metrics_address: str, names: tuple[str, ...]) -> list[int]:
+    """For each name, the sum of every series of that metric on the daemon's /metrics."""
     with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    pattern = re.compile(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
-    return sum(float(v) for v in pattern.findall(text))
+    return [int(sum(float(v) for v in re.findall(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE)))
+            for name in names]
 
 
 # ---- the load ----------------------------------------------------------------------------------------
@@ -205,6 +207,7 @@ class Window:
     latencies: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    t0: float = field(default_factory=time.monotonic)
 
     def timed(self, kind: str, call: Callable, *args, **kwargs):
         start = time.perf_counter()
@@ -221,7 +224,7 @@ class Window:
 
     def error(self, text: str) -> None:
         with self.lock:
-            self.errors.append(text)
+            self.errors.append(f"[{time.monotonic() - self.t0:.1f} s] {text}")
 
 
 def zipf_cdf(n: int, alpha: float) -> np.ndarray:
@@ -252,7 +255,7 @@ class Load:
 
     def zipf_ids(self, rng: np.random.Generator, n: int, part: int | None = None) -> np.ndarray:
         """n Zipf ids of steady: over the whole table, or of the ids i with i % WRITERS == part."""
-        ranks = np.searchsorted(self.cdf, rng.random(n))
+        ranks = np.minimum(np.searchsorted(self.cdf, rng.random(n)), self.cdf.size - 1)  # cdf[-1] may round below 1
         if part is None:
             return self.rank_to_row[ranks * WRITERS + rng.integers(0, WRITERS, n)]
         return ranks * WRITERS + part
@@ -283,6 +286,15 @@ class Load:
                     self.gate.leave()
                 next_at = max(next_at + 1.0 / rate, time.monotonic() - 1.0)
                 self.stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def control(self, what: str, call: Callable, *args) -> bool:
+        """call(*args) from the control loop; whether it succeeded (a failure is an error of the run)."""
+        try:
+            call(*args)
+        except Exception as e:  # noqa: BLE001 - every failure is an error of the run, reported at the end
+            self.window.error(f"{what}: {type(e).__name__}: {e}")
+            return False
+        return True
 
     def check(self, what: str, ok: bool) -> None:
         if not ok:
@@ -321,17 +333,22 @@ class Load:
         self.window.timed("drop", c.drop_table, name)
 
     def verify_steady(self, c: Client, when: str) -> None:
+        """Every row of steady against the model (the load paused); a difference is an error of the run,
+        and the model takes the daemon's rows so that a later difference is found afresh."""
         rows = c.lookup(STEADY, np.arange(STEADY_ROWS))
         wrong = np.flatnonzero(np.any(rows != self.steady, axis=1))
         if wrong.size:
-            raise SoakFailure(f"{when}: {wrong.size} rows of {STEADY} differ from the model of acknowledged "
-                              f"writes (first: row {wrong[0]})")
+            zeros = int(np.count_nonzero(~rows[wrong].any(axis=1)))
+            self.window.error(f"{when}: {wrong.size} rows of {STEADY} differ from the model of acknowledged "
+                              f"writes ({zeros} of them read zeros; first: row {wrong[0]})")
+            self.steady[:] = rows
 
     def restore_cycle(self, c: Client) -> None:
         """Checkpoint with the load paused, run on, pause, restore it and check every row (see the module
         docstring)."""
         self.gate.pause()
         try:
+            self.verify_steady(c, "before a restore cycle")
             saved = self.window.timed("checkpoint", c.checkpoint, "full")
             model = self.steady.copy()
         finally:
@@ -342,7 +359,7 @@ class Load:
             kept = [k.id for k in c.checkpoints()]
             if saved.id not in kept:
                 raise SoakFailure(f"checkpoint {saved.id} was deleted within 3 s (kept: {kept}); keep = "
-                                  f"{CHECKPOINT_KEEP} promises the newest {CHECKPOINT_KEEP}")
+                                  f"{CHECKPOINT_KEEP} keeps the newest {CHECKPOINT_KEEP}")
             self.window.timed("restore", c.restore, saved.id)
             self.steady[:] = model
             self.verify_steady(c, f"after restoring checkpoint {saved.id}")
@@ -373,6 +390,7 @@ class Sampler:
     rows: list[dict] = field(default_factory=list)
     t0: float = field(default_factory=time.monotonic)
     _cpu: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (when, daemon's CPU seconds, this process's) last sample
+    _metrics: list[int] = field(default_factory=lambda: [0] * len(SCRAPED))
 
     def __post_init__(self) -> None:
         self._cpu = (self.t0, cpu_seconds(self.daemon.proc.pid), cpu_seconds(os.getpid()))
@@ -384,6 +402,11 @@ class Sampler:
         last_t, last_cpu, last_own = self._cpu
         self._cpu = (now, cpu, own)
         latencies = self.window.take()
+        try:
+            metrics = self._metrics = scrape(self.daemon.metrics, SCRAPED)
+        except OSError as e:  # urllib's HTTPError and URLError included; the last values stand in
+            self.window.error(f"GET /metrics: {e}")
+            metrics = self._metrics
         row = {"seconds": round(now - self.t0, 1),
                "rss_bytes": int(status["VmRSS"].split()[0]) * 1024,
                "rss_anon_bytes": int(status["RssAnon"].split()[0]) * 1024,
@@ -391,8 +414,7 @@ class Sampler:
                "threads": int(status["Threads"]),
                "wal_bytes": disk_bytes(self.state_dir / "wal"),
                "checkpoint_bytes": disk_bytes(self.state_dir / "checkpoints"),
-               "wal_appended_bytes": int(scrape(self.daemon.metrics, "embtier_wal_bytes_total")),
-               "migrated_rows": int(scrape(self.daemon.metrics, "embtier_migrations_total")),
+               "wal_appended_bytes": metrics[0], "migrated_rows": metrics[1],
                "daemon_cpu": round((cpu - last_cpu) / max(now - last_t, 1e-9), 3),
                "client_cpu": round((own - last_own) / max(now - last_t, 1e-9), 3),
                "errors": len(self.window.errors)}
@@ -430,18 +452,16 @@ def ends(samples: list[dict], key: str) -> tuple[float, float]:
 def check_bounds(result: Result) -> list[str]:
     """What each bound of the module docstring found: one line per metric; SoakFailure names every one
     that failed."""
-    if result.errors:
-        raise SoakFailure(f"{len(result.errors)} requests failed; the first: {result.errors[:5]}")
     samples = result.after_warmup()
     if len(samples) < 6:
         raise SoakFailure(f"only {len(samples)} samples after the {WARMUP_SECONDS:.0f} s warm-up; 6 needed")
     failures, report = [], []
 
     def bound(metric: str, start: float, end: float, limit: float, ok: bool, unit: str = "") -> None:
-        line = f"{metric}: start {start:.6g}{unit}, end {end:.6g}{unit}, bound {limit:.6g}{unit}"
-        report.append(line)
+        report.append(f"{'BROKEN ' if not ok else ''}{metric}: start {start:.6g}{unit}, end {end:.6g}{unit}, "
+                      f"bound {limit:.6g}{unit}")
         if not ok:
-            failures.append(line)
+            failures.append(metric)
 
     start, end = ends(samples, "rss_bytes")
     allowed = max(RSS_GROWTH_BYTES, RSS_GROWTH_SHARE * start)
@@ -461,8 +481,11 @@ def check_bounds(result: Result) -> list[str]:
         start, end = float(np.median(values[:3])), float(np.median(values[-3:]))
         limit = P99_FACTOR * start + P99_SLACK_SECONDS * 1e3
         bound(f"{kind} p99", start, end, limit, end <= limit, " ms")
+    if result.errors:
+        failures.append("errors")
+        report.append(f"{len(result.errors)} requests or checks failed; the first: {result.errors[:5]}")
     if failures:
-        raise SoakFailure("soak bounds broken:\n" + "\n".join(failures))
+        raise SoakFailure(f"soak bounds broken ({', '.join(failures)}):\n" + "\n".join(report))
     return report
 
 
@@ -479,29 +502,28 @@ def run(duration: float, state_dir: Path, samples_path: Path | None = None,
     daemon = start_daemon(state_dir / "daemon", config=config)
     try:
         load = Load(daemon.target)
-        with Client(daemon.target) as control:
+        with Client(daemon.target, timeout=CONTROL_TIMEOUT_SECONDS) as control:
             load.setup()
             sampler = Sampler(daemon, state_dir / "daemon", load.window)
             load.start()
             restore_times = np.arange(RESTORE_EVERY_SECONDS, duration - 30, RESTORE_EVERY_SECONDS).tolist() \
                 or [duration / 2]
             turn = 0  # the explicit checkpoints take their kinds in turn
-            full_bytes, restores = 0, 0
+            full_bytes, restores = [0], 0  # bytes_written of each full exact checkpoint listed
             next_sample, next_checkpoint = SAMPLE_SECONDS, CHECKPOINT_EVERY_SECONDS
             while (elapsed := time.monotonic() - sampler.t0) < duration:
                 if restore_times and elapsed >= restore_times[0]:
                     restore_times.pop(0)
-                    load.restore_cycle(control)
-                    restores += 1
+                    restores += load.control("restore cycle", load.restore_cycle, control)
                 if elapsed >= next_checkpoint:
                     kind, bits = (("incremental", 0), ("differential", 0), ("full", 8))[turn % 3]
                     turn += 1
-                    load.window.timed("checkpoint", control.checkpoint, kind, bits)
+                    load.control(f"{kind} checkpoint", load.window.timed, "checkpoint", control.checkpoint, kind, bits)
                     next_checkpoint += CHECKPOINT_EVERY_SECONDS
                 if elapsed >= next_sample:
                     row = sampler.sample()
-                    full_bytes = max([full_bytes] + [k.bytes_written for k in control.checkpoints()
-                                                     if k.kind == "full" and k.quant_bits == 0])
+                    load.control("ListCheckpoints", lambda: full_bytes.extend(
+                        k.bytes_written for k in control.checkpoints() if k.kind == "full" and k.quant_bits == 0))
                     if samples_path is not None:
                         write_samples(sampler.rows, samples_path)
                     progress(", ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("_calls")))
@@ -515,7 +537,7 @@ def run(duration: float, state_dir: Path, samples_path: Path | None = None,
         if daemon.proc.poll() is None:
             daemon.proc.kill()
             daemon.proc.wait(timeout=30)
-    return Result(sampler.rows, load.window.errors, full_bytes, restores)
+    return Result(sampler.rows, load.window.errors, max(full_bytes), restores)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -526,12 +548,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="embtier-soak-") as tmp:
         result = run(args.duration, args.state_dir or Path(tmp), args.samples, lambda line: print(line, flush=True))
+    for error in result.errors:
+        print(f"error: {error}", file=sys.stderr)
     try:
         report = check_bounds(result)
     except SoakFailure as e:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
-    print(f"{len(result.samples)} samples, {result.restores} restores, no request failed")
+    print(f"{len(result.samples)} samples, {result.restores} restores, no request or check failed")
     print("\n".join(report))
     return 0
 
