@@ -97,6 +97,13 @@ class NoSpaceError(StorageError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class ScmReadError(StorageError):
+    """A row could not be read from the SCM file (a device error): the request that needed it fails,
+    naming the table and the id; requests that do not need it are served."""
+
+    status = "DATA_LOSS"
+
+
 def storage_error(e: OSError, path: os.PathLike | str, what: str) -> StorageError:
     """The StorageError for an OSError met while doing what on path: NoSpaceError for ENOSPC and
     EDQUOT (naming the path, so that an operator knows which device to free), else StorageError."""

@@ -37,6 +37,7 @@ from embtierd.errors import (
     InvalidArgumentError,
     KeyspaceFullError,
     NotFoundError,
+    ScmReadError,
     storage_error,
 )
 from embtierd.topology import nodemask_words
@@ -442,6 +443,11 @@ class NativeTable:
         rc = lib.et_read_rows(self._h, _ptr("int64_t *", ids), ids.size, _wptr("uint8_t *", out), out.nbytes, err)
         self._check(rc, err[0], "ids", ids, buffers={"rows": out})
 
+    def scm_read_errors(self) -> tuple[int, int]:
+        """(reads of rows from the SCM file that failed since the table was made, the errno of the latest)."""
+        last_errno = ffi.new("int32_t *")
+        return int(lib.et_scm_read_errors(self._h, last_errno)), int(last_errno[0])
+
     def _check(self, rc: int, pos: int, field: str, ids: np.ndarray | None = None,
                lengths: np.ndarray | None = None, locs: np.ndarray | None = None,
                buffers: dict[str, np.ndarray | None] | None = None, by_key: bool = False) -> None:
@@ -466,6 +472,10 @@ class NativeTable:
             raise NotFoundError(f"{where} was dropped")
         if rc == lib.ET_E_IO:
             raise storage_error(OSError(pos, os.strerror(pos)), "the SCM file", f"{where}: SCM I/O")
+        if rc == lib.ET_E_SCM_READ:
+            kind = "key" if by_key else "id"
+            raise ScmReadError(f"{where}: the row of {kind} {int(ids[pos])} ({field}[{pos}]) cannot be read from the "
+                               f"SCM file: {os.strerror(self.scm_read_errors()[1])}")
         if rc == lib.ET_E_LOCATION and locs is not None:  # (publish, write_slots: *err_pos is in locs)
             raise EmbtierError(f"{where}: locs[{pos}] = {self._entry(int(locs[pos]))} names no slot with storage")
         if rc == lib.ET_E_LOCATION and (by_key or not 0 <= int(ids[pos]) < self.num_rows):

@@ -25,7 +25,8 @@
 #define ET_OK 0
 #define ET_E_ID_RANGE -1   /* an id < 0 or >= num_rows; *err_pos = its position */
 #define ET_E_LENGTHS -2    /* a negative length (*err_pos = bag) or a sum != n (*err_pos = -1) */
-#define ET_E_IO -3         /* SCM read or write failed; *err_pos = errno */
+#define ET_E_IO -3         /* an SCM write, a log append or fdatasync failed, or a batch of SCM reads could not be
+                              issued (a row's read that fails is ET_E_SCM_READ); *err_pos = errno */
 #define ET_E_NOMEM -4      /* allocation failed */
 #define ET_E_ARG -5        /* bad argument: NULL pointer, negative count, dtype, mode, dim, tier or chunk index */
 #define ET_E_DROPPED -6    /* the table was dropped */
@@ -37,6 +38,8 @@
                               buffer's ET_BUF_* */
 #define ET_E_FULL -9       /* a MANAGED table has no row for a new id: every live id is protected (written or read
                               within the current or the previous epoch); *err_pos = the position of that id */
+#define ET_E_SCM_READ -10  /* reading a row from the SCM file failed (a device error or a short read): *err_pos =
+                              the position of the id of such a row (et_scm_read_errors counts them) */
 
 /* The buffers an ET_E_SIZE names (by their parameter names). */
 #define ET_BUF_OUT 1
@@ -358,6 +361,10 @@ int et_force_isa(int32_t isa);
 int32_t et_scm_async(void);
 /* Queue depth of batched SCM reads. */
 int et_set_scm_queue_depth(int32_t depth);
+/* Reads of the table's rows from its SCM file that failed (each made its call return ET_E_SCM_READ), since the
+ * table was made; *last_errno = the errno of the latest (EIO for a short read; 0 before any).  ET_E_ARG for a
+ * NULL pointer. */
+int64_t et_scm_read_errors(et_table *t, int32_t *last_errno);
 
 /* ---- checkpoint quantization ---- */
 /* Row-wise asymmetric quantization of checkpoint rows: a row keeps lo and

@@ -104,6 +104,8 @@ struct et_table {
     int32_t nparts;        /* fabric parts (et_table_set_parts); 0 before */
     int scm_fd;
     int32_t scm_align;
+    atomic_llong scm_read_errors; /* row reads from the SCM file that failed (et_scm_read_errors) */
+    atomic_int scm_read_errno;    /* the errno of the latest */
     int32_t heat_mask;     /* count an access when ((position + salt) & heat_mask) == 0 */
     int32_t prefetch;
     uint32_t cxl_delay_ns; /* injected latency per CXL row served by a lookup (0 = off) */
@@ -227,7 +229,9 @@ static inline uint64_t et_scm_offset(const et_table *t, uint32_t l) {
  * batch, each distinct row once, into an aligned staging buffer that the
  * caller frees; rows[pos[i]] is set to the row's bytes inside it.  Every
  * entry is checked (ET_E_LOCATION, *err_pos = the position, for one that is
- * not a valid SCM entry). */
+ * not a valid SCM entry).  A read that fails is counted (et_scm_read_errors):
+ * ET_E_SCM_READ, *err_pos = the position of its row; failing to issue the
+ * reads at all is ET_E_IO, *err_pos = errno. */
 int et_scm_fetch(et_table *t, const int64_t *ids, const int64_t *pos, int64_t count, const uint8_t **rows,
                  void **staging, int64_t *err_pos);
 /* Writes rows (n * stride bytes) to the SCM homes of ids, or of the placement entries locs when locs

@@ -66,20 +66,25 @@ typedef struct {
     uint64_t off;  /* aligned file offset */
     uint32_t len;  /* aligned length */
     uint8_t *buf;  /* aligned destination */
+    int64_t pos;   /* request position of the row it reads (the first, if several ask for it) */
 } scm_read;
 
-static int check_read(long res, uint32_t len, int64_t *err_pos) {
-    if (res == (long)len) return ET_OK;
-    *err_pos = res < 0 ? -res : EIO;
-    return ET_E_IO;
+/* The code of a read whose result is res (bytes, or -errno): ET_OK when whole; else the read is
+ * counted against the table and ET_E_SCM_READ names its row. */
+static int check_read(et_table *t, const scm_read *rd, long res, int64_t *err_pos) {
+    if (res == (long)rd->len) return ET_OK;
+    atomic_store(&t->scm_read_errno, res < 0 ? (int)-res : EIO);
+    atomic_fetch_add(&t->scm_read_errors, 1);
+    *err_pos = rd->pos;
+    return ET_E_SCM_READ;
 }
 
-static int pread_all(int fd, const scm_read *rd, int64_t count, int64_t *err_pos) {
+static int pread_all(et_table *t, const scm_read *rd, int64_t count, int64_t *err_pos) {
     for (int64_t i = 0; i < count; i++) {
         ssize_t got;
-        do got = pread(fd, rd[i].buf, rd[i].len, (off_t)rd[i].off);
+        do got = pread(t->scm_fd, rd[i].buf, rd[i].len, (off_t)rd[i].off);
         while (got < 0 && errno == EINTR);
-        if (check_read(got < 0 ? -errno : got, rd[i].len, err_pos)) return ET_E_IO;
+        if (check_read(t, &rd[i], got < 0 ? -errno : got, err_pos)) return ET_E_SCM_READ;
     }
     return ET_OK;
 }
@@ -87,8 +92,10 @@ static int pread_all(int fd, const scm_read *rd, int64_t count, int64_t *err_pos
 /* Keeps up to scm_queue_depth reads in flight until all are done.  On an
  * error it still reaps every submitted read before returning, so no read can
  * land in a buffer the caller frees. */
-static int aio_read_all(aio_context_t ctx, int fd, const scm_read *rd, int64_t count, int64_t *err_pos) {
+static int aio_read_all(aio_context_t ctx, et_table *t, const scm_read *rd, int64_t count, int64_t *err_pos) {
+    int fd = t->scm_fd;
     int depth = atomic_load(&scm_queue_depth);
+    int64_t slot_read[ET_AIO_MAX_DEPTH]; /* the read each slot holds */
     struct iocb cbs[ET_AIO_MAX_DEPTH];
     struct iocb *ready[ET_AIO_MAX_DEPTH];
     struct io_event events[ET_AIO_MAX_DEPTH];
@@ -108,6 +115,7 @@ static int aio_read_all(aio_context_t ctx, int fd, const scm_read *rd, int64_t c
             cbs[s].aio_nbytes = rd[next].len;
             cbs[s].aio_offset = (int64_t)rd[next].off;
             cbs[s].aio_data = (uint64_t)s | ((uint64_t)rd[next].len << 32);
+            slot_read[s] = next;
             ready[nready++] = &cbs[s];
             next++;
         }
@@ -139,10 +147,14 @@ static int aio_read_all(aio_context_t ctx, int fd, const scm_read *rd, int64_t c
             return ET_E_IO;
         }
         for (long i = 0; i < got; i++) {
-            uint32_t len = (uint32_t)(events[i].data >> 32);
-            free_slots[nfree++] = (int)(events[i].data & 0xffffffffu);
+            int s = (int)(events[i].data & 0xffffffffu);
+            free_slots[nfree++] = s;
             inflight--;
-            if (rc == ET_OK) rc = check_read(events[i].res, len, err_pos);
+            int64_t pos;
+            if (check_read(t, &rd[slot_read[s]], events[i].res, &pos) && rc == ET_OK) {
+                rc = ET_E_SCM_READ;
+                *err_pos = pos;
+            }
         }
     }
     return rc;
@@ -203,15 +215,21 @@ int et_scm_fetch(et_table *t, const int64_t *ids, const int64_t *pos, int64_t co
             reads[r].off = off & ~amask;
             reads[r].len = (uint32_t)(((off + t->stride + amask) & ~amask) - reads[r].off);
             reads[r].buf = (uint8_t *)*staging + (uint64_t)r * cap;
+            reads[r].pos = entries[i].idx;
         }
         rows[entries[i].idx] = reads[r].buf + (off - reads[r].off);
     }
     aio_context_t ctx = aio_context();
-    int rc = ctx ? aio_read_all(ctx, t->scm_fd, reads, unique, err_pos)
-                 : pread_all(t->scm_fd, reads, unique, err_pos);
+    int rc = ctx ? aio_read_all(ctx, t, reads, unique, err_pos) : pread_all(t, reads, unique, err_pos);
     free(reads);
     free(entries);
     return rc;
+}
+
+int64_t et_scm_read_errors(et_table *t, int32_t *last_errno) {
+    if (!t || !last_errno) return ET_E_ARG;
+    *last_errno = atomic_load(&t->scm_read_errno);
+    return atomic_load(&t->scm_read_errors);
 }
 
 static int pio_full(int write, int fd, uint8_t *buf, uint64_t len, uint64_t off, int64_t *err_pos) {

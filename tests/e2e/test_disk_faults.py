@@ -12,12 +12,15 @@ and loop devices and are skipped, saying why, where there are none.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +28,7 @@ import grpc
 import numpy as np
 import pytest
 from embtier import Client, EmbtierClientError
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import kill_daemons_started_since, start_daemon
 
@@ -215,4 +219,149 @@ def test_a_full_state_device_refuses_writes_by_path_keeps_serving_and_loses_noth
             assert_serves(c, model)
             c.restore(1)  # the checkpoint taken before the device filled is whole and restorable
             assert_serves(c, at_checkpoint)
+        assert d.stop() == 0, d.log()
+
+
+def test_a_record_the_full_device_cut_short_is_cut_off_before_any_later_record(tmp_path):
+    """A write the device has room for only a part of: that part must go before the next record is
+    appended, or a replay would stop at it and lose every record after.  Here the segment is made
+    append-only (chattr +a) so that cutting it off fails as well: writes are refused until it works."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr (e2fsprogs) is needed")
+    with ext4_device(tmp_path, 24 << 20) as (device, _):
+        state = device / "s"
+        state.mkdir()
+        config = state / "embtierd.toml"
+        config.write_text(CONFIG)
+        filler = Filler(device / "filler")
+        model = np.zeros((ROWS, DIM), np.float32)
+        d = start_daemon(state, "--scm-bytes", "4M", config=config)
+        with Client(d.target) as c:
+            c.create_table("w", ROWS, DIM)
+            c.write_rows("w", np.arange(BATCH), np.full((BATCH, DIM), 1, np.float32))
+            model[:BATCH] = 1
+            segment = max((state / "wal").glob("wal-*.log"))
+            whole = segment.stat().st_size
+            assert run("chattr", "+a", str(segment)).returncode == 0  # appends go on, truncation is refused
+            filler.fill()
+            os.truncate(filler.path, filler.path.stat().st_size - 8192)  # room for a part of the next record
+            with pytest.raises(EmbtierClientError) as err:
+                c.write_rows("w", np.arange(BATCH, 2 * BATCH), np.full((BATCH, DIM), 2, np.float32))
+            assert full_device_error(err.value, state / "wal"), err.value
+            torn = segment.stat().st_size
+            assert torn > whole  # a part of the refused record, which cannot be cut off
+            filler.remove()
+            with pytest.raises(EmbtierClientError):  # room again, but a record now would follow torn bytes
+                c.write_rows("w", np.arange(2 * BATCH, 3 * BATCH), np.full((BATCH, DIM), 3, np.float32))
+            assert segment.stat().st_size == torn
+            assert run("chattr", "-a", str(segment)).returncode == 0
+            c.write_rows("w", np.arange(3 * BATCH, 4 * BATCH), np.full((BATCH, DIM), 4, np.float32))
+            model[3 * BATCH:4 * BATCH] = 4
+            assert_serves(c, model)
+        d.proc.kill()
+        d.proc.wait(timeout=30)
+        d = start_daemon(state, "--scm-bytes", "4M", config=config)
+        with Client(d.target) as c:
+            assert_serves(c, model)  # the write acknowledged after the torn record came back with the rest
+        assert "truncating the log" not in d.log(), d.log()
+        assert d.stop() == 0, d.log()
+
+
+FS_IOC_FIEMAP = 0xC020660B
+FIEMAP_FLAG_SYNC = 1
+FIEMAP_HEAD = struct.Struct("=QQIIII")       # start, length, flags, mapped extents, extent count, reserved
+FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")  # logical, physical, length, 2 reserved, flags, 3 reserved
+
+
+def device_offsets(path: Path, offsets: np.ndarray) -> np.ndarray:
+    """Where on its device each byte offset of the file at path lies (the FIEMAP ioctl); -1 where
+    no extent maps it."""
+    count = 64
+    request = bytearray(FIEMAP_HEAD.pack(0, 2**64 - 1, FIEMAP_FLAG_SYNC, 0, count, 0) + bytes(FIEMAP_EXTENT.size * count))
+    with open(path, "rb") as f:
+        fcntl.ioctl(f.fileno(), FS_IOC_FIEMAP, request)
+    mapped = FIEMAP_HEAD.unpack_from(request)[3]
+    assert mapped < count, "more extents than asked for"
+    found = np.full(offsets.size, -1, np.int64)
+    for k in range(mapped):
+        logical, physical, length, *_ = FIEMAP_EXTENT.unpack_from(request, FIEMAP_HEAD.size + k * FIEMAP_EXTENT.size)
+        inside = (offsets >= logical) & (offsets < logical + length)
+        found[inside] = physical + offsets[inside] - logical
+    return found
+
+
+def row_values(ids: np.ndarray) -> np.ndarray:
+    """What the SCM test writes to each row: values no other row has, found again in the file by content."""
+    return (ids[:, None] * DIM + np.arange(DIM) + 0.5).astype(np.float32)
+
+
+def rows_in_file(path: Path, rows: int) -> dict[int, int]:
+    """{row: byte offset in the file} of every DIM-float slot of the file that holds row_values(row)."""
+    slots = np.fromfile(path, dtype="<f4").reshape(-1, DIM)
+    ids = np.floor(slots[:, 0] / DIM).astype(np.int64)
+    held = (ids >= 0) & (ids < rows)
+    held[held] = (slots[held] == row_values(ids[held])).all(axis=1)
+    return dict(zip(ids[held].tolist(), (np.flatnonzero(held) * DIM * 4).tolist(), strict=True))
+
+
+def scm_read_errors(metrics_address: str) -> dict[str, float]:
+    """embtier_scm_read_errors_total by table, as the daemon's /metrics says."""
+    text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10).read().decode()
+    return {s.labels["table"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "embtier_scm_read_errors_total"}
+
+
+def test_an_scm_read_error_fails_only_the_requests_that_need_the_row_with_data_loss_and_is_counted(tmp_path):
+    with ext4_device(tmp_path, 32 << 20) as (device, image):
+        state = tmp_path / "s"
+        state.mkdir()
+        config = state / "embtierd.toml"
+        config.write_text(f'[tiering]\nenabled = false\n[tiers.scm]\npath = "{device / "scm.dat"}"\n')
+        d = start_daemon(state, "--dram-bytes", "64K", "--cxl-bytes", "64K", "--scm-bytes", "8M", config=config)
+        with Client(d.target) as c:
+            c.create_table("s", ROWS, DIM)
+            model = row_values(np.arange(ROWS))
+            c.write_rows("s", np.arange(ROWS), model)
+            on_scm = c.describe("s").rows_by_tier["scm"]
+            assert on_scm > 1000 and c.describe("s").rows_by_tier["dram"] > 0
+
+            # the SCM rows as the file holds them, and where the device has them
+            offsets = rows_in_file(device / "scm.dat", ROWS)
+            assert len(offsets) == on_scm
+            scm_ids = np.array(sorted(offsets))
+            placed = device_offsets(device / "scm.dat", np.array([offsets[i] for i in scm_ids]))
+            assert (placed >= 0).all()
+            # cut the device's last tenth of them off: reads there fail with EIO from now on
+            cut = int(np.quantile(placed, 0.9)) // 4096 * 4096
+            lost = set(scm_ids[placed >= cut].tolist())
+            kept_scm = scm_ids[placed < cut]
+            served = np.setdiff1d(np.arange(ROWS), list(lost))
+            assert 50 < len(lost) < on_scm // 5
+            tail = image.read_bytes()[cut:]
+            os.truncate(image, cut)
+            try:
+                bad = min(lost)
+                for request in ([kept_scm[0], bad, 0], [bad] * 3, [5, bad]):
+                    with pytest.raises(EmbtierClientError) as err:
+                        c.lookup("s", np.array(request))
+                    assert err.value.code == grpc.StatusCode.DATA_LOSS, err.value
+                    assert f"table 's': the row of id {bad} " in err.value.message, err.value.message
+                lengths = np.array([3, 2], np.int32)
+                with pytest.raises(EmbtierClientError) as err:
+                    c.lookup_pooled({"s": (np.array([0, kept_scm[1], 7, kept_scm[2], bad]), lengths)})
+                assert err.value.code == grpc.StatusCode.DATA_LOSS and f"the row of id {bad} " in err.value.message
+
+                # what does not need a lost row is served, and right
+                np.testing.assert_array_equal(c.lookup("s", served), model[served])
+                ids = np.random.default_rng(5).choice(served, 640)
+                np.testing.assert_allclose(c.lookup_pooled({"s": (ids, np.full(20, 32, np.int32))})["s"],
+                                           np.add.reduceat(model[ids], np.arange(0, 640, 32), axis=0), rtol=1e-6)
+                assert scm_read_errors(d.metrics) == {"s": 4}  # one row read failed in each of the 4 requests
+            finally:
+                with open(image, "r+b") as f:
+                    f.seek(cut)
+                    f.write(tail)
+                    os.fsync(f.fileno())
+            # the device answers again: so does every row, with no restart
+            np.testing.assert_array_equal(c.lookup("s", np.arange(ROWS)), model)
         assert d.stop() == 0, d.log()

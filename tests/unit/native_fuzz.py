@@ -121,6 +121,7 @@ class Table:
         self.dropped = False
         self.scm_fd = -1
         self.scm_path = scm_path
+        self.scm_read_errors = 0  # et_scm_read_errors as last seen
         self.fd = os.open(scm_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         os.ftruncate(self.fd, SCM_FILE_BYTES)
         count = ffi.new("int64_t *")
@@ -249,7 +250,7 @@ class Fuzzer:
         c = lib
         self.ok = c.ET_OK
         self.boundary_codes = {c.ET_OK, c.ET_E_ID_RANGE, c.ET_E_LENGTHS, c.ET_E_IO, c.ET_E_NOMEM, c.ET_E_ARG,
-                               c.ET_E_DROPPED, c.ET_E_LOCATION, c.ET_E_SIZE, c.ET_E_FULL}
+                               c.ET_E_DROPPED, c.ET_E_LOCATION, c.ET_E_SIZE, c.ET_E_FULL, c.ET_E_SCM_READ}
         self.names = {getattr(c, name): name for name in dir(c) if name.startswith("ET_E_")} | {0: "ET_OK"}
 
     # ---- checks ------------------------------------------------------------------------------
@@ -259,12 +260,13 @@ class Fuzzer:
             raise Mismatch(f"{call}: {what}")
 
     def verify(self, call: str, rc: int, expected: tuple[int, int | None] | None) -> None:
-        """rc must be the expected (code, *err_pos or None), or with None expected: OK, I/O or no memory."""
+        """rc must be the expected (code, *err_pos or None), or with None expected: OK, I/O (an SCM row read
+        past the file's end, check_scm_reads) or no memory."""
         self.codes[(call, self.names.get(rc, rc))] += 1
         self.expect(rc in self.boundary_codes, call, f"returned {rc}, not a code of the boundary")
         lib = self.lib
         if expected is None:
-            self.expect(rc in (lib.ET_OK, lib.ET_E_IO, lib.ET_E_NOMEM), call,
+            self.expect(rc in (lib.ET_OK, lib.ET_E_IO, lib.ET_E_SCM_READ, lib.ET_E_NOMEM), call,
                         f"returned {self.names[rc]} (err_pos {self.err[0]}) where the model sees no error")
             return
         code, pos = expected
@@ -614,8 +616,29 @@ class Fuzzer:
         valid_ids = ids[:max(n_told, 0)]
         entries = t.loc[valid_ids] if ((valid_ids >= 0) & (valid_ids < t.num_rows)).all() else None
         self.verify(call, rc, self.first_failure(t, arg=n_told < 0, size=size, ids=valid_ids, entries=entries))
+        self.check_scm_reads(call, t, rc, entries)
         if entries is not None:
             self.note_path(call, t, rc, entries)
+
+    def check_scm_reads(self, call: str, t: Table, rc: int, entries: np.ndarray | None) -> None:
+        """After a call that reads rows: ET_E_SCM_READ names the position of an SCM row (a read past
+        the file's end) and et_scm_read_errors counts one more failed read at least, with its errno;
+        any other outcome but ET_E_IO counts none."""
+        lib = self.lib
+        last_errno = self.ffi.new("int32_t *")
+        count = lib.et_scm_read_errors(t.h, last_errno)
+        if rc == lib.ET_E_SCM_READ:
+            pos = int(self.err[0])
+            self.expect(entries is None or (0 <= pos < entries.size and int(entries[pos]) >> t.tier_shift == 2),
+                        call, f"ET_E_SCM_READ at position {pos}, not one of an SCM row")
+            self.expect(count > t.scm_read_errors and last_errno[0] > 0, "et_scm_read_errors",
+                        f"{count} (errno {last_errno[0]}) after an ET_E_SCM_READ, {t.scm_read_errors} before")
+        else:  # (an ET_E_IO of the batch itself may come after reads of it failed)
+            self.expect(count == t.scm_read_errors or (rc == lib.ET_E_IO and count > t.scm_read_errors),
+                        "et_scm_read_errors", f"{count} after {self.names.get(rc, rc)}, {t.scm_read_errors} before")
+        t.scm_read_errors = count
+        self.expect(lib.et_scm_read_errors(t.h, self.ffi.NULL) == lib.ET_E_ARG, "et_scm_read_errors",
+                    "took a NULL last_errno")
 
     def counters(self, t: Table) -> tuple[np.ndarray | None, np.ndarray | None]:
         """tier_rows and part_rows for a lookup (part_rows mostly only once the table has parts)."""
@@ -673,6 +696,7 @@ class Fuzzer:
         expected = self.first_failure(t, arg=arg, size=size, ids=None if t.translates(by_key) else ids,
                                       lengths=lengths, n=n_told, entries=entries)
         self.verify(call, rc, expected)
+        self.check_scm_reads(call, t, rc, entries)
         self.keyed_read(call, t, rc, expected, by_key, rows, unknown)
         if entries is not None:
             self.check_counts(call, t, rc, entries, tier_rows, part_rows)

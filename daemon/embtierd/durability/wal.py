@@ -33,11 +33,16 @@ what to do when none does.
 Failures: an append that cannot be written (ENOSPC, EDQUOT, EIO) leaves no
 part of its record behind and raises a StorageError naming the file
 (NoSpaceError, RESOURCE_EXHAUSTED, when the device is full); the next append
-tries again.  Files are created 0600: the log holds every row written.
+tries again.  What part of a record was written is cut off again at once;
+should that cut fail too, every later append first tries it again and fails
+while it cannot, so that no record ever follows torn bytes (a replay would
+stop there and lose it).  Files are created 0600: the log holds every row
+written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -182,6 +187,7 @@ class WriteAheadLog:
         self._on_fsync = on_fsync
         self._append_lock = threading.Lock()
         self._closed = False
+        self._torn = False  # an append failed: the segment may end in a part of its record (_cut_torn)
         self._bytes_written = 0
         self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._holes: list[tuple[int, int]] = []  # (first, last) LSN of records the log cannot give back
@@ -314,10 +320,16 @@ class WriteAheadLog:
             self._check_open()
             lsn = self._last_lsn + 1
             try:
+                if self._torn:
+                    self._cut_torn()
                 if self._segment_used_bytes >= self._segment_bytes:
                     self._roll()
                 failed = self._commit.append(lsn, kind, parts, self._segment_used_bytes, write)
             except OSError as e:
+                if not self._torn:
+                    self._torn = True
+                    with contextlib.suppress(OSError):
+                        self._cut_torn()
                 raise storage_error(e, self._segments[-1].path, f"appending record {lsn} to the write-ahead log") \
                     from e
             self._last_lsn = lsn
@@ -327,6 +339,15 @@ class WriteAheadLog:
             raise failed
         return lsn
 
+    def _cut_torn(self) -> None:
+        """After a failed append (append lock held): the segment ends at its last whole record again.
+        The C append cut off what it wrote; where that failed, this truncates (OSError while it cannot)."""
+        if os.fstat(self._fd).st_size != self._segment_used_bytes:
+            os.ftruncate(self._fd, self._segment_used_bytes)
+            log.warning("WAL segment %s: cut back to %d bytes, its last whole record, after a failed append",
+                        self._segments[-1].path, self._segment_used_bytes)
+        self._torn = False
+
     def roll(self) -> None:
         """Starts a new segment now (when the current one holds records), so that a checkpoint's
         position is a segment boundary that truncate_before can later cut at."""
@@ -334,6 +355,8 @@ class WriteAheadLog:
             self._check_open()
             if self._segment_used_bytes:
                 try:
+                    if self._torn:
+                        self._cut_torn()
                     self._roll()
                 except OSError as e:
                     raise storage_error(e, self._directory, "starting a write-ahead log segment") from e

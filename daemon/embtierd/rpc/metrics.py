@@ -84,6 +84,11 @@ class StoreCollector:
                 evictions.add_metric([info.name], info.key_evictions)
                 recent.add_metric([info.name], info.recent_key_evictions)
                 unknown.add_metric([info.name], info.unknown_ids)
+        scm_read_errors = CounterMetricFamily("embtier_scm_read_errors", "Reads of rows from the SCM file that "
+                                              "failed (device errors: each failed the request that needed the "
+                                              "row), by table.", labels=["table"])
+        for table in self.store.handles():
+            scm_read_errors.add_metric([table.name], table.native.scm_read_errors()[0])
         rss = GaugeMetricFamily("embtier_process_resident_memory_bytes", "Resident memory of the daemon.")
         rss.add_metric([], self.process.memory_info().rss)
         available = GaugeMetricFamily("embtier_system_memory_available_bytes", "Memory available on the host.")
@@ -92,7 +97,7 @@ class StoreCollector:
         info.add_metric([], {"version": __version__, "isa": native.isa(),
                              "scm_io": "aio" if native.scm_async() else "pread"})
         yield from (capacity, used, emulated, port_capacity, port_used, rows, ports, metadata, keys, map_bytes,
-                    evictions, recent, unknown, rss, available, info)
+                    evictions, recent, unknown, scm_read_errors, rss, available, info)
 
 
 class WalCollector:
