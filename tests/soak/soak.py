@@ -77,8 +77,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
-from embtier.client import Client
+from embtier.client import Client, EmbtierClientError
 
 from tests.support import DaemonProcess, start_daemon
 
@@ -97,6 +98,9 @@ P99_FACTOR, P99_SLACK_SECONDS = 3.0, 0.020
 BOUNDED_KINDS = ("lookup", "pooled", "write")
 SCRAPED = ("embtier_wal_bytes_total", "embtier_migrations_total")
 KINDS = ("lookup", "pooled", "write", "create", "drop", "checkpoint", "restore")
+# a write that failed with one of these may still have been applied (or be applied later)
+UNKNOWN_OUTCOME = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE,
+                   grpc.StatusCode.UNKNOWN)
 
 STEADY, STEADY_ROWS, STEADY_DIM = "steady", 100_000, 32
 FROZEN, FROZEN_ROWS, FROZEN_DIM = "frozen", 20_000, 16
@@ -242,6 +246,8 @@ class Load:
         self.stop = threading.Event()
         rng = np.random.default_rng(seed)
         self.steady = np.zeros((STEADY_ROWS, STEADY_DIM), np.float32)
+        self.attempted = np.zeros_like(self.steady)  # the values of a write whose outcome is unknown
+        self.uncertain = np.zeros(STEADY_ROWS, bool)  # rows that may hold attempted instead of steady
         self.frozen = rng.standard_normal((FROZEN_ROWS, FROZEN_DIM)).astype(np.float32)
         self.cdf = zipf_cdf(STEADY_ROWS // WRITERS, ZIPF_ALPHA)
         self.rank_to_row = rng.permutation(STEADY_ROWS)  # hot rows scattered over the table
@@ -317,7 +323,12 @@ class Load:
     def writes(self, c: Client, rng: np.random.Generator, part: int) -> None:
         ids = np.unique(self.zipf_ids(rng, WRITE_ROWS, part))
         values = rng.standard_normal((ids.size, STEADY_DIM)).astype(np.float32)
-        self.window.timed("write", c.write_rows, STEADY, ids, values)
+        try:
+            self.window.timed("write", c.write_rows, STEADY, ids, values)
+        except EmbtierClientError as e:
+            if e.code in UNKNOWN_OUTCOME:
+                self.uncertain[ids], self.attempted[ids] = True, values
+            raise
         self.steady[ids] = values  # acknowledged: the partition is this thread's alone
 
     def churn(self, c: Client, rng: np.random.Generator, _part) -> None:
@@ -333,15 +344,18 @@ class Load:
         self.window.timed("drop", c.drop_table, name)
 
     def verify_steady(self, c: Client, when: str) -> None:
-        """Every row of steady against the model (the load paused); a difference is an error of the run,
-        and the model takes the daemon's rows so that a later difference is found afresh."""
+        """Every row of steady against the model (the load paused; a row a write of unknown outcome
+        touched may hold its value instead); a difference is an error of the run, and the model takes the
+        daemon's rows so that a later difference is found afresh."""
         rows = c.lookup(STEADY, np.arange(STEADY_ROWS))
-        wrong = np.flatnonzero(np.any(rows != self.steady, axis=1))
+        maybe = self.uncertain & np.all(rows == self.attempted, axis=1)
+        wrong = np.flatnonzero(np.any(rows != self.steady, axis=1) & ~maybe)
+        self.uncertain[:] = False
         if wrong.size:
             zeros = int(np.count_nonzero(~rows[wrong].any(axis=1)))
             self.window.error(f"{when}: {wrong.size} rows of {STEADY} differ from the model of acknowledged "
                               f"writes ({zeros} of them read zeros; first: row {wrong[0]})")
-            self.steady[:] = rows
+        self.steady[:] = rows
 
     def restore_cycle(self, c: Client) -> None:
         """Checkpoint with the load paused, run on, pause, restore it and check every row (see the module
@@ -394,6 +408,13 @@ class Sampler:
 
     def __post_init__(self) -> None:
         self._cpu = (self.t0, cpu_seconds(self.daemon.proc.pid), cpu_seconds(os.getpid()))
+
+    def every(self, seconds: float, stop: threading.Event, then: Callable[[dict], None]) -> None:
+        """sample() every seconds from t0 until stop is set, each row passed to then."""
+        due = self.t0 + seconds
+        while not stop.wait(max(0.0, due - time.monotonic())):
+            then(self.sample())
+            due = max(due + seconds, time.monotonic() + seconds / 2)
 
     def sample(self) -> dict:
         pid = self.daemon.proc.pid
@@ -510,7 +531,17 @@ def run(duration: float, state_dir: Path, samples_path: Path | None = None,
                 or [duration / 2]
             turn = 0  # the explicit checkpoints take their kinds in turn
             full_bytes, restores = [0], 0  # bytes_written of each full exact checkpoint listed
-            next_sample, next_checkpoint = SAMPLE_SECONDS, CHECKPOINT_EVERY_SECONDS
+            next_checkpoint = CHECKPOINT_EVERY_SECONDS
+
+            def on_sample(row: dict) -> None:
+                load.control("ListCheckpoints", lambda: full_bytes.extend(
+                    k.bytes_written for k in control.checkpoints() if k.kind == "full" and k.quant_bits == 0))
+                if samples_path is not None:
+                    write_samples(sampler.rows, samples_path)
+                progress(", ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("_calls")))
+            sampling = threading.Thread(target=sampler.every, args=(SAMPLE_SECONDS, load.stop, on_sample),
+                                        name="soak-sampler", daemon=True)
+            sampling.start()
             while (elapsed := time.monotonic() - sampler.t0) < duration:
                 if restore_times and elapsed >= restore_times[0]:
                     restore_times.pop(0)
@@ -519,17 +550,11 @@ def run(duration: float, state_dir: Path, samples_path: Path | None = None,
                     kind, bits = (("incremental", 0), ("differential", 0), ("full", 8))[turn % 3]
                     turn += 1
                     load.control(f"{kind} checkpoint", load.window.timed, "checkpoint", control.checkpoint, kind, bits)
-                    next_checkpoint += CHECKPOINT_EVERY_SECONDS
-                if elapsed >= next_sample:
-                    row = sampler.sample()
-                    load.control("ListCheckpoints", lambda: full_bytes.extend(
-                        k.bytes_written for k in control.checkpoints() if k.kind == "full" and k.quant_bits == 0))
-                    if samples_path is not None:
-                        write_samples(sampler.rows, samples_path)
-                    progress(", ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("_calls")))
-                    next_sample = max(next_sample + SAMPLE_SECONDS, elapsed + SAMPLE_SECONDS / 2)  # none bunched
+                    next_checkpoint = max(next_checkpoint + CHECKPOINT_EVERY_SECONDS,
+                                          time.monotonic() - sampler.t0 + CHECKPOINT_EVERY_SECONDS / 2)
                 load.stop.wait(0.2)
             load.finish(control)
+            sampling.join(timeout=60)
         status = daemon.stop(timeout=60)
         if status != 0:
             raise SoakFailure(f"the daemon exited with status {status} on SIGTERM; its log:\n{daemon.log()[-4000:]}")
