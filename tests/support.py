@@ -9,14 +9,18 @@ import contextlib
 import ctypes
 import errno
 import platform
+import secrets
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from embtier.client import wait_serving
+from embtier.shm import SharedMemory, side_socket
+from embtier.wire import CREDENTIAL_METADATA_KEY
 from embtier_tools.daemon import Daemon, command, free_port, launch
 from embtierd import config, native
 
@@ -192,3 +196,74 @@ def running_daemon(state_dir: Path, config_text: str):
         yield d
     finally:
         assert d.stop() == 0, d.log()
+
+
+class _Credential(grpc.UnaryUnaryClientInterceptor):
+    """Adds the side socket's credential to each call's metadata."""
+
+    def __init__(self, token: str):
+        self.metadata = ((CREDENTIAL_METADATA_KEY, token),)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        metadata = (*(details.metadata or ()), *self.metadata)
+        return continuation(details._replace(metadata=metadata), request)
+
+
+@contextlib.contextmanager
+def credentialed_channel(target: str):
+    """A plain gRPC channel to a daemon's Unix socket whose calls carry this process's credential from
+    the side socket (as the client library's do), so that raw stubs act as this process's uid (root
+    here: admin); the credential lasts while the channel is open."""
+    side = SharedMemory(side_socket(target))
+    try:
+        reply = side.credential()
+        assert reply is not None, "the daemon gave no credential (auth off?)"
+        with grpc.insecure_channel(target) as channel:
+            yield grpc.intercept_channel(channel, _Credential(reply["token"]))
+    finally:
+        side.close()
+
+
+# ---- certificates (the openssl command line) ----------------------------------------------------------
+
+OPENSSL_CNF = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = embtier test
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, IP:::1
+[client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+"""
+
+
+def openssl(cwd: Path, *args: str) -> None:
+    done = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, f"openssl {' '.join(args)}:\n{done.stderr}"
+
+
+def make_ca(d: Path, name: str) -> None:
+    openssl(d, "req", "-config", "openssl.cnf", "-x509", "-new", "-newkey", "ec", "-pkeyopt",
+            "ec_paramgen_curve:P-256", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem",
+            "-days", "2", "-subj", f"/CN=embtier test {name}", "-extensions", "ca")
+
+
+def make_leaf(d: Path, name: str, ca: str, extensions: str, subject: str) -> None:
+    openssl(d, "req", "-config", "openssl.cnf", "-new", "-newkey", "ec", "-pkeyopt",
+            "ec_paramgen_curve:P-256", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", subject)
+    openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+            "-set_serial", f"0x{secrets.token_hex(8)}", "-days", "2", "-extfile", "openssl.cnf",
+            "-extensions", extensions, "-out", f"{name}.pem")

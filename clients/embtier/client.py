@@ -6,8 +6,10 @@ daemon's message.  Calls that are safe to repeat are retried on UNAVAILABLE
 with exponential backoff (a daemon restarting, a socket not there yet);
 WriteRows with add=True is not, since a retry could apply the update twice.
 
-On a Unix socket to a daemon with server.shared_memory on, lookup_pooled passes
-ids and pooled values through shared memory (embtier.shm) instead of the wire.
+On a Unix socket, the client connects to the daemon's side socket (embtier.shm) on its first call:
+there it gets the credential that tells the daemon its uid and groups ([auth]; sent with every call
+as metadata, renewed when the daemon no longer knows it), and, with server.shared_memory on,
+lookup_pooled passes ids and pooled values through shared memory instead of the wire.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .v1 import embtier_pb2 as pb
 from .v1 import embtier_pb2_grpc as pb_grpc
 from .wire import (
     CHECKPOINT_KINDS,
+    CREDENTIAL_METADATA_KEY,
     DTYPES,
     ID_ARRAYS,
     ID_TYPES,
@@ -47,7 +50,7 @@ from .wire import (
 )
 
 MAX_MESSAGE_BYTES = 256 << 20
-SHM_RETRY_SECONDS = 5.0  # after a failed connection to the shared-memory side socket
+SHM_RETRY_SECONDS = 5.0  # after a failed connection to the side socket (credentials, shared memory)
 
 
 class EmbtierClientError(Exception):
@@ -247,32 +250,59 @@ class Client(LookupShorthands):
         self.timeout = timeout
         self.retries = retries
         self.backoff_seconds = backoff_seconds
-        self.metadata = () if tenant is None else ((TENANT_METADATA_KEY, tenant),)
-        self._shm_path = side_socket(target) if shared_memory is not False else None
+        self._tenant_metadata = () if tenant is None else ((TENANT_METADATA_KEY, tenant),)
+        self.metadata = self._tenant_metadata  # and the credential, once the side socket gave one
+        self._shm_path = side_socket(target)
+        self._shm_wanted = shared_memory is not False
         self._shm_required = bool(shared_memory)
         if shared_memory and self._shm_path is None:
             raise ValueError(f"shared_memory needs a Unix socket target (unix:///path), not {target!r}")
-        self._shm: SharedMemory | None = None
+        self._shm: SharedMemory | None = None  # the side connection
+        self._shm_offered = False  # whether the daemon at the side connection has shared memory on
         self._shm_next_try = 0.0  # (monotonic seconds) when to try connecting to the side socket again
         self._shm_lock = threading.Lock()
         self._dims: dict[str, int] = {}
 
-    @property
-    def shared_memory(self) -> SharedMemory | None:
-        """The connection to the daemon's shared-memory side socket, made on first use; None when the
-        target is not a Unix socket, shared memory is off there or the client was told not to use it.
-        A failed connection is tried again SHM_RETRY_SECONDS later (the daemon may be restarting)."""
+    def _side(self) -> SharedMemory | None:
+        """The connection to the daemon's side socket, made on first use (with the credential it gives);
+        None when the target is not a Unix socket or the daemon has no side socket (auth and shared
+        memory off).  A failed connection is tried again SHM_RETRY_SECONDS later (the daemon may be
+        restarting)."""
         if self._shm is None and self._shm_path is not None and time.monotonic() >= self._shm_next_try:
             with self._shm_lock:
                 if self._shm is None and time.monotonic() >= self._shm_next_try:
                     try:
-                        self._shm = SharedMemory(self._shm_path)
+                        side = SharedMemory(self._shm_path)
+                        try:
+                            credential = side.credential()
+                        except (OSError, ValueError):
+                            side.close()
+                            raise OSError("the side socket did not answer") from None
                     except OSError as e:
                         self._shm_next_try = time.monotonic() + SHM_RETRY_SECONDS
                         if self._shm_required:
                             raise EmbtierClientError(grpc.StatusCode.FAILED_PRECONDITION, f"shared memory: cannot "
                                                      f"connect to {self._shm_path}: {e}", "SharedMemory") from None
+                        return None
+                    if credential is None:  # auth off: the side socket is there for shared memory
+                        self._shm_offered = True
+                    else:
+                        self._shm_offered = bool(credential.get("shared_memory"))
+                        self.metadata = (*self._tenant_metadata, (CREDENTIAL_METADATA_KEY, credential["token"]))
+                    self._shm = side
         return self._shm
+
+    @property
+    def shared_memory(self) -> SharedMemory | None:
+        """The side connection when lookup_pooled may use shared memory through it: None when the target
+        is not a Unix socket, shared memory is off there or the client was told not to use it."""
+        side = self._side() if self._shm_wanted else None
+        if side is not None and not self._shm_offered:
+            if self._shm_required:
+                raise EmbtierClientError(grpc.StatusCode.FAILED_PRECONDITION, "shared memory is off on the daemon "
+                                         "at this socket (server.shared_memory = false)", "SharedMemory")
+            return None
+        return side
 
     def close(self) -> None:
         if self._shm is not None:
@@ -287,6 +317,9 @@ class Client(LookupShorthands):
 
     def _call(self, method: str, request, idempotent: bool = True):
         attempts = self.retries + 1 if idempotent else 1
+        renewed = False
+        if self._shm is None and self._shm_path is not None:
+            self._side()
         for attempt in range(attempts):
             try:
                 return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
@@ -294,6 +327,16 @@ class Client(LookupShorthands):
                 if e.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
                     time.sleep(self.backoff_seconds * 2**attempt)
                     continue
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED and not renewed and self._shm is not None:
+                    # the daemon restarted and knows our credential no more (the call was refused before
+                    # it did anything, so it is safe to send again, idempotent or not): get a new one
+                    renewed = True
+                    self._forget_shared_memory(self._shm)
+                    self._side()
+                    try:
+                        return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
+                    except grpc.RpcError as again:
+                        e = again
                 raise EmbtierClientError(e.code(), e.details() or "", method) from None
         raise AssertionError("unreachable")
 
@@ -455,6 +498,8 @@ class Client(LookupShorthands):
     def _start(self, method: str, request, decode: Callable):
         """The call sent, not waited for: a function that waits and returns decode(reply), or raises
         EmbtierClientError."""
+        if self._shm is None and self._shm_path is not None:
+            self._side()
         future = getattr(self.stub, method).future(request, timeout=self.timeout, metadata=self.metadata)
 
         def finish():
@@ -550,10 +595,11 @@ class Client(LookupShorthands):
             channel.release(region)
 
     def _forget_shared_memory(self, channel: SharedMemory) -> None:
-        """Drops a side connection that stopped working; the next lookup_pooled connects afresh."""
+        """Drops a side connection that stopped working, and its credential; the next call connects afresh."""
         with self._shm_lock:
             if self._shm is channel:
                 self._shm, self._shm_next_try = None, 0.0
+                self.metadata = self._tenant_metadata
                 self._dims.clear()
         channel.close()
 

@@ -1,4 +1,5 @@
-"""The client's side of same-host shared memory (the daemon's server.shared_memory).
+"""The client's side of the daemon's side socket: same-host shared memory (server.shared_memory) and
+the credential of this process ([auth]).
 
 A SharedMemory is one connection to the daemon's side socket (its gRPC Unix socket's path +
 wire.SHM_SOCKET_SUFFIX) and the regions registered over it: sealed memfds mapped here and in the
@@ -112,6 +113,15 @@ class SharedMemory:
     def release(self, region: Region) -> None:
         with self._lock:
             self._free.append(region)
+
+    def credential(self) -> dict | None:
+        """The daemon's credential for this process ({"token", "identity", "role", "shared_memory"}), or
+        None when the daemon checks no roles (auth off; a daemon older than [auth] does not know the op)."""
+        with self._lock:
+            try:
+                return self._ask({"op": "credential"})
+            except SharedMemoryError:
+                return None
 
     def status(self) -> list[dict]:
         with self._lock:

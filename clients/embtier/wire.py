@@ -40,6 +40,10 @@ CHECKPOINT_KINDS = {"full": pb.FULL, "incremental": pb.INCREMENTAL, "differentia
 QUANTIZERS = {"adaptive": pb.ADAPTIVE, "minmax": pb.MINMAX}
 QUANT_BITS = (0, 2, 3, 4, 8)        # bits per value of a checkpoint; 0 = exact
 TENANT_METADATA_KEY = "embtier-tenant"  # gRPC metadata naming a request's tenant (none: the default tenant)
+# gRPC metadata of a call on the Unix socket: the credential the side socket gave this client (a token
+# standing for its uid, gid and groups, which the daemon read with SO_PEERCRED).
+CREDENTIAL_METADATA_KEY = "embtier-credential"
+ROLES = ("none", "reader", "writer", "admin")  # what a peer may do ([auth]), each role allowing the one before it
 # gRPC metadata of a cluster client's request: the shard plan version it routed by.  A daemon whose plan
 # is newer answers FAILED_PRECONDITION with its version in the trailing metadata under the same key.
 PLAN_METADATA_KEY = "embtier-plan-version"

@@ -462,7 +462,8 @@ class ClusterBed:
         default_port, metrics_port = self._host_ports(i)
         target = f"{self.address(i)}:{port or default_port}"
         state_dir = Path(state_dir) if state_dir is not None else self.base_dir / f"host{i}"
-        args = command(state_dir, [target], f"{LOOPBACK}:{metrics_port}", *extra_args)
+        # the bed's clients present no certificates: peers without an identity may do everything here
+        args = command(state_dir, [target], f"{LOOPBACK}:{metrics_port}", "--anonymous-role", "admin", *extra_args)
         daemon = launch(args, state_dir, target, popen=functools.partial(self._popen_daemon, i))
         self.daemons[i] = daemon
         try:

@@ -522,8 +522,9 @@ def start_daemon(bed: TestBed, state_dir: Path, port: int = DAEMON_PORT, extra_a
     loopback), state and log (embtierd.log) in state_dir; returns (its process, its target) once a
     health check from the host namespace, over the veth, says SERVING."""
     target = f"{bed.switch_address}:{port}"
-    daemon = launch(command(state_dir, [target], f"127.0.0.1:{METRICS_PORT}", *extra_args), state_dir, target,
-                    popen=functools.partial(bed.popen, "switch"))
+    # the bed's host namespace presents no certificate: peers without an identity may do everything here
+    daemon = launch(command(state_dir, [target], f"127.0.0.1:{METRICS_PORT}", "--anonymous-role", "admin",
+                            *extra_args), state_dir, target, popen=functools.partial(bed.popen, "switch"))
     proc, log_path = daemon.proc, daemon.log_path
     waiter = bed.popen("host", host_client_command("wait", "--target", target, "--timeout", str(timeout)),
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -10,6 +10,7 @@ import sys
 from dataclasses import asdict
 
 from embtier.cluster.coord import parse_cluster
+from embtier.wire import ROLES
 
 from embtierd import config as config_mod
 from embtierd.errors import ConfigError, EmbtierError
@@ -24,6 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="Prometheus /metrics endpoint ('' turns it off)")
     p.add_argument("--shared-memory", action="store_true",
                    help="let clients on the Unix socket pass LookupPooled's ids and results through shared memory")
+    p.add_argument("--anonymous-role", choices=ROLES,
+                   help="the role of peers without an identity (auth.anonymous; default reader): more only where "
+                        "no one else can reach the listeners, as on an isolated test bed")
     p.add_argument("--dram-bytes", metavar="SIZE", help="DRAM tier capacity (e.g. 512M, 4G, 25%%)")
     p.add_argument("--cxl-bytes", metavar="SIZE", help="CXL tier capacity")
     p.add_argument("--scm-bytes", metavar="SIZE", help="SCM tier capacity")
@@ -57,6 +61,8 @@ def overrides(args: argparse.Namespace) -> dict:
              (("dram", args.dram_bytes), ("cxl", args.cxl_bytes), ("scm", args.scm_bytes)) if value is not None}
     if tiers:
         out["tiers"] = tiers
+    if args.anonymous_role is not None:
+        out["auth"] = {"anonymous": args.anonymous_role}
     cluster = {}
     if args.cluster is not None:
         try:

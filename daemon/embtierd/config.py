@@ -37,6 +37,7 @@ from embtier.wire import (
     POLICIES,
     QUANT_BITS,
     QUANTIZERS,
+    ROLES,
     TABLE_NAME_RE,
     TENANT_NAME_RE,
     TENANT_PRIORITIES,
@@ -262,6 +263,23 @@ def tenants(value: Any, name: str, available: int | None) -> dict[str, dict[str,
     return _sub_tables(value, name, available, TENANT_KEYS, "tenants", TENANT_NAME_RE)
 
 
+def tenant_names(value: Any, name: str, _available: int | None) -> tuple[str, ...]:
+    """A list of tenant names."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and TENANT_NAME_RE.fullmatch(v) for v in value):
+        raise _expected(name, "a list of tenant names (1-64 characters of [A-Za-z0-9_.-])", value)
+    return tuple(dict.fromkeys(value))
+
+
+def grants(value: Any, name: str, available: int | None) -> dict[str, dict[str, Any]]:
+    """auth.grants: grant name -> its GRANT_KEYS (every grant names an identity)."""
+    checked = _sub_tables(value, name, available, GRANT_KEYS, "grants", TENANT_NAME_RE)
+    for sub, grant in checked.items():
+        if not grant["identity"]:
+            raise ConfigError(f"{name}.{sub}.identity: every grant names an identity "
+                              '("uid:N", "user:NAME", "gid:N", "group:NAME" or "cert:NAME")')
+    return checked
+
+
 # ---- the schema ---------------------------------------------------------------------------------
 
 
@@ -440,6 +458,21 @@ KEYS: tuple[Key, ...] = (
         "Tenants (one per model or service), each a [tenants.NAME] table, named per request by the gRPC "
         'metadata key "embtier-tenant" (a request without it is tenant "default", which a [tenants.default] '
         "table may configure; another name not configured is INVALID_ARGUMENT). Its keys:"),
+
+    Key("auth.enabled", boolean, True,
+        "Check each call's role against its method (daemon/embtierd/rpc/auth.py): reader (lookups, describe, "
+        "list, tiers, heat), writer (also WriteRows, CreateTable), admin (also DropTable, SetPolicy, Checkpoint, "
+        "RestoreCheckpoint, RecordTrace). false: every peer is admin."),
+    Key("auth.anonymous", one_of(ROLES), "reader",
+        "The role of a peer with no identity (plaintext TCP, TLS without a client certificate, a Unix peer "
+        "that sent no credential), and every peer's floor; \"none\" allows health checks only."),
+    Key("auth.group", one_of(ROLES), "writer",
+        "The role of Unix socket peers in the daemon's group (the socket's group; mode 0660 lets them "
+        "connect), and of Unix peers that send no credential (all the socket's mode says of them is that "
+        "much). Root and the daemon's own user are admin."),
+    Key("auth.grants", grants, {},
+        "Roles granted to identities, each an [auth.grants.NAME] table; a peer's role is the highest it is "
+        "granted. Its keys:"),
 )
 
 TABLE_KEYS: tuple[Key, ...] = (
@@ -466,7 +499,18 @@ TENANT_KEYS: tuple[Key, ...] = (
 )
 """The keys of one [tenants.NAME] table."""
 
-SUB_TABLES = {"tiering.tables": TABLE_KEYS, "tenants": TENANT_KEYS}
+GRANT_KEYS: tuple[Key, ...] = (
+    Key("identity", string("an identity"), "",
+        '"uid:N", "user:NAME", "gid:N" or "group:NAME" (a Unix socket peer, or a member of the group), or '
+        '"cert:NAME" (a client certificate with NAME as its common name or a subject alternative name).'),
+    Key("role", one_of(ROLES), "reader", "The role granted."),
+    Key("tenants", tenant_names, [],
+        "The tenants it is granted as; none: every tenant. An identity whose grants all name tenants may act "
+        "as those tenants only."),
+)
+"""The keys of one [auth.grants.NAME] table."""
+
+SUB_TABLES = {"tiering.tables": TABLE_KEYS, "tenants": TENANT_KEYS, "auth.grants": GRANT_KEYS}
 """The keys that hold a table of tables, and the keys of each."""
 
 def key_names() -> list[str]:
@@ -648,6 +692,16 @@ def _tenants(tables: dict[str, dict[str, Any]]) -> dict[str, TenantConfig]:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Who may do what ([auth], rpc/auth.py): grants are NAME -> its GRANT_KEYS."""
+
+    enabled: bool = _default("auth.enabled")
+    anonymous: str = _default("auth.anonymous")
+    group: str = _default("auth.group")
+    grants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     """The daemon's configuration, as build() makes it from a TOML document."""
 
@@ -663,6 +717,7 @@ class Config:
     scheduler: SchedulerConfig = SchedulerConfig()
     cluster: ClusterConfig = ClusterConfig()
     tenants: dict[str, TenantConfig] = field(default_factory=lambda: _tenants({}))
+    auth: AuthConfig = AuthConfig()
 
 
 # ---- loading --------------------------------------------------------------------------------------
@@ -761,6 +816,7 @@ def build(doc: dict, available_bytes: int | None = None) -> Config:
         scheduler=SchedulerConfig(**section("scheduler")),
         cluster=ClusterConfig(**section("cluster")),
         tenants=_tenants(tenant_tables),
+        auth=AuthConfig(**section("auth")),
     )
 
 

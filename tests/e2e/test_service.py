@@ -14,7 +14,7 @@ from embtier import Client, EmbtierClientError
 from embtier.v1 import embtier_pb2 as pb
 from embtier.v1 import embtier_pb2_grpc as pb_grpc
 
-from tests.support import start_daemon
+from tests.support import credentialed_channel, start_daemon
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def client(daemon):
 
 @pytest.fixture(scope="module")
 def stub(daemon):
-    with grpc.insecure_channel(daemon.target) as channel:
+    with credentialed_channel(daemon.target) as channel:
         yield pb_grpc.EmbeddingStoreStub(channel)
 
 

@@ -89,7 +89,15 @@ def test_shared_memory_is_off_unless_enabled(tmp_path):
     d = start_daemon(tmp_path / "off")
     try:
         with Client(d.target) as c:
-            assert c.shared_memory is None and not side_socket(d.target).exists()
+            assert c.shared_memory is None  # (the side socket is there for credentials: it registers nothing)
+            side = SharedMemory(side_socket(d.target))
+            try:
+                assert side.credential()["shared_memory"] is False
+                with pytest.raises(SharedMemoryError) as refused:
+                    side.lease(1 << 20)
+                assert refused.value.code == "FAILED_PRECONDITION" and "shared memory is off" in str(refused.value)
+            finally:
+                side.close()
             c.create_table("t", 10, 4)
             assert c.lookup_pooled({"t": (np.array([1, 2]), np.array([2]))})["t"].shape == (1, 4)
             request = pb.LookupPooledRequest(features=[pb.FeatureBags(

@@ -74,9 +74,10 @@ def in_thread(fn, *args) -> tuple[threading.Thread, dict]:
 def test_queued_lookups_run_by_priority_then_earliest_deadline(daemon):
     plan = [("low, late", "low", 5.0), ("low, soon", "low", 3.0), ("high", "high", 8.0)]
     clients = {name: Client(daemon.target, timeout=timeout, tenant=tenant, retries=0) for name, tenant, timeout in plan}
+    clients["blocker"] = Client(daemon.target, timeout=10, tenant="low", retries=0)
     for c in clients.values():  # connected beforehand: each call reaches the daemon when it is sent
         c.lookup("t", [0])
-    blocker = in_thread(lookup, daemon.target, "low", 3000)  # 0.6 s on the one slot
+    blocker = in_thread(clients["blocker"].lookup, "t", np.arange(3000) % 1000)  # 0.6 s on the one slot
     time.sleep(0.15)
     calls = {}
     for name, _, _ in plan:

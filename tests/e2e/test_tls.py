@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -22,30 +21,10 @@ from embtierd.config import TlsConfig, interface_addresses
 from embtierd.errors import ConfigError
 from embtierd.rpc import tls
 
-from tests.support import daemon_args, free_port, start_daemon
+from tests.support import OPENSSL_CNF, daemon_args, free_port, make_ca, make_leaf, openssl, start_daemon
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
-OPENSSL_CNF = """\
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = embtier test
-[ca]
-basicConstraints = critical, CA:TRUE
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-[server]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
-extendedKeyUsage = serverAuth
-subjectAltName = IP:127.0.0.1, IP:::1
-[client]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = clientAuth
-"""
 
 
 @dataclass(frozen=True)
@@ -57,27 +36,6 @@ class Pki:
     client_key: Path
     rogue_cert: Path  # signed by another CA, with the same subject
     rogue_key: Path
-
-
-def openssl(cwd: Path, *args: str) -> None:
-    done = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
-                          check=False)
-    assert done.returncode == 0, f"openssl {' '.join(args)}:\n{done.stderr}"
-
-
-def make_ca(d: Path, name: str) -> None:
-    openssl(d, "req", "-config", "openssl.cnf", "-x509", "-new", "-newkey", "ec", "-pkeyopt",
-            "ec_paramgen_curve:P-256", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem",
-            "-days", "2", "-subj", f"/CN=embtier test {name}", "-extensions", "ca")
-
-
-def make_leaf(d: Path, name: str, ca: str, extensions: str, subject: str) -> None:
-    openssl(d, "req", "-config", "openssl.cnf", "-new", "-newkey", "ec", "-pkeyopt",
-            "ec_paramgen_curve:P-256", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", subject)
-    openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-            "-set_serial", f"0x{secrets.token_hex(8)}", "-days", "2", "-extfile", "openssl.cnf",
-            "-extensions", extensions, "-out", f"{name}.pem")
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def test_file_then_overrides(tmp_path):
 
 @pytest.mark.parametrize("doc, message", [
     ({"tiers": {"dram": {"capacty": "1G"}}}, r"tiers.dram: unknown key\(s\) capacty"),
-    ({"bogus": 1}, (r"unknown top-level key\(s\): bogus; known: cluster, durability, fabric, kernels, scheduler, server, "
+    ({"bogus": 1}, (r"unknown top-level key\(s\): bogus; known: auth, cluster, durability, fabric, kernels, scheduler, server, "
                     r"state_dir, tenants, ")),
     ({"kernels": {"kernel_threads": 0}}, r"kernels.kernel_threads: expected an integer in \[1, 256\], got 0"),
     ({"kernels": {"prefetch_distance": "far"}}, "kernels.prefetch_distance"),
@@ -343,6 +343,7 @@ DEFAULTS_ON_8_GIB = {
     "scheduler": {"enabled": True, "kernel_workers": 2, "max_queued": 512},
     "cluster": {"name": "", "endpoints": ["127.0.0.1:2379"], "node_id": "", "advertise": "", "lease_seconds": 5},
     "tenants": {"default": {"name": "default", "priority": 1, "deadline_seconds": 1.0, "max_in_flight": 64}},
+    "auth": {"enabled": True, "anonymous": "reader", "group": "writer", "grants": {}},
 }
 
 
@@ -383,7 +384,7 @@ def test_dataclass_defaults_are_the_schemas():
         assert type(obj)(**required) == obj, type(obj).__name__
         instances += [getattr(obj, f.name) for f in dataclasses.fields(obj)
                       if dataclasses.is_dataclass(getattr(obj, f.name))]
-    assert len(instances) == 13  # Config, its 10 sections, server.tls and durability.checkpoints
+    assert len(instances) == 14  # Config, its 11 sections, server.tls and durability.checkpoints
     table = config.load(overrides={"tiering": {"tables": {"t": {}}}}, available_bytes=GiB).tiering.tables["t"]
     assert table == TableSettings()
     tenants = config.load(overrides={"tenants": {"t": {}}}, available_bytes=GiB).tenants

@@ -10,6 +10,8 @@
 - the plan fence of a cluster host (cluster/fence.py): a request routed by an older shard plan
   than the daemon's is refused (FAILED_PRECONDITION, the daemon's version in the trailing
   metadata); the others are counted while they run.
+- who may call it ([auth], rpc/auth.py): a call beyond its peer's role is PERMISSION_DENIED, counted
+  and logged; health checks and reflection are open to every peer.
 - error mapping, in one place: every EmbtierError becomes its gRPC status with its message;
   anything else is logged and becomes INTERNAL, and the daemon keeps serving.
 
@@ -29,6 +31,7 @@ from embtier.wire import PLAN_METADATA_KEY
 
 from embtierd.cluster.fence import PlanFence, StalePlanError
 from embtierd.errors import EmbtierError
+from embtierd.rpc.auth import Authorizer, required_role
 from embtierd.rpc.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -46,8 +49,9 @@ def method_label(full_method: str, own_service: str) -> str:
 
 class CallInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: Metrics, own_service: str, draining: threading.Event,
-                 fence: PlanFence | None = None):
+                 fence: PlanFence | None = None, authorizer: Authorizer | None = None):
         self.metrics = metrics
+        self.authorizer = authorizer
         self.fence = fence
         self.own_service = own_service
         self.draining = draining
@@ -71,6 +75,8 @@ class CallInterceptor(grpc.ServerInterceptor):
         requests = self.metrics.requests
         draining = None if full_method.startswith(HEALTH_PREFIX) else self.draining
         fence = None if full_method.startswith(HEALTH_PREFIX) else self.fence
+        authorizer = self.authorizer
+        need = required_role(method) if authorizer is not None else None
 
         def call(request, context):
             start = time.perf_counter()
@@ -80,6 +86,8 @@ class CallInterceptor(grpc.ServerInterceptor):
                 if draining is not None and draining.is_set():
                     context.abort(grpc.StatusCode.UNAVAILABLE, "embtierd is shutting down")
                 try:
+                    if need is not None:
+                        authorizer.check(method, need, context)
                     if fence is not None:
                         version = fence.requested(context.invocation_metadata())
                         if version is not None:

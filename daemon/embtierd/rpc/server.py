@@ -41,6 +41,7 @@ from embtierd.durability import checkpoint, recovery
 from embtierd.durability.wal import WriteAheadLog
 from embtierd.rpc import shm
 from embtierd.rpc import tls as tls_mod
+from embtierd.rpc.auth import Authorizer
 from embtierd.rpc.interceptor import CallInterceptor
 from embtierd.rpc.metrics import Metrics
 from embtierd.rpc.service import EmbeddingStoreServicer
@@ -180,11 +181,14 @@ class Daemon:
         tls = config.server.tls
         self.credentials = tls_mod.server_credentials(tls) if tls.enabled else None
         self.security = "mTLS" if tls.mutual else "TLS" if tls.enabled else "plaintext"
+        self.authorizer = Authorizer(config.auth) if config.auth.enabled else None  # (its grants checked here)
         raise_open_file_limit()
         private_state(config.state_dir)
         self.store = Store(config)
         self.draining = threading.Event()
         self.metrics = Metrics(self.store)
+        if self.authorizer is not None:
+            self.authorizer.count_denied(lambda method: self.metrics.auth_denied.labels(method).inc())
         self.tiering = TieringEngine(self.store, config.tiering, self.metrics)
         self.checkpoints: checkpoint.Checkpointer | None = None
         self.wal = self._recover(salvage) if config.durability.wal else None
@@ -202,7 +206,7 @@ class Daemon:
         threads = config.server.worker_threads + (config.scheduler.max_queued if config.scheduler.enabled else 0)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-            interceptors=[CallInterceptor(self.metrics, SERVICE_NAME, self.draining, self.fence)],
+            interceptors=[CallInterceptor(self.metrics, SERVICE_NAME, self.draining, self.fence, self.authorizer)],
             options=grpc_options(config.server))
         servicer = EmbeddingStoreServicer(self.store, config.server, self.metrics, self.tiering,
                                           Tenants(config.tenants), self.scheduler)
@@ -250,9 +254,9 @@ class Daemon:
             if address.startswith("unix://"):  # members of the daemon's group may connect (umask 077 made it 0700)
                 os.chmod(address[len("unix://"):], SOCKET_MODE)
             log.info("listening on %s (%s)", address, security)
-            if self.shm is not None and address.startswith("unix://"):
+            if (self.shm is not None or self.authorizer is not None) and address.startswith("unix://"):
                 self.side_servers.append(shm.SideServer(shm.side_socket_path(Path(address[len("unix://"):])),
-                                                        self.shm, SOCKET_MODE))
+                                                        self.shm, SOCKET_MODE, self.authorizer))
         if self.shm is not None and not self.side_servers:
             log.warning("server.shared_memory is on, but the daemon listens on no Unix socket (unix://PATH): "
                         "no client can register a region")

@@ -7,7 +7,15 @@ may reach it).  A message is one JSON object; a registration carries the region'
   {"op": "register", "name": N}  + fd -> {"ok": true, "region": N, "token": T, "bytes": B}
   {"op": "status"}                     -> {"ok": true, "regions": [{"region", "bytes", "in_use"}, ...]}
   {"op": "unregister", "name": N}      -> {"ok": true}
+  {"op": "credential"}                 -> {"ok": true, "token": T, "identity": "...", "role": R,
+                                            "shared_memory": bool}
   refused: {"ok": false, "code": "<gRPC status name>", "message": "..."}
+
+The side socket also hands out credentials ([auth], rpc/auth.py): gRPC does not tell a server who its
+Unix socket peers are, so a client asks here, where the daemon reads SO_PEERCRED, and sends the token
+with each gRPC call; it stands for the peer's uid and groups while this connection is open.  The side
+socket listens whenever auth or shared memory is on; register, unregister and status need shared
+memory on (FAILED_PRECONDITION otherwise).
 
 A registration is refused unless the fd is a memfd that cannot shrink (F_SEAL_SHRINK: a region cut
 short under a reader would kill the daemon with SIGBUS), owned by the peer's uid (SO_PEERCRED), of 1
@@ -54,6 +62,7 @@ from embtierd.errors import (
     PermissionDeniedError,
     RequestTooLargeError,
 )
+from embtierd.rpc.auth import Authorizer, unix_identity
 
 log = logging.getLogger(__name__)
 
@@ -222,11 +231,13 @@ def write_slice(name: str, ref, region: Region, values: np.ndarray) -> None:
 
 
 class SideServer:
-    """The side socket: a thread accepting connections, a thread per connection."""
+    """The side socket: a thread accepting connections, a thread per connection.  registry: the shared
+    memory regions (None: shared memory is off); authorizer: who may do what (None: auth is off)."""
 
-    def __init__(self, path: Path, registry: Registry, mode: int) -> None:
+    def __init__(self, path: Path, registry: Registry | None, mode: int, authorizer: Authorizer | None = None) -> None:
         self.path = path
         self.registry = registry
+        self.authorizer = authorizer
         path.unlink(missing_ok=True)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock.bind(str(path))
@@ -234,8 +245,10 @@ class SideServer:
         self._sock.listen(64)
         self._connections = 0
         self._closed = False
-        threading.Thread(target=self._accept, name="shm-accept", daemon=True).start()
-        log.info("shared memory: side socket %s", path)
+        threading.Thread(target=self._accept, name="side-accept", daemon=True).start()
+        log.info("side socket %s (%s)", path, ", ".join(
+            what for what, on in (("shared memory", registry is not None), ("credentials", authorizer is not None))
+            if on))
 
     def _accept(self) -> None:
         while not self._closed:
@@ -244,12 +257,13 @@ class SideServer:
             except OSError:
                 return
             self._connections += 1
-            threading.Thread(target=self._serve, args=(conn, self._connections), name="shm-conn",
+            threading.Thread(target=self._serve, args=(conn, self._connections), name="side-conn",
                              daemon=True).start()
 
     def _serve(self, conn: socket.socket, owner: int) -> None:
+        tokens: list[str] = []  # the credentials this connection was given: they go with it
         try:
-            _pid, uid, _gid = PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size))
+            pid, uid, gid = PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size))
             while True:
                 try:
                     data, fds, _flags, _addr = socket.recv_fds(conn, SHM_MESSAGE_BYTES, 1)
@@ -260,7 +274,7 @@ class SideServer:
                         os.close(fd)
                     return
                 try:
-                    reply = self._handle(owner, uid, data, fds)
+                    reply = self._handle(owner, (pid, uid, gid), data, fds, tokens)
                 except EmbtierError as e:
                     reply = {"ok": False, "code": e.status, "message": str(e)}
                 except OSError as e:
@@ -272,15 +286,29 @@ class SideServer:
         except OSError:
             return
         finally:
-            self.registry.drop_connection(owner)
+            for token in tokens:
+                self.authorizer.credentials.revoke(token)
+            if self.registry is not None:
+                self.registry.drop_connection(owner)
             conn.close()
 
-    def _handle(self, owner: int, uid: int, data: bytes, fds: list[int]) -> dict:
+    def _handle(self, owner: int, peer: tuple[int, int, int], data: bytes, fds: list[int], tokens: list[str]) -> dict:
         try:
             message = json.loads(data)
         except ValueError:
             raise InvalidArgumentError("a side-socket message is one JSON object") from None
         op = message.get("op") if isinstance(message, dict) else None
+        if op == "credential":
+            if self.authorizer is None:
+                raise FailedPreconditionError("auth is off (auth.enabled = false): no credential is needed")
+            who = unix_identity(*peer)
+            token = self.authorizer.credentials.issue(who)
+            tokens.append(token)
+            return {"ok": True, "token": token, "identity": str(who), "role": self.authorizer.access(who).role,
+                    "shared_memory": self.registry is not None}
+        if op in ("register", "unregister", "status") and self.registry is None:
+            raise FailedPreconditionError(f"{op}: shared memory is off (server.shared_memory = false)")
+        uid = peer[1]
         if op == "register":
             if len(fds) != 1:
                 raise InvalidArgumentError(f"register takes one fd (SCM_RIGHTS); got {len(fds)}")
@@ -291,7 +319,7 @@ class SideServer:
             return {"ok": True}
         if op == "status":
             return {"ok": True, "regions": self.registry.status(owner)}
-        raise InvalidArgumentError(f"op must be register, unregister or status; got {op!r}")
+        raise InvalidArgumentError(f"op must be credential, register, unregister or status; got {op!r}")
 
     def close(self) -> None:
         self._closed = True
@@ -301,4 +329,5 @@ class SideServer:
             pass
         self._sock.close()
         self.path.unlink(missing_ok=True)
-        self.registry.close()
+        if self.registry is not None:
+            self.registry.close()
