@@ -124,13 +124,13 @@ class Metrics:
                                 registry=r)
         self.latency = Histogram("embtier_request_duration_seconds", "Time to serve a request, by method.",
                                  ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.auth_denied = Counter("embtier_auth_denied", "Calls refused for their role ([auth]), by method.",
+                                   ["method"], registry=r)
         self.rows_served = Counter("embtier_rows_served", "Rows gathered for lookups, by table and tier.",
                                    ["table", "tier"], registry=r)
         self.gathered_bytes = Counter("embtier_gathered_bytes", "Row bytes gathered from the tiers, by method.",
                                       ["method"], registry=r)
         self.wire_bytes = Counter("embtier_wire_bytes", "Bytes of values returned on the wire, by method.",
-        self.auth_denied = Counter("embtier_auth_denied", "Calls refused for their role ([auth]), by method.",
-                                   ["method"], registry=r)
                                   ["method"], registry=r)
         self.migrations = Counter("embtier_migrations", "Rows moved between tiers, by direction.", ["from", "to"],
                                   registry=r)
