@@ -68,7 +68,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
+import math
 import shutil
 import sys
 import tempfile
@@ -82,8 +84,15 @@ import numpy as np
 from embtier_tools.loadgen import ZipfIds
 from embtierd import config, native
 from embtierd.store.catalog import Store
+from embtierd.store.mover import SCM_READ_DEPTH
 from embtierd.tiering.config import TieringConfig
-from embtierd.tiering.engine import MOVE_BATCH_ROWS, TieringEngine, lower_priority
+from embtierd.tiering.engine import (
+    MOVE_BATCH_ROWS,
+    SCM_BATCH_ROWS,
+    SCM_READ_ROWS_PER_SECOND,
+    TieringEngine,
+    lower_priority,
+)
 from embtierd.tiering.policies import make_policy
 from embtierd.tiering.policy_base import UNLIMITED, run_interval
 from embtierd.tiering.simulate import SimConfig, SimResult, oracle_hit_ratios, simulate
@@ -357,17 +366,35 @@ class Window:
         return self.rows / self.seconds if self.seconds else float("nan")
 
 
+ENGINE_ARMS = ("quiet", "unpaced")  # step 4: the engine as it ships, and with its moves' SCM reads unpaced
+
+
+@contextlib.contextmanager
+def engine_arm(tiered: TieredTable, arm: str) -> Iterator[None]:
+    """The engine as it ships ("quiet": SCM reads paced, short batches, few in flight), or "unpaced": the
+    moves read SCM as fast as the device goes, MOVE_BATCH_ROWS at a time, kernels.scm_queue_depth in flight
+    (the engine before quiet migration)."""
+    engine, mover = tiered.engine, tiered.store.mover
+    saved = engine.scm_rows_per_second, engine.scm_batch_rows, mover.scm_read_depth
+    if arm == "unpaced":
+        engine.scm_rows_per_second, engine.scm_batch_rows, mover.scm_read_depth = math.inf, MOVE_BATCH_ROWS, None
+    try:
+        yield
+    finally:
+        engine.scm_rows_per_second, engine.scm_batch_rows, mover.scm_read_depth = saved
+
+
 @dataclass
 class MigrationRep:
-    windows: dict[str, dict[str, Window]]   # arm (before, with, after, scm reads) -> kind -> window
-    run_seconds: float
-    moved_rows: int
+    windows: dict[str, dict[str, Window]]   # window (idle 1-3, an engine arm, scm reads) -> kind -> window
+    idle: dict[str, tuple[str, ...]]        # an arm -> the idle windows its rate is compared with
+    run_seconds: dict[str, float]           # engine arm -> its run_once's seconds
+    moved_rows: dict[str, int]              # engine arm -> rows its run_once moved
 
-    def ratio(self, kind: str, arm: str = "with") -> float:
-        """Rate in the arm against the engine idle: for "with" the mean of the windows around it, for the
-        SCM-reads control the window just before it."""
-        idle = ("before", "after") if arm == "with" else ("after",)
-        return self.windows[arm][kind].rate / np.mean([self.windows[a][kind].rate for a in idle])
+    def ratio(self, kind: str, arm: str) -> float:
+        """The arm's rate against the mean of the idle windows around it (for the SCM-reads control, the
+        window just before it)."""
+        return self.windows[arm][kind].rate / np.mean([self.windows[a][kind].rate for a in self.idle[arm]])
 
 
 def lookup_window(store: Store, draws: dict[str, Callable[[], np.ndarray]], going: Callable[[], bool]
@@ -385,8 +412,8 @@ def lookup_window(store: Store, draws: dict[str, Callable[[], np.ndarray]], goin
 
 
 def scm_reads(store: Store, seconds: float, seed: int) -> int:
-    """Reads random SCM-homed rows in the mover's batches (Store.read_encoded: the read path of a
-    promotion) for seconds, moving nothing; rows read."""
+    """Reads random SCM-homed rows in the unpaced mover's batches (Store.read_encoded: the read path
+    of a promotion) for seconds, moving nothing; rows read."""
     rng = np.random.default_rng(seed)
     homed = np.flatnonzero(store.placement(TABLE) == SCM)
     until, rows = time.perf_counter() + seconds, 0
@@ -398,7 +425,8 @@ def scm_reads(store: Store, seconds: float, seed: int) -> int:
 
 def migration_interference(tiered: TieredTable, rng: np.random.Generator) -> list[MigrationRep]:
     """Step 4: after a second shift (and a quarter interval of the new ids, for a backlog of moves),
-    reps of engine idle / run_once in a thread / engine idle / SCM reads in a thread (the control)."""
+    reps of engine idle / run_once of one arm in a thread / idle / run_once of the other arm / idle /
+    SCM reads in a thread (the control); the arms' order alternates from rep to rep."""
     plan, store = tiered.plan, tiered.store
     old = HotSet(plan.rows, SHIFT_ALPHA, SEED_SHIFT, tiered.capacity_rows)
     new = HotSet(plan.rows, SHIFT_ALPHA, SEED_SECOND_SHIFT, tiered.capacity_rows)
@@ -416,24 +444,29 @@ def migration_interference(tiered: TieredTable, rng: np.random.Generator) -> lis
         windows = lookup_window(store, draws, lambda: not running.done())
         return windows, running.result()
 
-    def engine_interval() -> tuple[float, int]:
-        start = time.perf_counter()
-        moved = sum(tiered.engine.run_once().values())
-        return time.perf_counter() - start, moved
+    def engine_interval(arm: str) -> tuple[float, int]:
+        with engine_arm(tiered, arm):
+            start = time.perf_counter()
+            moved = sum(tiered.engine.run_once().values())
+            return time.perf_counter() - start, moved
 
     reps = []
     # the engine's thread in the daemon runs at a lower priority; so does this one (and the control's reads)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiering", initializer=lower_priority) as background:
         for rep in range(plan.migration_reps):
-            before = idle_window()
-            during, (seconds, moved) = beside(engine_interval)
-            after = idle_window()
-            control, _ = beside(lambda seconds=seconds, rep=rep: scm_reads(store, seconds, rep))
-            reps.append(MigrationRep({"before": before, "with": during, "after": after, "scm reads": control},
-                                     seconds, moved))
-            log(f"migration rep {rep + 1}/{plan.migration_reps}: run_once {seconds:.2f} s, moved {moved}, ratios "
-                + ", ".join(f"{k} {reps[-1].ratio(k):.3f} (SCM reads {reps[-1].ratio(k, 'scm reads'):.3f})"
-                            for k in draws))
+            arms = ENGINE_ARMS[rep % 2:] + ENGINE_ARMS[:rep % 2]
+            windows = {"idle 1": idle_window()}
+            seconds, moved = {}, {}
+            for k, arm in enumerate(arms, 2):
+                windows[arm], (seconds[arm], moved[arm]) = beside(lambda arm=arm: engine_interval(arm))
+                windows[f"idle {k}"] = idle_window()
+            idle = {arms[0]: ("idle 1", "idle 2"), arms[1]: ("idle 2", "idle 3"), "scm reads": ("idle 3",)}
+            windows["scm reads"], _ = beside(lambda s=seconds["unpaced"], rep=rep: scm_reads(store, s, rep))
+            reps.append(MigrationRep(windows, idle, seconds, moved))
+            log(f"migration rep {rep + 1}/{plan.migration_reps}: " + "; ".join(
+                f"{arm} run_once {seconds[arm]:.2f} s, moved {moved[arm]}, ratios " +
+                ", ".join(f"{k} {reps[-1].ratio(k, arm):.3f}" for k in draws) for arm in arms) +
+                "; SCM reads " + ", ".join(f"{k} {reps[-1].ratio(k, 'scm reads'):.3f}" for k in draws))
     return reps
 
 
@@ -597,32 +630,45 @@ def print_shift(intervals: list[Interval]) -> None:
 
 def print_migration(reps: list[MigrationRep], steady_run: list[Interval], planning: float) -> None:
     print(f"\n4. pooled lookups while the engine migrates (1 kernel thread; {len(reps)} reps of engine idle / "
-          f"run_once in a thread / engine idle / SCM reads in a thread, after a second shift)")
-    print(f"   {'lookups':<24} {'idle rows/s':>12} {'with rows/s':>12} {'ratio':>7} {'[q25, q75]':>15}  "
-          f"{'SCM reads':>9} {'[q25, q75]':>15}   DRAM/CXL/SCM shares before | with | after")
-    for kind in reps[0].windows["with"]:
-        idle = [rep.windows[arm][kind].rate for rep in reps for arm in ("before", "after")]
-        during = [rep.windows["with"][kind].rate for rep in reps]
-        med, q25, q75 = quantiles([rep.ratio(kind) for rep in reps])
-        cmed, c25, c75 = quantiles([rep.ratio(kind, "scm reads") for rep in reps])
-        mix = {arm: shares(sum(rep.windows[arm][kind].tiers for rep in reps)) for arm in ("before", "with", "after")}
-        print(f"   {kind:<24} {np.median(idle) / 1e6:10.2f} M {np.median(during) / 1e6:10.2f} M {med:7.3f} "
-              f"[{q25:.3f}, {q75:.3f}]  {cmed:9.3f} [{c25:.3f}, {c75:.3f}]   "
-              + " | ".join("/".join(f"{x:.2f}" for x in mix[a]) for a in mix))
-    print("   (SCM reads: the control, another thread reading SCM rows as a promotion does for as long as that rep's "
-          "run_once took, moving nothing; against the idle window just before it)")
-    seconds = [rep.run_seconds for rep in reps]
-    moved = [rep.moved_rows for rep in reps]
-    print(f"   run_once during the reps: median {np.median(seconds):.2f} s (max {max(seconds):.2f} s), moving "
-          f"median {np.median(moved):.0f} rows")
-    print(f"   run_once in step 2's measured intervals (no lookups running): median "
+          f"run_once in a thread, quiet or unpaced, alternating / idle / the other / idle / SCM reads in a thread, "
+          f"after a second shift)")
+    print(f"   quiet: the engine as it ships (SCM reads paced at {SCM_READ_ROWS_PER_SECOND} "
+          f"rows/s in batches of {SCM_BATCH_ROWS} rows, at most {SCM_READ_DEPTH} in flight); unpaced: as fast as the "
+          f"device goes, {MOVE_BATCH_ROWS} rows a batch, kernels.scm_queue_depth in flight")
+    arms = (*ENGINE_ARMS, "scm reads")
+    print(f"   {'lookups':<24} {'idle rows/s':>12} " + " ".join(f"{arm + ' (ratio)':>14} {'[q25, q75]':>15}"
+                                                               for arm in arms) + "   DRAM/CXL/SCM shares " +
+          " | ".join(ENGINE_ARMS))
+    kinds = list(reps[0].windows["idle 1"])
+    for kind in kinds:
+        idle = [rep.windows[w][kind].rate for rep in reps for w in ("idle 1", "idle 2", "idle 3")]
+        cells = []
+        for arm in arms:
+            med, q25, q75 = quantiles([rep.ratio(kind, arm) for rep in reps])
+            cells.append(f"{med:14.3f} [{q25:.3f}, {q75:.3f}]")
+        mix = [shares(sum(rep.windows[arm][kind].tiers for rep in reps)) for arm in ENGINE_ARMS]
+        print(f"   {kind:<24} {np.median(idle) / 1e6:10.2f} M " + " ".join(cells) + "   " +
+              " | ".join("/".join(f"{x:.2f}" for x in m) for m in mix))
+    print("   (ratio: lookups per second while that arm's run_once runs against the mean of the idle windows "
+          "around it; SCM reads: the control, another thread reading SCM rows as the unpaced mover does for as "
+          "long as that rep's unpaced run_once took, moving nothing, against the idle window before it)")
+    for arm in ENGINE_ARMS:
+        seconds = [rep.run_seconds[arm] for rep in reps]
+        moved = [rep.moved_rows[arm] for rep in reps]
+        print(f"   run_once, {arm}: median {np.median(seconds):.2f} s (max {max(seconds):.2f} s), moving median "
+              f"{np.median(moved):.0f} rows (total {sum(moved)})")
+    print(f"   run_once in the intervals before (no lookups running): median "
           f"{np.median([i.run_seconds for i in steady_run]):.2f} s, moving median "
           f"{np.median([i.moved_rows for i in steady_run]):.0f} rows; the plan alone (arrays, no I/O): "
           f"{planning:.2f} s")
-    for kind in reps[0].windows["with"]:
-        med = quantiles([rep.ratio(kind) for rep in reps])[0]
-        print(f"   target: {kind} with migration >= {TARGET_MIGRATION}x idle: {med:.3f}x "
-              f"{'MET' if med >= TARGET_MIGRATION else 'MISSED'}", flush=True)
+    names = {"shifted workload": "with SCM promotions (shifted workload)",
+             "DRAM-resident hot rows": "memory-only (DRAM-resident hot rows)"}
+    for kind in kinds:
+        med, q25, q75 = quantiles([rep.ratio(kind, "quiet") for rep in reps])
+        base = quantiles([rep.ratio(kind, "unpaced") for rep in reps])[0]
+        print(f"   target: lookups {names.get(kind, kind)} during a tiering interval >= {TARGET_MIGRATION}x idle: "
+              f"{med:.3f}x [{q25:.3f}, {q75:.3f}] (unpaced {base:.3f}x) {'MET' if med >= TARGET_MIGRATION else 'MISSED'}",
+              flush=True)
 
 
 def print_overhead(times: dict[int, list[float]]) -> None:
@@ -721,6 +767,18 @@ def tiered_steps(plan: Plan, alpha: float, parent: Path, rng: np.random.Generato
         tiered.close()
 
 
+def migration_step(plan: Plan, parent: Path, rng: np.random.Generator) -> None:
+    """Step 4 alone: warm-up intervals on step 3's hot set (in place of steps 2 and 3), then step 4."""
+    tiered = TieredTable(plan, parent, "migration")
+    try:
+        hot = HotSet(plan.rows, SHIFT_ALPHA, SEED_SHIFT, tiered.capacity_rows)
+        warm = run_intervals(tiered, hot, rng, plan.warmup_intervals, what="warm-up")
+        print_migration(migration_interference(tiered, rng), warm[plan.warmup_intervals // 2:],
+                        tiered.planning_seconds())
+    finally:
+        tiered.close()
+
+
 def tracking_steps(sections: Sections, plan: Plan, parent: Path, rng: np.random.Generator,
                    aged_heat: np.ndarray | None) -> None:
     """Steps 5 and 6, each a section, on DRAM-only copies of the table; aged_heat: the tiered table's counters
@@ -749,10 +807,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small table, few intervals (under a minute)")
     parser.add_argument("--cxl-latency-only", action="store_true", help="only step 7 (injected CXL latency)")
+    parser.add_argument("--migration-only", action="store_true",
+                        help="only step 4 (lookups while the engine migrates), after warm-up intervals at alpha "
+                             f"{SHIFT_ALPHA} in place of steps 2 and 3")
+    parser.add_argument("--reps", type=int, help="step 4's repetitions (default: 8, --quick 3)")
     parser.add_argument("--dir", default=str(Path(__file__).resolve().parents[2] / ".state" / "bench"),
                         help="parent of the temporary state dirs; must allow O_DIRECT (not tmpfs)")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
+    if args.reps:
+        plan = dataclasses.replace(plan, migration_reps=args.reps)
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="embtier-bench-tiering-", dir=args.dir))
     started = time.perf_counter()
@@ -766,6 +830,10 @@ def main() -> int:
         if args.cxl_latency_only:
             print_cxl_latency(cxl_latency_effect(plan, run_dir, rng))
             return 0
+        if args.migration_only:
+            sections.run("4. lookups while the engine migrates", migration_step, plan, run_dir, rng)
+            print(f"\nwall time {time.perf_counter() - started:.0f} s", flush=True)
+            return sections.exit_code()
         steady: dict[float, SteadyState] = {}
         # the shift alpha last: step 2's summary covers every alpha, steps 3-4 go on from its table
         setup = functools.partial(print_setup, plan, where=where, quick=args.quick)

@@ -38,6 +38,7 @@ from embtierd.store.slots import SlotSpace
 from embtierd.store.table import NO_SCM_COPY, Table
 
 PLACE_BATCH_ROWS = 1 << 20  # placement entries published per call when a table gets its homes
+SCM_READ_DEPTH = 16  # a move's reads of rows off SCM in flight at most (lookups keep kernels.scm_queue_depth)
 
 
 class Mover:
@@ -50,6 +51,7 @@ class Mover:
         self.cxl_ports = cxl_ports
         self.nparts = len(fabric.part_names(cxl_ports))
         self.rebalance_tolerance = rebalance_tolerance
+        self.scm_read_depth: int | None = SCM_READ_DEPTH  # None: a move reads its SCM rows all at once
 
     # ---- homes for a new table, and giving them back ---------------------------------------
 
@@ -158,7 +160,7 @@ class Mover:
         if write.any():
             moving = np.ascontiguousarray(ids[write])
             rows = np.empty((moving.size, table.stride), dtype=np.uint8)
-            table.native.read_rows(moving, rows)
+            self._read(table, moving, (old[write] >> shift) == native.TIER_SCM, rows)
             table.native.write_slots(np.ascontiguousarray(new[write]), rows)
         table.native.publish(ids, new)  # from here on no lookup holds an old slot
         self._account_ports(table, ids, old, new)
@@ -179,6 +181,19 @@ class Mover:
                 table.rows_by_tier[tid] -= leaving.size
             table.rows_by_tier[target] += ids.size
         return int(ids.size)
+
+    def _read(self, table: Table, ids: np.ndarray, on_scm: np.ndarray, out: np.ndarray) -> None:
+        """out = the encoded rows of ids, read in runs of ids with at most scm_read_depth rows on SCM
+        (on_scm) each, so that a move has no more reads in flight beside the lookups' own."""
+        depth = self.scm_read_depth
+        cuts = [] if depth is None else np.searchsorted(np.cumsum(on_scm), np.arange(depth, on_scm.sum(), depth),
+                                                        side="right").tolist()
+        for first, end in zip([0, *cuts], [*cuts, ids.size]):
+            table.native.read_rows(ids[first:end], out[first:end])
+
+    def scm_rows(self, table: Table, ids: np.ndarray) -> int:
+        """How many of ids live on SCM now (the rows a move to memory reads off the device)."""
+        return int(np.count_nonzero((table.native.loc[ids] >> table.native.tier_shift) == native.TIER_SCM))
 
     def written(self, table: Table, ids: np.ndarray) -> None:
         """Rows a write just changed (under the table's write lock): their SCM copies are dirty now."""

@@ -24,11 +24,16 @@ What the budget left undone is the migration backlog.
 Moves run in batches of MOVE_BATCH_ROWS (WriteRows to a table waits for
 at most one batch) and none starts after the interval's time is up: what is
 left joins the backlog, and serving is never starved by a long interval.
-The batches are paced at the bandwidth (Pacer): an interval's budget is
-spread over the interval rather than spent in a burst at its start, so
-that promotions read SCM at a steady rate beside the lookups'; the engine's
-thread runs at a lower CPU priority (nice 10) than the serving threads, and
-the next interval starts one interval after the last one started.
+The batches are paced (Pacer): the bytes moved at the bandwidth, and the
+rows read off SCM, which cost the device's IOPS rather than bytes, at
+SCM_READ_ROWS_PER_SECOND, so that an interval's promotions read SCM at a
+steady rate beside the lookups' instead of in a burst at its start.
+Batches that may read SCM (promotions) are SCM_BATCH_ROWS long, so that
+the reads come in short bursts between the pauses, and the mover keeps at
+most Mover.scm_read_depth of them in flight (the lookups keep
+kernels.scm_queue_depth).  The engine's thread runs at a lower CPU
+priority (nice 10) than the serving threads, and the next interval starts
+one interval after the last one started.
 
 SCM and promotions: a row has one home, which lookups and WriteRows use.
 A row promoted out of SCM (read with the lookup path's batched O_DIRECT
@@ -54,6 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 from embtier.wire import TIERS
 
+from embtierd import native
 from embtierd.errors import NotFoundError
 from embtierd.store.catalog import Store
 from embtierd.store.table import Table
@@ -65,6 +71,8 @@ from embtierd.tiering.policy_base import UNLIMITED, Policy, run_interval
 log = logging.getLogger(__name__)
 
 MOVE_BATCH_ROWS = 8192  # rows per move_rows call: WriteRows to the table waits at most one batch
+SCM_BATCH_ROWS = 1024   # rows per move_rows call of a batch that may read SCM (a promotion): short bursts of reads
+SCM_READ_ROWS_PER_SECOND = 65536  # rows an interval's moves read off SCM per second, at most (the lookups keep the rest)
 ENGINE_NICE = 10        # the engine thread's CPU priority below the serving threads' (Linux: per thread)
 
 
@@ -78,19 +86,24 @@ def lower_priority() -> None:
 
 
 class Pacer:
-    """Spends an interval's moves at bytes_per_second: after each batch, waits until the bytes moved
-    so far are due (never past the deadline)."""
+    """Spends an interval's moves at bytes_per_second and their reads of rows off SCM at
+    scm_rows_per_second: after each batch, waits until the bytes moved and the SCM rows read so far
+    are both due (never past the deadline)."""
 
-    def __init__(self, bytes_per_second: float, deadline: float):
+    def __init__(self, bytes_per_second: float, deadline: float,
+                 scm_rows_per_second: float = SCM_READ_ROWS_PER_SECOND):
         self.rate = bytes_per_second
+        self.scm_rate = scm_rows_per_second
         self.deadline = deadline
         self.start = time.monotonic()
         self.spent = 0
+        self.scm_rows = 0
 
-    def moved(self, nbytes: int) -> None:
+    def moved(self, nbytes: int, scm_rows: int = 0) -> None:
         self.spent += nbytes
+        self.scm_rows += scm_rows
         now = time.monotonic()
-        due = min(self.start + self.spent / self.rate, self.deadline)
+        due = min(self.start + max(self.spent / self.rate, self.scm_rows / self.scm_rate), self.deadline)
         if due > now:
             time.sleep(due - now)
 
@@ -116,6 +129,8 @@ class TieringEngine:
         self._lock = threading.Lock()  # one interval at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.scm_rows_per_second: float = SCM_READ_ROWS_PER_SECOND  # the Pacer's SCM read rate
+        self.scm_batch_rows = SCM_BATCH_ROWS
 
     def state(self, table: str) -> TableState | None:
         """The table's engine state as of the last interval (None before its first)."""
@@ -150,7 +165,8 @@ class TieringEngine:
         # moves past the deadline wait for the next interval
         deadline = math.inf if unlimited else time.monotonic() + self.config.interval_seconds
         mover = self.store.mover
-        pacer = None if unlimited else Pacer(self.config.bandwidth_bytes_per_second, deadline)
+        pacer = None if unlimited else Pacer(self.config.bandwidth_bytes_per_second, deadline,
+                                             self.scm_rows_per_second)
         shares = group_limits(self.config.groups, tables) if self.config.groups else {}
         for table in tables:
             name, stride, pin = table.name, table.stride, table.settings.pin
@@ -185,17 +201,22 @@ class TieringEngine:
         return moved
 
     def _mover(self, table: Table, deadline: float, pacer: Pacer | None = None):
-        """The plan's mover for one table: Mover.move in batches, paced, none started after deadline."""
+        """The plan's mover for one table: Mover.move in batches (shorter ones when they may read SCM),
+        paced, none started after deadline."""
+        step = MOVE_BATCH_ROWS if pacer is None else self.scm_batch_rows
+
         def move(rows: np.ndarray, tier: int) -> int:
             done = 0
-            for first in range(0, rows.size, MOVE_BATCH_ROWS):
+            size = MOVE_BATCH_ROWS if tier == native.TIER_SCM else step
+            for first in range(0, rows.size, size):
                 if time.monotonic() > deadline:
                     break
-                batch = np.ascontiguousarray(rows[first:first + MOVE_BATCH_ROWS], dtype=np.int64)
+                batch = np.ascontiguousarray(rows[first:first + size], dtype=np.int64)
+                scm_rows = self.store.mover.scm_rows(table, batch) if tier != native.TIER_SCM else 0
                 n = self.store.mover.move(table, batch, tier)
                 done += n
                 if pacer is not None:
-                    pacer.moved(n * table.stride)
+                    pacer.moved(n * table.stride, min(n, scm_rows))
                 if n < batch.size:
                     break
             return done
