@@ -12,7 +12,7 @@ import csv
 import math
 from pathlib import Path
 
-from tests.soak.soak import KINDS, WARMUP_SECONDS
+from tests.soak.soak import KINDS, warmup_seconds
 
 MIB = 2**20
 
@@ -30,33 +30,38 @@ def plot(samples: dict[str, list[float]], out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     minutes = [s / 60 for s in samples["seconds"]]
-    fig, axes = plt.subplots(5, 1, figsize=(10, 15), sharex=True)
+    moved = [0.0] + [b - a for a, b in zip(samples["migrated_rows"], samples["migrated_rows"][1:])]
+    fig, axes = plt.subplots(7, 1, figsize=(10, 19), sharex=True)
     panels = [
-        ("resident memory (MiB)", [("RSS", [v / MIB for v in samples["rss_bytes"]])], False),
-        ("open fds / threads", [("fds", samples["fds"]), ("threads", samples["threads"])], False),
-        ("disk use (MiB)", [("WAL", [v / MIB for v in samples["wal_bytes"]]),
-                            ("checkpoints", [v / MIB for v in samples["checkpoint_bytes"]]),
-                            ("WAL + checkpoints", [(a + b) / MIB for a, b in zip(samples["wal_bytes"],
-                                                                                 samples["checkpoint_bytes"])])],
+        ("daemon memory", "MiB", [("RSS", [v / MIB for v in samples["rss_bytes"]]),
+                                  ("anonymous", [v / MIB for v in samples["rss_anon_bytes"]])], False),
+        ("daemon open fds and threads", "count", [("fds", samples["fds"]), ("threads", samples["threads"])], False),
+        ("disk use of the state directory", "MiB", [
+            ("WAL", [v / MIB for v in samples["wal_bytes"]]),
+            ("checkpoints", [v / MIB for v in samples["checkpoint_bytes"]]),
+            ("WAL + checkpoints", [(a + b) / MIB for a, b in zip(samples["wal_bytes"], samples["checkpoint_bytes"])])],
          False),
-        ("p99 per 10 s window (ms), frequent kinds", [(k, samples[f"{k}_p99_ms"]) for k in KINDS[:3]], True),
-        ("p99 per 10 s window (ms), rare kinds (max of few calls)",
+        ("p99 latency per 10 s window, frequent kinds", "ms", [(k, samples[f"{k}_p99_ms"]) for k in KINDS[:3]], True),
+        ("p99 latency per 10 s window, rare kinds (max of few calls)", "ms",
          [(k, samples[f"{k}_p99_ms"]) for k in KINDS[3:]], True),
+        ("rows the tiering engine moved between tiers", "rows / window", [("moved", moved)], False),
+        ("CPU", "cores", [("daemon", samples["daemon_cpu"]), ("load clients", samples["client_cpu"])], False),
     ]
-    for ax, (label, series, log_scale) in zip(axes, panels):
+    for ax, (heading, unit, series, log_scale) in zip(axes, panels):
         for name, values in series:
             points = [(m, v) for m, v in zip(minutes, values) if not math.isnan(v)]
             ax.plot([m for m, _ in points], [v for _, v in points], label=name,
                     marker="." if name in ("checkpoint", "restore") else None, linewidth=1)
-        ax.axvline(WARMUP_SECONDS / 60, color="grey", linestyle=":", linewidth=1)
-        ax.set_ylabel(label)
+        ax.axvline(warmup_seconds(samples["seconds"][-1]) / 60, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(heading, fontsize=10)
+        ax.set_ylabel(unit)
         if log_scale:
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
-    axes[0].set_title(title)
+    fig.suptitle(title)
     axes[-1].set_xlabel("minutes (dotted: end of warm-up)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(out, dpi=80)
     plt.close(fig)
 
