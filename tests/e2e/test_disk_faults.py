@@ -357,6 +357,11 @@ def test_an_scm_read_error_fails_only_the_requests_that_need_the_row_with_data_l
                 np.testing.assert_allclose(c.lookup_pooled({"s": (ids, np.full(20, 32, np.int32))})["s"],
                                            np.add.reduceat(model[ids], np.arange(0, 640, 32), axis=0), rtol=1e-6)
                 assert scm_read_errors(d.metrics) == {"s": 4}  # one row read failed in each of the 4 requests
+                with pytest.raises(EmbtierClientError) as err:  # a checkpoint reads every row: none is published
+                    c.checkpoint("full")
+                assert err.value.code == grpc.StatusCode.DATA_LOSS and "table 's': the row of id " in err.value.message
+                assert int(err.value.message.split("the row of id ")[1].split()[0]) in lost, err.value.message
+                assert c.checkpoints() == [] and scm_read_errors(d.metrics)["s"] > 4
             finally:
                 with open(image, "r+b") as f:
                     f.seek(cut)
@@ -364,4 +369,5 @@ def test_an_scm_read_error_fails_only_the_requests_that_need_the_row_with_data_l
                     os.fsync(f.fileno())
             # the device answers again: so does every row, with no restart
             np.testing.assert_array_equal(c.lookup("s", np.arange(ROWS)), model)
+            assert c.checkpoint("full").rows_written == ROWS
         assert d.stop() == 0, d.log()
