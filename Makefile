@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.embtier-installed
 NATIVE := $(wildcard native/include/*.h native/src/*.c native/src/*.h) native/build_ffi.py
 
-.PHONY: build test demo demo-cluster bench stateful clean
+.PHONY: build test demo demo-cluster bench stateful fuzz clean
 
 $(PY):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "embtier needs Python >= 3.11")'
@@ -39,6 +39,19 @@ demo-cluster: build
 EXAMPLES ?= 300
 stateful: build
 	EMBTIER_STATEFUL_EXAMPLES=$(EXAMPLES) $(PY) -m pytest -q tests/e2e/test_durability_model.py
+
+# The atheris harnesses of tests/fuzz/ (every RPC in process; the C kernels through native.py), FUZZ_SECONDS each
+# (`make test` runs them briefly); corpus and any crash input in a temporary directory that the run names.
+FUZZ_SECONDS ?= 600
+fuzz: build
+	@work=$$(mktemp -d -t embtier-fuzz.XXXXXX); rc=0; \
+	for harness in rpc_harness native_harness; do \
+		mkdir -p $$work/$$harness/corpus; \
+		echo "make fuzz: $$harness for $(FUZZ_SECONDS) s in $$work/$$harness"; \
+		$(PY) -m tests.fuzz.$$harness -max_total_time=$(FUZZ_SECONDS) -timeout=60 -rss_limit_mb=4096 \
+			-artifact_prefix=$$work/$$harness/ $$work/$$harness/corpus || rc=1; \
+	done; \
+	if [ $$rc -ne 0 ]; then echo "make fuzz: a harness found something: its input is in $$work"; fi; exit $$rc
 
 # Benchmarks are not part of the tests; torch, fio, etcd and Redis are only needed here (torch: the CPU build on
 # this disk; fio: the kernel benchmark's SCM comparison; etcd: the cluster benchmark; redis-server with the
