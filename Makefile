@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.embtier-installed
 NATIVE := $(wildcard native/include/*.h native/src/*.c native/src/*.h) native/build_ffi.py
 
-.PHONY: build test demo demo-cluster bench stateful fuzz clean
+.PHONY: build test demo demo-cluster bench stateful soak fuzz clean
 
 $(PY):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "embtier needs Python >= 3.11")'
@@ -39,6 +39,18 @@ demo-cluster: build
 EXAMPLES ?= 300
 stateful: build
 	EMBTIER_STATEFUL_EXAMPLES=$(EXAMPLES) $(PY) -m pytest -q tests/e2e/test_durability_model.py
+
+# The soak run of tests/soak/soak.py for SOAK_SECONDS (an hour by default; `make test` runs 3 minutes of it):
+# its samples in .state/soak/samples.csv and their plot in .state/soak/samples.png, drawn even when a bound
+# fails; matplotlib is only needed here.
+SOAK_SECONDS ?= 3600
+soak: build
+	$(PY) -m pip install -q matplotlib
+	@mkdir -p $(CURDIR)/.state/soak
+	rc=0; \
+	$(PY) -m tests.soak.soak --duration $(SOAK_SECONDS) --samples $(CURDIR)/.state/soak/samples.csv || rc=1; \
+	$(PY) -m tests.soak.plot $(CURDIR)/.state/soak/samples.csv $(CURDIR)/.state/soak/samples.png || rc=1; \
+	exit $$rc
 
 # The atheris harnesses of tests/fuzz/ (every RPC in process; the C kernels through native.py), FUZZ_SECONDS each
 # (`make test` runs them briefly); corpus and any crash input in a temporary directory that the run names.

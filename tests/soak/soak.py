@@ -6,38 +6,48 @@ SCM file in the state directory, the tiering engine on at a 0.5 s interval (so r
 all the time), group-committed fsync of every write ("always"), shared memory on, and a scheduled
 checkpoint ("auto": differentials until a full pays off) every 15 s with keep = 2.
 
-The load, from one Client per thread over the Unix socket, each thread rate-limited so that daemon and
-clients together leave the second core of a 2-core host mostly free:
+The load, from one Client per thread over the Unix socket, each thread rate-limited (RATES) so that
+daemon and clients together take about half a core of a 2-core host (0.3-0.7 core for the daemon, 0.1-0.3
+for the clients, measured):
 
 - lookup: Lookup of Zipf(1.1) ids from "steady" (100k x 32 f32) and uniform ids from "frozen" (20k x
   16, written once at the start, never again; every reply is compared with its model);
 - pooled: LookupPooled of both tables (64 bags of 1-40 ids; frozen's pools compared with numpy);
-- write: WriteRows of 64 distinct Zipf ids of "steady", two writers on disjoint halves of its ids (id %
-  2), each updating the model of acknowledged writes after the reply;
+- write: WriteRows of up to 64 distinct Zipf ids of "steady", two writers on disjoint halves of its ids
+  (id % 2), each updating the model of acknowledged writes after the reply (a write that fails with an
+  unknown outcome, e.g. its deadline, lets its rows hold either value);
 - churn: CreateTable of a small table, WriteRows, Lookup (compared), DropTable, about once a second;
 - checkpoint: an explicit checkpoint every 20 s (incremental, differential, 8-bit quantized full in
   turn) besides the scheduled ones;
-- restore: every 300 s (one in the middle of a shorter run) the load is paused, a full checkpoint
-  taken and the model copied, the load runs on for 3 s (fewer than two scheduled checkpoints, so keep
-  = 2 still holds it), is paused again, the checkpoint restored and every row of "steady" compared with
-  the copy, which becomes the model; then the load resumes.  With the load paused at both ends the
-  model of acknowledged writes is exact, so the comparison is sound.
+- restore: at FIRST_RESTORE_SECONDS (within the warm-up) and every 300 s after, the load is paused,
+  every row of "steady" compared with the model, a full checkpoint taken and the model copied; the load
+  runs on for 3 s (at most one scheduled checkpoint, so keep = 2 still holds it), is paused again, the
+  checkpoint restored and every row of "steady" compared with the copy, which becomes the model; then
+  the load resumes.  With the load paused at both ends the model is exact, so the comparison is sound.
 
 At the end, the load paused, every row of "steady" must equal the model, and the daemon must stop with
-exit status 0.  No request may fail: any exception of a load thread is an error.
+exit status 0 on SIGTERM.  No request or check may fail: each failure (a load thread's exception, a
+differing row, a failed checkpoint or restore, a failed scrape of /metrics) is recorded with its time,
+the run goes on, and any failure fails the run.
 
-Every SAMPLE_SECONDS: the daemon's RSS, open fds and threads (/proc/<pid>), the disk blocks of
-<state>/wal and <state>/checkpoints, the rows the tiering engine moved (/metrics), the daemon's CPU
-share, and per request kind the calls and the p99 latency of that window.
+Every SAMPLE_SECONDS, from a thread of its own: the daemon's RSS (and RssAnon), open fds and threads
+(/proc/<pid>), the disk blocks of <state>/wal and <state>/checkpoints, the WAL bytes appended and the
+rows the tiering engine moved (/metrics), the CPU of daemon and clients, and per request kind the calls
+and the p99 latency of that window.
 
-Bounds, checked on the samples after WARMUP_SECONDS (tables made, the hot set found, the allocator and
-the first checkpoints at their working size).  "start" is the mean of the first 3 samples after
-warm-up, "end" the mean of the last 3:
+Bounds, checked on the samples after the warm-up: WARMUP_SECONDS (50 s: tables made, the hot set found,
+the first checkpoints and the first restore done), or a sixth of a longer run (an hour's first 10
+minutes: RSS climbs for several minutes as the allocator reaches the high-water marks of checkpoints
+and restores running alongside the load; in the hour measured it rose from ~140 to ~230 MiB over the
+first 5 minutes, then stayed between ~190 and ~250 MiB).  "start" is the mean of the first 3 samples
+after the warm-up, "end" the mean of the last 3:
 
-- RSS: end - start <= max(RSS_GROWTH_BYTES (48 MiB), 15 % of start).  A healthy daemon's RSS is flat
-  within a few MiB once its tables and buffers exist (the tiers are fixed arenas; the SCM row cache is
-  bounded); a leak of 1 KiB per request at this load (~300 requests/s) is ~40 MiB in 140 s and fails the
-  3-minute run, anything per row fails at once, and a leak of 100 bytes per request fails an hour.
+- RSS: end - start <= max(RSS_GROWTH_BYTES (64 MiB), 25 % of start).  The tiers are fixed arenas and
+  the buffers of lookups, checkpoints and restores are reused, so after the warm-up RSS moves within
+  ~50 MiB (a checkpoint or restore in flight at a sample).  A leak of a 1 KiB buffer per request at
+  this load (~150 requests/s) is ~20 MiB in the 3-minute run's 130 s window (too little to tell from
+  noise there) but ~460 MiB in an hour; anything leaked per row, per table or per checkpoint copy fails
+  both.
 - open fds: end - start <= 8, and no sample over start + 32.  fds are sockets, the WAL segment, the
   SCM file, memfd regions of the client threads (fixed); a checkpoint holds a few files open for a
   moment.  One descriptor leaked per checkpoint (every ~8 s) or per churned table (every second) fails.
@@ -45,19 +55,21 @@ warm-up, "end" the mean of the last 3:
   tiering, checkpoints, WAL) are fixed; a thread per checkpoint or per connection that is never joined
   fails.
 - disk: at every sample, WAL + checkpoints <= (2 keep + 4) D + 2 W, where D is the bytes of one full
-  exact checkpoint of every table (rows x dim x 4 plus counters; taken as the largest full checkpoint's
-  bytes_written seen) and W the WAL bytes appended in one checkpoint interval at the highest rate
-  seen.  Retention keeps the newest keep checkpoints with their chains (each a differential on a full:
-  2 keep D) and the fallback chain (2 D), plus one being written and one the restore pins (2 D); the
-  log is cut back to the fallback, which "auto" renews before the log kept outgrows a full (D, counted
-  above) plus the writes of the interval in flight (W) and of the one before (W).  A log that is never
-  cut, or checkpoints that are never deleted, grow without bound and fail within minutes at this rate.
-- p99 of lookup, pooled and write: the median p99 of the last 3 windows <= 3 x the median p99 of the
-  first 3 windows after warm-up + P99_SLACK_SECONDS (20 ms).  A shared 2-core host moves a p99 by 2x
-  from window to window; a structure that grows with the run (a list scanned per request, a map never
-  pruned) shows up as a steady climb past it.
+  exact checkpoint of every table (the largest bytes_written of a full exact checkpoint listed) and W
+  the WAL bytes appended in one checkpoint interval at the highest rate seen.  Retention keeps the
+  newest keep checkpoints with their chains (each a differential on a full: 2 keep D) and the fallback
+  chain (2 D), plus one being written and one a restore pins (2 D); the log is cut back to the
+  fallback, which "auto" renews before the log kept outgrows a full (D, counted above), plus the writes
+  of the interval in flight and of the one before (2 W).  A log that is never cut, or checkpoints
+  that are never deleted, pass the bound within minutes at this rate.
+- p99 of lookup, pooled and write: the median p99 of the last 3 windows <= P99_FACTOR (4) x the median
+  p99 of the first 3 windows after the warm-up + P99_SLACK_SECONDS (50 ms).  On a shared 2-core host a
+  window's p99 moves by 3x with the neighbours' load, and a write's by 50x in a window where a full
+  checkpoint's snapshot holds writes back (the medians of 3 windows pass over those), so this bound is
+  loose; a structure that grows with the run (a list scanned per request, a map never pruned) still
+  climbs past it within an hour.
 
-A bound that fails raises SoakFailure naming the metric and its start and end values.
+A bound that fails raises SoakFailure naming each broken metric with its start, end and bound.
 
 Usage: python -m tests.soak.soak --duration SECONDS --samples out.csv [--state-dir DIR]
 """
@@ -92,8 +104,8 @@ RESTORE_EVERY_SECONDS = 300.0
 CHECKPOINT_EVERY_SECONDS = 20.0
 CHECKPOINT_KEEP = 2
 SCHEDULED_CHECKPOINT_SECONDS = 15.0
-RSS_GROWTH_BYTES = 48 << 20
-RSS_GROWTH_SHARE = 0.15
+RSS_GROWTH_BYTES = 64 << 20
+RSS_GROWTH_SHARE = 0.25
 FD_GROWTH, FD_PEAK = 8, 32
 THREAD_GROWTH, THREAD_PEAK = 4, 16
 P99_FACTOR, P99_SLACK_SECONDS = 4.0, 0.050
@@ -486,8 +498,8 @@ def check_bounds(result: Result) -> list[str]:
         raise SoakFailure(f"only {len(samples)} samples after the warm-up; 6 needed")
     failures, report = [], []
 
-    def bound(metric: str, start: float, end: float, limit: float, ok: bool, unit: str = "") -> None:
-        report.append(f"{'BROKEN ' if not ok else ''}{metric}: start {start:.6g}{unit}, end {end:.6g}{unit}, "
+    def bound(metric: str, start: float, end: float, limit: float, ok: bool, unit: str = "", last: str = "end") -> None:
+        report.append(f"{'BROKEN ' if not ok else ''}{metric}: start {start:.6g}{unit}, {last} {end:.6g}{unit}, "
                       f"bound {limit:.6g}{unit}")
         if not ok:
             failures.append(metric)
@@ -499,12 +511,12 @@ def check_bounds(result: Result) -> list[str]:
         start, end = ends(samples, key)
         bound(f"{key} growth", start, end, start + growth, end - start <= growth)
         top = max(s[key] for s in samples)
-        bound(f"{key} peak", start, top, start + peak, top <= start + peak)
+        bound(f"{key} peak", start, top, start + peak, top <= start + peak, last="peak")
     appended = [b["wal_appended_bytes"] - a["wal_appended_bytes"] for a, b in zip(result.samples, result.samples[1:])]
     wal_per_interval = max(appended or [0]) / SAMPLE_SECONDS * SCHEDULED_CHECKPOINT_SECONDS
     limit = (2 * CHECKPOINT_KEEP + 4) * result.full_checkpoint_bytes + 2 * wal_per_interval
     disk = [s["wal_bytes"] + s["checkpoint_bytes"] for s in samples]
-    bound("WAL + checkpoint disk", disk[0] / 2**20, max(disk) / 2**20, limit / 2**20, max(disk) <= limit, " MiB")
+    bound("WAL + checkpoint disk", disk[0] / 2**20, max(disk) / 2**20, limit / 2**20, max(disk) <= limit, " MiB", "peak")
     for kind in BOUNDED_KINDS:
         values = [s[f"{kind}_p99_ms"] for s in samples]
         start, end = float(np.median(values[:3])), float(np.median(values[-3:]))
