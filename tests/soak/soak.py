@@ -264,7 +264,7 @@ class Load:
         self.uncertain = np.zeros(STEADY_ROWS, bool)  # rows that may hold attempted instead of steady
         self.frozen = rng.standard_normal((FROZEN_ROWS, FROZEN_DIM)).astype(np.float32)
         self.cdf = zipf_cdf(STEADY_ROWS // WRITERS, ZIPF_ALPHA)
-        self.rank_to_row = rng.permutation(STEADY_ROWS)  # hot rows scattered over the table
+        self.rank_to_slot = rng.permutation(STEADY_ROWS // WRITERS)  # hot rows scattered over the table
         self.threads: list[threading.Thread] = []
 
     def setup(self) -> None:
@@ -274,11 +274,11 @@ class Load:
             c.write_rows(FROZEN, np.arange(FROZEN_ROWS), self.frozen)
 
     def zipf_ids(self, rng: np.random.Generator, n: int, part: int | None = None) -> np.ndarray:
-        """n Zipf ids of steady: over the whole table, or of the ids i with i % WRITERS == part."""
+        """n Zipf ids of steady: over the whole table, or of the ids i with i % WRITERS == part (the same
+        rows are hot in both)."""
         ranks = np.minimum(np.searchsorted(self.cdf, rng.random(n)), self.cdf.size - 1)  # cdf[-1] may round below 1
-        if part is None:
-            return self.rank_to_row[ranks * WRITERS + rng.integers(0, WRITERS, n)]
-        return ranks * WRITERS + part
+        parts = rng.integers(0, WRITERS, n) if part is None else part
+        return self.rank_to_slot[ranks] * WRITERS + parts
 
     def start(self) -> None:
         workers = [("lookup", self.lookups, 1), ("pooled", self.pooled, 2)]
