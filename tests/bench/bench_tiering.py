@@ -84,11 +84,11 @@ import numpy as np
 from embtier_tools.loadgen import ZipfIds
 from embtierd import config, native
 from embtierd.store.catalog import Store
-from embtierd.store.mover import SCM_READ_DEPTH
 from embtierd.tiering.config import TieringConfig
 from embtierd.tiering.engine import (
     MOVE_BATCH_ROWS,
     SCM_BATCH_ROWS,
+    SCM_READ_DEPTH,
     SCM_READ_ROWS_PER_SECOND,
     TieringEngine,
     lower_priority,
@@ -374,14 +374,14 @@ def engine_arm(tiered: TieredTable, arm: str) -> Iterator[None]:
     """The engine as it ships ("quiet": SCM reads paced, short batches, few in flight), or "unpaced": the
     moves read SCM as fast as the device goes, MOVE_BATCH_ROWS at a time, kernels.scm_queue_depth in flight
     (the engine before quiet migration)."""
-    engine, mover = tiered.engine, tiered.store.mover
-    saved = engine.scm_rows_per_second, engine.scm_batch_rows, mover.scm_read_depth
+    engine = tiered.engine
+    saved = engine.scm_rows_per_second, engine.scm_batch_rows, engine.scm_read_depth
     if arm == "unpaced":
-        engine.scm_rows_per_second, engine.scm_batch_rows, mover.scm_read_depth = math.inf, MOVE_BATCH_ROWS, None
+        engine.scm_rows_per_second, engine.scm_batch_rows, engine.scm_read_depth = math.inf, MOVE_BATCH_ROWS, None
     try:
         yield
     finally:
-        engine.scm_rows_per_second, engine.scm_batch_rows, mover.scm_read_depth = saved
+        engine.scm_rows_per_second, engine.scm_batch_rows, engine.scm_read_depth = saved
 
 
 @dataclass

@@ -3,12 +3,14 @@ of a Zipf workload, and after the hot set moves."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from embtier_tools.loadgen import ZipfIds
 from embtierd.errors import TierFullError
 from embtierd.tiering.config import TableGroup, TableSettings, TieringConfig
-from embtierd.tiering.engine import TieringEngine
+from embtierd.tiering.engine import Pacer, TieringEngine
 from embtierd.tiering.policy_base import plan_swaps
 from embtierd.tiering.policy_lfu import LfuPolicy
 
@@ -55,6 +57,30 @@ def test_dram_converges_on_the_hot_set_and_follows_it(store_factory):
         assert measured > start + 0.2
         in_dram = np.flatnonzero(store.placement("z") == 0)
         assert np.isin(oracle[:200], in_dram).mean() >= 0.95  # the very hottest rows are all in DRAM
+
+
+def test_the_pacer_spends_scm_reads_at_their_rate_until_the_deadline():
+    pacer = Pacer(float("inf"), time.monotonic() + 60, scm_rows_per_second=1000)
+    pacer.moved(4096, scm_rows=0)  # bytes at an unlimited bandwidth: no wait
+    assert time.monotonic() - pacer.start < 0.1
+    pacer.moved(4096, scm_rows=250)
+    assert time.monotonic() - pacer.start >= 0.25
+    short = Pacer(float("inf"), time.monotonic() + 0.2, scm_rows_per_second=1)
+    short.moved(0, scm_rows=1000)  # due in 1000 s: never waits past the deadline
+    assert 0.2 <= time.monotonic() - short.start < 5
+
+
+def test_promotions_out_of_scm_are_paced_and_all_land(store_factory):
+    store = store_factory(dram="64K", cxl="0", scm="16M", heat_sample_shift=0)  # DRAM: 1024 rows of 64 bytes
+    store.create_table("p", 5000, 16)
+    hot = np.arange(3000, 3600, dtype=np.int64)  # on SCM
+    touch(store, "p", hot, times=4)
+    engine = engine_for(store)
+    engine.scm_rows_per_second, engine.scm_batch_rows = 1000, 100
+    start = time.monotonic()
+    moved = engine.run_once()
+    assert moved[("scm", "dram")] == 600 and np.all(store.placement("p")[hot] == 0)
+    assert time.monotonic() - start >= 0.5  # 600 rows read off SCM at 1000 a second (the last batch not waited)
 
 
 def test_hot_rows_take_room_freed_by_a_dropped_table(store_factory):

@@ -38,7 +38,6 @@ from embtierd.store.slots import SlotSpace
 from embtierd.store.table import NO_SCM_COPY, Table
 
 PLACE_BATCH_ROWS = 1 << 20  # placement entries published per call when a table gets its homes
-SCM_READ_DEPTH = 16  # a move's reads of rows off SCM in flight at most (lookups keep kernels.scm_queue_depth)
 
 
 class Mover:
@@ -51,7 +50,6 @@ class Mover:
         self.cxl_ports = cxl_ports
         self.nparts = len(fabric.part_names(cxl_ports))
         self.rebalance_tolerance = rebalance_tolerance
-        self.scm_read_depth: int | None = SCM_READ_DEPTH  # None: a move reads its SCM rows all at once
 
     # ---- homes for a new table, and giving them back ---------------------------------------
 
@@ -123,15 +121,16 @@ class Mover:
 
     # ---- rows changing home --------------------------------------------------------------------
 
-    def move(self, table: Table, ids: np.ndarray, target: int) -> int:
+    def move(self, table: Table, ids: np.ndarray, target: int, scm_read_depth: int | None = None) -> int:
         """Moves rows (int64, no duplicates) to new homes in tier target; rows already there stay.
-        When the tier has room for only some, the first ones in the order given move.  Returns how
-        many moved; NotFoundError for a table that is gone."""
+        When the tier has room for only some, the first ones in the order given move.  scm_read_depth:
+        at most this many of the move's reads of rows off SCM in flight at a time (None: all of them,
+        up to kernels.scm_queue_depth).  Returns how many moved; NotFoundError for a table that is gone."""
         with table.write_lock:
             table.check_live()
-            return self._move(table, ids, target)
+            return self._move(table, ids, target, scm_read_depth)
 
-    def _move(self, table: Table, ids: np.ndarray, target: int) -> int:
+    def _move(self, table: Table, ids: np.ndarray, target: int, scm_read_depth: int | None = None) -> int:
         """move() under the write lock: copy, publish, then give the old slots back."""
         shift = table.native.tier_shift
         mask = (1 << shift) - 1
@@ -160,7 +159,7 @@ class Mover:
         if write.any():
             moving = np.ascontiguousarray(ids[write])
             rows = np.empty((moving.size, table.stride), dtype=np.uint8)
-            self._read(table, moving, (old[write] >> shift) == native.TIER_SCM, rows)
+            self._read(table, moving, (old[write] >> shift) == native.TIER_SCM, rows, scm_read_depth)
             table.native.write_slots(np.ascontiguousarray(new[write]), rows)
         table.native.publish(ids, new)  # from here on no lookup holds an old slot
         self._account_ports(table, ids, old, new)
@@ -182,10 +181,10 @@ class Mover:
             table.rows_by_tier[target] += ids.size
         return int(ids.size)
 
-    def _read(self, table: Table, ids: np.ndarray, on_scm: np.ndarray, out: np.ndarray) -> None:
-        """out = the encoded rows of ids, read in runs of ids with at most scm_read_depth rows on SCM
-        (on_scm) each, so that a move has no more reads in flight beside the lookups' own."""
-        depth = self.scm_read_depth
+    @staticmethod
+    def _read(table: Table, ids: np.ndarray, on_scm: np.ndarray, out: np.ndarray, depth: int | None) -> None:
+        """out = the encoded rows of ids, read in runs of ids with at most depth rows on SCM (on_scm)
+        each, so that a move has no more reads in flight beside the lookups' own (None: one run)."""
         cuts = [] if depth is None else np.searchsorted(np.cumsum(on_scm), np.arange(depth, on_scm.sum(), depth),
                                                         side="right").tolist()
         for first, end in zip([0, *cuts], [*cuts, ids.size]):

@@ -30,7 +30,7 @@ SCM_READ_ROWS_PER_SECOND, so that an interval's promotions read SCM at a
 steady rate beside the lookups' instead of in a burst at its start.
 Batches that may read SCM (promotions) are SCM_BATCH_ROWS long, so that
 the reads come in short bursts between the pauses, and the mover keeps at
-most Mover.scm_read_depth of them in flight (the lookups keep
+most SCM_READ_DEPTH of them in flight (the lookups keep
 kernels.scm_queue_depth).  The engine's thread runs at a lower CPU
 priority (nice 10) than the serving threads, and the next interval starts
 one interval after the last one started.
@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 MOVE_BATCH_ROWS = 8192  # rows per move_rows call: WriteRows to the table waits at most one batch
 SCM_BATCH_ROWS = 1024   # rows per move_rows call of a batch that may read SCM (a promotion): short bursts of reads
 SCM_READ_ROWS_PER_SECOND = 65536  # rows an interval's moves read off SCM per second, at most (the lookups keep the rest)
+SCM_READ_DEPTH = 16     # a move's reads of rows off SCM in flight at most (lookups keep kernels.scm_queue_depth)
 ENGINE_NICE = 10        # the engine thread's CPU priority below the serving threads' (Linux: per thread)
 
 
@@ -131,6 +132,7 @@ class TieringEngine:
         self._thread: threading.Thread | None = None
         self.scm_rows_per_second: float = SCM_READ_ROWS_PER_SECOND  # the Pacer's SCM read rate
         self.scm_batch_rows = SCM_BATCH_ROWS
+        self.scm_read_depth: int | None = SCM_READ_DEPTH
 
     def state(self, table: str) -> TableState | None:
         """The table's engine state as of the last interval (None before its first)."""
@@ -203,7 +205,7 @@ class TieringEngine:
     def _mover(self, table: Table, deadline: float, pacer: Pacer | None = None):
         """The plan's mover for one table: Mover.move in batches (shorter ones when they may read SCM),
         paced, none started after deadline."""
-        step = MOVE_BATCH_ROWS if pacer is None else self.scm_batch_rows
+        step, depth = (MOVE_BATCH_ROWS, None) if pacer is None else (self.scm_batch_rows, self.scm_read_depth)
 
         def move(rows: np.ndarray, tier: int) -> int:
             done = 0
@@ -213,7 +215,7 @@ class TieringEngine:
                     break
                 batch = np.ascontiguousarray(rows[first:first + size], dtype=np.int64)
                 scm_rows = self.store.mover.scm_rows(table, batch) if tier != native.TIER_SCM else 0
-                n = self.store.mover.move(table, batch, tier)
+                n = self.store.mover.move(table, batch, tier, depth)
                 done += n
                 if pacer is not None:
                     pacer.moved(n * table.stride, min(n, scm_rows))
