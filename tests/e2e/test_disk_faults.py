@@ -187,6 +187,10 @@ def test_a_full_state_device_refuses_writes_by_path_keeps_serving_and_loses_noth
                 with pytest.raises(EmbtierClientError) as err:
                     call()
                 assert full_device_error(err.value, path), err.value
+            with pytest.raises(EmbtierClientError) as err:  # a table with rows on SCM: no room to reserve them
+                c.create_table("big", 80_000, DIM)
+            assert full_device_error(err.value, state / "scm.dat"), err.value
+            assert [t.name for t in c.tables()] == ["w"]
             assert_serves(c, model)
             assert files_digest(state / "checkpoints") == checkpoint_files  # nothing left of the failed one
             assert [(k.id, k.damage) for k in c.checkpoints()] == [(1, "")]
@@ -196,6 +200,7 @@ def test_a_full_state_device_refuses_writes_by_path_keeps_serving_and_loses_noth
         d.proc.wait(timeout=30)
         d = start_daemon(state, "--scm-bytes", "4M", config=config)
         with Client(d.target) as c:
+            assert [t.name for t in c.tables()] == ["w"]
             assert_serves(c, model)
             with pytest.raises(EmbtierClientError) as err:
                 c.write_rows("w", np.arange(BATCH), np.full((BATCH, DIM), -1, np.float32))
