@@ -24,20 +24,26 @@ what migration and heat tracking cost the lookup path.  One run, one in-process 
    ZipfIds of another seed; DRAM hit ratio per interval for 12 intervals against the oracle of the
    new hot set (its static placement on the same ids).
 4. Lookups while the engine migrates.  In the daemon the engine runs in its own thread beside the
-   serving threads, so the "with" window runs run_once() in a background thread while this
+   serving threads, so a "with" window runs run_once() in a background thread while this
    thread times lookups (1 kernel thread), after a second shift (and a quarter interval of the new
-   ids) so that each interval has real moves to make.  Migration changes the placement the
-   lookups see, so every "with" window is bracketed by two windows with the engine idle, one just
-   before it (the placement before the interval) and one just after it (the placement after it),
-   and its rate is compared with the mean of the two (the placement drift cancels to first order).
-   Two kinds of lookups alternate in every window, each call on fresh ids: the shifted workload
-   (rows in all three tiers: SCM reads contend with the moves' reads) and the previous hot set's
-   top ranks, homed in DRAM throughout (checked with tier_rows: CPU, memory, GIL and table-lock
-   interference only).  A fourth window per rep is the control: another thread reads SCM rows the
-   way a promotion does (Store.read_encoded, the mover's batch size) for as long as that rep's
-   run_once took, moving nothing; it tells the cost of the moves' I/O from that of the engine.
-   Also: the duration of run_once on the 4M-row table (plan + moves), and of the plan alone
-   (policy_base.run_interval on copies of the arrays, no I/O).
+   ids) so that each interval has real moves to make.  Two engine arms per rep, in alternating
+   order: "quiet", the engine as it ships (its reads of rows off SCM paced at
+   SCM_READ_ROWS_PER_SECOND, SCM_BATCH_ROWS a batch, from SCM_READ_DEPTH in flight: Pacer), and "unpaced",
+   the same engine reading SCM as fast as the device goes (MOVE_BATCH_ROWS a batch, the lookups'
+   queue depth: the engine before quiet migration).  Migration changes the placement the lookups
+   see, so every "with" window is bracketed by two windows with the engine idle, one just before
+   it and one just after it (idle / one arm / idle / the other / idle), and its rate is compared
+   with the mean of the two (the placement drift cancels to first order).  Two kinds of lookups
+   share every window, each call on fresh ids, each timed over an equal share of the window: the
+   shifted workload (rows in all three tiers: SCM reads contend with the moves' reads; the "with
+   SCM promotions" figure) and the previous hot set's top ranks, homed in DRAM throughout
+   (checked with tier_rows: CPU, memory, GIL and table-lock interference only; the "memory-only"
+   figure).  A last window per rep is the control: another thread reads SCM rows the way the
+   unpaced mover does (Store.read_encoded, MOVE_BATCH_ROWS at a time) for as long as that rep's
+   unpaced run_once took, moving nothing; it tells the cost of the moves' I/O from that of the
+   engine.  Also: the duration of run_once and the rows it moved per arm, and of the plan alone
+   (policy_base.run_interval on copies of the arrays, no I/O).  --migration-only runs this step
+   alone, after warm-up intervals in place of steps 2 and 3 (--reps: its repetitions).
 5. Tracking overhead: the heat counters cannot be turned off (kernels.heat_sample_shift is
    0..16), so shift 3 (the default, 1 access in 8 counted) is compared with shift 16 (1 in 65536,
    effectively off) and shift 0 (every access), each on a DRAM-only copy of the table in a store
@@ -399,15 +405,18 @@ class MigrationRep:
 
 def lookup_window(store: Store, draws: dict[str, Callable[[], np.ndarray]], going: Callable[[], bool]
                   ) -> dict[str, Window]:
-    """Alternates one call of each kind (fresh ids every call) while going(); at least one round."""
+    """Calls of each kind (fresh ids every call), one of each first, then while going() the kind that has
+    had the least time so far: each kind is timed over an equal share of the window (a call of rows on
+    SCM takes some 30-100 times as long as one of DRAM-resident rows)."""
     windows = {kind: Window() for kind in draws}
+    kind = next(iter(draws))
     while True:
-        for kind, draw in draws.items():
-            ids = draw()
-            w = windows[kind]
-            w.seconds += lookup(store, ids, w.tiers)
-            w.rows += ids.size
-        if not going():
+        ids = draws[kind]()
+        w = windows[kind]
+        w.seconds += lookup(store, ids, w.tiers)
+        w.rows += ids.size
+        kind = min(windows, key=lambda k: windows[k].seconds)
+        if not going() and all(w.rows for w in windows.values()):
             return windows
 
 
@@ -633,7 +642,8 @@ def print_migration(reps: list[MigrationRep], steady_run: list[Interval], planni
           f"run_once in a thread, quiet or unpaced, alternating / idle / the other / idle / SCM reads in a thread, "
           f"after a second shift)")
     print(f"   quiet: the engine as it ships (SCM reads paced at {SCM_READ_ROWS_PER_SECOND} "
-          f"rows/s in batches of {SCM_BATCH_ROWS} rows, at most {SCM_READ_DEPTH} in flight); unpaced: as fast as the "
+          f"rows/s in batches of {SCM_BATCH_ROWS} rows, from {SCM_READ_DEPTH} in flight, more while behind the rate); "
+          f"unpaced: as fast as the "
           f"device goes, {MOVE_BATCH_ROWS} rows a batch, kernels.scm_queue_depth in flight")
     arms = (*ENGINE_ARMS, "scm reads")
     print(f"   {'lookups':<24} {'idle rows/s':>12} " + " ".join(f"{arm + ' (ratio)':>14} {'[q25, q75]':>15}"

@@ -70,6 +70,23 @@ def test_the_pacer_spends_scm_reads_at_their_rate_until_the_deadline():
     assert 0.2 <= time.monotonic() - short.start < 5
 
 
+def test_the_pacer_keeps_as_few_scm_reads_in_flight_as_keep_the_rate():
+    behind = Pacer(float("inf"), time.monotonic() + 60, scm_rows_per_second=1e12, min_read_depth=4,
+                   max_read_depth=64)
+    depths = [behind.read_depth]
+    for _ in range(5):
+        behind.moved(0, scm_rows=1000)  # due at once: the reads fell behind their rate
+        depths.append(behind.read_depth)
+    assert depths == [4, 8, 16, 32, None, None]  # at the lookups' depth, the move reads as it always did
+    behind.moved(4096)  # a batch that read nothing leaves the depth as it is
+    assert behind.read_depth is None
+    ahead = Pacer(float("inf"), time.monotonic() + 60, scm_rows_per_second=1e5, min_read_depth=4, max_read_depth=64)
+    ahead.depth = 32
+    ahead.moved(0, scm_rows=2000)  # due in 20 ms: ahead of the rate
+    assert ahead.read_depth == 16
+    assert Pacer(float("inf"), time.monotonic() + 60).read_depth is None  # no least depth: never limited
+
+
 def test_promotions_out_of_scm_are_paced_and_all_land(store_factory):
     store = store_factory(dram="64K", cxl="0", scm="16M", heat_sample_shift=0)  # DRAM: 1024 rows of 64 bytes
     store.create_table("p", 5000, 16)

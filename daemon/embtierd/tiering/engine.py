@@ -29,9 +29,11 @@ rows read off SCM, which cost the device's IOPS rather than bytes, at
 SCM_READ_ROWS_PER_SECOND, so that an interval's promotions read SCM at a
 steady rate beside the lookups' instead of in a burst at its start.
 Batches that may read SCM (promotions) are SCM_BATCH_ROWS long, so that
-the reads come in short bursts between the pauses, and the mover keeps at
-most SCM_READ_DEPTH of them in flight (the lookups keep
-kernels.scm_queue_depth).  The engine's thread runs at a lower CPU
+the reads come in short bursts between the pauses, with as few of them in
+flight as keep the rate: from SCM_READ_DEPTH (the lookups keep
+kernels.scm_queue_depth), doubled after a batch that fell behind the rate
+and halved after one that was ahead, so that a slow or busy device gets
+the reads in flight it needs and the interval's moves are not cut short.  The engine's thread runs at a lower CPU
 priority (nice 10) than the serving threads, and the next interval starts
 one interval after the last one started.
 
@@ -73,7 +75,7 @@ log = logging.getLogger(__name__)
 MOVE_BATCH_ROWS = 8192  # rows per move_rows call: WriteRows to the table waits at most one batch
 SCM_BATCH_ROWS = 1024   # rows per move_rows call of a batch that may read SCM (a promotion): short bursts of reads
 SCM_READ_ROWS_PER_SECOND = 65536  # rows an interval's moves read off SCM per second, at most (the lookups keep the rest)
-SCM_READ_DEPTH = 16     # a move's reads of rows off SCM in flight at most (lookups keep kernels.scm_queue_depth)
+SCM_READ_DEPTH = 16     # a batch's reads of rows off SCM in flight at first and at least (Pacer.read_depth)
 ENGINE_NICE = 10        # the engine thread's CPU priority below the serving threads' (Linux: per thread)
 
 
@@ -89,22 +91,35 @@ def lower_priority() -> None:
 class Pacer:
     """Spends an interval's moves at bytes_per_second and their reads of rows off SCM at
     scm_rows_per_second: after each batch, waits until the bytes moved and the SCM rows read so far
-    are both due (never past the deadline)."""
+    are both due (never past the deadline).  And how many of a batch's SCM reads may be in flight
+    (read_depth): from min_read_depth, twice as many after a batch that left the reads behind their
+    rate, half as many after one that had to wait, so that the moves read SCM with the fewest reads
+    in flight that keep the rate; at max_read_depth or more, None (the lookups' own depth)."""
 
     def __init__(self, bytes_per_second: float, deadline: float,
-                 scm_rows_per_second: float = SCM_READ_ROWS_PER_SECOND):
+                 scm_rows_per_second: float = SCM_READ_ROWS_PER_SECOND,
+                 min_read_depth: int | None = None, max_read_depth: int = 1 << 30):
         self.rate = bytes_per_second
         self.scm_rate = scm_rows_per_second
         self.deadline = deadline
         self.start = time.monotonic()
         self.spent = 0
         self.scm_rows = 0
+        self.min_depth, self.max_depth = min_read_depth, max_read_depth
+        self.depth = min_read_depth
+
+    @property
+    def read_depth(self) -> int | None:
+        """The next batch's SCM reads in flight at most (None: as many as the lookups')."""
+        return None if self.depth is None or self.depth >= self.max_depth else self.depth
 
     def moved(self, nbytes: int, scm_rows: int = 0) -> None:
         self.spent += nbytes
         self.scm_rows += scm_rows
         now = time.monotonic()
         due = min(self.start + max(self.spent / self.rate, self.scm_rows / self.scm_rate), self.deadline)
+        if scm_rows and self.depth is not None:
+            self.depth = max(self.min_depth, self.depth // 2) if due > now else min(self.max_depth, 2 * self.depth)
         if due > now:
             time.sleep(due - now)
 
@@ -168,7 +183,8 @@ class TieringEngine:
         deadline = math.inf if unlimited else time.monotonic() + self.config.interval_seconds
         mover = self.store.mover
         pacer = None if unlimited else Pacer(self.config.bandwidth_bytes_per_second, deadline,
-                                             self.scm_rows_per_second)
+                                             self.scm_rows_per_second, self.scm_read_depth,
+                                             self.store.config.kernels.scm_queue_depth)
         shares = group_limits(self.config.groups, tables) if self.config.groups else {}
         for table in tables:
             name, stride, pin = table.name, table.stride, table.settings.pin
@@ -205,7 +221,7 @@ class TieringEngine:
     def _mover(self, table: Table, deadline: float, pacer: Pacer | None = None):
         """The plan's mover for one table: Mover.move in batches (shorter ones when they may read SCM),
         paced, none started after deadline."""
-        step, depth = (MOVE_BATCH_ROWS, None) if pacer is None else (self.scm_batch_rows, self.scm_read_depth)
+        step = MOVE_BATCH_ROWS if pacer is None else self.scm_batch_rows
 
         def move(rows: np.ndarray, tier: int) -> int:
             done = 0
@@ -215,7 +231,7 @@ class TieringEngine:
                     break
                 batch = np.ascontiguousarray(rows[first:first + size], dtype=np.int64)
                 scm_rows = self.store.mover.scm_rows(table, batch) if tier != native.TIER_SCM else 0
-                n = self.store.mover.move(table, batch, tier, depth)
+                n = self.store.mover.move(table, batch, tier, None if pacer is None else pacer.read_depth)
                 done += n
                 if pacer is not None:
                     pacer.moved(n * table.stride, min(n, scm_rows))
