@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 MOVE_BATCH_ROWS = 8192  # rows per move_rows call: WriteRows to the table waits at most one batch
 SCM_BATCH_ROWS = 1024   # rows per move_rows call of a batch that may read SCM (a promotion): short bursts of reads
 SCM_READ_ROWS_PER_SECOND = 65536  # rows an interval's moves read off SCM per second, at most (the lookups keep the rest)
-SCM_READ_DEPTH = 16     # a batch's reads of rows off SCM in flight at first and at least (Pacer.read_depth)
+SCM_READ_DEPTH = 32     # a batch's reads of rows off SCM in flight at first and at least (Pacer.read_depth)
 ENGINE_NICE = 10        # the engine thread's CPU priority below the serving threads' (Linux: per thread)
 
 
