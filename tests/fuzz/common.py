@@ -9,10 +9,15 @@ input that caused it written to a crash file.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import atheris
 
+SHM = "/dev/shm"
 INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 UINT64_MAX = 2**64 - 1
@@ -96,13 +101,26 @@ def trim(fdp: atheris.FuzzedDataProvider, data: bytes) -> bytes:
     return data
 
 
-def main(test_one_input, argv: list[str] | None = None) -> None:
-    """Runs test_one_input under libFuzzer with the command line's libFuzzer flags (-runs=N,
-    -max_total_time=S, a corpus directory, a crash input to replay).  Unless they say otherwise,
-    inputs are up to 2 KiB from the start (a structured request takes a few hundred bytes)."""
+def main(make_harness, prefix: str, argv: list[str] | None = None) -> None:
+    """Runs make_harness(work_dir) under libFuzzer with the command line's libFuzzer flags (-runs=N,
+    -max_total_time=S, a corpus directory, a crash input to replay), in a child process: libFuzzer
+    ends the process without Python's clean-up, so this one removes the work directory (on a tmpfs
+    when there is one: the harnesses fsync) and exits as the child did (128 + the signal that killed
+    it).  Unless the flags say otherwise, inputs are up to 2 KiB from the start (a structured request
+    takes a few hundred bytes)."""
     argv = list(sys.argv if argv is None else argv)
     for flag, default in (("-max_len=", "2048"), ("-len_control=", "0")):
         if not any(a.startswith(flag) for a in argv[1:]):
             argv.append(flag + default)
-    atheris.Setup(argv, test_one_input)
-    atheris.Fuzz()
+    work = tempfile.mkdtemp(prefix=prefix, dir=SHM if os.path.isdir(SHM) else None)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            atheris.Setup(argv, make_harness(Path(work)))
+            atheris.Fuzz()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    code = os.waitstatus_to_exitcode(status)
+    sys.exit(code if code >= 0 else 128 - code)

@@ -21,11 +21,7 @@ from what numpy computes from the rows written.
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import atheris
@@ -166,9 +162,8 @@ def reference_pool(rows: np.ndarray, ids_: np.ndarray, lengths: np.ndarray, weig
 
 
 class Harness:
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="embtier-fuzz-native-"))
-        atexit.register(shutil.rmtree, self.dir, True)
+    def __init__(self, work: Path) -> None:
+        self.dir = work
 
     def __call__(self, data: bytes) -> None:
         fdp = atheris.FuzzedDataProvider(data)
@@ -374,12 +369,15 @@ class Harness:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             commit = native.GroupCommit(pick(fdp, [0, 1, 5, -1, INT64_MAX]))
+            table = Table(fdp) if fdp.ConsumeIntInRange(0, 2) == 0 else None  # for logged writes
             lsn = 0
             for _ in range(fdp.ConsumeIntInRange(1, 6)):
                 next_lsn = min(lsn + 1, INT64_MAX)  # (LSNs are int64 in C)
                 try:
-                    k = fdp.ConsumeIntInRange(0, 3)
-                    if k == 0:
+                    k = fdp.ConsumeIntInRange(0, 4)
+                    if k == 4 and table is not None:
+                        lsn = self.logged_write(fdp, commit, table, next_lsn, fd)
+                    elif k == 0:
                         commit.switch(pick(fdp, [fd, -1, 1_000_000, INT32_MIN]), pick(fdp, [0, lsn, -1]),
                                       pick(fdp, [0, lsn, next_lsn, -1]))
                     elif k == 1:
@@ -392,7 +390,36 @@ class Harness:
                 except (ValueError, OSError):
                     pass
         finally:
+            if table is not None:
+                table.t.mark_dropped()
             os.close(fd)
+
+    def logged_write(self, fdp, commit, table: Table, lsn: int, fd: int) -> int:
+        """A write's record and rows in one call (et_write_rows_logged); returns the LSN it used.
+        Written rows must read back; a refused one leaves the rows as they were."""
+        n = count(fdp, 10)
+        raw = ids(fdp, n, table.num_rows)
+        values = np.clip(np.array(floats(fdp, n * table.dim), np.float64), -60000, 60000)
+        encoded = codec.encode(np.nan_to_num(values).astype(np.float32).reshape(n, table.dim), table.dtype,
+                               table.t.stride)
+        given_ids, given_rows = array(fdp, raw, np.int64), array(fdp, encoded, np.uint8)
+        before = read_all(table)
+        try:
+            failed = commit.append(lsn, 1, [fdp.ConsumeBytes(16)], os.fstat(fd).st_size,
+                                   write=(table.t, given_ids, given_rows))
+        except EmbtierError as e:
+            if not str(e) or e.status == "INTERNAL":
+                raise Finding(f"logged write: {type(e).__name__} ({e.status}): {e!r}") from e
+            if not np.array_equal(read_all(table), before):
+                raise Finding(f"logged write refused ({e}) but rows changed")
+            return lsn - 1
+        if failed is not None:
+            raise Finding(f"logged write: the record was written but storing the rows failed: {failed!r}")
+        ids_ = np.array(raw, np.int64)
+        last = n - 1 - np.unique(ids_[::-1], return_index=True)[1]
+        if not np.array_equal(read_all(table)[ids_[last]], encoded[last]):
+            raise Finding("logged write: rows read back differ from those written")
+        return lsn
 
 
 def read_all(table: Table) -> np.ndarray:
@@ -402,4 +429,4 @@ def read_all(table: Table) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    main(Harness(), sys.argv)
+    main(Harness, "embtier-fuzz-native-")

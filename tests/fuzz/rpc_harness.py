@@ -20,12 +20,8 @@ them, and tables the fuzzer made are dropped once there are more than two.
 
 from __future__ import annotations
 
-import atexit
 import fcntl
 import os
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import atheris
@@ -71,7 +67,7 @@ FIXTURES = {
     "h16": (40, 8, "float16", "hashed", 7),
     "m8": (16, 3, "int8", "managed", 0),
     "p32": (32, 5, "float32", "mapped", 3),
-    "scm": (3000, 16, "float32", "dense", 0),   # 192 KiB: most of it on SCM
+    "scm": (1000, 16, "float32", "dense", 0),   # 62.5 KiB: most of it on SCM
 }
 OTHER_NAMES = ("x0", "x1", "", "no-such-table", "a" * 129)
 METHODS = [m.name for m in pb.DESCRIPTOR.services_by_name["EmbeddingStore"].methods]
@@ -116,12 +112,11 @@ class FuzzContext:
 class Service:
     """The servicer on a store in its own state directory, with a registered shared-memory region."""
 
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="embtier-fuzz-rpc-"))
-        atexit.register(shutil.rmtree, self.dir, True)
+    def __init__(self, work: Path) -> None:
+        self.dir = work
         config = load(overrides={
             "state_dir": str(self.dir),
-            "tiers": {"dram": {"capacity": "64K"}, "cxl": {"capacity": "64K"}, "scm": {"capacity": "2M"}},
+            "tiers": {"dram": {"capacity": "16K"}, "cxl": {"capacity": "16K"}, "scm": {"capacity": "1M"}},
             "server": {"max_message_bytes": MAX_MESSAGE_BYTES, "max_ids_per_request": MAX_IDS,
                        "shared_memory": True},
             "tiering": {"enabled": False},
@@ -370,8 +365,8 @@ def check_reply(method: str, request, reply) -> None:
 
 
 class Harness:
-    def __init__(self) -> None:
-        self.service = Service()
+    def __init__(self, work: Path) -> None:
+        self.service = Service(work)
         self.builder = Builder(self.service)
         self.iterations = 0
 
@@ -425,4 +420,4 @@ class Harness:
 
 
 if __name__ == "__main__":
-    main(Harness(), sys.argv)
+    main(Harness, "embtier-fuzz-rpc-")
