@@ -427,6 +427,11 @@ class NativeTable:
                                 err)
         self._check(rc, err[0], "locs", locs=locs, buffers={"rows": rows})
 
+    def displaced(self) -> int:
+        """Placement entries that are not their own id: 0 while every row is where the table was made
+        (then the lookups of a table with rows in DRAM only do not read the map)."""
+        return lib.et_table_displaced(self._h)
+
     def publish(self, ids: np.ndarray, locs: np.ndarray) -> None:
         """Points ids at their new homes (placement entries locs, one per id), atomically for lookups."""
         require(ids, "ids", np.int64, 1)

@@ -109,6 +109,8 @@ et_table *et_table_new(int64_t num_rows, int32_t dim, int32_t dtype, int32_t chu
                        int64_t max_chunks, int *err);
 void et_table_free(et_table *t);
 int32_t et_table_tier_shift(et_table *t);
+/* Placement entries that are not their own id (0: the map is the identity, as a table is made). */
+int64_t et_table_displaced(et_table *t);
 /* The placement map, *entries (= num_rows) of them: read-only for the
  * caller (only et_publish changes it), valid until et_table_free. */
 const uint32_t *et_table_loc(et_table *t, int64_t *entries);

@@ -95,6 +95,8 @@ struct et_table {
     int64_t max_chunks;    /* per tier */
     et_map map;            /* the chunks of every tier */
     uint32_t *loc;         /* placement map, num_rows entries (et_mem_map; et_publish alone writes it) */
+    int64_t displaced;     /* entries that are not their own id (et_publish keeps the count): while 0, the
+                              map is the identity, and a lookup of a DRAM-only table need not read it */
     uint8_t *heat;         /* access counters, num_rows entries (et_mem_map) */
     uint64_t *dirty;       /* caller-owned bitmap of rows written since it was last taken, or NULL */
     uint64_t *scm_off;     /* [max_chunks]: file offset of each SCM chunk (meaningful where it has slots) */

@@ -95,7 +95,8 @@ ET_ALWAYS_INLINE void ET_ISA(loop)(et_call *c, int part, const int dtype, const 
     const int64_t end = c->pos_start[part + 1];
     if (c->phase & ET_PHASE_FUSED) {
         const et_ahead a = et_ahead_of(c, part);
-        for (int64_t q = p; q < end && q < p + 3 * pf; q++) __builtin_prefetch(&t->loc[c->ids[q]], 0, 3);
+        if (!c->direct)
+            for (int64_t q = p; q < end && q < p + 3 * pf; q++) __builtin_prefetch(&t->loc[c->ids[q]], 0, 3);
         for (int64_t q = p; q < end && q < p + 2 * pf; q++)
             if (!et_resolve_one(&a, q)) {
                 c->err[part] = ET_E_LOCATION;

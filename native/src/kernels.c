@@ -63,6 +63,8 @@ typedef struct {
     int64_t *part_rows;    /* NULL, or [parts][t->nparts]: per part, rows served from each fabric part */
     int dram_only;         /* a fused call on a table whose only rows are in DRAM chunks of one fabric part
                               (dram_part): the rows are counted per part once, not one by one */
+    int direct;            /* dram_only, and the map is the identity (t->displaced == 0): a row's entry is
+                              its id, so the loop does not read the map */
     int dram_part;
     int64_t bag_start[ET_MAX_PARTS + 1];
     int64_t pos_start[ET_MAX_PARTS + 1];
@@ -139,6 +141,7 @@ typedef struct {
     uint32_t lines;  /* cache lines a row can touch */
     int pf;
     int fused;
+    int direct;      /* the call's direct: entry = id */
 } et_ahead;
 
 static et_ahead et_ahead_of(et_call *c, int part) {
@@ -147,7 +150,7 @@ static et_ahead et_ahead_of(et_call *c, int part) {
                   .part_rows = c->part_rows ? c->part_rows + (int64_t)part * t->nparts : NULL,
                   .chunk_part = t->chunk_part, .map = t->map, .tier_shift = (uint32_t)t->tier_shift,
                   .lines = ((uint32_t)t->stride + 63) / 64 + (t->stride % 64 != 0), .pf = t->prefetch,
-                  .fused = (c->phase & ET_PHASE_FUSED) != 0};
+                  .fused = (c->phase & ET_PHASE_FUSED) != 0, .direct = c->direct};
     return a;
 }
 
@@ -176,7 +179,7 @@ ET_ALWAYS_INLINE void et_prefetch_row(const et_ahead *a, const uint8_t *r) {
  * 0 when q's placement entry names no slot with storage.  Fused calls run
  * while no SCM chunk has slots, so a valid entry is a memory row. */
 ET_ALWAYS_INLINE int et_resolve_one(const et_ahead *a, int64_t q) {
-    const uint32_t l = a->loc[a->ids[q]];
+    const uint32_t l = a->direct ? (uint32_t)a->ids[q] : a->loc[a->ids[q]];
     if (!et_loc_valid(&a->map, l)) return 0;
     if (a->tier_rows) { /* (NULL: a DRAM-only call, counted at the end) */
         a->tier_rows[l >> a->tier_shift]++;
@@ -196,7 +199,7 @@ ET_ALWAYS_INLINE int64_t et_ahead_at(const et_ahead *a, int64_t j, int64_t end) 
     const int64_t pf = a->pf;
     if (a->fused && j + 2 * pf < end) {
         const int64_t q = j + 2 * pf;
-        if (q + pf < end) __builtin_prefetch(&a->loc[a->ids[q + pf]], 0, 3);
+        if (q + pf < end && !a->direct) __builtin_prefetch(&a->loc[a->ids[q + pf]], 0, 3);
         if (!et_resolve_one(a, q)) return q;
     }
     if (j + pf < end && a->rows[j + pf]) et_prefetch_row(a, a->rows[j + pf]);
@@ -562,6 +565,7 @@ static int run_lookup(et_call *c, int64_t bags, int32_t by_key, int64_t *unknown
         /* No SCM rows possible: each part resolves and pools its own range in one pass. */
         c->phase = ET_PHASE_FUSED;
         c->dram_only = dram_only(t, &c->dram_part);
+        c->direct = c->dram_only && t->displaced == 0;
         et_pool_run(run_part, c, parts);
         rc = part_error(c, parts, err_pos);
     } else {
@@ -807,7 +811,11 @@ int et_publish(et_table *t, const int64_t *ids, int64_t ids_len, const uint32_t 
     pthread_rwlock_wrlock(&t->lock);
     rc = atomic_load(&t->dropped) ? ET_E_DROPPED : check_entries(t, NULL, locs, ids_len, err_pos);
     if (rc == ET_OK)
-        for (int64_t i = 0; i < ids_len; i++) t->loc[ids[i]] = locs[i];
+        for (int64_t i = 0; i < ids_len; i++) {
+            const uint32_t id = (uint32_t)ids[i];
+            t->displaced += (locs[i] != id) - (t->loc[ids[i]] != id);
+            t->loc[ids[i]] = locs[i];
+        }
     pthread_rwlock_unlock(&t->lock);
     return rc;
 }

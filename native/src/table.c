@@ -62,6 +62,7 @@ et_table *et_table_new(int64_t num_rows, int32_t dim, int32_t dtype, int32_t chu
     t->map.chunks = calloc((size_t)t->map.entries + 1, sizeof *t->map.chunks);
     t->scm_off = calloc((size_t)max_chunks, sizeof *t->scm_off);
     t->loc = map_array(num_rows, sizeof *t->loc);
+    t->displaced = num_rows - 1; /* a new map is all zeros: only row 0's entry is its id */
     t->heat = map_array(num_rows, sizeof *t->heat);
     pthread_rwlockattr_t attr;
     pthread_rwlockattr_init(&attr);
@@ -89,6 +90,13 @@ void et_table_free(et_table *t) {
 }
 
 int32_t et_table_tier_shift(et_table *t) { return t->tier_shift; }
+
+int64_t et_table_displaced(et_table *t) {
+    pthread_rwlock_rdlock(&t->lock);
+    const int64_t n = t->displaced;
+    pthread_rwlock_unlock(&t->lock);
+    return n;
+}
 
 const uint32_t *et_table_loc(et_table *t, int64_t *entries) {
     *entries = t->num_rows;

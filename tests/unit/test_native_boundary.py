@@ -137,6 +137,7 @@ def test_an_invalid_entry_is_refused_where_it_is_used(table, tier, chunk, slot):
     with pytest.raises(EmbtierError, match=pattern):
         table.write_slots(np.array([7, bad], np.uint32), np.zeros((2, 32), np.uint8))
     assert table.loc[4] == 4
+    table.publish(ids_of(0, 1), np.array([1, 0], np.uint32))  # two rows swap homes: lookups read the map
     from embtierd._native import ffi
     ffi.cast("uint32_t *", ffi.from_buffer(table.loc))[6] = bad  # memory corruption, forged
     ids, lengths = ids_of(1, 6, 2), np.array([3], np.int32)
@@ -236,3 +237,29 @@ def test_a_chunk_cut_short_has_storage_for_its_rows_only(store_factory):
     past_the_end = (native.TIER_DRAM << table.native.tier_shift) | 128
     with pytest.raises(EmbtierError, match=r"locs\[0\] = 0x80 \(tier 0, slot 128\) names no slot with storage"):
         table.native.publish(np.array([5], dtype=np.int64), np.array([past_the_end], dtype=np.uint32))
+
+
+def test_a_table_placed_as_made_is_looked_up_without_its_map(table):
+    """While every entry is its own id (as a table is made) lookups of a DRAM-only table go straight to
+    row id's slot; a publish that moves a row makes them read the map again, and moving it back lets
+    them skip it again: the results follow the published homes throughout."""
+    rows = np.arange(ROWS * 8, dtype=np.float32).reshape(ROWS, 8)
+    table.write_rows(np.arange(ROWS, dtype=np.int64), rows.view(np.uint8))
+    ids, out = ids_of(3, 39, 0, 3), np.empty((4, 8), np.float32)
+    assert table.displaced() == 0
+    table.gather(ids, out)
+    np.testing.assert_array_equal(out, rows[ids])
+    spare = entry(table, native.TIER_DRAM, 2, 15)  # slot 47: no row's home
+    moved = np.full(8, -1.0, np.float32)
+    table.write_slots(np.array([spare], np.uint32), moved.view(np.uint8))
+    table.publish(ids_of(3), np.array([spare], np.uint32))
+    assert table.displaced() == 1
+    table.gather(ids, out)
+    np.testing.assert_array_equal(out, np.stack([moved, rows[39], rows[0], moved]))
+    pooled = np.empty((1, 8), np.float32)
+    table.pool(ids, np.array([4], np.int32), None, 0, pooled)
+    np.testing.assert_array_equal(pooled[0], 2 * moved + rows[39] + rows[0])
+    table.publish(ids_of(3, 3), np.array([spare, 3], np.uint32))  # (the last entry of an id wins)
+    assert table.displaced() == 0
+    table.gather(ids, out)
+    np.testing.assert_array_equal(out, rows[ids])
