@@ -28,7 +28,7 @@ what migration and heat tracking cost the lookup path.  One run, one in-process 
    thread times lookups (1 kernel thread), after a second shift (and a quarter interval of the new
    ids) so that each interval has real moves to make.  Two engine arms per rep, in alternating
    order: "quiet", the engine as it ships (its reads of rows off SCM paced at
-   SCM_READ_ROWS_PER_SECOND, SCM_BATCH_ROWS a batch, from SCM_READ_DEPTH in flight: Pacer), and "unpaced",
+   SCM_READ_ROWS_PER_SECOND in runs of reads from SCM_READ_DEPTH in flight: Pacer), and "unpaced",
    the same engine reading SCM as fast as the device goes (MOVE_BATCH_ROWS a batch, the lookups'
    queue depth: the engine before quiet migration).  Migration changes the placement the lookups
    see, so every "with" window is bracketed by two windows with the engine idle, one just before
@@ -93,7 +93,6 @@ from embtierd.store.catalog import Store
 from embtierd.tiering.config import TieringConfig
 from embtierd.tiering.engine import (
     MOVE_BATCH_ROWS,
-    SCM_BATCH_ROWS,
     SCM_READ_DEPTH,
     SCM_READ_ROWS_PER_SECOND,
     TieringEngine,
@@ -381,13 +380,13 @@ def engine_arm(tiered: TieredTable, arm: str) -> Iterator[None]:
     moves read SCM as fast as the device goes, MOVE_BATCH_ROWS at a time, kernels.scm_queue_depth in flight
     (the engine before quiet migration)."""
     engine = tiered.engine
-    saved = engine.scm_rows_per_second, engine.scm_batch_rows, engine.scm_read_depth
+    saved = engine.scm_rows_per_second, engine.scm_read_depth
     if arm == "unpaced":
-        engine.scm_rows_per_second, engine.scm_batch_rows, engine.scm_read_depth = math.inf, MOVE_BATCH_ROWS, None
+        engine.scm_rows_per_second, engine.scm_read_depth = math.inf, None
     try:
         yield
     finally:
-        engine.scm_rows_per_second, engine.scm_batch_rows, engine.scm_read_depth = saved
+        engine.scm_rows_per_second, engine.scm_read_depth = saved
 
 
 @dataclass
@@ -642,7 +641,7 @@ def print_migration(reps: list[MigrationRep], steady_run: list[Interval], planni
           f"run_once in a thread, quiet or unpaced, alternating / idle / the other / idle / SCM reads in a thread, "
           f"after a second shift)")
     print(f"   quiet: the engine as it ships (SCM reads paced at {SCM_READ_ROWS_PER_SECOND} "
-          f"rows/s in batches of {SCM_BATCH_ROWS} rows, from {SCM_READ_DEPTH} in flight, more while behind the rate); "
+          f"rows/s, in runs of reads from {SCM_READ_DEPTH} in flight, more while behind the rate); "
           f"unpaced: as fast as the "
           f"device goes, {MOVE_BATCH_ROWS} rows a batch, kernels.scm_queue_depth in flight")
     arms = (*ENGINE_ARMS, "scm reads")

@@ -33,30 +33,34 @@ def test_moves_keep_the_bytes(store_factory, dtype):
     assert s.move_rows("m", scm_rows, "dram") == 0    # already there
 
 
+class CountingPacer:
+    """A ReadPacer that keeps the rows on SCM each read of a move took."""
+
+    def __init__(self, read_depth: int | None):
+        self.read_depth, self.reads = read_depth, []
+
+    def read(self, scm_rows: int) -> None:
+        self.reads.append(scm_rows)
+
+
 def test_a_move_reads_its_scm_rows_a_few_at_a_time(store_factory):
     s = store_factory(dram="8K", cxl="8K", scm="4M")
     s.create_table("m", 2000, 12, initializer="uniform", seed=2)
-    table = s._get("m")
     ids = np.arange(2000, dtype=np.int64)
     before = s.read_encoded("m", ids)
     placement = s.placement("m")
     scm_rows = np.flatnonzero(placement == 2)[:40].astype(np.int64)
     cxl_rows = np.flatnonzero(placement == 1)[:30].astype(np.int64)
     assert s.move_rows("m", np.flatnonzero(placement == 0)[:40].astype(np.int64), "scm") == 40  # room in DRAM
-    shift, reads = table.native.tier_shift, []
-    read_rows = table.native.read_rows
-
-    def counting(ids, out):  # how many rows on SCM each read of the move asks for
-        reads.append(int(np.count_nonzero((table.native.loc[ids] >> shift) == 2)))
-        read_rows(ids, out)
-
-    table.native.read_rows = counting
     mixed = np.concatenate([np.stack([scm_rows[:30], cxl_rows], axis=1).ravel(), scm_rows[30:]])  # SCM, CXL, ...
-    assert s.mover.move(table, mixed, 0, scm_read_depth=7) == 40  # DRAM has room for 40: the first 40 move
-    moved = mixed[:40]
-    assert sum(reads) == np.count_nonzero(placement[moved] == 2) == 20 and max(reads) == 7 and len(reads) == 3
+    pacer = CountingPacer(7)
+    assert s.mover.move(s._get("m"), mixed, 0, pacer) == 40  # DRAM has room for 40: the first 40 move
+    assert pacer.reads == [7, 7, 6]  # the 20 rows on SCM among them
     np.testing.assert_array_equal(s.read_encoded("m", ids), before)
-    assert np.all(s.placement("m")[moved] == 0)
+    assert np.all(s.placement("m")[mixed[:40]] == 0)
+    pacer = CountingPacer(None)
+    assert s.mover.move(s._get("m"), scm_rows[30:], 1, pacer) == 10 and pacer.reads == [10]  # all at once
+    np.testing.assert_array_equal(s.read_encoded("m", ids), before)
 
 
 def test_a_full_tier_takes_what_fits_and_slots_are_reused(store_factory):

@@ -61,12 +61,12 @@ def test_dram_converges_on_the_hot_set_and_follows_it(store_factory):
 
 def test_the_pacer_spends_scm_reads_at_their_rate_until_the_deadline():
     pacer = Pacer(float("inf"), time.monotonic() + 60, scm_rows_per_second=1000)
-    pacer.moved(4096, scm_rows=0)  # bytes at an unlimited bandwidth: no wait
+    pacer.moved(4096)  # bytes at an unlimited bandwidth: no wait
     assert time.monotonic() - pacer.start < 0.1
-    pacer.moved(4096, scm_rows=250)
+    pacer.read(250)
     assert time.monotonic() - pacer.start >= 0.25
     short = Pacer(float("inf"), time.monotonic() + 0.2, scm_rows_per_second=1)
-    short.moved(0, scm_rows=1000)  # due in 1000 s: never waits past the deadline
+    short.read(1000)  # due in 1000 s: never waits past the deadline
     assert 0.2 <= time.monotonic() - short.start < 5
 
 
@@ -75,14 +75,14 @@ def test_the_pacer_keeps_as_few_scm_reads_in_flight_as_keep_the_rate():
                    max_read_depth=64)
     depths = [behind.read_depth]
     for _ in range(5):
-        behind.moved(0, scm_rows=1000)  # due at once: the reads fell behind their rate
+        behind.read(1000)  # due at once: the reads fell behind their rate
         depths.append(behind.read_depth)
     assert depths == [4, 8, 16, 32, None, None]  # at the lookups' depth, the move reads as it always did
-    behind.moved(4096)  # a batch that read nothing leaves the depth as it is
+    behind.read(0)  # a run that read nothing off SCM leaves the depth as it is
     assert behind.read_depth is None
     ahead = Pacer(float("inf"), time.monotonic() + 60, scm_rows_per_second=1e5, min_read_depth=4, max_read_depth=64)
     ahead.depth = 32
-    ahead.moved(0, scm_rows=2000)  # due in 20 ms: ahead of the rate
+    ahead.read(2000)  # due in 20 ms: ahead of the rate
     assert ahead.read_depth == 16
     assert Pacer(float("inf"), time.monotonic() + 60).read_depth is None  # no least depth: never limited
 
@@ -93,11 +93,11 @@ def test_promotions_out_of_scm_are_paced_and_all_land(store_factory):
     hot = np.arange(3000, 3600, dtype=np.int64)  # on SCM
     touch(store, "p", hot, times=4)
     engine = engine_for(store)
-    engine.scm_rows_per_second, engine.scm_batch_rows = 1000, 100
+    engine.scm_rows_per_second = 1000
     start = time.monotonic()
     moved = engine.run_once()
     assert moved[("scm", "dram")] == 600 and np.all(store.placement("p")[hot] == 0)
-    assert time.monotonic() - start >= 0.5  # 600 rows read off SCM at 1000 a second (the last batch not waited)
+    assert time.monotonic() - start >= 0.5  # 600 rows read off SCM at 1000 a second
 
 
 def test_hot_rows_take_room_freed_by_a_dropped_table(store_factory):

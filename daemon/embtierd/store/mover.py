@@ -28,6 +28,7 @@ it along.
 from __future__ import annotations
 
 import threading
+from typing import Protocol
 
 import numpy as np
 from embtier.wire import TIERS
@@ -38,6 +39,17 @@ from embtierd.store.slots import SlotSpace
 from embtierd.store.table import NO_SCM_COPY, Table
 
 PLACE_BATCH_ROWS = 1 << 20  # placement entries published per call when a table gets its homes
+
+
+class ReadPacer(Protocol):
+    """How a move reads its rows off SCM (the tiering engine's Pacer)."""
+
+    @property
+    def read_depth(self) -> int | None:
+        """Rows on SCM the next read may ask for at once (its reads in flight); None: all that are left."""
+
+    def read(self, scm_rows: int) -> None:
+        """Called after each read with the rows it took off SCM (it may wait before the next)."""
 
 
 class Mover:
@@ -121,16 +133,16 @@ class Mover:
 
     # ---- rows changing home --------------------------------------------------------------------
 
-    def move(self, table: Table, ids: np.ndarray, target: int, scm_read_depth: int | None = None) -> int:
+    def move(self, table: Table, ids: np.ndarray, target: int, pacer: ReadPacer | None = None) -> int:
         """Moves rows (int64, no duplicates) to new homes in tier target; rows already there stay.
-        When the tier has room for only some, the first ones in the order given move.  scm_read_depth:
-        at most this many of the move's reads of rows off SCM in flight at a time (None: all of them,
-        up to kernels.scm_queue_depth).  Returns how many moved; NotFoundError for a table that is gone."""
+        When the tier has room for only some, the first ones in the order given move.  pacer: how the
+        move reads its rows off SCM (see _read; None: all at once, kernels.scm_queue_depth in flight).
+        Returns how many moved; NotFoundError for a table that is gone."""
         with table.write_lock:
             table.check_live()
-            return self._move(table, ids, target, scm_read_depth)
+            return self._move(table, ids, target, pacer)
 
-    def _move(self, table: Table, ids: np.ndarray, target: int, scm_read_depth: int | None = None) -> int:
+    def _move(self, table: Table, ids: np.ndarray, target: int, pacer: ReadPacer | None = None) -> int:
         """move() under the write lock: copy, publish, then give the old slots back."""
         shift = table.native.tier_shift
         mask = (1 << shift) - 1
@@ -159,7 +171,7 @@ class Mover:
         if write.any():
             moving = np.ascontiguousarray(ids[write])
             rows = np.empty((moving.size, table.stride), dtype=np.uint8)
-            self._read(table, moving, (old[write] >> shift) == native.TIER_SCM, rows, scm_read_depth)
+            self._read(table, moving, (old[write] >> shift) == native.TIER_SCM, rows, pacer)
             table.native.write_slots(np.ascontiguousarray(new[write]), rows)
         table.native.publish(ids, new)  # from here on no lookup holds an old slot
         self._account_ports(table, ids, old, new)
@@ -182,17 +194,21 @@ class Mover:
         return int(ids.size)
 
     @staticmethod
-    def _read(table: Table, ids: np.ndarray, on_scm: np.ndarray, out: np.ndarray, depth: int | None) -> None:
-        """out = the encoded rows of ids, read in runs of ids with at most depth rows on SCM (on_scm)
-        each, so that a move has no more reads in flight beside the lookups' own (None: one run)."""
-        cuts = [] if depth is None else np.searchsorted(np.cumsum(on_scm), np.arange(depth, on_scm.sum(), depth),
-                                                        side="right").tolist()
-        for first, end in zip([0, *cuts], [*cuts, ids.size]):
+    def _read(table: Table, ids: np.ndarray, on_scm: np.ndarray, out: np.ndarray, pacer: ReadPacer | None) -> None:
+        """out = the encoded rows of ids (on_scm: which live on SCM).  With a pacer, in runs of ids with at
+        most pacer.read_depth rows on SCM each (None: the rest at once), pacer.read(rows on SCM) after each
+        run: the pacer spaces the runs out, and a move has no more reads in flight beside the lookups'."""
+        if pacer is None or not on_scm.any():
+            table.native.read_rows(ids, out)
+            return
+        before = np.concatenate([[0], np.cumsum(on_scm)])  # rows on SCM before each position
+        first = 0
+        while first < ids.size:
+            depth = pacer.read_depth
+            end = ids.size if depth is None else int(np.searchsorted(before, before[first] + depth, "right")) - 1
             table.native.read_rows(ids[first:end], out[first:end])
-
-    def scm_rows(self, table: Table, ids: np.ndarray) -> int:
-        """How many of ids live on SCM now (the rows a move to memory reads off the device)."""
-        return int(np.count_nonzero((table.native.loc[ids] >> table.native.tier_shift) == native.TIER_SCM))
+            pacer.read(int(before[end] - before[first]))
+            first = end
 
     def written(self, table: Table, ids: np.ndarray) -> None:
         """Rows a write just changed (under the table's write lock): their SCM copies are dirty now."""

@@ -27,15 +27,15 @@ left joins the backlog, and serving is never starved by a long interval.
 The batches are paced (Pacer): the bytes moved at the bandwidth, and the
 rows read off SCM, which cost the device's IOPS rather than bytes, at
 SCM_READ_ROWS_PER_SECOND, so that an interval's promotions read SCM at a
-steady rate beside the lookups' instead of in a burst at its start.
-Batches that may read SCM (promotions) are SCM_BATCH_ROWS long, so that
-the reads come in short bursts between the pauses, with as few of them in
-flight as keep the rate: from SCM_READ_DEPTH (the lookups keep
-kernels.scm_queue_depth), doubled after a batch that fell behind the rate
-and halved after one that was ahead, so that a slow or busy device gets
-the reads in flight it needs and the interval's moves are not cut short.  The engine's thread runs at a lower CPU
-priority (nice 10) than the serving threads, and the next interval starts
-one interval after the last one started.
+steady rate beside the lookups' instead of in a burst at its start.  A
+batch reads its SCM rows in runs with pauses between them (Mover._read),
+each run with as few reads in flight as keep the rate: from SCM_READ_DEPTH
+(the lookups keep kernels.scm_queue_depth), doubled after a run that fell
+behind the rate and halved after one that was ahead, so that a slow or busy
+device gets the reads in flight it needs and the interval's moves are not
+cut short.  The engine's thread runs at a lower CPU priority (nice 10) than
+the serving threads, and the next interval starts one interval after the
+last one started.
 
 SCM and promotions: a row has one home, which lookups and WriteRows use.
 A row promoted out of SCM (read with the lookup path's batched O_DIRECT
@@ -61,7 +61,6 @@ from dataclasses import dataclass
 import numpy as np
 from embtier.wire import TIERS
 
-from embtierd import native
 from embtierd.errors import NotFoundError
 from embtierd.store.catalog import Store
 from embtierd.store.table import Table
@@ -73,9 +72,8 @@ from embtierd.tiering.policy_base import UNLIMITED, Policy, run_interval
 log = logging.getLogger(__name__)
 
 MOVE_BATCH_ROWS = 8192  # rows per move_rows call: WriteRows to the table waits at most one batch
-SCM_BATCH_ROWS = 1024   # rows per move_rows call of a batch that may read SCM (a promotion): short bursts of reads
 SCM_READ_ROWS_PER_SECOND = 65536  # rows an interval's moves read off SCM per second, at most (the lookups keep the rest)
-SCM_READ_DEPTH = 32     # a batch's reads of rows off SCM in flight at first and at least (Pacer.read_depth)
+SCM_READ_DEPTH = 32     # a run's reads of rows off SCM in flight at first and at least (Pacer.read_depth)
 ENGINE_NICE = 10        # the engine thread's CPU priority below the serving threads' (Linux: per thread)
 
 
@@ -89,11 +87,11 @@ def lower_priority() -> None:
 
 
 class Pacer:
-    """Spends an interval's moves at bytes_per_second and their reads of rows off SCM at
-    scm_rows_per_second: after each batch, waits until the bytes moved and the SCM rows read so far
-    are both due (never past the deadline).  And how many of a batch's SCM reads may be in flight
-    (read_depth): from min_read_depth, twice as many after a batch that left the reads behind their
-    rate, half as many after one that had to wait, so that the moves read SCM with the fewest reads
+    """Spends an interval's moves at bytes_per_second (moved, after each batch) and their reads of rows
+    off SCM at scm_rows_per_second (read, after each run of reads: Mover._read): waits until what was
+    spent so far is due, never past the deadline.  And how many rows on SCM a run reads at once
+    (read_depth, its reads in flight): from min_read_depth, twice as many after a run that fell behind
+    the rate, half as many after one that was ahead, so that the moves read SCM with the fewest reads
     in flight that keep the rate; at max_read_depth or more, None (the lookups' own depth)."""
 
     def __init__(self, bytes_per_second: float, deadline: float,
@@ -110,18 +108,25 @@ class Pacer:
 
     @property
     def read_depth(self) -> int | None:
-        """The next batch's SCM reads in flight at most (None: as many as the lookups')."""
+        """Rows on SCM the next run reads at once (None: all that are left, as many in flight as the lookups')."""
         return None if self.depth is None or self.depth >= self.max_depth else self.depth
 
-    def moved(self, nbytes: int, scm_rows: int = 0) -> None:
+    def moved(self, nbytes: int) -> None:
         self.spent += nbytes
+        self._wait(self.spent / self.rate)
+
+    def read(self, scm_rows: int) -> None:
         self.scm_rows += scm_rows
-        now = time.monotonic()
-        due = min(self.start + max(self.spent / self.rate, self.scm_rows / self.scm_rate), self.deadline)
+        ahead = self._wait(self.scm_rows / self.scm_rate)
         if scm_rows and self.depth is not None:
-            self.depth = max(self.min_depth, self.depth // 2) if due > now else min(self.max_depth, 2 * self.depth)
-        if due > now:
-            time.sleep(due - now)
+            self.depth = max(self.min_depth, self.depth // 2) if ahead else min(self.max_depth, 2 * self.depth)
+
+    def _wait(self, seconds_due: float) -> bool:
+        """Sleeps until seconds_due after the start (at most until the deadline); whether it had to."""
+        wait = min(self.start + seconds_due, self.deadline) - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        return wait > 0
 
 
 @dataclass
@@ -146,7 +151,6 @@ class TieringEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.scm_rows_per_second: float = SCM_READ_ROWS_PER_SECOND  # the Pacer's SCM read rate
-        self.scm_batch_rows = SCM_BATCH_ROWS
         self.scm_read_depth: int | None = SCM_READ_DEPTH
 
     def state(self, table: str) -> TableState | None:
@@ -219,22 +223,17 @@ class TieringEngine:
         return moved
 
     def _mover(self, table: Table, deadline: float, pacer: Pacer | None = None):
-        """The plan's mover for one table: Mover.move in batches (shorter ones when they may read SCM),
-        paced, none started after deadline."""
-        step = MOVE_BATCH_ROWS if pacer is None else self.scm_batch_rows
-
+        """The plan's mover for one table: Mover.move in batches, paced, none started after deadline."""
         def move(rows: np.ndarray, tier: int) -> int:
             done = 0
-            size = MOVE_BATCH_ROWS if tier == native.TIER_SCM else step
-            for first in range(0, rows.size, size):
+            for first in range(0, rows.size, MOVE_BATCH_ROWS):
                 if time.monotonic() > deadline:
                     break
-                batch = np.ascontiguousarray(rows[first:first + size], dtype=np.int64)
-                scm_rows = self.store.mover.scm_rows(table, batch) if tier != native.TIER_SCM else 0
-                n = self.store.mover.move(table, batch, tier, None if pacer is None else pacer.read_depth)
+                batch = np.ascontiguousarray(rows[first:first + MOVE_BATCH_ROWS], dtype=np.int64)
+                n = self.store.mover.move(table, batch, tier, pacer)
                 done += n
                 if pacer is not None:
-                    pacer.moved(n * table.stride, min(n, scm_rows))
+                    pacer.moved(n * table.stride)
                 if n < batch.size:
                     break
             return done
