@@ -22,7 +22,8 @@ tables; the table served first rotates each interval so that none starves.
 What the budget left undone is the migration backlog.
 
 Moves run in batches of MOVE_BATCH_ROWS (WriteRows to a table waits for
-at most one batch) and none starts after the interval's time is up: what is
+at most one batch: a batch of rows all on SCM, paced, about 1/8 s) and
+none starts after the interval's time is up: what is
 left joins the backlog, and serving is never starved by a long interval.
 The batches are paced (Pacer): the bytes moved at the bandwidth, and the
 rows read off SCM, which cost the device's IOPS rather than bytes, at
