@@ -1,7 +1,12 @@
 """A stateful property test of durability: hypothesis drives a real daemon through creations,
-drops, writes (assign and add, duplicates and out-of-range ids among them), checkpoints of every
-kind, restores, clean restarts and SIGKILL, and compares every answer and, after every step, every
-row of every table with a pure-Python model of what was acknowledged.
+drops, writes (assign and add, duplicates and out-of-range ids among them), pooled lookups (sum,
+mean and max, weighted or not, every offload), tiering policy changes, checkpoints of every kind,
+restores, clean restarts and SIGKILL, and compares every answer and, after every step, every row
+and the tiering settings of every table with a pure-Python model of what was acknowledged.
+
+SetPolicy is not logged: a restart brings back the settings of the newest checkpoint that holds
+the table, or its creation's; so after a restart the model takes the settings the daemon reports,
+which must be ones the table had.
 
 CI runs a bounded number of examples; EMBTIER_STATEFUL_EXAMPLES (`make stateful`) runs more."""
 
@@ -15,6 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from embtier import Client, EmbtierClientError
+from embtierd.native import row_stride
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -26,16 +32,30 @@ SHAPES = [(1, 4), (7, 1), (300, 16), (20_000, 8)]  # the last one lives mostly o
 CONFIG = ('[tiering]\nenabled = false\n[durability]\nfsync = "always"\n'
           '[durability.checkpoints]\ninterval_seconds = 0\nkeep = 2\n')
 EXAMPLES = int(os.environ.get("EMBTIER_STATEFUL_EXAMPLES", "10"))
+TIER_BYTES = 256 << 10  # --dram-bytes and --cxl-bytes
+DEFAULT_POLICY = ("lfu", "", -1, -1)  # (policy, pin_tier, dram_capacity_bytes, cxl_capacity_bytes) at creation
 
 
 class Table:
-    """The model of one table: its rows as the daemon must hold them (float32)."""
+    """The model of one table: its rows as the daemon must hold them (float32), its tiering settings
+    (policy, pin_tier, dram_capacity_bytes, cxl_capacity_bytes), and every setting it has had."""
 
-    def __init__(self, rows: np.ndarray, dtype: str):
-        self.rows, self.dtype = rows, dtype
+    def __init__(self, rows: np.ndarray, dtype: str, policy: tuple = DEFAULT_POLICY, had: tuple = (DEFAULT_POLICY,)):
+        self.rows, self.dtype, self.policy, self.had = rows, dtype, policy, had
 
     def copy(self) -> Table:
-        return Table(self.rows.copy(), self.dtype)
+        return Table(self.rows.copy(), self.dtype, self.policy, self.had)
+
+
+def pooled(rows: np.ndarray, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, mode: str) -> np.ndarray:
+    """What LookupPooled answers, by the proto's definitions (float64 here)."""
+    out = np.zeros((lengths.size, rows.shape[1]))
+    weighted = rows[ids].astype(np.float64) * (1.0 if weights is None else weights[:, None])
+    for bag, (start, n) in enumerate(zip(np.cumsum(lengths) - lengths, lengths, strict=True)):
+        if n:
+            part = weighted[start:start + n]
+            out[bag] = part.max(0) if mode == "max" else part.sum(0) / (n if mode == "mean" else 1)
+    return out
 
 
 def encoded(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -124,6 +144,58 @@ class DurableStore(RuleBasedStateMachine):
                 last = ids.size - 1 - np.unique(ids[::-1], return_index=True)[1]
                 table.rows[ids[last]] = encoded(values[last], table.dtype)
 
+    @rule(name=st.sampled_from(NAMES), data=st.data(), mode=st.sampled_from(["sum", "mean", "max"]),
+          weighted=st.booleans(), offload=st.sampled_from([None, None, "host", "device"]))
+    def lookup_pooled(self, name, data, mode, weighted, offload):
+        table = self.model.get(name)
+        num_rows = table.rows.shape[0] if table is not None else 10
+        lengths = np.array(data.draw(st.lists(st.integers(0, 5), min_size=1, max_size=6), label="lengths"), np.int32)
+        n = int(lengths.sum())
+        ids = np.array(data.draw(st.lists(st.integers(0, num_rows - 1), min_size=n, max_size=n), label="ids"), np.int64)
+        weights = (np.array(data.draw(st.lists(st.sampled_from([1.0, 0.5, -2.0, 0.0, 3.0]), min_size=n, max_size=n),
+                                      label="weights"), np.float32) if weighted else None)
+        bad = data.draw(st.sampled_from([None, None, None, -1, num_rows]), label="bad id") if n else None
+        if bad is not None:
+            ids[data.draw(st.integers(0, n - 1), label="at")] = bad
+        lookup = lambda: self.client.lookup_pooled({name: (ids, lengths) if weights is None else (ids, lengths, weights)},
+                                                   mode=mode, offload=offload)[name]
+        if table is None:
+            self._expect(grpc.StatusCode.NOT_FOUND, lookup)
+        elif bad is not None:
+            self._expect(grpc.StatusCode.INVALID_ARGUMENT, lookup)
+        else:
+            expected = pooled(table.rows, ids, lengths, weights, mode)
+            np.testing.assert_allclose(lookup(), expected, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(expected).max(initial=0)),
+                                       err_msg=f"table {name!r}, {mode}, offload {offload}")
+
+    @rule(name=st.sampled_from(NAMES), policy=st.sampled_from([None, "lfu", "lru"]),
+          pin=st.sampled_from([None, "", "dram", "cxl", "scm"]),
+          dram=st.sampled_from([None, -1, 0, 4096, 1 << 20]), cxl=st.sampled_from([None, -1, 8192]))
+    def set_policy(self, name, policy, pin, dram, cxl):
+        table = self.model.get(name)
+        change = lambda: self.client.set_policy(name, policy=policy, pin_tier=pin, dram_capacity_bytes=dram,
+                                                cxl_capacity_bytes=cxl)
+        if table is None:
+            self._expect(grpc.StatusCode.NOT_FOUND, change)
+            return
+        old = table.policy
+        new = tuple(o if v is None else v for o, v in zip(old, (policy, pin, dram, cxl), strict=True))
+        if new[1] in ("dram", "cxl"):  # pinned to a memory tier: it must hold every row, within the table's limit
+            limit = new[2] if new[1] == "dram" else new[3]
+            stride = row_stride(table.rows.shape[1], table.dtype)
+            fits = TIER_BYTES // stride if limit == -1 else min(TIER_BYTES, limit) // stride
+            if fits < table.rows.shape[0]:
+                self._expect(grpc.StatusCode.RESOURCE_EXHAUSTED, change)
+                return
+        answer = change()
+        assert answer.table == name
+        table.policy, table.had = new, (*table.had, new)
+        assert self._settings(answer) == new
+
+    @staticmethod
+    def _settings(answer) -> tuple:
+        return answer.policy, answer.pin_tier, answer.dram_capacity_bytes, answer.cxl_capacity_bytes
+
     @rule(kind=st.sampled_from(["full", "incremental", "differential", "auto"]), bits=st.sampled_from([0, 0, 8]))
     def checkpoint(self, kind, bits):
         info = self.client.checkpoint(kind, bits)
@@ -156,6 +228,9 @@ class DurableStore(RuleBasedStateMachine):
         else:
             assert self.daemon.stop() == 0, self.daemon.log()
         self._start()
+        for name, table in self.model.items():  # (SetPolicy is not logged: see the module's docstring)
+            table.policy = self._settings(self.client.policy(name))
+            assert table.policy in table.had, (name, table.policy, table.had)
 
     @invariant()
     def every_row_is_what_was_acknowledged(self):
@@ -167,6 +242,7 @@ class DurableStore(RuleBasedStateMachine):
             assert (tables[name].num_rows, tables[name].dim, tables[name].dtype) == (*table.rows.shape, table.dtype)
             np.testing.assert_array_equal(self.client.lookup(name, np.arange(table.rows.shape[0])), table.rows,
                                           err_msg=f"table {name!r}")
+            assert self._settings(self.client.policy(name)) == table.policy, name
 
     def teardown(self):
         if self.client is not None:
