@@ -75,16 +75,20 @@ def ids(fdp: atheris.FuzzedDataProvider, n: int, num_rows: int) -> list[int]:
     return out
 
 
-def bags(fdp: atheris.FuzzedDataProvider, n: int) -> list[int]:
-    """Bag lengths: a split of n ids, or one spoilt (negative, off by one, huge)."""
+def split(fdp: atheris.FuzzedDataProvider, n: int) -> list[int]:
+    """Bag lengths that add up to n (empty bags among them)."""
     lengths = []
     left = n
     while left > 0 and len(lengths) < 16:
         take = fdp.ConsumeIntInRange(0, left)
         lengths.append(take)
         left -= take
-    if left:
-        lengths.append(left)
+    return lengths + [left] if left else lengths
+
+
+def bags(fdp: atheris.FuzzedDataProvider, n: int) -> list[int]:
+    """Bag lengths: a split of n ids, or one spoilt (negative, off by one, huge)."""
+    lengths = split(fdp, n)
     if fdp.ConsumeIntInRange(0, 4) == 0:
         spoil = pick(fdp, [-1, 1, INT32_MAX, INT32_MIN, -n])
         if lengths and fdp.ConsumeBool():

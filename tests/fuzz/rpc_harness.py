@@ -39,6 +39,7 @@ from tests.fuzz.common import (
     main,
     pick,
     small_int,
+    split,
     trim,
 )
 
@@ -164,6 +165,10 @@ def table_name(fdp: atheris.FuzzedDataProvider) -> str:
     return fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 140))
 
 
+def enum_value(fdp: atheris.FuzzedDataProvider, valid: int) -> int:
+    return fdp.ConsumeIntInRange(0, valid - 1)
+
+
 def enum(fdp: atheris.FuzzedDataProvider, valid: int) -> int:
     """A value of an enum of valid values (0 .. valid - 1), now and then one outside it."""
     return fdp.ConsumeIntInRange(0, valid - 1) if fdp.ConsumeIntInRange(0, 7) else pick(fdp, [valid, -1, 99,
@@ -209,6 +214,8 @@ class Builder:
         self.service = service
 
     def CreateTable(self, fdp):
+        if fdp.ConsumeBool():
+            return self._plausible_table(fdp)
         r = pb.CreateTableRequest(name=pick(fdp, ["x0", "x1", "d32", "m8", "", "bad name", "p32"]))
         r.num_rows = pick(fdp, [1, 2, 3, 17, 100, 1000, 0, -1, 2**30, 2**30 + 1, 2**62])
         r.dim = pick(fdp, [1, 3, 8, 16384, 16385, 0, -1, INT32_MAX])
@@ -229,6 +236,21 @@ class Builder:
         build_policy(fdp, r)
         return r
 
+    @staticmethod
+    def _plausible_table(fdp):
+        """A CreateTableRequest that every check passes, unless the name is taken or the tiers are full."""
+        r = pb.CreateTableRequest(name=pick(fdp, ["x0", "x1"]), num_rows=fdp.ConsumeIntInRange(1, 300),
+                                  dim=fdp.ConsumeIntInRange(1, 16), dtype=enum_value(fdp, 3), key_space=enum_value(fdp, 4),
+                                  seed=fdp.ConsumeIntInRange(0, 9), init_scale=pick(fdp, [0.0, 0.5]))
+        r.initializer = pb.ZEROS if r.key_space == pb.KEY_SPACE_MANAGED else enum_value(fdp, 2)
+        r.default_value = pick(fdp, [0.0, 1.5]) if r.key_space == pb.KEY_SPACE_MANAGED else 0.0
+        if r.key_space == pb.KEY_SPACE_MAPPED:
+            n = count(fdp, 6)
+            r.mapping_ids = np.arange(100, 100 + n, dtype="<i8").tobytes()
+            r.mapping_rows = np.array(fdp.ConsumeIntListInRange(n, 0, r.num_rows - 1) + [0] * n, "<i8")[:n].tobytes()
+            r.mapping_hash_from = fdp.ConsumeIntInRange(0, r.num_rows - 1)
+        return r
+
     def DropTable(self, fdp):
         return pb.DropTableRequest(name=pick(fdp, ["x0", "x1", "x0", "x1", "zz", ""]) if fdp.ConsumeIntInRange(0, 7)
                                    else table_name(fdp))
@@ -243,6 +265,11 @@ class Builder:
         table = table_name(fdp)
         rows, dim = self.service.geometry(table)
         n = many(fdp, 24)
+        if fdp.ConsumeBool():  # a write every check passes (unless a managed table is full)
+            values = np.array(fdp.ConsumeIntListInRange(n * dim, -8, 8) + [0] * (n * dim), "<f4")[:n * dim]
+            row_ids = np.array(fdp.ConsumeIntListInRange(n, 0, rows - 1) + [0] * n, "<i8")[:n]
+            return pb.WriteRowsRequest(table=table, ids=row_ids.tobytes(), values=values.tobytes(),
+                                       mode=enum_value(fdp, 2), scale=pick(fdp, [0.0, 2.0]))
         id_type = enum(fdp, 2)
         r = pb.WriteRowsRequest(table=table, mode=enum(fdp, 2), id_type=id_type,
                                 ids=id_bytes(fdp, ids(fdp, n, rows), id_type))
@@ -286,9 +313,15 @@ class Builder:
             n = many(fdp, 32)
             id_type = enum(fdp, 2)
             f = r.features.add(table=table, id_type=id_type)
-            fields = {"ids": id_bytes(fdp, ids(fdp, n, rows), id_type),
-                      "lengths": trim(fdp, np.array(bags(fdp, n), np.int64).astype("<i4").tobytes()),
-                      "weights": float_bytes(fdp, n + pick(fdp, [0, 0, 0, 1, -1])) if fdp.ConsumeBool() else b""}
+            if fdp.ConsumeBool():  # bags every check passes
+                f.id_type = pb.INT64
+                fields = {"ids": np.array(fdp.ConsumeIntListInRange(n, 0, rows - 1) + [0] * n, "<i8")[:n].tobytes(),
+                          "lengths": np.array(split(fdp, n), "<i4").tobytes(),
+                          "weights": np.ones(n, "<f4").tobytes() if fdp.ConsumeBool() else b""}
+            else:
+                fields = {"ids": id_bytes(fdp, ids(fdp, n, rows), id_type),
+                          "lengths": trim(fdp, np.array(bags(fdp, n), np.int64).astype("<i4").tobytes()),
+                          "weights": float_bytes(fdp, n + pick(fdp, [0, 0, 0, 1, -1])) if fdp.ConsumeBool() else b""}
             for name, data in fields.items():
                 if shared and fdp.ConsumeBool():
                     getattr(f, f"{name}_shm").CopyFrom(self._slice(fdp, data))
