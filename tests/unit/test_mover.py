@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from embtierd.errors import InvalidArgumentError
+from embtierd.errors import InvalidArgumentError, ScmReadError
 from embtierd.tiering.config import TableSettings, TieringConfig
 from embtierd.tiering.engine import TieringEngine
 
@@ -264,3 +264,29 @@ def test_nothing_but_the_mover_writes_a_rows_location():
                     writers.setdefault("loc[...] =", set()).add(path.relative_to(package).as_posix())
     assert writers == {"publish": {"store/mover.py"}, "write_slots": {"store/mover.py"},
                        "et_publish": {"native.py"}, "et_write_slots": {"native.py"}}
+
+
+class FailingPacer:
+    """A ReadPacer whose device fails after the first run of SCM reads, as a bad block would."""
+
+    read_depth = 4
+
+    def read(self, scm_rows: int) -> None:
+        raise ScmReadError("table 'm': the row of id 1 cannot be read from the SCM file: Input/output error")
+
+
+def test_a_move_whose_scm_read_fails_moves_nothing_and_keeps_its_slots(store_factory):
+    s = store_factory(dram="8K", cxl="8K", scm="4M")
+    s.create_table("m", 2000, 12, initializer="uniform", seed=3)
+    ids = np.arange(2000, dtype=np.int64)
+    before, placement = s.read_encoded("m", ids), s.placement("m")
+    assert s.move_rows("m", np.flatnonzero(placement == 0)[:40].astype(np.int64), "scm") == 40  # room in DRAM
+    placement = s.placement("m")
+    room = s.mover.room_rows(s._get("m"), 0)
+    scm_rows = np.flatnonzero(placement == 2)[:20].astype(np.int64)
+    with pytest.raises(ScmReadError):
+        s.mover.move(s._get("m"), scm_rows, 0, FailingPacer())
+    assert s.mover.room_rows(s._get("m"), 0) == room  # the slots it took are the tier's again
+    np.testing.assert_array_equal(s.placement("m"), placement)
+    np.testing.assert_array_equal(s.read_encoded("m", ids), before)
+    assert s.move_rows("m", scm_rows, "dram") == 20  # and they are there to take

@@ -171,8 +171,13 @@ class Mover:
         if write.any():
             moving = np.ascontiguousarray(ids[write])
             rows = np.empty((moving.size, table.stride), dtype=np.uint8)
-            self._read(table, moving, (old[write] >> shift) == native.TIER_SCM, rows, pacer)
-            table.native.write_slots(np.ascontiguousarray(new[write]), rows)
+            try:
+                self._read(table, moving, (old[write] >> shift) == native.TIER_SCM, rows, pacer)
+                table.native.write_slots(np.ascontiguousarray(new[write]), rows)
+            except BaseException:  # (an SCM row that cannot be read): nothing points at the new slots yet
+                with self.lock:
+                    space.give_back(slots)
+                raise
         table.native.publish(ids, new)  # from here on no lookup holds an old slot
         self._account_ports(table, ids, old, new)
         from_scm = (old >> shift) == native.TIER_SCM

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import numpy as np
 from embtier.wire import TIERS
 
-from embtierd.errors import NotFoundError
+from embtierd.errors import NotFoundError, StorageError
 from embtierd.store.catalog import Store
 from embtierd.store.table import Table
 from embtierd.tiering.config import TieringConfig
@@ -208,6 +208,9 @@ class TieringEngine:
                 traded = mover.spread_ports(table, left) if time.monotonic() < deadline else 0
             except NotFoundError:  # dropped or replaced meanwhile: its handle is retired
                 self._state.pop(name, None)
+                continue
+            except StorageError as e:  # (a row its device cannot read): the other tables still get their turn
+                log.warning("tiering: table %s skipped this interval: %s", name, e)
                 continue
             state.backlog_rows, state.moved_rows = result.backlog_rows, result.rows_moved
             budget_bytes -= (result.rows_moved + traded) * stride
