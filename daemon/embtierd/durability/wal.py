@@ -312,7 +312,8 @@ class WriteAheadLog:
         of here after the record is counted."""
         if not 0 <= kind <= 255:
             raise ValueError(f"WAL record kind must be 0..255, got {kind}")
-        parts = [memoryview(part).cast("B") for part in parts]
+        parts = [view.cast("B") if view.nbytes else memoryview(b"") for view in map(memoryview, parts)]  # (a
+        # view with a 0 in its shape, as the values of a write of no rows, cannot be cast)
         payload_bytes = sum(part.nbytes for part in parts)
         if payload_bytes > MAX_PAYLOAD_BYTES:
             raise ValueError(f"WAL payload of {payload_bytes} bytes is over {MAX_PAYLOAD_BYTES}")

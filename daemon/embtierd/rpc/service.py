@@ -309,8 +309,6 @@ class EmbeddingStoreServicer(pb_grpc.EmbeddingStoreServicer):
                                            f"{' and by_row' if request.by_row else ''}")
             version, written = self.store.fill_rows(request.table, ids, values)
             return pb.WriteRowsResponse(rows_written=written, version=version)
-        if not ids.size and not values.size:  # nothing to write: the table's version, and no log record
-            return pb.WriteRowsResponse(rows_written=0, version=self.store.describe(request.table).version)
         version = self.store.write_rows(request.table, ids, values, mode, request.scale or 1.0, by_row=request.by_row)
         return pb.WriteRowsResponse(rows_written=ids.size, version=version)
 
