@@ -385,7 +385,7 @@ KEYS: tuple[Key, ...] = (
         '[tiering.tables.user_ids] with policy = "lfu", dram = "40%", cxl = "4G". Its keys:'),
 
     Key("durability.wal", boolean, True,
-        "Log table creations, drops and row writes to state_dir/wal and replay them at start."),
+        "Log table creations, drops, row writes and SetPolicy changes to state_dir/wal and replay them at start."),
     Key("durability.fsync", one_of(FSYNC_POLICIES), "always",
         '"always": a write is acknowledged once the log is fsynced (concurrent writers share one '
         'fsync); "interval": fsync every fsync_interval_seconds (a crash loses at most that window); '

@@ -24,6 +24,7 @@ from embtierd.errors import (
     RecoveryError,
 )
 from embtierd.native import QUANT_ADAPTIVE_MAX_SHRINK as ADAPTIVE_MAX_SHRINK
+from embtierd.tiering.config import TableSettings
 
 
 def open_store(path, store_factory, salvage=False, **settings):
@@ -519,4 +520,22 @@ def test_a_damaged_log_segment_is_harmless_behind_a_checkpoint_and_named_after_o
         open_store(tmp_path, store_factory)
     store, wal, ck = open_store(tmp_path, store_factory, salvage=True)
     assert [t.name for t in store.tables()] == ["f"]
+    wal.close()
+
+
+def test_policy_changes_are_logged_and_come_back_after_a_restart_and_over_a_checkpoint(tmp_path, store_factory):
+    """SetPolicy is a logged change like the others: a restart brings back the last settings, whether
+    the log alone holds them or a checkpoint holds older ones and the log the newer."""
+    store, wal, checkpoints = open_store(tmp_path, store_factory)
+    store.create_table("t", 100, 4)
+    store.create_table("u", 100, 4)
+    lru = TableSettings(policy="lru", pin="", capacity_bytes={"dram": 4096, "cxl": None})
+    store.set_policy("t", lru)
+    checkpoints.take("full")
+    pinned = TableSettings(policy="lfu", pin="cxl", capacity_bytes={"dram": None, "cxl": None})
+    store.set_policy("t", pinned)  # after the checkpoint: the log alone has it
+    store.set_policy("u", lru)
+    wal.close()
+    store, wal, _ = open_store(tmp_path, store_factory)
+    assert store.table_policy("t") == pinned and store.table_policy("u") == lru
     wal.close()

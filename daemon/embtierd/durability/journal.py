@@ -1,6 +1,6 @@
-"""The store's journal: table creations, drops, row writes and restores as
-write-ahead log records (daemon/wal.py), and their replay into a store at
-start.
+"""The store's journal: table creations, drops, row writes, restores and
+tiering settings (SetPolicy) as write-ahead log records (daemon/wal.py), and
+their replay into a store at start.
 
 One order for the log and the store: a record is appended if and only if
 its change is applied, in the order the changes are applied.  The store
@@ -15,8 +15,8 @@ A mapped table's CREATE is a CREATE_MAPPED record: its spec and its
 mapping (the listed ids and their rows), which never changes after.
 
 Generations: every table carries the LSN of the record that made it (its
-CREATE or CREATE_MAPPED, or the RESTORE that installed it; checkpoints save it), and DROP and
-WRITE records name it, so a replay can never apply a write to a later table
+CREATE or CREATE_MAPPED, or the RESTORE that installed it; checkpoints save it), and DROP,
+WRITE and POLICY records name it, so a replay can never apply a write to a later table
 of the same name: such a record is reported, never applied.
 
 A crash may leave in the log an operation whose caller got no answer
@@ -41,8 +41,9 @@ from embtierd.tiering.config import TableSettings
 
 log = logging.getLogger(__name__)
 
-CREATE, DROP, WRITE, RESTORE, CREATE_MAPPED = 1, 2, 3, 4, 5
-KIND_NAMES = {CREATE: "CREATE", DROP: "DROP", WRITE: "WRITE", RESTORE: "RESTORE", CREATE_MAPPED: "CREATE_MAPPED"}
+CREATE, DROP, WRITE, RESTORE, CREATE_MAPPED, POLICY = 1, 2, 3, 4, 5, 6
+KIND_NAMES = {CREATE: "CREATE", DROP: "DROP", WRITE: "WRITE", RESTORE: "RESTORE", CREATE_MAPPED: "CREATE_MAPPED",
+              POLICY: "POLICY"}
 
 
 class ReplayError(StorageError):
@@ -126,6 +127,11 @@ def decode_write(payload: bytes) -> tuple[dict, np.ndarray, np.ndarray, tuple[np
     return head, ids, np.ascontiguousarray(values, dtype=np.float32), plan
 
 
+def encode_policy(name: str, generation: int, settings: TableSettings) -> bytes:
+    """A POLICY record: the table's tiering settings as SetPolicy left them, whole."""
+    return json.dumps({"name": name, "generation": generation, **settings.to_dict()}).encode()
+
+
 def encode_restore(checkpoint_id: int) -> bytes:
     return json.dumps({"checkpoint": checkpoint_id}).encode()
 
@@ -155,6 +161,9 @@ class Journal:
         return self.wal.append_parts(WRITE, write_parts(name, generation, ids, values, mode, scale, plan, by_row),
                                      store)
 
+    def log_policy(self, name: str, generation: int, settings: TableSettings) -> int:
+        return self.wal.append(POLICY, encode_policy(name, generation, settings))
+
     def log_restore(self, checkpoint_id: int) -> int:
         return self.wal.append(RESTORE, encode_restore(checkpoint_id))
 
@@ -166,7 +175,8 @@ class Journal:
 class ReplayReport:
     """What a replay applied, by kind, and (salvage only) the records it skipped, each with why."""
 
-    counts: dict[str, int] = field(default_factory=lambda: {"create": 0, "drop": 0, "write": 0, "restore": 0})
+    counts: dict[str, int] = field(default_factory=lambda: {"create": 0, "drop": 0, "write": 0, "restore": 0,
+                                                             "policy": 0})
     skipped: list[str] = field(default_factory=list)
 
 
@@ -221,6 +231,11 @@ def _apply(store, record, counts: dict[str, int], restore) -> None:
         store.write_rows(head["name"], ids, values, head["mode"], head["scale"], planned=plan,
                          by_row=head.get("by_row", False))
         counts["write"] += 1
+    elif record.kind == POLICY:
+        head = json.loads(record.payload)
+        _check_generation(store, head["name"], head["generation"])
+        store.set_policy(head["name"], TableSettings.from_dict(head))
+        counts["policy"] += 1
     elif record.kind == RESTORE:
         if restore is None:
             raise ReplayError("a restore cannot be replayed without the checkpoints")

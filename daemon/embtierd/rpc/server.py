@@ -229,10 +229,10 @@ class Daemon:
         durable = recovery.open_durable(self.store, self.config.state_dir, d, self.metrics, salvage)
         self.checkpoints = durable.checkpoints
         counts = durable.replayed.counts
-        log.info("write-ahead log %s (fsync %s): replayed %d creations, %d drops, %d writes, %d restores after "
-                 "LSN %d, up to LSN %d, in %.2f s", self.config.state_dir / "wal", d.fsync, counts["create"],
-                 counts["drop"], counts["write"], counts["restore"], durable.covered_lsn, durable.wal.last_lsn,
-                 durable.seconds)
+        log.info("write-ahead log %s (fsync %s): replayed %d creations, %d drops, %d writes, %d policy changes, "
+                 "%d restores after LSN %d, up to LSN %d, in %.2f s", self.config.state_dir / "wal", d.fsync,
+                 counts["create"], counts["drop"], counts["write"], counts["policy"], counts["restore"],
+                 durable.covered_lsn, durable.wal.last_lsn, durable.seconds)
         if self.config.tiering.enabled:  # the saved heat puts the hot rows back in the fast tiers now
             self.tiering.settle()
         return durable.wal

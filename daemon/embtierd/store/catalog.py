@@ -268,19 +268,27 @@ class Store:
         return self._get(name).settings
 
     def set_policy(self, name: str, policy: TableSettings) -> TableSettings:
-        """Replaces a table's policy settings; the tiering engine moves rows to match from its next interval."""
+        """Replaces a table's policy settings (logged: a restart keeps them); the tiering engine moves rows
+        to match from its next interval."""
         check_settings(policy)
-        table = self._get(name)
-        if policy.pin in MEMORY_TIERS:
-            limit = policy.limit_rows(policy.pin, table.stride)
-            capacity = self.tiers_by_id[TIERS.index(policy.pin)].capacity_bytes // table.stride
-            fits = capacity if limit is None else min(capacity, limit)
-            if fits < table.num_rows:
-                raise TierFullError(f"table {name!r} ({table.num_rows} rows of {table.stride} bytes) cannot be "
-                                    f"pinned to {policy.pin}: it holds at most {fits} of its rows")
-        with self._lock:
-            table.settings = policy
-            self.mover.settings_changed(table)
+        while True:
+            table = self._get(name)
+            if policy.pin in MEMORY_TIERS:
+                limit = policy.limit_rows(policy.pin, table.stride)
+                capacity = self.tiers_by_id[TIERS.index(policy.pin)].capacity_bytes // table.stride
+                fits = capacity if limit is None else min(capacity, limit)
+                if fits < table.num_rows:
+                    raise TierFullError(f"table {name!r} ({table.num_rows} rows of {table.stride} bytes) cannot be "
+                                        f"pinned to {policy.pin}: it holds at most {fits} of its rows")
+            with table.write_lock, self._lock:
+                if self._tables.get(name) is not table:  # dropped or restored meanwhile: look again
+                    continue
+                lsn = self.journal.log_policy(name, table.generation, policy) if self.journal else 0
+                table.settings = policy
+                self.mover.settings_changed(table)
+            break
+        if lsn:
+            self.journal.wait(lsn)
         return policy
 
     def trim(self, name: str, tier: int) -> int:
