@@ -539,3 +539,19 @@ def test_policy_changes_are_logged_and_come_back_after_a_restart_and_over_a_chec
     store, wal, _ = open_store(tmp_path, store_factory)
     assert store.table_policy("t") == pinned and store.table_policy("u") == lru
     wal.close()
+
+
+def test_listed_checkpoints_keep_their_durations(tmp_path, store_factory):
+    """ListCheckpoints reported 0 s for every checkpoint: the manifest now records how long writing it took
+    and how long writes were held for its snapshot, also across a restart."""
+    store, wal, checkpoints = open_store(tmp_path, store_factory)
+    store.create_table("t", 2000, 16, initializer="uniform", seed=1)
+    info = checkpoints.take("full")
+    assert info.duration_seconds > 0 and 0 < info.snapshot_seconds <= info.duration_seconds
+    listed = {c.id: c for c in checkpoints.list()}[info.id]
+    assert listed.snapshot_seconds == info.snapshot_seconds
+    assert 0 < listed.duration_seconds <= info.duration_seconds
+    wal.close()
+    store, wal, checkpoints = open_store(tmp_path, store_factory)
+    assert {c.id: c for c in checkpoints.list()}[info.id].snapshot_seconds == info.snapshot_seconds
+    wal.close()

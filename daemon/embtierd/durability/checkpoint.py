@@ -108,8 +108,12 @@ class CheckpointInfo:
     damage: str = ""          # why its chain cannot be restored ("" when every file checks out)
 
 
-def info_of(root: Path, manifest: dict, duration: float = 0.0, snapshot: float = 0.0,
+def info_of(root: Path, manifest: dict, duration: float | None = None, snapshot: float | None = None,
             damage: str = "") -> CheckpointInfo:
+    """A checkpoint's info from its manifest; duration and snapshot (seconds) default to what the manifest
+    recorded when it was written (0 for manifests from before they were recorded)."""
+    duration = manifest.get("duration_seconds", 0.0) if duration is None else duration
+    snapshot = manifest.get("snapshot_seconds", 0.0) if snapshot is None else snapshot
     return CheckpointInfo(
         id=manifest["id"], parent_id=manifest["parent_id"], base_id=manifest["base_id"], kind=manifest["kind"],
         quant_bits=manifest["quant_bits"], quantizer=manifest["quantizer"], lsn=manifest["lsn"],
@@ -284,7 +288,8 @@ class Checkpointer:
                 snapshot = [self._rows(name, kind, changed[name]) for name in names]
             held = time.perf_counter() - start
             parent = {"full": 0, "incremental": self._last, "differential": self._full}[kind]
-            manifest = self._write(snapshot, kind, parent, lsn, quant_bits, quantizer)
+            manifest = self._write(snapshot, kind, parent, lsn, quant_bits, quantizer, started=start,
+                                   snapshot_seconds=held)
             self._published(manifest, changed)
             info = info_of(self.root, manifest, time.perf_counter() - start, held)
             self._retain()
@@ -340,7 +345,9 @@ class Checkpointer:
                              self.store.heat(name).copy(), live, keys, self.store.mapping_of(name))
 
     def _write(self, snapshot: list[fmt.TableRows], kind: str, parent: int, lsn: int, quant_bits: int,
-               quantizer: str, **extra) -> dict:
+               quantizer: str, started: float | None = None, **extra) -> dict:
+        """Writes and publishes a checkpoint; its manifest records extra, and, with started (perf_counter
+        when the checkpoint began), its duration up to the publication."""
         ids = fmt.list_ids(self.root)
         checkpoint_id = (ids[-1] if ids else 0) + 1
         try:  # (its directory: on a full device even that can fail)
@@ -355,7 +362,9 @@ class Checkpointer:
             manifest = writer.publish({"kind": kind, "parent_id": parent,
                                        "base_id": self._full if parent else writer.id, "lsn": lsn,
                                        "exact_chain": exact, "created_unix_seconds": time.time(),
-                                       "since_full_bytes": since_full, **extra})
+                                       "since_full_bytes": since_full, **extra,
+                                       **({} if started is None else
+                                          {"duration_seconds": time.perf_counter() - started})})
             with self._verdict_lock:  # (its checksums were taken as it was written)
                 self._verdicts[manifest["id"]] = (fmt.stamp(self.root, manifest), "")
             return manifest
@@ -504,7 +513,8 @@ class Checkpointer:
                     log.warning("%s", e)
                 snapshot = (self._rows(name, "full", None) for name in names)
                 try:
-                    manifest = self._write(snapshot, "full", 0, lsn, 0, "exact", restored_from=checkpoint_id)
+                    manifest = self._write(snapshot, "full", 0, lsn, 0, "exact", started=start,
+                                           restored_from=checkpoint_id)
                 except EmbtierError as e:
                     log.error("restored checkpoint %d, but its full checkpoint could not be published (%s): the "
                               "restore stands (the write-ahead log holds it), the next checkpoint is full", 
