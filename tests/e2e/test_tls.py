@@ -69,6 +69,8 @@ def mtls_daemon(pki, tmp_path_factory):
     state = tmp_path_factory.mktemp("mtls")
     cfg = write_config(state / "embtierd.toml", tls={"cert": pki.server_cert, "key": pki.server_key,
                                                       "client_ca": pki.ca})
+    with cfg.open("a") as f:  # the client certificate may write (roles: tests/e2e/test_auth.py)
+        f.write('[auth.grants.trainer]\nidentity = "cert:trainer"\nrole = "writer"\n')
     d = start_daemon(state / "daemon", config=cfg)
     yield d
     assert d.stop() == 0, d.log()
@@ -87,7 +89,7 @@ def assert_refused(target: str, tls: TlsOptions | None) -> None:
 
 def test_mtls_client_with_trusted_certificate(mtls_daemon, pki):
     tls = TlsOptions(str(pki.ca), str(pki.client_cert), str(pki.client_key))
-    with client(mtls_daemon.tcp, tls) as c:
+    with client(mtls_daemon.tcp, tls) as c:  # (its certificate, "trainer", is granted writer)
         assert {t.name for t in c.tiers()} >= {"dram", "cxl", "scm"}
         c.create_table("tls_t", num_rows=10, dim=4)
         assert "tls_t" in {t.name for t in c.tables()}

@@ -180,6 +180,8 @@ def test_corrupt_placement_is_an_error_not_a_crash(store_factory, dram, tier):
     table = store._tables["c"].native
     with pytest.raises(ValueError, match="read-only"):
         table.loc[7] = 0  # placement changes through publish only
+    # rows 0 and 1 swap homes: the map is no longer the identity, which lookups of a DRAM-only table skip
+    table.publish(np.array([0, 1], dtype=np.int64), table.loc[[1, 0]].copy())
     corrupt = ffi.cast("uint32_t *", ffi.from_buffer(table.loc))  # memory corruption, forged on the raw map
     corrupt[7] = (tier << table.tier_shift) | 3
     ids = np.array([1, 7, 2], dtype=np.int64)
