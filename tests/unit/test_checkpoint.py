@@ -555,3 +555,21 @@ def test_listed_checkpoints_keep_their_durations(tmp_path, store_factory):
     store, wal, checkpoints = open_store(tmp_path, store_factory)
     assert {c.id: c for c in checkpoints.list()}[info.id].snapshot_seconds == info.snapshot_seconds
     wal.close()
+
+
+def test_a_restore_places_pinned_tables_first(tmp_path, store_factory):
+    """A checkpoint whose tables fit was restored in name order: an unpinned table took the memory tiers and
+    the next one, pinned to CXL, no longer fit, after the old tables were dropped (INTERNAL, and the
+    daemon stopped).  Pinned tables are placed first; pins that cannot fit are refused before anything
+    changes."""
+    store, wal, checkpoints = open_store(tmp_path, store_factory)
+    cxl = TableSettings(policy="lfu", pin="cxl", capacity_bytes={"dram": None, "cxl": None})
+    store.create_table("b", 1000, 8, initializer="uniform", seed=1, policy=cxl)  # 32 KB of the 64 KB of CXL
+    store.create_table("a", 10_000, 8, initializer="uniform", seed=2)  # DRAM, the rest of CXL, then SCM
+    rows = {name: all_rows(store, name) for name in ("a", "b")}
+    info = checkpoints.take("full")
+    checkpoints.restore(info.id)
+    assert np.all(store.placement("b") == 1)
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(all_rows(store, name), rows[name])
+    wal.close()

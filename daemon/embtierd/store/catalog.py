@@ -81,6 +81,11 @@ def _tier_counter(tier_rows: np.ndarray | None) -> np.ndarray | None:
     return tier_rows
 
 
+def _table_bytes(spec: dict) -> int:
+    """The bytes a table of spec (as from Store.spec()) takes in the tiers."""
+    return KeySpace.from_dict(spec).rows_inside(spec["num_rows"]) * native.row_stride(spec["dim"], spec["dtype"])
+
+
 class Store:
     """Tables over a set of tiers; every method is safe to call from many threads."""
 
@@ -194,13 +199,20 @@ class Store:
     def check_install(self, specs: list[dict]) -> None:
         """What install checks before it changes anything: TierFullError when the tiers cannot hold
         the tables, InvalidArgumentError for a bad tiering setting."""
+        pinned: dict[str, int] = {}
         for spec in specs:
-            check_settings(TableSettings.from_dict(spec))
-        need = sum(KeySpace.from_dict(spec).rows_inside(spec["num_rows"]) * native.row_stride(spec["dim"], spec["dtype"])
-                   for spec in specs)
+            settings = TableSettings.from_dict(spec)
+            check_settings(settings)
+            if settings.pin:
+                pinned[settings.pin] = pinned.get(settings.pin, 0) + _table_bytes(spec)
+        need = sum(_table_bytes(spec) for spec in specs)
         capacity = sum(tier.capacity_bytes for tier in self.tiers)
         if need > capacity:
             raise TierFullError(f"the restored tables need {need} bytes; the tiers hold {capacity}")
+        for tier, nbytes in pinned.items():
+            capacity = self.tiers_by_id[TIERS.index(tier)].capacity_bytes
+            if nbytes > capacity:
+                raise TierFullError(f"the restored tables pinned to {tier} need {nbytes} bytes; it holds {capacity}")
 
     def install(self, tables, hold: contextlib.ExitStack | None = None, generation: int | None = None) -> list[str]:
         """Replaces every table by the given ones, each (spec as from spec(), batches of (ids,
@@ -219,8 +231,8 @@ class Store:
             table.native.mark_dropped()
             self.mover.release(table)
         self._tables.clear()
-        try:
-            for spec, batches, heat, keys in tables:
+        try:  # pinned tables first: the others, placed before them, could take the memory a pin needs
+            for spec, batches, heat, keys in sorted(tables, key=lambda table: not table[0]["pin"]):
                 space = KeySpace.from_dict(spec)
                 table = self._new_table(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"],
                                         TableSettings.from_dict(spec), space, keys if space.mapped else None)
