@@ -150,14 +150,20 @@ def files_digest(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_a_full_state_device_refuses_writes_by_path_keeps_serving_and_loses_nothing(tmp_path):
+@contextlib.contextmanager
+def state_device(tmp_path: Path) -> Iterator[tuple[Path, Path, Filler, np.ndarray]]:
+    """A state directory on a 24 MiB ext4 device: (the directory, its embtierd.toml, the device's Filler,
+    a model of table w's rows, all zeros)."""
     with ext4_device(tmp_path, 24 << 20) as (device, _):
         state = device / "s"
         state.mkdir()
         config = state / "embtierd.toml"
         config.write_text(CONFIG)
-        filler = Filler(device / "filler")
-        model = np.zeros((ROWS, DIM), np.float32)
+        yield state, config, Filler(device / "filler"), np.zeros((ROWS, DIM), np.float32)
+
+
+def test_a_full_state_device_refuses_writes_by_path_keeps_serving_and_loses_nothing(tmp_path):
+    with state_device(tmp_path) as (state, config, filler, model):
         d = start_daemon(state, "--scm-bytes", "4M", config=config)
         with Client(d.target) as c:
             c.create_table("w", ROWS, DIM)
@@ -233,13 +239,7 @@ def test_a_record_the_full_device_cut_short_is_cut_off_before_any_later_record(t
     append-only (chattr +a) so that cutting it off fails as well: writes are refused until it works."""
     if shutil.which("chattr") is None:
         pytest.skip("chattr (e2fsprogs) is needed")
-    with ext4_device(tmp_path, 24 << 20) as (device, _):
-        state = device / "s"
-        state.mkdir()
-        config = state / "embtierd.toml"
-        config.write_text(CONFIG)
-        filler = Filler(device / "filler")
-        model = np.zeros((ROWS, DIM), np.float32)
+    with state_device(tmp_path) as (state, config, filler, model):
         d = start_daemon(state, "--scm-bytes", "4M", config=config)
         with Client(d.target) as c:
             c.create_table("w", ROWS, DIM)
