@@ -19,9 +19,11 @@ $(STAMP): $(PY) pyproject.toml setup.py $(NATIVE) $(wildcard proto/embtier/v1/*.
 
 build: $(STAMP)
 
-# pytest exits 5 when it collects no test: report it instead of failing the build.
+# pytest exits 5 when it collects no test: report it instead of failing the build.  TEST_WORKERS pytest-xdist
+# workers share the run, each test file whole on one (tests/conftest.py); TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: build
-	@$(PY) -m pytest; rc=$$?; \
+	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 # The main job: the daemon on its embedded default configuration serving a demo workload (about a minute).
