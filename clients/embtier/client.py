@@ -317,9 +317,7 @@ class Client(LookupShorthands):
 
     def _call(self, method: str, request, idempotent: bool = True):
         attempts = self.retries + 1 if idempotent else 1
-        renewed = False
-        if self._shm is None and self._shm_path is not None:
-            self._side()
+        self._side()
         for attempt in range(attempts):
             try:
                 return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
@@ -327,10 +325,9 @@ class Client(LookupShorthands):
                 if e.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
                     time.sleep(self.backoff_seconds * 2**attempt)
                     continue
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED and not renewed and self._shm is not None:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED and self._shm is not None:
                     # the daemon restarted and knows our credential no more (the call was refused before
-                    # it did anything, so it is safe to send again, idempotent or not): get a new one
-                    renewed = True
+                    # it did anything, so it is safe to send again, idempotent or not): get a new one, once
                     self._forget_shared_memory(self._shm)
                     self._side()
                     try:
@@ -498,8 +495,7 @@ class Client(LookupShorthands):
     def _start(self, method: str, request, decode: Callable):
         """The call sent, not waited for: a function that waits and returns decode(reply), or raises
         EmbtierClientError."""
-        if self._shm is None and self._shm_path is not None:
-            self._side()
+        self._side()
         future = getattr(self.stub, method).future(request, timeout=self.timeout, metadata=self.metadata)
 
         def finish():
