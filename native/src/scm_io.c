@@ -9,6 +9,12 @@
  * management, so it reaches the device's IOPS with the least code.  Where
  * io_setup is refused (seccomp, aio-max-nr) the reads fall back to pread.
  *
+ * Rows whose spans touch or overlap (neighbours in the file: a full
+ * checkpoint reads every row of a table) are read together, up to
+ * ET_MERGE_BYTES a read; when such a read fails, each of its rows is read
+ * again on its own, so that the error names (and counts) only the rows the
+ * device really fails, and a transient error costs nothing.
+ *
  * Writes are rare (online updates of cold rows): rows are sorted by file
  * offset and grouped into runs of contiguous 4 KiB blocks (up to 1 MiB); each
  * run is read, patched and written back with O_DIRECT. */
@@ -24,6 +30,7 @@
 
 #define ET_AIO_MAX_DEPTH 256
 #define ET_RUN_BYTES (1u << 20)
+#define ET_MERGE_BYTES (1u << 18)
 
 static atomic_int scm_queue_depth = 64;
 static atomic_int aio_state; /* 0 untested, 1 works, -1 refused */
@@ -63,29 +70,70 @@ static aio_context_t aio_context(void) {
 int32_t et_scm_async(void) { return aio_context() != 0; }
 
 typedef struct {
-    uint64_t off;  /* aligned file offset */
-    uint32_t len;  /* aligned length */
-    uint8_t *buf;  /* aligned destination */
-    int64_t pos;   /* request position of the row it reads (the first, if several ask for it) */
+    uint64_t off;  /* row offset in the file */
+    int64_t idx;   /* request position */
+} scm_entry;
+
+typedef struct {
+    uint64_t off;             /* aligned file offset */
+    uint32_t len;             /* aligned length */
+    uint8_t *buf;             /* aligned destination */
+    const scm_entry *first;   /* the rows it reads, by offset (the same row may be asked for more than once) */
+    int64_t nentries;
 } scm_read;
 
-/* The code of a read whose result is res (bytes, or -errno): ET_OK when whole; else the read is
- * counted against the table and ET_E_SCM_READ names its row. */
-static int check_read(et_table *t, const scm_read *rd, long res, int64_t *err_pos) {
-    if (res == (long)rd->len) return ET_OK;
+/* Reads len bytes at off into buf with pread; the bytes read, or -errno. */
+static long pread_whole(int fd, uint8_t *buf, uint32_t len, uint64_t off) {
+    uint32_t done = 0;
+    while (done < len) {
+        ssize_t got = pread(fd, buf + done, len - done, (off_t)(off + done));
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) return -errno;
+        if (got == 0) break;
+        done += (uint32_t)got;
+    }
+    return done;
+}
+
+/* Counts a failed read of one row (res: bytes, or -errno) against the table. */
+static void count_failure(et_table *t, long res) {
     atomic_store(&t->scm_read_errno, res < 0 ? (int)-res : EIO);
     atomic_fetch_add(&t->scm_read_errors, 1);
-    *err_pos = rd->pos;
-    return ET_E_SCM_READ;
+}
+
+/* The code of a read whose result is res (bytes, or -errno): ET_OK when whole.  A failed read of one
+ * row's span is counted and ET_E_SCM_READ names the row; a failed read of several rows reads each
+ * row's span again on its own, and only the rows that fail then are counted and named (the first
+ * by offset); when none fails, the read stands. */
+static int check_read(et_table *t, const scm_read *rd, long res, int64_t *err_pos) {
+    if (res == (long)rd->len) return ET_OK;
+    if (rd->first[0].off == rd->first[rd->nentries - 1].off) {  /* one row (each entry asks for it) */
+        count_failure(t, res);
+        *err_pos = rd->first[0].idx;
+        return ET_E_SCM_READ;
+    }
+    const uint64_t amask = (uint64_t)t->scm_align - 1;
+    int rc = ET_OK;
+    for (int64_t i = 0; i < rd->nentries; i++) {
+        const uint64_t off = rd->first[i].off;
+        if (i > 0 && off == rd->first[i - 1].off) continue;
+        const uint64_t start = off & ~amask;
+        const uint32_t len = (uint32_t)(((off + (uint64_t)t->stride + amask) & ~amask) - start);
+        const long got = pread_whole(t->scm_fd, rd->buf + (start - rd->off), len, start);
+        if (got == (long)len) continue;
+        count_failure(t, got);
+        if (rc == ET_OK) {
+            rc = ET_E_SCM_READ;
+            *err_pos = rd->first[i].idx;
+        }
+    }
+    return rc;
 }
 
 static int pread_all(et_table *t, const scm_read *rd, int64_t count, int64_t *err_pos) {
-    for (int64_t i = 0; i < count; i++) {
-        ssize_t got;
-        do got = pread(t->scm_fd, rd[i].buf, rd[i].len, (off_t)rd[i].off);
-        while (got < 0 && errno == EINTR);
-        if (check_read(t, &rd[i], got < 0 ? -errno : got, err_pos)) return ET_E_SCM_READ;
-    }
+    for (int64_t i = 0; i < count; i++)
+        if (check_read(t, &rd[i], pread_whole(t->scm_fd, rd[i].buf, rd[i].len, rd[i].off), err_pos))
+            return ET_E_SCM_READ;
     return ET_OK;
 }
 
@@ -160,23 +208,12 @@ static int aio_read_all(aio_context_t ctx, et_table *t, const scm_read *rd, int6
     return rc;
 }
 
-typedef struct {
-    uint64_t off;  /* row offset in the file */
-    int64_t idx;   /* request position */
-} scm_entry;
-
 static int cmp_entry(const void *a, const void *b) {
     const scm_entry *x = a, *y = b;
     if (x->off != y->off) return x->off < y->off ? -1 : 1;
     return (x->idx > y->idx) - (x->idx < y->idx);
 }
 
-static uint32_t span_capacity(const et_table *t) {
-    uint32_t a = (uint32_t)t->scm_align;
-    uint32_t rounded = ((uint32_t)t->stride + a - 1) & ~(a - 1);
-    if (t->stride > ET_SCM_BLOCK) return rounded;
-    return rounded + a < ET_SCM_BLOCK ? rounded + a : ET_SCM_BLOCK;
-}
 
 int et_scm_fetch(et_table *t, const int64_t *ids, const int64_t *pos, int64_t count, const uint8_t **rows,
                  void **staging, int64_t *err_pos) {
@@ -196,31 +233,45 @@ int et_scm_fetch(et_table *t, const int64_t *ids, const int64_t *pos, int64_t co
     }
     qsort(entries, (size_t)count, sizeof *entries, cmp_entry);
 
-    int64_t unique = 0;
-    for (int64_t i = 0; i < count; i++) unique += i == 0 || entries[i].off != entries[i - 1].off;
-    uint32_t cap = span_capacity(t);
-    scm_read *reads = malloc((size_t)unique * sizeof *reads);
-    if (!reads || posix_memalign(staging, ET_SCM_BLOCK, (size_t)unique * cap)) {
+    /* The reads: each row's aligned span, joined with the read before when the two touch or overlap
+     * and the joined read stays within ET_MERGE_BYTES (a row's span alone may be longer). */
+    scm_read *reads = malloc((size_t)count * sizeof *reads);
+    if (!reads) {
+        free(entries);
+        return ET_E_NOMEM;
+    }
+    const uint64_t amask = (uint64_t)t->scm_align - 1;
+    int64_t nreads = 0;
+    uint64_t total = 0;
+    for (int64_t i = 0; i < count; i++) {
+        const uint64_t start = entries[i].off & ~amask, end = (entries[i].off + (uint64_t)t->stride + amask) & ~amask;
+        scm_read *last = nreads ? &reads[nreads - 1] : NULL;
+        if (last && start <= last->off + last->len && end - last->off <= ET_MERGE_BYTES) {
+            if (end > last->off + last->len) {
+                total += end - (last->off + last->len);
+                last->len = (uint32_t)(end - last->off);
+            }
+            last->nentries++;
+            continue;
+        }
+        reads[nreads++] = (scm_read){.off = start, .len = (uint32_t)(end - start), .first = &entries[i], .nentries = 1};
+        total += end - start;
+    }
+    if (posix_memalign(staging, ET_SCM_BLOCK, (size_t)total)) {
         free(reads);
         free(entries);
         *staging = NULL;
         return ET_E_NOMEM;
     }
-    uint64_t amask = (uint64_t)t->scm_align - 1;
-    int64_t r = -1;
-    for (int64_t i = 0; i < count; i++) {
-        uint64_t off = entries[i].off;
-        if (i == 0 || off != entries[i - 1].off) {
-            r++;
-            reads[r].off = off & ~amask;
-            reads[r].len = (uint32_t)(((off + t->stride + amask) & ~amask) - reads[r].off);
-            reads[r].buf = (uint8_t *)*staging + (uint64_t)r * cap;
-            reads[r].pos = entries[i].idx;
-        }
-        rows[entries[i].idx] = reads[r].buf + (off - reads[r].off);
+    uint8_t *next = *staging;  /* each read's length is a multiple of the alignment, so each buffer is aligned */
+    for (int64_t r = 0; r < nreads; r++) {
+        reads[r].buf = next;
+        next += reads[r].len;
+        for (int64_t i = 0; i < reads[r].nentries; i++)
+            rows[reads[r].first[i].idx] = reads[r].buf + (reads[r].first[i].off - reads[r].off);
     }
     aio_context_t ctx = aio_context();
-    int rc = ctx ? aio_read_all(ctx, t, reads, unique, err_pos) : pread_all(t, reads, unique, err_pos);
+    int rc = ctx ? aio_read_all(ctx, t, reads, nreads, err_pos) : pread_all(t, reads, nreads, err_pos);
     free(reads);
     free(entries);
     return rc;

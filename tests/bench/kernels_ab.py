@@ -9,9 +9,13 @@ alternate (order flipped every batch, each on batches of its own drawn alike); p
 distribution: each side's rows/s from the median call and the median over batches of
 base time / new time (> 1: the working tree is faster), with its quartiles.
 
+--tier scm puts the table on the SCM tier instead (an O_DIRECT file under /var/tmp, 64 KiB of DRAM):
+the lookups then read their rows off the file, and a third line times reading every row in id order,
+what a full checkpoint does while it holds writes (--bags sets the lookups' bags, fewer for SCM).
+
 Run from the repository root:
   .venv/bin/python tests/bench/kernels_ab.py [--base HEAD~1] [--rows 8388608] [--dim 64]
-      [--dtype float32] [--threads 1] [--batches 40]
+      [--dtype float32] [--threads 1] [--batches 40] [--tier dram|scm] [--bags 4096]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-BAGS, BAG_LEN = 4096, 32
+BAG_LEN = 32
 
 
 def build_base(rev: str, work: Path) -> Path:
@@ -65,6 +69,16 @@ def import_tree(native_dir: Path | None):
     return config, native, importlib.import_module("embtierd.store.catalog").Store
 
 
+def report(what: str, rows: int, times: dict[str, list[float]], skip: int = 4) -> None:
+    """One line: each side's rows/s from its median call, and the median of base / new over the calls
+    after the first skip of each side, with its quartiles."""
+    base, new = np.array(times["base"][skip:]), np.array(times["new"][skip:])
+    ratio = base / new
+    print(f"  {what:<8} base {rows / np.median(base) / 1e6:6.2f} M rows/s   new "
+          f"{rows / np.median(new) / 1e6:6.2f} M rows/s   new is {np.median(ratio):.3f}x "
+          f"[{np.percentile(ratio, 25):.3f}, {np.percentile(ratio, 75):.3f}]", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="HEAD~1", help="the git revision to compare with")
@@ -73,6 +87,8 @@ def main() -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--tier", default="dram", choices=["dram", "scm"], help="where the table's rows live")
+    p.add_argument("--bags", type=int, default=4096, help="bags of each lookup")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="embtier-kernels-ab-", dir="/var/tmp"))
     try:
@@ -82,21 +98,23 @@ def main() -> int:
         sides = {}
         for side, native_dir in (("base", base_dir), ("new", None)):
             config, native, store_class = import_tree(native_dir)
+            room = f"{2 * values.nbytes + (1 << 30)}"
+            tiers = {"dram": {"capacity": room}, "cxl": {"capacity": "0"}, "scm": {"capacity": "0"}}
+            if args.tier == "scm":
+                tiers = {"dram": {"capacity": "64K"}, "cxl": {"capacity": "0"}, "scm": {"capacity": room}}
             store = store_class(config.load(overrides={
-                "state_dir": str(work / side), "tiering": {"enabled": False},
-                "tiers": {"dram": {"capacity": f"{2 * values.nbytes + (1 << 30)}"}, "cxl": {"capacity": "0"},
-                          "scm": {"capacity": "0"}}}))
+                "state_dir": str(work / side), "tiering": {"enabled": False}, "tiers": tiers}))
             store.create_table("t", args.rows, args.dim, dtype=args.dtype)
             for start in range(0, args.rows, 1 << 18):
                 stop = min(args.rows, start + (1 << 18))
                 store.write_rows("t", np.arange(start, stop), values[start:stop])
             sides[side] = (store, native)
         del values
-        print(f"{args.rows} x {args.dim} {args.dtype} in DRAM, {args.threads} kernel thread(s), {BAGS} bags x "
+        print(f"{args.rows} x {args.dim} {args.dtype} on {args.tier}, {args.threads} kernel thread(s), {args.bags} bags x "
               f"{BAG_LEN} ids, {args.batches} batches per side (the first 4 not counted)", flush=True)
         rng = np.random.default_rng(1)
         scatter = rng.permutation(args.rows)
-        lengths = np.full(BAGS, BAG_LEN, np.int32)
+        lengths = np.full(args.bags, BAG_LEN, np.int32)
 
         def zipf(n: int) -> np.ndarray:
             ranks = rng.zipf(1.05, 3 * n)
@@ -104,8 +122,8 @@ def main() -> int:
 
         for dist in ("uniform", "zipf"):
             count = 2 * args.batches
-            batches = [rng.integers(0, args.rows, BAGS * BAG_LEN) if dist == "uniform" else zipf(BAGS * BAG_LEN)
-                       for _ in range(count)]
+            batches = [rng.integers(0, args.rows, args.bags * BAG_LEN) if dist == "uniform"
+                       else zipf(args.bags * BAG_LEN) for _ in range(count)]
             times: dict[str, list[float]] = {"base": [], "new": []}
             for i in range(args.batches):
                 for k, side in enumerate(("base", "new") if i % 2 else ("new", "base")):
@@ -115,11 +133,18 @@ def main() -> int:
                     start = time.perf_counter()
                     store.lookup_pooled("t", batch, lengths, None, "sum")
                     times[side].append(time.perf_counter() - start)
-            base, new = np.array(times["base"][4:]), np.array(times["new"][4:])
-            ratio = base / new
-            print(f"  {dist:<8} base {BAGS * BAG_LEN / np.median(base) / 1e6:6.1f} M rows/s   new "
-                  f"{BAGS * BAG_LEN / np.median(new) / 1e6:6.1f} M rows/s   new is {np.median(ratio):.3f}x "
-                  f"[{np.percentile(ratio, 25):.3f}, {np.percentile(ratio, 75):.3f}]", flush=True)
+            report(dist, args.bags * BAG_LEN, times)
+        if args.tier == "scm":
+            every = np.arange(args.rows, dtype=np.int64)
+            times = {"base": [], "new": []}
+            for i in range(max(8, args.batches // 4)):
+                for side in ("base", "new") if i % 2 else ("new", "base"):
+                    store, native = sides[side]
+                    native.set_kernel_threads(args.threads)
+                    start = time.perf_counter()
+                    store.read_encoded("t", every)
+                    times[side].append(time.perf_counter() - start)
+            report("all rows", args.rows, times, skip=2)
         for store, _ in sides.values():
             store.close()
     finally:

@@ -362,6 +362,18 @@ def test_an_scm_read_error_fails_only_the_requests_that_need_the_row_with_data_l
                 np.testing.assert_allclose(c.lookup_pooled({"s": (ids, np.full(20, 32, np.int32))})["s"],
                                            np.add.reduceat(model[ids], np.arange(0, 640, 32), axis=0), rtol=1e-6)
                 assert scm_read_errors(d.metrics) == {"s": 4}  # one row read failed in each of the 4 requests
+                # neighbours in the file on both sides of the cut are read together: the kept ones are not
+                # blamed, the error names a lost one, and each lost one is counted once
+                by_file = sorted(offsets, key=offsets.get)
+                edge = next(k for k, i in enumerate(by_file) if i in lost)  # the first lost row in the file
+                around = np.array(by_file[edge - 12:edge + 3])
+                around_lost = set(around.tolist()) & lost
+                assert 0 < len(around_lost) < around.size
+                with pytest.raises(EmbtierClientError) as err:
+                    c.lookup("s", np.concatenate([around, around[::-1]]))
+                assert err.value.code == grpc.StatusCode.DATA_LOSS, err.value
+                assert int(err.value.message.split("the row of id ")[1].split()[0]) in around_lost, err.value.message
+                assert scm_read_errors(d.metrics) == {"s": 4 + len(around_lost)}
                 with pytest.raises(EmbtierClientError) as err:  # a checkpoint reads every row: none is published
                     c.checkpoint("full")
                 assert err.value.code == grpc.StatusCode.DATA_LOSS and "table 's': the row of id " in err.value.message
