@@ -11,7 +11,8 @@ base time / new time (> 1: the working tree is faster), with its quartiles.
 
 --tier scm puts the table on the SCM tier instead (an O_DIRECT file under /var/tmp, 64 KiB of DRAM):
 the lookups then read their rows off the file, and a third line times reading every row in id order,
-what a full checkpoint does while it holds writes (--bags sets the lookups' bags, fewer for SCM).
+what a full checkpoint does while it holds writes, and a fourth the time full checkpoints hold writes
+(--bags sets the lookups' bags, fewer for SCM).
 
 Run from the repository root:
   .venv/bin/python tests/bench/kernels_ab.py [--base HEAD~1] [--rows 8388608] [--dim 64]
@@ -95,7 +96,7 @@ def main() -> int:
         print(f"building the kernels of {args.base} ...", flush=True)
         base_dir = build_base(args.base, work)
         values = np.random.default_rng(0).standard_normal((args.rows, args.dim), dtype=np.float32)
-        sides = {}
+        sides, checkpointers = {}, {}
         for side, native_dir in (("base", base_dir), ("new", None)):
             config, native, store_class = import_tree(native_dir)
             room = f"{2 * values.nbytes + (1 << 30)}"
@@ -109,6 +110,10 @@ def main() -> int:
                 stop = min(args.rows, start + (1 << 18))
                 store.write_rows("t", np.arange(start, stop), values[start:stop])
             sides[side] = (store, native)
+            if args.tier == "scm":  # this side's checkpointer, on its own modules (imported with its build)
+                wal = importlib.import_module("embtierd.durability.wal").WriteAheadLog(work / side / "wal", "off")
+                checkpointers[side] = importlib.import_module("embtierd.durability.checkpoint").Checkpointer(
+                    store, wal, work / side / "checkpoints", config.load(overrides={}).durability.checkpoints)
         del values
         print(f"{args.rows} x {args.dim} {args.dtype} on {args.tier}, {args.threads} kernel thread(s), {args.bags} bags x "
               f"{BAG_LEN} ids, {args.batches} batches per side (the first 4 not counted)", flush=True)
@@ -145,6 +150,13 @@ def main() -> int:
                     store.read_encoded("t", every)
                     times[side].append(time.perf_counter() - start)
             report("all rows", args.rows, times, skip=2)
+            held = {"base": [], "new": []}
+            for i in range(6):
+                for side in ("base", "new") if i % 2 else ("new", "base"):
+                    held[side].append(checkpointers[side].take("full").snapshot_seconds)
+            base, new = np.array(held["base"][1:]), np.array(held["new"][1:])
+            print(f"  a full checkpoint holds writes: base {np.median(base):.3f} s   new {np.median(new):.3f} s   "
+                  f"new is {np.median(base / new):.3f}x shorter", flush=True)
         for store, _ in sides.values():
             store.close()
     finally:
