@@ -112,6 +112,15 @@ def storage_error(e: OSError, path: os.PathLike | str, what: str) -> StorageErro
     return StorageError(f"{what}: {path}: {e.strerror or e}")
 
 
+class LogFailedError(StorageError):
+    """An fdatasync of the write-ahead log failed: Linux may have dropped the pages it could not write
+    and report the next fdatasync clean, so the records appended since the last durable one may be
+    gone.  No write is taken or acknowledged any more; the daemon stops, and its restart replays the
+    log from its files (a write refused so did nothing, and may be sent again then)."""
+
+    status = "UNAVAILABLE"
+
+
 class ConfigError(EmbtierError):
     """A configuration value is missing, malformed or inconsistent."""
 

@@ -715,3 +715,9 @@ class GroupCommit:
     @property
     def durable_lsn(self) -> int:
         return int(lib.et_commit_durable(self._h))
+
+    @property
+    def failed(self) -> int:
+        """The errno of the fdatasync that failed, after which nothing is appended or made durable
+        again (et_commit_wait); 0 while none has."""
+        return int(lib.et_commit_failed(self._h))

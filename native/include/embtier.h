@@ -428,17 +428,24 @@ int et_commit_switch(et_commit *c, int32_t fd, int64_t appended_lsn, int64_t dur
  * bytes, in order, with writev (again after a short write); *crc_out (when not NULL) = its CRC.
  * The caller serializes appends and gives the LSNs in order.  A payload over 2^32 - 1 bytes:
  * ET_E_SIZE.  A failed write cuts the file back to used_bytes (its size before the call), so no
- * part of the record stays: ET_E_IO, *err_pos = errno. */
+ * part of the record stays: ET_E_IO, *err_pos = errno.  Once an fdatasync has failed
+ * (et_commit_failed), nothing is written: ET_E_IO, *err_pos = that fdatasync's errno. */
 int et_commit_append(et_commit *c, int64_t lsn, int32_t kind, const uint8_t *const *parts, const int64_t *part_bytes,
                      int32_t nparts, int64_t used_bytes, uint32_t *crc_out, int64_t *err_pos);
 /* Returns once every record up to lsn is durable: group commit.  The first caller that finds lsn
  * not durable fdatasyncs everything appended so far while later callers wait for it, and all of
  * them return together.  *fsync_seconds = how long the fdatasyncs this call led took (0 when it
- * led none).  ET_E_IO, *err_pos = errno, when the fdatasync this call led failed (nothing is
- * marked durable; a later call tries again); ET_E_ARG for an LSN never appended or a closed log. */
+ * led none).  ET_E_ARG for an LSN never appended or a closed log.  When an fdatasync fails,
+ * nothing is marked durable, then or ever after: Linux may have dropped the pages it could not
+ * write and report the next fdatasync clean, so the records appended since the last durable one
+ * may be gone.  That call and every later one that waits for a record not yet durable get
+ * ET_E_IO, *err_pos = its errno (et_commit_failed), and no record is appended again: the log
+ * is rebuilt from its files by a restart. */
 int et_commit_wait(et_commit *c, int64_t lsn, double *fsync_seconds, int64_t *err_pos);
 /* The last LSN known durable. */
 int64_t et_commit_durable(et_commit *c);
+/* The errno of the fdatasync that failed (see et_commit_wait), 0 while none has. */
+int32_t et_commit_failed(et_commit *c);
 /* A logged row write in one call: checks the rows and ids as et_write_rows does, then appends
  * the record (et_commit_append), then stores the rows (et_write_rows).  *logged = 1 once the
  * record is written: a code returned after that is et_write_rows' (the record stays in the

@@ -63,6 +63,7 @@ struct et_commit {
     pthread_cond_t done; /* a leader's fsync ended */
     int fd;              /* the segment appended to (not owned) */
     int syncing;         /* a leader is in fdatasync */
+    int failed;          /* the errno of a failed fdatasync: nothing is appended or made durable again */
     int64_t appended;    /* the last record written */
     int64_t durable;     /* the last record known durable */
 };
@@ -109,6 +110,15 @@ int64_t et_commit_durable(et_commit *c) {
     return d;
 }
 
+int32_t et_commit_failed(et_commit *c) {
+    if (!c)
+        return ET_E_ARG;
+    pthread_mutex_lock(&c->mu);
+    int32_t e = c->failed;
+    pthread_mutex_unlock(&c->mu);
+    return e;
+}
+
 int et_commit_append(et_commit *c, int64_t lsn, int32_t kind, const uint8_t *const *parts, const int64_t *part_bytes,
                      int32_t nparts, int64_t used_bytes, uint32_t *crc_out, int64_t *err_pos) {
     if (!c || !err_pos || lsn < 0 || kind < 0 || kind > 255 || nparts < 0 || nparts > WAL_MAX_PARTS ||
@@ -121,8 +131,12 @@ int et_commit_append(et_commit *c, int64_t lsn, int32_t kind, const uint8_t *con
         payload += (uint64_t)part_bytes[i] > 0xFFFFFFFFull ? 0x100000000ull : (uint64_t)part_bytes[i]; /* no overflow */
     }
     pthread_mutex_lock(&c->mu);
-    int fd = c->fd;
+    int fd = c->fd, failed = c->failed;
     pthread_mutex_unlock(&c->mu);
+    if (failed) {
+        *err_pos = failed;
+        return ET_E_IO;
+    }
     if (fd < 0) /* closed */
         return ET_E_ARG;
     if (payload > 0xFFFFFFFFull)
@@ -198,6 +212,11 @@ int et_commit_wait(et_commit *c, int64_t lsn, double *fsync_seconds, int64_t *er
         return ET_E_ARG;
     }
     while (c->durable < lsn) {
+        if (c->failed) {
+            *err_pos = c->failed;
+            rc = ET_E_IO;
+            break;
+        }
         if (c->syncing) {
             pthread_cond_wait(&c->done, &c->mu);
             continue;
@@ -212,9 +231,10 @@ int et_commit_wait(et_commit *c, int64_t lsn, double *fsync_seconds, int64_t *er
         int64_t target = c->appended;
         int fd = dup(c->fd);
         pthread_mutex_unlock(&c->mu);
-        int e = 0;
+        int e = 0, synced = 1;
         if (fd < 0) {
             e = errno;
+            synced = 0; /* no fd to sync with (EMFILE): nothing was lost, a later call tries again */
         } else {
             double started = now_seconds();
             int r;
@@ -229,8 +249,10 @@ int et_commit_wait(et_commit *c, int64_t lsn, double *fsync_seconds, int64_t *er
         c->syncing = 0;
         if (!e && target > c->durable)
             c->durable = target;
+        if (e && synced)
+            c->failed = e;
         pthread_cond_broadcast(&c->done);
-        if (e) { /* this caller reports it; a waiter still waiting leads the next attempt */
+        if (e) { /* this caller reports it; waiters still waiting see failed, or lead the next attempt */
             *err_pos = e;
             rc = ET_E_IO;
             break;

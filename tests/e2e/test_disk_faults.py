@@ -5,8 +5,10 @@ and the SCM file on it, as on a host whose state disk fills), and for the SCM re
 device with direct I/O whose backing image is cut short under the SCM file's last blocks: the
 block layer then fails every read of that region with EIO, as a failing disk sector does, and
 putting the cut bytes back heals it.  (device-mapper's error target would do the same for a region
-in the middle; kernels built without it, as this VM kind's, still have loop.)  The tests need root
-and loop devices and are skipped, saying why, where there are none.
+in the middle; kernels built without it, as this VM kind's, still have loop.)  For a disk whose
+writes fail, the image lies on a small tmpfs that is filled: the loop device can no longer write
+pages back, and fdatasync fails.  The tests need root and loop devices and are skipped, saying why,
+where there are none.
 """
 
 from __future__ import annotations
@@ -43,26 +45,34 @@ def run(*command: str) -> subprocess.CompletedProcess:
 
 
 @contextlib.contextmanager
-def ext4_device(directory: Path, size_bytes: int) -> Iterator[tuple[Path, Path]]:
-    """(mount point, backing image) of an ext4 file system of size_bytes in an image under directory,
-    on a loop device with direct I/O (reads past the image's end fail with EIO; see the module
-    docstring); the daemons started meanwhile are killed, then it is unmounted and detached, however
-    the block ends."""
+def ext4_device(directory: Path, size_bytes: int, image_dir: Path | None = None, direct_io: bool = True,
+                fresh: bool = True, journal: bool = True) -> Iterator[tuple[Path, Path]]:
+    """(mount point, backing image) of an ext4 file system of size_bytes in an image (in image_dir, else
+    directory; mounted at directory/device), on a loop device with direct I/O (reads past the image's
+    end fail with EIO; see the module docstring) unless direct_io is false; fresh false mounts the
+    image there is, checked with e2fsck first.  The daemons started meanwhile are killed, then it is
+    unmounted and detached, however the block ends."""
     if os.geteuid() != 0:
         pytest.skip("mounting a loop device needs root")
     if shutil.which("losetup") is None or shutil.which("mkfs.ext4") is None:
         pytest.skip("losetup (util-linux) and mkfs.ext4 (e2fsprogs) are needed")
-    image, mount = directory / "device.img", directory / "device"
-    with open(image, "wb") as f:
-        f.truncate(size_bytes)
-    done = run("losetup", "--direct-io=on", "--show", "-f", str(image))
+    image, mount = (image_dir or directory) / "device.img", directory / "device"
+    if fresh:
+        with open(image, "wb") as f:
+            f.truncate(size_bytes)
+    done = run("losetup", f"--direct-io={'on' if direct_io else 'off'}", "--show", "-f", str(image))
     if done.returncode != 0:
         pytest.skip(f"no loop device here: losetup: {done.stderr.strip()}")
     loop = done.stdout.strip()
     try:
-        done = run("mkfs.ext4", "-q", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop)
-        assert done.returncode == 0, done.stderr
-        mount.mkdir()
+        if fresh:
+            done = run("mkfs.ext4", "-q", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                       *(() if journal else ("-O", "^has_journal")), loop)
+        else:
+            done = run("e2fsck", "-fy", loop)  # 1: errors it corrected
+            done.returncode = 0 if done.returncode in (0, 1) else done.returncode
+        assert done.returncode == 0, done.stdout + done.stderr
+        mount.mkdir(exist_ok=True)
         done = run("mount", "-o", "noatime", loop, str(mount))
         if done.returncode != 0:
             pytest.skip(f"cannot mount an ext4 loop device here: {done.stderr.strip()}")
@@ -388,3 +398,72 @@ def test_an_scm_read_error_fails_only_the_requests_that_need_the_row_with_data_l
             np.testing.assert_array_equal(c.lookup("s", np.arange(ROWS)), model)
             assert c.checkpoint("full").rows_written == ROWS
         assert d.stop() == 0, d.log()
+
+
+def test_a_failed_log_fdatasync_refuses_writes_stops_the_daemon_and_the_restart_replays_what_was_acknowledged(
+        tmp_path):
+    """The state device's own disk fails under it: its image lies on a small tmpfs that is then filled,
+    so ext4 still takes writes into the page cache but writing them back fails, and the log's
+    fdatasync with them.  Linux may drop pages it could not write and call the next fdatasync clean,
+    so the daemon acknowledges nothing from then on: the write is UNAVAILABLE, the daemon exits 70 for
+    its service manager to restart it, and the restart (the disk healed) replays the log: the table
+    holds every write acknowledged before the disk failed and then a prefix of the later ones.
+    (Only a prefix: on this bed the kernel has reported the first write-back that failed as a clean
+    fdatasync, as an unwritten page on a failing disk can be, and the write it acknowledged was not
+    on the disk; what the daemon controls is that nothing after the first failure is acknowledged.)"""
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    done = run("mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(backing))
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        history = [np.zeros((ROWS, DIM), np.float32)]  # the table after each acknowledged write
+        refused: list[tuple[np.ndarray, int]] = []
+        config = tmp_path / "embtierd.toml"  # off the device: only what is fsynced is sure to reach it
+        config.write_text(CONFIG)
+        with ext4_device(tmp_path, 64 << 20, image_dir=backing, direct_io=False, journal=False) as (device, _):
+            d = start_daemon(device / "s", config=config)
+            rng = np.random.default_rng(11)
+
+            def write(c: Client, value: int) -> None:
+                ids = rng.choice(ROWS, BATCH, replace=False)
+                try:
+                    c.write_rows("w", ids, np.full((BATCH, DIM), value, np.float32))
+                except EmbtierClientError as e:
+                    refused.append((ids, value))
+                    if len(refused) == 1:
+                        assert e.code == grpc.StatusCode.UNAVAILABLE, e
+                        assert "could not make its records durable" in e.message, e.message
+                    return
+                assert not refused, "a write was acknowledged after one was refused"
+                history.append(history[-1].copy())
+                history[-1][ids] = value
+
+            with Client(d.target, retries=0) as c:  # (UNAVAILABLE is retried by default: the restart takes it)
+                c.create_table("w", ROWS, DIM)
+                for value in range(1, 6):
+                    write(c, value)
+                durable = len(history) - 1
+                Filler(backing / "filler").fill()  # the disk under the device: full from here on
+                for value in range(6, 400):
+                    write(c, value)
+                    if d.proc.poll() is not None:
+                        break
+            assert refused, "the writes never reached the failing disk"
+            assert d.proc.wait(timeout=60) == 70, d.log()
+            assert "could not make its records durable" in d.log()
+        (backing / "filler").unlink()  # the disk heals
+        with ext4_device(tmp_path, 64 << 20, image_dir=backing, direct_io=False, fresh=False) as (device, _):
+            d = start_daemon(device / "s", config=config)
+            with Client(d.target) as c:
+                got = c.lookup("w", np.arange(ROWS))
+            assert d.stop() == 0, d.log()
+        ids, value = refused[0]  # the write whose fdatasync failed may be in the log, whole
+        candidates = [*history, history[-1].copy()]
+        candidates[-1][ids] = value
+        matches = [k for k, state in enumerate(candidates) if np.array_equal(got, state)]
+        assert matches and matches[-1] >= durable, (matches, durable, len(history))
+        for _, later in refused[1:]:  # refused before the log took them
+            assert not (got == later).all(axis=1).any(), later
+    finally:
+        run("umount", "-l", str(backing))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import importlib
 import importlib.util
 import os
@@ -1319,6 +1320,25 @@ class Fuzzer:
             self.verify("et_commit_wait", lib.et_commit_wait(ffi.NULL, appended, seconds, self.err),
                         (lib.ET_E_ARG, None))
             self.expect(lib.et_commit_durable(ffi.NULL) == lib.ET_E_ARG, "et_commit_durable", "NULL handle")
+            self.expect(lib.et_commit_failed(c) == 0, "et_commit_failed", "set while no fdatasync failed")
+            self.expect(lib.et_commit_failed(ffi.NULL) == lib.ET_E_ARG, "et_commit_failed", "NULL handle")
+            read_end, write_end = os.pipe()  # fdatasync of a pipe fails (EINVAL), as of a disk that lost pages
+            try:
+                self.verify("et_commit_switch", lib.et_commit_switch(c, write_end, appended, appended),
+                            (lib.ET_OK, None))
+                rc = lib.et_commit_append(c, appended + 1, 1, ffi.NULL, ffi.NULL, 0, 0, ffi.NULL, self.err)
+                self.verify("et_commit_append", rc, (lib.ET_OK, None))
+                for _ in range(2):  # the failure stays: no later fdatasync can make the record durable
+                    rc = lib.et_commit_wait(c, appended + 1, seconds, self.err)
+                    self.verify("et_commit_wait", rc, (lib.ET_E_IO, errno.EINVAL))
+                self.expect(lib.et_commit_failed(c) == errno.EINVAL, "et_commit_failed", "not the fdatasync's errno")
+                self.expect(lib.et_commit_durable(c) == appended, "et_commit_durable", "moved by a failed fdatasync")
+                rc = lib.et_commit_append(c, appended + 2, 1, ffi.NULL, ffi.NULL, 0, 0, ffi.NULL, self.err)
+                self.verify("et_commit_append", rc, (lib.ET_E_IO, errno.EINVAL))
+                self.verify("et_commit_switch", lib.et_commit_switch(c, -1, appended + 1, appended), (lib.ET_OK, None))
+            finally:
+                os.close(read_end)
+                os.close(write_end)
         finally:
             os.close(fd)
             path.unlink()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -209,3 +210,61 @@ def test_invalid_arguments_are_rejected(tmp_path: Path) -> None:
         log.append(256, b"")
     with pytest.raises(ValueError, match="closed"):
         log.append(0, b"")
+
+
+def test_after_a_failed_fdatasync_nothing_is_appended_or_acknowledged_again(tmp_path: Path) -> None:
+    """fdatasync of a pipe fails (EINVAL), as one of a disk that lost the pages would: the commit
+    refuses every later wait and append, even though a later fdatasync of the same fd might pass."""
+    from embtierd.native import GroupCommit
+
+    read_end, write_end = os.pipe()
+    try:
+        commit = GroupCommit(0)
+        commit.switch(write_end, 0, 0)
+        commit.append(1, 7, [b"one"], 0)
+        assert commit.failed == 0
+        with pytest.raises(OSError) as err:
+            commit.wait(1)
+        assert err.value.errno == errno.EINVAL and commit.failed == errno.EINVAL and commit.durable_lsn == 0
+        with pytest.raises(OSError) as err:  # the same answer again: no new fdatasync can clear it
+            commit.wait(1)
+        assert err.value.errno == errno.EINVAL
+        written = os.read(read_end, 1 << 16)
+        assert written.endswith(b"one")
+        with pytest.raises(OSError) as err:
+            commit.append(2, 7, [b"two"], len(written))
+        assert err.value.errno == errno.EINVAL
+        os.set_blocking(read_end, False)
+        with pytest.raises(BlockingIOError):  # nothing was written
+            os.read(read_end, 1)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_log_whose_fdatasync_failed_refuses_writes_reports_once_and_keeps_what_was_durable(
+        tmp_path: Path) -> None:
+    from embtierd.errors import LogFailedError
+
+    directory = tmp_path / "wal"
+    log = WriteAheadLog(directory, "always")
+    reports = []
+    log.on_failed = lambda: reports.append(1)
+    log.wait_durable(log.append(1, b"durable"))
+    read_end, write_end = os.pipe()  # from here the log's fdatasyncs fail (EINVAL), as on a failing disk
+    try:
+        log._commit.switch(write_end, log.last_lsn, log.durable_lsn)
+        lsn = log.append(2, b"lost")
+        with pytest.raises(LogFailedError) as err:
+            log.wait_durable(lsn)
+        assert err.value.status == "UNAVAILABLE" and "could not make its records durable" in str(err.value)
+        assert f"records after LSN {lsn - 1} may be lost" in str(err.value) and "Invalid argument" in str(err.value)
+        for attempt in (lambda: log.append(3, b"refused"), lambda: log.wait_durable(lsn), log.sync):
+            with pytest.raises(LogFailedError):
+                attempt()
+        assert reports == [1] and log.last_lsn == lsn
+        log.close()  # the failure was reported: closing does not raise it again
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert replayed(directory) == [WalRecord(1, 1, b"durable")]

@@ -36,8 +36,13 @@ part of its record behind and raises a StorageError naming the file
 tries again.  What part of a record was written is cut off again at once;
 should that cut fail too, every later append first tries it again and fails
 while it cannot, so that no record ever follows torn bytes (a replay would
-stop there and lose it).  Files are created 0600: the log holds every row
-written.
+stop there and lose it).  A failed fdatasync (or fsync of a segment before
+the next one) is different: Linux may have dropped the pages it could not
+write and report the next one clean, so the records since the last durable
+one may be gone while a later fdatasync would say otherwise.  From then on
+nothing is appended or made durable (LogFailedError, UNAVAILABLE), on_failed
+is called once (the daemon stops), and a restart replays what the files hold.
+Files are created 0600: the log holds every row written.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Self
 
-from embtierd.errors import storage_error
+from embtierd.errors import LogFailedError, storage_error
 from embtierd.native import GroupCommit
 
 log = logging.getLogger(__name__)
@@ -196,6 +201,8 @@ class WriteAheadLog:
         self._fd, self._segment_used_bytes = self._open_current()
         self._commit = GroupCommit(self._last_lsn)
         self._commit.switch(self._fd, self._last_lsn, self._last_lsn)
+        self.on_failed: Callable[[], None] = lambda: None  # called once, when an fdatasync fails
+        self._failure_reported = threading.Lock()  # taken, never given back, by the first report
         self._stop = threading.Event()
         self._interval_thread: threading.Thread | None = None
         if fsync == "interval":
@@ -327,6 +334,8 @@ class WriteAheadLog:
                     self._roll()
                 failed = self._commit.append(lsn, kind, parts, self._segment_used_bytes, write)
             except OSError as e:
+                if self._commit.failed:
+                    raise self._log_failed() from e
                 if not self._torn:
                     self._torn = True
                     with contextlib.suppress(OSError):
@@ -366,7 +375,7 @@ class WriteAheadLog:
         """Makes the current segment durable and starts the next one (append lock held); when
         either step fails the current segment stays the one appended to."""
         segment = _Segment(self._last_lsn + 1, segment_path(self._directory, self._last_lsn + 1))
-        self._fsync_fd(self._fd)
+        self._sync_through(self._last_lsn)
         fd = self._create_segment_file(segment.path)
         self._commit.switch(fd, self._last_lsn, self._last_lsn)
         os.close(self._fd)
@@ -390,10 +399,26 @@ class WriteAheadLog:
         try:
             seconds = self._commit.wait(lsn)
         except OSError as e:
+            if self._commit.failed:
+                raise self._log_failed() from e
             raise storage_error(e, self._segments[-1].path, f"making record {lsn} of the write-ahead log durable") \
                 from e
         if seconds and self._on_fsync is not None:
             self._on_fsync(seconds)
+
+    def _log_failed(self) -> LogFailedError:
+        """The error of every append and wait after a failed fdatasync; the first call logs it and
+        calls on_failed."""
+        errno_ = self._commit.failed
+        error = LogFailedError(
+            f"the write-ahead log could not make its records durable (fdatasync of {self._segments[-1].path}: "
+            f"{os.strerror(errno_)}): records after LSN {self._commit.durable_lsn} may be lost from the page "
+            "cache, so no write is taken or acknowledged any more; the daemon stops, and its restart replays "
+            "the log")
+        if self._failure_reported.acquire(blocking=False):
+            log.critical("%s", error)
+            self.on_failed()
+        return error
 
     def _fsync_fd(self, fd: int) -> None:
         """os.fsync, reporting its latency to on_fsync."""
@@ -415,6 +440,8 @@ class WriteAheadLog:
         while not self._stop.wait(interval_seconds):
             try:
                 self.sync()
+            except LogFailedError:
+                return  # reported; nothing is made durable again
             except Exception:
                 log.exception("WAL interval fsync in %s failed", self._directory)
 
@@ -492,7 +519,8 @@ class WriteAheadLog:
         self._stop.set()
         if self._interval_thread is not None:
             self._interval_thread.join()
-        self.sync()
+        with contextlib.suppress(LogFailedError):  # reported when it happened; a restart replays the files
+            self.sync()
         with self._append_lock:
             self._closed = True
             self._commit.switch(-1, self._last_lsn, self._commit.durable_lsn)

@@ -222,6 +222,8 @@ class Daemon:
         self._exit_code = 0
         if self.checkpoints is not None:
             self.checkpoints.on_fatal = self._fatal
+        if self.wal is not None:
+            self.wal.on_failed = self._fatal
 
     def _recover(self, salvage: bool) -> WriteAheadLog:
         """Rebuilds the (empty) store from the checkpoints and the log, which logs from here on."""
