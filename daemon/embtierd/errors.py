@@ -116,7 +116,8 @@ class LogFailedError(StorageError):
     """An fdatasync of the write-ahead log failed: Linux may have dropped the pages it could not write
     and report the next fdatasync clean, so the records appended since the last durable one may be
     gone.  No write is taken or acknowledged any more; the daemon stops, and its restart replays the
-    log from its files (a write refused so did nothing, and may be sent again then)."""
+    log from its files.  The write whose fdatasync failed may replay (its bytes may have reached the
+    disk); the ones refused after it did nothing.  Either may be sent again to the restarted daemon."""
 
     status = "UNAVAILABLE"
 
