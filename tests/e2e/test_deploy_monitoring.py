@@ -21,6 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from embtier import Client, EmbtierClientError
@@ -80,6 +81,8 @@ PANELS = {
     "SLO attainment by tenant": RATIO,
     "Queue time p99 by tenant": SECONDS,
     "Service time p99 by tenant": SECONDS,
+    "SCM read errors/s by table": Sane(positive=False),
+    "Calls refused for their role/s by method": Sane(),
 }
 RECORDING_RULES = {
     "embtier:rows_served:rate5m": Sane(),
@@ -94,7 +97,7 @@ RECORDING_RULES = {
     "embtier:tenant_slo_attainment:ratio_rate5m": RATIO,
 }
 ROWS = ("Traffic", "Tiers", "Tiering", "Pooled path", "Durability", "Process", "Fabric (PIFS emulation)",
-        "Keys (managed tables)", "Tenants (real-time serving)")
+        "Keys (managed tables)", "Tenants (real-time serving)", "Faults and access")
 MANAGED_ROWS = 2000  # the managed table "query": side traffic writes new ids past its capacity
 
 
@@ -202,16 +205,20 @@ def start_prometheus(directory: Path, target: str) -> tuple[subprocess.Popen, st
     raise RuntimeError(f"prometheus did not become ready:\n{(directory / 'prometheus.log').read_text()}")
 
 
-def side_traffic(target: str, stop: threading.Event, failures: list[BaseException]) -> None:
+def side_traffic(target: str, tcp: str, stop: threading.Event, failures: list[BaseException]) -> None:
     """Raw lookups, writes (the log), a checkpoint and requests that fail, alongside the pooled load;
     new raw ids into the managed table "query" (more than it holds: once its protection epochs pass,
-    it evicts) and lookups of them and of ids it never saw."""
+    it evicts) and lookups of them and of ids it never saw; writes over plaintext TCP, which an
+    anonymous peer (a reader) may not make."""
     ids = np.arange(0, 60_000, 7, dtype=np.int64)
     rng = np.random.default_rng(5)
     try:
-        with Client(target, timeout=60) as c:
+        with Client(target, timeout=60) as c, Client(tcp, timeout=60) as anonymous:
             c.checkpoint()
             while not stop.wait(0.3):
+                with pytest.raises(EmbtierClientError) as refused:
+                    anonymous.write_rows("item", ids[:4], np.ones((4, 16), np.float32))
+                assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED, refused.value
                 c.lookup("user", ids)
                 c.write_rows("item", ids[:64], np.ones((64, 16), np.float32), add=True, scale=0.01)
                 raw = rng.integers(-2**63, 2**63 - 1, 300, dtype=np.int64, endpoint=True)
@@ -242,7 +249,7 @@ def scraped(tmp_path_factory):
                                    dram_capacity_bytes=1 << 20, cxl_capacity_bytes=1 << 20)
                 c.create_table("query", MANAGED_ROWS, 16, key_space="managed", default_value=0.5)
             stop, failures = threading.Event(), []
-            side = threading.Thread(target=side_traffic, args=(daemon.target, stop, failures))
+            side = threading.Thread(target=side_traffic, args=(daemon.target, daemon.tcp, stop, failures))
             side.start()
             try:
                 for seed in (0, 100):  # the hot set moves half-way: the tiering engine keeps moving rows
