@@ -165,6 +165,11 @@ def table_name(fdp: atheris.FuzzedDataProvider) -> str:
     return fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 140))
 
 
+def in_range(fdp: atheris.FuzzedDataProvider, n: int, low: int, high: int, dtype: str = "<i8") -> np.ndarray:
+    """n integers in [low, high] (0 where the input runs out), as an array of dtype."""
+    return np.array((fdp.ConsumeIntListInRange(n, low, high) + [0] * n)[:n], dtype)
+
+
 def enum_value(fdp: atheris.FuzzedDataProvider, valid: int) -> int:
     return fdp.ConsumeIntInRange(0, valid - 1)
 
@@ -247,7 +252,7 @@ class Builder:
         if r.key_space == pb.KEY_SPACE_MAPPED:
             n = count(fdp, 6)
             r.mapping_ids = np.arange(100, 100 + n, dtype="<i8").tobytes()
-            r.mapping_rows = np.array(fdp.ConsumeIntListInRange(n, 0, r.num_rows - 1) + [0] * n, "<i8")[:n].tobytes()
+            r.mapping_rows = in_range(fdp, n, 0, r.num_rows - 1).tobytes()
             r.mapping_hash_from = fdp.ConsumeIntInRange(0, r.num_rows - 1)
         return r
 
@@ -266,8 +271,8 @@ class Builder:
         rows, dim = self.service.geometry(table)
         n = many(fdp, 24)
         if fdp.ConsumeBool():  # a write every check passes (unless a managed table is full)
-            values = np.array(fdp.ConsumeIntListInRange(n * dim, -8, 8) + [0] * (n * dim), "<f4")[:n * dim]
-            row_ids = np.array(fdp.ConsumeIntListInRange(n, 0, rows - 1) + [0] * n, "<i8")[:n]
+            values = in_range(fdp, n * dim, -8, 8, "<f4")
+            row_ids = in_range(fdp, n, 0, rows - 1)
             return pb.WriteRowsRequest(table=table, ids=row_ids.tobytes(), values=values.tobytes(),
                                        mode=enum_value(fdp, 2), scale=pick(fdp, [0.0, 2.0]))
         id_type = enum(fdp, 2)
@@ -315,7 +320,7 @@ class Builder:
             f = r.features.add(table=table, id_type=id_type)
             if fdp.ConsumeBool():  # bags every check passes
                 f.id_type = pb.INT64
-                fields = {"ids": np.array(fdp.ConsumeIntListInRange(n, 0, rows - 1) + [0] * n, "<i8")[:n].tobytes(),
+                fields = {"ids": in_range(fdp, n, 0, rows - 1).tobytes(),
                           "lengths": np.array(split(fdp, n), "<i4").tobytes(),
                           "weights": np.ones(n, "<f4").tobytes() if fdp.ConsumeBool() else b""}
             else:

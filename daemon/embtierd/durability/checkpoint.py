@@ -108,18 +108,15 @@ class CheckpointInfo:
     damage: str = ""          # why its chain cannot be restored ("" when every file checks out)
 
 
-def info_of(root: Path, manifest: dict, duration: float | None = None, snapshot: float | None = None,
-            damage: str = "") -> CheckpointInfo:
-    """A checkpoint's info from its manifest; duration and snapshot (seconds) default to what the manifest
-    recorded when it was written (0 for manifests from before they were recorded)."""
-    duration = manifest.get("duration_seconds", 0.0) if duration is None else duration
-    snapshot = manifest.get("snapshot_seconds", 0.0) if snapshot is None else snapshot
+def info_of(root: Path, manifest: dict, damage: str = "") -> CheckpointInfo:
+    """A checkpoint's info from its manifest (durations 0 for manifests from before they were recorded)."""
     return CheckpointInfo(
         id=manifest["id"], parent_id=manifest["parent_id"], base_id=manifest["base_id"], kind=manifest["kind"],
         quant_bits=manifest["quant_bits"], quantizer=manifest["quantizer"], lsn=manifest["lsn"],
         rows_written=manifest["rows_written"], bytes_written=fmt.size_bytes(root, manifest),
         created_unix_seconds=manifest["created_unix_seconds"], tables=tuple(t["name"] for t in manifest["tables"]),
-        exact_chain=manifest["exact_chain"] and not damage, duration_seconds=duration, snapshot_seconds=snapshot,
+        exact_chain=manifest["exact_chain"] and not damage,
+        duration_seconds=manifest.get("duration_seconds", 0.0), snapshot_seconds=manifest.get("snapshot_seconds", 0.0),
         damage=damage)
 
 
@@ -291,7 +288,7 @@ class Checkpointer:
             manifest = self._write(snapshot, kind, parent, lsn, quant_bits, quantizer, started=start,
                                    snapshot_seconds=held)
             self._published(manifest, changed)
-            info = info_of(self.root, manifest, time.perf_counter() - start, held)
+            info = info_of(self.root, manifest)
             self._retain()
         if self.metrics is not None:
             self.metrics.checkpointed(info)
@@ -526,7 +523,7 @@ class Checkpointer:
                 self._published(manifest, {})  # (install cleared the new tables' dirty bits)
             self._retain()
             restored = info_of(self.root, chain[-1])
-            saved = info_of(self.root, manifest, time.perf_counter() - start) if manifest else None
+            saved = info_of(self.root, manifest) if manifest else None
         log.info("restored checkpoint %d into %d table(s)%s in %.2f s", checkpoint_id, len(names),
                  f"; published it as full checkpoint {saved.id}" if saved else "", time.perf_counter() - start)
         return restored, saved

@@ -53,7 +53,7 @@ from embtierd.errors import (
     NotFoundError,
     TierFullError,
 )
-from embtierd.keys.space import KeySpace
+from embtierd.keys.space import KeySpace, rows_inside
 from embtierd.native import NativeTable, require
 from embtierd.store.mover import Mover
 from embtierd.store.table import MAX_DIM, MAX_ROWS, Table, check_settings, chunk_shift_for
@@ -79,11 +79,6 @@ def _tier_counter(tier_rows: np.ndarray | None) -> np.ndarray | None:
         raise InvalidArgumentError(f"tier_rows must be an int64 array of shape (3,), got {tier_rows.dtype} "
                                    f"{tier_rows.shape}")
     return tier_rows
-
-
-def _table_bytes(spec: dict) -> int:
-    """The bytes a table of spec (as from Store.spec()) takes in the tiers."""
-    return KeySpace.from_dict(spec).rows_inside(spec["num_rows"]) * native.row_stride(spec["dim"], spec["dtype"])
 
 
 class Store:
@@ -200,12 +195,14 @@ class Store:
         """What install checks before it changes anything: TierFullError when the tiers cannot hold
         the tables, InvalidArgumentError for a bad tiering setting."""
         pinned: dict[str, int] = {}
+        need = 0
         for spec in specs:
             settings = TableSettings.from_dict(spec)
             check_settings(settings)
+            nbytes = rows_inside(spec) * native.row_stride(spec["dim"], spec["dtype"])
+            need += nbytes
             if settings.pin:
-                pinned[settings.pin] = pinned.get(settings.pin, 0) + _table_bytes(spec)
-        need = sum(_table_bytes(spec) for spec in specs)
+                pinned[settings.pin] = pinned.get(settings.pin, 0) + nbytes
         capacity = sum(tier.capacity_bytes for tier in self.tiers)
         if need > capacity:
             raise TierFullError(f"the restored tables need {need} bytes; the tiers hold {capacity}")
