@@ -116,8 +116,9 @@ class LogFailedError(StorageError):
     """An fdatasync of the write-ahead log failed: Linux may have dropped the pages it could not write
     and report the next fdatasync clean, so the records appended since the last durable one may be
     gone.  No write is taken or acknowledged any more; the daemon stops, and its restart replays the
-    log from its files.  The write whose fdatasync failed may replay (its bytes may have reached the
-    disk); the ones refused after it did nothing.  Either may be sent again to the restarted daemon."""
+    log from its files.  Under fsync "always" the log is first cut back to its last durable record, so
+    the write whose fdatasync failed replays only if that cut cannot be made durable either (the ones
+    refused after it did nothing).  Either may be sent again to the restarted daemon."""
 
     status = "UNAVAILABLE"
 

@@ -251,10 +251,11 @@ def test_a_log_whose_fdatasync_failed_refuses_writes_reports_once_and_keeps_what
     reports = []
     log.on_failed = lambda: reports.append(1)
     log.wait_durable(log.append(1, b"durable"))
+    lsn = log.append(2, b"told it failed")  # in the segment file, not yet durable
+    assert replayed_bytes(directory).endswith(b"told it failed")
     read_end, write_end = os.pipe()  # from here the log's fdatasyncs fail (EINVAL), as on a failing disk
     try:
         log._commit.switch(write_end, log.last_lsn, log.durable_lsn)
-        lsn = log.append(2, b"lost")
         with pytest.raises(LogFailedError) as err:
             log.wait_durable(lsn)
         assert err.value.status == "UNAVAILABLE" and "could not make its records durable" in str(err.value)
@@ -267,4 +268,10 @@ def test_a_log_whose_fdatasync_failed_refuses_writes_reports_once_and_keeps_what
     finally:
         os.close(read_end)
         os.close(write_end)
+    # the segment was cut back to the last durable record: the call told it failed is not replayed
     assert replayed(directory) == [WalRecord(1, 1, b"durable")]
+
+
+def replayed_bytes(directory: Path) -> bytes:
+    """The bytes of the log's segment files, in order."""
+    return b"".join(s.path.read_bytes() for s in wal.list_segments(directory))

@@ -42,11 +42,15 @@ write and report the next one clean, so the records since the last durable
 one may be gone while a later fdatasync would say otherwise.  From then on
 nothing is appended or made durable (LogFailedError, UNAVAILABLE), on_failed
 is called once (the daemon stops), and a restart replays what the files hold.
+Under "always" every record after the last durable one belongs to a call
+that is told it failed, so the segment is first cut back to the end of the
+last durable record (and fdatasynced): a restart does not replay them.
 Files are created 0600: the log holds every row written.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -190,7 +194,7 @@ class WriteAheadLog:
         self._policy = fsync
         self._segment_bytes = segment_bytes
         self._on_fsync = on_fsync
-        self._append_lock = threading.Lock()
+        self._append_lock = threading.RLock()  # (re-entered: a failure met in _roll cuts the segment under it)
         self._closed = False
         self._torn = False  # an append failed: the segment may end in a part of its record (_cut_torn)
         self._bytes_written = 0
@@ -202,6 +206,8 @@ class WriteAheadLog:
         self._commit = GroupCommit(self._last_lsn)
         self._commit.switch(self._fd, self._last_lsn, self._last_lsn)
         self.on_failed: Callable[[], None] = lambda: None  # called once, when an fdatasync fails
+        self._undurable: collections.deque[tuple[int, int]] = collections.deque()  # ("always") (LSN, offset in
+        # the current segment) of each record appended that was not yet durable when the next one was
         self._failure_reported = threading.Lock()  # taken, never given back, by the first report
         self._stop = threading.Event()
         self._interval_thread: threading.Thread | None = None
@@ -332,6 +338,11 @@ class WriteAheadLog:
                     self._cut_torn()
                 if self._segment_used_bytes >= self._segment_bytes:
                     self._roll()
+                if self._policy == "always":
+                    durable = self._commit.durable_lsn
+                    while self._undurable and self._undurable[0][0] <= durable:
+                        self._undurable.popleft()
+                    self._undurable.append((lsn, self._segment_used_bytes))
                 failed = self._commit.append(lsn, kind, parts, self._segment_used_bytes, write)
             except OSError as e:
                 if self._commit.failed:
@@ -377,6 +388,7 @@ class WriteAheadLog:
         segment = _Segment(self._last_lsn + 1, segment_path(self._directory, self._last_lsn + 1))
         self._sync_through(self._last_lsn)
         fd = self._create_segment_file(segment.path)
+        self._undurable.clear()  # every record of the segment is durable
         self._commit.switch(fd, self._last_lsn, self._last_lsn)
         os.close(self._fd)
         self._fd = fd
@@ -417,8 +429,28 @@ class WriteAheadLog:
             "the log")
         if self._failure_reported.acquire(blocking=False):
             log.critical("%s", error)
+            self._cut_undurable()
             self.on_failed()
         return error
+
+    def _cut_undurable(self) -> None:
+        """After a failed fdatasync under "always": cuts the segment back to the end of its last durable
+        record, so that a restart replays none of the records whose callers were told they failed."""
+        with self._append_lock:
+            durable = self._commit.durable_lsn
+            first = next((offset for lsn, offset in self._undurable if lsn > durable), None)
+            if first is None:
+                return
+            try:
+                os.ftruncate(self._fd, first)
+                os.fdatasync(self._fd)
+            except OSError as e:
+                log.error("WAL segment %s: could not cut the records after LSN %d (%s): a restart may replay writes "
+                          "whose callers were told they failed", self._segments[-1].path, durable, e)
+                return
+            self._segment_used_bytes = first
+            log.warning("WAL segment %s: cut back to %d bytes, the end of LSN %d, the last durable record: the records "
+                        "after it were never acknowledged", self._segments[-1].path, first, durable)
 
     def _fsync_fd(self, fd: int) -> None:
         """os.fsync, reporting its latency to on_fsync."""
