@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import socket
+import time
 
 import grpc
 import numpy as np
@@ -208,13 +209,20 @@ def test_every_slice_is_checked_and_named(daemon):
             got = np.frombuffer(region.mapping, dtype=np.float32, count=DIM, offset=4096).copy()
             np.testing.assert_allclose(got, daemon.values[[1, 2, 3, 4]].sum(axis=0), rtol=1e-5, atol=1e-6)
             assert channel.status()[0]["in_use"] == 0
-            # a region goes with its connection
+            # a region goes with its connection, once the daemon's side of it has seen the close
             token, name = region.token, region.name
             channel.close()
-            with pytest.raises(grpc.RpcError) as err:
-                stub.LookupPooled(pb.LookupPooledRequest(features=[pb.FeatureBags(
-                    table="f32", lengths=lengths, ids_shm=pb.SharedSlice(region=name, token=token, size=32))]))
-            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            gone = pb.LookupPooledRequest(features=[pb.FeatureBags(
+                table="f32", lengths=lengths, ids_shm=pb.SharedSlice(region=name, token=token, size=32))])
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    stub.LookupPooled(gone)
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.NOT_FOUND, e
+                    break
+                assert time.monotonic() < deadline, "the region outlived its connection by 10 s"
+                time.sleep(0.01)
     finally:
         channel.close()
 
