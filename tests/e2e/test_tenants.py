@@ -77,11 +77,11 @@ def test_queued_lookups_run_by_priority_then_earliest_deadline(daemon):
     clients["blocker"] = Client(daemon.target, timeout=10, tenant="low", retries=0)
     for c in clients.values():  # connected beforehand: each call reaches the daemon when it is sent
         c.lookup("t", [0])
-    blocker = in_thread(clients["blocker"].lookup, "t", np.arange(3000) % 1000)  # 0.6 s on the one slot
+    blocker = in_thread(clients["blocker"].lookup, "t", np.arange(6000) % 1000)  # 1.2 s on the one slot
     time.sleep(0.15)
     calls = {}
-    for name, _, _ in plan:
-        calls[name] = in_thread(clients[name].lookup, "t", np.arange(25))  # 5 ms each
+    for name, _, _ in plan:  # 50 ms each: the order they end in stands out from client threads' scheduling
+        calls[name] = in_thread(clients[name].lookup, "t", np.arange(250))
         time.sleep(0.05)
     for t, _ in [blocker, *calls.values()]:
         t.join(30)
